@@ -1,0 +1,57 @@
+//! Command-line front end. Library errors become anyhow reports here, and only here.
+
+mod pack;
+mod progress;
+mod trace;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "probe-cascade",
+    version,
+    about = "Cascades of concept probes over an LLM's hidden states"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make, inspect and verify probe packs.
+    #[command(subcommand)]
+    Pack(pack::PackCommand),
+    /// Make hidden-state traces.
+    #[command(subcommand)]
+    Trace(trace::TraceCommand),
+}
+
+pub fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Pack(cmd) => pack::run(cmd),
+        Command::Trace(cmd) => trace::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Quiet by default: INFO carries only start/finish lines; RUST_LOG=debug shows per-stage spans.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,166 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use probe_cascade::pack::{ConceptId, DType, Pack};
+use probe_cascade::synth::{write_synth_pack, SynthParams};
+
+use super::progress::bar;
+
+#[derive(Subcommand)]
+pub enum PackCommand {
+    /// Write a deterministic synthetic pack (same seed, byte-identical files).
+    Synth {
+        /// `demo` (~1,000 concepts, 14 roots, 5 layers, D=2560, bf16) or `tiny` (for tests).
+        #[arg(long, default_value = "demo")]
+        preset: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Number of concepts.
+        #[arg(long)]
+        concepts: Option<usize>,
+        /// Number of root (layer 0) concepts.
+        #[arg(long)]
+        roots: Option<usize>,
+        /// Number of layers.
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Mean children per parent (default: whatever fills the layers).
+        #[arg(long)]
+        branching: Option<f64>,
+        /// Hidden-state width D.
+        #[arg(long)]
+        dim: Option<usize>,
+        /// f32 or bf16.
+        #[arg(long)]
+        dtype: Option<DType>,
+        /// Probes per shard file.
+        #[arg(long)]
+        probes_per_shard: Option<usize>,
+    },
+    /// Print concepts per layer, branching, bytes and dtype.
+    Inspect { dir: PathBuf },
+    /// Check every probe's checksum, shape and values; exit non-zero on any defect.
+    Verify { dir: PathBuf },
+}
+
+pub fn run(cmd: PackCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PackCommand::Synth {
+            preset,
+            out,
+            seed,
+            concepts,
+            roots,
+            layers,
+            branching,
+            dim,
+            dtype,
+            probes_per_shard,
+        } => {
+            let Some(mut p) = SynthParams::preset(&preset) else {
+                bail!("unknown preset `{preset}` (expected demo or tiny)");
+            };
+            p.seed = seed;
+            p.concepts = concepts.unwrap_or(p.concepts);
+            p.roots = roots.unwrap_or(p.roots);
+            p.layers = layers.unwrap_or(p.layers);
+            p.branching = branching.or(p.branching);
+            p.hidden_dim = dim.unwrap_or(p.hidden_dim);
+            p.dtype = dtype.unwrap_or(p.dtype);
+            p.probes_per_shard = probes_per_shard.unwrap_or(p.probes_per_shard);
+            if p.concepts == 0 || p.hidden_dim == 0 || p.roots == 0 || p.layers == 0 {
+                bail!("--concepts, --roots, --layers and --dim must all be at least 1");
+            }
+            if p.branching.is_some_and(|b| !(b.is_finite() && b > 0.0)) {
+                bail!("--branching must be a positive number");
+            }
+            let progress = bar(p.concepts, "synth");
+            let manifest = write_synth_pack(&out, &p, |n| progress.set_position(n as u64))
+                .with_context(|| format!("writing the pack to {}", out.display()))?;
+            progress.finish_and_clear();
+            println!(
+                "wrote {}: {} concepts, D={}, {}, {} shards",
+                out.display(),
+                manifest.concepts.len(),
+                manifest.hidden_dim,
+                manifest.dtype,
+                manifest.shards.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PackCommand::Inspect { dir } => {
+            let pack = Pack::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
+            inspect(&pack);
+            Ok(ExitCode::SUCCESS)
+        }
+        PackCommand::Verify { dir } => {
+            let pack = Pack::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
+            let progress = bar(pack.len(), "verify");
+            let defects = pack.verify(|n| progress.set_position(n as u64));
+            progress.finish_and_clear();
+            if defects.is_empty() {
+                println!(
+                    "{}: {} probes verified (checksums, shapes, finite values)",
+                    dir.display(),
+                    pack.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for d in &defects {
+                    println!("defect: {d}");
+                }
+                println!(
+                    "{}: {} of {} probes are defective",
+                    dir.display(),
+                    defects.len(),
+                    pack.len()
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    }
+}
+
+fn inspect(pack: &Pack) {
+    let h = pack.hierarchy();
+    let layout = pack.layout();
+    println!("pack       {}", pack.dir().display());
+    println!("concepts   {}", pack.len());
+    println!("hidden_dim {}", pack.hidden_dim());
+    println!("dtype      {}", pack.dtype());
+    println!("input norm {:?}", pack.input_normalization());
+    println!(
+        "bytes      {} per probe, {:.1} MB in all, {} shards",
+        layout.byte_len(),
+        (layout.byte_len() * pack.len()) as f64 / 1e6,
+        pack.shards().len()
+    );
+    let multi_parent = h.ids().filter(|&id| h.parents(id).len() > 1).count();
+    println!("dag        {multi_parent} concepts with several parents");
+    println!("layer  concepts  parents  children/parent (mean, max)  leaves");
+    for layer in 0..h.layer_count() as u16 {
+        let members = h.layer_members(layer);
+        let kids: Vec<usize> = members
+            .iter()
+            .map(|&c| h.children(ConceptId(c)).len())
+            .collect();
+        let parents = kids.iter().filter(|&&k| k > 0).count();
+        let mean = if parents == 0 {
+            0.0
+        } else {
+            kids.iter().sum::<usize>() as f64 / parents as f64
+        };
+        println!(
+            "{layer:>5}  {:>8}  {:>7}  {:>14.2} {:>5}  {:>13}",
+            members.len(),
+            parents,
+            mean,
+            kids.iter().max().unwrap_or(&0),
+            kids.len() - parents
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! probe-cascade: evaluates a hierarchy of concept probes on an LLM's hidden states, token by
+//! token, loading only the probes the cascade needs.
+
+pub mod npy;
+pub mod pack;
+pub mod synth;
