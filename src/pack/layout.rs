@@ -98,6 +98,16 @@ pub const B3: usize = 4;
 pub const W3: usize = 5;
 
 impl ProbeLayout {
+    /// The state_dict keys, in layout order.
+    pub const KEYS: [&'static str; 6] = [
+        "net.0.bias",
+        "net.0.weight",
+        "net.3.bias",
+        "net.3.weight",
+        "net.6.bias",
+        "net.6.weight",
+    ];
+
     pub fn new(hidden_dim: usize, dtype: DType) -> Self {
         Self { hidden_dim, dtype }
     }
@@ -146,7 +156,21 @@ impl ProbeLayout {
         self.numel() * self.dtype.size()
     }
 
-    /// Byte range of each tensor relative to the start of the probe.
+    /// Byte range of each tensor, given where each starts within the probe's bytes.
+    pub fn ranges(&self, offsets: &TensorOffsets) -> [std::ops::Range<usize>; 6] {
+        let tensors = self.tensors();
+        std::array::from_fn(|i| {
+            let start = offsets.0[i] as usize;
+            start..start + tensors[i].numel() * self.dtype.size()
+        })
+    }
+
+    /// Tensor offsets when the six tensors are stored in key order (what our writer does).
+    pub fn canonical_offsets(&self) -> TensorOffsets {
+        TensorOffsets(self.byte_ranges().map(|r| r.start as u32))
+    }
+
+    /// Byte range of each tensor relative to the start of the probe, in key order.
     pub fn byte_ranges(&self) -> [std::ops::Range<usize>; 6] {
         let mut start = 0;
         self.tensors().map(|t| {
@@ -157,6 +181,11 @@ impl ProbeLayout {
         })
     }
 }
+
+/// Where each tensor (in [`ProbeLayout::KEYS`] order) starts within a probe's bytes. A probe's
+/// tensors fill one contiguous range, but writers choose their order within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorOffsets(pub [u32; 6]);
 
 /// A probe's parameters in f32 on the host, in PyTorch's [out, in] row-major order.
 #[derive(Debug, Clone, PartialEq)]
@@ -199,11 +228,14 @@ impl ProbeWeights {
     }
 
     /// Parses a probe's bytes; `bytes` must be exactly `layout.byte_len()` long.
-    pub fn decode(layout: &ProbeLayout, bytes: &[u8]) -> Option<Self> {
+    pub fn decode(layout: &ProbeLayout, offsets: &TensorOffsets, bytes: &[u8]) -> Option<Self> {
         if bytes.len() != layout.byte_len() {
             return None;
         }
-        let ranges = layout.byte_ranges();
+        let ranges = layout.ranges(offsets);
+        if ranges.iter().any(|r| r.end > bytes.len()) {
+            return None;
+        }
         let read = |i: usize| decode_values(layout.dtype, &bytes[ranges[i].clone()]);
         Some(Self {
             b1: read(B1),
@@ -300,10 +332,10 @@ mod tests {
         let mut bytes = Vec::new();
         w.encode_into(&layout, &mut bytes);
         assert_eq!(bytes.len(), layout.byte_len());
-        let back = ProbeWeights::decode(&layout, &bytes).unwrap();
+        let back = ProbeWeights::decode(&layout, &layout.canonical_offsets(), &bytes).unwrap();
         for (a, b) in w.w2.iter().zip(&back.w2) {
             assert!((a - b).abs() <= a.abs() / 128.0 + 1e-6, "{a} vs {b}");
         }
-        assert!(ProbeWeights::decode(&layout, &bytes[1..]).is_none());
+        assert!(ProbeWeights::decode(&layout, &layout.canonical_offsets(), &bytes[1..]).is_none());
     }
 }

@@ -14,7 +14,7 @@ use std::path::{Component, Path, PathBuf};
 
 pub use error::PackError;
 pub use hierarchy::{ConceptId, Hierarchy};
-pub use layout::{DType, ProbeLayout, ProbeWeights};
+pub use layout::{DType, ProbeLayout, ProbeWeights, TensorOffsets};
 pub use manifest::{InputNormalization, Manifest, MANIFEST_FILE};
 pub use writer::{write_pack, write_sparse_pack, ConceptDef, PackSpec};
 
@@ -44,6 +44,7 @@ pub struct Pack {
     input_normalization: InputNormalization,
     hierarchy: Hierarchy,
     locations: Vec<ProbeLocation>,
+    tensor_offsets: Vec<TensorOffsets>,
     shards: Vec<ShardFile>,
 }
 
@@ -121,6 +122,7 @@ impl Pack {
                 crc32: c.crc32,
             });
         }
+        let mut tensor_offsets = vec![layout.canonical_offsets(); locations.len()];
         let mut shards = Vec::with_capacity(manifest.shards.len());
         for (name, ids) in manifest.shards.iter().zip(&by_shard) {
             let path = dir.join(name);
@@ -130,7 +132,8 @@ impl Pack {
             for &id in ids {
                 let loc = locations[id as usize];
                 let label = || hierarchy.label(ConceptId(id));
-                header.check_probe(&path, &label, id, &layout, loc.offset, loc.length)?;
+                tensor_offsets[id as usize] =
+                    header.check_probe(&path, &label, id, &layout, loc.offset, loc.length)?;
                 let end = loc.offset + loc.length;
                 if end > size {
                     return Err(PackError::Truncated {
@@ -150,6 +153,7 @@ impl Pack {
             input_normalization: manifest.input_normalization,
             hierarchy,
             locations,
+            tensor_offsets,
             shards,
         })
     }
@@ -181,6 +185,10 @@ impl Pack {
     pub fn location(&self, id: ConceptId) -> ProbeLocation {
         self.locations[id.index()]
     }
+    /// Where each of the probe's tensors starts within its bytes (writers choose the order).
+    pub fn tensor_offsets(&self, id: ConceptId) -> TensorOffsets {
+        self.tensor_offsets[id.index()]
+    }
     pub fn shards(&self) -> &[ShardFile] {
         &self.shards
     }
@@ -191,6 +199,7 @@ impl Pack {
     pub fn heap_bytes(&self) -> usize {
         self.hierarchy.heap_bytes()
             + self.locations.capacity() * std::mem::size_of::<ProbeLocation>()
+            + self.tensor_offsets.capacity() * std::mem::size_of::<TensorOffsets>()
             + self
                 .shards
                 .iter()
@@ -248,13 +257,13 @@ impl Pack {
     /// Decodes checked bytes to f32 weights, rejecting NaN and infinities.
     pub fn decode_probe(&self, id: ConceptId, bytes: &[u8]) -> Result<ProbeWeights, PackError> {
         let path = || self.shard_of(id).path.clone();
-        let weights =
-            ProbeWeights::decode(&self.layout, bytes).ok_or_else(|| PackError::BadTensor {
-                path: path(),
-                concept: self.hierarchy.label(id),
-                tensor: "(all)".into(),
-                reason: format!("{} bytes, expected {}", bytes.len(), self.layout.byte_len()),
-            })?;
+        let weights = ProbeWeights::decode(&self.layout, &self.tensor_offsets[id.index()], bytes)
+            .ok_or_else(|| PackError::BadTensor {
+            path: path(),
+            concept: self.hierarchy.label(id),
+            tensor: "(all)".into(),
+            reason: format!("{} bytes, expected {}", bytes.len(), self.layout.byte_len()),
+        })?;
         for (values, slot) in weights
             .in_layout_order()
             .into_iter()

@@ -4,58 +4,132 @@
 //! and opened from the header alone (its reader wants the whole file). Tests check both
 //! directions against the safetensors crate.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::error::PackError;
-use super::layout::ProbeLayout;
+use super::layout::{DType, ProbeLayout, TensorOffsets};
 use super::manifest::tensor_name;
 
 /// safetensors refuses headers above 100 MB; so do we.
 const MAX_HEADER: u64 = 100_000_000;
 
+/// One tensor entry of a header. Parsed without allocating: opening a 100,000-probe pack parses
+/// 600,000 of these.
 #[derive(Debug, Clone, Deserialize)]
-pub struct HeaderTensor {
-    pub dtype: String,
-    pub shape: Vec<usize>,
+pub struct HeaderTensor<'a> {
+    #[serde(borrow)]
+    pub dtype: Cow<'a, str>,
+    pub shape: Shape,
     pub data_offsets: (u64, u64),
 }
 
-/// A parsed shard header: tensors by name, and where the data section starts in the file.
-#[derive(Debug, Default)]
-pub struct ShardHeader {
-    pub data_start: u64,
-    pub tensors: HashMap<String, HeaderTensor>,
+/// A shape of up to four dimensions, stored inline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    dims: [usize; 4],
+    len: usize,
 }
 
-impl<'de> Deserialize<'de> for ShardHeader {
+impl Shape {
+    pub fn as_slice(&self) -> &[usize] {
+        &self.dims[..self.len.min(4)]
+    }
+}
+
+impl<'de> Deserialize<'de> for Shape {
     fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = ShardHeader;
+            type Value = Shape;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a tensor shape (list of at most 4 sizes)")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+                let mut shape = Shape {
+                    dims: [0; 4],
+                    len: 0,
+                };
+                while let Some(d) = seq.next_element::<usize>()? {
+                    if shape.len == 4 {
+                        return Err(serde::de::Error::custom(
+                            "tensor has more than 4 dimensions",
+                        ));
+                    }
+                    shape.dims[shape.len] = d;
+                    shape.len += 1;
+                }
+                Ok(shape)
+            }
+        }
+        de.deserialize_seq(V)
+    }
+}
+
+/// A parsed shard header: the tensors named `"{id}/{key}"` with a v1 key, sorted by
+/// (id, key index), and where the data section starts in the file.
+#[derive(Debug, Default)]
+pub struct ShardHeader {
+    pub data_start: u64,
+    tensors: Vec<((u32, u8), Entry)>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    dtype: Result<DType, String>,
+    shape: Shape,
+    data_offsets: (u64, u64),
+}
+
+/// Splits `"{id}/{key}"` into (id, index of key in the v1 layout).
+fn parse_name(name: &str) -> Option<(u32, u8)> {
+    let (id, key) = name.split_once('/')?;
+    let slot = ProbeLayout::KEYS.iter().position(|k| *k == key)?;
+    Some((id.parse().ok()?, slot as u8))
+}
+
+struct Entries(Vec<((u32, u8), Entry)>);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Entries;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a safetensors header object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ShardHeader, A::Error> {
-                let mut tensors = HashMap::with_capacity(map.size_hint().unwrap_or(0));
-                while let Some(key) = map.next_key::<String>()? {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
+                let mut tensors = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     if key == "__metadata__" {
                         map.next_value::<IgnoredAny>()?;
-                    } else {
-                        let t: HeaderTensor = map.next_value()?;
-                        tensors.insert(key, t);
+                        continue;
+                    }
+                    let t: HeaderTensor<'de> = map.next_value()?;
+                    // Tensors that belong to no probe are allowed and ignored.
+                    if let Some(k) = parse_name(&key) {
+                        let dtype = match &*t.dtype {
+                            "F32" => Ok(DType::F32),
+                            "BF16" => Ok(DType::Bf16),
+                            other => Err(other.to_string()),
+                        };
+                        tensors.push((
+                            k,
+                            Entry {
+                                dtype,
+                                shape: t.shape,
+                                data_offsets: t.data_offsets,
+                            },
+                        ));
                     }
                 }
-                Ok(ShardHeader {
-                    data_start: 0,
-                    tensors,
-                })
+                Ok(Entries(tensors))
             }
         }
         de.deserialize_map(V)
@@ -78,14 +152,25 @@ impl ShardHeader {
         let mut json = vec![0u8; n as usize];
         file.read_exact(&mut json)
             .map_err(|e| bad(format!("header of {n} bytes cannot be read: {e}")))?;
-        let mut header: ShardHeader = serde_json::from_slice(&json)
+        let Entries(mut tensors) = serde_json::from_slice(&json)
             .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-        header.data_start = 8 + n;
-        Ok(header)
+        tensors.sort_unstable_by_key(|(k, _)| *k);
+        if let Some(w) = tensors.windows(2).find(|w| w[0].0 == w[1].0) {
+            let (id, slot) = w[0].0;
+            return Err(bad(format!(
+                "tensor {id}/{} appears twice",
+                ProbeLayout::KEYS[slot as usize]
+            )));
+        }
+        Ok(ShardHeader {
+            data_start: 8 + n,
+            tensors,
+        })
     }
 
-    /// Checks that concept `id`'s six tensors exist with the layout's dtype and shapes, lie
-    /// back to back in layout order, and start at `offset` (absolute, from the manifest).
+    /// Checks that concept `id`'s six tensors exist with the layout's dtype and shapes and
+    /// together fill exactly `[offset, offset + length)` of the file (from the manifest), in
+    /// any order. Returns where each tensor starts within that range.
     pub fn check_probe(
         &self,
         path: &Path,
@@ -94,7 +179,7 @@ impl ShardHeader {
         layout: &ProbeLayout,
         offset: u64,
         length: u64,
-    ) -> Result<(), PackError> {
+    ) -> Result<TensorOffsets, PackError> {
         let bad = |tensor: &str, reason: String| PackError::BadTensor {
             path: path.into(),
             concept: concept(),
@@ -102,56 +187,80 @@ impl ShardHeader {
             reason,
         };
         if length != layout.byte_len() as u64 {
-            return Err(bad(
-                "(all)",
-                format!(
-                    "manifest length {length} but a {} probe of D={} takes {} bytes",
-                    layout.dtype,
-                    layout.hidden_dim,
-                    layout.byte_len()
-                ),
-            ));
+            let reason = format!(
+                "manifest length {length} but a {} probe of D={} takes {} bytes",
+                layout.dtype,
+                layout.hidden_dim,
+                layout.byte_len()
+            );
+            return Err(bad("(all)", reason));
         }
-        let mut expected_start = offset;
-        for (slot, range) in layout.tensors().iter().zip(layout.byte_ranges()) {
-            let name = tensor_name(id, slot.key);
-            let t = self
+        let mut placed: [(u64, u64, usize); 6] = [(0, 0, 0); 6];
+        for (index, (slot, range)) in layout
+            .tensors()
+            .iter()
+            .zip(layout.byte_ranges())
+            .enumerate()
+        {
+            let name = || tensor_name(id, slot.key);
+            let t = match self
                 .tensors
-                .get(&name)
-                .ok_or_else(|| bad(&name, "missing from the shard header".into()))?;
-            if t.dtype != layout.dtype.safetensors_name() {
-                return Err(bad(
-                    &name,
-                    format!(
+                .binary_search_by_key(&(id, index as u8), |(k, _)| *k)
+            {
+                Ok(i) => &self.tensors[i].1,
+                Err(_) => return Err(bad(&name(), "missing from the shard header".into())),
+            };
+            match &t.dtype {
+                Ok(dtype) if *dtype == layout.dtype => {}
+                Ok(dtype) => {
+                    let reason = format!(
                         "dtype {} but the pack is {}",
-                        t.dtype,
+                        dtype.safetensors_name(),
                         layout.dtype.safetensors_name()
-                    ),
-                ));
+                    );
+                    return Err(bad(&name(), reason));
+                }
+                Err(other) => {
+                    return Err(bad(
+                        &name(),
+                        format!("dtype {other} is not supported (F32 or BF16)"),
+                    ))
+                }
             }
-            if t.shape != slot.shape() {
+            if t.shape.as_slice() != slot.shape() {
                 return Err(bad(
-                    &name,
-                    format!("shape {:?}, expected {:?}", t.shape, slot.shape()),
+                    &name(),
+                    format!(
+                        "shape {:?}, expected {:?}",
+                        t.shape.as_slice(),
+                        slot.shape()
+                    ),
                 ));
             }
             let (s, e) = t.data_offsets;
-            let start = self.data_start + s;
-            if start != expected_start || e.checked_sub(s) != Some(range.len() as u64) {
+            if e.checked_sub(s) != Some(range.len() as u64) {
                 return Err(bad(
-                    &name,
-                    format!(
-                        "data at {}..{} of the file, expected {}..{} (a probe's tensors must be contiguous, in key order)",
-                        start,
-                        self.data_start + e,
-                        expected_start,
-                        expected_start + range.len() as u64
-                    ),
+                    &name(),
+                    format!("data_offsets {s}..{e} do not hold {} bytes", range.len()),
                 ));
             }
-            expected_start += range.len() as u64;
+            placed[index] = (self.data_start + s, self.data_start + e, index);
         }
-        Ok(())
+        placed.sort_unstable();
+        let mut cursor = offset;
+        let mut starts = [0u32; 6];
+        for (start, end, index) in placed {
+            if start != cursor {
+                let reason = format!(
+                    "data at bytes {start}..{end} of the file, but the probe's tensors must fill {offset}..{} back to back (next expected at {cursor})",
+                    offset + length
+                );
+                return Err(bad(&tensor_name(id, ProbeLayout::KEYS[index]), reason));
+            }
+            starts[index] = (start - offset) as u32;
+            cursor = end;
+        }
+        Ok(TensorOffsets(starts))
     }
 }
 
