@@ -1,6 +1,9 @@
 //! probe-cascade: evaluates a hierarchy of concept probes on an LLM's hidden states, token by
 //! token, loading only the probes the cascade needs.
 
+pub mod config;
+pub mod engine;
 pub mod npy;
 pub mod pack;
+pub mod policy;
 pub mod synth;

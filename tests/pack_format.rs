@@ -318,12 +318,20 @@ fn manifest_keeps_one_concept_per_line() {
 
 /// Writes a one-shard pack by hand, laying tensors out in `order` (indices into the key list)
 /// for concept 0 and in key order for concept 1, optionally swapping a tensor across probes.
-fn hand_written_pack(dir: &std::path::Path, order: [usize; 6], interleave: bool) -> Vec<ProbeWeights> {
+fn hand_written_pack(
+    dir: &std::path::Path,
+    order: [usize; 6],
+    interleave: bool,
+) -> Vec<ProbeWeights> {
     let layout = probe_cascade::pack::ProbeLayout::new(4, DType::F32);
     let probe = |seed: f32| ProbeWeights {
         w1: (0..512).map(|i| (i as f32 * 0.01 + seed).sin()).collect(),
-        b1: (0..128).map(|i| (i as f32 * 0.1 + seed).cos() * 0.1).collect(),
-        w2: (0..8192).map(|i| (i as f32 * 0.003 + seed).sin() * 0.1).collect(),
+        b1: (0..128)
+            .map(|i| (i as f32 * 0.1 + seed).cos() * 0.1)
+            .collect(),
+        w2: (0..8192)
+            .map(|i| (i as f32 * 0.003 + seed).sin() * 0.1)
+            .collect(),
         b2: vec![0.01; 64],
         w3: (0..64).map(|i| (i as f32 + seed).cos()).collect(),
         b3: vec![seed],
@@ -339,7 +347,9 @@ fn hand_written_pack(dir: &std::path::Path, order: [usize; 6], interleave: bool)
     for (id, k) in placement {
         let values = probes[id as usize].in_layout_order()[k];
         let start = data.len();
-        values.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
+        values
+            .iter()
+            .for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
         header.insert(
             format!("{id}/{}", keys[k]),
             json!({"dtype": "F32", "shape": layout.tensors()[k].shape(), "data_offsets": [start, data.len()]}),
@@ -375,11 +385,19 @@ fn tensors_within_a_probe_may_come_in_any_order() {
     let pack = Pack::open(dir.path()).unwrap();
     for (i, want) in probes.iter().enumerate() {
         let id = ConceptId(i as u32);
-        let got = pack.decode_probe(id, &pack.read_probe(id).unwrap()).unwrap();
+        let got = pack
+            .decode_probe(id, &pack.read_probe(id).unwrap())
+            .unwrap();
         assert_eq!(&got, want, "probe {i} decodes from its own tensor order");
     }
-    assert_ne!(pack.tensor_offsets(ConceptId(0)), pack.layout().canonical_offsets());
-    assert_eq!(pack.tensor_offsets(ConceptId(1)), pack.layout().canonical_offsets());
+    assert_ne!(
+        pack.tensor_offsets(ConceptId(0)),
+        pack.layout().canonical_offsets()
+    );
+    assert_eq!(
+        pack.tensor_offsets(ConceptId(1)),
+        pack.layout().canonical_offsets()
+    );
 }
 
 #[test]

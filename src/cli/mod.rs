@@ -2,6 +2,7 @@
 
 mod pack;
 mod progress;
+mod run;
 mod trace;
 
 use std::process::ExitCode;
@@ -27,6 +28,8 @@ enum Command {
     /// Make hidden-state traces.
     #[command(subcommand)]
     Trace(trace::TraceCommand),
+    /// Run the cascade over a trace and print a line per token.
+    Run(run::RunArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -35,6 +38,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Pack(cmd) => pack::run(cmd),
         Command::Trace(cmd) => trace::run(cmd),
+        Command::Run(args) => run::run(args),
     };
     match result {
         Ok(code) => code,

@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use super::error::PackError;
-use super::manifest::ConceptEntry;
+use super::manifest::{ConceptEntry, WeightsRef};
+use super::writer::ConceptDef;
 
 /// Dense concept index: `ConceptId(i)` is the i-th concept of the manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -111,6 +112,38 @@ impl Hierarchy {
         h.index_by_key(manifest)?;
         h.check_acyclic(manifest)?;
         Ok(h)
+    }
+
+    /// Builds a hierarchy with no weights behind it (for policies and their tests); children
+    /// are derived from the parents lists.
+    pub fn from_defs(defs: &[ConceptDef]) -> Result<Self, PackError> {
+        let mut children: Vec<Vec<u32>> = vec![Vec::new(); defs.len()];
+        for (i, d) in defs.iter().enumerate() {
+            for &p in &d.parents {
+                if let Some(list) = children.get_mut(p as usize) {
+                    list.push(i as u32);
+                }
+            }
+        }
+        let entries: Vec<ConceptEntry> = defs
+            .iter()
+            .zip(children)
+            .enumerate()
+            .map(|(i, (d, children))| ConceptEntry {
+                id: i as u32,
+                name: d.name.clone(),
+                layer: d.layer,
+                parents: d.parents.clone(),
+                children,
+                weights: WeightsRef {
+                    shard: 0,
+                    offset: 0,
+                    length: 0,
+                },
+                crc32: 0,
+            })
+            .collect();
+        Self::build(&entries, Path::new("<in memory>"))
     }
 
     pub fn len(&self) -> usize {

@@ -292,7 +292,7 @@ pub fn write_header(
     }
     json.push('}');
     // Pad with spaces so the data section is 8-byte aligned, as the reference writer does.
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(' ');
     }
     out.write_all(&(json.len() as u64).to_le_bytes())?;

@@ -33,9 +33,9 @@ impl Default for TraceParams {
         Self {
             tokens: 200,
             seed: 0,
-            mean_dwell: 5.0,
-            side_topic: 0.3,
-            burst: 0.1,
+            mean_dwell: 3.0,
+            side_topic: 0.5,
+            burst: 0.15,
             noise: 1.0,
         }
     }

@@ -1,0 +1,218 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use probe_cascade::config::Config;
+use probe_cascade::engine::{build_engine, EngineKind, StageTimings, TokenReport};
+use probe_cascade::pack::Pack;
+use serde_json::json;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long)]
+    pack: PathBuf,
+    /// T×D float32 .npy of hidden states.
+    #[arg(long)]
+    trace: PathBuf,
+    #[arg(long, value_enum, default_value = "reference")]
+    engine: EngineKind,
+    /// Write per-token results and the summary as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Report bad tokens as error entries and go on, instead of stopping.
+    #[arg(long)]
+    skip_bad_tokens: bool,
+    /// Only the first N tokens of the trace.
+    #[arg(long)]
+    tokens: Option<usize>,
+    /// Concepts shown per line of the table.
+    #[arg(long, default_value_t = 3)]
+    show_top: usize,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    let pack = Arc::new(
+        Pack::open(&args.pack).with_context(|| format!("opening pack {}", args.pack.display()))?,
+    );
+    let trace = probe_cascade::npy::read(&args.trace)?;
+    let mut engine = build_engine(args.engine, pack.clone(), &config)?;
+    let tokens = args.tokens.unwrap_or(trace.rows).min(trace.rows);
+    println!(
+        "{} engine, {} tokens, config {}",
+        engine.name(),
+        tokens,
+        args.config.display()
+    );
+    println!(
+        "{:>6} {:>9} {:>9} {:>7} {:>9} {:>7}  top",
+        "token", "ms", "children", "loaded", "unloaded", "active"
+    );
+    let mut reports: Vec<TokenReport> = Vec::with_capacity(tokens);
+    let mut entries = Vec::with_capacity(tokens);
+    for index in 0..tokens {
+        match engine.observe(index, trace.row(index)) {
+            Ok(r) => {
+                let top: Vec<String> = r
+                    .top
+                    .iter()
+                    .take(args.show_top)
+                    .map(|e| format!("{}@{} {:.2}", e.name, e.layer, e.prob))
+                    .collect();
+                println!(
+                    "{:>6} {:>9.2} {:>9} {:>7} {:>9} {:>7}  {}",
+                    index,
+                    r.elapsed.as_secs_f64() * 1e3,
+                    r.children,
+                    r.loaded,
+                    r.unloaded,
+                    r.active,
+                    top.join(", ")
+                );
+                entries.push(token_json(&r));
+                reports.push(r);
+            }
+            Err(e) if args.skip_bad_tokens && e.token().is_some() => {
+                println!("{index:>6} error: {e}");
+                entries.push(json!({"index": index, "error": e.to_string()}));
+            }
+            Err(e) => return Err(e).with_context(|| format!("trace {}", args.trace.display())),
+        }
+    }
+    let summary = summary_json(&reports, engine.active().len(), tokens - reports.len());
+    print_summary(&summary);
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "engine": engine.name(),
+            "config": args.config.display().to_string(),
+            "pack": args.pack.display().to_string(),
+            "trace": args.trace.display().to_string(),
+            "tokens": entries,
+            "summary": summary,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token_json(r: &TokenReport) -> serde_json::Value {
+    json!({
+        "index": r.index,
+        "ms": r.elapsed.as_secs_f64() * 1e3,
+        "children": r.children,
+        "loaded": r.loaded,
+        "unloaded": r.unloaded,
+        "active": r.active,
+        "scored": r.scored,
+        "skipped_by_cap": r.skipped_by_cap,
+        "stages": r.stages,
+        "top": r.top,
+    })
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+fn summary_json(reports: &[TokenReport], final_active: usize, errors: usize) -> serde_json::Value {
+    let mut ms: Vec<f64> = reports
+        .iter()
+        .map(|r| r.elapsed.as_secs_f64() * 1e3)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let n = reports.len().max(1) as f64;
+    let mut stages = StageTimings::default();
+    for r in reports {
+        let s = &r.stages;
+        stages.initial_scoring += s.initial_scoring;
+        stages.expansion_lookup += s.expansion_lookup;
+        stages.loading += s.loading;
+        stages.new_scoring += s.new_scoring;
+        stages.pruning += s.pruning;
+        stages.sorting += s.sorting;
+    }
+    json!({
+        "tokens": reports.len(),
+        "errors": errors,
+        "avg_ms": ms.iter().sum::<f64>() / n,
+        "p50_ms": percentile(&ms, 50.0),
+        "p95_ms": percentile(&ms, 95.0),
+        "max_ms": ms.last().copied().unwrap_or(0.0),
+        "final_active": final_active,
+        "children_per_token": reports.iter().map(|r| r.children).sum::<usize>() as f64 / n,
+        "loads_per_token": reports.iter().map(|r| r.loaded).sum::<usize>() as f64 / n,
+        "total_loaded": reports.iter().map(|r| r.loaded).sum::<usize>(),
+        "total_unloaded": reports.iter().map(|r| r.unloaded).sum::<usize>(),
+        "skipped_by_cap": reports.iter().map(|r| r.skipped_by_cap).sum::<usize>(),
+        "stage_totals_ms": stages,
+    })
+}
+
+fn print_summary(s: &serde_json::Value) {
+    let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+    println!(
+        "\naverage {:.2} ms, p50 {:.2} ms, p95 {:.2} ms, max {:.2} ms over {} tokens ({} errors)",
+        f("avg_ms"),
+        f("p50_ms"),
+        f("p95_ms"),
+        f("max_ms"),
+        s["tokens"],
+        s["errors"]
+    );
+    println!(
+        "final active {}, {:.1} children and {:.1} loads per token, {} unloaded in all, {} skipped by the cap",
+        s["final_active"],
+        f("children_per_token"),
+        f("loads_per_token"),
+        s["total_unloaded"],
+        s["skipped_by_cap"]
+    );
+    let st = &s["stage_totals_ms"];
+    let total: f64 = [
+        "initial_scoring",
+        "expansion_lookup",
+        "loading",
+        "new_scoring",
+        "pruning",
+        "sorting",
+    ]
+    .iter()
+    .map(|k| st[k].as_f64().unwrap_or(0.0))
+    .sum::<f64>()
+    .max(1e-9);
+    let parts: Vec<String> = [
+        "initial_scoring",
+        "expansion_lookup",
+        "loading",
+        "new_scoring",
+        "pruning",
+        "sorting",
+    ]
+    .iter()
+    .map(|k| format!("{k} {:.0}%", 100.0 * st[*k].as_f64().unwrap_or(0.0) / total))
+    .collect();
+    println!("time by stage: {}", parts.join(", "));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 5.0);
+        assert_eq!(percentile(&v, 95.0), 10.0);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+}

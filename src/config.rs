@@ -1,0 +1,395 @@
+//! Configuration files (TOML). Every knob of the cascade, the device and the runtime lives
+//! here; unknown keys, wrong types and out-of-range values are errors naming the key and file.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::pack::{DType, InputNormalization};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: `{key}` {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub cascade: CascadeConfig,
+    #[serde(default)]
+    pub device: DeviceConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// The per-token algorithm (docs/cascade-semantics.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CascadeConfig {
+    /// Layers whose probes are always active.
+    pub base_layers: Vec<u16>,
+    /// Input normalization; when absent, whatever the pack's manifest says.
+    pub normalization: Option<Normalization>,
+    pub expansion: Expansion,
+    pub pruning: Pruning,
+    /// Hard cap on the active set, under every policy.
+    pub max_loaded: usize,
+    /// Concepts reported per token.
+    pub report_top_k: usize,
+    /// Drop from the report any parent decomposed this token.
+    pub hide_decomposed_parents: bool,
+}
+
+impl Default for CascadeConfig {
+    /// The seed's real-time configuration.
+    fn default() -> Self {
+        Self {
+            base_layers: vec![0],
+            normalization: None,
+            expansion: Expansion::Threshold {
+                load_threshold: 0.3,
+            },
+            pruning: Pruning::TopK { keep_top_k: 30 },
+            max_loaded: 500,
+            report_top_k: 10,
+            hide_decomposed_parents: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalization {
+    None,
+    LayerNorm,
+}
+
+impl From<InputNormalization> for Normalization {
+    fn from(n: InputNormalization) -> Self {
+        match n {
+            InputNormalization::None => Normalization::None,
+            InputNormalization::LayerNorm => Normalization::LayerNorm,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Expansion {
+    /// The seed: children of every probe with p > load_threshold, once per token.
+    Threshold { load_threshold: f32 },
+    /// The later variant: up to max_depth rounds decomposing the top_k undecomposed concepts.
+    Decompose {
+        top_k: usize,
+        #[serde(default = "default_max_depth")]
+        max_depth: usize,
+    },
+}
+
+fn default_max_depth() -> usize {
+    5
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Pruning {
+    /// The seed's aggressive pruning: base plus the best (keep_top_k − base) others.
+    TopK {
+        keep_top_k: usize,
+    },
+    /// Base plus the `keep` best-scoring probes of the token, base or not.
+    GlobalTopK {
+        keep: usize,
+    },
+    /// Over max_loaded only: drop non-base probes below unload_threshold, lowest first.
+    Cold {
+        unload_threshold: f32,
+    },
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceConfig {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Dtype the probes are computed in (`f32`, or `bf16` where the device has fast bf16).
+    pub compute_dtype: DType,
+    /// Threads for tensor math; 0 means one per core.
+    pub threads: usize,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self {
+            device: "cpu".into(),
+            compute_dtype: DType::F32,
+            threads: 0,
+        }
+    }
+}
+
+/// Where the math runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceConfig {
+    pub fn kind(&self) -> Result<DeviceKind, String> {
+        match self.device.as_str() {
+            "cpu" => Ok(DeviceKind::Cpu),
+            "cuda" => Ok(DeviceKind::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceKind::Cuda)
+                .ok_or_else(|| format!("is `{other}`; expected `cpu` or `cuda:N`")),
+        }
+    }
+}
+
+/// Sizes for the actor runtime: every cache, queue and pool is bounded from here.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Byte budget of the host-RAM cache of probe weights.
+    pub cache_bytes: u64,
+    /// Probe slots in the device arena.
+    pub pool_slots: usize,
+    /// io_uring reads in flight at once.
+    pub prefetch_queue_depth: usize,
+    /// Threads of the blocking-read fallback where io_uring is unavailable.
+    pub fallback_io_threads: usize,
+    /// Speculative prefetch of the children of parents scoring within this margin under the
+    /// load threshold (0 disables it).
+    pub prefetch_hint_margin: f32,
+    /// Requests that may wait for the runtime at once.
+    pub request_queue: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 512 << 20,
+            pool_slots: 512,
+            prefetch_queue_depth: 32,
+            fallback_io_threads: 2,
+            prefetch_hint_margin: 0.1,
+            request_queue: 64,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, message: String| {
+            Err(ConfigError::Invalid {
+                path: path.into(),
+                key,
+                message,
+            })
+        };
+        let c = &self.cascade;
+        if c.base_layers.is_empty() {
+            return bad("cascade.base_layers", "must name at least one layer".into());
+        }
+        match c.expansion {
+            Expansion::Threshold { load_threshold } if !(0.0..1.0).contains(&load_threshold) => {
+                return bad(
+                    "cascade.expansion.threshold.load_threshold",
+                    format!("= {load_threshold} is outside [0, 1)"),
+                );
+            }
+            Expansion::Decompose { top_k: 0, .. } => {
+                return bad(
+                    "cascade.expansion.decompose.top_k",
+                    "must be at least 1".into(),
+                );
+            }
+            Expansion::Decompose { max_depth, .. } if !(1..=64).contains(&max_depth) => {
+                return bad(
+                    "cascade.expansion.decompose.max_depth",
+                    format!("= {max_depth} is outside 1..=64"),
+                );
+            }
+            _ => {}
+        }
+        match c.pruning {
+            Pruning::TopK { keep_top_k: 0 } => {
+                return bad(
+                    "cascade.pruning.top_k.keep_top_k",
+                    "must be at least 1".into(),
+                )
+            }
+            Pruning::Cold { unload_threshold } if !(0.0..=1.0).contains(&unload_threshold) => {
+                return bad(
+                    "cascade.pruning.cold.unload_threshold",
+                    format!("= {unload_threshold} is outside [0, 1]"),
+                );
+            }
+            _ => {}
+        }
+        if c.max_loaded == 0 {
+            return bad("cascade.max_loaded", "must be at least 1".into());
+        }
+        if c.report_top_k == 0 {
+            return bad("cascade.report_top_k", "must be at least 1".into());
+        }
+        if let Err(message) = self.device.kind() {
+            return bad("device.device", message);
+        }
+        if self.device.threads > 1024 {
+            return bad(
+                "device.threads",
+                format!("= {} is more than 1024", self.device.threads),
+            );
+        }
+        let r = &self.runtime;
+        if r.pool_slots == 0 {
+            return bad("runtime.pool_slots", "must be at least 1".into());
+        }
+        if !(1..=4096).contains(&r.prefetch_queue_depth) {
+            return bad(
+                "runtime.prefetch_queue_depth",
+                format!("= {} is outside 1..=4096", r.prefetch_queue_depth),
+            );
+        }
+        if !(1..=256).contains(&r.fallback_io_threads) {
+            return bad(
+                "runtime.fallback_io_threads",
+                format!("= {} is outside 1..=256", r.fallback_io_threads),
+            );
+        }
+        if !(0.0..=1.0).contains(&r.prefetch_hint_margin) {
+            return bad(
+                "runtime.prefetch_hint_margin",
+                format!("= {} is outside [0, 1]", r.prefetch_hint_margin),
+            );
+        }
+        if r.request_queue == 0 {
+            return bad("runtime.request_queue", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("test.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn empty_file_is_the_seed_realtime_config() {
+        let c = parse("").unwrap();
+        assert_eq!(c.cascade, CascadeConfig::default());
+        assert_eq!(
+            c.cascade.expansion,
+            Expansion::Threshold {
+                load_threshold: 0.3
+            }
+        );
+    }
+
+    #[test]
+    fn reads_every_policy() {
+        let c = parse(
+            "[cascade]\nbase_layers = [0, 1]\nnormalization = \"layer_norm\"\npruning = \"none\"\n\
+             [cascade.expansion.decompose]\ntop_k = 10\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.cascade.expansion,
+            Expansion::Decompose {
+                top_k: 10,
+                max_depth: 5
+            }
+        );
+        assert_eq!(c.cascade.pruning, Pruning::None);
+        assert_eq!(c.cascade.normalization, Some(Normalization::LayerNorm));
+        let c = parse("[cascade.pruning.cold]\nunload_threshold = 0.1\n").unwrap();
+        assert_eq!(
+            c.cascade.pruning,
+            Pruning::Cold {
+                unload_threshold: 0.1
+            }
+        );
+        let c = parse("[cascade.pruning.global_top_k]\nkeep = 10\n").unwrap();
+        assert_eq!(c.cascade.pruning, Pruning::GlobalTopK { keep: 10 });
+    }
+
+    #[test]
+    fn unknown_keys_wrong_types_and_ranges_name_the_key_and_file() {
+        let e = parse("[cascade]\nmax_lodaed = 3\n").unwrap_err();
+        assert!(e.contains("test.toml") && e.contains("max_lodaed"), "{e}");
+        let e = parse("[cascade]\nmax_loaded = \"many\"\n").unwrap_err();
+        assert!(e.contains("test.toml") && e.contains("max_loaded"), "{e}");
+        let e = parse("[cascade.expansion.threshold]\nload_threshold = 1.5\n").unwrap_err();
+        assert!(
+            e.contains("cascade.expansion.threshold.load_threshold") && e.contains("1.5"),
+            "{e}"
+        );
+        let e = parse("[device]\ndevice = \"tpu\"\n").unwrap_err();
+        assert!(e.contains("device.device") && e.contains("tpu"), "{e}");
+        let e = parse("[runtime]\nprefetch_queue_depth = 0\n").unwrap_err();
+        assert!(e.contains("runtime.prefetch_queue_depth"), "{e}");
+        let e = parse("[cascade]\npruning = \"sometimes\"\n").unwrap_err();
+        assert!(e.contains("sometimes"), "{e}");
+        let e = parse("[cascade.pruning.top_k]\nkeep_top_k = 0\n").unwrap_err();
+        assert!(e.contains("cascade.pruning.top_k.keep_top_k"), "{e}");
+        let e = parse("[cascade]\nbase_layers = []\n").unwrap_err();
+        assert!(e.contains("cascade.base_layers"), "{e}");
+        let e = parse("not toml at all [").unwrap_err();
+        assert!(e.contains("test.toml"), "{e}");
+    }
+
+    #[test]
+    fn device_strings() {
+        let d = |s: &str| {
+            DeviceConfig {
+                device: s.into(),
+                ..Default::default()
+            }
+            .kind()
+        };
+        assert_eq!(d("cpu"), Ok(DeviceKind::Cpu));
+        assert_eq!(d("cuda:1"), Ok(DeviceKind::Cuda(1)));
+        assert!(d("cuda:x").is_err());
+    }
+}

@@ -1,0 +1,102 @@
+//! tch helpers shared by the engines: device selection and probe tensors from pack bytes.
+
+use tch::{Device, Kind, Tensor};
+
+use super::EngineError;
+use crate::config::{DeviceConfig, DeviceKind};
+use crate::pack::{DType, ProbeLayout, TensorOffsets};
+
+pub fn kind_of(dtype: DType) -> Kind {
+    match dtype {
+        DType::F32 => Kind::Float,
+        DType::Bf16 => Kind::BFloat16,
+    }
+}
+
+/// Resolves the configured device, and sets the math thread count (a process-wide setting).
+pub fn open_device(config: &DeviceConfig) -> Result<Device, EngineError> {
+    let threads = match config.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    tch::set_num_threads(threads as i32);
+    match config
+        .kind()
+        .map_err(|m| EngineError::Device(format!("device.device {m}")))?
+    {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda(n) => {
+            let count = tch::Cuda::device_count();
+            if (n as i64) < count {
+                Ok(Device::Cuda(n))
+            } else {
+                Err(EngineError::Device(format!(
+                    "device.device = \"{}\" but libtorch sees {count} CUDA device(s) (a CPU-only libtorch sees none)",
+                    config.device
+                )))
+            }
+        }
+    }
+}
+
+/// One probe's six tensors on the device, in the compute dtype.
+pub struct ProbeTensors {
+    pub w1: Tensor,
+    pub b1: Tensor,
+    pub w2: Tensor,
+    pub b2: Tensor,
+    pub w3: Tensor,
+    pub b3: Tensor,
+}
+
+impl ProbeTensors {
+    /// Builds fresh tensors from a probe's checked bytes.
+    pub fn from_bytes(
+        layout: &ProbeLayout,
+        offsets: &TensorOffsets,
+        bytes: &[u8],
+        device: Device,
+        compute: Kind,
+    ) -> Result<Self, tch::TchError> {
+        let storage = kind_of(layout.dtype);
+        let ranges = layout.ranges(offsets);
+        let slots = layout.tensors();
+        let make = |i: usize| -> Result<Tensor, tch::TchError> {
+            let shape: Vec<i64> = slots[i].shape().iter().map(|&d| d as i64).collect();
+            Tensor::f_from_data_size(&bytes[ranges[i].clone()], &shape, storage)?
+                .f_to_kind(compute)?
+                .f_to_device(device)
+        };
+        use crate::pack::layout::{B1, B2, B3, W1, W2, W3};
+        Ok(Self {
+            w1: make(W1)?,
+            b1: make(B1)?,
+            w2: make(W2)?,
+            b2: make(B2)?,
+            w3: make(W3)?,
+            b3: make(B3)?,
+        })
+    }
+}
+
+/// The hidden state as a [D, 1] column on the device.
+pub fn hidden_column(
+    hidden: &[f32],
+    device: Device,
+    compute: Kind,
+) -> Result<Tensor, tch::TchError> {
+    Tensor::f_from_slice(hidden)?
+        .f_view([hidden.len() as i64, 1])?
+        .f_to_kind(compute)?
+        .f_to_device(device)
+}
+
+/// Copies a small float tensor back to the host as f32.
+pub fn to_host_f32(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
+    let t = t
+        .f_to_kind(Kind::Float)?
+        .f_to_device(Device::Cpu)?
+        .f_contiguous()?
+        .f_view([-1])?;
+    Vec::<f32>::try_from(&t)
+}

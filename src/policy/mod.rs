@@ -1,0 +1,175 @@
+//! The cascade's decisions as pure functions over plain data: which children to load, which
+//! probes to drop, what to report. No I/O, no tensors; see docs/cascade-semantics.md.
+
+mod expansion;
+mod pruning;
+mod report;
+
+use std::cmp::Ordering;
+
+pub use expansion::{decompose_round, threshold_expansion, ExpansionPlan};
+pub use pruning::prune;
+pub use report::report;
+
+use crate::pack::ConceptId;
+
+/// One probe's score on the current token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    pub id: ConceptId,
+    pub logit: f32,
+}
+
+impl Scored {
+    pub fn prob(&self) -> f32 {
+        sigmoid(self.logit)
+    }
+}
+
+/// The one sigmoid every engine uses, so that threshold decisions agree bit for bit.
+pub fn sigmoid(logit: f32) -> f32 {
+    1.0 / (1.0 + (-logit).exp())
+}
+
+/// Best first: higher score, then ascending concept id. Scores are compared as logits, which
+/// order exactly as probabilities do but do not saturate to equal values at 1.0.
+pub fn rank(a: &Scored, b: &Scored) -> Ordering {
+    b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
+}
+
+/// A set of concept ids as a bitmap over the pack's dense ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConceptSet {
+    bits: Vec<u64>,
+    len: usize,
+}
+
+impl ConceptSet {
+    pub fn with_capacity(concepts: usize) -> Self {
+        Self {
+            bits: vec![0; concepts.div_ceil(64)],
+            len: 0,
+        }
+    }
+    pub fn contains(&self, id: ConceptId) -> bool {
+        self.bits
+            .get(id.index() / 64)
+            .is_some_and(|w| w & (1 << (id.index() % 64)) != 0)
+    }
+    /// Returns whether the id was newly added.
+    pub fn insert(&mut self, id: ConceptId) -> bool {
+        let (w, b) = (id.index() / 64, id.index() % 64);
+        if w >= self.bits.len() {
+            self.bits.resize(w + 1, 0);
+        }
+        let fresh = self.bits[w] & (1 << b) == 0;
+        self.bits[w] |= 1 << b;
+        self.len += fresh as usize;
+        fresh
+    }
+    pub fn remove(&mut self, id: ConceptId) -> bool {
+        let (w, b) = (id.index() / 64, id.index() % 64);
+        let present = self.contains(id);
+        if present {
+            self.bits[w] &= !(1 << b);
+            self.len -= 1;
+        }
+        present
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn clear(&mut self) {
+        self.bits.iter_mut().for_each(|w| *w = 0);
+        self.len = 0;
+    }
+    /// Ids in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = ConceptId> + '_ {
+        self.bits.iter().enumerate().flat_map(|(w, &bits)| {
+            (0..64)
+                .filter(move |b| bits & (1 << b) != 0)
+                .map(move |b| ConceptId((w * 64 + b) as u32))
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use crate::pack::{ConceptDef, ConceptId, Hierarchy};
+
+    use super::Scored;
+
+    /// ```text
+    /// layer 0:  A(0)            B(1)
+    /// layer 1:  A1(2)  A2(3)    B1(4)
+    /// layer 2:  A1x(5)  X(6) [parents A1 and B1]
+    /// ```
+    pub fn hierarchy() -> Hierarchy {
+        let d = |name: &str, layer: u16, parents: &[u32]| ConceptDef {
+            name: name.into(),
+            layer,
+            parents: parents.to_vec(),
+        };
+        Hierarchy::from_defs(&[
+            d("A", 0, &[]),
+            d("B", 0, &[]),
+            d("A1", 1, &[0]),
+            d("A2", 1, &[0]),
+            d("B1", 1, &[1]),
+            d("A1x", 2, &[2]),
+            d("X", 2, &[2, 4]),
+        ])
+        .unwrap()
+    }
+
+    pub fn s(id: u32, logit: f32) -> Scored {
+        Scored {
+            id: ConceptId(id),
+            logit,
+        }
+    }
+
+    pub fn ids(v: &[ConceptId]) -> Vec<u32> {
+        v.iter().map(|c| c.0).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::s;
+    use super::*;
+
+    #[test]
+    fn rank_orders_by_score_then_id() {
+        let mut v = [s(3, 1.0), s(1, 2.0), s(2, 1.0), s(0, -1.0)];
+        v.sort_by(rank);
+        assert_eq!(
+            v.iter().map(|x| x.id.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 0]
+        );
+    }
+
+    #[test]
+    fn sigmoid_is_symmetric_and_bounded() {
+        assert_eq!(sigmoid(0.0), 0.5);
+        assert!((sigmoid(2.0) + sigmoid(-2.0) - 1.0).abs() < 1e-6);
+        assert_eq!(sigmoid(-200.0), 0.0);
+        assert_eq!(sigmoid(200.0), 1.0);
+    }
+
+    #[test]
+    fn concept_set_tracks_membership() {
+        let mut set = ConceptSet::with_capacity(10);
+        assert!(set.insert(ConceptId(3)));
+        assert!(!set.insert(ConceptId(3)));
+        assert!(set.insert(ConceptId(130)));
+        assert_eq!(set.len(), 2);
+        assert_eq!(set.iter().map(|c| c.0).collect::<Vec<_>>(), vec![3, 130]);
+        assert!(set.remove(ConceptId(3)));
+        assert!(!set.remove(ConceptId(3)));
+        assert_eq!(set.len(), 1);
+    }
+}
