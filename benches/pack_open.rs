@@ -5,9 +5,7 @@
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use probe_cascade::pack::{
-    write_sparse_pack, ConceptDef, DType, InputNormalization, Pack, PackSpec,
-};
+use probe_cascade::pack::{write_sparse_pack, ConceptDef, DType, InputNormalization, Pack, PackSpec};
 
 fn spec(concepts: usize) -> PackSpec {
     // 20 roots, then each concept's parent is an earlier concept; every 20th has two parents.
@@ -21,11 +19,7 @@ fn spec(concepts: usize) -> PackSpec {
                 vec![(i / 4) as u32]
             };
             let layer = (i as f64).log(4.0).floor() as u16;
-            ConceptDef {
-                name: format!("Concept{i}"),
-                layer,
-                parents,
-            }
+            ConceptDef { name: format!("Concept{i}"), layer, parents }
         })
         .collect();
     PackSpec {
@@ -40,11 +34,7 @@ fn spec(concepts: usize) -> PackSpec {
 fn peak_rss_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(|l| l.to_string())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
 }
@@ -53,10 +43,7 @@ fn bench_open(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     let t = Instant::now();
     write_sparse_pack(dir.path(), &spec(100_000)).expect("sparse pack writes");
-    eprintln!(
-        "wrote a sparse 100,000-concept pack in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
+    eprintln!("wrote a sparse 100,000-concept pack in {:.1} s", t.elapsed().as_secs_f64());
     // Writing 5 to clear_refs resets the peak-RSS mark, so VmHWM below is the open's own peak.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = peak_rss_kb();
@@ -72,9 +59,7 @@ fn bench_open(c: &mut Criterion) {
     drop(pack);
     let mut group = c.benchmark_group("pack_open");
     group.sample_size(10);
-    group.bench_function("100k_concepts", |b| {
-        b.iter(|| Pack::open(dir.path()).expect("pack opens"))
-    });
+    group.bench_function("100k_concepts", |b| b.iter(|| Pack::open(dir.path()).expect("pack opens")));
     group.finish();
 }
 

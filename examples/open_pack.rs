@@ -4,10 +4,6 @@ fn main() {
     for _ in 0..3 {
         let t = std::time::Instant::now();
         let pack = probe_cascade::pack::Pack::open(&dir).expect("open");
-        eprintln!(
-            "{} concepts in {:.0} ms",
-            pack.len(),
-            t.elapsed().as_secs_f64() * 1e3
-        );
+        eprintln!("{} concepts in {:.0} ms", pack.len(), t.elapsed().as_secs_f64() * 1e3);
     }
 }

@@ -18,11 +18,7 @@ pub enum ConfigError {
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: `{key}` {message}")]
-    Invalid {
-        path: PathBuf,
-        key: &'static str,
-        message: String,
-    },
+    Invalid { path: PathBuf, key: &'static str, message: String },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -60,9 +56,7 @@ impl Default for CascadeConfig {
         Self {
             base_layers: vec![0],
             normalization: None,
-            expansion: Expansion::Threshold {
-                load_threshold: 0.3,
-            },
+            expansion: Expansion::Threshold { load_threshold: 0.3 },
             pruning: Pruning::TopK { keep_top_k: 30 },
             max_loaded: 500,
             report_top_k: 10,
@@ -135,11 +129,7 @@ pub struct DeviceConfig {
 
 impl Default for DeviceConfig {
     fn default() -> Self {
-        Self {
-            device: "cpu".into(),
-            compute_dtype: DType::F32,
-            threads: 0,
-        }
+        Self { device: "cpu".into(), compute_dtype: DType::F32, threads: 0 }
     }
 }
 
@@ -198,31 +188,20 @@ impl Default for RuntimeConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates; `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         config.validate(path)?;
         Ok(config)
     }
 
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |key: &'static str, message: String| {
-            Err(ConfigError::Invalid {
-                path: path.into(),
-                key,
-                message,
-            })
-        };
+        let bad = |key: &'static str, message: String| Err(ConfigError::Invalid { path: path.into(), key, message });
         let c = &self.cascade;
         if c.base_layers.is_empty() {
             return bad("cascade.base_layers", "must name at least one layer".into());
@@ -235,31 +214,19 @@ impl Config {
                 );
             }
             Expansion::Decompose { top_k: 0, .. } => {
-                return bad(
-                    "cascade.expansion.decompose.top_k",
-                    "must be at least 1".into(),
-                );
+                return bad("cascade.expansion.decompose.top_k", "must be at least 1".into());
             }
             Expansion::Decompose { max_depth, .. } if !(1..=64).contains(&max_depth) => {
-                return bad(
-                    "cascade.expansion.decompose.max_depth",
-                    format!("= {max_depth} is outside 1..=64"),
-                );
+                return bad("cascade.expansion.decompose.max_depth", format!("= {max_depth} is outside 1..=64"));
             }
             _ => {}
         }
         match c.pruning {
             Pruning::TopK { keep_top_k: 0 } => {
-                return bad(
-                    "cascade.pruning.top_k.keep_top_k",
-                    "must be at least 1".into(),
-                )
+                return bad("cascade.pruning.top_k.keep_top_k", "must be at least 1".into())
             }
             Pruning::Cold { unload_threshold } if !(0.0..=1.0).contains(&unload_threshold) => {
-                return bad(
-                    "cascade.pruning.cold.unload_threshold",
-                    format!("= {unload_threshold} is outside [0, 1]"),
-                );
+                return bad("cascade.pruning.cold.unload_threshold", format!("= {unload_threshold} is outside [0, 1]"));
             }
             _ => {}
         }
@@ -273,32 +240,20 @@ impl Config {
             return bad("device.device", message);
         }
         if self.device.threads > 1024 {
-            return bad(
-                "device.threads",
-                format!("= {} is more than 1024", self.device.threads),
-            );
+            return bad("device.threads", format!("= {} is more than 1024", self.device.threads));
         }
         let r = &self.runtime;
         if r.pool_slots == 0 {
             return bad("runtime.pool_slots", "must be at least 1".into());
         }
         if !(1..=4096).contains(&r.prefetch_queue_depth) {
-            return bad(
-                "runtime.prefetch_queue_depth",
-                format!("= {} is outside 1..=4096", r.prefetch_queue_depth),
-            );
+            return bad("runtime.prefetch_queue_depth", format!("= {} is outside 1..=4096", r.prefetch_queue_depth));
         }
         if !(1..=256).contains(&r.fallback_io_threads) {
-            return bad(
-                "runtime.fallback_io_threads",
-                format!("= {} is outside 1..=256", r.fallback_io_threads),
-            );
+            return bad("runtime.fallback_io_threads", format!("= {} is outside 1..=256", r.fallback_io_threads));
         }
         if !(0.0..=1.0).contains(&r.prefetch_hint_margin) {
-            return bad(
-                "runtime.prefetch_hint_margin",
-                format!("= {} is outside [0, 1]", r.prefetch_hint_margin),
-            );
+            return bad("runtime.prefetch_hint_margin", format!("= {} is outside [0, 1]", r.prefetch_hint_margin));
         }
         if r.request_queue == 0 {
             return bad("runtime.request_queue", "must be at least 1".into());
@@ -319,12 +274,7 @@ mod tests {
     fn empty_file_is_the_seed_realtime_config() {
         let c = parse("").unwrap();
         assert_eq!(c.cascade, CascadeConfig::default());
-        assert_eq!(
-            c.cascade.expansion,
-            Expansion::Threshold {
-                load_threshold: 0.3
-            }
-        );
+        assert_eq!(c.cascade.expansion, Expansion::Threshold { load_threshold: 0.3 });
     }
 
     #[test]
@@ -334,22 +284,11 @@ mod tests {
              [cascade.expansion.decompose]\ntop_k = 10\n",
         )
         .unwrap();
-        assert_eq!(
-            c.cascade.expansion,
-            Expansion::Decompose {
-                top_k: 10,
-                max_depth: 5
-            }
-        );
+        assert_eq!(c.cascade.expansion, Expansion::Decompose { top_k: 10, max_depth: 5 });
         assert_eq!(c.cascade.pruning, Pruning::None);
         assert_eq!(c.cascade.normalization, Some(Normalization::LayerNorm));
         let c = parse("[cascade.pruning.cold]\nunload_threshold = 0.1\n").unwrap();
-        assert_eq!(
-            c.cascade.pruning,
-            Pruning::Cold {
-                unload_threshold: 0.1
-            }
-        );
+        assert_eq!(c.cascade.pruning, Pruning::Cold { unload_threshold: 0.1 });
         let c = parse("[cascade.pruning.global_top_k]\nkeep = 10\n").unwrap();
         assert_eq!(c.cascade.pruning, Pruning::GlobalTopK { keep: 10 });
     }
@@ -361,10 +300,7 @@ mod tests {
         let e = parse("[cascade]\nmax_loaded = \"many\"\n").unwrap_err();
         assert!(e.contains("test.toml") && e.contains("max_loaded"), "{e}");
         let e = parse("[cascade.expansion.threshold]\nload_threshold = 1.5\n").unwrap_err();
-        assert!(
-            e.contains("cascade.expansion.threshold.load_threshold") && e.contains("1.5"),
-            "{e}"
-        );
+        assert!(e.contains("cascade.expansion.threshold.load_threshold") && e.contains("1.5"), "{e}");
         let e = parse("[device]\ndevice = \"tpu\"\n").unwrap_err();
         assert!(e.contains("device.device") && e.contains("tpu"), "{e}");
         let e = parse("[runtime]\nprefetch_queue_depth = 0\n").unwrap_err();
@@ -381,13 +317,7 @@ mod tests {
 
     #[test]
     fn device_strings() {
-        let d = |s: &str| {
-            DeviceConfig {
-                device: s.into(),
-                ..Default::default()
-            }
-            .kind()
-        };
+        let d = |s: &str| DeviceConfig { device: s.into(), ..Default::default() }.kind();
         assert_eq!(d("cpu"), Ok(DeviceKind::Cpu));
         assert_eq!(d("cuda:1"), Ok(DeviceKind::Cuda(1)));
         assert!(d("cuda:x").is_err());

@@ -51,10 +51,7 @@ pub fn header(rows: usize, cols: usize) -> Vec<u8> {
 }
 
 pub fn write(path: &Path, m: &Matrix) -> Result<(), NpyError> {
-    let io = |source| NpyError::Io {
-        path: path.into(),
-        source,
-    };
+    let io = |source| NpyError::Io { path: path.into(), source };
     let mut out = BufWriter::new(File::create(path).map_err(io)?);
     out.write_all(&header(m.rows, m.cols)).map_err(io)?;
     for v in &m.data {
@@ -64,46 +61,34 @@ pub fn write(path: &Path, m: &Matrix) -> Result<(), NpyError> {
 }
 
 pub fn read(path: &Path) -> Result<Matrix, NpyError> {
-    let io = |source| NpyError::Io {
-        path: path.into(),
-        source,
-    };
-    let bad = |reason: String| NpyError::Format {
-        path: path.into(),
-        reason,
-    };
+    let io = |source| NpyError::Io { path: path.into(), source };
+    let bad = |reason: String| NpyError::Format { path: path.into(), reason };
     let file = File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     let mut r = BufReader::new(file);
     let mut pre = [0u8; 8];
-    r.read_exact(&mut pre)
-        .map_err(|_| bad("shorter than the 8-byte preamble".into()))?;
+    r.read_exact(&mut pre).map_err(|_| bad("shorter than the 8-byte preamble".into()))?;
     if &pre[..6] != MAGIC {
         return Err(bad("missing the \\x93NUMPY magic".into()));
     }
     let header_len = match pre[6] {
         1 => {
             let mut n = [0u8; 2];
-            r.read_exact(&mut n)
-                .map_err(|_| bad("truncated header length".into()))?;
+            r.read_exact(&mut n).map_err(|_| bad("truncated header length".into()))?;
             u16::from_le_bytes(n) as usize
         }
         2 | 3 => {
             let mut n = [0u8; 4];
-            r.read_exact(&mut n)
-                .map_err(|_| bad("truncated header length".into()))?;
+            r.read_exact(&mut n).map_err(|_| bad("truncated header length".into()))?;
             u32::from_le_bytes(n) as usize
         }
         v => return Err(bad(format!("format version {v} is not supported"))),
     };
     if header_len > 1 << 20 {
-        return Err(bad(format!(
-            "header of {header_len} bytes is implausibly large"
-        )));
+        return Err(bad(format!("header of {header_len} bytes is implausibly large")));
     }
     let mut dict = vec![0u8; header_len];
-    r.read_exact(&mut dict)
-        .map_err(|_| bad("truncated header".into()))?;
+    r.read_exact(&mut dict).map_err(|_| bad("truncated header".into()))?;
     let dict = String::from_utf8(dict).map_err(|_| bad("header is not text".into()))?;
     let field = |key: &str| -> Option<&str> {
         let at = dict.find(&format!("'{key}':"))? + key.len() + 3;
@@ -120,33 +105,22 @@ pub fn read(path: &Path) -> Result<Matrix, NpyError> {
         return Err(bad("fortran_order arrays are not supported".into()));
     }
     let shape = field("shape").ok_or_else(|| bad("header has no 'shape'".into()))?;
-    let shape = shape
-        .strip_prefix('(')
-        .and_then(|s| s.split(')').next())
-        .ok_or_else(|| bad("malformed shape".into()))?;
+    let shape =
+        shape.strip_prefix('(').and_then(|s| s.split(')').next()).ok_or_else(|| bad("malformed shape".into()))?;
     let dims: Vec<usize> = shape
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse()
-                .map_err(|_| bad(format!("malformed shape ({shape})")))
-        })
+        .map(|s| s.parse().map_err(|_| bad(format!("malformed shape ({shape})"))))
         .collect::<Result<_, _>>()?;
     let (rows, cols) = match dims[..] {
         [rows, cols] => (rows, cols),
         [cols] => (1, cols),
-        _ => {
-            return Err(bad(format!(
-                "expected a 2-D array of hidden states, got shape ({shape})"
-            )))
-        }
+        _ => return Err(bad(format!("expected a 2-D array of hidden states, got shape ({shape})"))),
     };
     let data_start = pre.len() as u64 + if pre[6] == 1 { 2 } else { 4 } + header_len as u64;
-    let expected = rows
-        .checked_mul(cols)
-        .and_then(|n| n.checked_mul(4))
-        .ok_or_else(|| bad("shape overflows".into()))?;
+    let expected =
+        rows.checked_mul(cols).and_then(|n| n.checked_mul(4)).ok_or_else(|| bad("shape overflows".into()))?;
     if file_len - data_start != expected as u64 {
         return Err(bad(format!(
             "shape ({rows}, {cols}) needs {expected} data bytes but the file has {}",
@@ -155,10 +129,7 @@ pub fn read(path: &Path) -> Result<Matrix, NpyError> {
     }
     let mut bytes = vec![0u8; expected];
     r.read_exact(&mut bytes).map_err(io)?;
-    let data = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let data = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     Ok(Matrix { rows, cols, data })
 }
 
@@ -176,29 +147,19 @@ mod tests {
         assert_eq!(10 + len, h.len());
         assert_eq!(*h.last().unwrap(), b'\n');
         let text = std::str::from_utf8(&h[10..]).unwrap();
-        assert!(
-            text.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (200, 2560), }"),
-            "{text}"
-        );
+        assert!(text.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (200, 2560), }"), "{text}");
     }
 
     #[test]
     fn round_trip_and_size_check() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.npy");
-        let m = Matrix {
-            rows: 3,
-            cols: 5,
-            data: (0..15).map(|i| i as f32 - 7.5).collect(),
-        };
+        let m = Matrix { rows: 3, cols: 5, data: (0..15).map(|i| i as f32 - 7.5).collect() };
         write(&path, &m).unwrap();
         assert_eq!(read(&path).unwrap(), m);
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
         let err = read(&path).unwrap_err().to_string();
-        assert!(
-            err.contains("needs 60 data bytes but the file has 56"),
-            "{err}"
-        );
+        assert!(err.contains("needs 60 data bytes but the file has 56"), "{err}");
     }
 }

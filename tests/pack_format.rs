@@ -43,21 +43,11 @@ fn round_trip_preserves_hierarchy_and_weights() {
         assert_eq!(h.lookup(&def.name, def.layer), Some(id));
         let bytes = pack.read_probe(id).unwrap();
         let back = pack.decode_probe(id, &bytes).unwrap();
-        let want = synth_probe(
-            params.seed,
-            i as u32,
-            &synth.directions[i],
-            synth.thresholds[i],
-        );
-        assert_eq!(
-            back, want,
-            "f32 weights of concept {i} must round-trip exactly"
-        );
+        let want = synth_probe(params.seed, i as u32, &synth.directions[i], synth.thresholds[i]);
+        assert_eq!(back, want, "f32 weights of concept {i} must round-trip exactly");
     }
     assert_eq!(h.lookup("NoSuchConcept", 0), None);
-    let layer_total: usize = (0..h.layer_count() as u16)
-        .map(|l| h.layer_members(l).len())
-        .sum();
+    let layer_total: usize = (0..h.layer_count() as u16).map(|l| h.layer_members(l).len()).sum();
     assert_eq!(layer_total, pack.len());
     assert!(pack.verify(|_| {}).is_empty());
 }
@@ -68,8 +58,7 @@ fn shards_are_valid_safetensors_with_pytorch_keys() {
     tiny_pack(dir.path());
     let pack = Pack::open(dir.path()).unwrap();
     let bytes = std::fs::read(&pack.shards()[0].path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .expect("the safetensors crate reads our shard");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("the safetensors crate reads our shard");
     let w1 = st.tensor("0/net.0.weight").unwrap();
     assert_eq!(w1.shape(), &[128, 32]);
     assert_eq!(w1.dtype(), safetensors::Dtype::F32);
@@ -84,18 +73,12 @@ fn shards_are_valid_safetensors_with_pytorch_keys() {
 #[test]
 fn bf16_packs_round_trip_to_rounded_values() {
     let dir = tempfile::tempdir().unwrap();
-    let params = SynthParams {
-        dtype: DType::Bf16,
-        concepts: 10,
-        ..SynthParams::tiny()
-    };
+    let params = SynthParams { dtype: DType::Bf16, concepts: 10, ..SynthParams::tiny() };
     probe_cascade::synth::write_synth_pack(dir.path(), &params, |_| {}).unwrap();
     let synth = synth_hierarchy(&params);
     let pack = Pack::open(dir.path()).unwrap();
     assert_eq!(pack.layout().byte_len(), pack.layout().numel() * 2);
-    let w = pack
-        .decode_probe(ConceptId(3), &pack.read_probe(ConceptId(3)).unwrap())
-        .unwrap();
+    let w = pack.decode_probe(ConceptId(3), &pack.read_probe(ConceptId(3)).unwrap()).unwrap();
     let want = synth_probe(params.seed, 3, &synth.directions[3], synth.thresholds[3]);
     for (a, b) in w.w1.iter().zip(&want.w1) {
         assert_eq!(*a, half::bf16::from_f32(*b).to_f32());
@@ -113,21 +96,13 @@ fn rejects_a_cycle_and_names_it() {
     });
     let (e, s) = open_err(&dir);
     assert!(matches!(e, PackError::Cycle { .. }), "{s}");
-    assert!(
-        s.contains("Entity@0"),
-        "the error names a concept on the cycle: {s}"
-    );
+    assert!(s.contains("Entity@0"), "the error names a concept on the cycle: {s}");
     assert!(s.contains("manifest.json"), "{s}");
 }
 
 #[test]
 fn rejects_a_dangling_reference() {
-    let dir = tiny_pack_with(|v| {
-        v["concepts"][5]["children"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!(999))
-    });
+    let dir = tiny_pack_with(|v| v["concepts"][5]["children"].as_array_mut().unwrap().push(json!(999)));
     let (e, s) = open_err(&dir);
     assert!(matches!(e, PackError::Dangling { target: 999, .. }), "{s}");
     assert!(s.contains("entry 5") && s.contains("999"), "{s}");
@@ -152,17 +127,7 @@ fn rejects_a_duplicate_key() {
         c[2]["name"] = name;
     });
     let (e, s) = open_err(&dir);
-    assert!(
-        matches!(
-            e,
-            PackError::DuplicateKey {
-                first: 1,
-                second: 2,
-                ..
-            }
-        ),
-        "{s}"
-    );
+    assert!(matches!(e, PackError::DuplicateKey { first: 1, second: 2, .. }), "{s}");
     assert!(s.contains("Physical@0"), "{s}");
 }
 
@@ -171,10 +136,7 @@ fn rejects_a_wrong_shape() {
     let dir = tiny_pack_with(|v| v["hidden_dim"] = json!(33));
     let (e, s) = open_err(&dir);
     assert!(matches!(e, PackError::BadTensor { .. }), "{s}");
-    assert!(
-        s.contains("Entity@0") && s.contains("weights-00000.safetensors"),
-        "{s}"
-    );
+    assert!(s.contains("Entity@0") && s.contains("weights-00000.safetensors"), "{s}");
 }
 
 #[test]
@@ -182,10 +144,7 @@ fn rejects_a_wrong_dtype() {
     let dir = tiny_pack_with(|v| v["dtype"] = json!("bf16"));
     let (e, s) = open_err(&dir);
     assert!(matches!(e, PackError::BadTensor { .. }), "{s}");
-    assert!(
-        s.contains("Entity@0") && (s.contains("dtype") || s.contains("length")),
-        "{s}"
-    );
+    assert!(s.contains("Entity@0") && (s.contains("dtype") || s.contains("length")), "{s}");
 }
 
 #[test]
@@ -201,10 +160,7 @@ fn rejects_a_truncated_shard_naming_the_probe() {
     let e = Pack::open(dir.path()).unwrap_err();
     let s = e.to_string();
     assert!(matches!(e, PackError::Truncated { .. }), "{s}");
-    assert!(
-        s.contains(&label) && s.contains(path.file_name().unwrap().to_str().unwrap()),
-        "{s}"
-    );
+    assert!(s.contains(&label) && s.contains(path.file_name().unwrap().to_str().unwrap()), "{s}");
 }
 
 #[test]
@@ -225,11 +181,7 @@ fn a_flipped_byte_fails_the_checksum_and_names_the_probe() {
     let victim = ConceptId(20);
     let loc = pack.location(victim);
     let path = &pack.shard_of(victim).path;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, loc.offset + 100).unwrap();
     f.write_all_at(&[b[0] ^ 0x10], loc.offset + 100).unwrap();
@@ -253,11 +205,7 @@ fn rejects_non_finite_weights_in_verify() {
         dtype: DType::F32,
         input_normalization: Default::default(),
         probes_per_shard: 8,
-        concepts: vec![probe_cascade::pack::ConceptDef {
-            name: "Only".into(),
-            layer: 0,
-            parents: vec![],
-        }],
+        concepts: vec![probe_cascade::pack::ConceptDef { name: "Only".into(), layer: 0, parents: vec![] }],
     };
     let layout = spec.layout();
     let mut w = ProbeWeights {
@@ -275,10 +223,7 @@ fn rejects_non_finite_weights_in_verify() {
     let defects = pack.verify(|_| {});
     assert_eq!(defects.len(), 1);
     let s = defects[0].to_string();
-    assert!(
-        s.contains("Only@0") && s.contains("net.3.weight[7]") && s.contains("NaN"),
-        "{s}"
-    );
+    assert!(s.contains("Only@0") && s.contains("net.3.weight[7]") && s.contains("NaN"), "{s}");
 }
 
 #[test]
@@ -288,10 +233,7 @@ fn rejects_unknown_fields_and_versions() {
     assert!(s.contains("format_version 2"), "{s}");
     let dir = tiny_pack_with(|v| v["concepts"][3]["colour"] = json!("red"));
     let (e, s) = open_err(&dir);
-    assert!(
-        matches!(e, PackError::ManifestSyntax { .. }) && s.contains("colour"),
-        "{s}"
-    );
+    assert!(matches!(e, PackError::ManifestSyntax { .. }) && s.contains("colour"), "{s}");
     let dir = tiny_pack_with(|v| v["shards"][0] = json!("../elsewhere.safetensors"));
     let (_, s) = open_err(&dir);
     assert!(s.contains("inside the pack"), "{s}");
@@ -309,29 +251,18 @@ fn manifest_keeps_one_concept_per_line() {
     let dir = tempfile::tempdir().unwrap();
     tiny_pack(dir.path());
     let text = std::fs::read_to_string(dir.path().join("manifest.json")).unwrap();
-    assert_eq!(
-        text.lines().filter(|l| l.starts_with("{\"id\":")).count(),
-        60
-    );
+    assert_eq!(text.lines().filter(|l| l.starts_with("{\"id\":")).count(), 60);
     assert_eq!(read_manifest(dir.path())["format_version"], json!(1));
 }
 
 /// Writes a one-shard pack by hand, laying tensors out in `order` (indices into the key list)
 /// for concept 0 and in key order for concept 1, optionally swapping a tensor across probes.
-fn hand_written_pack(
-    dir: &std::path::Path,
-    order: [usize; 6],
-    interleave: bool,
-) -> Vec<ProbeWeights> {
+fn hand_written_pack(dir: &std::path::Path, order: [usize; 6], interleave: bool) -> Vec<ProbeWeights> {
     let layout = probe_cascade::pack::ProbeLayout::new(4, DType::F32);
     let probe = |seed: f32| ProbeWeights {
         w1: (0..512).map(|i| (i as f32 * 0.01 + seed).sin()).collect(),
-        b1: (0..128)
-            .map(|i| (i as f32 * 0.1 + seed).cos() * 0.1)
-            .collect(),
-        w2: (0..8192)
-            .map(|i| (i as f32 * 0.003 + seed).sin() * 0.1)
-            .collect(),
+        b1: (0..128).map(|i| (i as f32 * 0.1 + seed).cos() * 0.1).collect(),
+        w2: (0..8192).map(|i| (i as f32 * 0.003 + seed).sin() * 0.1).collect(),
         b2: vec![0.01; 64],
         w3: (0..64).map(|i| (i as f32 + seed).cos()).collect(),
         b3: vec![seed],
@@ -347,9 +278,7 @@ fn hand_written_pack(
     for (id, k) in placement {
         let values = probes[id as usize].in_layout_order()[k];
         let start = data.len();
-        values
-            .iter()
-            .for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
+        values.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
         header.insert(
             format!("{id}/{}", keys[k]),
             json!({"dtype": "F32", "shape": layout.tensors()[k].shape(), "data_offsets": [start, data.len()]}),
@@ -385,19 +314,11 @@ fn tensors_within_a_probe_may_come_in_any_order() {
     let pack = Pack::open(dir.path()).unwrap();
     for (i, want) in probes.iter().enumerate() {
         let id = ConceptId(i as u32);
-        let got = pack
-            .decode_probe(id, &pack.read_probe(id).unwrap())
-            .unwrap();
+        let got = pack.decode_probe(id, &pack.read_probe(id).unwrap()).unwrap();
         assert_eq!(&got, want, "probe {i} decodes from its own tensor order");
     }
-    assert_ne!(
-        pack.tensor_offsets(ConceptId(0)),
-        pack.layout().canonical_offsets()
-    );
-    assert_eq!(
-        pack.tensor_offsets(ConceptId(1)),
-        pack.layout().canonical_offsets()
-    );
+    assert_ne!(pack.tensor_offsets(ConceptId(0)), pack.layout().canonical_offsets());
+    assert_eq!(pack.tensor_offsets(ConceptId(1)), pack.layout().canonical_offsets());
 }
 
 #[test]

@@ -2,9 +2,7 @@
 //! real headers) must open within a 100 MB memory budget. Its time is measured by the
 //! `pack_open` criterion bench, not here.
 
-use probe_cascade::pack::{
-    write_sparse_pack, ConceptDef, DType, InputNormalization, Pack, PackSpec,
-};
+use probe_cascade::pack::{write_sparse_pack, ConceptDef, DType, InputNormalization, Pack, PackSpec};
 
 fn status_kb(field: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -36,22 +34,8 @@ fn a_100k_concept_pack_opens_within_100_mb() {
     let pack = Pack::open(dir.path()).unwrap();
     let peak_growth_mb = (status_kb("VmHWM:") - before) as f64 / 1024.0;
     assert_eq!(pack.len(), 100_000);
-    assert!(
-        pack.heap_bytes() < 20 << 20,
-        "the open pack holds {} bytes",
-        pack.heap_bytes()
-    );
-    assert!(
-        peak_growth_mb < 100.0,
-        "opening peaked {peak_growth_mb:.1} MB above the baseline"
-    );
+    assert!(pack.heap_bytes() < 20 << 20, "the open pack holds {} bytes", pack.heap_bytes());
+    assert!(peak_growth_mb < 100.0, "opening peaked {peak_growth_mb:.1} MB above the baseline");
     let h = pack.hierarchy();
-    assert_eq!(
-        h.lookup(
-            "Concept99999",
-            h.layer(probe_cascade::pack::ConceptId(99_999))
-        )
-        .map(|c| c.0),
-        Some(99_999)
-    );
+    assert_eq!(h.lookup("Concept99999", h.layer(probe_cascade::pack::ConceptId(99_999))).map(|c| c.0), Some(99_999));
 }

@@ -11,10 +11,7 @@ fn a_pack_written_by_python_opens_and_scores() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join(".venv/bin/python3");
     if !python.exists() {
-        eprintln!(
-            "SKIPPED: {} is missing; `make test` provisions it (scripts/python-env.sh)",
-            python.display()
-        );
+        eprintln!("SKIPPED: {} is missing; `make test` provisions it (scripts/python-env.sh)", python.display());
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -33,8 +30,6 @@ fn a_pack_written_by_python_opens_and_scores() {
     assert_eq!(h.parents(dog), &[1, 2]);
     assert_eq!(h.children(ConceptId(0)), &[1, 2]);
     assert!(pack.verify(|_| {}).is_empty());
-    let w = pack
-        .decode_probe(dog, &pack.read_probe(dog).unwrap())
-        .unwrap();
+    let w = pack.decode_probe(dog, &pack.read_probe(dog).unwrap()).unwrap();
     assert!(w.logit(&[0.5; 24]).is_finite());
 }

@@ -10,11 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "probe-cascade",
-    version,
-    about = "Cascades of concept probes over an LLM's hidden states"
-)]
+#[command(name = "probe-cascade", version, about = "Cascades of concept probes over an LLM's hidden states")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,9 +49,5 @@ pub fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }

@@ -49,18 +49,7 @@ pub enum PackCommand {
 
 pub fn run(cmd: PackCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        PackCommand::Synth {
-            preset,
-            out,
-            seed,
-            concepts,
-            roots,
-            layers,
-            branching,
-            dim,
-            dtype,
-            probes_per_shard,
-        } => {
+        PackCommand::Synth { preset, out, seed, concepts, roots, layers, branching, dim, dtype, probes_per_shard } => {
             let Some(mut p) = SynthParams::preset(&preset) else {
                 bail!("unknown preset `{preset}` (expected demo or tiny)");
             };
@@ -103,22 +92,13 @@ pub fn run(cmd: PackCommand) -> anyhow::Result<ExitCode> {
             let defects = pack.verify(|n| progress.set_position(n as u64));
             progress.finish_and_clear();
             if defects.is_empty() {
-                println!(
-                    "{}: {} probes verified (checksums, shapes, finite values)",
-                    dir.display(),
-                    pack.len()
-                );
+                println!("{}: {} probes verified (checksums, shapes, finite values)", dir.display(), pack.len());
                 Ok(ExitCode::SUCCESS)
             } else {
                 for d in &defects {
                     println!("defect: {d}");
                 }
-                println!(
-                    "{}: {} of {} probes are defective",
-                    dir.display(),
-                    defects.len(),
-                    pack.len()
-                );
+                println!("{}: {} of {} probes are defective", dir.display(), defects.len(), pack.len());
                 Ok(ExitCode::FAILURE)
             }
         }
@@ -144,16 +124,9 @@ fn inspect(pack: &Pack) {
     println!("layer  concepts  parents  children/parent (mean, max)  leaves");
     for layer in 0..h.layer_count() as u16 {
         let members = h.layer_members(layer);
-        let kids: Vec<usize> = members
-            .iter()
-            .map(|&c| h.children(ConceptId(c)).len())
-            .collect();
+        let kids: Vec<usize> = members.iter().map(|&c| h.children(ConceptId(c)).len()).collect();
         let parents = kids.iter().filter(|&&k| k > 0).count();
-        let mean = if parents == 0 {
-            0.0
-        } else {
-            kids.iter().sum::<usize>() as f64 / parents as f64
-        };
+        let mean = if parents == 0 { 0.0 } else { kids.iter().sum::<usize>() as f64 / parents as f64 };
         println!(
             "{layer:>5}  {:>8}  {:>7}  {:>14.2} {:>5}  {:>13}",
             members.len(),

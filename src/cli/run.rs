@@ -35,33 +35,19 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
-    let pack = Arc::new(
-        Pack::open(&args.pack).with_context(|| format!("opening pack {}", args.pack.display()))?,
-    );
+    let pack = Arc::new(Pack::open(&args.pack).with_context(|| format!("opening pack {}", args.pack.display()))?);
     let trace = probe_cascade::npy::read(&args.trace)?;
     let mut engine = build_engine(args.engine, pack.clone(), &config)?;
     let tokens = args.tokens.unwrap_or(trace.rows).min(trace.rows);
-    println!(
-        "{} engine, {} tokens, config {}",
-        engine.name(),
-        tokens,
-        args.config.display()
-    );
-    println!(
-        "{:>6} {:>9} {:>9} {:>7} {:>9} {:>7}  top",
-        "token", "ms", "children", "loaded", "unloaded", "active"
-    );
+    println!("{} engine, {} tokens, config {}", engine.name(), tokens, args.config.display());
+    println!("{:>6} {:>9} {:>9} {:>7} {:>9} {:>7}  top", "token", "ms", "children", "loaded", "unloaded", "active");
     let mut reports: Vec<TokenReport> = Vec::with_capacity(tokens);
     let mut entries = Vec::with_capacity(tokens);
     for index in 0..tokens {
         match engine.observe(index, trace.row(index)) {
             Ok(r) => {
-                let top: Vec<String> = r
-                    .top
-                    .iter()
-                    .take(args.show_top)
-                    .map(|e| format!("{}@{} {:.2}", e.name, e.layer, e.prob))
-                    .collect();
+                let top: Vec<String> =
+                    r.top.iter().take(args.show_top).map(|e| format!("{}@{} {:.2}", e.name, e.layer, e.prob)).collect();
                 println!(
                     "{:>6} {:>9.2} {:>9} {:>7} {:>9} {:>7}  {}",
                     index,
@@ -124,10 +110,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn summary_json(reports: &[TokenReport], final_active: usize, errors: usize) -> serde_json::Value {
-    let mut ms: Vec<f64> = reports
-        .iter()
-        .map(|r| r.elapsed.as_secs_f64() * 1e3)
-        .collect();
+    let mut ms: Vec<f64> = reports.iter().map(|r| r.elapsed.as_secs_f64() * 1e3).collect();
     ms.sort_by(f64::total_cmp);
     let n = reports.len().max(1) as f64;
     let mut stages = StageTimings::default();
@@ -177,29 +160,15 @@ fn print_summary(s: &serde_json::Value) {
         s["skipped_by_cap"]
     );
     let st = &s["stage_totals_ms"];
-    let total: f64 = [
-        "initial_scoring",
-        "expansion_lookup",
-        "loading",
-        "new_scoring",
-        "pruning",
-        "sorting",
-    ]
-    .iter()
-    .map(|k| st[k].as_f64().unwrap_or(0.0))
-    .sum::<f64>()
-    .max(1e-9);
-    let parts: Vec<String> = [
-        "initial_scoring",
-        "expansion_lookup",
-        "loading",
-        "new_scoring",
-        "pruning",
-        "sorting",
-    ]
-    .iter()
-    .map(|k| format!("{k} {:.0}%", 100.0 * st[*k].as_f64().unwrap_or(0.0) / total))
-    .collect();
+    let total: f64 = ["initial_scoring", "expansion_lookup", "loading", "new_scoring", "pruning", "sorting"]
+        .iter()
+        .map(|k| st[k].as_f64().unwrap_or(0.0))
+        .sum::<f64>()
+        .max(1e-9);
+    let parts: Vec<String> = ["initial_scoring", "expansion_lookup", "loading", "new_scoring", "pruning", "sorting"]
+        .iter()
+        .map(|k| format!("{k} {:.0}%", 100.0 * st[*k].as_f64().unwrap_or(0.0) / total))
+        .collect();
     println!("time by stage: {}", parts.join(", "));
 }
 

@@ -25,27 +25,15 @@ pub enum TraceCommand {
 
 pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        TraceCommand::Synth {
-            pack,
-            tokens,
-            out,
-            seed,
-        } => {
+        TraceCommand::Synth { pack, tokens, out, seed } => {
             let pack = Pack::open(&pack).context("opening the pack")?;
             let progress = bar(pack.len(), "geometry");
             let geometry = concept_geometry(&pack, |n| progress.set_position(n as u64))?;
             progress.finish_and_clear();
-            let params = TraceParams {
-                tokens,
-                seed,
-                ..TraceParams::default()
-            };
+            let params = TraceParams { tokens, seed, ..TraceParams::default() };
             let trace = synth_trace(&pack, &geometry, &params);
             probe_cascade::npy::write(&out, &trace)?;
-            let unreachable = geometry
-                .iter()
-                .filter(|g| g.firing_strength.is_none())
-                .count();
+            let unreachable = geometry.iter().filter(|g| g.firing_strength.is_none()).count();
             println!(
                 "wrote {} ({} tokens × D={}){}",
                 out.display(),

@@ -6,9 +6,7 @@ use std::time::Instant;
 
 use tracing::debug_span;
 
-use super::{
-    BackendError, Engine, EngineError, ProbeBackend, ReportEntry, StageTimings, TokenReport,
-};
+use super::{BackendError, Engine, EngineError, ProbeBackend, ReportEntry, StageTimings, TokenReport};
 use crate::config::{CascadeConfig, Expansion, Normalization};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::{self, ConceptSet, Scored};
@@ -23,11 +21,7 @@ pub struct CascadeEngine<B> {
 }
 
 impl<B: ProbeBackend> CascadeEngine<B> {
-    pub fn new(
-        pack: Arc<Pack>,
-        config: &CascadeConfig,
-        mut backend: B,
-    ) -> Result<Self, EngineError> {
+    pub fn new(pack: Arc<Pack>, config: &CascadeConfig, mut backend: B) -> Result<Self, EngineError> {
         let h = pack.hierarchy();
         let mut base = ConceptSet::with_capacity(h.len());
         for &layer in &config.base_layers {
@@ -51,34 +45,17 @@ impl<B: ProbeBackend> CascadeEngine<B> {
         }
         let ids: Vec<ConceptId> = base.iter().collect();
         backend.load(&ids).map_err(EngineError::BaseLoad)?;
-        let normalization = config
-            .normalization
-            .unwrap_or_else(|| pack.input_normalization().into());
-        Ok(Self {
-            config: config.clone(),
-            normalization,
-            backend,
-            active: base.clone(),
-            base,
-            pack,
-        })
+        let normalization = config.normalization.unwrap_or_else(|| pack.input_normalization().into());
+        Ok(Self { config: config.clone(), normalization, backend, active: base.clone(), base, pack })
     }
 
     fn prepare_hidden(&self, token: usize, hidden: &[f32]) -> Result<Vec<f32>, EngineError> {
         let expected = self.pack.hidden_dim();
         if hidden.len() != expected {
-            return Err(EngineError::Width {
-                token,
-                got: hidden.len(),
-                expected,
-            });
+            return Err(EngineError::Width { token, got: hidden.len(), expected });
         }
         if let Some((index, &value)) = hidden.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(EngineError::NonFinite {
-                token,
-                index,
-                value,
-            });
+            return Err(EngineError::NonFinite { token, index, value });
         }
         Ok(match self.normalization {
             Normalization::None => hidden.to_vec(),
@@ -95,11 +72,7 @@ impl<B: ProbeBackend> CascadeEngine<B> {
         let t = Instant::now();
         let initial: Vec<ConceptId> = self.active.iter().collect();
         let logits = self.backend.score(&initial, h)?;
-        let mut scored: Vec<Scored> = initial
-            .iter()
-            .zip(logits)
-            .map(|(&id, logit)| Scored { id, logit })
-            .collect();
+        let mut scored: Vec<Scored> = initial.iter().zip(logits).map(|(&id, logit)| Scored { id, logit }).collect();
         stages.initial_scoring += t.elapsed();
 
         let hierarchy = self.pack.hierarchy();
@@ -113,21 +86,12 @@ impl<B: ProbeBackend> CascadeEngine<B> {
             let t = Instant::now();
             let room = self.config.max_loaded.saturating_sub(self.active.len());
             let plan = match self.config.expansion {
-                Expansion::Threshold { load_threshold } => Some(policy::threshold_expansion(
-                    hierarchy,
-                    &scored,
-                    &self.active,
-                    load_threshold,
-                    room,
-                )),
-                Expansion::Decompose { top_k, .. } => policy::decompose_round(
-                    hierarchy,
-                    &scored,
-                    &decomposed,
-                    &self.active,
-                    top_k,
-                    room,
-                ),
+                Expansion::Threshold { load_threshold } => {
+                    Some(policy::threshold_expansion(hierarchy, &scored, &self.active, load_threshold, room))
+                }
+                Expansion::Decompose { top_k, .. } => {
+                    policy::decompose_round(hierarchy, &scored, &decomposed, &self.active, top_k, room)
+                }
             };
             stages.expansion_lookup += t.elapsed();
             let Some(plan) = plan else { break };
@@ -148,24 +112,15 @@ impl<B: ProbeBackend> CascadeEngine<B> {
             stages.loading += t.elapsed();
             let t = Instant::now();
             let logits = self.backend.score(&plan.activate, h)?;
-            scored.extend(
-                plan.activate
-                    .iter()
-                    .zip(logits)
-                    .map(|(&id, logit)| Scored { id, logit }),
-            );
+            scored.extend(plan.activate.iter().zip(logits).map(|(&id, logit)| Scored { id, logit }));
             stages.new_scoring += t.elapsed();
         }
 
         let t = Instant::now();
         // Every active probe was scored this token, so `scored` is the active set with scores.
         debug_assert_eq!(scored.len(), self.active.len());
-        let dropped = policy::prune(
-            &self.config.pruning,
-            &scored,
-            |id| self.base.contains(id),
-            self.config.max_loaded,
-        );
+        let is_base = |id| self.base.contains(id);
+        let dropped = policy::prune(&self.config.pruning, &scored, is_base, self.config.max_loaded, skipped_by_cap);
         self.backend.unload(&dropped);
         dropped.iter().for_each(|&id| {
             self.active.remove(id);
@@ -185,13 +140,7 @@ impl<B: ProbeBackend> CascadeEngine<B> {
             })
             .collect();
         stages.sorting += t.elapsed();
-        Ok(TokenOutcome {
-            top,
-            children,
-            skipped_by_cap,
-            unloaded: dropped.len(),
-            scored: scored.len(),
-        })
+        Ok(TokenOutcome { top, children, skipped_by_cap, unloaded: dropped.len(), scored: scored.len() })
     }
 }
 
@@ -250,9 +199,7 @@ pub fn layer_norm(x: &[f32]) -> Vec<f32> {
     let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
     let inv = 1.0 / (var + 1e-5).sqrt();
-    x.iter()
-        .map(|&v| ((v as f64 - mean) * inv) as f32)
-        .collect()
+    x.iter().map(|&v| ((v as f64 - mean) * inv) as f32).collect()
 }
 
 #[cfg(test)]

@@ -38,20 +38,10 @@ pub enum BackendError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error(
-        "token {token}: the hidden state has {got} values but the pack's probes read D={expected}"
-    )]
-    Width {
-        token: usize,
-        got: usize,
-        expected: usize,
-    },
+    #[error("token {token}: the hidden state has {got} values but the pack's probes read D={expected}")]
+    Width { token: usize, got: usize, expected: usize },
     #[error("token {token}: hidden state value [{index}] is {value}")]
-    NonFinite {
-        token: usize,
-        index: usize,
-        value: f32,
-    },
+    NonFinite { token: usize, index: usize, value: f32 },
     #[error("token {token}: {source}")]
     Backend {
         token: usize,
@@ -146,11 +136,7 @@ pub enum EngineKind {
 }
 
 /// Builds an engine for `pack` from `config`, loading the base layer.
-pub fn build_engine(
-    kind: EngineKind,
-    pack: Arc<Pack>,
-    config: &Config,
-) -> Result<Box<dyn Engine>, EngineError> {
+pub fn build_engine(kind: EngineKind, pack: Arc<Pack>, config: &Config) -> Result<Box<dyn Engine>, EngineError> {
     let device = tensors::open_device(&config.device)?;
     let compute = tensors::kind_of(config.device.compute_dtype);
     Ok(match kind {

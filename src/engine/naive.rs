@@ -23,12 +23,7 @@ pub struct NaiveBackend {
 
 impl NaiveBackend {
     pub fn new(pack: Arc<Pack>, device: Device, compute: Kind) -> Self {
-        Self {
-            pack,
-            device,
-            compute,
-            loaded: HashMap::new(),
-        }
+        Self { pack, device, compute, loaded: HashMap::new() }
     }
 }
 

@@ -20,12 +20,7 @@ pub struct ReferenceBackend {
 
 impl ReferenceBackend {
     pub fn new(pack: Arc<Pack>, device: Device, compute: Kind) -> Self {
-        Self {
-            pack,
-            device,
-            compute,
-            loaded: HashMap::new(),
-        }
+        Self { pack, device, compute, loaded: HashMap::new() }
     }
 }
 
@@ -38,13 +33,8 @@ impl ProbeBackend for ReferenceBackend {
         for &id in ids {
             let bytes = self.pack.read_probe(id)?;
             let layout = self.pack.layout();
-            let probe = ProbeTensors::from_bytes(
-                &layout,
-                &self.pack.tensor_offsets(id),
-                &bytes,
-                self.device,
-                self.compute,
-            )?;
+            let probe =
+                ProbeTensors::from_bytes(&layout, &self.pack.tensor_offsets(id), &bytes, self.device, self.compute)?;
             self.loaded.insert(id, probe);
         }
         Ok(())
@@ -60,29 +50,15 @@ impl ProbeBackend for ReferenceBackend {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let probes: Vec<&ProbeTensors> = ids
-            .iter()
-            .map(|id| self.loaded.get(id).ok_or(BackendError::NotLoaded(*id)))
-            .collect::<Result<_, _>>()?;
-        let stack = |f: &dyn Fn(&ProbeTensors) -> &Tensor| {
-            Tensor::f_stack(&probes.iter().map(|p| f(p)).collect::<Vec<_>>(), 0)
-        };
+        let probes: Vec<&ProbeTensors> =
+            ids.iter().map(|id| self.loaded.get(id).ok_or(BackendError::NotLoaded(*id))).collect::<Result<_, _>>()?;
+        let stack =
+            |f: &dyn Fn(&ProbeTensors) -> &Tensor| Tensor::f_stack(&probes.iter().map(|p| f(p)).collect::<Vec<_>>(), 0);
         let s = ids.len() as i64;
-        let x = hidden_column(hidden, self.device, self.compute)?
-            .f_unsqueeze(0)?
-            .f_expand([s, -1, 1], false)?;
-        let a1 = stack(&|p| &p.b1)?
-            .f_unsqueeze(2)?
-            .f_baddbmm(&stack(&|p| &p.w1)?, &x, 1, 1)?
-            .f_relu()?;
-        let a2 = stack(&|p| &p.b2)?
-            .f_unsqueeze(2)?
-            .f_baddbmm(&stack(&|p| &p.w2)?, &a1, 1, 1)?
-            .f_relu()?;
-        let logits =
-            stack(&|p| &p.b3)?
-                .f_unsqueeze(2)?
-                .f_baddbmm(&stack(&|p| &p.w3)?, &a2, 1, 1)?;
+        let x = hidden_column(hidden, self.device, self.compute)?.f_unsqueeze(0)?.f_expand([s, -1, 1], false)?;
+        let a1 = stack(&|p| &p.b1)?.f_unsqueeze(2)?.f_baddbmm(&stack(&|p| &p.w1)?, &x, 1, 1)?.f_relu()?;
+        let a2 = stack(&|p| &p.b2)?.f_unsqueeze(2)?.f_baddbmm(&stack(&|p| &p.w2)?, &a1, 1, 1)?.f_relu()?;
+        let logits = stack(&|p| &p.b3)?.f_unsqueeze(2)?.f_baddbmm(&stack(&|p| &p.w3)?, &a2, 1, 1)?;
         Ok(to_host_f32(&logits)?)
     }
 }

@@ -20,10 +20,7 @@ pub fn open_device(config: &DeviceConfig) -> Result<Device, EngineError> {
         n => n,
     };
     tch::set_num_threads(threads as i32);
-    match config
-        .kind()
-        .map_err(|m| EngineError::Device(format!("device.device {m}")))?
-    {
+    match config.kind().map_err(|m| EngineError::Device(format!("device.device {m}")))? {
         DeviceKind::Cpu => Ok(Device::Cpu),
         DeviceKind::Cuda(n) => {
             let count = tch::Cuda::device_count();
@@ -68,35 +65,17 @@ impl ProbeTensors {
                 .f_to_device(device)
         };
         use crate::pack::layout::{B1, B2, B3, W1, W2, W3};
-        Ok(Self {
-            w1: make(W1)?,
-            b1: make(B1)?,
-            w2: make(W2)?,
-            b2: make(B2)?,
-            w3: make(W3)?,
-            b3: make(B3)?,
-        })
+        Ok(Self { w1: make(W1)?, b1: make(B1)?, w2: make(W2)?, b2: make(B2)?, w3: make(W3)?, b3: make(B3)? })
     }
 }
 
 /// The hidden state as a [D, 1] column on the device.
-pub fn hidden_column(
-    hidden: &[f32],
-    device: Device,
-    compute: Kind,
-) -> Result<Tensor, tch::TchError> {
-    Tensor::f_from_slice(hidden)?
-        .f_view([hidden.len() as i64, 1])?
-        .f_to_kind(compute)?
-        .f_to_device(device)
+pub fn hidden_column(hidden: &[f32], device: Device, compute: Kind) -> Result<Tensor, tch::TchError> {
+    Tensor::f_from_slice(hidden)?.f_view([hidden.len() as i64, 1])?.f_to_kind(compute)?.f_to_device(device)
 }
 
 /// Copies a small float tensor back to the host as f32.
 pub fn to_host_f32(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
-    let t = t
-        .f_to_kind(Kind::Float)?
-        .f_to_device(Device::Cpu)?
-        .f_contiguous()?
-        .f_view([-1])?;
+    let t = t.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?.f_view([-1])?;
     Vec::<f32>::try_from(&t)
 }

@@ -19,61 +19,21 @@ pub enum PackError {
     #[error("{path}: {reason}")]
     Unsupported { path: PathBuf, reason: String },
     #[error("{path}: concept {concept}: {reason}")]
-    BadConcept {
-        path: PathBuf,
-        concept: String,
-        reason: String,
-    },
+    BadConcept { path: PathBuf, concept: String, reason: String },
     #[error("{path}: concept {concept} refers to {relation} id {target}, which does not exist")]
-    Dangling {
-        path: PathBuf,
-        concept: String,
-        relation: &'static str,
-        target: u32,
-    },
+    Dangling { path: PathBuf, concept: String, relation: &'static str, target: u32 },
     #[error("{path}: duplicate concept key {key}: ids {first} and {second}")]
-    DuplicateKey {
-        path: PathBuf,
-        key: String,
-        first: u32,
-        second: u32,
-    },
+    DuplicateKey { path: PathBuf, key: String, first: u32, second: u32 },
     #[error("{path}: the hierarchy has a cycle through concept {concept}: {cycle}")]
-    Cycle {
-        path: PathBuf,
-        concept: String,
-        cycle: String,
-    },
+    Cycle { path: PathBuf, concept: String, cycle: String },
     #[error("{path}: concept {concept}: tensor {tensor}: {reason}")]
-    BadTensor {
-        path: PathBuf,
-        concept: String,
-        tensor: String,
-        reason: String,
-    },
+    BadTensor { path: PathBuf, concept: String, tensor: String, reason: String },
     #[error("{path}: concept {concept}: weights at bytes {start}..{end} but the file has {size} bytes (truncated)")]
-    Truncated {
-        path: PathBuf,
-        concept: String,
-        start: u64,
-        end: u64,
-        size: u64,
-    },
+    Truncated { path: PathBuf, concept: String, start: u64, end: u64, size: u64 },
     #[error("{path}: concept {concept}: checksum mismatch (manifest crc32 {expected:08x}, data {actual:08x})")]
-    Checksum {
-        path: PathBuf,
-        concept: String,
-        expected: u32,
-        actual: u32,
-    },
+    Checksum { path: PathBuf, concept: String, expected: u32, actual: u32 },
     #[error("{path}: concept {concept}: weight {tensor}[{index}] is {value}, not finite")]
-    NonFinite {
-        path: PathBuf,
-        concept: String,
-        tensor: &'static str,
-        index: usize,
-        value: f32,
-    },
+    NonFinite { path: PathBuf, concept: String, tensor: &'static str, index: usize, value: f32 },
     #[error("{path}: bad safetensors header: {reason}")]
     Header { path: PathBuf, reason: String },
     #[error("no concept {0} in the pack")]
@@ -82,9 +42,6 @@ pub enum PackError {
 
 impl PackError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        PackError::Io {
-            path: path.into(),
-            source,
-        }
+        PackError::Io { path: path.into(), source }
     }
 }

@@ -39,10 +39,7 @@ impl Hierarchy {
     pub fn build(concepts: &[ConceptEntry], manifest: &Path) -> Result<Self, PackError> {
         let n = concepts.len();
         if n > u32::MAX as usize / 2 {
-            return Err(PackError::Unsupported {
-                path: manifest.into(),
-                reason: format!("{n} concepts is too many"),
-            });
+            return Err(PackError::Unsupported { path: manifest.into(), reason: format!("{n} concepts is too many") });
         }
         let mut h = Hierarchy {
             names: String::with_capacity(concepts.iter().map(|c| c.name.len()).sum()),
@@ -135,11 +132,7 @@ impl Hierarchy {
                 layer: d.layer,
                 parents: d.parents.clone(),
                 children,
-                weights: WeightsRef {
-                    shard: 0,
-                    offset: 0,
-                    length: 0,
-                },
+                weights: WeightsRef { shard: 0, offset: 0, length: 0 },
                 crc32: 0,
             })
             .collect();
@@ -160,11 +153,7 @@ impl Hierarchy {
 
     pub fn name(&self, id: ConceptId) -> &str {
         let i = id.index();
-        let start = if i == 0 {
-            0
-        } else {
-            self.name_ends[i - 1] as usize
-        };
+        let start = if i == 0 { 0 } else { self.name_ends[i - 1] as usize };
         &self.names[start..self.name_ends[i] as usize]
     }
 
@@ -240,13 +229,7 @@ impl Hierarchy {
             .iter()
             .zip(&up)
             .find(|(a, b)| a != b)
-            .map(|(a, b)| {
-                if a < b {
-                    (*a, "children", "parents")
-                } else {
-                    (*b, "parents", "children")
-                }
-            })
+            .map(|(a, b)| if a < b { (*a, "children", "parents") } else { (*b, "parents", "children") })
             .or_else(|| match down.len().cmp(&up.len()) {
                 std::cmp::Ordering::Greater => Some((down[up.len()], "children", "parents")),
                 std::cmp::Ordering::Less => Some((up[down.len()], "parents", "children")),
@@ -266,12 +249,7 @@ impl Hierarchy {
     }
 
     fn index_by_layer(&mut self) {
-        let layers = self
-            .layers
-            .iter()
-            .map(|&l| l as usize + 1)
-            .max()
-            .unwrap_or(0);
+        let layers = self.layers.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
         let mut counts = vec![0u32; layers + 1];
         for &l in &self.layers {
             counts[l as usize + 1] += 1;
@@ -313,12 +291,8 @@ impl Hierarchy {
     /// parents from there inside the leftover set must close a loop, which the error spells out.
     fn check_acyclic(&self, manifest: &Path) -> Result<(), PackError> {
         let n = self.len();
-        let mut indegree: Vec<u32> = (0..n)
-            .map(|i| self.parents(ConceptId(i as u32)).len() as u32)
-            .collect();
-        let mut queue: Vec<u32> = (0..n as u32)
-            .filter(|&i| indegree[i as usize] == 0)
-            .collect();
+        let mut indegree: Vec<u32> = (0..n).map(|i| self.parents(ConceptId(i as u32)).len() as u32).collect();
+        let mut queue: Vec<u32> = (0..n as u32).filter(|&i| indegree[i as usize] == 0).collect();
         let mut ordered = 0;
         while let Some(p) = queue.pop() {
             ordered += 1;
@@ -332,9 +306,7 @@ impl Hierarchy {
         if ordered == n {
             return Ok(());
         }
-        let start = (0..n)
-            .find(|&i| indegree[i] > 0)
-            .expect("some concept is left unordered");
+        let start = (0..n).find(|&i| indegree[i] > 0).expect("some concept is left unordered");
         let mut seen_at = vec![usize::MAX; n];
         let mut path = vec![start as u32];
         let mut cur = start as u32;
@@ -348,11 +320,7 @@ impl Hierarchy {
                 .expect("leftover concept has a leftover parent");
             if seen_at[next as usize] != usize::MAX {
                 let cycle = &path[seen_at[next as usize]..];
-                let mut names: Vec<String> = cycle
-                    .iter()
-                    .rev()
-                    .map(|&c| self.label(ConceptId(c)))
-                    .collect();
+                let mut names: Vec<String> = cycle.iter().rev().map(|&c| self.label(ConceptId(c))).collect();
                 names.push(self.label(ConceptId(cycle[cycle.len() - 1])));
                 return Err(PackError::Cycle {
                     path: manifest.into(),

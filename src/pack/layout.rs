@@ -99,14 +99,8 @@ pub const W3: usize = 5;
 
 impl ProbeLayout {
     /// The state_dict keys, in layout order.
-    pub const KEYS: [&'static str; 6] = [
-        "net.0.bias",
-        "net.0.weight",
-        "net.3.bias",
-        "net.3.weight",
-        "net.6.bias",
-        "net.6.weight",
-    ];
+    pub const KEYS: [&'static str; 6] =
+        ["net.0.bias", "net.0.weight", "net.3.bias", "net.3.weight", "net.6.bias", "net.6.weight"];
 
     pub fn new(hidden_dim: usize, dtype: DType) -> Self {
         Self { hidden_dim, dtype }
@@ -115,36 +109,12 @@ impl ProbeLayout {
     pub fn tensors(&self) -> [TensorSlot; 6] {
         let d = self.hidden_dim;
         [
-            TensorSlot {
-                key: "net.0.bias",
-                rows: HIDDEN1,
-                cols: 0,
-            },
-            TensorSlot {
-                key: "net.0.weight",
-                rows: HIDDEN1,
-                cols: d,
-            },
-            TensorSlot {
-                key: "net.3.bias",
-                rows: HIDDEN2,
-                cols: 0,
-            },
-            TensorSlot {
-                key: "net.3.weight",
-                rows: HIDDEN2,
-                cols: HIDDEN1,
-            },
-            TensorSlot {
-                key: "net.6.bias",
-                rows: 1,
-                cols: 0,
-            },
-            TensorSlot {
-                key: "net.6.weight",
-                rows: 1,
-                cols: HIDDEN2,
-            },
+            TensorSlot { key: "net.0.bias", rows: HIDDEN1, cols: 0 },
+            TensorSlot { key: "net.0.weight", rows: HIDDEN1, cols: d },
+            TensorSlot { key: "net.3.bias", rows: HIDDEN2, cols: 0 },
+            TensorSlot { key: "net.3.weight", rows: HIDDEN2, cols: HIDDEN1 },
+            TensorSlot { key: "net.6.bias", rows: 1, cols: 0 },
+            TensorSlot { key: "net.6.weight", rows: 1, cols: HIDDEN2 },
         ]
     }
 
@@ -210,19 +180,10 @@ impl ProbeWeights {
         out.clear();
         out.reserve(layout.byte_len());
         for (values, slot) in self.in_layout_order().into_iter().zip(layout.tensors()) {
-            assert_eq!(
-                values.len(),
-                slot.numel(),
-                "{} has the wrong length",
-                slot.key
-            );
+            assert_eq!(values.len(), slot.numel(), "{} has the wrong length", slot.key);
             match layout.dtype {
-                DType::F32 => values
-                    .iter()
-                    .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-                DType::Bf16 => values
-                    .iter()
-                    .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+                DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+                DType::Bf16 => values.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
             }
         }
     }
@@ -237,14 +198,7 @@ impl ProbeWeights {
             return None;
         }
         let read = |i: usize| decode_values(layout.dtype, &bytes[ranges[i].clone()]);
-        Some(Self {
-            b1: read(B1),
-            w1: read(W1),
-            b2: read(B2),
-            w2: read(W2),
-            b3: read(B3),
-            w3: read(W3),
-        })
+        Some(Self { b1: read(B1), w1: read(W1), b2: read(B2), w2: read(W2), b3: read(B3), w3: read(W3) })
     }
 
     /// Plain f32 forward pass: the logit. Used by synthesis and as an independent check on tch.
@@ -266,14 +220,8 @@ impl ProbeWeights {
 
 pub fn decode_values(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     match dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::Bf16 => bytes
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::Bf16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
     }
 }
 
@@ -321,14 +269,7 @@ mod tests {
     fn encode_decode_round_trip_bf16_rounds() {
         let layout = ProbeLayout::new(4, DType::Bf16);
         let n = |k: usize| (0..k).map(|i| i as f32 * 0.37 - 1.0).collect::<Vec<_>>();
-        let w = ProbeWeights {
-            w1: n(512),
-            b1: n(128),
-            w2: n(8192),
-            b2: n(64),
-            w3: n(64),
-            b3: n(1),
-        };
+        let w = ProbeWeights { w1: n(512), b1: n(128), w2: n(8192), b2: n(64), w3: n(64), b3: n(1) };
         let mut bytes = Vec::new();
         w.encode_into(&layout, &mut bytes);
         assert_eq!(bytes.len(), layout.byte_len());

@@ -53,21 +53,12 @@ impl Pack {
         let dir = dir.as_ref().to_path_buf();
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = std::fs::read(&manifest_path).map_err(|e| PackError::io(&manifest_path, e))?;
-        let manifest: Manifest =
-            serde_json::from_slice(&text).map_err(|source| PackError::ManifestSyntax {
-                path: manifest_path.clone(),
-                source,
-            })?;
+        let manifest: Manifest = serde_json::from_slice(&text)
+            .map_err(|source| PackError::ManifestSyntax { path: manifest_path.clone(), source })?;
         drop(text);
-        let unsupported = |reason: String| PackError::Unsupported {
-            path: manifest_path.clone(),
-            reason,
-        };
+        let unsupported = |reason: String| PackError::Unsupported { path: manifest_path.clone(), reason };
         if manifest.format != FORMAT_NAME {
-            return Err(unsupported(format!(
-                "format is `{}`, expected `{FORMAT_NAME}`",
-                manifest.format
-            )));
+            return Err(unsupported(format!("format is `{}`, expected `{FORMAT_NAME}`", manifest.format)));
         }
         if manifest.format_version != FORMAT_VERSION {
             return Err(unsupported(format!(
@@ -83,17 +74,12 @@ impl Pack {
             )));
         }
         if manifest.hidden_dim == 0 || manifest.hidden_dim > 1 << 20 {
-            return Err(unsupported(format!(
-                "hidden_dim {} is out of range 1..=1048576",
-                manifest.hidden_dim
-            )));
+            return Err(unsupported(format!("hidden_dim {} is out of range 1..=1048576", manifest.hidden_dim)));
         }
         for s in &manifest.shards {
             let p = Path::new(s);
             if s.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
-                return Err(unsupported(format!(
-                    "shard path `{s}` must be relative, inside the pack"
-                )));
+                return Err(unsupported(format!("shard path `{s}` must be relative, inside the pack")));
             }
         }
         let hierarchy = Hierarchy::build(&manifest.concepts, &manifest_path)?;
@@ -107,20 +93,11 @@ impl Pack {
                 return Err(PackError::BadConcept {
                     path: manifest_path.clone(),
                     concept: hierarchy.label(ConceptId(c.id)),
-                    reason: format!(
-                        "shard {} does not exist ({} shards)",
-                        w.shard,
-                        manifest.shards.len()
-                    ),
+                    reason: format!("shard {} does not exist ({} shards)", w.shard, manifest.shards.len()),
                 });
             };
             list.push(c.id);
-            locations.push(ProbeLocation {
-                shard: w.shard,
-                offset: w.offset,
-                length: w.length,
-                crc32: c.crc32,
-            });
+            locations.push(ProbeLocation { shard: w.shard, offset: w.offset, length: w.length, crc32: c.crc32 });
         }
         let mut tensor_offsets = vec![layout.canonical_offsets(); locations.len()];
         let mut shards = Vec::with_capacity(manifest.shards.len());
@@ -132,17 +109,10 @@ impl Pack {
             for &id in ids {
                 let loc = locations[id as usize];
                 let label = || hierarchy.label(ConceptId(id));
-                tensor_offsets[id as usize] =
-                    header.check_probe(&path, &label, id, &layout, loc.offset, loc.length)?;
+                tensor_offsets[id as usize] = header.check_probe(&path, &label, id, &layout, loc.offset, loc.length)?;
                 let end = loc.offset + loc.length;
                 if end > size {
-                    return Err(PackError::Truncated {
-                        path,
-                        concept: label(),
-                        start: loc.offset,
-                        end,
-                        size,
-                    });
+                    return Err(PackError::Truncated { path, concept: label(), start: loc.offset, end, size });
                 }
             }
             shards.push(ShardFile { path, size });
@@ -200,11 +170,7 @@ impl Pack {
         self.hierarchy.heap_bytes()
             + self.locations.capacity() * std::mem::size_of::<ProbeLocation>()
             + self.tensor_offsets.capacity() * std::mem::size_of::<TensorOffsets>()
-            + self
-                .shards
-                .iter()
-                .map(|s| s.path.as_os_str().len() + std::mem::size_of::<ShardFile>())
-                .sum::<usize>()
+            + self.shards.iter().map(|s| s.path.as_os_str().len() + std::mem::size_of::<ShardFile>()).sum::<usize>()
     }
 
     /// Reads one probe's bytes with a single positioned read and checks its CRC.
@@ -217,26 +183,20 @@ impl Pack {
     }
 
     /// Like [`Pack::read_probe`] into a reused buffer, from an already open shard file.
-    pub fn read_probe_from(
-        &self,
-        file: &File,
-        id: ConceptId,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), PackError> {
+    pub fn read_probe_from(&self, file: &File, id: ConceptId, buf: &mut Vec<u8>) -> Result<(), PackError> {
         let loc = self.location(id);
         let shard = &self.shards[loc.shard as usize];
         buf.resize(loc.length as usize, 0);
-        file.read_exact_at(buf, loc.offset)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => PackError::Truncated {
-                    path: shard.path.clone(),
-                    concept: self.hierarchy.label(id),
-                    start: loc.offset,
-                    end: loc.offset + loc.length,
-                    size: file.metadata().map(|m| m.len()).unwrap_or(0),
-                },
-                _ => PackError::io(&shard.path, e),
-            })?;
+        file.read_exact_at(buf, loc.offset).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => PackError::Truncated {
+                path: shard.path.clone(),
+                concept: self.hierarchy.label(id),
+                start: loc.offset,
+                end: loc.offset + loc.length,
+                size: file.metadata().map(|m| m.len()).unwrap_or(0),
+            },
+            _ => PackError::io(&shard.path, e),
+        })?;
         self.check_crc(id, buf)
     }
 
@@ -257,18 +217,15 @@ impl Pack {
     /// Decodes checked bytes to f32 weights, rejecting NaN and infinities.
     pub fn decode_probe(&self, id: ConceptId, bytes: &[u8]) -> Result<ProbeWeights, PackError> {
         let path = || self.shard_of(id).path.clone();
-        let weights = ProbeWeights::decode(&self.layout, &self.tensor_offsets[id.index()], bytes)
-            .ok_or_else(|| PackError::BadTensor {
-            path: path(),
-            concept: self.hierarchy.label(id),
-            tensor: "(all)".into(),
-            reason: format!("{} bytes, expected {}", bytes.len(), self.layout.byte_len()),
+        let weights = ProbeWeights::decode(&self.layout, &self.tensor_offsets[id.index()], bytes).ok_or_else(|| {
+            PackError::BadTensor {
+                path: path(),
+                concept: self.hierarchy.label(id),
+                tensor: "(all)".into(),
+                reason: format!("{} bytes, expected {}", bytes.len(), self.layout.byte_len()),
+            }
         })?;
-        for (values, slot) in weights
-            .in_layout_order()
-            .into_iter()
-            .zip(self.layout.tensors())
-        {
+        for (values, slot) in weights.in_layout_order().into_iter().zip(self.layout.tensors()) {
             if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
                 return Err(PackError::NonFinite {
                     path: path(),
@@ -288,10 +245,7 @@ impl Pack {
         let mut buf = Vec::new();
         let mut done = 0;
         for (shard_index, shard) in self.shards.iter().enumerate() {
-            let ids = self
-                .hierarchy
-                .ids()
-                .filter(|id| self.locations[id.index()].shard as usize == shard_index);
+            let ids = self.hierarchy.ids().filter(|id| self.locations[id.index()].shard as usize == shard_index);
             let file = match File::open(&shard.path) {
                 Ok(f) => f,
                 Err(e) => {
@@ -300,10 +254,7 @@ impl Pack {
                 }
             };
             for id in ids {
-                if let Err(e) = self
-                    .read_probe_from(&file, id, &mut buf)
-                    .and_then(|_| self.decode_probe(id, &buf))
-                {
+                if let Err(e) = self.read_probe_from(&file, id, &mut buf).and_then(|_| self.decode_probe(id, &buf)) {
                     defects.push(e);
                 }
                 done += 1;

@@ -52,15 +52,10 @@ impl<'de> Deserialize<'de> for Shape {
                 f.write_str("a tensor shape (list of at most 4 sizes)")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
-                let mut shape = Shape {
-                    dims: [0; 4],
-                    len: 0,
-                };
+                let mut shape = Shape { dims: [0; 4], len: 0 };
                 while let Some(d) = seq.next_element::<usize>()? {
                     if shape.len == 4 {
-                        return Err(serde::de::Error::custom(
-                            "tensor has more than 4 dimensions",
-                        ));
+                        return Err(serde::de::Error::custom("tensor has more than 4 dimensions"));
                     }
                     shape.dims[shape.len] = d;
                     shape.len += 1;
@@ -119,14 +114,7 @@ impl<'de> Deserialize<'de> for Entries {
                             "BF16" => Ok(DType::Bf16),
                             other => Err(other.to_string()),
                         };
-                        tensors.push((
-                            k,
-                            Entry {
-                                dtype,
-                                shape: t.shape,
-                                data_offsets: t.data_offsets,
-                            },
-                        ));
+                        tensors.push((k, Entry { dtype, shape: t.shape, data_offsets: t.data_offsets }));
                     }
                 }
                 Ok(Entries(tensors))
@@ -138,34 +126,23 @@ impl<'de> Deserialize<'de> for Entries {
 
 impl ShardHeader {
     pub fn read(path: &Path, file: &mut File) -> Result<Self, PackError> {
-        let bad = |reason: String| PackError::Header {
-            path: path.into(),
-            reason,
-        };
+        let bad = |reason: String| PackError::Header { path: path.into(), reason };
         let mut len = [0u8; 8];
-        file.read_exact(&mut len)
-            .map_err(|e| bad(format!("cannot read the header length: {e}")))?;
+        file.read_exact(&mut len).map_err(|e| bad(format!("cannot read the header length: {e}")))?;
         let n = u64::from_le_bytes(len);
         if n > MAX_HEADER {
             return Err(bad(format!("header length {n} is over the 100 MB limit")));
         }
         let mut json = vec![0u8; n as usize];
-        file.read_exact(&mut json)
-            .map_err(|e| bad(format!("header of {n} bytes cannot be read: {e}")))?;
-        let Entries(mut tensors) = serde_json::from_slice(&json)
-            .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        file.read_exact(&mut json).map_err(|e| bad(format!("header of {n} bytes cannot be read: {e}")))?;
+        let Entries(mut tensors) =
+            serde_json::from_slice(&json).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
         tensors.sort_unstable_by_key(|(k, _)| *k);
         if let Some(w) = tensors.windows(2).find(|w| w[0].0 == w[1].0) {
             let (id, slot) = w[0].0;
-            return Err(bad(format!(
-                "tensor {id}/{} appears twice",
-                ProbeLayout::KEYS[slot as usize]
-            )));
+            return Err(bad(format!("tensor {id}/{} appears twice", ProbeLayout::KEYS[slot as usize])));
         }
-        Ok(ShardHeader {
-            data_start: 8 + n,
-            tensors,
-        })
+        Ok(ShardHeader { data_start: 8 + n, tensors })
     }
 
     /// Checks that concept `id`'s six tensors exist with the layout's dtype and shapes and
@@ -196,17 +173,9 @@ impl ShardHeader {
             return Err(bad("(all)", reason));
         }
         let mut placed: [(u64, u64, usize); 6] = [(0, 0, 0); 6];
-        for (index, (slot, range)) in layout
-            .tensors()
-            .iter()
-            .zip(layout.byte_ranges())
-            .enumerate()
-        {
+        for (index, (slot, range)) in layout.tensors().iter().zip(layout.byte_ranges()).enumerate() {
             let name = || tensor_name(id, slot.key);
-            let t = match self
-                .tensors
-                .binary_search_by_key(&(id, index as u8), |(k, _)| *k)
-            {
+            let t = match self.tensors.binary_search_by_key(&(id, index as u8), |(k, _)| *k) {
                 Ok(i) => &self.tensors[i].1,
                 Err(_) => return Err(bad(&name(), "missing from the shard header".into())),
             };
@@ -220,29 +189,14 @@ impl ShardHeader {
                     );
                     return Err(bad(&name(), reason));
                 }
-                Err(other) => {
-                    return Err(bad(
-                        &name(),
-                        format!("dtype {other} is not supported (F32 or BF16)"),
-                    ))
-                }
+                Err(other) => return Err(bad(&name(), format!("dtype {other} is not supported (F32 or BF16)"))),
             }
             if t.shape.as_slice() != slot.shape() {
-                return Err(bad(
-                    &name(),
-                    format!(
-                        "shape {:?}, expected {:?}",
-                        t.shape.as_slice(),
-                        slot.shape()
-                    ),
-                ));
+                return Err(bad(&name(), format!("shape {:?}, expected {:?}", t.shape.as_slice(), slot.shape())));
             }
             let (s, e) = t.data_offsets;
             if e.checked_sub(s) != Some(range.len() as u64) {
-                return Err(bad(
-                    &name(),
-                    format!("data_offsets {s}..{e} do not hold {} bytes", range.len()),
-                ));
+                return Err(bad(&name(), format!("data_offsets {s}..{e} do not hold {} bytes", range.len())));
             }
             placed[index] = (self.data_start + s, self.data_start + e, index);
         }
@@ -266,11 +220,7 @@ impl ShardHeader {
 
 /// Writes the header of a shard holding probes `ids` (in order) and returns the absolute file
 /// offset of each probe. The data section follows immediately.
-pub fn write_header(
-    out: &mut impl Write,
-    layout: &ProbeLayout,
-    ids: &[u32],
-) -> std::io::Result<Vec<u64>> {
+pub fn write_header(out: &mut impl Write, layout: &ProbeLayout, ids: &[u32]) -> std::io::Result<Vec<u64>> {
     let probe_len = layout.byte_len() as u64;
     let mut json = String::with_capacity(ids.len() * 6 * 80 + 64);
     json.push_str("{\"__metadata__\":{\"format\":\"pt\"}");
@@ -298,7 +248,5 @@ pub fn write_header(
     out.write_all(&(json.len() as u64).to_le_bytes())?;
     out.write_all(json.as_bytes())?;
     let data_start = 8 + json.len() as u64;
-    Ok((0..ids.len() as u64)
-        .map(|i| data_start + i * probe_len)
-        .collect())
+    Ok((0..ids.len() as u64).map(|i| data_start + i * probe_len).collect())
 }

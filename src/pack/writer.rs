@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use super::error::PackError;
 use super::layout::{DType, ProbeLayout, ProbeWeights};
 use super::manifest::{
-    Architecture, ConceptEntry, InputNormalization, Manifest, WeightsRef, FORMAT_NAME,
-    FORMAT_VERSION, MANIFEST_FILE,
+    Architecture, ConceptEntry, InputNormalization, Manifest, WeightsRef, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
 };
 use super::shard::write_header;
 
@@ -104,11 +103,7 @@ fn write_pack_with(
                 layer: def.layer,
                 parents,
                 children: std::mem::take(&mut children[id as usize]),
-                weights: WeightsRef {
-                    shard: shard_index as u32,
-                    offset,
-                    length: layout.byte_len() as u64,
-                },
+                weights: WeightsRef { shard: shard_index as u32, offset, length: layout.byte_len() as u64 },
                 crc32,
             });
         }
@@ -149,11 +144,7 @@ pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), PackError> 
     text.push_str(",\"concepts\":[\n");
     for (i, c) in manifest.concepts.iter().enumerate() {
         text.push_str(&serde_json::to_string(c).expect("concept entry serializes"));
-        text.push_str(if i + 1 < manifest.concepts.len() {
-            ",\n"
-        } else {
-            "\n"
-        });
+        text.push_str(if i + 1 < manifest.concepts.len() { ",\n" } else { "\n" });
     }
     text.push_str("]}\n");
     out.write_all(text.as_bytes()).map_err(io)?;

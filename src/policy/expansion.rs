@@ -25,17 +25,9 @@ pub fn threshold_expansion(
     load_threshold: f32,
     room: usize,
 ) -> ExpansionPlan {
-    let mut parents: Vec<Scored> = scored
-        .iter()
-        .copied()
-        .filter(|s| s.prob() > load_threshold)
-        .collect();
+    let mut parents: Vec<Scored> = scored.iter().copied().filter(|s| s.prob() > load_threshold).collect();
     parents.sort_by(rank);
-    let parents: Vec<ConceptId> = parents
-        .into_iter()
-        .map(|s| s.id)
-        .filter(|&id| !h.children(id).is_empty())
-        .collect();
+    let parents: Vec<ConceptId> = parents.into_iter().map(|s| s.id).filter(|&id| !h.children(id).is_empty()).collect();
     plan_children(h, parents, active, room)
 }
 
@@ -50,30 +42,18 @@ pub fn decompose_round(
     top_k: usize,
     room: usize,
 ) -> Option<ExpansionPlan> {
-    let mut candidates: Vec<Scored> = scored
-        .iter()
-        .copied()
-        .filter(|s| !decomposed.contains(s.id))
-        .collect();
+    let mut candidates: Vec<Scored> = scored.iter().copied().filter(|s| !decomposed.contains(s.id)).collect();
     candidates.sort_by(rank);
     candidates.truncate(top_k);
-    let parents: Vec<ConceptId> = candidates
-        .into_iter()
-        .map(|s| s.id)
-        .filter(|&id| !h.children(id).is_empty())
-        .collect();
+    let parents: Vec<ConceptId> =
+        candidates.into_iter().map(|s| s.id).filter(|&id| !h.children(id).is_empty()).collect();
     if parents.is_empty() {
         return None;
     }
     Some(plan_children(h, parents, active, room))
 }
 
-fn plan_children(
-    h: &Hierarchy,
-    parents: Vec<ConceptId>,
-    active: &ConceptSet,
-    room: usize,
-) -> ExpansionPlan {
+fn plan_children(h: &Hierarchy, parents: Vec<ConceptId>, active: &ConceptSet, room: usize) -> ExpansionPlan {
     let mut seen = ConceptSet::with_capacity(h.len());
     let mut wanted = Vec::new();
     for &p in &parents {
@@ -86,12 +66,7 @@ fn plan_children(
     }
     let requested = wanted.len();
     wanted.truncate(room);
-    ExpansionPlan {
-        decomposed: parents,
-        requested,
-        skipped_by_cap: requested - wanted.len(),
-        activate: wanted,
-    }
+    ExpansionPlan { decomposed: parents, requested, skipped_by_cap: requested - wanted.len(), activate: wanted }
 }
 
 #[cfg(test)]
@@ -118,22 +93,10 @@ mod tests {
         assert_eq!(ids(&plan.decomposed), vec![0]);
         // Exactly at the threshold does not fire.
         let at = (0.3f32 / 0.7).ln();
-        let plan = threshold_expansion(
-            &h,
-            &[s(0, at)],
-            &active(&[0, 1]),
-            super::super::sigmoid(at),
-            100,
-        );
+        let plan = threshold_expansion(&h, &[s(0, at)], &active(&[0, 1]), super::super::sigmoid(at), 100);
         assert!(plan.activate.is_empty());
         // X has two firing parents (A1, B1) but is requested once; active children are skipped.
-        let plan = threshold_expansion(
-            &h,
-            &[s(2, 3.0), s(4, 2.0)],
-            &active(&[0, 1, 2, 4, 5]),
-            0.3,
-            100,
-        );
+        let plan = threshold_expansion(&h, &[s(2, 3.0), s(4, 2.0)], &active(&[0, 1, 2, 4, 5]), 0.3, 100);
         assert_eq!(ids(&plan.activate), vec![6]);
         assert_eq!(plan.requested, 1);
     }
@@ -164,15 +127,7 @@ mod tests {
         assert_eq!(ids(&plan.decomposed), vec![1]);
         assert_eq!(ids(&plan.activate), vec![4]);
         // Once B is decomposed, the next round takes A, even with low scores (no threshold).
-        let plan = decompose_round(
-            &h,
-            &[s(0, -5.0), s(1, 2.0)],
-            &active(&[1]),
-            &active(&[0, 1, 4]),
-            1,
-            100,
-        )
-        .unwrap();
+        let plan = decompose_round(&h, &[s(0, -5.0), s(1, 2.0)], &active(&[1]), &active(&[0, 1, 4]), 1, 100).unwrap();
         assert_eq!(ids(&plan.decomposed), vec![0]);
         assert_eq!(ids(&plan.activate), vec![2, 3]);
     }
@@ -183,10 +138,7 @@ mod tests {
         let none = ConceptSet::with_capacity(7);
         // The best two are leaves (A2, A1x): with top_k = 2 nothing is decomposed: stop.
         let scored = [s(3, 4.0), s(5, 3.0), s(0, 1.0)];
-        assert_eq!(
-            decompose_round(&h, &scored, &none, &active(&[0, 3, 5]), 2, 100),
-            None
-        );
+        assert_eq!(decompose_round(&h, &scored, &none, &active(&[0, 3, 5]), 2, 100), None);
         // With top_k = 3 the parent A is among them; leaves in the top_k are not decomposed.
         let plan = decompose_round(&h, &scored, &none, &active(&[0, 3, 5]), 3, 100).unwrap();
         assert_eq!(ids(&plan.decomposed), vec![0]);

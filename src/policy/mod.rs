@@ -46,15 +46,10 @@ pub struct ConceptSet {
 
 impl ConceptSet {
     pub fn with_capacity(concepts: usize) -> Self {
-        Self {
-            bits: vec![0; concepts.div_ceil(64)],
-            len: 0,
-        }
+        Self { bits: vec![0; concepts.div_ceil(64)], len: 0 }
     }
     pub fn contains(&self, id: ConceptId) -> bool {
-        self.bits
-            .get(id.index() / 64)
-            .is_some_and(|w| w & (1 << (id.index() % 64)) != 0)
+        self.bits.get(id.index() / 64).is_some_and(|w| w & (1 << (id.index() % 64)) != 0)
     }
     /// Returns whether the id was newly added.
     pub fn insert(&mut self, id: ConceptId) -> bool {
@@ -89,9 +84,7 @@ impl ConceptSet {
     /// Ids in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = ConceptId> + '_ {
         self.bits.iter().enumerate().flat_map(|(w, &bits)| {
-            (0..64)
-                .filter(move |b| bits & (1 << b) != 0)
-                .map(move |b| ConceptId((w * 64 + b) as u32))
+            (0..64).filter(move |b| bits & (1 << b) != 0).map(move |b| ConceptId((w * 64 + b) as u32))
         })
     }
 }
@@ -126,10 +119,7 @@ pub(crate) mod fixtures {
     }
 
     pub fn s(id: u32, logit: f32) -> Scored {
-        Scored {
-            id: ConceptId(id),
-            logit,
-        }
+        Scored { id: ConceptId(id), logit }
     }
 
     pub fn ids(v: &[ConceptId]) -> Vec<u32> {
@@ -146,10 +136,7 @@ mod tests {
     fn rank_orders_by_score_then_id() {
         let mut v = [s(3, 1.0), s(1, 2.0), s(2, 1.0), s(0, -1.0)];
         v.sort_by(rank);
-        assert_eq!(
-            v.iter().map(|x| x.id.0).collect::<Vec<_>>(),
-            vec![1, 2, 3, 0]
-        );
+        assert_eq!(v.iter().map(|x| x.id.0).collect::<Vec<_>>(), vec![1, 2, 3, 0]);
     }
 
     #[test]

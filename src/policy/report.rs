@@ -5,11 +5,7 @@ use super::{rank, ConceptSet, Scored};
 /// The `top_k` best of everything scored this token (pruned probes included), best first;
 /// with `hide`, parents decomposed this token are left out.
 pub fn report(scored: &[Scored], top_k: usize, hide: Option<&ConceptSet>) -> Vec<Scored> {
-    let mut out: Vec<Scored> = scored
-        .iter()
-        .copied()
-        .filter(|s| !hide.is_some_and(|h| h.contains(s.id)))
-        .collect();
+    let mut out: Vec<Scored> = scored.iter().copied().filter(|s| !hide.is_some_and(|h| h.contains(s.id))).collect();
     out.sort_by(rank);
     out.truncate(top_k);
     out
@@ -28,10 +24,7 @@ mod tests {
         assert_eq!(top, vec![0, 2, 4]);
         let mut hide = ConceptSet::with_capacity(5);
         hide.insert(ConceptId(0));
-        let top: Vec<u32> = report(&scored, 3, Some(&hide))
-            .iter()
-            .map(|x| x.id.0)
-            .collect();
+        let top: Vec<u32> = report(&scored, 3, Some(&hide)).iter().map(|x| x.id.0).collect();
         assert_eq!(top, vec![2, 4, 1]);
     }
 }

@@ -78,11 +78,7 @@ impl SynthParams {
         let layers = self.layers.max(1);
         let growth = self.branching.unwrap_or_else(|| {
             // Solve roots·(1 + g + … + g^(L−1)) = concepts for g by bisection.
-            let total = |g: f64| {
-                (0..layers)
-                    .map(|l| roots as f64 * g.powi(l as i32))
-                    .sum::<f64>()
-            };
+            let total = |g: f64| (0..layers).map(|l| roots as f64 * g.powi(l as i32)).sum::<f64>();
             let (mut lo, mut hi) = (0.0f64, 64.0f64);
             for _ in 0..100 {
                 let mid = (lo + hi) / 2.0;
@@ -103,8 +99,7 @@ impl SynthParams {
             let want = if l + 1 == layers {
                 self.concepts - used
             } else {
-                ((roots as f64 * growth.powi(l as i32)).round() as usize)
-                    .clamp(1, self.concepts - used)
+                ((roots as f64 * growth.powi(l as i32)).round() as usize).clamp(1, self.concepts - used)
             };
             sizes.push(want);
             used += want;
@@ -127,34 +122,23 @@ pub fn synth_hierarchy(p: &SynthParams) -> SynthHierarchy {
     let mut names_by_layer: Vec<HashSet<String>> = vec![HashSet::new(); sizes.len()];
     let mut layer_start = 0;
     for (layer, &size) in sizes.iter().enumerate() {
-        let prev = if layer == 0 {
-            0..0
-        } else {
-            layer_start - sizes[layer - 1]..layer_start
-        };
+        let prev = if layer == 0 { 0..0 } else { layer_start - sizes[layer - 1]..layer_start };
         // Uneven popularity: a few parents get many children, some none (as in WordNet).
-        let weights: Vec<f64> = prev
-            .clone()
-            .map(|_| (rng.sample::<f64, _>(StandardNormal) * 0.8).exp())
-            .collect();
+        let weights: Vec<f64> = prev.clone().map(|_| (rng.sample::<f64, _>(StandardNormal) * 0.8).exp()).collect();
         let total: f64 = weights.iter().sum();
         for i in 0..size {
             let mut parents = Vec::new();
             if layer > 0 {
                 parents.push(pick_weighted(&mut rng, &weights, total) as u32 + prev.start as u32);
                 if prev.len() > 1 && rng.random_bool(p.second_parent_share) {
-                    let second =
-                        pick_weighted(&mut rng, &weights, total) as u32 + prev.start as u32;
+                    let second = pick_weighted(&mut rng, &weights, total) as u32 + prev.start as u32;
                     if second != parents[0] {
                         parents.push(second);
                     }
                 }
             }
             let name = if layer == 0 {
-                ROOTS
-                    .get(i)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| format!("Root{i}"))
+                ROOTS.get(i).map(|s| s.to_string()).unwrap_or_else(|| format!("Root{i}"))
             } else if rng.random_bool(p.repeated_name_share) && layer_start > 0 {
                 // Reuse a name from an earlier layer, as SUMO/WordNet hierarchies do.
                 concepts[rng.random_range(0..layer_start)].name.clone()
@@ -172,11 +156,7 @@ pub fn synth_hierarchy(p: &SynthParams) -> SynthHierarchy {
                 n += 1;
             }
             names_by_layer[layer].insert(unique.clone());
-            concepts.push(ConceptDef {
-                name: unique,
-                layer: layer as u16,
-                parents,
-            });
+            concepts.push(ConceptDef { name: unique, layer: layer as u16, parents });
         }
         layer_start += size;
     }
@@ -190,23 +170,16 @@ pub fn synth_hierarchy(p: &SynthParams) -> SynthHierarchy {
         if !c.parents.is_empty() {
             let mut mean = vec![0f32; d];
             for &q in &c.parents {
-                mean.iter_mut()
-                    .zip(&directions[q as usize])
-                    .for_each(|(m, v)| *m += v);
+                mean.iter_mut().zip(&directions[q as usize]).for_each(|(m, v)| *m += v);
             }
             normalize(&mut mean);
             let keep = (1.0 - rho * rho).sqrt();
-            r.iter_mut()
-                .zip(&mean)
-                .for_each(|(x, m)| *x = rho * m + keep * *x);
+            r.iter_mut().zip(&mean).for_each(|(x, m)| *x = rho * m + keep * *x);
             normalize(&mut r);
         }
         directions.push(r);
     }
-    let thresholds = concepts
-        .iter()
-        .map(|_| rng.random_range(2.5f32..3.5))
-        .collect();
+    let thresholds = concepts.iter().map(|_| rng.random_range(2.5f32..3.5)).collect();
     let spec = PackSpec {
         hidden_dim: d,
         dtype: p.dtype,
@@ -214,11 +187,7 @@ pub fn synth_hierarchy(p: &SynthParams) -> SynthHierarchy {
         probes_per_shard: p.probes_per_shard,
         concepts,
     };
-    SynthHierarchy {
-        spec,
-        directions,
-        thresholds,
-    }
+    SynthHierarchy { spec, directions, thresholds }
 }
 
 /// The probe of concept `id`: deterministic given (seed, id), whatever order probes are made in.
@@ -246,27 +215,15 @@ pub fn synth_probe(seed: u64, id: u32, direction: &[f32], threshold: f32) -> Pro
     for j in 0..HIDDEN2 {
         for k in 0..HIDDEN1 {
             let same_group = (j < positive_out) == (k < positive_units);
-            let scale = if same_group {
-                2.0 / positive_units as f32
-            } else {
-                0.0
-            };
+            let scale = if same_group { 2.0 / positive_units as f32 } else { 0.0 };
             let jitter: f32 = rng.random_range(0.0..1.0);
             w2.push(scale * jitter + 0.002 * rng.sample::<f32, _>(StandardNormal));
         }
     }
     let b2 = vec![0.0; HIDDEN2];
-    let mut w3: Vec<f32> = (0..HIDDEN2)
-        .map(|j| if j < positive_out { 1.0 } else { -1.0 } * rng.random_range(0.5f32..1.5))
-        .collect();
-    let mut probe = ProbeWeights {
-        w1,
-        b1,
-        w2,
-        b2,
-        w3: w3.clone(),
-        b3: vec![0.0],
-    };
+    let mut w3: Vec<f32> =
+        (0..HIDDEN2).map(|j| if j < positive_out { 1.0 } else { -1.0 } * rng.random_range(0.5f32..1.5)).collect();
+    let mut probe = ProbeWeights { w1, b1, w2, b2, w3: w3.clone(), b3: vec![0.0] };
     // Calibrate along the concept's own direction: zero logit at the threshold, slope 2 per unit.
     let at = |probe: &ProbeWeights, z: f32| {
         let h: Vec<f32> = direction.iter().map(|u| u * z).collect();
@@ -308,14 +265,7 @@ pub fn write_synth_pack(
     let batch = threads * 8;
     let mut ready: std::collections::VecDeque<ProbeWeights> = Default::default();
     let mut next = 0usize;
-    let make = |id: usize| {
-        synth_probe(
-            p.seed,
-            id as u32,
-            &hierarchy.directions[id],
-            hierarchy.thresholds[id],
-        )
-    };
+    let make = |id: usize| synth_probe(p.seed, id as u32, &hierarchy.directions[id], hierarchy.thresholds[id]);
     crate::pack::write_pack(
         dir,
         &hierarchy.spec,
@@ -325,14 +275,9 @@ pub fn write_synth_pack(
                 let ids: Vec<usize> = (next..end).collect();
                 let chunk = ids.len().div_ceil(threads).max(1);
                 let made: Vec<Vec<ProbeWeights>> = std::thread::scope(|s| {
-                    let handles: Vec<_> = ids
-                        .chunks(chunk)
-                        .map(|c| s.spawn(move || c.iter().map(|&i| make(i)).collect()))
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().expect("probe synthesis thread panicked"))
-                        .collect()
+                    let handles: Vec<_> =
+                        ids.chunks(chunk).map(|c| s.spawn(move || c.iter().map(|&i| make(i)).collect())).collect();
+                    handles.into_iter().map(|h| h.join().expect("probe synthesis thread panicked")).collect()
                 });
                 ready.extend(made.into_iter().flatten());
                 next = end;

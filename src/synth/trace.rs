@@ -30,14 +30,7 @@ pub struct TraceParams {
 
 impl Default for TraceParams {
     fn default() -> Self {
-        Self {
-            tokens: 200,
-            seed: 0,
-            mean_dwell: 3.0,
-            side_topic: 0.5,
-            burst: 0.15,
-            noise: 1.0,
-        }
+        Self { tokens: 200, seed: 0, mean_dwell: 3.0, side_topic: 0.5, burst: 0.15, noise: 1.0 }
     }
 }
 
@@ -48,10 +41,7 @@ pub struct ConceptGeometry {
     pub firing_strength: Option<f32>,
 }
 
-pub fn concept_geometry(
-    pack: &Pack,
-    mut progress: impl FnMut(usize),
-) -> Result<Vec<ConceptGeometry>, PackError> {
+pub fn concept_geometry(pack: &Pack, mut progress: impl FnMut(usize)) -> Result<Vec<ConceptGeometry>, PackError> {
     let mut out = Vec::with_capacity(pack.len());
     for id in pack.hierarchy().ids() {
         let bytes = pack.read_probe(id)?;
@@ -72,34 +62,17 @@ fn geometry_of(w: &ProbeWeights, d: usize) -> ConceptGeometry {
     }
     let mut direction = vec![0f32; d];
     for (k, c) in coef.iter().enumerate() {
-        direction
-            .iter_mut()
-            .zip(&w.w1[k * d..(k + 1) * d])
-            .for_each(|(g, x)| *g += c * x);
+        direction.iter_mut().zip(&w.w1[k * d..(k + 1) * d]).for_each(|(g, x)| *g += c * x);
     }
     normalize(&mut direction);
     // Along t·direction the first layer is t·v + b1, so bisection costs only the small layers.
-    let v: Vec<f32> = (0..HIDDEN1)
-        .map(|k| {
-            w.w1[k * d..(k + 1) * d]
-                .iter()
-                .zip(&direction)
-                .map(|(a, b)| a * b)
-                .sum()
-        })
-        .collect();
+    let v: Vec<f32> =
+        (0..HIDDEN1).map(|k| w.w1[k * d..(k + 1) * d].iter().zip(&direction).map(|(a, b)| a * b).sum()).collect();
     let logit_at = |t: f32| {
-        let a1: Vec<f32> = (0..HIDDEN1)
-            .map(|k| (t * v[k] + w.b1[k]).max(0.0))
-            .collect();
+        let a1: Vec<f32> = (0..HIDDEN1).map(|k| (t * v[k] + w.b1[k]).max(0.0)).collect();
         let a2: Vec<f32> = (0..HIDDEN2)
             .map(|j| {
-                (w.w2[j * HIDDEN1..(j + 1) * HIDDEN1]
-                    .iter()
-                    .zip(&a1)
-                    .map(|(a, b)| a * b)
-                    .sum::<f32>()
-                    + w.b2[j])
+                (w.w2[j * HIDDEN1..(j + 1) * HIDDEN1].iter().zip(&a1).map(|(a, b)| a * b).sum::<f32>() + w.b2[j])
                     .max(0.0)
             })
             .collect();
@@ -122,10 +95,7 @@ fn geometry_of(w: &ProbeWeights, d: usize) -> ConceptGeometry {
         }
         Some(hi)
     };
-    ConceptGeometry {
-        direction,
-        firing_strength,
-    }
+    ConceptGeometry { direction, firing_strength }
 }
 
 struct Topic {
@@ -137,12 +107,8 @@ pub fn synth_trace(pack: &Pack, geometry: &[ConceptGeometry], p: &TraceParams) -
     let d = pack.hidden_dim();
     let h = pack.hierarchy();
     let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
-    let roots: Vec<u32> = h
-        .layer_members(0)
-        .iter()
-        .copied()
-        .filter(|&c| geometry[c as usize].firing_strength.is_some())
-        .collect();
+    let roots: Vec<u32> =
+        h.layer_members(0).iter().copied().filter(|&c| geometry[c as usize].firing_strength.is_some()).collect();
     let random_path = |rng: &mut ChaCha8Rng, max_depth: usize| -> Vec<u32> {
         let mut path = Vec::new();
         if roots.is_empty() {
@@ -166,21 +132,14 @@ pub fn synth_trace(pack: &Pack, geometry: &[ConceptGeometry], p: &TraceParams) -
         }
         path
     };
-    let dwell = |rng: &mut ChaCha8Rng| {
-        1 + (-(rng.random_range(f64::EPSILON..1.0)).ln() * (p.mean_dwell - 1.0).max(0.0)) as u32
-    };
+    let dwell =
+        |rng: &mut ChaCha8Rng| 1 + (-(rng.random_range(f64::EPSILON..1.0)).ln() * (p.mean_dwell - 1.0).max(0.0)) as u32;
     let max_depth = h.layer_count().max(1);
-    let mut topic = Topic {
-        path: random_path(&mut rng, max_depth),
-        remaining: dwell(&mut rng),
-    };
+    let mut topic = Topic { path: random_path(&mut rng, max_depth), remaining: dwell(&mut rng) };
     let mut data = Vec::with_capacity(p.tokens * d);
     for _ in 0..p.tokens {
         if topic.remaining == 0 {
-            topic = Topic {
-                path: random_path(&mut rng, max_depth),
-                remaining: dwell(&mut rng),
-            };
+            topic = Topic { path: random_path(&mut rng, max_depth), remaining: dwell(&mut rng) };
         }
         topic.remaining -= 1;
         let mut firing: Vec<u32> = topic.path.clone();
@@ -192,29 +151,19 @@ pub fn synth_trace(pack: &Pack, geometry: &[ConceptGeometry], p: &TraceParams) -
                 firing.extend(random_path(&mut rng, max_depth));
             }
         }
-        let mut row: Vec<f32> = (0..d)
-            .map(|_| p.noise * rng.sample::<f32, _>(StandardNormal))
-            .collect();
+        let mut row: Vec<f32> = (0..d).map(|_| p.noise * rng.sample::<f32, _>(StandardNormal)).collect();
         for &c in &firing {
             let g = &geometry[c as usize];
             let strength = g.firing_strength.unwrap_or(0.0) * rng.random_range(1.15f32..1.7);
-            row.iter_mut()
-                .zip(&g.direction)
-                .for_each(|(x, u)| *x += strength * u);
+            row.iter_mut().zip(&g.direction).for_each(|(x, u)| *x += strength * u);
         }
         // A sub-threshold echo of another root: present in the state, not enough to fire.
         if !roots.is_empty() && rng.random_bool(0.5) {
             let g = &geometry[roots[rng.random_range(0..roots.len())] as usize];
             let strength = g.firing_strength.unwrap_or(0.0) * rng.random_range(0.3f32..0.8);
-            row.iter_mut()
-                .zip(&g.direction)
-                .for_each(|(x, u)| *x += strength * u);
+            row.iter_mut().zip(&g.direction).for_each(|(x, u)| *x += strength * u);
         }
         data.extend_from_slice(&row);
     }
-    Matrix {
-        rows: p.tokens,
-        cols: d,
-        data,
-    }
+    Matrix { rows: p.tokens, cols: d, data }
 }
