@@ -1,0 +1,193 @@
+//! The command line end to end: `pack synth/inspect/verify`, `trace synth` and `run`, with the
+//! bad inputs a user will hit (wrong width, NaN, missing or corrupt probe files, bad configs).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use probe_cascade::npy::{self, Matrix};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_probe-cascade"))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?} failed:\n{}{}", text(&out.stdout), text(&out.stderr));
+    text(&out.stdout)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn failed(out: &Output) -> String {
+    assert!(!out.status.success(), "expected failure, got:\n{}", text(&out.stdout));
+    format!("{}{}", text(&out.stdout), text(&out.stderr))
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    pack: PathBuf,
+    trace: PathBuf,
+    root: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let pack = root.join("pack");
+    let trace = root.join("trace.npy");
+    run_ok(bin().args(["pack", "synth", "--preset", "tiny", "--out"]).arg(&pack));
+    run_ok(bin().args(["trace", "synth", "--tokens", "12", "--pack"]).arg(&pack).arg("--out").arg(&trace));
+    Fixture { _dir: dir, pack, trace, root }
+}
+
+fn config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/realtime.toml")
+}
+
+fn run_cmd(f: &Fixture, trace: &Path) -> Command {
+    let mut c = bin();
+    c.arg("run").arg("--config").arg(config()).arg("--pack").arg(&f.pack).arg("--trace").arg(trace);
+    c
+}
+
+#[test]
+fn synth_inspect_verify_and_run() {
+    let f = fixture();
+    let inspect = run_ok(bin().args(["pack", "inspect"]).arg(&f.pack));
+    assert!(inspect.contains("concepts   60") && inspect.contains("dtype      f32"), "{inspect}");
+    let verify = run_ok(bin().args(["pack", "verify"]).arg(&f.pack));
+    assert!(verify.contains("60 probes verified"), "{verify}");
+    let json = f.root.join("out.json");
+    let table = run_ok(run_cmd(&f, &f.trace).arg("--json").arg(&json));
+    assert!(table.contains("children") && table.contains("p50"), "{table}");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let tokens = doc["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 12);
+    for key in ["index", "ms", "children", "loaded", "unloaded", "active", "top", "stages"] {
+        assert!(tokens[0].get(key).is_some(), "token entries carry {key}");
+    }
+    for key in ["name", "layer", "prob", "logit"] {
+        assert!(tokens[0]["top"][0].get(key).is_some(), "top entries carry {key}");
+    }
+    for key in ["initial_scoring", "expansion_lookup", "loading", "new_scoring", "pruning", "sorting"] {
+        assert!(tokens[0]["stages"][key].is_f64(), "stages carry {key}");
+    }
+    for key in ["avg_ms", "p50_ms", "p95_ms", "max_ms", "final_active"] {
+        assert!(doc["summary"].get(key).is_some(), "summary carries {key}");
+    }
+    // The naive engine gives the same reports.
+    let naive_json = f.root.join("naive.json");
+    run_ok(run_cmd(&f, &f.trace).args(["--engine", "naive", "--json"]).arg(&naive_json));
+    let naive: serde_json::Value = serde_json::from_slice(&std::fs::read(&naive_json).unwrap()).unwrap();
+    let names = |d: &serde_json::Value| -> Vec<Vec<String>> {
+        d["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["top"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect())
+            .collect()
+    };
+    assert_eq!(names(&doc), names(&naive));
+}
+
+#[test]
+fn a_flipped_weight_byte_fails_verify_naming_the_probe() {
+    let f = fixture();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.pack.join("manifest.json")).unwrap()).unwrap();
+    let c = &manifest["concepts"][17];
+    let shard = f.pack.join(manifest["shards"][c["weights"]["shard"].as_u64().unwrap() as usize].as_str().unwrap());
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let at = c["weights"]["offset"].as_u64().unwrap() as usize + 1000;
+    bytes[at] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    let out = failed(&bin().args(["pack", "verify"]).arg(&f.pack).output().unwrap());
+    let label = format!("{}@{}", c["name"].as_str().unwrap(), c["layer"]);
+    assert!(out.contains(&label) && out.contains("checksum"), "{out}");
+}
+
+#[test]
+fn a_trace_of_the_wrong_width_names_the_token() {
+    let f = fixture();
+    let bad = f.root.join("wide.npy");
+    npy::write(&bad, &Matrix { rows: 2, cols: 33, data: vec![0.5; 66] }).unwrap();
+    let out = failed(&run_cmd(&f, &bad).output().unwrap());
+    assert!(out.contains("token 0") && out.contains("33 values") && out.contains("D=32"), "{out}");
+}
+
+#[test]
+fn nan_stops_the_run_or_is_skipped_on_request() {
+    let f = fixture();
+    let mut m = npy::read(&f.trace).unwrap();
+    m.data[5 * 32 + 7] = f32::NAN;
+    let bad = f.root.join("nan.npy");
+    npy::write(&bad, &m).unwrap();
+    let out = failed(&run_cmd(&f, &bad).output().unwrap());
+    assert!(out.contains("token 5") && out.contains("[7] is NaN"), "{out}");
+    let json = f.root.join("skip.json");
+    run_ok(run_cmd(&f, &bad).arg("--skip-bad-tokens").arg("--json").arg(&json));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let tokens = doc["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 12, "every token gets an answer or an error");
+    assert!(tokens[5]["error"].as_str().unwrap().contains("NaN"));
+    assert!(tokens[6]["top"].is_array());
+    assert_eq!(doc["summary"]["errors"], 1);
+}
+
+#[test]
+fn a_missing_probe_file_is_an_error_naming_the_file() {
+    let f = fixture();
+    // Shard 3 holds concepts 48..60 (layer 2): the cascade reaches them only through expansion.
+    std::fs::remove_file(f.pack.join("weights-00003.safetensors")).unwrap();
+    let out = failed(&run_cmd(&f, &f.trace).output().unwrap());
+    assert!(out.contains("weights-00003.safetensors"), "{out}");
+}
+
+#[test]
+fn a_corrupt_probe_fails_the_token_that_loads_it() {
+    let f = fixture();
+    // Corrupt every layer-1 probe: the first token that expands a root must fail.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.pack.join("manifest.json")).unwrap()).unwrap();
+    for c in manifest["concepts"].as_array().unwrap().iter().filter(|c| c["layer"] == 1) {
+        let shard = f.pack.join(manifest["shards"][c["weights"]["shard"].as_u64().unwrap() as usize].as_str().unwrap());
+        let mut bytes = std::fs::read(&shard).unwrap();
+        bytes[c["weights"]["offset"].as_u64().unwrap() as usize + 3] ^= 0x40;
+        std::fs::write(&shard, bytes).unwrap();
+    }
+    let out = failed(&run_cmd(&f, &f.trace).output().unwrap());
+    assert!(out.contains("token ") && out.contains("checksum mismatch") && out.contains("@1"), "{out}");
+    // With --skip-bad-tokens every token still gets an entry.
+    let json = f.root.join("skip.json");
+    run_ok(run_cmd(&f, &f.trace).arg("--skip-bad-tokens").arg("--json").arg(&json));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(doc["tokens"].as_array().unwrap().len(), 12);
+    assert!(doc["summary"]["errors"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bad_configs_name_the_key_and_file() {
+    let f = fixture();
+    let cfg = f.root.join("bad.toml");
+    let run = |text: &str| {
+        std::fs::write(&cfg, text).unwrap();
+        let mut c = bin();
+        c.arg("run").arg("--config").arg(&cfg).arg("--pack").arg(&f.pack).arg("--trace").arg(&f.trace);
+        failed(&c.output().unwrap())
+    };
+    let out = run("[cascade]\nkeep_top_k = 30\n");
+    assert!(out.contains("bad.toml") && out.contains("keep_top_k"), "{out}");
+    let out = run("[cascade.expansion.threshold]\nload_threshold = -0.5\n");
+    assert!(out.contains("bad.toml") && out.contains("cascade.expansion.threshold.load_threshold"), "{out}");
+    let out = run("[cascade]\nbase_layers = [9]\n");
+    assert!(out.contains("cascade.base_layers"), "{out}");
+    let out = run("[device]\ndevice = \"cuda:7\"\n");
+    assert!(out.contains("cuda:7"), "{out}");
+    let missing = f.root.join("nope.toml");
+    let mut c = bin();
+    c.arg("run").arg("--config").arg(&missing).arg("--pack").arg(&f.pack).arg("--trace").arg(&f.trace);
+    let out = failed(&c.output().unwrap());
+    assert!(out.contains("nope.toml"), "{out}");
+}
