@@ -6,4 +6,5 @@ pub mod engine;
 pub mod npy;
 pub mod pack;
 pub mod policy;
+pub mod runtime;
 pub mod synth;

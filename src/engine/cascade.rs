@@ -7,9 +7,9 @@ use std::time::Instant;
 use tracing::debug_span;
 
 use super::{BackendError, Engine, EngineError, ProbeBackend, ReportEntry, StageTimings, TokenReport};
-use crate::config::{CascadeConfig, Expansion, Normalization};
+use crate::config::{CascadeConfig, Normalization};
 use crate::pack::{ConceptId, Pack};
-use crate::policy::{self, ConceptSet, Scored};
+use crate::policy::{ConceptSet, Scored, TokenCascade};
 
 pub struct CascadeEngine<B> {
     pack: Arc<Pack>,
@@ -50,17 +50,7 @@ impl<B: ProbeBackend> CascadeEngine<B> {
     }
 
     fn prepare_hidden(&self, token: usize, hidden: &[f32]) -> Result<Vec<f32>, EngineError> {
-        let expected = self.pack.hidden_dim();
-        if hidden.len() != expected {
-            return Err(EngineError::Width { token, got: hidden.len(), expected });
-        }
-        if let Some((index, &value)) = hidden.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(EngineError::NonFinite { token, index, value });
-        }
-        Ok(match self.normalization {
-            Normalization::None => hidden.to_vec(),
-            Normalization::LayerNorm => layer_norm(hidden),
-        })
+        prepare_hidden(token, hidden, self.pack.hidden_dim(), self.normalization)
     }
 
     fn run_token(
@@ -72,55 +62,32 @@ impl<B: ProbeBackend> CascadeEngine<B> {
         let t = Instant::now();
         let initial: Vec<ConceptId> = self.active.iter().collect();
         let logits = self.backend.score(&initial, h)?;
-        let mut scored: Vec<Scored> = initial.iter().zip(logits).map(|(&id, logit)| Scored { id, logit }).collect();
+        let initial = initial.iter().zip(logits).map(|(&id, logit)| Scored { id, logit }).collect();
         stages.initial_scoring += t.elapsed();
 
         let hierarchy = self.pack.hierarchy();
-        let mut decomposed = ConceptSet::with_capacity(hierarchy.len());
-        let (mut children, mut skipped_by_cap) = (0, 0);
-        let rounds = match self.config.expansion {
-            Expansion::Threshold { .. } => 1,
-            Expansion::Decompose { max_depth, .. } => max_depth,
-        };
-        for _ in 0..rounds {
+        let mut token = TokenCascade::new(hierarchy, &self.config, initial);
+        loop {
             let t = Instant::now();
-            let room = self.config.max_loaded.saturating_sub(self.active.len());
-            let plan = match self.config.expansion {
-                Expansion::Threshold { load_threshold } => {
-                    Some(policy::threshold_expansion(hierarchy, &scored, &self.active, load_threshold, room))
-                }
-                Expansion::Decompose { top_k, .. } => {
-                    policy::decompose_round(hierarchy, &scored, &decomposed, &self.active, top_k, room)
-                }
-            };
+            let next = token.next_expansion(&self.active);
             stages.expansion_lookup += t.elapsed();
-            let Some(plan) = plan else { break };
-            plan.decomposed.iter().for_each(|&p| {
-                decomposed.insert(p);
-            });
-            children += plan.requested;
-            skipped_by_cap += plan.skipped_by_cap;
-            if plan.activate.is_empty() {
-                continue;
-            }
+            let Some(ids) = next else { break };
             let t = Instant::now();
-            self.backend.load(&plan.activate)?;
-            for &id in &plan.activate {
+            self.backend.load(&ids)?;
+            for &id in &ids {
                 self.active.insert(id);
                 loaded.push(id);
             }
             stages.loading += t.elapsed();
             let t = Instant::now();
-            let logits = self.backend.score(&plan.activate, h)?;
-            scored.extend(plan.activate.iter().zip(logits).map(|(&id, logit)| Scored { id, logit }));
+            let logits = self.backend.score(&ids, h)?;
+            token.add_scores(&ids, &logits);
             stages.new_scoring += t.elapsed();
         }
 
         let t = Instant::now();
-        // Every active probe was scored this token, so `scored` is the active set with scores.
-        debug_assert_eq!(scored.len(), self.active.len());
-        let is_base = |id| self.base.contains(id);
-        let dropped = policy::prune(&self.config.pruning, &scored, is_base, self.config.max_loaded, skipped_by_cap);
+        debug_assert_eq!(token.scored().len(), self.active.len());
+        let dropped = token.prune(|id| self.base.contains(id));
         self.backend.unload(&dropped);
         dropped.iter().for_each(|&id| {
             self.active.remove(id);
@@ -128,20 +95,29 @@ impl<B: ProbeBackend> CascadeEngine<B> {
         stages.pruning += t.elapsed();
 
         let t = Instant::now();
-        let hide = self.config.hide_decomposed_parents.then_some(&decomposed);
-        let top = policy::report(&scored, self.config.report_top_k, hide)
-            .into_iter()
-            .map(|s| ReportEntry {
-                id: s.id,
-                name: hierarchy.name(s.id).to_string(),
-                layer: hierarchy.layer(s.id),
-                prob: s.prob(),
-                logit: s.logit,
-            })
-            .collect();
+        let top = report_entries(hierarchy, &token.report());
         stages.sorting += t.elapsed();
-        Ok(TokenOutcome { top, children, skipped_by_cap, unloaded: dropped.len(), scored: scored.len() })
+        Ok(TokenOutcome {
+            top,
+            children: token.children,
+            skipped_by_cap: token.skipped_by_cap,
+            unloaded: dropped.len(),
+            scored: token.scored().len(),
+        })
     }
+}
+
+/// Names and probabilities for reported scores.
+pub fn report_entries(hierarchy: &crate::pack::Hierarchy, top: &[Scored]) -> Vec<ReportEntry> {
+    top.iter()
+        .map(|s| ReportEntry {
+            id: s.id,
+            name: hierarchy.name(s.id).to_string(),
+            layer: hierarchy.layer(s.id),
+            prob: s.prob(),
+            logit: s.logit,
+        })
+        .collect()
 }
 
 struct TokenOutcome {
@@ -190,6 +166,25 @@ impl<B: ProbeBackend> Engine for CascadeEngine<B> {
     fn active(&self) -> Vec<ConceptId> {
         self.active.iter().collect()
     }
+}
+
+/// Step 0: rejects a hidden state of the wrong width or with NaN/infinity, then normalizes.
+pub fn prepare_hidden(
+    token: usize,
+    hidden: &[f32],
+    expected: usize,
+    normalization: Normalization,
+) -> Result<Vec<f32>, EngineError> {
+    if hidden.len() != expected {
+        return Err(EngineError::Width { token, got: hidden.len(), expected });
+    }
+    if let Some((index, &value)) = hidden.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(EngineError::NonFinite { token, index, value });
+    }
+    Ok(match normalization {
+        Normalization::None => hidden.to_vec(),
+        Normalization::LayerNorm => layer_norm(hidden),
+    })
 }
 
 /// LayerNorm over the whole vector, no affine parameters, eps 1e-5 (PyTorch's definition:

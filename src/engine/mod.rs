@@ -10,7 +10,7 @@ pub mod tensors;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use cascade::{layer_norm, CascadeEngine};
+pub use cascade::{layer_norm, prepare_hidden, report_entries, CascadeEngine};
 
 use crate::config::Config;
 use crate::pack::{ConceptId, Pack, PackError};

@@ -36,6 +36,13 @@ pub enum PackError {
     NonFinite { path: PathBuf, concept: String, tensor: &'static str, index: usize, value: f32 },
     #[error("{path}: bad safetensors header: {reason}")]
     Header { path: PathBuf, reason: String },
+    #[error("{path}: concept {concept}: read failed: {source}")]
+    Read {
+        path: PathBuf,
+        concept: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no concept {0} in the pack")]
     UnknownConcept(String),
 }

@@ -214,6 +214,23 @@ impl Pack {
         Ok(())
     }
 
+    /// The error for a failed read of a probe's bytes: truncation when the file ended early.
+    pub fn read_error(&self, id: ConceptId, e: std::io::Error) -> PackError {
+        let loc = self.location(id);
+        let path = self.shards[loc.shard as usize].path.clone();
+        let concept = self.hierarchy.label(id);
+        match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => PackError::Truncated {
+                size: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+                path,
+                concept,
+                start: loc.offset,
+                end: loc.offset + loc.length,
+            },
+            _ => PackError::Read { path, concept, source: e },
+        }
+    }
+
     /// Decodes checked bytes to f32 weights, rejecting NaN and infinities.
     pub fn decode_probe(&self, id: ConceptId, bytes: &[u8]) -> Result<ProbeWeights, PackError> {
         let path = || self.shard_of(id).path.clone();

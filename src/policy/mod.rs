@@ -4,12 +4,14 @@
 mod expansion;
 mod pruning;
 mod report;
+mod token;
 
 use std::cmp::Ordering;
 
 pub use expansion::{decompose_round, threshold_expansion, ExpansionPlan};
 pub use pruning::prune;
 pub use report::report;
+pub use token::TokenCascade;
 
 use crate::pack::ConceptId;
 
