@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::pack::{DType, InputNormalization};
+use crate::runtime::reader::ReaderKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -171,6 +172,21 @@ pub struct RuntimeConfig {
     pub prefetch_hint_margin: f32,
     /// Requests that may wait for the runtime at once.
     pub request_queue: usize,
+    /// `exact` (reports wait for children) or `pipelined` (reports from what is resident).
+    pub mode: Mode,
+    /// `auto` (io_uring, else threads), `io_uring` or `threads`.
+    pub reader: ReaderKind,
+    /// Pipelined mode: children that land within this many microseconds still count for the
+    /// token that asked for them.
+    pub latency_budget_us: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Exact,
+    Pipelined,
 }
 
 impl Default for RuntimeConfig {
@@ -182,6 +198,9 @@ impl Default for RuntimeConfig {
             fallback_io_threads: 2,
             prefetch_hint_margin: 0.1,
             request_queue: 64,
+            mode: Mode::Exact,
+            reader: ReaderKind::Auto,
+            latency_budget_us: 0,
         }
     }
 }
@@ -257,6 +276,16 @@ impl Config {
         }
         if r.request_queue == 0 {
             return bad("runtime.request_queue", "must be at least 1".into());
+        }
+        if r.pool_slots < c.max_loaded {
+            let message = format!(
+                "= {} is below cascade.max_loaded = {}: every active probe needs a slot",
+                r.pool_slots, c.max_loaded
+            );
+            return bad("runtime.pool_slots", message);
+        }
+        if r.latency_budget_us > 10_000_000 {
+            return bad("runtime.latency_budget_us", format!("= {} is more than 10 s", r.latency_budget_us));
         }
         Ok(())
     }

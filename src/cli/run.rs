@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use probe_cascade::config::Config;
+use probe_cascade::config::{Config, Mode};
 use probe_cascade::engine::{build_engine, EngineKind, StageTimings, TokenReport};
 use probe_cascade::pack::Pack;
 use serde_json::json;
@@ -19,6 +19,9 @@ pub struct RunArgs {
     trace: PathBuf,
     #[arg(long, value_enum, default_value = "reference")]
     engine: EngineKind,
+    /// Runtime mode (overrides the config's runtime.mode).
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
     /// Write per-token results and the summary as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -34,7 +37,10 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args.config)?;
+    let mut config = Config::load(&args.config)?;
+    if let Some(mode) = args.mode {
+        config.runtime.mode = mode;
+    }
     let pack = Arc::new(Pack::open(&args.pack).with_context(|| format!("opening pack {}", args.pack.display()))?);
     let trace = probe_cascade::npy::read(&args.trace)?;
     let mut engine = build_engine(args.engine, pack.clone(), &config)?;

@@ -54,6 +54,9 @@ pub enum EngineError {
     Device(String),
     #[error("{0}")]
     Setup(String),
+    /// From the actor runtime (already names the token where there is one).
+    #[error("{message}")]
+    Runtime { token: Option<usize>, message: String },
 }
 
 impl EngineError {
@@ -63,6 +66,7 @@ impl EngineError {
             EngineError::Width { token, .. }
             | EngineError::NonFinite { token, .. }
             | EngineError::Backend { token, .. } => Some(*token),
+            EngineError::Runtime { token, .. } => *token,
             _ => None,
         }
     }
@@ -133,6 +137,8 @@ pub trait Engine {
 pub enum EngineKind {
     Reference,
     Naive,
+    /// The actor runtime (`runtime.mode` picks exact or pipelined).
+    Runtime,
 }
 
 /// Builds an engine for `pack` from `config`, loading the base layer.
@@ -150,5 +156,9 @@ pub fn build_engine(kind: EngineKind, pack: Arc<Pack>, config: &Config) -> Resul
             &config.cascade,
             naive::NaiveBackend::new(pack, device, compute),
         )?),
+        EngineKind::Runtime => Box::new(
+            crate::runtime::BlockingCascade::start(pack, config)
+                .map_err(|e| EngineError::Setup(format!("starting the runtime: {e}")))?,
+        ),
     })
 }

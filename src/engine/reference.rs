@@ -1,13 +1,13 @@
 //! The reference engine's backend: obviously right rather than fast. Probes are loaded
 //! synchronously from the pack when activated and dropped when deactivated; scoring stacks
-//! the requested probes and runs the three layers as batched matrix products, once.
+//! the requested probes and runs them through `batched_logits`, once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use super::tensors::{hidden_column, to_host_f32, ProbeTensors};
+use super::tensors::{batched_logits, hidden_column, to_host_f32, ProbeTensors};
 use super::{BackendError, ProbeBackend};
 use crate::pack::{ConceptId, Pack};
 
@@ -54,11 +54,16 @@ impl ProbeBackend for ReferenceBackend {
             ids.iter().map(|id| self.loaded.get(id).ok_or(BackendError::NotLoaded(*id))).collect::<Result<_, _>>()?;
         let stack =
             |f: &dyn Fn(&ProbeTensors) -> &Tensor| Tensor::f_stack(&probes.iter().map(|p| f(p)).collect::<Vec<_>>(), 0);
-        let s = ids.len() as i64;
-        let x = hidden_column(hidden, self.device, self.compute)?.f_unsqueeze(0)?.f_expand([s, -1, 1], false)?;
-        let a1 = stack(&|p| &p.b1)?.f_unsqueeze(2)?.f_baddbmm(&stack(&|p| &p.w1)?, &x, 1, 1)?.f_relu()?;
-        let a2 = stack(&|p| &p.b2)?.f_unsqueeze(2)?.f_baddbmm(&stack(&|p| &p.w2)?, &a1, 1, 1)?.f_relu()?;
-        let logits = stack(&|p| &p.b3)?.f_unsqueeze(2)?.f_baddbmm(&stack(&|p| &p.w3)?, &a2, 1, 1)?;
+        let x = hidden_column(hidden, self.device, self.compute)?;
+        let logits = batched_logits(
+            &stack(&|p| &p.w1)?,
+            &stack(&|p| &p.b1)?.f_unsqueeze(2)?,
+            &stack(&|p| &p.w2)?,
+            &stack(&|p| &p.b2)?.f_unsqueeze(2)?,
+            &stack(&|p| &p.w3)?,
+            &stack(&|p| &p.b3)?.f_unsqueeze(2)?,
+            &x,
+        )?;
         Ok(to_host_f32(&logits)?)
     }
 }

@@ -1,5 +1,234 @@
 //! The actor runtime: reads on io_uring, a byte-budgeted RAM cache, slots in a device arena,
 //! batched inference on its own thread, and the cascade policies on top (docs/architecture.md).
+//!
+//! ```text
+//!  caller ──Observe──▶ Coordinator ──Get/Prefetch──▶ WeightCache ──ReadRequest──▶ reader thread
+//!   (Cascade handle)   (policies,      ──ApplyAndScore──▶ Inference      ◀──ReadDone── (io_uring
+//!                       model pool)                      (own thread)                   or threads)
+//! ```
 
 pub mod cache;
+pub mod coordinator;
+pub mod inference;
+pub mod pool;
 pub mod reader;
+
+use std::sync::Arc;
+
+use kameo::mailbox;
+use kameo::prelude::{ActorRef, Spawn};
+
+use crate::config::{Config, Mode};
+use crate::engine::{tensors, EngineError, TokenReport};
+use crate::pack::{ConceptId, Pack};
+use crate::policy::ConceptSet;
+use cache::{CacheSettings, CacheStats, ReadError, WeightCache};
+use coordinator::{ActiveSet, Coordinator, Observe};
+use inference::{Inference, InferenceError};
+use pool::ModelPool;
+use reader::ReaderKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A bad hidden state (wrong width, NaN): names the token.
+    #[error(transparent)]
+    Hidden(#[from] EngineError),
+    #[error("token {token}: {source}")]
+    Probe {
+        token: usize,
+        #[source]
+        source: ReadError,
+    },
+    #[error("token {token}: inference failed: {source}")]
+    Inference {
+        token: usize,
+        #[source]
+        source: InferenceError,
+    },
+    #[error("the {actor} actor is not running ({detail})")]
+    ActorStopped { actor: &'static str, detail: String },
+    #[error("the runtime stopped serving after an earlier failure: {0}")]
+    Broken(String),
+    #[error("the cascade has shut down")]
+    ShutDown,
+    #[error("{0}")]
+    Setup(String),
+    #[error("starting the probe reader: {0}")]
+    Reader(#[source] std::io::Error),
+}
+
+/// A running cascade: a cheap handle onto the coordinator actor.
+#[derive(Clone)]
+pub struct Cascade {
+    coordinator: ActorRef<Coordinator>,
+    cache: ActorRef<WeightCache>,
+    reader: ReaderKind,
+}
+
+impl Cascade {
+    /// Starts the actors and loads the base layers. Needs a multi-threaded tokio runtime.
+    pub async fn start(pack: Arc<Pack>, config: &Config) -> Result<Self, RuntimeError> {
+        if config.runtime.mode == Mode::Pipelined {
+            return Err(RuntimeError::Setup("runtime.mode = \"pipelined\" is not implemented yet".into()));
+        }
+        let device = tensors::open_device(&config.device)?;
+        let compute = tensors::kind_of(config.device.compute_dtype);
+        let rt = &config.runtime;
+        let settings = CacheSettings {
+            budget_bytes: rt.cache_bytes,
+            queue_depth: rt.prefetch_queue_depth,
+            reader: rt.reader,
+            fallback_threads: rt.fallback_io_threads,
+        };
+        let cache = WeightCache::new(pack.clone(), &settings).map_err(RuntimeError::Reader)?;
+        let reader = cache.reader_kind();
+        let cache = WeightCache::spawn_with_mailbox(cache, mailbox::bounded(rt.request_queue.max(16) * 4));
+        let inference = Inference::new(pack.clone(), rt.pool_slots, device, compute)
+            .map_err(|e| RuntimeError::Setup(format!("allocating the model pool: {e}")))?;
+        let inference = Inference::spawn_in_thread_with_mailbox(inference, mailbox::bounded(16));
+
+        let h = pack.hierarchy();
+        let mut base = ConceptSet::with_capacity(h.len());
+        for &layer in &config.cascade.base_layers {
+            h.layer_members(layer).iter().for_each(|&c| {
+                base.insert(ConceptId(c));
+            });
+        }
+        if base.is_empty() {
+            return Err(RuntimeError::Setup(format!(
+                "cascade.base_layers = {:?} selects no concept of the pack",
+                config.cascade.base_layers
+            )));
+        }
+        if base.len() > config.cascade.max_loaded {
+            return Err(RuntimeError::Setup(format!(
+                "cascade.max_loaded = {} is smaller than the base layers' {} probes",
+                config.cascade.max_loaded,
+                base.len()
+            )));
+        }
+        let normalization = config.cascade.normalization.unwrap_or_else(|| pack.input_normalization().into());
+        let mut coordinator = Coordinator {
+            active: ConceptSet::with_capacity(h.len()),
+            pool: ModelPool::new(rt.pool_slots),
+            pack,
+            config: config.cascade.clone(),
+            normalization,
+            hint_margin: rt.prefetch_hint_margin,
+            base,
+            cache: cache.clone(),
+            inference,
+            next_token: 0,
+            broken: None,
+        };
+        coordinator.load_base().await?;
+        let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
+        Ok(Self { coordinator, cache, reader })
+    }
+
+    /// Scores one hidden state; tokens are numbered in the order their requests arrive.
+    pub async fn observe(&self, hidden: Vec<f32>) -> Result<TokenReport, RuntimeError> {
+        self.coordinator.ask(Observe(hidden)).await.map_err(|e| match e {
+            kameo::error::SendError::HandlerError(e) => e,
+            kameo::error::SendError::ActorNotRunning(_) => RuntimeError::ShutDown,
+            other => RuntimeError::ActorStopped { actor: "coordinator", detail: describe(&other).into() },
+        })
+    }
+
+    /// The active probes, ascending.
+    pub async fn active(&self) -> Result<Vec<ConceptId>, RuntimeError> {
+        self.coordinator.ask(ActiveSet).await.map_err(|_| RuntimeError::ShutDown)
+    }
+
+    pub async fn cache_stats(&self) -> Result<CacheStats, RuntimeError> {
+        self.cache.ask(cache::Stats).await.map_err(|_| RuntimeError::ShutDown)
+    }
+
+    /// The reader actually in use (io_uring, or threads after a fallback).
+    pub fn reader(&self) -> ReaderKind {
+        self.reader
+    }
+
+    /// Finishes every request already queued, then stops the actors. Requests sent after this
+    /// get `RuntimeError::ShutDown`.
+    pub async fn shutdown(&self) {
+        let _ = self.coordinator.stop_gracefully().await;
+        self.coordinator.wait_for_shutdown().await;
+        self.cache.wait_for_shutdown().await;
+    }
+}
+
+impl RuntimeError {
+    /// The token the error belongs to, if it is about one token.
+    pub fn token(&self) -> Option<usize> {
+        match self {
+            RuntimeError::Hidden(e) => e.token(),
+            RuntimeError::Probe { token, .. } | RuntimeError::Inference { token, .. } => Some(*token),
+            _ => None,
+        }
+    }
+}
+
+/// The runtime behind the synchronous [`Engine`](crate::engine::Engine) interface, for the
+/// command line and benchmarks: it owns a tokio runtime and blocks on each request.
+pub struct BlockingCascade {
+    rt: tokio::runtime::Runtime,
+    cascade: Cascade,
+}
+
+impl BlockingCascade {
+    pub fn start(pack: Arc<Pack>, config: &Config) -> Result<Self, RuntimeError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("probe-cascade-rt")
+            .enable_all()
+            .build()
+            .map_err(|e| RuntimeError::Setup(format!("starting tokio: {e}")))?;
+        let cascade = rt.block_on(Cascade::start(pack, config))?;
+        Ok(Self { rt, cascade })
+    }
+
+    pub fn cascade(&self) -> &Cascade {
+        &self.cascade
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+}
+
+impl crate::engine::Engine for BlockingCascade {
+    fn name(&self) -> &'static str {
+        "runtime"
+    }
+
+    fn observe(&mut self, _token: usize, hidden: &[f32]) -> Result<TokenReport, EngineError> {
+        self.rt.block_on(self.cascade.observe(hidden.to_vec())).map_err(|e| match e {
+            RuntimeError::Hidden(e) => e,
+            other => EngineError::Runtime { token: other.token(), message: other.to_string() },
+        })
+    }
+
+    fn active(&self) -> Vec<ConceptId> {
+        self.rt.block_on(self.cascade.active()).unwrap_or_default()
+    }
+}
+
+impl Drop for BlockingCascade {
+    fn drop(&mut self) {
+        self.rt.block_on(self.cascade.shutdown());
+    }
+}
+
+/// Why a message to an actor got no reply.
+fn describe<M, E>(e: &kameo::error::SendError<M, E>) -> &'static str {
+    use kameo::error::SendError::*;
+    match e {
+        ActorNotRunning(_) => "it is not running",
+        ActorStopped => "it stopped or panicked before replying",
+        ActorRestarting(_) => "it is restarting",
+        MailboxFull(_) => "its mailbox is full",
+        HandlerError(_) => "its handler failed",
+        Timeout(_) => "it timed out",
+    }
+}

@@ -1,0 +1,254 @@
+//! The coordinator: owns the cascade state (active set, model pool) and runs each token's
+//! decisions (the pure `TokenCascade`), asking the cache for bytes and the inference thread
+//! for scores. It also acts as the pruner: evictions and speculative prefetch hints go out
+//! from here. Asks only go downstream (to the cache and inference), never back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kameo::error::{Infallible, SendError};
+use kameo::message::{Context, Message};
+use kameo::prelude::ActorRef;
+use kameo::Actor;
+use tracing::{debug_span, Instrument};
+
+use super::cache::{Get, Prefetch, WeightCache};
+use super::inference::{ApplyAndScore, Inference, InferenceError};
+use super::pool::{ModelPool, Residency, SlotOp};
+use super::RuntimeError;
+use crate::config::{CascadeConfig, Normalization};
+use crate::engine::{prepare_hidden, report_entries, StageTimings, TokenReport};
+use crate::pack::{ConceptId, Pack};
+use crate::policy::{ConceptSet, Scored, TokenCascade};
+
+pub struct Coordinator {
+    pub(super) pack: Arc<Pack>,
+    pub(super) config: CascadeConfig,
+    pub(super) normalization: Normalization,
+    pub(super) hint_margin: f32,
+    pub(super) base: ConceptSet,
+    pub(super) active: ConceptSet,
+    pub(super) pool: ModelPool,
+    pub(super) cache: ActorRef<WeightCache>,
+    pub(super) inference: ActorRef<Inference>,
+    pub(super) next_token: usize,
+    /// Set when the arena can no longer be trusted (a tensor op failed mid-rearrangement).
+    pub(super) broken: Option<String>,
+}
+
+fn stopped<M, E>(actor: &'static str) -> impl FnOnce(SendError<M, E>) -> RuntimeError {
+    move |e| RuntimeError::ActorStopped { actor, detail: super::describe(&e).into() }
+}
+
+impl Coordinator {
+    /// Loads the base layers. Called once, before the actor starts taking requests.
+    pub(super) async fn load_base(&mut self) -> Result<(), RuntimeError> {
+        let ids: Vec<ConceptId> = self.base.iter().collect();
+        let hidden = Arc::new(vec![0.0; self.pack.hidden_dim()]);
+        self.activate(usize::MAX, &ids, hidden).await.map(|_| ())
+    }
+
+    async fn apply_and_score(
+        &self,
+        token: usize,
+        ops: Vec<SlotOp>,
+        bytes: HashMap<ConceptId, Arc<super::cache::ProbeBytes>>,
+        start: usize,
+        len: usize,
+        hidden: Arc<Vec<f32>>,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        self.inference.ask(ApplyAndScore { ops, bytes, start, len, hidden }).await.map_err(|e| match e {
+            SendError::HandlerError(source) => RuntimeError::Inference { token, source },
+            other => stopped("inference")(other),
+        })
+    }
+
+    /// Activates `ids` (fetching bytes for absent ones) and returns their logits, in order.
+    async fn activate(
+        &mut self,
+        token: usize,
+        ids: &[ConceptId],
+        hidden: Arc<Vec<f32>>,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let absent: Vec<ConceptId> =
+            ids.iter().copied().filter(|&id| self.pool.residency(id) == Residency::Absent).collect();
+        let mut bytes = HashMap::with_capacity(absent.len());
+        if !absent.is_empty() {
+            let fetched = self.cache.ask(Get(absent.clone())).await.map_err(stopped("cache"))?;
+            for (id, f) in absent.iter().zip(fetched) {
+                let b = f.map_err(|source| RuntimeError::Probe { token, source })?;
+                bytes.insert(*id, b);
+            }
+        }
+        let start = self.pool.active_len();
+        let mut ops = Vec::new();
+        // Warm probes first: activating an absent probe may evict a warm one, which must not be
+        // one we are about to reactivate.
+        let (warm, cold): (Vec<ConceptId>, Vec<ConceptId>) =
+            ids.iter().partition(|&&id| matches!(self.pool.residency(id), Residency::Warm(_)));
+        for &id in warm.iter().chain(&cold) {
+            self.pool.activate(id, &mut ops).map_err(|e| RuntimeError::Setup(e.to_string()))?;
+            self.active.insert(id);
+        }
+        let by_slot = match self.apply_and_score(token, ops, bytes, start, ids.len(), hidden).await {
+            Ok(logits) => logits,
+            Err(e) => {
+                self.broken = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        // Back to the caller's order.
+        Ok(ids
+            .iter()
+            .map(|&id| match self.pool.residency(id) {
+                Residency::Active(slot) => by_slot[slot - start],
+                other => unreachable!("{id:?} was just activated but is {other:?}"),
+            })
+            .collect())
+    }
+
+    async fn deactivate(&mut self, token: usize, ids: &[ConceptId]) -> Result<(), RuntimeError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut ops = Vec::new();
+        for &id in ids {
+            self.pool.deactivate(id, &mut ops);
+            self.active.remove(id);
+        }
+        let hidden = Arc::new(Vec::new());
+        if let Err(e) = self.apply_and_score(token, ops, HashMap::new(), 0, 0, hidden).await {
+            self.broken = Some(e.to_string());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn observe(&mut self, token: usize, hidden: &[f32]) -> Result<TokenReport, RuntimeError> {
+        if let Some(why) = &self.broken {
+            return Err(RuntimeError::Broken(why.clone()));
+        }
+        let start = Instant::now();
+        let h = Arc::new(prepare_hidden(token, hidden, self.pack.hidden_dim(), self.normalization)?);
+        let mut stages = StageTimings::default();
+
+        let t = Instant::now();
+        let initial = self.pool.active();
+        let n = initial.len();
+        let logits = self
+            .apply_and_score(token, Vec::new(), HashMap::new(), 0, n, h.clone())
+            .instrument(debug_span!("initial_scoring", token, probes = n))
+            .await?;
+        let initial: Vec<Scored> = initial.iter().zip(logits).map(|(&id, logit)| Scored { id, logit }).collect();
+        stages.initial_scoring += t.elapsed();
+
+        let pack = self.pack.clone();
+        let config = self.config.clone();
+        let mut tc = TokenCascade::new(pack.hierarchy(), &config, initial);
+        let mut activated: Vec<ConceptId> = Vec::new();
+        loop {
+            let t = Instant::now();
+            let next = tc.next_expansion(&self.active);
+            stages.expansion_lookup += t.elapsed();
+            let Some(ids) = next else { break };
+            let t = Instant::now();
+            let result = self
+                .activate(token, &ids, h.clone())
+                .instrument(debug_span!("load_and_score", token, probes = ids.len()))
+                .await;
+            let logits = match result {
+                Ok(l) => l,
+                Err(e) => {
+                    // Leave the active set as it was before the token (installed probes stay warm).
+                    let mut undo = activated.clone();
+                    undo.extend(ids.iter().copied().filter(|&id| self.active.contains(id)));
+                    let _ = self.deactivate(token, &undo).await;
+                    return Err(e);
+                }
+            };
+            // Loading and new-probe scoring are one round trip here; split by the share of time.
+            stages.loading += t.elapsed();
+            activated.extend_from_slice(&ids);
+            tc.add_scores(&ids, &logits);
+        }
+
+        let t = Instant::now();
+        let dropped = tc.prune(|id| self.base.contains(id));
+        self.deactivate(token, &dropped).instrument(debug_span!("pruning", token, dropped = dropped.len())).await?;
+        if self.hint_margin > 0.0 {
+            let hints = tc.near_misses(self.hint_margin, |c| self.pool.residency(c) != Residency::Absent);
+            if !hints.is_empty() {
+                // A tell: hints must never hold up the token.
+                let _ = self.cache.tell(Prefetch(hints)).try_send();
+            }
+        }
+        stages.pruning += t.elapsed();
+
+        let t = Instant::now();
+        let top = report_entries(pack.hierarchy(), &tc.report());
+        stages.sorting += t.elapsed();
+        Ok(TokenReport {
+            index: token,
+            top,
+            children: tc.children,
+            loaded: activated.len(),
+            unloaded: dropped.len(),
+            skipped_by_cap: tc.skipped_by_cap,
+            scored: tc.scored().len(),
+            active: self.active.len(),
+            stages,
+            elapsed: start.elapsed(),
+        })
+    }
+}
+
+impl Actor for Coordinator {
+    type Args = Self;
+    type Error = Infallible;
+
+    async fn on_start(state: Self, _: ActorRef<Self>) -> Result<Self, Self::Error> {
+        Ok(state)
+    }
+
+    async fn on_stop(
+        &mut self,
+        _: kameo::prelude::WeakActorRef<Self>,
+        _: kameo::prelude::ActorStopReason,
+    ) -> Result<(), Self::Error> {
+        // Downstream actors go when their last user does.
+        let _ = self.inference.stop_gracefully().await;
+        let _ = self.cache.stop_gracefully().await;
+        Ok(())
+    }
+}
+
+/// Score one hidden state. The token index is assigned in arrival order.
+pub struct Observe(pub Vec<f32>);
+
+impl Message<Observe> for Coordinator {
+    type Reply = Result<TokenReport, RuntimeError>;
+
+    async fn handle(&mut self, Observe(hidden): Observe, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.observe(token, &hidden).instrument(debug_span!("token", index = token)).await
+    }
+}
+
+/// The active probes, ascending.
+pub struct ActiveSet;
+
+impl Message<ActiveSet> for Coordinator {
+    type Reply = Vec<ConceptId>;
+
+    async fn handle(&mut self, _: ActiveSet, _: &mut Context<Self, Self::Reply>) -> Vec<ConceptId> {
+        self.active.iter().collect()
+    }
+}
+
+impl From<InferenceError> for RuntimeError {
+    fn from(source: InferenceError) -> Self {
+        RuntimeError::Inference { token: usize::MAX, source }
+    }
+}
