@@ -90,6 +90,12 @@ fn synth_inspect_verify_and_run() {
             .collect()
     };
     assert_eq!(names(&doc), names(&naive));
+    // So does the actor runtime in exact mode.
+    let runtime_json = f.root.join("runtime.json");
+    run_ok(run_cmd(&f, &f.trace).args(["--engine", "runtime", "--mode", "exact", "--json"]).arg(&runtime_json));
+    let runtime: serde_json::Value = serde_json::from_slice(&std::fs::read(&runtime_json).unwrap()).unwrap();
+    assert_eq!(runtime["engine"], "runtime");
+    assert_eq!(names(&doc), names(&runtime));
 }
 
 #[test]

@@ -1,21 +1,47 @@
-//! The naive engine (the seed's cost model) and the reference engine must give the same
-//! reports on the demo pack and trace, under each of the three shipped configurations.
+//! On the demo pack and trace, under each shipped configuration, the naive engine (the seed's
+//! cost model), the reference engine and the actor runtime in exact mode must give the same
+//! reports; the runtime also the same active set after every token.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use probe_cascade::config::Config;
 use probe_cascade::engine::{build_engine, EngineKind, TokenReport};
-use probe_cascade::pack::Pack;
+use probe_cascade::npy::Matrix;
+use probe_cascade::pack::{ConceptId, Pack};
+use probe_cascade::runtime::Cascade;
 use probe_cascade::synth::{concept_geometry, synth_trace, write_synth_pack, SynthParams, TraceParams};
 
-fn run(kind: EngineKind, pack: &Arc<Pack>, config: &Config, trace: &probe_cascade::npy::Matrix) -> Vec<TokenReport> {
+fn run(kind: EngineKind, pack: &Arc<Pack>, config: &Config, trace: &Matrix) -> Vec<(TokenReport, Vec<ConceptId>)> {
     let mut engine = build_engine(kind, pack.clone(), config).unwrap();
-    (0..trace.rows).map(|t| engine.observe(t, trace.row(t)).unwrap()).collect()
+    (0..trace.rows)
+        .map(|t| {
+            let r = engine.observe(t, trace.row(t)).unwrap();
+            (r, engine.active())
+        })
+        .collect()
 }
 
-#[test]
-fn naive_and_reference_agree_on_the_demo_trace() {
+fn assert_same(
+    name: &str,
+    engine: &str,
+    want: &[(TokenReport, Vec<ConceptId>)],
+    got: &[(TokenReport, Vec<ConceptId>)],
+) {
+    let names = |x: &TokenReport| x.top.iter().map(|e| (e.name.clone(), e.layer)).collect::<Vec<_>>();
+    for ((r, ra), (n, na)) in want.iter().zip(got) {
+        let ctx = format!("{name}, {engine} vs reference, token {}", r.index);
+        assert_eq!(names(r), names(n), "{ctx}: top lists");
+        for (a, b) in r.top.iter().zip(&n.top) {
+            assert!((a.logit - b.logit).abs() < 1e-3, "{ctx}: {} logit {} vs {}", a.name, a.logit, b.logit);
+        }
+        assert_eq!((r.children, r.loaded, r.unloaded, r.active), (n.children, n.loaded, n.unloaded, n.active), "{ctx}");
+        assert_eq!(ra, na, "{ctx}: active sets");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn naive_reference_and_runtime_agree_on_the_demo_trace() {
     let dir = tempfile::tempdir().unwrap();
     write_synth_pack(dir.path(), &SynthParams::demo(), |_| {}).unwrap();
     let pack = Arc::new(Pack::open(dir.path()).unwrap());
@@ -27,23 +53,21 @@ fn naive_and_reference_agree_on_the_demo_trace() {
         let config = Config::load(&root.join(format!("config/{name}.toml"))).unwrap();
         let reference = run(EngineKind::Reference, &pack, &config, &trace);
         let naive = run(EngineKind::Naive, &pack, &config, &trace);
-        let mut total_children = 0;
-        for (r, n) in reference.iter().zip(&naive) {
-            let ctx = format!("{name}, token {}", r.index);
-            let names = |x: &TokenReport| x.top.iter().map(|e| (e.name.clone(), e.layer)).collect::<Vec<_>>();
-            assert_eq!(names(r), names(n), "{ctx}: top lists");
-            for (a, b) in r.top.iter().zip(&n.top) {
-                assert!((a.logit - b.logit).abs() < 1e-3, "{ctx}: {} logit {} vs {}", a.name, a.logit, b.logit);
-            }
-            assert_eq!(
-                (r.children, r.loaded, r.unloaded, r.active),
-                (n.children, n.loaded, n.unloaded, n.active),
-                "{ctx}"
-            );
-            assert_eq!(r.top.len(), config.cascade.report_top_k.min(r.scored), "{ctx}");
-            total_children += r.children;
+        assert_same(name, "naive", &reference, &naive);
+
+        let cascade = Cascade::start(pack.clone(), &config).await.unwrap();
+        let mut runtime = Vec::new();
+        for t in 0..trace.rows {
+            let r = cascade.observe(trace.row(t).to_vec()).await.unwrap();
+            runtime.push((r, cascade.active().await.unwrap()));
         }
-        // The trace must exercise the cascade: children requested on most tokens.
+        cascade.shutdown().await;
+        assert_same(name, "runtime", &reference, &runtime);
+
+        let total_children: usize = reference.iter().map(|(r, _)| r.children).sum();
         assert!(total_children > reference.len(), "{name}: only {total_children} children requested");
+        for (r, _) in &reference {
+            assert_eq!(r.top.len(), config.cascade.report_top_k.min(r.scored));
+        }
     }
 }

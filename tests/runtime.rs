@@ -1,0 +1,271 @@
+//! The actor runtime against the reference engine, its readers, its cache and its failure
+//! behaviour. Async tests on a multi-threaded tokio runtime, as a daemon embedding it would run.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kameo::prelude::Spawn;
+use probe_cascade::config::{CascadeConfig, Config, Expansion, Pruning};
+use probe_cascade::engine::{build_engine, EngineKind, TokenReport};
+use probe_cascade::npy::Matrix;
+use probe_cascade::pack::{ConceptId, Pack};
+use probe_cascade::runtime::cache::{CacheSettings, Get, Stats, WeightCache};
+use probe_cascade::runtime::reader::{start_reader, ReadRequest, ReaderKind};
+use probe_cascade::runtime::{Cascade, RuntimeError};
+use probe_cascade::synth::{concept_geometry, synth_trace, TraceParams};
+
+fn tiny() -> (tempfile::TempDir, Arc<Pack>, Matrix) {
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_pack(dir.path());
+    let pack = Arc::new(Pack::open(dir.path()).unwrap());
+    let geometry = concept_geometry(&pack, |_| {}).unwrap();
+    let trace = synth_trace(&pack, &geometry, &TraceParams { tokens: 40, seed: 3, ..Default::default() });
+    (dir, pack, trace)
+}
+
+fn config(cascade: CascadeConfig) -> Config {
+    let mut c = Config { cascade, ..Config::default() };
+    c.device.threads = 2;
+    c
+}
+
+fn tight() -> CascadeConfig {
+    CascadeConfig { pruning: Pruning::TopK { keep_top_k: 8 }, max_loaded: 12, ..CascadeConfig::default() }
+}
+
+fn names(r: &TokenReport) -> Vec<(String, u16)> {
+    r.top.iter().map(|e| (e.name.clone(), e.layer)).collect()
+}
+
+/// Runs the reference engine and the runtime side by side, token by token, comparing reports
+/// and active sets.
+async fn assert_matches_reference(pack: &Arc<Pack>, config: &Config, trace: &Matrix, what: &str) -> Vec<TokenReport> {
+    let mut reference = build_engine(EngineKind::Reference, pack.clone(), config).unwrap();
+    let cascade = Cascade::start(pack.clone(), config).await.unwrap();
+    let mut out = Vec::new();
+    for t in 0..trace.rows {
+        let want = reference.observe(t, trace.row(t)).unwrap();
+        let got = cascade.observe(trace.row(t).to_vec()).await.unwrap();
+        let ctx = format!("{what}, token {t}");
+        assert_eq!(got.index, t, "{ctx}");
+        assert_eq!(names(&got), names(&want), "{ctx}: top list");
+        for (a, b) in got.top.iter().zip(&want.top) {
+            assert!((a.logit - b.logit).abs() < 1e-4, "{ctx}: {} {} vs {}", a.name, a.logit, b.logit);
+        }
+        assert_eq!(cascade.active().await.unwrap(), reference.active(), "{ctx}: active set");
+        assert_eq!((got.children, got.loaded, got.unloaded), (want.children, want.loaded, want.unloaded), "{ctx}");
+        out.push(got);
+    }
+    cascade.shutdown().await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_mode_matches_the_reference_under_every_policy() {
+    let (_dir, pack, trace) = tiny();
+    for (what, cascade) in [
+        ("threshold/top_k", tight()),
+        (
+            "decompose/global_top_k",
+            CascadeConfig {
+                expansion: Expansion::Decompose { top_k: 4, max_depth: 3 },
+                pruning: Pruning::GlobalTopK { keep: 4 },
+                hide_decomposed_parents: true,
+                ..CascadeConfig::default()
+            },
+        ),
+        (
+            "threshold/cold",
+            CascadeConfig {
+                pruning: Pruning::Cold { unload_threshold: 0.2 },
+                max_loaded: 10,
+                ..CascadeConfig::default()
+            },
+        ),
+        ("threshold/none", CascadeConfig { pruning: Pruning::None, ..CascadeConfig::default() }),
+    ] {
+        let reports = assert_matches_reference(&pack, &config(cascade), &trace, what).await;
+        assert!(reports.iter().map(|r| r.loaded).sum::<usize>() > 0, "{what}: the trace must load children");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_smaller_than_the_working_set_still_gives_correct_reports() {
+    let (_dir, pack, trace) = tiny();
+    let mut c = config(tight());
+    // Room for three probes while twelve can be active: constant eviction and re-reading.
+    c.runtime.cache_bytes = 3 * pack.layout().byte_len() as u64;
+    let reports = assert_matches_reference(&pack, &c, &trace, "small cache").await;
+    assert!(reports.iter().any(|r| r.loaded > 3));
+    // And a budget below a single probe: nothing is cached, everything still works.
+    c.runtime.cache_bytes = pack.layout().byte_len() as u64 / 2;
+    assert_matches_reference(&pack, &c, &trace, "tiny cache").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_uring_and_thread_readers_give_identical_bytes_and_reports() {
+    let (_dir, pack, trace) = tiny();
+    let shards: Vec<_> = pack.shards().iter().map(|s| s.path.clone()).collect();
+    let mut all = Vec::new();
+    for kind in [ReaderKind::IoUring, ReaderKind::Threads] {
+        let (tx, rx) = flume::unbounded();
+        let reader = match start_reader(kind, shards.clone(), 8, 2, tx) {
+            Ok(r) => r,
+            Err(e) if kind == ReaderKind::IoUring => {
+                eprintln!("SKIPPED io_uring half: the kernel refuses io_uring here ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(reader.kind(), kind);
+        for id in pack.hierarchy().ids() {
+            let loc = pack.location(id);
+            reader
+                .submit(ReadRequest {
+                    id,
+                    shard: loc.shard,
+                    offset: loc.offset,
+                    len: loc.length as usize,
+                    buf: Vec::new(),
+                })
+                .unwrap();
+        }
+        let mut got = vec![Vec::new(); pack.len()];
+        for _ in 0..pack.len() {
+            let c = rx.recv_async().await.unwrap();
+            let bytes = c.result.unwrap();
+            pack.check_crc(c.id, &bytes).unwrap();
+            got[c.id.index()] = bytes;
+        }
+        all.push(got);
+    }
+    assert_eq!(all[0], all[1]);
+    for (i, bytes) in all[0].iter().enumerate() {
+        assert_eq!(bytes, &pack.read_probe(ConceptId(i as u32)).unwrap(), "probe {i}");
+    }
+    let mut reports = Vec::new();
+    for kind in [ReaderKind::IoUring, ReaderKind::Threads] {
+        let mut c = config(tight());
+        c.runtime.reader = kind;
+        let cascade = Cascade::start(pack.clone(), &c).await.unwrap();
+        assert_eq!(cascade.reader(), kind);
+        let mut r = Vec::new();
+        for t in 0..trace.rows {
+            r.push(cascade.observe(trace.row(t).to_vec()).await.unwrap().top);
+        }
+        cascade.shutdown().await;
+        reports.push(r);
+    }
+    assert_eq!(reports[0], reports[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_on_one_probe_issue_one_read() {
+    let (_dir, pack, _) = tiny();
+    let settings =
+        CacheSettings { budget_bytes: 1 << 30, queue_depth: 8, reader: ReaderKind::Auto, fallback_threads: 2 };
+    let cache = WeightCache::spawn(WeightCache::new(pack.clone(), &settings).unwrap());
+    let id = ConceptId(7);
+    // Both requests are in the mailbox before the read can complete.
+    let (a, b, c) =
+        tokio::join!(cache.ask(Get(vec![id])), cache.ask(Get(vec![id, id])), cache.ask(Get(vec![ConceptId(8)])));
+    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    let stats = cache.ask(Stats).await.unwrap();
+    assert_eq!(stats.reads, 2, "one read for probe 7, one for probe 8: {stats:?}");
+    assert_eq!(stats.merged, 2, "{stats:?}");
+    let want = pack.read_probe(id).unwrap();
+    for got in [&a[0], &b[0], &b[1]] {
+        assert_eq!(&got.as_ref().unwrap()[..], &want[..]);
+    }
+    assert_eq!(&c[0].as_ref().unwrap()[..], &pack.read_probe(ConceptId(8)).unwrap()[..]);
+    // Now cached: a hit, no read.
+    cache.ask(Get(vec![id])).await.unwrap();
+    let stats = cache.ask(Stats).await.unwrap();
+    assert_eq!((stats.reads, stats.hits), (2, 1), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_work_in_flight_answers_every_request() {
+    let (_dir, pack, trace) = tiny();
+    let cascade = Cascade::start(pack.clone(), &config(tight())).await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..trace.rows {
+        let (cascade, h) = (cascade.clone(), trace.row(t).to_vec());
+        tasks.push(tokio::spawn(async move { cascade.observe(h).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    cascade.shutdown().await;
+    let (mut ok, mut refused) = (0, 0);
+    for task in tasks {
+        match tokio::time::timeout(Duration::from_secs(30), task).await.expect("no request may hang").unwrap() {
+            Ok(_) => ok += 1,
+            Err(RuntimeError::ShutDown) => refused += 1,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(ok + refused, trace.rows);
+    assert!(ok > 0, "requests queued before shutdown are finished");
+    assert!(matches!(cascade.observe(trace.row(0).to_vec()).await, Err(RuntimeError::ShutDown)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_probe_fails_its_token_and_the_rest_keep_working() {
+    let (dir, _, trace) = tiny();
+    // Corrupt one layer-1 probe that the trace's tokens will want.
+    let clean = Arc::new(Pack::open(dir.path()).unwrap());
+    let mut reference = build_engine(EngineKind::Reference, clean.clone(), &config(tight())).unwrap();
+    let mut victim = None;
+    for t in 0..trace.rows {
+        let before = reference.active();
+        reference.observe(t, trace.row(t)).unwrap();
+        if let Some(new) =
+            reference.active().into_iter().find(|c| !before.contains(c) && clean.hierarchy().layer(*c) == 1)
+        {
+            victim = Some(new);
+            break;
+        }
+    }
+    let victim = victim.expect("the trace activates some layer-1 probe");
+    let label = clean.hierarchy().label(victim);
+    let loc = clean.location(victim);
+    let path = clean.shard_of(victim).path.clone();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[loc.offset as usize + 10] ^= 0x55;
+    std::fs::write(&path, bytes).unwrap();
+    let pack = Arc::new(Pack::open(dir.path()).unwrap());
+
+    let cascade = Cascade::start(pack.clone(), &config(tight())).await.unwrap();
+    let (mut errors, mut ok_after_error) = (0, 0);
+    for t in 0..trace.rows {
+        match cascade.observe(trace.row(t).to_vec()).await {
+            Ok(_) if errors > 0 => ok_after_error += 1,
+            Ok(_) => {}
+            Err(e) => {
+                let s = e.to_string();
+                assert!(s.contains(&format!("token {t}")) && s.contains(&label) && s.contains("checksum"), "{s}");
+                assert_eq!(e.token(), Some(t));
+                errors += 1;
+            }
+        }
+    }
+    assert!(errors > 0, "the corrupt probe {label} was needed");
+    assert!(ok_after_error > 0, "tokens that do not need it still work");
+    cascade.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_hidden_states_are_errors_naming_the_token() {
+    let (_dir, pack, trace) = tiny();
+    let cascade = Cascade::start(pack.clone(), &config(tight())).await.unwrap();
+    cascade.observe(trace.row(0).to_vec()).await.unwrap();
+    let e = cascade.observe(vec![0.0; 31]).await.unwrap_err();
+    assert!(e.to_string().contains("token 1") && e.to_string().contains("D=32"), "{e}");
+    let mut h = trace.row(2).to_vec();
+    h[4] = f32::INFINITY;
+    let e = cascade.observe(h).await.unwrap_err();
+    assert!(e.to_string().contains("token 2") && e.to_string().contains("[4] is inf"), "{e}");
+    assert_eq!(cascade.observe(trace.row(3).to_vec()).await.unwrap().index, 3);
+    cascade.shutdown().await;
+}
