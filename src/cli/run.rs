@@ -103,6 +103,8 @@ fn token_json(r: &TokenReport) -> serde_json::Value {
         "skipped_by_cap": r.skipped_by_cap,
         "stages": r.stages,
         "top": r.top,
+        "in_flight": r.in_flight,
+        "failed_loads": r.failed_loads,
     })
 }
 

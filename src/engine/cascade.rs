@@ -151,6 +151,8 @@ impl<B: ProbeBackend> Engine for CascadeEngine<B> {
                 active: self.active.len(),
                 stages,
                 elapsed: start.elapsed(),
+                in_flight: Vec::new(),
+                failed_loads: Vec::new(),
             }),
             Err(source) => {
                 // Leave the active set as it was before the token, so the next one starts clean.

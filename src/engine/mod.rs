@@ -123,6 +123,10 @@ pub struct TokenReport {
     pub active: usize,
     pub stages: StageTimings,
     pub elapsed: Duration,
+    /// Pipelined runtime: requested children still loading when the report was made.
+    pub in_flight: Vec<String>,
+    /// Pipelined runtime: children of earlier tokens whose late loads failed.
+    pub failed_loads: Vec<String>,
 }
 
 /// A cascade engine: one hidden state in, one report out.

@@ -76,6 +76,14 @@ impl ConceptSet {
     pub fn len(&self) -> usize {
         self.len
     }
+    /// Members of either set.
+    pub fn union(&self, other: &ConceptSet) -> ConceptSet {
+        let n = self.bits.len().max(other.bits.len());
+        let word = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
+        let bits: Vec<u64> = (0..n).map(|i| word(&self.bits, i) | word(&other.bits, i)).collect();
+        let len = bits.iter().map(|w| w.count_ones() as usize).sum();
+        ConceptSet { bits, len }
+    }
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

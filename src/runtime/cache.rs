@@ -62,6 +62,8 @@ pub struct CacheStats {
     pub evictions: u64,
     pub resident_bytes: u64,
     pub entries: u64,
+    /// Reads issued and not completed, and reads waiting for a queue slot.
+    pub in_flight: u64,
 }
 
 enum Waiter {
@@ -305,6 +307,19 @@ impl Message<Get> for WeightCache {
     }
 }
 
+/// The probes among `ids` whose bytes are in RAM now; never reads.
+pub struct Peek(pub Vec<ConceptId>);
+
+impl Message<Peek> for WeightCache {
+    type Reply = Vec<(ConceptId, Arc<ProbeBytes>)>;
+
+    async fn handle(&mut self, Peek(ids): Peek, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        let hits: Vec<_> = ids.into_iter().filter_map(|id| self.lru.get(&id).map(|b| (id, b.clone()))).collect();
+        self.stats.hits += hits.len() as u64;
+        hits
+    }
+}
+
 /// Speculative prefetch: read these into RAM if they are not there, without taking a slot.
 pub struct Prefetch(pub Vec<ConceptId>);
 
@@ -337,6 +352,11 @@ impl Message<Stats> for WeightCache {
     type Reply = CacheStats;
 
     async fn handle(&mut self, _: Stats, _: &mut Context<Self, Self::Reply>) -> CacheStats {
-        CacheStats { resident_bytes: self.used, entries: self.lru.len() as u64, ..self.stats }
+        CacheStats {
+            resident_bytes: self.used,
+            entries: self.lru.len() as u64,
+            in_flight: (self.in_flight + self.backlog.len()) as u64,
+            ..self.stats
+        }
     }
 }

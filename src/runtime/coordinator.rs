@@ -5,19 +5,21 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use kameo::error::{Infallible, SendError};
 use kameo::message::{Context, Message};
 use kameo::prelude::ActorRef;
 use kameo::Actor;
 use tracing::{debug_span, Instrument};
 
-use super::cache::{Get, Prefetch, WeightCache};
+use super::cache::{Fetched, Get, Peek, Prefetch, ProbeBytes, WeightCache};
 use super::inference::{ApplyAndScore, Inference, InferenceError};
 use super::pool::{ModelPool, Residency, SlotOp};
 use super::RuntimeError;
-use crate::config::{CascadeConfig, Normalization};
+use crate::config::{CascadeConfig, Mode, Normalization};
 use crate::engine::{prepare_hidden, report_entries, StageTimings, TokenReport};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::{ConceptSet, Scored, TokenCascade};
@@ -35,6 +37,12 @@ pub struct Coordinator {
     pub(super) next_token: usize,
     /// Set when the arena can no longer be trusted (a tensor op failed mid-rearrangement).
     pub(super) broken: Option<String>,
+    pub(super) mode: Mode,
+    pub(super) latency_budget: Duration,
+    /// Pipelined mode: children requested but not landed yet.
+    pub(super) pending: ConceptSet,
+    /// Pipelined mode: late loads that failed, reported with the next token.
+    pub(super) failed_late: Vec<String>,
 }
 
 fn stopped<M, E>(actor: &'static str) -> impl FnOnce(SendError<M, E>) -> RuntimeError {
@@ -81,6 +89,17 @@ impl Coordinator {
                 bytes.insert(*id, b);
             }
         }
+        self.activate_with(token, ids, bytes, hidden).await
+    }
+
+    /// Activates `ids`, whose absent members' bytes are in `bytes`; returns logits in order.
+    async fn activate_with(
+        &mut self,
+        token: usize,
+        ids: &[ConceptId],
+        bytes: HashMap<ConceptId, Arc<ProbeBytes>>,
+        hidden: Arc<Vec<f32>>,
+    ) -> Result<Vec<f32>, RuntimeError> {
         let start = self.pool.active_len();
         let mut ops = Vec::new();
         // Warm probes first: activating an absent probe may evict a warm one, which must not be
@@ -108,6 +127,101 @@ impl Coordinator {
             .collect())
     }
 
+    /// Pipelined mode: asks for the bytes of `absent` probes and waits at most the latency
+    /// budget. Returns what landed in time; the rest land later as `Landed` messages.
+    async fn fetch_within_budget(&mut self, absent: Vec<ConceptId>, me: &ActorRef<Self>) -> Vec<(ConceptId, Fetched)> {
+        let mut reads: FuturesUnordered<_> = absent
+            .into_iter()
+            .map(|id| {
+                let cache = self.cache.clone();
+                async move {
+                    let fetched = match cache.ask(Get(vec![id])).await {
+                        Ok(mut v) => v.pop().expect("one result per id"),
+                        Err(e) => Err(super::cache::ReadError(Arc::new(crate::pack::PackError::Unsupported {
+                            path: "cache".into(),
+                            reason: format!("the cache actor did not answer: {}", super::describe(&e)),
+                        }))),
+                    };
+                    (id, fetched)
+                }
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + self.latency_budget;
+        let mut landed = Vec::new();
+        // A zero budget takes only what is ready at once (the timer would round up to 1 ms).
+        if self.latency_budget.is_zero() {
+            while let Some(Some(x)) = reads.next().now_or_never() {
+                landed.push(x);
+            }
+        }
+        while !self.latency_budget.is_zero() {
+            tokio::select! {
+                biased;
+                next = reads.next() => match next {
+                    Some(x) => landed.push(x),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if !reads.is_empty() {
+            for id in landed.iter().map(|(id, _)| *id) {
+                self.pending.remove(id);
+            }
+            // A tell back to us from a plain task: we never wait on it, so no cycle.
+            let weak = me.downgrade();
+            tokio::spawn(async move {
+                while let Some((id, fetched)) = reads.next().await {
+                    let Some(me) = weak.upgrade() else { break };
+                    if me.tell(Landed { id, fetched }).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        landed
+    }
+
+    /// Pipelined mode: activates and scores the children that are resident or land within the
+    /// budget; the rest stay pending. Returns the ids scored and their logits.
+    async fn activate_landed(
+        &mut self,
+        token: usize,
+        ids: &[ConceptId],
+        hidden: Arc<Vec<f32>>,
+        me: &ActorRef<Self>,
+    ) -> Result<(Vec<ConceptId>, Vec<f32>), RuntimeError> {
+        let (mut ready, absent): (Vec<ConceptId>, Vec<ConceptId>) =
+            ids.iter().partition(|&&id| self.pool.residency(id) != Residency::Absent);
+        absent.iter().for_each(|&id| {
+            self.pending.insert(id);
+        });
+        let mut bytes = HashMap::new();
+        if !absent.is_empty() {
+            // Bytes already in RAM count as resident: installing them takes microseconds.
+            let hits = self.cache.ask(Peek(absent.clone())).await.map_err(stopped("cache"))?;
+            for (id, b) in hits {
+                self.pending.remove(id);
+                bytes.insert(id, b);
+                ready.push(id);
+            }
+        }
+        let absent: Vec<ConceptId> = absent.into_iter().filter(|id| !bytes.contains_key(id)).collect();
+        if !absent.is_empty() {
+            for (id, fetched) in self.fetch_within_budget(absent, me).await {
+                self.pending.remove(id);
+                let b = fetched.map_err(|source| RuntimeError::Probe { token, source })?;
+                bytes.insert(id, b);
+                ready.push(id);
+            }
+        }
+        if ready.is_empty() {
+            return Ok((ready, Vec::new()));
+        }
+        let logits = self.activate_with(token, &ready, bytes, hidden).await?;
+        Ok((ready, logits))
+    }
+
     async fn deactivate(&mut self, token: usize, ids: &[ConceptId]) -> Result<(), RuntimeError> {
         if ids.is_empty() {
             return Ok(());
@@ -125,7 +239,12 @@ impl Coordinator {
         Ok(())
     }
 
-    async fn observe(&mut self, token: usize, hidden: &[f32]) -> Result<TokenReport, RuntimeError> {
+    async fn observe(
+        &mut self,
+        token: usize,
+        hidden: &[f32],
+        me: &ActorRef<Self>,
+    ) -> Result<TokenReport, RuntimeError> {
         if let Some(why) = &self.broken {
             return Err(RuntimeError::Broken(why.clone()));
         }
@@ -149,14 +268,23 @@ impl Coordinator {
         let mut activated: Vec<ConceptId> = Vec::new();
         loop {
             let t = Instant::now();
-            let next = tc.next_expansion(&self.active);
+            // Children in flight count as active: not asked for twice, and they take room.
+            let wanted = if self.pending.is_empty() { self.active.clone() } else { self.active.union(&self.pending) };
+            let next = tc.next_expansion(&wanted);
             stages.expansion_lookup += t.elapsed();
             let Some(ids) = next else { break };
             let t = Instant::now();
-            let result = self
-                .activate(token, &ids, h.clone())
-                .instrument(debug_span!("load_and_score", token, probes = ids.len()))
-                .await;
+            let result = if self.mode == Mode::Exact {
+                self.activate(token, &ids, h.clone())
+                    .instrument(debug_span!("load_and_score", token, probes = ids.len()))
+                    .await
+            } else {
+                self.activate_landed(token, &ids, h.clone(), me).await.map(|(ready, logits)| {
+                    tc.add_scores(&ready, &logits);
+                    activated.extend_from_slice(&ready);
+                    Vec::new()
+                })
+            };
             let logits = match result {
                 Ok(l) => l,
                 Err(e) => {
@@ -167,10 +295,11 @@ impl Coordinator {
                     return Err(e);
                 }
             };
-            // Loading and new-probe scoring are one round trip here; split by the share of time.
             stages.loading += t.elapsed();
-            activated.extend_from_slice(&ids);
-            tc.add_scores(&ids, &logits);
+            if self.mode == Mode::Exact {
+                activated.extend_from_slice(&ids);
+                tc.add_scores(&ids, &logits);
+            }
         }
 
         let t = Instant::now();
@@ -188,7 +317,11 @@ impl Coordinator {
         let t = Instant::now();
         let top = report_entries(pack.hierarchy(), &tc.report());
         stages.sorting += t.elapsed();
+        let in_flight = self.pending.iter().map(|c| pack.hierarchy().label(c)).collect();
+        let failed_loads = std::mem::take(&mut self.failed_late);
         Ok(TokenReport {
+            in_flight,
+            failed_loads,
             index: token,
             top,
             children: tc.children,
@@ -229,10 +362,50 @@ pub struct Observe(pub Vec<f32>);
 impl Message<Observe> for Coordinator {
     type Reply = Result<TokenReport, RuntimeError>;
 
-    async fn handle(&mut self, Observe(hidden): Observe, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+    async fn handle(&mut self, Observe(hidden): Observe, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
         let token = self.next_token;
         self.next_token += 1;
-        self.observe(token, &hidden).instrument(debug_span!("token", index = token)).await
+        let me = ctx.actor_ref().clone();
+        self.observe(token, &hidden, &me).instrument(debug_span!("token", index = token)).await
+    }
+}
+
+/// Pipelined mode: a child asked for by an earlier token has landed (or failed to).
+pub struct Landed {
+    id: ConceptId,
+    fetched: Fetched,
+}
+
+impl Message<Landed> for Coordinator {
+    type Reply = ();
+
+    async fn handle(&mut self, Landed { id, fetched }: Landed, _: &mut Context<Self, Self::Reply>) {
+        if !self.pending.remove(id) || self.broken.is_some() {
+            return;
+        }
+        match fetched {
+            Err(e) => self.failed_late.push(e.to_string()),
+            // Installed now, while the caller generates the next token; scored with it.
+            Ok(bytes) if !self.active.contains(id) && self.active.len() < self.config.max_loaded => {
+                let map = HashMap::from([(id, bytes)]);
+                let hidden = Arc::new(vec![0.0; self.pack.hidden_dim()]);
+                if let Err(e) = self.activate_with(usize::MAX, &[id], map, hidden).await {
+                    self.failed_late.push(e.to_string());
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Pipelined mode: how many requested children have not landed yet.
+pub struct PendingLoads;
+
+impl Message<PendingLoads> for Coordinator {
+    type Reply = usize;
+
+    async fn handle(&mut self, _: PendingLoads, _: &mut Context<Self, Self::Reply>) -> usize {
+        self.pending.len()
     }
 }
 

@@ -18,12 +18,12 @@ use std::sync::Arc;
 use kameo::mailbox;
 use kameo::prelude::{ActorRef, Spawn};
 
-use crate::config::{Config, Mode};
+use crate::config::Config;
 use crate::engine::{tensors, EngineError, TokenReport};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::ConceptSet;
 use cache::{CacheSettings, CacheStats, ReadError, WeightCache};
-use coordinator::{ActiveSet, Coordinator, Observe};
+use coordinator::{ActiveSet, Coordinator, Observe, PendingLoads};
 use inference::{Inference, InferenceError};
 use pool::ModelPool;
 use reader::ReaderKind;
@@ -68,9 +68,6 @@ pub struct Cascade {
 impl Cascade {
     /// Starts the actors and loads the base layers. Needs a multi-threaded tokio runtime.
     pub async fn start(pack: Arc<Pack>, config: &Config) -> Result<Self, RuntimeError> {
-        if config.runtime.mode == Mode::Pipelined {
-            return Err(RuntimeError::Setup("runtime.mode = \"pipelined\" is not implemented yet".into()));
-        }
         let device = tensors::open_device(&config.device)?;
         let compute = tensors::kind_of(config.device.compute_dtype);
         let rt = &config.runtime;
@@ -120,6 +117,10 @@ impl Cascade {
             inference,
             next_token: 0,
             broken: None,
+            mode: config.runtime.mode,
+            latency_budget: std::time::Duration::from_micros(config.runtime.latency_budget_us),
+            pending: ConceptSet::default(),
+            failed_late: Vec::new(),
         };
         coordinator.load_base().await?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
@@ -138,6 +139,20 @@ impl Cascade {
     /// The active probes, ascending.
     pub async fn active(&self) -> Result<Vec<ConceptId>, RuntimeError> {
         self.coordinator.ask(ActiveSet).await.map_err(|_| RuntimeError::ShutDown)
+    }
+
+    /// Waits until no load is in flight: no child pending in the coordinator (pipelined mode)
+    /// and no read outstanding in the cache (hints included). A generation loop gets this for
+    /// free while it computes the next token; tests and benchmarks call it to model that gap.
+    pub async fn settle(&self) -> Result<(), RuntimeError> {
+        loop {
+            let pending = self.coordinator.ask(PendingLoads).await.map_err(|_| RuntimeError::ShutDown)?;
+            let stats = self.cache_stats().await?;
+            if pending == 0 && stats.in_flight == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+        }
     }
 
     pub async fn cache_stats(&self) -> Result<CacheStats, RuntimeError> {
