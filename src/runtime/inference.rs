@@ -69,12 +69,19 @@ impl Inference {
         let layout = self.pack.layout();
         let ranges = layout.ranges(&self.pack.tensor_offsets(id));
         let storage = kind_of(layout.dtype);
-        for ((part, range), tensor) in self.arena.parts().into_iter().zip(ranges).zip(layout.tensors()) {
+        for (part, range) in self.arena.parts().into_iter().zip(ranges) {
             let mut dst = part.f_get(slot as i64)?;
             let shape = dst.size();
-            let src =
-                Tensor::f_from_data_size(&bytes[range], &[tensor.numel() as i64], storage)?.f_view(shape.as_slice())?;
-            dst.f_copy_(&src)?;
+            let src = &bytes[range];
+            // A borrowed view of the cache's bytes: no allocation and no copy before `copy_`,
+            // which converts the dtype and moves the data to the device in one pass.
+            // SAFETY: `src` holds exactly numel(shape) elements of `storage` (the pack checked
+            // lengths at open and the CRC at read), it outlives `view`, which is dropped at the
+            // end of this iteration, and the probe's tensor offsets are multiples of the
+            // element size within an allocation aligned for it.
+            debug_assert_eq!(src.len() as i64, shape.iter().product::<i64>() * storage.elt_size_in_bytes() as i64);
+            let view = unsafe { Tensor::f_from_blob(src.as_ptr(), &shape, &[], storage, Device::Cpu)? };
+            dst.f_copy_(&view)?;
         }
         self.installs += 1;
         Ok(())
