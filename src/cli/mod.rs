@@ -1,5 +1,6 @@
 //! Command-line front end. Library errors become anyhow reports here, and only here.
 
+mod bench;
 mod pack;
 mod progress;
 mod run;
@@ -26,6 +27,8 @@ enum Command {
     Trace(trace::TraceCommand),
     /// Run the cascade over a trace and print a line per token.
     Run(run::RunArgs),
+    /// Run every engine on the same pack and trace; write bench.md and bench.json.
+    Bench(bench::BenchArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -35,6 +38,7 @@ pub fn main() -> ExitCode {
         Command::Pack(cmd) => pack::run(cmd),
         Command::Trace(cmd) => trace::run(cmd),
         Command::Run(args) => run::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,

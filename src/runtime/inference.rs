@@ -65,7 +65,8 @@ impl Inference {
         Ok(Self { pack, device, compute, arena, scratch: slots, installs: 0 })
     }
 
-    fn install(&mut self, slot: usize, id: ConceptId, bytes: &[u8]) -> Result<(), tch::TchError> {
+    /// Copies a probe's bytes into a slot (converting to the compute dtype).
+    pub fn install(&mut self, slot: usize, id: ConceptId, bytes: &[u8]) -> Result<(), tch::TchError> {
         let layout = self.pack.layout();
         let ranges = layout.ranges(&self.pack.tensor_offsets(id));
         let storage = kind_of(layout.dtype);
@@ -115,7 +116,7 @@ impl Inference {
     }
 
     /// Logits of slots `[start, start + len)`.
-    fn score(&self, start: usize, len: usize, hidden: &[f32]) -> Result<Vec<f32>, tch::TchError> {
+    pub fn score(&self, start: usize, len: usize, hidden: &[f32]) -> Result<Vec<f32>, tch::TchError> {
         if len == 0 {
             return Ok(Vec::new());
         }

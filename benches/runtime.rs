@@ -1,0 +1,186 @@
+//! Kernels and components against their floors: batched inference (f32 and bf16 weights) vs
+//! the memory-bandwidth floor, installing a probe, cache hit/miss/evict, reader throughput
+//! (io_uring vs threads) and one actor round trip. Each prints bytes per second where bytes
+//! make sense.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kameo::prelude::Spawn;
+use probe_cascade::config::Config;
+use probe_cascade::engine::tensors::batched_logits;
+use probe_cascade::pack::{write_pack, ConceptDef, ConceptId, DType, Pack, PackSpec, ProbeWeights};
+use probe_cascade::runtime::cache::{CacheSettings, Get, WeightCache};
+use probe_cascade::runtime::inference::Inference;
+use probe_cascade::runtime::reader::{start_reader, ReadRequest, ReaderKind};
+use probe_cascade::runtime::Cascade;
+use tch::{Device, Kind, Tensor};
+
+const D: i64 = 2560;
+
+/// This machine's read bandwidth: summing a 512 MB f32 tensor, best of five.
+fn read_bandwidth() -> f64 {
+    let t = Tensor::ones([128 << 20], (Kind::Float, Device::Cpu));
+    (0..5)
+        .map(|_| {
+            let s = Instant::now();
+            let _ = t.sum(Kind::Float).double_value(&[]);
+            (512u64 << 20) as f64 / s.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
+
+fn inference(c: &mut Criterion) {
+    let _g = tch::no_grad_guard();
+    tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
+    let bw = read_bandwidth();
+    eprintln!("measured read bandwidth: {:.1} GB/s", bw / 1e9);
+    let mut group = c.benchmark_group("inference");
+    group.sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
+    for kind in [Kind::Float, Kind::BFloat16] {
+        for s in [14i64, 30, 100, 500] {
+            let opts = (kind, Device::Cpu);
+            let (w1, b1) = (Tensor::randn([s, 128, D], opts) * 0.02, Tensor::zeros([s, 128, 1], opts));
+            let (w2, b2) = (Tensor::randn([s, 64, 128], opts) * 0.1, Tensor::zeros([s, 64, 1], opts));
+            let (w3, b3) = (Tensor::randn([s, 1, 64], opts) * 0.1, Tensor::zeros([s, 1, 1], opts));
+            let x = Tensor::randn([D, 1], opts);
+            let bytes = (s * (128 * D + 128 + 64 * 128 + 64 + 64 + 1)) as u64 * kind.elt_size_in_bytes() as u64;
+            let floor_ms = bytes as f64 / bw * 1e3;
+            let name = if kind == Kind::Float { "f32" } else { "bf16" };
+            eprintln!(
+                "inference/{name}/S={s}: {:.1} MB of weights per token, floor {floor_ms:.3} ms",
+                bytes as f64 / 1e6
+            );
+            group.throughput(Throughput::Bytes(bytes));
+            group.bench_with_input(BenchmarkId::new(name, s), &s, |b, _| {
+                b.iter(|| batched_logits(&w1, &b1, &w2, &b2, &w3, &b3, &x).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+/// A pack of `n` f32 probes at D=2560 (1.34 MB each), with simple weights.
+fn big_pack(n: usize, dtype: DType) -> (tempfile::TempDir, Arc<Pack>) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = PackSpec {
+        hidden_dim: D as usize,
+        dtype,
+        input_normalization: Default::default(),
+        probes_per_shard: 256,
+        concepts: (0..n).map(|i| ConceptDef { name: format!("C{i}"), layer: 0, parents: vec![] }).collect(),
+    };
+    let w = ProbeWeights {
+        w1: (0..128 * D as usize).map(|i| (i % 97) as f32 * 1e-3).collect(),
+        b1: vec![0.0; 128],
+        w2: vec![0.01; 64 * 128],
+        b2: vec![0.0; 64],
+        w3: vec![0.1; 64],
+        b3: vec![0.0],
+    };
+    write_pack(dir.path(), &spec, |_| w.clone(), |_| {}).unwrap();
+    let pack = Arc::new(Pack::open(dir.path()).unwrap());
+    (dir, pack)
+}
+
+fn install(c: &mut Criterion) {
+    let mut group = c.benchmark_group("install");
+    group.sample_size(30).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
+    for dtype in [DType::Bf16, DType::F32] {
+        let (_dir, pack) = big_pack(2, dtype);
+        let bytes = pack.read_probe(ConceptId(0)).unwrap();
+        let mut inf = Inference::new(pack.clone(), 8, Device::Cpu, Kind::Float).unwrap();
+        group.throughput(Throughput::Bytes(bytes.len() as u64));
+        group.bench_function(format!("{dtype}_to_f32_slot"), |b| {
+            b.iter(|| tch::no_grad(|| inf.install(3, ConceptId(0), &bytes).unwrap()))
+        });
+    }
+    group.finish();
+}
+
+fn cache_and_reader(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (_dir, pack) = big_pack(500, DType::F32);
+    let shards: Vec<_> = pack.shards().iter().map(|s| s.path.clone()).collect();
+    let probe = pack.layout().byte_len() as u64;
+    // Warm the page cache.
+    for s in &shards {
+        std::io::copy(&mut std::fs::File::open(s).unwrap(), &mut std::io::sink()).unwrap();
+    }
+    let mut group = c.benchmark_group("reader");
+    group.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_millis(500));
+    group.throughput(Throughput::Bytes(probe * 500));
+    for kind in [ReaderKind::IoUring, ReaderKind::Threads] {
+        let (tx, rx) = flume::unbounded();
+        let Ok(reader) = start_reader(kind, shards.clone(), 32, 2, tx) else {
+            eprintln!("reader/{kind:?}: unavailable here, skipped");
+            continue;
+        };
+        // Recycled buffers, as the cache gives them: 32 in circulation.
+        let mut spare: Vec<Vec<u8>> = (0..32).map(|_| Vec::with_capacity(probe as usize)).collect();
+        group.bench_function(format!("{kind:?}_500_probes_warm_page_cache"), |b| {
+            b.iter(|| {
+                let (mut next, mut done) = (0usize, 0usize);
+                while done < 500 {
+                    while next < 500 && !spare.is_empty() {
+                        let id = ConceptId(next as u32);
+                        let loc = pack.location(id);
+                        let buf = spare.pop().unwrap();
+                        reader
+                            .submit(ReadRequest {
+                                id,
+                                shard: loc.shard,
+                                offset: loc.offset,
+                                len: loc.length as usize,
+                                buf,
+                            })
+                            .unwrap();
+                        next += 1;
+                    }
+                    let c = rx.recv().unwrap();
+                    spare.push(c.result.unwrap());
+                    done += 1;
+                }
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("cache");
+    group.sample_size(20).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
+    group.throughput(Throughput::Bytes(probe));
+    let settings =
+        |budget| CacheSettings { budget_bytes: budget, queue_depth: 32, reader: ReaderKind::Auto, fallback_threads: 2 };
+    let cache = rt.block_on(async { WeightCache::spawn(WeightCache::new(pack.clone(), &settings(1 << 31)).unwrap()) });
+    rt.block_on(async { cache.ask(Get(vec![ConceptId(0)])).await }).unwrap();
+    group
+        .bench_function("hit", |b| b.iter(|| rt.block_on(async { cache.ask(Get(vec![ConceptId(0)])).await }).unwrap()));
+    // Misses: a budget of zero keeps nothing, so every Get reads (from the page cache).
+    let uncached = rt.block_on(async { WeightCache::spawn(WeightCache::new(pack.clone(), &settings(0)).unwrap()) });
+    group.bench_function("miss", |b| {
+        b.iter(|| rt.block_on(async { uncached.ask(Get(vec![ConceptId(1)])).await }).unwrap())
+    });
+    // Evict: a budget of two probes, cycling through three, so every Get reads and evicts.
+    let small =
+        rt.block_on(async { WeightCache::spawn(WeightCache::new(pack.clone(), &settings(2 * probe)).unwrap()) });
+    let mut i = 0u32;
+    group.bench_function("miss_and_evict", |b| {
+        b.iter(|| {
+            i = (i + 1) % 3;
+            rt.block_on(async { small.ask(Get(vec![ConceptId(i)])).await }).unwrap()
+        })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("actor");
+    group.sample_size(50).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
+    let config = Config::default();
+    let cascade = rt.block_on(Cascade::start(pack.clone(), &config)).unwrap();
+    group.bench_function("round_trip", |b| b.iter(|| rt.block_on(cascade.active()).unwrap()));
+    group.finish();
+    rt.block_on(cascade.shutdown());
+}
+
+criterion_group!(benches, inference, install, cache_and_reader);
+criterion_main!(benches);

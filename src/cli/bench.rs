@@ -1,0 +1,317 @@
+//! `probe-cascade bench`: every engine on the same pack and trace, one after another in one
+//! process, under the seed's three configurations and the decompose variant. Writes bench.md
+//! (a table like the seed's) and bench.json (rows and per-token figures).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use probe_cascade::config::{Config, Mode, Pruning};
+use probe_cascade::engine::{build_engine, EngineKind, TokenReport};
+use probe_cascade::npy::Matrix;
+use probe_cascade::pack::Pack;
+use probe_cascade::runtime::BlockingCascade;
+use serde_json::json;
+
+use super::progress::bar;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[arg(long)]
+    pack: PathBuf,
+    #[arg(long)]
+    trace: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Measured tokens (after the warm-up ones).
+    #[arg(long, default_value_t = 200)]
+    tokens: usize,
+    /// Tokens run first and left out of the figures.
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// Drop the pack from the page cache before each engine (posix_fadvise DONTNEED).
+    #[arg(long)]
+    cold: bool,
+    /// Engines to run (default: all four).
+    #[arg(long, value_delimiter = ',')]
+    engines: Option<Vec<String>>,
+    /// Configurations to run (default: all four).
+    #[arg(long, value_delimiter = ',')]
+    configs: Option<Vec<String>>,
+}
+
+const ENGINES: [&str; 4] = ["naive", "reference", "runtime-exact", "runtime-pipelined"];
+
+/// The seed's comparison table (base [0], threshold 0.3) and the decompose variant.
+fn configs() -> anyhow::Result<Vec<(&'static str, Config)>> {
+    let realtime = Config::parse(include_str!("../../config/realtime.toml"), Path::new("config/realtime.toml"))?;
+    let decompose = Config::parse(include_str!("../../config/decompose.toml"), Path::new("config/decompose.toml"))?;
+    let with = |pruning: Pruning| {
+        let mut c = realtime.clone();
+        c.cascade.pruning = pruning;
+        c
+    };
+    Ok(vec![
+        ("seed-no-pruning", with(Pruning::None)),
+        ("seed-top-50", with(Pruning::TopK { keep_top_k: 50 })),
+        ("seed-top-30", with(Pruning::TopK { keep_top_k: 30 })),
+        ("decompose", decompose),
+    ])
+}
+
+struct Row {
+    config: String,
+    engine: String,
+    mode: String,
+    ms: Vec<f64>,
+    final_active: usize,
+    loads: usize,
+    children: usize,
+    cache_hit_rate: Option<f64>,
+    bytes_read: u64,
+    in_flight: usize,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+fn drop_page_cache(pack: &Pack) {
+    for shard in pack.shards() {
+        if let Ok(f) = std::fs::File::open(&shard.path) {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid open fd; DONTNEED only drops clean cached pages.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+}
+
+fn warm_page_cache(pack: &Pack) -> std::io::Result<()> {
+    for shard in pack.shards() {
+        std::io::copy(&mut std::fs::File::open(&shard.path)?, &mut std::io::sink())?;
+    }
+    Ok(())
+}
+
+fn run_sync(
+    kind: EngineKind,
+    pack: &Arc<Pack>,
+    config: &Config,
+    trace: &Matrix,
+    warmup: usize,
+    tokens: usize,
+) -> anyhow::Result<Vec<TokenReport>> {
+    let mut engine = build_engine(kind, pack.clone(), config)?;
+    let mut out = Vec::with_capacity(tokens);
+    for t in 0..warmup + tokens {
+        let r = engine.observe(t, trace.row(t % trace.rows))?;
+        if t >= warmup {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+fn run_runtime(
+    pack: &Arc<Pack>,
+    config: &Config,
+    trace: &Matrix,
+    warmup: usize,
+    tokens: usize,
+) -> anyhow::Result<(Vec<TokenReport>, f64, u64)> {
+    let engine = BlockingCascade::start(pack.clone(), config)?;
+    let cascade = engine.cascade().clone();
+    let mut out = Vec::with_capacity(tokens);
+    let mut before = None;
+    for t in 0..warmup + tokens {
+        if t == warmup {
+            before = Some(engine.block_on(cascade.cache_stats())?);
+        }
+        let r = engine.block_on(cascade.observe(trace.row(t % trace.rows).to_vec()))?;
+        // The caller generating the next token: loads land meanwhile (not timed).
+        engine.block_on(cascade.settle())?;
+        if t >= warmup {
+            out.push(r);
+        }
+    }
+    let after = engine.block_on(cascade.cache_stats())?;
+    let before = before.unwrap_or_default();
+    let lookups = (after.hits + after.misses).saturating_sub(before.hits + before.misses);
+    let hits = after.hits.saturating_sub(before.hits);
+    let hit_rate = if lookups == 0 { 1.0 } else { hits as f64 / lookups as f64 };
+    Ok((out, hit_rate, after.bytes_read.saturating_sub(before.bytes_read)))
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let pack = Arc::new(Pack::open(&args.pack).with_context(|| format!("opening {}", args.pack.display()))?);
+    let trace = probe_cascade::npy::read(&args.trace)?;
+    anyhow::ensure!(args.tokens > 0, "--tokens must be at least 1");
+    if args.warmup + args.tokens > trace.rows {
+        eprintln!(
+            "note: the trace has {} tokens; it is replayed from the start to reach {}",
+            trace.rows,
+            args.warmup + args.tokens
+        );
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let engines: Vec<String> = args.engines.clone().unwrap_or_else(|| ENGINES.iter().map(|s| s.to_string()).collect());
+    for e in &engines {
+        anyhow::ensure!(ENGINES.contains(&e.as_str()), "unknown engine `{e}` (expected one of {ENGINES:?})");
+    }
+    let all = configs()?;
+    let wanted: Vec<_> = match &args.configs {
+        None => all,
+        Some(names) => {
+            for n in names {
+                anyhow::ensure!(all.iter().any(|(c, _)| c == n), "unknown config `{n}`");
+            }
+            all.into_iter().filter(|(c, _)| names.iter().any(|n| n == c)).collect()
+        }
+    };
+    let probe_bytes = pack.layout().byte_len() as u64;
+    let mut rows: Vec<Row> = Vec::new();
+    let progress = bar(wanted.len() * engines.len(), "bench");
+    for (name, config) in &wanted {
+        for engine in &engines {
+            if args.cold {
+                drop_page_cache(&pack);
+            } else {
+                warm_page_cache(&pack)?;
+            }
+            let started = Instant::now();
+            let (reports, hit_rate, bytes, mode) = match engine.as_str() {
+                "naive" | "reference" => {
+                    let kind = if engine == "naive" { EngineKind::Naive } else { EngineKind::Reference };
+                    let r = run_sync(kind, &pack, config, &trace, args.warmup, args.tokens)?;
+                    let loads: usize = r.iter().map(|x| x.loaded).sum();
+                    (r, None, loads as u64 * probe_bytes, "-")
+                }
+                runtime => {
+                    let mut c = config.clone();
+                    c.runtime.mode = if runtime == "runtime-exact" { Mode::Exact } else { Mode::Pipelined };
+                    let (r, hit, bytes) = run_runtime(&pack, &c, &trace, args.warmup, args.tokens)?;
+                    (r, Some(hit), bytes, if c.runtime.mode == Mode::Exact { "exact" } else { "pipelined" })
+                }
+            };
+            tracing::info!("{name} / {engine}: {:.1} s", started.elapsed().as_secs_f64());
+            rows.push(Row {
+                config: name.to_string(),
+                engine: engine.split('-').next().unwrap_or(engine).to_string(),
+                mode: mode.to_string(),
+                ms: reports.iter().map(|r| r.elapsed.as_secs_f64() * 1e3).collect(),
+                final_active: reports.last().map_or(0, |r| r.active),
+                loads: reports.iter().map(|r| r.loaded).sum(),
+                children: reports.iter().map(|r| r.children).sum(),
+                cache_hit_rate: hit_rate,
+                bytes_read: bytes,
+                in_flight: reports.iter().map(|r| r.in_flight.len()).sum(),
+            });
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+    write_outputs(&args, &pack, &rows)?;
+    println!("wrote {} and {}", args.out.join("bench.md").display(), args.out.join("bench.json").display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    json!({"cpu": cpu, "cores": cores, "commit": commit, "tch_threads": tch::get_num_threads()})
+}
+
+fn write_outputs(args: &BenchArgs, pack: &Pack, rows: &[Row]) -> anyhow::Result<()> {
+    let p50 = |r: &Row| {
+        let mut v = r.ms.clone();
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 50.0)
+    };
+    let naive_p50 = |config: &str| rows.iter().find(|r| r.config == config && r.engine == "naive").map(p50);
+    let machine = machine();
+    let page_cache = if args.cold {
+        "cold (dropped with posix_fadvise DONTNEED before each engine)"
+    } else {
+        "warm (pack read once before each engine)"
+    };
+    let mut md = String::new();
+    md.push_str(&format!(
+        "# probe-cascade bench\n\nMachine: {} ({} cores), commit {}. Pack: {} ({} concepts, D={}, {}). Trace: {} ({} measured tokens after {} warm-up tokens). Page cache: {}.\n\n",
+        machine["cpu"].as_str().unwrap_or(""),
+        machine["cores"],
+        machine["commit"].as_str().unwrap_or(""),
+        args.pack.display(),
+        pack.len(),
+        pack.hidden_dim(),
+        pack.dtype(),
+        args.trace.display(),
+        args.tokens,
+        args.warmup,
+        page_cache
+    ));
+    md.push_str("| config | engine | mode | avg ms | p50 ms | p95 ms | max ms | final active | loads/token | cache hit | MB read | p50 ratio to naive |\n");
+    md.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut json_rows = Vec::new();
+    for r in rows {
+        let mut v = r.ms.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len().max(1) as f64;
+        let avg = v.iter().sum::<f64>() / n;
+        let (p50v, p95, max) = (percentile(&v, 50.0), percentile(&v, 95.0), v.last().copied().unwrap_or(0.0));
+        let ratio = naive_p50(&r.config).map(|n| n / p50v.max(1e-9));
+        let loads_per_token = r.loads as f64 / n;
+        md.push_str(&format!(
+            "| {} | {} | {} | {avg:.2} | {p50v:.2} | {p95:.2} | {max:.2} | {} | {loads_per_token:.1} | {} | {:.1} | {} |\n",
+            r.config,
+            r.engine,
+            r.mode,
+            r.final_active,
+            r.cache_hit_rate.map_or("-".to_string(), |h| format!("{:.0}%", h * 100.0)),
+            r.bytes_read as f64 / 1e6,
+            ratio.map_or("-".to_string(), |x| format!("{x:.2}×")),
+        ));
+        json_rows.push(json!({
+            "config": r.config, "engine": r.engine, "mode": r.mode,
+            "avg_ms": avg, "p50_ms": p50v, "p95_ms": p95, "max_ms": max,
+            "final_active": r.final_active, "loads_per_token": loads_per_token,
+            "children_per_token": r.children as f64 / n,
+            "cache_hit_rate": r.cache_hit_rate, "bytes_read": r.bytes_read,
+            "in_flight_total": r.in_flight,
+            "ratio_to_naive_p50": ratio,
+            "per_token_ms": r.ms,
+        }));
+    }
+    md.push_str("\nRuntime rows wait between tokens until loads have landed (`Cascade::settle`), as a generation loop would while it computes the next token; that wait is not timed. Naive and reference read every load from the pack, so their \"MB read\" is loads × probe size.\n");
+    std::fs::write(args.out.join("bench.md"), md)?;
+    let doc = json!({
+        "machine": machine,
+        "pack": args.pack.display().to_string(),
+        "trace": args.trace.display().to_string(),
+        "tokens": args.tokens,
+        "warmup_tokens_excluded": args.warmup,
+        "page_cache": if args.cold { "cold" } else { "warm" },
+        "rows": json_rows,
+    });
+    std::fs::write(args.out.join("bench.json"), serde_json::to_vec_pretty(&doc)?)?;
+    Ok(())
+}
