@@ -30,7 +30,7 @@ $(DEMO_DIR)/trace.npy: $(DEMO_DIR)/pack/manifest.json
 
 demo: build $(DEMO_DIR)/pack/manifest.json $(DEMO_DIR)/trace.npy
 	$(BIN) pack inspect $(DEMO_DIR)/pack
-	$(BIN) run --config config/realtime.toml --pack $(DEMO_DIR)/pack --trace $(DEMO_DIR)/trace.npy \
+	$(BIN) run --engine runtime --config config/realtime.toml --pack $(DEMO_DIR)/pack --trace $(DEMO_DIR)/trace.npy \
 		--json $(DEMO_DIR)/run.json
 
 bench: build

@@ -107,7 +107,7 @@ impl Cascade {
         let normalization = config.cascade.normalization.unwrap_or_else(|| pack.input_normalization().into());
         let mut coordinator = Coordinator {
             active: ConceptSet::with_capacity(h.len()),
-            pool: ModelPool::new(rt.pool_slots),
+            pool: ModelPool::new(rt.pool_slots, device != tch::Device::Cpu),
             pack,
             config: config.cascade.clone(),
             normalization,

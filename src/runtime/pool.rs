@@ -3,7 +3,7 @@
 //! Slots `[0, active_len)` hold the active probes, contiguously, so inference runs on one
 //! `narrow()` view. Behind them sit warm probes (resident but inactive) and free slots. A warm
 //! probe is reactivated by swapping it to the end of the active block: no bytes from the host.
-//! Deactivating swaps the probe with the last active one. Pure bookkeeping: the plan comes back
+//! Deactivating moves the probe to a free slot and the last active one into its hole. Pure bookkeeping: the plan comes back
 //! as [`SlotOp`]s that the inference thread carries out in order.
 
 use std::collections::HashMap;
@@ -36,6 +36,10 @@ pub enum Residency {
 pub struct PoolFull(pub usize);
 
 pub struct ModelPool {
+    /// Keep deactivated probes resident (worth it on a GPU, where a slot copy is far cheaper
+    /// than a host-to-device transfer; on a CPU a reinstall from RAM costs the same as the
+    /// copy that keeping it warm takes, so there deactivation just fills the hole).
+    keep_warm: bool,
     occupant: Vec<Option<ConceptId>>,
     slot_of: HashMap<ConceptId, usize>,
     active_len: usize,
@@ -44,8 +48,14 @@ pub struct ModelPool {
 }
 
 impl ModelPool {
-    pub fn new(slots: usize) -> Self {
-        Self { occupant: vec![None; slots], slot_of: HashMap::new(), active_len: 0, warm: LruCache::unbounded() }
+    pub fn new(slots: usize, keep_warm: bool) -> Self {
+        Self {
+            keep_warm,
+            occupant: vec![None; slots],
+            slot_of: HashMap::new(),
+            active_len: 0,
+            warm: LruCache::unbounded(),
+        }
     }
 
     pub fn slots(&self) -> usize {
@@ -120,7 +130,7 @@ impl ModelPool {
                 if let Some(resident) = self.occupant[a] {
                     // Slot a holds a warm probe: keep it warm elsewhere if a slot is free,
                     // else evict the least recently used warm probe to make room.
-                    let free = (a + 1..self.slots()).find(|&s| self.occupant[s].is_none());
+                    let free = (a + 1..self.slots()).rev().find(|&s| self.occupant[s].is_none());
                     let target = match free {
                         Some(f) => Some(f),
                         None => {
@@ -144,11 +154,45 @@ impl ModelPool {
         Ok(())
     }
 
-    /// Makes an active probe warm: it swaps with the last active slot and stays resident.
+    /// Makes an active probe warm: it moves to a free slot behind the active block (evicting the
+    /// coldest warm probe if none is free) and the last active probe fills its hole. Two slot
+    /// copies, against three for a swap through scratch; none when it was the last active one.
     pub fn deactivate(&mut self, id: ConceptId, ops: &mut Vec<SlotOp>) {
         let Residency::Active(s) = self.residency(id) else { return };
         let last = self.active_len - 1;
-        self.swap(s, last, ops);
+        if !self.keep_warm {
+            if s != last {
+                let tail = self.occupant[last];
+                ops.push(SlotOp::Move { from: last, to: s });
+                self.place(s, tail);
+            }
+            self.place(last, None);
+            self.slot_of.remove(&id);
+            self.active_len -= 1;
+            return;
+        }
+        if s != last {
+            // Warm probes live at the far end, so the slot after the active block stays free
+            // for the next activation.
+            let free = (self.active_len..self.slots()).rev().find(|&x| self.occupant[x].is_none()).or_else(|| {
+                let (victim, ()) = self.warm.pop_lru()?;
+                let slot = self.slot_of[&victim];
+                self.place(slot, None);
+                Some(slot)
+            });
+            match free {
+                Some(f) => {
+                    ops.push(SlotOp::Move { from: s, to: f });
+                    self.place(f, Some(id));
+                    let tail = self.occupant[last];
+                    ops.push(SlotOp::Move { from: last, to: s });
+                    self.place(s, tail);
+                    self.place(last, None);
+                }
+                // Every slot is active: swap through scratch.
+                None => self.swap(s, last, ops),
+            }
+        }
         self.active_len -= 1;
         self.warm.put(id, ());
     }
@@ -186,13 +230,15 @@ mod tests {
         for (slot, occ) in pool.occupant.iter().enumerate() {
             if let Some(id) = occ {
                 assert_eq!(arena[slot], Some(*id), "slot {slot}");
+                assert_eq!(pool.slot_of.get(id), Some(&slot), "slot {slot} is {id:?}'s");
             }
         }
+        assert_eq!(pool.slot_of.len(), pool.occupant.iter().flatten().count());
     }
 
     #[test]
     fn activation_is_contiguous_and_warm_probes_come_back_without_bytes() {
-        let mut pool = ModelPool::new(4);
+        let mut pool = ModelPool::new(4, true);
         let mut arena = vec![None; 4];
         let mut ops = Vec::new();
         for i in 0..3 {
@@ -205,7 +251,7 @@ mod tests {
         replay(&mut arena, &ops);
         check(&pool, &arena);
         assert_eq!(pool.active(), vec![c(2), c(1)]);
-        assert_eq!(pool.residency(c(0)), Residency::Warm(2));
+        assert_eq!(pool.residency(c(0)), Residency::Warm(3), "moved to the free slot");
         ops.clear();
         pool.activate(c(0), &mut ops).unwrap();
         assert!(ops.iter().all(|op| !matches!(op, SlotOp::Install { .. })), "{ops:?}");
@@ -216,7 +262,7 @@ mod tests {
 
     #[test]
     fn a_new_probe_keeps_warm_ones_in_free_slots_then_evicts_the_coldest() {
-        let mut pool = ModelPool::new(4);
+        let mut pool = ModelPool::new(4, true);
         let mut arena = vec![None; 4];
         let mut ops = Vec::new();
         for i in 0..4 {
@@ -246,26 +292,28 @@ mod tests {
     fn random_churn_keeps_bookkeeping_and_arena_in_step() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let mut pool = ModelPool::new(12);
-        let mut arena = vec![None; 12];
-        for _ in 0..2000 {
-            let mut ops = Vec::new();
-            let id = c(rng.random_range(0..20));
-            match pool.residency(id) {
-                Residency::Active(_) => pool.deactivate(id, &mut ops),
-                _ => {
-                    if pool.active_len() < 10 {
-                        pool.activate(id, &mut ops).unwrap();
+        for keep_warm in [true, false] {
+            let mut pool = ModelPool::new(12, keep_warm);
+            let mut arena = vec![None; 12];
+            for _ in 0..2000 {
+                let mut ops = Vec::new();
+                let id = c(rng.random_range(0..20));
+                match pool.residency(id) {
+                    Residency::Active(_) => pool.deactivate(id, &mut ops),
+                    _ => {
+                        if pool.active_len() < 10 {
+                            pool.activate(id, &mut ops).unwrap();
+                        }
                     }
                 }
+                replay(&mut arena, &ops);
+                check(&pool, &arena);
+                let active = pool.active();
+                let mut sorted = active.clone();
+                sorted.sort();
+                sorted.dedup();
+                assert_eq!(sorted.len(), active.len(), "no probe twice");
             }
-            replay(&mut arena, &ops);
-            check(&pool, &arena);
-            let active = pool.active();
-            let mut sorted = active.clone();
-            sorted.sort();
-            sorted.dedup();
-            assert_eq!(sorted.len(), active.len(), "no probe twice");
         }
     }
 }
