@@ -197,3 +197,45 @@ fn bad_configs_name_the_key_and_file() {
     let out = failed(&c.output().unwrap());
     assert!(out.contains("nope.toml"), "{out}");
 }
+
+#[test]
+fn bench_writes_every_row() {
+    let f = fixture();
+    let out = f.root.join("bench");
+    run_ok(
+        bin()
+            .args(["bench", "--tokens", "6", "--warmup", "2", "--pack"])
+            .arg(&f.pack)
+            .arg("--trace")
+            .arg(&f.trace)
+            .arg("--out")
+            .arg(&out),
+    );
+    let md = std::fs::read_to_string(out.join("bench.md")).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("bench.json")).unwrap()).unwrap();
+    let rows = doc["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 16, "4 configurations × 4 engines");
+    for key in [
+        "engine",
+        "mode",
+        "config",
+        "avg_ms",
+        "p50_ms",
+        "p95_ms",
+        "max_ms",
+        "final_active",
+        "loads_per_token",
+        "ratio_to_naive_p50",
+    ] {
+        assert!(rows.iter().all(|r| r.get(key).is_some()), "rows carry {key}");
+    }
+    assert!(rows.iter().all(|r| r["per_token_ms"].as_array().unwrap().len() == 6));
+    assert_eq!(doc["warmup_tokens_excluded"], 2);
+    assert_eq!(doc["page_cache"], "warm");
+    assert!(doc["machine"]["cores"].as_u64().unwrap() >= 1);
+    for config in ["seed-no-pruning", "seed-top-50", "seed-top-30", "decompose"] {
+        assert!(md.contains(config), "{config} in bench.md");
+    }
+    // Naive rows are the baseline.
+    assert!(rows.iter().filter(|r| r["engine"] == "naive").all(|r| r["ratio_to_naive_p50"] == 1.0));
+}
