@@ -31,7 +31,9 @@ struct Arena {
 
 impl Arena {
     fn new(slots: i64, d: i64, device: Device, kind: Kind) -> Result<Self, tch::TchError> {
-        let z = |shape: &[i64]| Tensor::f_zeros(shape, (kind, device));
+        // Uninitialized: a slot is only read after something was installed or moved into it,
+        // and untouched pages of a large arena then cost no memory.
+        let z = |shape: &[i64]| Tensor::f_empty(shape, (kind, device));
         let (h1, h2) = (HIDDEN1 as i64, HIDDEN2 as i64);
         Ok(Self {
             w1: z(&[slots, h1, d])?,
