@@ -305,3 +305,29 @@ async fn pipelined_mode_reports_in_flight_children_and_catches_up() {
     }
     pipelined.shutdown().await;
 }
+
+/// The CUDA path: the same cascade with `device = "cuda:0"` must report what the CPU
+/// reference reports. Skips (saying so) where libtorch sees no GPU, which includes every build
+/// against the CPU-only libtorch that `make` provisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuda_runtime_matches_the_cpu_reference_when_a_gpu_is_present() {
+    if tch::Cuda::device_count() == 0 {
+        eprintln!("SKIPPED: libtorch sees no CUDA device");
+        return;
+    }
+    let (_dir, pack, trace) = tiny();
+    let cpu = config(tight());
+    let mut gpu = cpu.clone();
+    gpu.device.device = "cuda:0".into();
+    let mut reference = build_engine(EngineKind::Reference, pack.clone(), &cpu).unwrap();
+    let cascade = Cascade::start(pack.clone(), &gpu).await.unwrap();
+    for t in 0..trace.rows {
+        let want = reference.observe(t, trace.row(t)).unwrap();
+        let got = cascade.observe(trace.row(t).to_vec()).await.unwrap();
+        assert_eq!(names(&got), names(&want), "token {t}");
+        for (a, b) in got.top.iter().zip(&want.top) {
+            assert!((a.logit - b.logit).abs() < 1e-3, "token {t}: {} {} vs {}", a.name, a.logit, b.logit);
+        }
+    }
+    cascade.shutdown().await;
+}
