@@ -257,6 +257,29 @@ async fn a_corrupt_probe_fails_its_token_and_the_rest_keep_working() {
     assert!(errors > 0, "the corrupt probe {label} was needed");
     assert!(ok_after_error > 0, "tokens that do not need it still work");
     cascade.shutdown().await;
+
+    // Pipelined: with a long budget the read fails inside the token (an error for it); with a
+    // zero budget it fails late and the next report lists it. Either way nothing stays pending.
+    for budget in [5_000_000, 0] {
+        let mut c = config(tight());
+        c.runtime.mode = probe_cascade::config::Mode::Pipelined;
+        c.runtime.latency_budget_us = budget;
+        c.runtime.prefetch_hint_margin = 0.0;
+        let cascade = Cascade::start(pack.clone(), &c).await.unwrap();
+        let mut seen = 0;
+        for t in 0..trace.rows {
+            match cascade.observe(trace.row(t).to_vec()).await {
+                Ok(r) => seen += r.failed_loads.iter().filter(|f| f.contains(&label)).count(),
+                Err(e) => {
+                    assert!(e.to_string().contains(&label), "{e}");
+                    seen += 1;
+                }
+            }
+            tokio::time::timeout(Duration::from_secs(10), cascade.settle()).await.expect("loads settle").unwrap();
+        }
+        assert!(seen > 0, "budget {budget}: the failed load of {label} must be reported");
+        cascade.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -164,10 +164,10 @@ impl Coordinator {
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
+        for (id, _) in &landed {
+            self.pending.remove(*id);
+        }
         if !reads.is_empty() {
-            for id in landed.iter().map(|(id, _)| *id) {
-                self.pending.remove(id);
-            }
             // A tell back to us from a plain task: we never wait on it, so no cycle.
             let weak = me.downgrade();
             tokio::spawn(async move {
@@ -209,7 +209,6 @@ impl Coordinator {
         let absent: Vec<ConceptId> = absent.into_iter().filter(|id| !bytes.contains_key(id)).collect();
         if !absent.is_empty() {
             for (id, fetched) in self.fetch_within_budget(absent, me).await {
-                self.pending.remove(id);
                 let b = fetched.map_err(|source| RuntimeError::Probe { token, source })?;
                 bytes.insert(id, b);
                 ready.push(id);
