@@ -192,25 +192,30 @@ async fn concurrent_misses_on_one_probe_issue_one_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_with_work_in_flight_answers_every_request() {
+    use futures::stream::{FuturesUnordered, StreamExt};
     let (_dir, pack, trace) = tiny();
     let cascade = Cascade::start(pack.clone(), &config(tight())).await.unwrap();
-    let mut tasks = Vec::new();
-    for t in 0..trace.rows {
-        let (cascade, h) = (cascade.clone(), trace.row(t).to_vec());
-        tasks.push(tokio::spawn(async move { cascade.observe(h).await }));
+    let mut requests: FuturesUnordered<_> = (0..trace.rows).map(|t| cascade.observe(trace.row(t).to_vec())).collect();
+    // One poll sends every request into the coordinator's mailbox; then shut down while they run.
+    let mut results = Vec::new();
+    if let std::task::Poll::Ready(Some(r)) = futures::poll!(requests.next()) {
+        results.push(r);
     }
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    cascade.shutdown().await;
-    let (mut ok, mut refused) = (0, 0);
-    for task in tasks {
-        match tokio::time::timeout(Duration::from_secs(30), task).await.expect("no request may hang").unwrap() {
-            Ok(_) => ok += 1,
-            Err(RuntimeError::ShutDown) => refused += 1,
-            Err(e) => panic!("unexpected error: {e}"),
+    let drain = async {
+        while let Some(r) = requests.next().await {
+            results.push(r);
         }
+    };
+    tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(drain, cascade.shutdown()) })
+        .await
+        .expect("no request may hang");
+    assert_eq!(results.len(), trace.rows, "every request gets an answer");
+    for r in &results {
+        assert!(r.is_ok(), "a request queued before shutdown is finished, not dropped: {:?}", r.as_ref().err());
     }
-    assert_eq!(ok + refused, trace.rows);
-    assert!(ok > 0, "requests queued before shutdown are finished");
+    let mut indices: Vec<usize> = results.iter().map(|r| r.as_ref().unwrap().index).collect();
+    indices.sort();
+    assert_eq!(indices, (0..trace.rows).collect::<Vec<_>>());
     assert!(matches!(cascade.observe(trace.row(0).to_vec()).await, Err(RuntimeError::ShutDown)));
 }
 

@@ -63,6 +63,8 @@ pub struct Cascade {
     coordinator: ActorRef<Coordinator>,
     cache: ActorRef<WeightCache>,
     reader: ReaderKind,
+    /// Set by `shutdown`, so that a request caught by the stop is told so, not "panicked".
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cascade {
@@ -124,7 +126,7 @@ impl Cascade {
         };
         coordinator.load_base().await?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
-        Ok(Self { coordinator, cache, reader })
+        Ok(Self { coordinator, cache, reader, stopping: Default::default() })
     }
 
     /// Scores one hidden state; tokens are numbered in the order their requests arrive.
@@ -132,6 +134,7 @@ impl Cascade {
         self.coordinator.ask(Observe(hidden)).await.map_err(|e| match e {
             kameo::error::SendError::HandlerError(e) => e,
             kameo::error::SendError::ActorNotRunning(_) => RuntimeError::ShutDown,
+            _ if self.stopping.load(std::sync::atomic::Ordering::SeqCst) => RuntimeError::ShutDown,
             other => RuntimeError::ActorStopped { actor: "coordinator", detail: describe(&other).into() },
         })
     }
@@ -167,6 +170,7 @@ impl Cascade {
     /// Finishes every request already queued, then stops the actors. Requests sent after this
     /// get `RuntimeError::ShutDown`.
     pub async fn shutdown(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.coordinator.stop_gracefully().await;
         self.coordinator.wait_for_shutdown().await;
         self.cache.wait_for_shutdown().await;
