@@ -43,6 +43,8 @@ pub struct Coordinator {
     pub(super) pending: ConceptSet,
     /// Pipelined mode: late loads that failed, reported with the next token.
     pub(super) failed_late: Vec<String>,
+    /// Time the inference thread spent scoring (as opposed to installing), summed.
+    pub(super) scoring_time: Duration,
 }
 
 fn stopped<M, E>(actor: &'static str) -> impl FnOnce(SendError<M, E>) -> RuntimeError {
@@ -58,7 +60,7 @@ impl Coordinator {
     }
 
     async fn apply_and_score(
-        &self,
+        &mut self,
         token: usize,
         ops: Vec<SlotOp>,
         bytes: HashMap<ConceptId, Arc<super::cache::ProbeBytes>>,
@@ -66,10 +68,13 @@ impl Coordinator {
         len: usize,
         hidden: Arc<Vec<f32>>,
     ) -> Result<Vec<f32>, RuntimeError> {
-        self.inference.ask(ApplyAndScore { ops, bytes, start, len, hidden }).await.map_err(|e| match e {
-            SendError::HandlerError(source) => RuntimeError::Inference { token, source },
-            other => stopped("inference")(other),
-        })
+        let scores =
+            self.inference.ask(ApplyAndScore { ops, bytes, start, len, hidden }).await.map_err(|e| match e {
+                SendError::HandlerError(source) => RuntimeError::Inference { token, source },
+                other => stopped("inference")(other),
+            })?;
+        self.scoring_time += scores.scoring;
+        Ok(scores.logits)
     }
 
     /// Activates `ids` (fetching bytes for absent ones) and returns their logits, in order.
@@ -273,6 +278,7 @@ impl Coordinator {
             stages.expansion_lookup += t.elapsed();
             let Some(ids) = next else { break };
             let t = Instant::now();
+            let scored_before = self.scoring_time;
             let result = if self.mode == Mode::Exact {
                 self.activate(token, &ids, h.clone())
                     .instrument(debug_span!("load_and_score", token, probes = ids.len()))
@@ -294,7 +300,10 @@ impl Coordinator {
                     return Err(e);
                 }
             };
-            stages.loading += t.elapsed();
+            // One round trip installs and scores; split it by the scoring time the thread measured.
+            let scoring = self.scoring_time - scored_before;
+            stages.new_scoring += scoring;
+            stages.loading += t.elapsed().saturating_sub(scoring);
             if self.mode == Mode::Exact {
                 activated.extend_from_slice(&ids);
                 tc.add_scores(&ids, &logits);

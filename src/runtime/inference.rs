@@ -172,13 +172,23 @@ pub struct ApplyAndScore {
     pub hidden: Arc<Vec<f32>>,
 }
 
+/// Logits of the requested slots, and how long the scoring itself took (the rest of the round
+/// trip is installs and moves), for the per-stage breakdown.
+#[derive(Debug, kameo::Reply)]
+pub struct Scores {
+    pub logits: Vec<f32>,
+    pub scoring: std::time::Duration,
+}
+
 impl Message<ApplyAndScore> for Inference {
-    type Reply = Result<Vec<f32>, InferenceError>;
+    type Reply = Result<Scores, InferenceError>;
 
     async fn handle(&mut self, m: ApplyAndScore, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         self.apply(&m.ops, &m.bytes)?;
         // Drop the byte references now: the cache may evict (and recycle) them from here on.
         drop(m.bytes);
-        Ok(self.score(m.start, m.len, &m.hidden)?)
+        let t = std::time::Instant::now();
+        let logits = self.score(m.start, m.len, &m.hidden)?;
+        Ok(Scores { logits, scoring: t.elapsed() })
     }
 }

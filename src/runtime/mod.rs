@@ -123,6 +123,7 @@ impl Cascade {
             latency_budget: std::time::Duration::from_micros(config.runtime.latency_budget_us),
             pending: ConceptSet::default(),
             failed_late: Vec::new(),
+            scoring_time: std::time::Duration::ZERO,
         };
         coordinator.load_base().await?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
