@@ -66,6 +66,13 @@ impl Default for CascadeConfig {
     }
 }
 
+impl CascadeConfig {
+    /// The configured normalization, or the one the pack's manifest asks for.
+    pub fn normalization_for(&self, pack: InputNormalization) -> Normalization {
+        self.normalization.unwrap_or_else(|| pack.into())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Normalization {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use probe_cascade::config::{Config, Mode, Pruning};
-use probe_cascade::engine::{build_engine, EngineKind, TokenReport};
+use probe_cascade::engine::{build_engine, percentile, EngineKind, TokenReport};
 use probe_cascade::npy::Matrix;
 use probe_cascade::pack::Pack;
 use probe_cascade::runtime::BlockingCascade;
@@ -72,14 +72,6 @@ struct Row {
     cache_hit_rate: Option<f64>,
     bytes_read: u64,
     in_flight: usize,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
 }
 
 fn drop_page_cache(pack: &Pack) {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use probe_cascade::config::{Config, Mode};
-use probe_cascade::engine::{build_engine, EngineKind, StageTimings, TokenReport};
+use probe_cascade::engine::{build_engine, percentile, EngineKind, StageTimings, TokenReport};
 use probe_cascade::pack::Pack;
 use serde_json::json;
 
@@ -108,15 +108,6 @@ fn token_json(r: &TokenReport) -> serde_json::Value {
     })
 }
 
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
-}
-
 fn summary_json(reports: &[TokenReport], final_active: usize, errors: usize) -> serde_json::Value {
     let mut ms: Vec<f64> = reports.iter().map(|r| r.elapsed.as_secs_f64() * 1e3).collect();
     ms.sort_by(f64::total_cmp);
@@ -178,18 +169,4 @@ fn print_summary(s: &serde_json::Value) {
         .map(|k| format!("{k} {:.0}%", 100.0 * st[*k].as_f64().unwrap_or(0.0) / total))
         .collect();
     println!("time by stage: {}", parts.join(", "));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<f64> = (1..=10).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 5.0);
-        assert_eq!(percentile(&v, 95.0), 10.0);
-        assert_eq!(percentile(&v, 0.0), 1.0);
-        assert_eq!(percentile(&[], 50.0), 0.0);
-    }
 }

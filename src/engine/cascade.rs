@@ -9,7 +9,7 @@ use tracing::debug_span;
 use super::{BackendError, Engine, EngineError, ProbeBackend, ReportEntry, StageTimings, TokenReport};
 use crate::config::{CascadeConfig, Normalization};
 use crate::pack::{ConceptId, Pack};
-use crate::policy::{ConceptSet, Scored, TokenCascade};
+use crate::policy::{self, ConceptSet, Scored, TokenCascade};
 
 pub struct CascadeEngine<B> {
     pack: Arc<Pack>,
@@ -22,30 +22,10 @@ pub struct CascadeEngine<B> {
 
 impl<B: ProbeBackend> CascadeEngine<B> {
     pub fn new(pack: Arc<Pack>, config: &CascadeConfig, mut backend: B) -> Result<Self, EngineError> {
-        let h = pack.hierarchy();
-        let mut base = ConceptSet::with_capacity(h.len());
-        for &layer in &config.base_layers {
-            h.layer_members(layer).iter().for_each(|&c| {
-                base.insert(ConceptId(c));
-            });
-        }
-        if base.is_empty() {
-            return Err(EngineError::Setup(format!(
-                "cascade.base_layers = {:?} selects no concept of the pack ({} layers)",
-                config.base_layers,
-                h.layer_count()
-            )));
-        }
-        if base.len() > config.max_loaded {
-            return Err(EngineError::Setup(format!(
-                "cascade.max_loaded = {} is smaller than the base layers' {} probes",
-                config.max_loaded,
-                base.len()
-            )));
-        }
+        let base = policy::base_set(pack.hierarchy(), config).map_err(EngineError::Setup)?;
         let ids: Vec<ConceptId> = base.iter().collect();
         backend.load(&ids).map_err(EngineError::BaseLoad)?;
-        let normalization = config.normalization.unwrap_or_else(|| pack.input_normalization().into());
+        let normalization = config.normalization_for(pack.input_normalization());
         Ok(Self { config: config.clone(), normalization, backend, active: base.clone(), base, pack })
     }
 

@@ -1,10 +1,13 @@
 //! tch helpers shared by the engines: device selection and probe tensors from pack bytes.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
-use super::EngineError;
+use super::{BackendError, EngineError};
 use crate::config::{DeviceConfig, DeviceKind};
-use crate::pack::{DType, ProbeLayout, TensorOffsets};
+use crate::pack::{ConceptId, DType, Pack, ProbeLayout, TensorOffsets};
 
 pub fn kind_of(dtype: DType) -> Kind {
     match dtype {
@@ -66,6 +69,54 @@ impl ProbeTensors {
         };
         use crate::pack::layout::{B1, B2, B3, W1, W2, W3};
         Ok(Self { w1: make(W1)?, b1: make(B1)?, w2: make(W2)?, b2: make(B2)?, w3: make(W3)?, b3: make(B3)? })
+    }
+}
+
+impl ProbeTensors {
+    /// Applies `f` to each of the six tensors.
+    pub fn try_map(&self, f: impl Fn(&Tensor) -> Result<Tensor, tch::TchError>) -> Result<Self, tch::TchError> {
+        Ok(Self {
+            w1: f(&self.w1)?,
+            b1: f(&self.b1)?,
+            w2: f(&self.w2)?,
+            b2: f(&self.b2)?,
+            w3: f(&self.w3)?,
+            b3: f(&self.b3)?,
+        })
+    }
+}
+
+/// What a synchronous backend holds: the tensors of its active probes, on one device.
+pub struct HeldProbes {
+    pub pack: Arc<Pack>,
+    pub device: Device,
+    pub compute: Kind,
+    probes: HashMap<ConceptId, ProbeTensors>,
+}
+
+impl HeldProbes {
+    pub fn new(pack: Arc<Pack>, device: Device, compute: Kind) -> Self {
+        Self { pack, device, compute, probes: HashMap::new() }
+    }
+
+    /// Reads a probe from the pack (a fresh open and read, CRC checked) into new tensors.
+    pub fn read(&self, id: ConceptId, device: Device, kind: Kind) -> Result<ProbeTensors, BackendError> {
+        let bytes = self.pack.read_probe(id)?;
+        Ok(ProbeTensors::from_bytes(&self.pack.layout(), &self.pack.tensor_offsets(id), &bytes, device, kind)?)
+    }
+
+    pub fn insert(&mut self, id: ConceptId, probe: ProbeTensors) {
+        self.probes.insert(id, probe);
+    }
+
+    pub fn remove(&mut self, ids: &[ConceptId]) {
+        for id in ids {
+            self.probes.remove(id);
+        }
+    }
+
+    pub fn get(&self, id: ConceptId) -> Result<&ProbeTensors, BackendError> {
+        self.probes.get(&id).ok_or(BackendError::NotLoaded(id))
     }
 }
 

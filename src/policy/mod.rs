@@ -13,7 +13,8 @@ pub use pruning::prune;
 pub use report::report;
 pub use token::TokenCascade;
 
-use crate::pack::ConceptId;
+use crate::config::CascadeConfig;
+use crate::pack::{ConceptId, Hierarchy};
 
 /// One probe's score on the current token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,6 +38,32 @@ pub fn sigmoid(logit: f32) -> f32 {
 /// order exactly as probabilities do but do not saturate to equal values at 1.0.
 pub fn rank(a: &Scored, b: &Scored) -> Ordering {
     b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
+}
+
+/// The always-active probes: every concept of `config.base_layers`. Errors (naming the config
+/// key) when the layers select nothing or hold more probes than `max_loaded`.
+pub fn base_set(hierarchy: &Hierarchy, config: &CascadeConfig) -> Result<ConceptSet, String> {
+    let mut base = ConceptSet::with_capacity(hierarchy.len());
+    for &layer in &config.base_layers {
+        hierarchy.layer_members(layer).iter().for_each(|&c| {
+            base.insert(ConceptId(c));
+        });
+    }
+    if base.is_empty() {
+        return Err(format!(
+            "cascade.base_layers = {:?} selects no concept of the pack ({} layers)",
+            config.base_layers,
+            hierarchy.layer_count()
+        ));
+    }
+    if base.len() > config.max_loaded {
+        return Err(format!(
+            "cascade.max_loaded = {} is smaller than the base layers' {} probes",
+            config.max_loaded,
+            base.len()
+        ));
+    }
+    Ok(base)
 }
 
 /// A set of concept ids as a bitmap over the pack's dense ids.

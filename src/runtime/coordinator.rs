@@ -16,7 +16,7 @@ use kameo::Actor;
 use tracing::{debug_span, Instrument};
 
 use super::cache::{Fetched, Get, Peek, Prefetch, ProbeBytes, WeightCache};
-use super::inference::{ApplyAndScore, Inference, InferenceError};
+use super::inference::{ApplyAndScore, Inference};
 use super::pool::{ModelPool, Residency, SlotOp};
 use super::RuntimeError;
 use crate::config::{CascadeConfig, Mode, Normalization};
@@ -26,7 +26,7 @@ use crate::policy::{ConceptSet, Scored, TokenCascade};
 
 pub struct Coordinator {
     pub(super) pack: Arc<Pack>,
-    pub(super) config: CascadeConfig,
+    pub(super) config: Arc<CascadeConfig>,
     pub(super) normalization: Normalization,
     pub(super) hint_margin: f32,
     pub(super) base: ConceptSet,
@@ -267,7 +267,7 @@ impl Coordinator {
         stages.initial_scoring += t.elapsed();
 
         let pack = self.pack.clone();
-        let config = self.config.clone();
+        let config = Arc::clone(&self.config);
         let mut tc = TokenCascade::new(pack.hierarchy(), &config, initial);
         let mut activated: Vec<ConceptId> = Vec::new();
         loop {
@@ -425,11 +425,5 @@ impl Message<ActiveSet> for Coordinator {
 
     async fn handle(&mut self, _: ActiveSet, _: &mut Context<Self, Self::Reply>) -> Vec<ConceptId> {
         self.active.iter().collect()
-    }
-}
-
-impl From<InferenceError> for RuntimeError {
-    fn from(source: InferenceError) -> Self {
-        RuntimeError::Inference { token: usize::MAX, source }
     }
 }

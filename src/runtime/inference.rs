@@ -57,14 +57,12 @@ pub struct Inference {
     compute: Kind,
     arena: Arena,
     scratch: usize,
-    /// Installs done, for stats.
-    pub installs: u64,
 }
 
 impl Inference {
     pub fn new(pack: Arc<Pack>, slots: usize, device: Device, compute: Kind) -> Result<Self, tch::TchError> {
         let arena = tch::no_grad(|| Arena::new(slots as i64 + 1, pack.hidden_dim() as i64, device, compute))?;
-        Ok(Self { pack, device, compute, arena, scratch: slots, installs: 0 })
+        Ok(Self { pack, device, compute, arena, scratch: slots })
     }
 
     /// Copies a probe's bytes into a slot (converting to the compute dtype).
@@ -86,7 +84,6 @@ impl Inference {
             let view = unsafe { Tensor::f_from_blob(src.as_ptr(), &shape, &[], storage, Device::Cpu)? };
             dst.f_copy_(&view)?;
         }
-        self.installs += 1;
         Ok(())
     }
 

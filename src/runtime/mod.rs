@@ -70,6 +70,8 @@ pub struct Cascade {
 impl Cascade {
     /// Starts the actors and loads the base layers. Needs a multi-threaded tokio runtime.
     pub async fn start(pack: Arc<Pack>, config: &Config) -> Result<Self, RuntimeError> {
+        // Check the configuration against the pack before starting anything.
+        let base = crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(RuntimeError::Setup)?;
         let device = tensors::open_device(&config.device)?;
         let compute = tensors::kind_of(config.device.compute_dtype);
         let rt = &config.runtime;
@@ -86,32 +88,12 @@ impl Cascade {
             .map_err(|e| RuntimeError::Setup(format!("allocating the model pool: {e}")))?;
         let inference = Inference::spawn_in_thread_with_mailbox(inference, mailbox::bounded(16));
 
-        let h = pack.hierarchy();
-        let mut base = ConceptSet::with_capacity(h.len());
-        for &layer in &config.cascade.base_layers {
-            h.layer_members(layer).iter().for_each(|&c| {
-                base.insert(ConceptId(c));
-            });
-        }
-        if base.is_empty() {
-            return Err(RuntimeError::Setup(format!(
-                "cascade.base_layers = {:?} selects no concept of the pack",
-                config.cascade.base_layers
-            )));
-        }
-        if base.len() > config.cascade.max_loaded {
-            return Err(RuntimeError::Setup(format!(
-                "cascade.max_loaded = {} is smaller than the base layers' {} probes",
-                config.cascade.max_loaded,
-                base.len()
-            )));
-        }
-        let normalization = config.cascade.normalization.unwrap_or_else(|| pack.input_normalization().into());
+        let normalization = config.cascade.normalization_for(pack.input_normalization());
         let mut coordinator = Coordinator {
-            active: ConceptSet::with_capacity(h.len()),
+            active: ConceptSet::with_capacity(pack.len()),
             pool: ModelPool::new(rt.pool_slots, device != tch::Device::Cpu),
             pack,
-            config: config.cascade.clone(),
+            config: Arc::new(config.cascade.clone()),
             normalization,
             hint_margin: rt.prefetch_hint_margin,
             base,
