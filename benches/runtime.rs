@@ -90,7 +90,7 @@ fn install(c: &mut Criterion) {
     for dtype in [DType::Bf16, DType::F32] {
         let (_dir, pack) = big_pack(2, dtype);
         let bytes = pack.read_probe(ConceptId(0)).unwrap();
-        let mut inf = Inference::new(pack.clone(), 8, Device::Cpu, Kind::Float).unwrap();
+        let mut inf = Inference::new(pack.clone(), 8, Device::Cpu, Kind::Float, 64 << 20).unwrap();
         group.throughput(Throughput::Bytes(bytes.len() as u64));
         group.bench_function(format!("{dtype}_to_f32_slot"), |b| {
             b.iter(|| tch::no_grad(|| inf.install(3, ConceptId(0), &bytes).unwrap()))

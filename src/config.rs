@@ -186,6 +186,9 @@ pub struct RuntimeConfig {
     /// Pipelined mode: children that land within this many microseconds still count for the
     /// token that asked for them.
     pub latency_budget_us: u64,
+    /// Accelerators only: bytes of the pinned host buffer (and its device twin) through which a
+    /// token's installs travel in one transfer. Tokens installing more take several transfers.
+    pub staging_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -208,6 +211,7 @@ impl Default for RuntimeConfig {
             mode: Mode::Exact,
             reader: ReaderKind::Auto,
             latency_budget_us: 0,
+            staging_bytes: 64 << 20,
         }
     }
 }
@@ -293,6 +297,9 @@ impl Config {
         }
         if r.latency_budget_us > 10_000_000 {
             return bad("runtime.latency_budget_us", format!("= {} is more than 10 s", r.latency_budget_us));
+        }
+        if !(1 << 20..=1 << 36).contains(&r.staging_bytes) {
+            return bad("runtime.staging_bytes", format!("= {} is outside 1 MiB..=64 GiB", r.staging_bytes));
         }
         Ok(())
     }

@@ -27,6 +27,14 @@ pub struct ProbeBytes {
     recycle: flume::Sender<Vec<u8>>,
 }
 
+impl ProbeBytes {
+    /// Bytes that belong to no cache (their buffer is freed, not recycled, on drop).
+    #[cfg(test)]
+    pub(crate) fn detached(id: ConceptId, bytes: Vec<u8>) -> Self {
+        Self { id, bytes, recycle: flume::bounded(0).0 }
+    }
+}
+
 impl Deref for ProbeBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

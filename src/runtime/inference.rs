@@ -5,6 +5,11 @@
 //! scratch slot for swaps. Scoring runs `batched_logits` on `narrow()` views of a contiguous slot
 //! range: no copy, one call for every probe. Installing converts the probe's stored dtype
 //! (bf16 or f32) to the compute dtype inside `copy_`.
+//!
+//! How installs reach the arena depends on the device ([`Uploads`]): on the CPU each tensor is
+//! copied straight from the cache's bytes; on an accelerator the round's installs are packed into
+//! one pinned host buffer and sent in one host-to-device transfer, then scattered on the device,
+//! because per-tensor transfers would pay the launch and synchronization cost six times a probe.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,18 +56,107 @@ impl Arena {
     }
 }
 
+/// Where installs come from.
+enum Uploads {
+    /// Straight from the cache's bytes into the slot (the CPU: staging would only add a memcpy).
+    Direct,
+    /// Through a host buffer and its device twin, one transfer per round (an accelerator).
+    Staged(Staging),
+}
+
+/// Raw probe bytes, one probe per row, in the pack's storage layout. Both buffers are allocated
+/// once; `rows` bounds how many installs share a transfer (more than that take several).
+struct Staging {
+    host: Tensor,
+    device: Tensor,
+    rows: usize,
+    probe_bytes: usize,
+    /// Host-to-device transfers made so far.
+    transfers: u64,
+}
+
+impl Staging {
+    fn new(rows: usize, probe_bytes: usize, device: Device) -> Result<Self, tch::TchError> {
+        let shape = [rows as i64, probe_bytes as i64];
+        let mut host = Tensor::f_empty(shape, (Kind::Uint8, Device::Cpu))?;
+        if device.is_cuda() {
+            // Page-locked, so the transfer is one DMA rather than a copy through a bounce buffer.
+            host = host.f_pin_memory(device)?;
+        }
+        let device = Tensor::f_empty(shape, (Kind::Uint8, device))?;
+        Ok(Self { host, device, rows, probe_bytes, transfers: 0 })
+    }
+
+    /// Packs `probes` into the first rows of the host buffer and sends them in one transfer.
+    fn upload(&mut self, probes: &[&[u8]]) -> Result<(), tch::TchError> {
+        debug_assert!(probes.len() <= self.rows);
+        let base = self.host.data_ptr() as *mut u8;
+        for (row, bytes) in probes.iter().enumerate() {
+            assert_eq!(bytes.len(), self.probe_bytes, "cache bytes are one probe long");
+            // SAFETY: `host` is a contiguous [rows, probe_bytes] u8 tensor that this struct owns,
+            // `row < rows`, and `bytes` (a cache entry) cannot overlap it. The previous round's
+            // transfer has completed: it was followed by scoring, whose result was read back.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.add(row * self.probe_bytes), bytes.len()) };
+        }
+        let n = probes.len() as i64;
+        self.device.f_narrow(0, 0, n)?.f_copy_(&self.host.f_narrow(0, 0, n)?)?;
+        self.transfers += 1;
+        Ok(())
+    }
+}
+
 pub struct Inference {
     pack: Arc<Pack>,
     device: Device,
     compute: Kind,
     arena: Arena,
     scratch: usize,
+    uploads: Uploads,
 }
 
 impl Inference {
-    pub fn new(pack: Arc<Pack>, slots: usize, device: Device, compute: Kind) -> Result<Self, tch::TchError> {
-        let arena = tch::no_grad(|| Arena::new(slots as i64 + 1, pack.hidden_dim() as i64, device, compute))?;
-        Ok(Self { pack, device, compute, arena, scratch: slots })
+    /// An arena of `slots` probes. `staging_bytes` bounds the upload buffers where the device is
+    /// not the CPU (at least one probe's worth is needed).
+    pub fn new(
+        pack: Arc<Pack>,
+        slots: usize,
+        device: Device,
+        compute: Kind,
+        staging_bytes: u64,
+    ) -> Result<Self, tch::TchError> {
+        let staged = device != Device::Cpu;
+        Self::with_uploads(pack, slots, device, compute, staged.then_some(staging_bytes))
+    }
+
+    /// `staging_bytes: None` installs directly; `Some` stages uploads on any device (tests use it
+    /// to run the accelerator path on the CPU).
+    fn with_uploads(
+        pack: Arc<Pack>,
+        slots: usize,
+        device: Device,
+        compute: Kind,
+        staging_bytes: Option<u64>,
+    ) -> Result<Self, tch::TchError> {
+        tch::no_grad(|| {
+            let arena = Arena::new(slots as i64 + 1, pack.hidden_dim() as i64, device, compute)?;
+            let uploads = match staging_bytes {
+                None => Uploads::Direct,
+                Some(budget) => {
+                    let probe_bytes = pack.layout().byte_len();
+                    let rows = (budget / probe_bytes as u64).clamp(1, slots as u64) as usize;
+                    Uploads::Staged(Staging::new(rows, probe_bytes, device)?)
+                }
+            };
+            Ok(Self { pack, device, compute, arena, scratch: slots, uploads })
+        })
+    }
+
+    /// Host-to-device transfers made by staged uploads (0 when installs are direct).
+    pub fn transfers(&self) -> u64 {
+        match &self.uploads {
+            Uploads::Direct => 0,
+            Uploads::Staged(s) => s.transfers,
+        }
     }
 
     /// Copies a probe's bytes into a slot (converting to the compute dtype).
@@ -87,6 +181,23 @@ impl Inference {
         Ok(())
     }
 
+    /// Copies row `row` of the device staging buffer into a slot (converting to the compute dtype).
+    fn install_staged(&self, slot: usize, id: ConceptId, row: usize) -> Result<(), tch::TchError> {
+        let Uploads::Staged(staging) = &self.uploads else { unreachable!("only called when staging") };
+        let layout = self.pack.layout();
+        let ranges = layout.ranges(&self.pack.tensor_offsets(id));
+        let storage = kind_of(layout.dtype);
+        let row = staging.device.f_get(row as i64)?;
+        for (part, range) in self.arena.parts().into_iter().zip(ranges) {
+            let mut dst = part.f_get(slot as i64)?;
+            // Reinterpreting bytes needs an element-aligned offset: probe rows are whole probes
+            // and tensor offsets are multiples of the element size (checked at pack open).
+            let src = row.f_narrow(0, range.start as i64, range.len() as i64)?.f_view_dtype(storage)?;
+            dst.f_copy_(&src.f_view(dst.size().as_slice())?)?;
+        }
+        Ok(())
+    }
+
     fn copy_slot(&self, from: usize, to: usize) -> Result<(), tch::TchError> {
         for part in self.arena.parts() {
             part.f_get(to as i64)?.f_copy_(&part.f_get(from as i64)?)?;
@@ -95,12 +206,31 @@ impl Inference {
     }
 
     fn apply(&mut self, ops: &[SlotOp], bytes: &HashMap<ConceptId, Arc<ProbeBytes>>) -> Result<(), InferenceError> {
+        let bytes_of = |id| bytes.get(&id).map(|b| &b[..]).ok_or(InferenceError::MissingBytes(id));
+        // Staged: the installs in op order, and the range of them the device buffer holds now.
+        let (rows, installs): (usize, Vec<ConceptId>) = match &self.uploads {
+            Uploads::Direct => (0, Vec::new()),
+            Uploads::Staged(s) => (s.rows, ops.iter().filter_map(SlotOp::installed).collect()),
+        };
+        let (mut next, mut uploaded) = (0, 0..0);
         tch::no_grad(|| {
             for op in ops {
                 match *op {
+                    SlotOp::Install { slot, id } if installs.is_empty() => self.install(slot, id, bytes_of(id)?)?,
                     SlotOp::Install { slot, id } => {
-                        let b = bytes.get(&id).ok_or(InferenceError::MissingBytes(id))?;
-                        self.install(slot, id, b)?;
+                        if !uploaded.contains(&next) {
+                            // Rows are consumed in op order, so moves between installs keep
+                            // their meaning; more installs than rows take another transfer.
+                            let end = installs.len().min(next + rows);
+                            let probes =
+                                installs[next..end].iter().map(|&id| bytes_of(id)).collect::<Result<Vec<_>, _>>()?;
+                            if let Uploads::Staged(staging) = &mut self.uploads {
+                                staging.upload(&probes)?;
+                            }
+                            uploaded = next..end;
+                        }
+                        self.install_staged(slot, id, next - uploaded.start)?;
+                        next += 1;
                     }
                     SlotOp::Move { from, to } => self.copy_slot(from, to)?,
                     SlotOp::Swap { a, b } => {
@@ -187,5 +317,56 @@ impl Message<ApplyAndScore> for Inference {
         let t = std::time::Instant::now();
         let logits = self.score(m.start, m.len, &m.hidden)?;
         Ok(Scores { logits, scoring: t.elapsed() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pack::DType;
+    use crate::synth::{write_synth_pack, SynthParams};
+
+    /// Installs, moves and swaps in one round, through both upload paths.
+    fn replay(pack: &Arc<Pack>, staging_bytes: Option<u64>, ops: &[SlotOp], hidden: &[f32]) -> (Vec<f32>, u64) {
+        let mut inference = Inference::with_uploads(pack.clone(), 8, Device::Cpu, Kind::Float, staging_bytes).unwrap();
+        let bytes = ops
+            .iter()
+            .filter_map(SlotOp::installed)
+            .map(|id| (id, Arc::new(ProbeBytes::detached(id, pack.read_probe(id).unwrap()))))
+            .collect();
+        inference.apply(ops, &bytes).unwrap();
+        (inference.score(0, 6, hidden).unwrap(), inference.transfers())
+    }
+
+    #[test]
+    fn staged_uploads_score_like_direct_installs_in_one_transfer_per_round() {
+        for dtype in [DType::F32, DType::Bf16] {
+            let dir = tempfile::tempdir().unwrap();
+            write_synth_pack(dir.path(), &SynthParams { dtype, ..SynthParams::tiny() }, |_| {}).unwrap();
+            let pack = Arc::new(Pack::open(dir.path()).unwrap());
+            let install = |slot, id| SlotOp::Install { slot, id: ConceptId(id) };
+            // Slot 0 is installed, moved away and reinstalled: rows must be used in op order.
+            let ops = [
+                install(0, 3),
+                install(1, 7),
+                SlotOp::Move { from: 0, to: 5 },
+                install(0, 11),
+                install(2, 19),
+                SlotOp::Swap { a: 1, b: 2 },
+                install(3, 23),
+                install(4, 42),
+            ];
+            let hidden: Vec<f32> = (0..pack.hidden_dim()).map(|i| (i as f32 * 0.37).sin()).collect();
+            let (direct, none) = replay(&pack, None, &ops, &hidden);
+            assert_eq!(none, 0);
+            let probe = pack.layout().byte_len() as u64;
+            let (staged, transfers) = replay(&pack, Some(64 * probe), &ops, &hidden);
+            assert_eq!(staged, direct, "{dtype:?}");
+            assert_eq!(transfers, 1, "six installs fit one transfer");
+            // Room for two probes: six installs take three transfers and still agree.
+            let (chunked, transfers) = replay(&pack, Some(2 * probe), &ops, &hidden);
+            assert_eq!(chunked, direct, "{dtype:?}");
+            assert_eq!(transfers, 3);
+        }
     }
 }

@@ -23,6 +23,16 @@ pub enum SlotOp {
     Swap { a: usize, b: usize },
 }
 
+impl SlotOp {
+    /// The probe this op installs, if it is an install.
+    pub fn installed(&self) -> Option<ConceptId> {
+        match *self {
+            SlotOp::Install { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+}
+
 /// Where a probe is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Residency {
