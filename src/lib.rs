@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod import;
 pub mod npy;
 pub mod pack;
 pub mod policy;

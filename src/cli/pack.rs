@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
+use probe_cascade::import::{import_hatcat, ImportOptions, Phase};
 use probe_cascade::pack::{ConceptId, DType, Pack};
 use probe_cascade::synth::{write_synth_pack, SynthParams};
 
@@ -45,6 +46,27 @@ pub enum PackCommand {
     Inspect { dir: PathBuf },
     /// Check every probe's checksum, shape and values; exit non-zero on any defect.
     Verify { dir: PathBuf },
+    /// Import a HatCat pack (layer{N}.json hierarchy files and torch.save probe files) without
+    /// Python; every probe is checked to score like the original before the pack is written.
+    ImportHatcat {
+        /// Directory of layer{N}.json files (and an optional hierarchy.json).
+        hierarchy_dir: PathBuf,
+        /// Directory of probe files: layer{N}/{Name}.pt, layer{N}/{Name}_classifier.pt or
+        /// {Name}_classifier.pt.
+        lenses_dir: PathBuf,
+        /// The new pack's directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage dtype of the pack: f32 keeps every source exactly, bf16 halves the bytes.
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
+        /// Import the good probes and list the bad ones instead of stopping at the first.
+        #[arg(long)]
+        skip_bad: bool,
+        /// Probes per shard file.
+        #[arg(long, default_value_t = 256)]
+        probes_per_shard: usize,
+    },
 }
 
 pub fn run(cmd: PackCommand) -> anyhow::Result<ExitCode> {
@@ -79,6 +101,24 @@ pub fn run(cmd: PackCommand) -> anyhow::Result<ExitCode> {
                 manifest.dtype,
                 manifest.shards.len()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        PackCommand::ImportHatcat { hierarchy_dir, lenses_dir, out, dtype, skip_bad, probes_per_shard } => {
+            let options = ImportOptions { dtype, skip_bad, probes_per_shard: probes_per_shard.max(1) };
+            let progress = bar(0, "check");
+            let summary = import_hatcat(&hierarchy_dir, &lenses_dir, &out, &options, |phase, done, total| {
+                let what = match phase {
+                    Phase::Checking => "check",
+                    Phase::Writing => "write",
+                };
+                if progress.message() != what {
+                    progress.set_message(what);
+                }
+                progress.set_length(total as u64);
+                progress.set_position(done as u64);
+            });
+            progress.finish_and_clear();
+            println!("{}", summary.with_context(|| format!("importing {}", hierarchy_dir.display()))?);
             Ok(ExitCode::SUCCESS)
         }
         PackCommand::Inspect { dir } => {

@@ -1,0 +1,212 @@
+//! Reads a `torch.save` file holding a state_dict, without Python.
+//!
+//! Since PyTorch 1.6 such a file is a zip archive (entries stored, not compressed):
+//! `<archive>/data.pkl`, a pickle whose tensors refer to storages by persistent id, and
+//! `<archive>/data/<key>`, each storage's raw little-endian bytes. `<archive>` is whatever
+//! name the writer chose, so entries are found by suffix.
+
+use std::io::{Cursor, Read};
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+
+use super::pickle::{self, TensorRef, Value};
+
+/// Element types a probe file may store. All convert to f32 exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StoredDType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl StoredDType {
+    fn from_storage(kind: &str) -> Option<Self> {
+        match kind {
+            "FloatStorage" => Some(Self::F32),
+            "BFloat16Storage" => Some(Self::Bf16),
+            "HalfStorage" => Some(Self::F16),
+            _ => None,
+        }
+    }
+
+    fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 | Self::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+/// One tensor of a state_dict, converted to f32, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredTensor {
+    pub shape: Vec<usize>,
+    pub dtype: StoredDType,
+    pub values: Vec<f32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TorchFileError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: legacy (pre-1.6, non-zip) torch.save format; load and re-save it with a current PyTorch, \
+         which writes the zip format"
+    )]
+    Legacy { path: PathBuf },
+    #[error("{path}: not a readable torch.save zip archive ({reason}); truncated or not a .pt file?")]
+    NotZip { path: PathBuf, reason: String },
+    #[error("{path}: archive entry {entry}: {reason}")]
+    Entry { path: PathBuf, entry: String, reason: String },
+    #[error("{path}: data.pkl: {source}")]
+    Pickle {
+        path: PathBuf,
+        #[source]
+        source: pickle::PickleError,
+    },
+    #[error("{path}: holds {found}, not a state_dict (a dict of tensors)")]
+    NotStateDict { path: PathBuf, found: String },
+    #[error("{path}: tensor {key}: {reason}")]
+    Tensor { path: PathBuf, key: String, reason: String },
+}
+
+/// Reads a state_dict: `(key, tensor)` in the file's order.
+pub fn read_state_dict(path: &Path) -> Result<Vec<(String, StoredTensor)>, TorchFileError> {
+    let bytes = std::fs::read(path).map_err(|source| TorchFileError::Io { path: path.into(), source })?;
+    parse_state_dict(&bytes, path)
+}
+
+/// [`read_state_dict`] on bytes already in memory; `path` only names the file in errors.
+pub fn parse_state_dict(bytes: &[u8], path: &Path) -> Result<Vec<(String, StoredTensor)>, TorchFileError> {
+    // The legacy format is a bare pickle stream that starts with a magic number (a LONG1).
+    if bytes.starts_with(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19") {
+        return Err(TorchFileError::Legacy { path: path.into() });
+    }
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| TorchFileError::NotZip { path: path.into(), reason: e.to_string() })?;
+    let names: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
+    let Some(pkl) = names.iter().find(|n| n.as_str() == "data.pkl" || n.ends_with("/data.pkl")) else {
+        return Err(TorchFileError::NotZip { path: path.into(), reason: "no data.pkl entry".into() });
+    };
+    let prefix = pkl.strip_suffix("data.pkl").unwrap_or("").to_string();
+    if let Some(order) = names.iter().find(|n| **n == format!("{prefix}byteorder")) {
+        let order = read_entry(&mut zip, order, 16, path)?;
+        if order != b"little" {
+            let reason =
+                format!("byte order {:?}; only little-endian files are supported", String::from_utf8_lossy(&order));
+            return Err(TorchFileError::Entry { path: path.into(), entry: format!("{prefix}byteorder"), reason });
+        }
+    }
+    let pickle_bytes = read_entry(&mut zip, pkl, 64 << 20, path)?;
+    let root = pickle::parse(&pickle_bytes).map_err(|source| TorchFileError::Pickle { path: path.into(), source })?;
+    let Value::Dict(items) = root else {
+        return Err(TorchFileError::NotStateDict { path: path.into(), found: root.describe() });
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (key, value) in items {
+        let Value::Str(key) = key else {
+            return Err(TorchFileError::NotStateDict {
+                path: path.into(),
+                found: format!("a dict keyed by {}", key.describe()),
+            });
+        };
+        let Value::Tensor(tensor) = value else {
+            let found = format!("a dict whose entry {key:?} is {}", value.describe());
+            return Err(TorchFileError::NotStateDict { path: path.into(), found });
+        };
+        let values = read_tensor(&mut zip, &prefix, &tensor, path, &key)?;
+        out.push((key, values));
+    }
+    if out.is_empty() {
+        return Err(TorchFileError::NotStateDict { path: path.into(), found: "an empty dict".into() });
+    }
+    Ok(out)
+}
+
+fn read_entry(
+    zip: &mut zip::ZipArchive<Cursor<&[u8]>>,
+    name: &str,
+    limit: u64,
+    path: &Path,
+) -> Result<Vec<u8>, TorchFileError> {
+    let err = |reason: String| TorchFileError::Entry { path: path.into(), entry: name.into(), reason };
+    let mut entry = zip.by_name(name).map_err(|e| err(e.to_string()))?;
+    if entry.size() > limit {
+        return Err(err(format!("{} bytes is more than the {limit} expected", entry.size())));
+    }
+    let mut out = Vec::with_capacity(entry.size() as usize);
+    entry.read_to_end(&mut out).map_err(|e| err(e.to_string()))?;
+    Ok(out)
+}
+
+fn read_tensor(
+    zip: &mut zip::ZipArchive<Cursor<&[u8]>>,
+    prefix: &str,
+    t: &TensorRef,
+    path: &Path,
+    key: &str,
+) -> Result<StoredTensor, TorchFileError> {
+    let bad = |reason: String| TorchFileError::Tensor { path: path.into(), key: key.into(), reason };
+    let Some(dtype) = StoredDType::from_storage(&t.storage.kind) else {
+        return Err(bad(format!("storage type {} is not supported (f32, bf16 or f16)", t.storage.kind)));
+    };
+    let elt = dtype.size();
+    let numel =
+        t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| bad("size overflows".into()))?;
+    // The furthest element the view touches must lie inside the storage.
+    let last = t.shape.iter().zip(&t.stride).try_fold(t.offset, |end, (&d, &s)| {
+        if d == 0 {
+            Some(end)
+        } else {
+            (d - 1).checked_mul(s).and_then(|x| end.checked_add(x))
+        }
+    });
+    match last {
+        Some(last) if numel == 0 || last < t.storage.numel => {}
+        _ => return Err(bad(format!("view reaches past its storage of {} elements", t.storage.numel))),
+    }
+    let entry = format!("{prefix}data/{}", t.storage.key);
+    let limit = (t.storage.numel * elt) as u64;
+    let raw = read_entry(zip, &entry, limit, path)?;
+    if raw.len() != t.storage.numel * elt {
+        let reason = format!("{} bytes but the storage holds {} {} elements", raw.len(), t.storage.numel, dtype.name());
+        return Err(TorchFileError::Entry { path: path.into(), entry, reason });
+    }
+    let element = |i: usize| -> f32 {
+        let b = &raw[i * elt..(i + 1) * elt];
+        match dtype {
+            StoredDType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            StoredDType::Bf16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            StoredDType::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        }
+    };
+    // Walk the view in row-major order (a state_dict's tensors are nearly always contiguous,
+    // but a saved view need not be).
+    let mut values = Vec::with_capacity(numel);
+    let mut index = vec![0usize; t.shape.len()];
+    for _ in 0..numel {
+        let at = t.offset + index.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
+        values.push(element(at));
+        for dim in (0..index.len()).rev() {
+            index[dim] += 1;
+            if index[dim] < t.shape[dim] {
+                break;
+            }
+            index[dim] = 0;
+        }
+    }
+    Ok(StoredTensor { shape: t.shape.clone(), dtype, values })
+}
