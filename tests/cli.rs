@@ -239,3 +239,59 @@ fn bench_writes_every_row() {
     // Naive rows are the baseline.
     assert!(rows.iter().filter(|r| r["engine"] == "naive").all(|r| r["ratio_to_naive_p50"] == 1.0));
 }
+
+#[test]
+fn import_hatcat_prints_its_summary_and_names_bad_files() {
+    let hatcat = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hatcat");
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("imported");
+    let summary = run_ok(
+        bin()
+            .args(["pack", "import-hatcat"])
+            .arg(hatcat.join("hierarchy_old"))
+            .arg(hatcat.join("lenses"))
+            .args(["--dtype", "bf16", "--out"])
+            .arg(&pack),
+    );
+    for want in [
+        "imported 11 probes",
+        "D=16, bf16",
+        "layer 2: 5 / 6",
+        "skipped, no probe file: 1",
+        "Motion@2",
+        "links: 9 from hierarchy.json (won where the files disagree)",
+        "logit check: worst difference",
+    ] {
+        assert!(summary.contains(want), "missing {want:?} in:\n{summary}");
+    }
+    let verify = run_ok(bin().args(["pack", "verify"]).arg(&pack));
+    assert!(verify.contains("11 probes verified"), "{verify}");
+    let trace = dir.path().join("trace.npy");
+    run_ok(bin().args(["trace", "synth", "--tokens", "5", "--pack"]).arg(&pack).arg("--out").arg(&trace));
+    let report =
+        run_ok(bin().arg("run").arg("--config").arg(config()).arg("--pack").arg(&pack).arg("--trace").arg(&trace));
+    assert!(report.contains("over 5 tokens (0 errors)"), "{report}");
+
+    let out = bin()
+        .args(["pack", "import-hatcat"])
+        .arg(hatcat.join("hierarchy_bad"))
+        .arg(hatcat.join("lenses_bad"))
+        .arg("--out")
+        .arg(dir.path().join("bad"))
+        .output()
+        .unwrap();
+    let message = failed(&out);
+    assert!(
+        message.contains("Truncated.pt: probe for Truncated@1: not a readable torch.save zip archive"),
+        "{message}"
+    );
+    let skipped = run_ok(
+        bin()
+            .args(["pack", "import-hatcat", "--skip-bad"])
+            .arg(hatcat.join("hierarchy_bad"))
+            .arg(hatcat.join("lenses_bad"))
+            .arg("--out")
+            .arg(dir.path().join("bad")),
+    );
+    assert!(skipped.contains("imported 2 probes") && skipped.contains("skipped, bad probe file: 2"), "{skipped}");
+}
