@@ -121,7 +121,7 @@ fn hierarchy_json_wins_over_the_layer_files() {
     // hierarchy.json moves Region under Abstract and leaves Number parentless.
     assert_eq!((s.links.links, s.links.agreed, s.links.only_in_hierarchy_json), (9, 8, 1));
     assert_eq!(s.links.dropped_from_layer_files, 3);
-    let pack = Pack::open(&out.path().join("pack")).unwrap();
+    let pack = Pack::open(out.path().join("pack")).unwrap();
     assert_eq!(parents_of(&pack, "Region", 2), ["Abstract@1"]);
     assert!(parents_of(&pack, "Number", 2).is_empty());
     assert_eq!(parents_of(&pack, "Process", 2), ["Process@1"]);
@@ -221,7 +221,7 @@ fn bad_files_stop_the_import_or_are_skipped_and_listed() {
     assert_eq!(skipped, [("Truncated@1", true), ("Tensor@1", true)]);
     assert!(s.bad[1].reason.contains("not a state_dict"), "{}", s.bad[1].reason);
     assert_eq!(s.links_to_skipped, 2);
-    assert_eq!(Pack::open(&out.path().join("pack")).unwrap().len(), 2);
+    assert_eq!(Pack::open(out.path().join("pack")).unwrap().len(), 2);
     assert!(s.to_string().contains("skipped, bad probe file: 2"));
 }
 
@@ -342,4 +342,26 @@ fn missing_directories_and_empty_imports_are_errors_not_empty_packs() {
         |_, _, _| {},
     );
     assert!(matches!(again, Err(ImportError::OutputExists(_))));
+}
+
+#[test]
+fn corrupt_probe_files_are_errors_never_panics() {
+    use probe_cascade::import::torch_file::parse_state_dict;
+    let path = fixtures().join("lenses/layer1/Physical.pt");
+    let good = std::fs::read(&path).unwrap();
+    assert!(parse_state_dict(&good, &path).is_ok());
+    // Every truncation point in coarse steps, and single-byte damage all over the file: each
+    // read ends in Ok or Err (a flipped weight byte can still parse), never in a panic.
+    for len in (0..good.len()).step_by(97) {
+        assert!(parse_state_dict(&good[..len], &path).is_err(), "truncated at {len}");
+    }
+    let mut errors = 0;
+    for at in (0..good.len()).step_by(13) {
+        for flip in [0x01u8, 0x80, 0xff] {
+            let mut bytes = good.clone();
+            bytes[at] ^= flip;
+            errors += parse_state_dict(&bytes, &path).is_err() as usize;
+        }
+    }
+    assert!(errors > 0);
 }

@@ -358,7 +358,7 @@ impl Unpickler<'_> {
     }
 
     fn pairs(&self, items: Vec<Value>) -> Result<Vec<(Value, Value)>, PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return self.fail("odd number of items for a dict");
         }
         let mut it = items.into_iter();

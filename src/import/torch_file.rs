@@ -95,9 +95,10 @@ pub fn parse_state_dict(bytes: &[u8], path: &Path) -> Result<Vec<(String, Stored
     if bytes.starts_with(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19") {
         return Err(TorchFileError::Legacy { path: path.into() });
     }
-    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+    let zip = zip::ZipArchive::new(Cursor::new(bytes))
         .map_err(|e| TorchFileError::NotZip { path: path.into(), reason: e.to_string() })?;
-    let names: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
+    let mut zip = Archive { zip, len: bytes.len() as u64 };
+    let names: Vec<String> = zip.zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
     let Some(pkl) = names.iter().find(|n| n.as_str() == "data.pkl" || n.ends_with("/data.pkl")) else {
         return Err(TorchFileError::NotZip { path: path.into(), reason: "no data.pkl entry".into() });
     };
@@ -136,14 +137,18 @@ pub fn parse_state_dict(bytes: &[u8], path: &Path) -> Result<Vec<(String, Stored
     Ok(out)
 }
 
-fn read_entry(
-    zip: &mut zip::ZipArchive<Cursor<&[u8]>>,
-    name: &str,
-    limit: u64,
-    path: &Path,
-) -> Result<Vec<u8>, TorchFileError> {
+/// The archive and its length in bytes.
+struct Archive<'a> {
+    zip: zip::ZipArchive<Cursor<&'a [u8]>>,
+    len: u64,
+}
+
+fn read_entry(zip: &mut Archive, name: &str, limit: u64, path: &Path) -> Result<Vec<u8>, TorchFileError> {
     let err = |reason: String| TorchFileError::Entry { path: path.into(), entry: name.into(), reason };
-    let mut entry = zip.by_name(name).map_err(|e| err(e.to_string()))?;
+    // Entries are stored uncompressed, so none can be larger than the archive: a size beyond
+    // that is a corrupt header, refused before anything is allocated for it.
+    let limit = limit.min(zip.len);
+    let mut entry = zip.zip.by_name(name).map_err(|e| err(e.to_string()))?;
     if entry.size() > limit {
         return Err(err(format!("{} bytes is more than the {limit} expected", entry.size())));
     }
@@ -153,7 +158,7 @@ fn read_entry(
 }
 
 fn read_tensor(
-    zip: &mut zip::ZipArchive<Cursor<&[u8]>>,
+    zip: &mut Archive,
     prefix: &str,
     t: &TensorRef,
     path: &Path,
@@ -178,9 +183,14 @@ fn read_tensor(
         Some(last) if numel == 0 || last < t.storage.numel => {}
         _ => return Err(bad(format!("view reaches past its storage of {} elements", t.storage.numel))),
     }
+    // A state_dict's tensors never repeat elements (stride-0 views); refusing them bounds the
+    // allocation below by the storage, which the file's size bounds in turn.
+    if numel > t.storage.numel {
+        return Err(bad(format!("view of {numel} elements repeats a storage of {}", t.storage.numel)));
+    }
     let entry = format!("{prefix}data/{}", t.storage.key);
-    let limit = (t.storage.numel * elt) as u64;
-    let raw = read_entry(zip, &entry, limit, path)?;
+    let Some(limit) = t.storage.numel.checked_mul(elt) else { return Err(bad("storage size overflows".into())) };
+    let raw = read_entry(zip, &entry, limit as u64, path)?;
     if raw.len() != t.storage.numel * elt {
         let reason = format!("{} bytes but the storage holds {} {} elements", raw.len(), t.storage.numel, dtype.name());
         return Err(TorchFileError::Entry { path: path.into(), entry, reason });
