@@ -6,7 +6,7 @@ DEMO_DIR ?= demo
 DEMO_TOKENS ?= 200
 BIN := target/release/probe-cascade
 
-.PHONY: all libtorch pyenv build test demo bench clean
+.PHONY: all libtorch pyenv build build-gpu test demo bench clean
 
 all: build
 
@@ -18,6 +18,10 @@ pyenv:
 
 build: libtorch
 	$(CARGO) build --release
+
+# Against a full CUDA torch 2.11.0 (TORCH_DIR=... or a cached venv); see the script.
+build-gpu:
+	@bash scripts/build-gpu.sh
 
 test: libtorch pyenv
 	$(CARGO) test --release
