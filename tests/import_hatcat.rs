@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use probe_cascade::config::Config;
 use probe_cascade::engine::{build_engine, EngineKind};
-use probe_cascade::import::hatcat::{trained_probe, KeyStyle};
+use probe_cascade::import::hatcat::{find_probe_file, trained_probe, KeyStyle};
 use probe_cascade::import::torch_file::{read_state_dict, StoredDType, TorchFileError};
 use probe_cascade::import::{import_hatcat, ImportError, ImportOptions, ImportSummary};
 use probe_cascade::pack::manifest::InputNormalization;
@@ -36,7 +36,8 @@ fn expected() -> serde_json::Value {
 
 /// Scores every probe of the pack on the fixture inputs with the reference engine (all layers
 /// in the base set, no pruning: every probe is scored on every token) and compares with the
-/// logits PyTorch computed from the original models.
+/// logits PyTorch computed from the original models, and with the logits worked out here from
+/// the fixture file's weights (LayerNorm with its affine, then the MLP, in f64).
 fn assert_scores_like_pytorch(pack_dir: &Path, which: &str, tolerance: f32) {
     let pack = Arc::new(Pack::open(pack_dir).unwrap());
     let layers: Vec<String> = (0..=pack.hierarchy().ids().map(|id| pack.hierarchy().layer(id)).max().unwrap())
