@@ -366,3 +366,10 @@ fn corrupt_probe_files_are_errors_never_panics() {
     }
     assert!(errors > 0);
 }
+
+#[test]
+fn a_non_contiguous_saved_view_reads_like_its_contiguous_copy() {
+    let strided = read_state_dict(&fixtures().join("other/strided.pt")).unwrap();
+    let contiguous = read_state_dict(&fixtures().join("other/contiguous.pt")).unwrap();
+    assert_eq!(strided, contiguous);
+}

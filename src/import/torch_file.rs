@@ -203,8 +203,22 @@ fn read_tensor(
             StoredDType::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
         }
     };
-    // Walk the view in row-major order (a state_dict's tensors are nearly always contiguous,
-    // but a saved view need not be).
+    let contiguous = t
+        .shape
+        .iter()
+        .zip(&t.stride)
+        .rev()
+        .try_fold(1usize, |expected, (&d, &s)| (d <= 1 || s == expected).then(|| expected * d));
+    if contiguous.is_some() {
+        let bytes = &raw[t.offset * elt..(t.offset + numel) * elt];
+        let values = match dtype {
+            StoredDType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            StoredDType::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            StoredDType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        };
+        return Ok(StoredTensor { shape: t.shape.clone(), dtype, values });
+    }
+    // A saved view need not be contiguous: walk it in row-major order.
     let mut values = Vec::with_capacity(numel);
     let mut index = vec![0usize; t.shape.len()];
     for _ in 0..numel {
