@@ -66,6 +66,18 @@ fn assert_scores_like_pytorch(pack_dir: &Path, which: &str, tolerance: f32) {
                 "{which} {label} token {token}: {} vs torch {torch}",
                 entry.logit
             );
+            let file = find_probe_file(&fixtures().join(which), &entry.name, entry.layer).unwrap();
+            let (by_hand, _) = trained_probe(read_state_dict(&file).unwrap()).unwrap().logit(&x);
+            assert!(
+                (by_hand as f32 - torch).abs() <= 1e-5 * (1.0 + torch.abs()),
+                "{label}: {by_hand} vs torch {torch}"
+            );
+            let diff = (entry.logit as f64 - by_hand).abs() as f32;
+            assert!(
+                diff <= tolerance * (1.0 + torch.abs()),
+                "{which} {label} token {token}: {} vs {by_hand}",
+                entry.logit
+            );
         }
     }
 }
