@@ -175,10 +175,13 @@ impl Coordinator {
         if !reads.is_empty() {
             // A tell back to us from a plain task: we never wait on it, so no cycle.
             let weak = me.downgrade();
+            // Reads that complete together travel together, so that their installs share one
+            // round (one host-to-device transfer on an accelerator); none waits for another.
+            let mut batches = reads.ready_chunks(LANDED_BATCH);
             tokio::spawn(async move {
-                while let Some((id, fetched)) = reads.next().await {
+                while let Some(items) = batches.next().await {
                     let Some(me) = weak.upgrade() else { break };
-                    if me.tell(Landed { id, fetched }).await.is_err() {
+                    if me.tell(Landed { items }).await.is_err() {
                         break;
                     }
                 }
@@ -378,30 +381,40 @@ impl Message<Observe> for Coordinator {
     }
 }
 
-/// Pipelined mode: a child asked for by an earlier token has landed (or failed to).
+/// Most late reads delivered in one `Landed` (and installed in one round).
+const LANDED_BATCH: usize = 64;
+
+/// Pipelined mode: children asked for by earlier tokens have landed (or failed to).
 pub struct Landed {
-    id: ConceptId,
-    fetched: Fetched,
+    items: Vec<(ConceptId, Fetched)>,
 }
 
 impl Message<Landed> for Coordinator {
     type Reply = ();
 
-    async fn handle(&mut self, Landed { id, fetched }: Landed, _: &mut Context<Self, Self::Reply>) {
-        if !self.pending.remove(id) || self.broken.is_some() {
+    async fn handle(&mut self, Landed { items }: Landed, _: &mut Context<Self, Self::Reply>) {
+        let mut ids = Vec::new();
+        let mut bytes = HashMap::new();
+        for (id, fetched) in items {
+            if !self.pending.remove(id) || self.broken.is_some() {
+                continue;
+            }
+            match fetched {
+                Err(e) => self.failed_late.push(e.to_string()),
+                Ok(b) if !self.active.contains(id) && self.active.len() + ids.len() < self.config.max_loaded => {
+                    ids.push(id);
+                    bytes.insert(id, b);
+                }
+                Ok(_) => {}
+            }
+        }
+        if ids.is_empty() {
             return;
         }
-        match fetched {
-            Err(e) => self.failed_late.push(e.to_string()),
-            // Installed now, while the caller generates the next token; scored with it.
-            Ok(bytes) if !self.active.contains(id) && self.active.len() < self.config.max_loaded => {
-                let map = HashMap::from([(id, bytes)]);
-                let hidden = Arc::new(vec![0.0; self.pack.hidden_dim()]);
-                if let Err(e) = self.activate_with(usize::MAX, &[id], map, hidden).await {
-                    self.failed_late.push(e.to_string());
-                }
-            }
-            Ok(_) => {}
+        // Installed now, while the caller generates the next token; scored with it.
+        let hidden = Arc::new(vec![0.0; self.pack.hidden_dim()]);
+        if let Err(e) = self.activate_with(usize::MAX, &ids, bytes, hidden).await {
+            self.failed_late.push(e.to_string());
         }
     }
 }
