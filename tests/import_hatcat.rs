@@ -192,6 +192,7 @@ fn each_malformed_probe_file_has_its_own_error() {
     assert!(missing > 0);
     assert!(matches!(read_state_dict(&bad("absent.pt")), Err(TorchFileError::Io { .. })));
     assert_eq!(probe_error(&bad("missing_key.pt")), "missing key 6.bias");
+    assert!(probe_error(&fixtures().join("other/linear_probe.pt")).starts_with("a linear probe (linear.weight)"));
     assert_eq!(probe_error(&bad("wrong_shape.pt")), "0.weight has shape [32, 16], expected [128, D]");
     assert!(probe_error(&bad("nan.pt")).starts_with("3.weight[647] is NaN"), "{}", probe_error(&bad("nan.pt")));
     // Every message names the file.

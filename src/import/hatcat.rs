@@ -312,6 +312,9 @@ pub const LAYER_NORM_EPS: f64 = 1e-5;
 
 /// Maps a state_dict onto the probe architecture; `Err` says what does not fit.
 pub fn trained_probe(tensors: Vec<(String, StoredTensor)>) -> Result<TrainedProbe, String> {
+    if tensors.iter().any(|(k, _)| k == "linear.weight") {
+        return Err("a linear probe (linear.weight), not the D→128→64→1 MLP this runtime scores".into());
+    }
     let style = if tensors.iter().all(|(k, _)| k.starts_with("net.")) { KeyStyle::Net } else { KeyStyle::Bare };
     let prefix = if style == KeyStyle::Net { "net." } else { "" };
     let mut by_key: BTreeMap<String, StoredTensor> = BTreeMap::new();
