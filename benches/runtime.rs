@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kameo::prelude::Spawn;
 use probe_cascade::config::Config;
-use probe_cascade::engine::tensors::batched_logits;
+use probe_cascade::engine::tensors::{batched_logits, RowSplit};
 use probe_cascade::pack::{write_pack, ConceptDef, ConceptId, DType, Pack, PackSpec, ProbeWeights};
 use probe_cascade::runtime::cache::{CacheSettings, Get, WeightCache};
 use probe_cascade::runtime::inference::Inference;
@@ -38,7 +38,13 @@ fn inference(c: &mut Criterion) {
     eprintln!("measured read bandwidth: {:.1} GB/s", bw / 1e9);
     let mut group = c.benchmark_group("inference");
     group.sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
-    for kind in [Kind::Float, Kind::BFloat16] {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // What the runtime runs (the first layer split in row blocks over the cores), and the
+    // same math as one `addmv` call, for comparison.
+    let (split, single) = (RowSplit::new(threads), RowSplit::none());
+    for (kind, name, split) in
+        [(Kind::Float, "f32", &split), (Kind::Float, "f32-one-call", &single), (Kind::BFloat16, "bf16", &split)]
+    {
         for s in [14i64, 30, 100, 500] {
             let opts = (kind, Device::Cpu);
             let (w1, b1) = (Tensor::randn([s, 128, D], opts) * 0.02, Tensor::zeros([s, 128, 1], opts));
@@ -47,14 +53,13 @@ fn inference(c: &mut Criterion) {
             let x = Tensor::randn([D, 1], opts);
             let bytes = (s * (128 * D + 128 + 64 * 128 + 64 + 64 + 1)) as u64 * kind.elt_size_in_bytes() as u64;
             let floor_ms = bytes as f64 / bw * 1e3;
-            let name = if kind == Kind::Float { "f32" } else { "bf16" };
             eprintln!(
                 "inference/{name}/S={s}: {:.1} MB of weights per token, floor {floor_ms:.3} ms",
                 bytes as f64 / 1e6
             );
             group.throughput(Throughput::Bytes(bytes));
             group.bench_with_input(BenchmarkId::new(name, s), &s, |b, _| {
-                b.iter(|| batched_logits(&w1, &b1, &w2, &b2, &w3, &b3, &x).unwrap())
+                b.iter(|| batched_logits(&w1, &b1, &w2, &b2, &w3, &b3, &x, split).unwrap())
             });
         }
     }
@@ -90,7 +95,7 @@ fn install(c: &mut Criterion) {
     for dtype in [DType::Bf16, DType::F32] {
         let (_dir, pack) = big_pack(2, dtype);
         let bytes = pack.read_probe(ConceptId(0)).unwrap();
-        let mut inf = Inference::new(pack.clone(), 8, Device::Cpu, Kind::Float, 64 << 20).unwrap();
+        let mut inf = Inference::new(pack.clone(), 8, Device::Cpu, Kind::Float, 64 << 20, 1).unwrap();
         group.throughput(Throughput::Bytes(bytes.len() as u64));
         group.bench_function(format!("{dtype}_to_f32_slot"), |b| {
             b.iter(|| tch::no_grad(|| inf.install(3, ConceptId(0), &bytes).unwrap()))

@@ -1,6 +1,7 @@
 //! On the demo pack and trace, under each shipped configuration, the naive engine (the seed's
 //! cost model), the reference engine and the actor runtime in exact mode must give the same
-//! reports; the runtime also the same active set after every token.
+//! reports; the runtime also the same active set after every token, and the reference's logits
+//! bit for bit.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +35,10 @@ fn assert_same(
         assert_eq!(names(r), names(n), "{ctx}: top lists");
         for (a, b) in r.top.iter().zip(&n.top) {
             assert!((a.logit - b.logit).abs() < 1e-3, "{ctx}: {} logit {} vs {}", a.name, a.logit, b.logit);
+            // The runtime scores through the same kernel (in row blocks that keep the bits).
+            if engine == "runtime" {
+                assert_eq!(a.logit.to_bits(), b.logit.to_bits(), "{ctx}: {} logit {} vs {}", a.name, a.logit, b.logit);
+            }
         }
         assert_eq!((r.children, r.loaded, r.unloaded, r.active), (n.children, n.loaded, n.unloaded, n.active), "{ctx}");
         assert_eq!(ra, na, "{ctx}: active sets");

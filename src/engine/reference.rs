@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use super::tensors::{batched_logits, hidden_column, to_host_f32, HeldProbes, ProbeTensors};
+use super::tensors::{batched_logits, hidden_column, to_host_f32, HeldProbes, ProbeTensors, RowSplit};
 use super::{BackendError, ProbeBackend};
 use crate::pack::{ConceptId, Pack};
 
@@ -51,6 +51,8 @@ impl ProbeBackend for ReferenceBackend {
             &stack(&|p| &p.w3)?,
             &stack(&|p| &p.b3)?.f_unsqueeze(2)?,
             &x,
+            // Obviously right: one `addmv` call (the runtime's row blocks give the same bits).
+            &RowSplit::none(),
         )?;
         Ok(to_host_f32(&logits)?)
     }

@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::cache::ProbeBytes;
 use super::pool::SlotOp;
-use crate::engine::tensors::{batched_logits, hidden_column, kind_of, to_host_f32};
+use crate::engine::tensors::{batched_logits, hidden_column, kind_of, to_host_f32, RowSplit};
 use crate::pack::layout::{HIDDEN1, HIDDEN2};
 use crate::pack::{ConceptId, Pack};
 
@@ -112,20 +112,27 @@ pub struct Inference {
     arena: Arena,
     scratch: usize,
     uploads: Uploads,
+    split: RowSplit,
 }
 
 impl Inference {
     /// An arena of `slots` probes. `staging_bytes` bounds the upload buffers where the device is
-    /// not the CPU (at least one probe's worth is needed).
+    /// not the CPU (at least one probe's worth is needed). On the CPU the first layer's product
+    /// runs in `math_threads` row blocks (see [`RowSplit`]).
     pub fn new(
         pack: Arc<Pack>,
         slots: usize,
         device: Device,
         compute: Kind,
         staging_bytes: u64,
+        math_threads: usize,
     ) -> Result<Self, tch::TchError> {
         let staged = device != Device::Cpu;
-        Self::with_uploads(pack, slots, device, compute, staged.then_some(staging_bytes))
+        let mut inference = Self::with_uploads(pack, slots, device, compute, staged.then_some(staging_bytes))?;
+        if device == Device::Cpu {
+            inference.split = RowSplit::new(math_threads);
+        }
+        Ok(inference)
     }
 
     /// `staging_bytes: None` installs directly; `Some` stages uploads on any device (tests use it
@@ -147,7 +154,7 @@ impl Inference {
                     Uploads::Staged(Staging::new(rows, probe_bytes, device)?)
                 }
             };
-            Ok(Self { pack, device, compute, arena, scratch: slots, uploads })
+            Ok(Self { pack, device, compute, arena, scratch: slots, uploads, split: RowSplit::none() })
         })
     }
 
@@ -261,6 +268,7 @@ impl Inference {
                 &a.w3.f_narrow(0, s, n)?,
                 &a.b3.f_narrow(0, s, n)?,
                 &x,
+                &self.split,
             )?;
             to_host_f32(&logits)
         })

@@ -84,8 +84,15 @@ impl Cascade {
         let cache = WeightCache::new(pack.clone(), &settings).map_err(RuntimeError::Reader)?;
         let reader = cache.reader_kind();
         let cache = WeightCache::spawn_with_mailbox(cache, mailbox::bounded(rt.request_queue.max(16) * 4));
-        let inference = Inference::new(pack.clone(), rt.pool_slots, device, compute, rt.staging_bytes)
-            .map_err(|e| RuntimeError::Setup(format!("allocating the model pool: {e}")))?;
+        let inference = Inference::new(
+            pack.clone(),
+            rt.pool_slots,
+            device,
+            compute,
+            rt.staging_bytes,
+            tensors::math_threads(&config.device),
+        )
+        .map_err(|e| RuntimeError::Setup(format!("allocating the model pool: {e}")))?;
         let inference = Inference::spawn_in_thread_with_mailbox(inference, mailbox::bounded(16));
 
         let normalization = config.cascade.normalization_for(pack.input_normalization());
