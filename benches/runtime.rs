@@ -45,6 +45,12 @@ fn inference(c: &mut Criterion) {
     for (kind, name, split) in
         [(Kind::Float, "f32", &split), (Kind::Float, "f32-one-call", &single), (Kind::BFloat16, "bf16", &split)]
     {
+        // As in the runtime: libtorch single-threaded beside the row blocks, all threads without.
+        if split.parts() > 1 {
+            RowSplit::single_threaded_torch();
+        } else {
+            tch::set_num_threads(threads as i32);
+        }
         for s in [14i64, 30, 100, 500] {
             let opts = (kind, Device::Cpu);
             let (w1, b1) = (Tensor::randn([s, 128, D], opts) * 0.02, Tensor::zeros([s, 128, 1], opts));

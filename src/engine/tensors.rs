@@ -158,15 +158,22 @@ pub fn batched_logits(
     b3.f_baddbmm(w3, &a2, 1, 1)?.f_view([-1])
 }
 
-type RowJob = (Tensor, Tensor, Tensor);
+/// A unit of work for a helper thread; its tensors are views the caller keeps alive.
+type RowJob = Box<dyn FnOnce() -> Result<Tensor, tch::TchError> + Send>;
 
-/// Runs the first layer's matrix-vector product in row blocks on several threads.
+/// Runs the heavy row-wise work of CPU scoring (the first layer's matrix-vector product, and
+/// copying a probe's first-layer weights into a slot) in row blocks on several threads.
 ///
 /// Why: MKL's `sgemv` runs this shape on one thread, and one core reads about 20 GB/s where
-/// two reach the machine's ~28 GB/s; two half-products on two threads measured 1.55× faster
-/// at 30 probes (2-core machine). Each block is still one libtorch `addmv`, and a row's dot
-/// product does not depend on which block holds it, so the logits are unchanged bit for bit.
-/// The helpers are long-lived threads fed through bounded channels (one job each per call).
+/// two reach the machine's ~28–31 GB/s. libtorch's own thread pool cannot help: its idle
+/// OpenMP workers spin for the next region and take the core a helper needs, which is why a
+/// thread that owns a `RowSplit` sets libtorch to one thread for itself
+/// ([`RowSplit::single_threaded_torch`]) and gets its parallelism here instead.
+///
+/// Each block is still one libtorch call, and product blocks start at multiples of 128 rows,
+/// so a row's dot product is computed exactly as in one call: the logits keep their bits.
+/// The helpers are long-lived threads fed through bounded channels, one job each per call;
+/// every call waits for all of its jobs, so views lent to helpers never outlive the call.
 pub struct RowSplit {
     helpers: Vec<Helper>,
 }
@@ -177,14 +184,15 @@ struct Helper {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Row blocks start at multiples of this (a probe's first layer is 128 rows).
+/// Product blocks start at multiples of this: MKL's kernels handle rows in groups, and a block
+/// boundary inside a group changes how the tail rows are summed (and their bits).
 const ROW_ALIGN: i64 = 128;
 
-/// Products smaller than this run on the calling thread: the hand-off would cost more.
-const SPLIT_MIN_BYTES: i64 = 2 << 20;
+/// Work on fewer bytes than this stays on the calling thread: the hand-off would cost more.
+const SPLIT_MIN_BYTES: i64 = 1 << 20;
 
 impl RowSplit {
-    /// No helpers: every product on the calling thread.
+    /// No helpers: all work on the calling thread.
     pub fn none() -> Self {
         Self { helpers: Vec::new() }
     }
@@ -198,9 +206,10 @@ impl RowSplit {
                 let thread = std::thread::Builder::new()
                     .name(format!("row-split-{i}"))
                     .spawn(move || {
+                        Self::single_threaded_torch();
                         let _no_grad = tch::no_grad_guard();
-                        for (b, w, x) in inbox {
-                            if reply.send(b.f_addmv(&w, &x)).is_err() {
+                        for job in inbox {
+                            if reply.send(job()).is_err() {
                                 break;
                             }
                         }
@@ -212,47 +221,86 @@ impl RowSplit {
         Self { helpers }
     }
 
+    pub fn parts(&self) -> usize {
+        self.helpers.len() + 1
+    }
+
+    /// Makes libtorch run single-threaded on the calling thread (its OpenMP and MKL thread
+    /// counts are per thread; this also becomes the default for threads libtorch sets up later).
+    pub fn single_threaded_torch() {
+        tch::set_num_threads(1);
+    }
+
     /// `b + w·x` for `w` [rows, D], `b` [rows], `x` [D].
     pub fn addmv(&self, b: &Tensor, w: &Tensor, x: &Tensor) -> Result<Tensor, tch::TchError> {
         let rows = w.size()[0];
-        let parts = self.helpers.len() as i64 + 1;
-        if parts == 1
-            || w.device() != Device::Cpu
-            || rows * w.size()[1] * w.kind().elt_size_in_bytes() as i64 <= SPLIT_MIN_BYTES
-        {
-            return b.f_addmv(w, x);
+        let per_part = (rows + self.parts() as i64 - 1) / self.parts() as i64;
+        let block = (per_part + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
+        let blocks = self.run(w, rows, block, |start, len| {
+            let (b, w, x) = (b.shallow_clone(), w.shallow_clone(), x.shallow_clone());
+            Box::new(move || b.f_narrow(0, start, len)?.f_addmv(&w.f_narrow(0, start, len)?, &x))
+        })?;
+        match blocks.len() {
+            1 => Ok(blocks.into_iter().next().expect("one block")),
+            _ => Tensor::f_cat(&blocks, 0),
         }
-        // Blocks of whole multiples of ROW_ALIGN rows: MKL's kernels handle rows in groups, and
-        // a block boundary inside a group changes how tail rows are summed (and their bits).
-        let block = ((rows + parts - 1) / parts + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
+    }
+
+    /// `dst.copy_(src)`, in row blocks along the first dimension (converting dtype as `copy_`
+    /// does). `src` may borrow memory it does not own (`from_blob`): it is only read until
+    /// this returns.
+    pub fn copy(&self, dst: &Tensor, src: &Tensor) -> Result<(), tch::TchError> {
+        let rows = dst.size().first().copied().unwrap_or(1);
+        let block = (rows + self.parts() as i64 - 1) / self.parts() as i64;
+        self.run(dst, rows, block, |start, len| {
+            let (dst, src) = (dst.shallow_clone(), src.shallow_clone());
+            Box::new(move || {
+                let mut view = dst.f_narrow(0, start, len)?;
+                view.f_copy_(&src.f_narrow(0, start, len)?)?;
+                Ok(view)
+            })
+        })?;
+        Ok(())
+    }
+
+    /// Runs `job(start, len)` for each block of `block` rows (the first on this thread) and
+    /// returns the results in row order. Small or non-CPU work runs as one block here.
+    fn run(
+        &self,
+        size_of: &Tensor,
+        rows: i64,
+        block: i64,
+        job: impl Fn(i64, i64) -> RowJob,
+    ) -> Result<Vec<Tensor>, tch::TchError> {
+        let bytes = size_of.numel() as i64 * size_of.kind().elt_size_in_bytes() as i64;
+        if self.helpers.is_empty() || size_of.device() != Device::Cpu || bytes < SPLIT_MIN_BYTES || block >= rows {
+            return Ok(vec![job(0, rows)()?]);
+        }
         let used = ((rows + block - 1) / block - 1) as usize;
         let mut sent = 0;
         let mut failure = None;
         for (i, helper) in self.helpers[..used].iter().enumerate() {
             let start = block * (i as i64 + 1);
-            let len = block.min(rows - start);
-            let job = (|| {
-                Ok::<_, tch::TchError>((b.f_narrow(0, start, len)?, w.f_narrow(0, start, len)?, x.shallow_clone()))
-            })();
-            match job.and_then(|job| helper.jobs.as_ref().expect("open until drop").send(job).map_err(|_| stopped())) {
+            let work = job(start, block.min(rows - start));
+            match helper.jobs.as_ref().expect("open until drop").send(work) {
                 Ok(()) => sent += 1,
-                Err(e) => {
-                    failure = Some(e);
+                Err(_) => {
+                    failure = Some(stopped());
                     break;
                 }
             }
         }
         let first = match failure {
-            None => b.f_narrow(0, 0, block).and_then(|b| b.f_addmv(&w.f_narrow(0, 0, block)?, x)),
+            None => job(0, block)(),
             Some(e) => Err(e),
         };
-        // Collect every answer owed, even after a failure, so none is left for the next call.
+        // Collect every answer owed, even after a failure: none may be left for the next call,
+        // and no borrowed view may be in use once this returns.
         let mut blocks = vec![first];
         for helper in &self.helpers[..sent] {
             blocks.push(helper.results.recv().unwrap_or_else(|_| Err(stopped())));
         }
-        let blocks: Vec<Tensor> = blocks.into_iter().collect::<Result<_, _>>()?;
-        Tensor::f_cat(&blocks, 0)
+        blocks.into_iter().collect()
     }
 }
 
@@ -286,12 +334,28 @@ mod tests {
             let want = Vec::<f32>::try_from(&b.addmv(&w, &x)).unwrap();
             for parts in [1, 2, 3, 7] {
                 let split = RowSplit::new(parts);
+                assert_eq!(split.parts(), parts);
                 for _ in 0..2 {
                     let got = Vec::<f32>::try_from(&split.addmv(&b, &w, &x).unwrap()).unwrap();
                     let differ = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
                     assert_eq!((got.len(), differ), (want.len(), 0), "rows {rows}, d {d}, {parts} parts");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn row_block_copies_convert_and_land_like_one_copy() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(11);
+        let src = Tensor::randn([128, 4096], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let want = src.to_kind(Kind::Float);
+        for parts in [1, 2, 3] {
+            let arena = Tensor::zeros([3, 128, 4096], (Kind::Float, Device::Cpu));
+            RowSplit::new(parts).copy(&arena.get(1), &src).unwrap();
+            assert!(arena.get(1).equal(&want), "{parts} parts");
+            assert_eq!(arena.get(0).abs().sum(Kind::Float).double_value(&[]), 0.0, "neighbours untouched");
+            assert_eq!(arena.get(2).abs().sum(Kind::Float).double_value(&[]), 0.0);
         }
     }
 }

@@ -117,8 +117,8 @@ pub struct Inference {
 
 impl Inference {
     /// An arena of `slots` probes. `staging_bytes` bounds the upload buffers where the device is
-    /// not the CPU (at least one probe's worth is needed). On the CPU the first layer's product
-    /// runs in `math_threads` row blocks (see [`RowSplit`]).
+    /// not the CPU (at least one probe's worth is needed). On the CPU scoring and slot copies
+    /// run in `math_threads` row blocks (see [`RowSplit`]).
     pub fn new(
         pack: Arc<Pack>,
         slots: usize,
@@ -172,7 +172,7 @@ impl Inference {
         let ranges = layout.ranges(&self.pack.tensor_offsets(id));
         let storage = kind_of(layout.dtype);
         for (part, range) in self.arena.parts().into_iter().zip(ranges) {
-            let mut dst = part.f_get(slot as i64)?;
+            let dst = part.f_get(slot as i64)?;
             let shape = dst.size();
             let src = &bytes[range];
             // A borrowed view of the cache's bytes: no allocation and no copy before `copy_`,
@@ -183,7 +183,8 @@ impl Inference {
             // element size within an allocation aligned for it.
             debug_assert_eq!(src.len() as i64, shape.iter().product::<i64>() * storage.elt_size_in_bytes() as i64);
             let view = unsafe { Tensor::f_from_blob(src.as_ptr(), &shape, &[], storage, Device::Cpu)? };
-            dst.f_copy_(&view)?;
+            // `copy` reads `view` only until it returns (helpers included).
+            self.split.copy(&dst, &view)?;
         }
         Ok(())
     }
@@ -207,7 +208,7 @@ impl Inference {
 
     fn copy_slot(&self, from: usize, to: usize) -> Result<(), tch::TchError> {
         for part in self.arena.parts() {
-            part.f_get(to as i64)?.f_copy_(&part.f_get(from as i64)?)?;
+            self.split.copy(&part.f_get(to as i64)?, &part.f_get(from as i64)?)?;
         }
         Ok(())
     }
@@ -294,6 +295,11 @@ impl Actor for Inference {
     type Error = Infallible;
 
     async fn on_start(state: Self, _: kameo::actor::ActorRef<Self>) -> Result<Self, Self::Error> {
+        // Runs on the inference thread: its parallelism comes from the row blocks, and
+        // libtorch's own spinning workers would only compete with them for cores.
+        if state.split.parts() > 1 {
+            RowSplit::single_threaded_torch();
+        }
         Ok(state)
     }
 }
