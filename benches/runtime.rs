@@ -98,10 +98,16 @@ fn big_pack(n: usize, dtype: DType) -> (tempfile::TempDir, Arc<Pack>) {
 fn install(c: &mut Criterion) {
     let mut group = c.benchmark_group("install");
     group.sample_size(30).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
+    // As the runtime's inference thread does: copies in row blocks over the cores, libtorch
+    // single-threaded beside them.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads > 1 {
+        RowSplit::single_threaded_torch();
+    }
     for dtype in [DType::Bf16, DType::F32] {
         let (_dir, pack) = big_pack(2, dtype);
         let bytes = pack.read_probe(ConceptId(0)).unwrap();
-        let mut inf = Inference::new(pack.clone(), 8, Device::Cpu, Kind::Float, 64 << 20, 1).unwrap();
+        let mut inf = Inference::new(pack.clone(), 8, Device::Cpu, Kind::Float, 64 << 20, threads).unwrap();
         group.throughput(Throughput::Bytes(bytes.len() as u64));
         group.bench_function(format!("{dtype}_to_f32_slot"), |b| {
             b.iter(|| tch::no_grad(|| inf.install(3, ConceptId(0), &bytes).unwrap()))

@@ -40,6 +40,12 @@ pub struct BenchArgs {
     /// Configurations to run (default: all four).
     #[arg(long, value_delimiter = ',')]
     configs: Option<Vec<String>>,
+    /// Device for every engine and configuration, e.g. `cuda:0` (default: cpu).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype for every engine and configuration (default: f32).
+    #[arg(long, default_value = "f32")]
+    compute_dtype: probe_cascade::pack::DType,
 }
 
 const ENGINES: [&str; 4] = ["naive", "reference", "runtime-exact", "runtime-pipelined"];
@@ -156,7 +162,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     for e in &engines {
         anyhow::ensure!(ENGINES.contains(&e.as_str()), "unknown engine `{e}` (expected one of {ENGINES:?})");
     }
-    let all = configs()?;
+    let mut all = configs()?;
+    for (name, config) in &mut all {
+        config.device.device = args.device.clone();
+        config.device.compute_dtype = args.compute_dtype;
+        config.validate(Path::new(&format!("the {name} configuration with --device/--compute-dtype")))?;
+    }
     let wanted: Vec<_> = match &args.configs {
         None => all,
         Some(names) => {
@@ -248,10 +259,12 @@ fn write_outputs(args: &BenchArgs, pack: &Pack, rows: &[Row]) -> anyhow::Result<
     };
     let mut md = String::new();
     md.push_str(&format!(
-        "# probe-cascade bench\n\nMachine: {} ({} cores), commit {}. Pack: {} ({} concepts, D={}, {}). Trace: {} ({} measured tokens after {} warm-up tokens). Page cache: {}.\n\n",
+        "# probe-cascade bench\n\nMachine: {} ({} cores), commit {}. Device: {} ({} compute). Pack: {} ({} concepts, D={}, {}). Trace: {} ({} measured tokens after {} warm-up tokens). Page cache: {}.\n\n",
         machine["cpu"].as_str().unwrap_or(""),
         machine["cores"],
         machine["commit"].as_str().unwrap_or(""),
+        args.device,
+        args.compute_dtype,
         args.pack.display(),
         pack.len(),
         pack.hidden_dim(),
@@ -297,6 +310,8 @@ fn write_outputs(args: &BenchArgs, pack: &Pack, rows: &[Row]) -> anyhow::Result<
     std::fs::write(args.out.join("bench.md"), md)?;
     let doc = json!({
         "machine": machine,
+        "device": args.device,
+        "compute_dtype": args.compute_dtype.to_string(),
         "pack": args.pack.display().to_string(),
         "trace": args.trace.display().to_string(),
         "tokens": args.tokens,
