@@ -16,7 +16,7 @@ use kameo::Actor;
 use tracing::{debug_span, Instrument};
 
 use super::cache::{Fetched, Get, Peek, Prefetch, ProbeBytes, WeightCache};
-use super::inference::{ApplyAndScore, Inference};
+use super::inference::{ApplyAndScore, Inference, Rearrange};
 use super::pool::{ModelPool, Residency, SlotOp};
 use super::RuntimeError;
 use crate::config::{CascadeConfig, Mode, Normalization};
@@ -229,7 +229,7 @@ impl Coordinator {
         Ok((ready, logits))
     }
 
-    async fn deactivate(&mut self, token: usize, ids: &[ConceptId]) -> Result<(), RuntimeError> {
+    async fn deactivate(&mut self, ids: &[ConceptId]) -> Result<(), RuntimeError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -238,12 +238,9 @@ impl Coordinator {
             self.pool.deactivate(id, &mut ops);
             self.active.remove(id);
         }
-        let hidden = Arc::new(Vec::new());
-        if let Err(e) = self.apply_and_score(token, ops, HashMap::new(), 0, 0, hidden).await {
-            self.broken = Some(e.to_string());
-            return Err(e);
-        }
-        Ok(())
+        // The copies run after the report, in the generation gap (see `Rearrange`); a failure
+        // there fails the next request, which marks the coordinator broken.
+        self.inference.tell(Rearrange(ops)).await.map_err(stopped("inference"))
     }
 
     async fn observe(
@@ -299,7 +296,7 @@ impl Coordinator {
                     // Leave the active set as it was before the token (installed probes stay warm).
                     let mut undo = activated.clone();
                     undo.extend(ids.iter().copied().filter(|&id| self.active.contains(id)));
-                    let _ = self.deactivate(token, &undo).await;
+                    let _ = self.deactivate(&undo).await;
                     return Err(e);
                 }
             };
@@ -315,7 +312,7 @@ impl Coordinator {
 
         let t = Instant::now();
         let dropped = tc.prune(|id| self.base.contains(id));
-        self.deactivate(token, &dropped).instrument(debug_span!("pruning", token, dropped = dropped.len())).await?;
+        self.deactivate(&dropped).instrument(debug_span!("pruning", token, dropped = dropped.len())).await?;
         if self.hint_margin > 0.0 {
             let hints = tc.near_misses(self.hint_margin, |c| self.pool.residency(c) != Residency::Absent);
             if !hints.is_empty() {
@@ -416,6 +413,26 @@ impl Message<Landed> for Coordinator {
         if let Err(e) = self.activate_with(usize::MAX, &ids, bytes, hidden).await {
             self.failed_late.push(e.to_string());
         }
+    }
+}
+
+/// Waits until the inference thread has done everything sent to it so far (pruning's slot
+/// copies are told, not asked).
+pub struct Drain;
+
+impl Message<Drain> for Coordinator {
+    type Reply = Result<(), RuntimeError>;
+
+    async fn handle(&mut self, _: Drain, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        if self.broken.is_some() {
+            return Ok(());
+        }
+        let hidden = Arc::new(Vec::new());
+        if let Err(e) = self.apply_and_score(usize::MAX, Vec::new(), HashMap::new(), 0, 0, hidden).await {
+            self.broken = Some(e.to_string());
+            return Err(e);
+        }
+        Ok(())
     }
 }
 

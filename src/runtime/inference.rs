@@ -106,6 +106,9 @@ impl Staging {
 }
 
 pub struct Inference {
+    /// Set when a `Rearrange` failed: the arena can no longer be trusted, and every later
+    /// request is refused with this reason (nobody waited on the tell to hear it).
+    failed: Option<String>,
     pack: Arc<Pack>,
     device: Device,
     compute: Kind,
@@ -154,7 +157,7 @@ impl Inference {
                     Uploads::Staged(Staging::new(rows, probe_bytes, device)?)
                 }
             };
-            Ok(Self { pack, device, compute, arena, scratch: slots, uploads, split: RowSplit::none() })
+            Ok(Self { failed: None, pack, device, compute, arena, scratch: slots, uploads, split: RowSplit::none() })
         })
     }
 
@@ -282,6 +285,8 @@ pub enum InferenceError {
     Tch(String),
     #[error("no bytes were sent for probe {0:?}")]
     MissingBytes(ConceptId),
+    #[error("an earlier slot rearrangement (pruning) failed, so the arena cannot be trusted: {0}")]
+    EarlierRearrange(String),
 }
 
 impl From<tch::TchError> for InferenceError {
@@ -325,12 +330,32 @@ impl Message<ApplyAndScore> for Inference {
     type Reply = Result<Scores, InferenceError>;
 
     async fn handle(&mut self, m: ApplyAndScore, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        if let Some(why) = &self.failed {
+            return Err(InferenceError::EarlierRearrange(why.clone()));
+        }
         self.apply(&m.ops, &m.bytes)?;
         // Drop the byte references now: the cache may evict (and recycle) them from here on.
         drop(m.bytes);
         let t = std::time::Instant::now();
         let logits = self.score(m.start, m.len, &m.hidden)?;
         Ok(Scores { logits, scoring: t.elapsed() })
+    }
+}
+
+/// Rearrange slots without installing or scoring: pruning's slot copies, told (not asked)
+/// after the token's report is ready, so that they run while the caller computes the next
+/// token. Messages are handled in order, so the next request sees them done.
+pub struct Rearrange(pub Vec<SlotOp>);
+
+impl Message<Rearrange> for Inference {
+    type Reply = ();
+
+    async fn handle(&mut self, Rearrange(ops): Rearrange, _: &mut Context<Self, Self::Reply>) {
+        if self.failed.is_none() {
+            if let Err(e) = self.apply(&ops, &HashMap::new()) {
+                self.failed = Some(e.to_string());
+            }
+        }
     }
 }
 

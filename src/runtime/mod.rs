@@ -23,7 +23,7 @@ use crate::engine::{tensors, EngineError, TokenReport};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::ConceptSet;
 use cache::{CacheSettings, CacheStats, ReadError, WeightCache};
-use coordinator::{ActiveSet, Coordinator, Observe, PendingLoads};
+use coordinator::{ActiveSet, Coordinator, Drain, Observe, PendingLoads};
 use inference::{Inference, InferenceError};
 use pool::ModelPool;
 use reader::ReaderKind;
@@ -134,15 +134,20 @@ impl Cascade {
         self.coordinator.ask(ActiveSet).await.map_err(|_| RuntimeError::ShutDown)
     }
 
-    /// Waits until no load is in flight: no child pending in the coordinator (pipelined mode)
-    /// and no read outstanding in the cache (hints included). A generation loop gets this for
-    /// free while it computes the next token; tests and benchmarks call it to model that gap.
+    /// Waits until no load is in flight: no child pending in the coordinator (pipelined mode),
+    /// no read outstanding in the cache (hints included), and no slot rearrangement (pruning's
+    /// copies) queued on the inference thread. A generation loop gets this for free while it
+    /// computes the next token; tests and benchmarks call it to model that gap.
     pub async fn settle(&self) -> Result<(), RuntimeError> {
         loop {
             let pending = self.coordinator.ask(PendingLoads).await.map_err(|_| RuntimeError::ShutDown)?;
             let stats = self.cache_stats().await?;
             if pending == 0 && stats.in_flight == 0 {
-                return Ok(());
+                return match self.coordinator.ask(Drain).await {
+                    Ok(()) => Ok(()),
+                    Err(kameo::error::SendError::HandlerError(e)) => Err(e),
+                    Err(_) => Err(RuntimeError::ShutDown),
+                };
             }
             tokio::time::sleep(std::time::Duration::from_micros(200)).await;
         }
