@@ -408,4 +408,32 @@ mod tests {
             assert_eq!(transfers, 3);
         }
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_rearrangement_fails_every_later_request() {
+        use kameo::prelude::Spawn;
+        let dir = tempfile::tempdir().unwrap();
+        write_synth_pack(dir.path(), &SynthParams::tiny(), |_| {}).unwrap();
+        let pack = Arc::new(Pack::open(dir.path()).unwrap());
+        let inference = Inference::new(pack.clone(), 4, Device::Cpu, Kind::Float, 64 << 20, 1).unwrap();
+        let actor = Inference::spawn(inference);
+        let score = || ApplyAndScore {
+            ops: Vec::new(),
+            bytes: HashMap::new(),
+            start: 0,
+            len: 0,
+            hidden: Arc::new(vec![0.0; pack.hidden_dim()]),
+        };
+        assert!(actor.ask(score()).await.is_ok());
+        // Slot 99 does not exist: the copy fails on the inference thread, after the tell.
+        actor.tell(Rearrange(vec![SlotOp::Move { from: 99, to: 0 }])).await.unwrap();
+        for _ in 0..2 {
+            match actor.ask(score()).await {
+                Err(kameo::error::SendError::HandlerError(InferenceError::EarlierRearrange(why))) => {
+                    assert!(!why.is_empty())
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 }
