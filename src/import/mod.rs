@@ -318,7 +318,8 @@ fn empty_weights() -> ProbeWeights {
     ProbeWeights { w1: Vec::new(), b1: Vec::new(), w2: Vec::new(), b2: Vec::new(), w3: Vec::new(), b3: Vec::new() }
 }
 
-/// Filler for a probe that failed in pass 2 (the pack is then removed).
+/// Filler for a probe that failed in pass 2: the write finishes, then its manifest is removed,
+/// so the directory never opens as a pack.
 fn zero_weights(layout: &ProbeLayout) -> ProbeWeights {
     let [b1, w1, b2, w2, b3, w3] = layout.tensors().map(|t| vec![0f32; t.numel()]);
     ProbeWeights { w1, b1, w2, b2, w3, b3 }

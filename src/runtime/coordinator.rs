@@ -238,8 +238,8 @@ impl Coordinator {
             self.pool.deactivate(id, &mut ops);
             self.active.remove(id);
         }
-        // The copies run after the report, in the generation gap (see `Rearrange`); a failure
-        // there fails the next request, which marks the coordinator broken.
+        // The copies run after the report, in the generation gap (see `Rearrange`); if they
+        // fail, the inference thread refuses every later request with the reason.
         self.inference.tell(Rearrange(ops)).await.map_err(stopped("inference"))
     }
 
