@@ -107,7 +107,7 @@ fn install(c: &mut Criterion) {
     for dtype in [DType::Bf16, DType::F32] {
         let (_dir, pack) = big_pack(2, dtype);
         let bytes = pack.read_probe(ConceptId(0)).unwrap();
-        let mut inf = Inference::new(pack.clone(), 8, Device::Cpu, Kind::Float, 64 << 20, threads).unwrap();
+        let inf = Inference::new(pack.clone(), 8, Device::Cpu, Kind::Float, 64 << 20, threads).unwrap();
         group.throughput(Throughput::Bytes(bytes.len() as u64));
         group.bench_function(format!("{dtype}_to_f32_slot"), |b| {
             b.iter(|| tch::no_grad(|| inf.install(3, ConceptId(0), &bytes).unwrap()))
@@ -141,18 +141,8 @@ fn cache_and_reader(c: &mut Criterion) {
                 let (mut next, mut done) = (0usize, 0usize);
                 while done < 500 {
                     while next < 500 && !spare.is_empty() {
-                        let id = ConceptId(next as u32);
-                        let loc = pack.location(id);
                         let buf = spare.pop().unwrap();
-                        reader
-                            .submit(ReadRequest {
-                                id,
-                                shard: loc.shard,
-                                offset: loc.offset,
-                                len: loc.length as usize,
-                                buf,
-                            })
-                            .unwrap();
+                        reader.submit(ReadRequest::for_probe(&pack, ConceptId(next as u32), buf)).unwrap();
                         next += 1;
                     }
                     let c = rx.recv().unwrap();

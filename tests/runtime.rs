@@ -121,16 +121,7 @@ async fn io_uring_and_thread_readers_give_identical_bytes_and_reports() {
         };
         assert_eq!(reader.kind(), kind);
         for id in pack.hierarchy().ids() {
-            let loc = pack.location(id);
-            reader
-                .submit(ReadRequest {
-                    id,
-                    shard: loc.shard,
-                    offset: loc.offset,
-                    len: loc.length as usize,
-                    buf: Vec::new(),
-                })
-                .unwrap();
+            reader.submit(ReadRequest::for_probe(&pack, id, Vec::new())).unwrap();
         }
         let mut got = vec![Vec::new(); pack.len()];
         for _ in 0..pack.len() {

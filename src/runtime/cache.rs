@@ -150,9 +150,8 @@ impl WeightCache {
             self.backlog.push_back(id);
             return;
         }
-        let loc = self.pack.location(id);
         let buf = self.spare_rx.try_recv().unwrap_or_default();
-        let req = ReadRequest { id, shard: loc.shard, offset: loc.offset, len: loc.length as usize, buf };
+        let req = ReadRequest::for_probe(&self.pack, id, buf);
         self.stats.reads += 1;
         self.in_flight += 1;
         if let Err(req) = self.reader.submit(req) {

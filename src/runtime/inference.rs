@@ -130,12 +130,11 @@ impl Inference {
         staging_bytes: u64,
         math_threads: usize,
     ) -> Result<Self, tch::TchError> {
-        let staged = device != Device::Cpu;
-        let mut inference = Self::with_uploads(pack, slots, device, compute, staged.then_some(staging_bytes))?;
-        if device == Device::Cpu {
-            inference.split = RowSplit::new(math_threads);
-        }
-        Ok(inference)
+        let (staging, split) = match device {
+            Device::Cpu => (None, RowSplit::new(math_threads)),
+            _ => (Some(staging_bytes), RowSplit::none()),
+        };
+        Self::with_uploads(pack, slots, device, compute, staging, split)
     }
 
     /// `staging_bytes: None` installs directly; `Some` stages uploads on any device (tests use it
@@ -146,6 +145,7 @@ impl Inference {
         device: Device,
         compute: Kind,
         staging_bytes: Option<u64>,
+        split: RowSplit,
     ) -> Result<Self, tch::TchError> {
         tch::no_grad(|| {
             let arena = Arena::new(slots as i64 + 1, pack.hidden_dim() as i64, device, compute)?;
@@ -157,7 +157,7 @@ impl Inference {
                     Uploads::Staged(Staging::new(rows, probe_bytes, device)?)
                 }
             };
-            Ok(Self { failed: None, pack, device, compute, arena, scratch: slots, uploads, split: RowSplit::none() })
+            Ok(Self { failed: None, pack, device, compute, arena, scratch: slots, uploads, split })
         })
     }
 
@@ -170,41 +170,44 @@ impl Inference {
     }
 
     /// Copies a probe's bytes into a slot (converting to the compute dtype).
-    pub fn install(&mut self, slot: usize, id: ConceptId, bytes: &[u8]) -> Result<(), tch::TchError> {
-        let layout = self.pack.layout();
-        let ranges = layout.ranges(&self.pack.tensor_offsets(id));
-        let storage = kind_of(layout.dtype);
-        for (part, range) in self.arena.parts().into_iter().zip(ranges) {
-            let dst = part.f_get(slot as i64)?;
-            let shape = dst.size();
+    pub fn install(&self, slot: usize, id: ConceptId, bytes: &[u8]) -> Result<(), tch::TchError> {
+        let storage = kind_of(self.pack.layout().dtype);
+        self.install_with(slot, id, |range, shape| {
             let src = &bytes[range];
             // A borrowed view of the cache's bytes: no allocation and no copy before `copy_`,
             // which converts the dtype and moves the data to the device in one pass.
             // SAFETY: `src` holds exactly numel(shape) elements of `storage` (the pack checked
-            // lengths at open and the CRC at read), it outlives `view`, which is dropped at the
-            // end of this iteration, and the probe's tensor offsets are multiples of the
-            // element size within an allocation aligned for it.
+            // lengths at open and the CRC at read), it outlives the view, which `install_with`
+            // only reads until its copy returns (helpers included), and the probe's tensor
+            // offsets are multiples of the element size within an allocation aligned for it.
             debug_assert_eq!(src.len() as i64, shape.iter().product::<i64>() * storage.elt_size_in_bytes() as i64);
-            let view = unsafe { Tensor::f_from_blob(src.as_ptr(), &shape, &[], storage, Device::Cpu)? };
-            // `copy` reads `view` only until it returns (helpers included).
-            self.split.copy(&dst, &view)?;
-        }
-        Ok(())
+            unsafe { Tensor::f_from_blob(src.as_ptr(), shape, &[], storage, Device::Cpu) }
+        })
     }
 
     /// Copies row `row` of the device staging buffer into a slot (converting to the compute dtype).
-    fn install_staged(&self, slot: usize, id: ConceptId, row: usize) -> Result<(), tch::TchError> {
-        let Uploads::Staged(staging) = &self.uploads else { unreachable!("only called when staging") };
-        let layout = self.pack.layout();
-        let ranges = layout.ranges(&self.pack.tensor_offsets(id));
-        let storage = kind_of(layout.dtype);
-        let row = staging.device.f_get(row as i64)?;
-        for (part, range) in self.arena.parts().into_iter().zip(ranges) {
-            let mut dst = part.f_get(slot as i64)?;
+    fn install_staged(&self, slot: usize, id: ConceptId, staged: &Tensor, row: usize) -> Result<(), tch::TchError> {
+        let storage = kind_of(self.pack.layout().dtype);
+        let row = staged.f_get(row as i64)?;
+        self.install_with(slot, id, |range, shape| {
             // Reinterpreting bytes needs an element-aligned offset: probe rows are whole probes
             // and tensor offsets are multiples of the element size (checked at pack open).
-            let src = row.f_narrow(0, range.start as i64, range.len() as i64)?.f_view_dtype(storage)?;
-            dst.f_copy_(&src.f_view(dst.size().as_slice())?)?;
+            row.f_narrow(0, range.start as i64, range.len() as i64)?.f_view_dtype(storage)?.f_view(shape)
+        })
+    }
+
+    /// Copies each of probe `id`'s six tensors into `slot`; `source(byte range, shape)` gives
+    /// a view of one tensor's stored bytes.
+    fn install_with(
+        &self,
+        slot: usize,
+        id: ConceptId,
+        source: impl Fn(std::ops::Range<usize>, &[i64]) -> Result<Tensor, tch::TchError>,
+    ) -> Result<(), tch::TchError> {
+        let ranges = self.pack.layout().ranges(&self.pack.tensor_offsets(id));
+        for (part, range) in self.arena.parts().into_iter().zip(ranges) {
+            let dst = part.f_get(slot as i64)?;
+            self.split.copy(&dst, &source(range, &dst.size())?)?;
         }
         Ok(())
     }
@@ -218,31 +221,38 @@ impl Inference {
 
     fn apply(&mut self, ops: &[SlotOp], bytes: &HashMap<ConceptId, Arc<ProbeBytes>>) -> Result<(), InferenceError> {
         let bytes_of = |id| bytes.get(&id).map(|b| &b[..]).ok_or(InferenceError::MissingBytes(id));
-        // Staged: the installs in op order, and the range of them the device buffer holds now.
-        let (rows, installs): (usize, Vec<ConceptId>) = match &self.uploads {
-            Uploads::Direct => (0, Vec::new()),
-            Uploads::Staged(s) => (s.rows, ops.iter().filter_map(SlotOp::installed).collect()),
+        // Staged: the rows the buffers hold, the device buffer, and the installs in op order.
+        let staged: Option<(usize, Tensor, Vec<ConceptId>)> = match &self.uploads {
+            Uploads::Direct => None,
+            Uploads::Staged(s) => {
+                Some((s.rows, s.device.shallow_clone(), ops.iter().filter_map(SlotOp::installed).collect()))
+            }
         };
+        // Which of the installs the device buffer holds now, and the next one to do.
         let (mut next, mut uploaded) = (0, 0..0);
         tch::no_grad(|| {
             for op in ops {
                 match *op {
-                    SlotOp::Install { slot, id } if installs.is_empty() => self.install(slot, id, bytes_of(id)?)?,
-                    SlotOp::Install { slot, id } => {
-                        if !uploaded.contains(&next) {
-                            // Rows are consumed in op order, so moves between installs keep
-                            // their meaning; more installs than rows take another transfer.
-                            let end = installs.len().min(next + rows);
-                            let probes =
-                                installs[next..end].iter().map(|&id| bytes_of(id)).collect::<Result<Vec<_>, _>>()?;
-                            if let Uploads::Staged(staging) = &mut self.uploads {
-                                staging.upload(&probes)?;
+                    SlotOp::Install { slot, id } => match &staged {
+                        None => self.install(slot, id, bytes_of(id)?)?,
+                        Some((rows, device_rows, installs)) => {
+                            if !uploaded.contains(&next) {
+                                // Rows are consumed in op order, so moves between installs keep
+                                // their meaning; more installs than rows take another transfer.
+                                let end = installs.len().min(next + rows);
+                                let probes = installs[next..end]
+                                    .iter()
+                                    .map(|&id| bytes_of(id))
+                                    .collect::<Result<Vec<_>, _>>()?;
+                                if let Uploads::Staged(staging) = &mut self.uploads {
+                                    staging.upload(&probes)?;
+                                }
+                                uploaded = next..end;
                             }
-                            uploaded = next..end;
+                            self.install_staged(slot, id, device_rows, next - uploaded.start)?;
+                            next += 1;
                         }
-                        self.install_staged(slot, id, next - uploaded.start)?;
-                        next += 1;
-                    }
+                    },
                     SlotOp::Move { from, to } => self.copy_slot(from, to)?,
                     SlotOp::Swap { a, b } => {
                         self.copy_slot(a, self.scratch)?;
@@ -367,7 +377,9 @@ mod tests {
 
     /// Installs, moves and swaps in one round, through both upload paths.
     fn replay(pack: &Arc<Pack>, staging_bytes: Option<u64>, ops: &[SlotOp], hidden: &[f32]) -> (Vec<f32>, u64) {
-        let mut inference = Inference::with_uploads(pack.clone(), 8, Device::Cpu, Kind::Float, staging_bytes).unwrap();
+        let mut inference =
+            Inference::with_uploads(pack.clone(), 8, Device::Cpu, Kind::Float, staging_bytes, RowSplit::none())
+                .unwrap();
         let bytes = ops
             .iter()
             .filter_map(SlotOp::installed)

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use tokio_uring::buf::BoundedBuf;
 
-use crate::pack::ConceptId;
+use crate::pack::{ConceptId, Pack};
 
 /// Which reader to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
@@ -37,6 +37,14 @@ pub struct ReadRequest {
     pub offset: u64,
     pub len: usize,
     pub buf: Vec<u8>,
+}
+
+impl ReadRequest {
+    /// A read of probe `id`'s bytes, wherever the pack keeps them, into `buf`.
+    pub fn for_probe(pack: &Pack, id: ConceptId, buf: Vec<u8>) -> Self {
+        let loc = pack.location(id);
+        Self { id, shard: loc.shard, offset: loc.offset, len: loc.length as usize, buf }
+    }
 }
 
 #[derive(Debug)]
