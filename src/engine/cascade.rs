@@ -172,11 +172,19 @@ pub fn prepare_hidden(
 /// LayerNorm over the whole vector, no affine parameters, eps 1e-5 (PyTorch's definition:
 /// biased variance). Accumulates in f64 so every engine normalizes identically.
 pub fn layer_norm(x: &[f32]) -> Vec<f32> {
+    layer_norm_f64(x).into_iter().map(|v| v as f32).collect()
+}
+
+/// `nn.LayerNorm`'s default epsilon, which `layer_norm` packs and imported probes assume.
+pub const LAYER_NORM_EPS: f64 = 1e-5;
+
+/// [`layer_norm`] before rounding to f32 (the import's check compares in f64).
+pub fn layer_norm_f64(x: &[f32]) -> Vec<f64> {
     let n = x.len() as f64;
     let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    let inv = 1.0 / (var + 1e-5).sqrt();
-    x.iter().map(|&v| ((v as f64 - mean) * inv) as f32).collect()
+    let inv = 1.0 / (var + LAYER_NORM_EPS).sqrt();
+    x.iter().map(|&v| (v as f64 - mean) * inv).collect()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ pub mod tensors;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use cascade::{layer_norm, prepare_hidden, report_entries, CascadeEngine};
+pub use cascade::{layer_norm, layer_norm_f64, prepare_hidden, report_entries, CascadeEngine, LAYER_NORM_EPS};
 
 use crate::config::Config;
 use crate::pack::{ConceptId, Pack, PackError};

@@ -8,6 +8,7 @@ use serde_json::Value as Json;
 
 use super::torch_file::{StoredDType, StoredTensor};
 use super::ImportError;
+use crate::engine::layer_norm_f64;
 use crate::pack::layout::{ProbeWeights, HIDDEN1, HIDDEN2};
 
 /// A concept as the layer files describe it (links still by name).
@@ -307,9 +308,6 @@ pub struct TrainedProbe {
     pub dtype: StoredDType,
 }
 
-/// LayerNorm's epsilon in `nn.LayerNorm`'s default, and in the runtime's normalization.
-pub const LAYER_NORM_EPS: f64 = 1e-5;
-
 /// Maps a state_dict onto the probe architecture; `Err` says what does not fit.
 pub fn trained_probe(tensors: Vec<(String, StoredTensor)>) -> Result<TrainedProbe, String> {
     if tensors.iter().any(|(k, _)| k == "linear.weight") {
@@ -386,45 +384,15 @@ impl TrainedProbe {
     /// The original model's logit, in f64: LayerNorm with its affine (if any), then the MLP.
     pub fn logit(&self, x: &[f32]) -> (f64, f64) {
         match &self.layer_norm {
-            None => mlp_logit(&self.linears, &x.iter().map(|&v| v as f64).collect::<Vec<_>>()),
+            None => self.linears.logit_f64(&x.iter().map(|&v| v as f64).collect::<Vec<_>>()),
             Some((gamma, beta)) => {
-                let n = normalize(x);
+                let n = layer_norm_f64(x);
                 let y: Vec<f64> =
                     n.iter().zip(gamma.iter().zip(beta)).map(|(v, (&g, &b))| v * g as f64 + b as f64).collect();
-                mlp_logit(&self.linears, &y)
+                self.linears.logit_f64(&y)
             }
         }
     }
-}
-
-/// No-affine LayerNorm in f64.
-pub fn normalize(x: &[f32]) -> Vec<f64> {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    let inv = 1.0 / (var + LAYER_NORM_EPS).sqrt();
-    x.iter().map(|&v| (v as f64 - mean) * inv).collect()
-}
-
-/// The MLP's logit in f64, and the logit's scale (|b3| + Σ|w3·a2|, the size of what was
-/// summed) against which rounding errors are judged.
-pub fn mlp_logit(w: &ProbeWeights, x: &[f64]) -> (f64, f64) {
-    let d = x.len();
-    let layer = |weights: &[f32], bias: &[f32], input: &[f64], width: usize| -> Vec<f64> {
-        (0..bias.len())
-            .map(|k| {
-                let row = &weights[k * width..(k + 1) * width];
-                let s: f64 = row.iter().zip(input).map(|(&w, &v)| w as f64 * v).sum::<f64>() + bias[k] as f64;
-                s.max(0.0)
-            })
-            .collect()
-    };
-    let a1 = layer(&w.w1, &w.b1, x, d);
-    let a2 = layer(&w.w2, &w.b2, &a1, HIDDEN1);
-    let terms: Vec<f64> = w.w3.iter().zip(&a2).map(|(&w, &a)| w as f64 * a).collect();
-    let logit = terms.iter().sum::<f64>() + w.b3[0] as f64;
-    let scale = terms.iter().map(|t| t.abs()).sum::<f64>() + (w.b3[0] as f64).abs();
-    (logit, scale)
 }
 
 #[cfg(test)]
@@ -472,10 +440,10 @@ mod tests {
         for s in 0..5 {
             let x: Vec<f32> = (0..8).map(|i| ((i * 7 + s * 3) as f32 * 0.9).cos() * 3.0).collect();
             let (want, scale) = p.logit(&x);
-            let (got, _) = mlp_logit(&folded, &normalize(&x));
+            let (got, _) = folded.logit_f64(&layer_norm_f64(&x));
             assert!((want - got).abs() <= 1e-6 * scale, "{want} vs {got}");
             // And the fold matters: ignoring γ and β moves the logit.
-            let (ignored, _) = mlp_logit(&p.linears, &normalize(&x));
+            let (ignored, _) = p.linears.logit_f64(&layer_norm_f64(&x));
             moved += ((want - ignored).abs() > 1e-3 * scale) as usize;
         }
         assert!(moved >= 3, "the LayerNorm's affine changed only {moved} of 5 logits");

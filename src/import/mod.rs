@@ -16,11 +16,12 @@ use std::path::{Path, PathBuf};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::engine::layer_norm_f64;
 use crate::pack::layout::{DType, ProbeLayout, ProbeWeights};
 use crate::pack::manifest::InputNormalization;
 use crate::pack::writer::{write_pack, ConceptDef, PackSpec};
 use crate::pack::{Hierarchy, Pack, PackError};
-use hatcat::{find_probe_file, mlp_logit, normalize, resolve_links, trained_probe, LinkReport, TrainedProbe};
+use hatcat::{find_probe_file, resolve_links, trained_probe, LinkReport, TrainedProbe};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -149,7 +150,7 @@ pub fn import_hatcat(
     // Pass 1: read and check every probe.
     let tol = tolerance(options.dtype);
     let mut bad = Vec::new();
-    let mut good: Vec<(usize, PathBuf, TrainedProbe)> = Vec::new();
+    let mut good: Vec<(usize, PathBuf, Checked)> = Vec::new();
     let mut hidden_dim: Option<(usize, PathBuf)> = None;
     let mut worst = 0f64;
     let total = with_file.len();
@@ -177,7 +178,8 @@ pub fn import_hatcat(
                 worst = worst.max(err);
                 hidden_dim.get_or_insert_with(|| (p.hidden_dim, path.clone()));
                 // Keep only what the summary needs: the weights are read again when writing.
-                good.push((i, path, TrainedProbe { linears: empty_weights(), ..p }));
+                let checked = Checked { layer_norm: p.layer_norm.is_some(), style: p.style, dtype: p.dtype };
+                good.push((i, path, checked));
             }
             Err(reason) if options.skip_bad => bad.push(Skipped { concept: label(i), file: path, reason }),
             Err(reason) => return Err(ImportError::Probe { path, concept: label(i), reason }),
@@ -186,14 +188,14 @@ pub fn import_hatcat(
     }
 
     // A pack shares one input normalization: LayerNorm probes and plain ones cannot mix.
-    let with_ln = good.iter().filter(|(_, _, p)| p.layer_norm.is_some()).count();
+    let with_ln = good.iter().filter(|(_, _, p)| p.layer_norm).count();
     let uses_ln = with_ln * 2 > good.len();
     if with_ln > 0 && with_ln < good.len() {
         let (odd, rest) = if uses_ln { ("has no", "with") } else { ("has an", "without") };
         let majority = if uses_ln { with_ln } else { good.len() - with_ln };
         let mut kept = Vec::with_capacity(good.len());
         for (i, path, p) in good {
-            if p.layer_norm.is_some() == uses_ln {
+            if p.layer_norm == uses_ln {
                 kept.push((i, path, p));
                 continue;
             }
@@ -314,8 +316,11 @@ fn strip_path(message: &str, path: &Path) -> String {
     message.strip_prefix(&prefix).unwrap_or(message).to_string()
 }
 
-fn empty_weights() -> ProbeWeights {
-    ProbeWeights { w1: Vec::new(), b1: Vec::new(), w2: Vec::new(), b2: Vec::new(), w3: Vec::new(), b3: Vec::new() }
+/// What pass 1 keeps of a good probe (its weights are read again in pass 2).
+struct Checked {
+    layer_norm: bool,
+    style: hatcat::KeyStyle,
+    dtype: torch_file::StoredDType,
 }
 
 /// Filler for a probe that failed in pass 2: the write finishes, then its manifest is removed,
@@ -347,8 +352,8 @@ fn check_logits(probe: &TrainedProbe, dtype: DType, inputs: &[Vec<f32>]) -> Resu
     for x in inputs {
         let (want, scale) = probe.logit(x);
         let input: Vec<f64> =
-            if probe.layer_norm.is_some() { normalize(x) } else { x.iter().map(|&v| v as f64).collect() };
-        let (got, _) = mlp_logit(&stored, &input);
+            if probe.layer_norm.is_some() { layer_norm_f64(x) } else { x.iter().map(|&v| v as f64).collect() };
+        let (got, _) = stored.logit_f64(&input);
         worst = worst.max((want - got).abs() / scale.max(f64::MIN_POSITIVE));
     }
     Ok(worst)

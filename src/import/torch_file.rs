@@ -195,42 +195,39 @@ fn read_tensor(
         let reason = format!("{} bytes but the storage holds {} {} elements", raw.len(), t.storage.numel, dtype.name());
         return Err(TorchFileError::Entry { path: path.into(), entry, reason });
     }
-    let element = |i: usize| -> f32 {
-        let b = &raw[i * elt..(i + 1) * elt];
-        match dtype {
-            StoredDType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            StoredDType::Bf16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-            StoredDType::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
-        }
-    };
     let contiguous = t
         .shape
         .iter()
         .zip(&t.stride)
         .rev()
         .try_fold(1usize, |expected, (&d, &s)| (d <= 1 || s == expected).then(|| expected * d));
-    if contiguous.is_some() {
-        let bytes = &raw[t.offset * elt..(t.offset + numel) * elt];
-        let values = match dtype {
-            StoredDType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            StoredDType::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            StoredDType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        };
-        return Ok(StoredTensor { shape: t.shape.clone(), dtype, values });
-    }
-    // A saved view need not be contiguous: walk it in row-major order.
-    let mut values = Vec::with_capacity(numel);
-    let mut index = vec![0usize; t.shape.len()];
-    for _ in 0..numel {
-        let at = t.offset + index.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
-        values.push(element(at));
-        for dim in (0..index.len()).rev() {
-            index[dim] += 1;
-            if index[dim] < t.shape[dim] {
-                break;
+    let values = if contiguous.is_some() {
+        decode(dtype, &raw[t.offset * elt..(t.offset + numel) * elt])
+    } else {
+        // A saved view need not be contiguous: walk it in row-major order over the storage.
+        let storage = decode(dtype, &raw);
+        let mut values = Vec::with_capacity(numel);
+        let mut index = vec![0usize; t.shape.len()];
+        for _ in 0..numel {
+            values.push(storage[t.offset + index.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>()]);
+            for dim in (0..index.len()).rev() {
+                index[dim] += 1;
+                if index[dim] < t.shape[dim] {
+                    break;
+                }
+                index[dim] = 0;
             }
-            index[dim] = 0;
         }
-    }
+        values
+    };
     Ok(StoredTensor { shape: t.shape.clone(), dtype, values })
+}
+
+/// Little-endian elements of `dtype` to f32 (exact for all three).
+fn decode(dtype: StoredDType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        StoredDType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        StoredDType::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        StoredDType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+    }
 }

@@ -216,6 +216,26 @@ impl ProbeWeights {
         }
         dot(&self.w3, &a2) + self.b3[0]
     }
+
+    /// The logit in f64 (each product of f32 weights and f64 activations summed in f64), and
+    /// its scale |b3| + Σ|w3·a2|, the size of what was summed, against which rounding errors
+    /// are judged. The import checks probes with it.
+    pub fn logit_f64(&self, x: &[f64]) -> (f64, f64) {
+        let layer = |weights: &[f32], bias: &[f32], input: &[f64]| -> Vec<f64> {
+            let width = input.len();
+            bias.iter()
+                .enumerate()
+                .map(|(k, &b)| {
+                    let row = &weights[k * width..(k + 1) * width];
+                    (row.iter().zip(input).map(|(&w, &v)| w as f64 * v).sum::<f64>() + b as f64).max(0.0)
+                })
+                .collect()
+        };
+        let a2 = layer(&self.w2, &self.b2, &layer(&self.w1, &self.b1, x));
+        let terms: Vec<f64> = self.w3.iter().zip(&a2).map(|(&w, &a)| w as f64 * a).collect();
+        let b3 = self.b3[0] as f64;
+        (terms.iter().sum::<f64>() + b3, terms.iter().map(|t| t.abs()).sum::<f64>() + b3.abs())
+    }
 }
 
 pub fn decode_values(dtype: DType, bytes: &[u8]) -> Vec<f32> {
