@@ -2,6 +2,7 @@
 //! make_fixtures.py with PyTorch): every fixture imports, every malformed file is refused with
 //! its own error, and the reference engine scores the imported packs like PyTorch did.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -39,45 +40,62 @@ fn expected() -> serde_json::Value {
 /// logits PyTorch computed from the original models, and with the logits worked out here from
 /// the fixture file's weights (LayerNorm with its affine, then the MLP, in f64).
 fn assert_scores_like_pytorch(pack_dir: &Path, which: &str, tolerance: f32) {
+    let expected = expected();
+    let want: BTreeMap<String, Vec<f32>> =
+        expected[which].as_object().unwrap().iter().map(|(label, logits)| (label.clone(), floats(logits))).collect();
+    let inputs: Vec<Vec<f32>> = expected["inputs"].as_array().unwrap().iter().map(floats).collect();
+    assert_pack_scores(pack_dir, &fixtures().join(which), &inputs, &want, tolerance);
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// [`assert_scores_like_pytorch`] for any pack: `want` maps `name@layer` to PyTorch's logits
+/// on `inputs`; `lenses` holds the probe files the pack was imported from.
+fn assert_pack_scores(
+    pack_dir: &Path,
+    lenses: &Path,
+    inputs: &[Vec<f32>],
+    want: &BTreeMap<String, Vec<f32>>,
+    tolerance: f32,
+) {
     let pack = Arc::new(Pack::open(pack_dir).unwrap());
     let layers: Vec<String> = (0..=pack.hierarchy().ids().map(|id| pack.hierarchy().layer(id)).max().unwrap())
         .map(|l| l.to_string())
         .collect();
     let toml = format!(
-        "[cascade]\nbase_layers = [{}]\npruning = \"none\"\nmax_loaded = 64\nreport_top_k = 64\n",
-        layers.join(", ")
+        "[cascade]\nbase_layers = [{}]\npruning = \"none\"\nmax_loaded = {n}\nreport_top_k = {n}\n",
+        layers.join(", "),
+        n = pack.len().max(64)
     );
     let config = Config::parse(&toml, Path::new("test.toml")).unwrap();
     let mut engine = build_engine(EngineKind::Reference, pack.clone(), &config).unwrap();
-    let expected = expected();
-    let inputs = expected["inputs"].as_array().unwrap();
-    let want = expected[which].as_object().unwrap();
     assert_eq!(want.len(), pack.len(), "every fixture probe is in the pack");
+    // Each probe file's own weights, read once.
+    let by_hand: BTreeMap<String, _> = want
+        .keys()
+        .map(|label| {
+            let (name, layer) = label.rsplit_once('@').unwrap();
+            let file = find_probe_file(lenses, name, layer.parse().unwrap()).unwrap();
+            (label.clone(), trained_probe(read_state_dict(&file).unwrap()).unwrap())
+        })
+        .collect();
     for (token, x) in inputs.iter().enumerate() {
-        let x: Vec<f32> = x.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-        let report = engine.observe(token, &x).unwrap();
+        let report = engine.observe(token, x).unwrap();
         assert_eq!(report.top.len(), pack.len());
         for entry in &report.top {
             let label = format!("{}@{}", entry.name, entry.layer);
-            let torch = want[&label][token].as_f64().unwrap() as f32;
+            let torch = want[&label][token];
             let diff = (entry.logit - torch).abs();
-            assert!(
-                diff <= tolerance * (1.0 + torch.abs()),
-                "{which} {label} token {token}: {} vs torch {torch}",
-                entry.logit
-            );
-            let file = find_probe_file(&fixtures().join(which), &entry.name, entry.layer).unwrap();
-            let (by_hand, _) = trained_probe(read_state_dict(&file).unwrap()).unwrap().logit(&x);
+            assert!(diff <= tolerance * (1.0 + torch.abs()), "{label} token {token}: {} vs torch {torch}", entry.logit);
+            let (by_hand, _) = by_hand[&label].logit(x);
             assert!(
                 (by_hand as f32 - torch).abs() <= 1e-5 * (1.0 + torch.abs()),
                 "{label}: {by_hand} vs torch {torch}"
             );
             let diff = (entry.logit as f64 - by_hand).abs() as f32;
-            assert!(
-                diff <= tolerance * (1.0 + torch.abs()),
-                "{which} {label} token {token}: {} vs {by_hand}",
-                entry.logit
-            );
+            assert!(diff <= tolerance * (1.0 + torch.abs()), "{label} token {token}: {} vs {by_hand}", entry.logit);
         }
     }
 }
@@ -369,12 +387,18 @@ fn corrupt_probe_files_are_errors_never_panics() {
     for len in (0..good.len()).step_by(97) {
         assert!(parse_state_dict(&good[..len], &path).is_err(), "truncated at {len}");
     }
+    // Every entry's bytes are checked against the archive's CRC-32, so damage that still
+    // parses (a timestamp, the alignment padding) must give back the very same tensors.
+    let tensors = parse_state_dict(&good, &path).unwrap();
     let mut errors = 0;
     for at in (0..good.len()).step_by(13) {
         for flip in [0x01u8, 0x80, 0xff] {
             let mut bytes = good.clone();
             bytes[at] ^= flip;
-            errors += parse_state_dict(&bytes, &path).is_err() as usize;
+            match parse_state_dict(&bytes, &path) {
+                Ok(read) => assert_eq!(read, tensors, "byte {at} ^ {flip:#x} changed what was read"),
+                Err(_) => errors += 1,
+            }
         }
     }
     assert!(errors > 0);
@@ -385,4 +409,105 @@ fn a_non_contiguous_saved_view_reads_like_its_contiguous_copy() {
     let strided = read_state_dict(&fixtures().join("other/strided.pt")).unwrap();
     let contiguous = read_state_dict(&fixtures().join("other/contiguous.pt")).unwrap();
     assert_eq!(strided, contiguous);
+}
+
+// --- Root-name lengths and random names (tests/fixtures/hatcat/names*, expected_names.json) ---
+//
+// torch.save names the archive's root folder after the file's stem, and every entry name
+// starts with it, so the central directory's layout follows the concept's name. A reader that
+// guessed at the layout once refused exactly the files whose stem is 21 characters long.
+
+fn expected_names() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected_names.json")).unwrap()).unwrap()
+}
+
+/// CRC-32 of f32 values' little-endian bytes, as the fixture script takes it from torch.load.
+fn crc_of(values: &[f32]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for v in values {
+        h.update(&v.to_le_bytes());
+    }
+    h.finalize()
+}
+
+/// Every probe file of fixture set `set` reads like torch.load reads it; the set imports
+/// whole, with `--skip-bad` skipping nothing; and the pack scores like PyTorch.
+fn assert_probe_set_imports_like_torch(set: &str) -> ImportSummary {
+    let want = &expected_names()[set];
+    let lenses = fixtures().join(set).join("lenses");
+    let probes = want["probes"].as_object().unwrap();
+    for (label, probe) in probes {
+        let file = lenses.join(probe["file"].as_str().unwrap());
+        let read = read_state_dict(&file).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let tensors = probe["tensors"].as_object().unwrap();
+        // (serde_json's map is sorted, so compare the key sets)
+        let mut keys: Vec<&str> = read.iter().map(|(k, _)| k.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, tensors.keys().map(String::as_str).collect::<Vec<_>>(), "{label}: keys");
+        for (key, t) in &read {
+            let torch = &tensors[key];
+            let shape: Vec<usize> =
+                torch["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            assert_eq!(t.shape, shape, "{label} {key}");
+            assert_eq!(t.dtype.name(), torch["dtype"].as_str().unwrap(), "{label} {key}");
+            assert_eq!(u64::from(crc_of(&t.values)), torch["crc32"].as_u64().unwrap(), "{label} {key}: values");
+        }
+    }
+
+    let (out, summary) = import(&format!("{set}/hierarchy"), &format!("{set}/lenses"), DType::F32, true);
+    let s = summary.unwrap_or_else(|e| panic!("{set}: {e}"));
+    assert!(s.bad.is_empty(), "{set}: valid files skipped:\n{s}");
+    assert!(s.no_probe_file.is_empty(), "{set}: {:?}", s.no_probe_file);
+    assert_eq!(s.imported, probes.len());
+    assert_eq!(s.hidden_dim as u64, want["hidden_dim"].as_u64().unwrap());
+    // An f32 pack holds f32, bf16 and f16 sources exactly.
+    assert_eq!(s.worst_logit_error, 0.0);
+
+    let logits: BTreeMap<String, Vec<f32>> = probes.iter().map(|(l, p)| (l.clone(), floats(&p["logits"]))).collect();
+    let inputs: Vec<Vec<f32>> = want["inputs"].as_array().unwrap().iter().map(floats).collect();
+    assert_pack_scores(&out.path().join("pack"), &lenses, &inputs, &logits, 1e-5);
+    s
+}
+
+fn root_lengths(set: &str) -> BTreeMap<u64, usize> {
+    let mut lengths = BTreeMap::new();
+    for probe in expected_names()[set]["probes"].as_object().unwrap().values() {
+        *lengths.entry(probe["root_bytes"].as_u64().unwrap()).or_default() += 1;
+    }
+    lengths
+}
+
+#[test]
+fn every_root_name_length_imports_at_d576() {
+    // Both lookup styles at every length they can have: {name}.pt from 1, _classifier from 12.
+    let lengths = root_lengths("names576");
+    assert_eq!(lengths.keys().copied().collect::<Vec<_>>(), (1..=64).collect::<Vec<_>>());
+    assert!(lengths[&21] == 2 && lengths[&12] == 2 && lengths[&11] == 1);
+    let s = assert_probe_set_imports_like_torch("names576");
+    assert_eq!(s.imported, 117);
+    for dtype in ["f32", "bf16", "f16"] {
+        assert_eq!(s.source_dtypes[dtype], 39, "{dtype}");
+    }
+    assert!(s.key_styles["net"] > 0 && s.key_styles["bare"] > 0);
+}
+
+#[test]
+fn every_root_name_length_imports_at_d2560() {
+    let lengths = root_lengths("names2560");
+    assert_eq!(lengths.keys().copied().collect::<Vec<_>>(), (1..=64).collect::<Vec<_>>());
+    let s = assert_probe_set_imports_like_torch("names2560");
+    assert_eq!((s.imported, s.hidden_dim), (64, 2560));
+    assert_eq!(s.source_dtypes.len(), 3);
+    // The reported case: Possession_classifier.pt, a 21-character stem.
+    let probes = expected_names()["names2560"]["probes"].as_object().unwrap().clone();
+    assert!(probes.values().any(|p| p["root_bytes"] == 21 && p["file"].as_str().unwrap().ends_with("_classifier.pt")));
+}
+
+#[test]
+fn three_hundred_random_names_import_like_torch_loads_them() {
+    let s = assert_probe_set_imports_like_torch("names_random");
+    assert_eq!(s.imported, 300);
+    let lengths = root_lengths("names_random");
+    assert!(lengths.keys().any(|&l| l > 64), "names longer than the sweep");
+    assert!(lengths.len() > 50, "{} distinct root lengths", lengths.len());
 }

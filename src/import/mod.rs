@@ -7,6 +7,7 @@
 
 pub mod hatcat;
 pub mod pickle;
+pub mod stored_zip;
 pub mod torch_file;
 
 use std::collections::{BTreeMap, BTreeSet};

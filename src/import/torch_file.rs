@@ -5,12 +5,12 @@
 //! `<archive>/data/<key>`, each storage's raw little-endian bytes. `<archive>` is whatever
 //! name the writer chose, so entries are found by suffix.
 
-use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 
 use super::pickle::{self, TensorRef, Value};
+use super::stored_zip::{StoredZip, ZipError};
 
 /// Element types a probe file may store. All convert to f32 exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -95,24 +95,24 @@ pub fn parse_state_dict(bytes: &[u8], path: &Path) -> Result<Vec<(String, Stored
     if bytes.starts_with(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19") {
         return Err(TorchFileError::Legacy { path: path.into() });
     }
-    let zip = zip::ZipArchive::new(Cursor::new(bytes))
-        .map_err(|e| TorchFileError::NotZip { path: path.into(), reason: e.to_string() })?;
-    let mut zip = Archive { zip, len: bytes.len() as u64 };
-    let names: Vec<String> = zip.zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
-    let Some(pkl) = names.iter().find(|n| n.as_str() == "data.pkl" || n.ends_with("/data.pkl")) else {
+    let zip =
+        StoredZip::parse(bytes).map_err(|e| TorchFileError::NotZip { path: path.into(), reason: e.to_string() })?;
+    let Some(pkl) = zip.names().find(|n| *n == "data.pkl" || n.ends_with("/data.pkl")) else {
         return Err(TorchFileError::NotZip { path: path.into(), reason: "no data.pkl entry".into() });
     };
     let prefix = pkl.strip_suffix("data.pkl").unwrap_or("").to_string();
-    if let Some(order) = names.iter().find(|n| **n == format!("{prefix}byteorder")) {
-        let order = read_entry(&mut zip, order, 16, path)?;
+    let pkl = pkl.to_string();
+    let order_entry = format!("{prefix}byteorder");
+    if zip.size(&order_entry).is_some() {
+        let order = read_entry(&zip, &order_entry, 16, path)?;
         if order != b"little" {
             let reason =
-                format!("byte order {:?}; only little-endian files are supported", String::from_utf8_lossy(&order));
-            return Err(TorchFileError::Entry { path: path.into(), entry: format!("{prefix}byteorder"), reason });
+                format!("byte order {:?}; only little-endian files are supported", String::from_utf8_lossy(order));
+            return Err(TorchFileError::Entry { path: path.into(), entry: order_entry, reason });
         }
     }
-    let pickle_bytes = read_entry(&mut zip, pkl, 64 << 20, path)?;
-    let root = pickle::parse(&pickle_bytes).map_err(|source| TorchFileError::Pickle { path: path.into(), source })?;
+    let pickle_bytes = read_entry(&zip, &pkl, 64 << 20, path)?;
+    let root = pickle::parse(pickle_bytes).map_err(|source| TorchFileError::Pickle { path: path.into(), source })?;
     let Value::Dict(items) = root else {
         return Err(TorchFileError::NotStateDict { path: path.into(), found: root.describe() });
     };
@@ -128,7 +128,7 @@ pub fn parse_state_dict(bytes: &[u8], path: &Path) -> Result<Vec<(String, Stored
             let found = format!("a dict whose entry {key:?} is {}", value.describe());
             return Err(TorchFileError::NotStateDict { path: path.into(), found });
         };
-        let values = read_tensor(&mut zip, &prefix, &tensor, path, &key)?;
+        let values = read_tensor(&zip, &prefix, &tensor, path, &key)?;
         out.push((key, values));
     }
     if out.is_empty() {
@@ -137,28 +137,23 @@ pub fn parse_state_dict(bytes: &[u8], path: &Path) -> Result<Vec<(String, Stored
     Ok(out)
 }
 
-/// The archive and its length in bytes.
-struct Archive<'a> {
-    zip: zip::ZipArchive<Cursor<&'a [u8]>>,
-    len: u64,
-}
-
-fn read_entry(zip: &mut Archive, name: &str, limit: u64, path: &Path) -> Result<Vec<u8>, TorchFileError> {
+/// Entry `name`'s bytes, refused when larger than `limit` (before any are looked at).
+fn read_entry<'a>(zip: &StoredZip<'a>, name: &str, limit: usize, path: &Path) -> Result<&'a [u8], TorchFileError> {
     let err = |reason: String| TorchFileError::Entry { path: path.into(), entry: name.into(), reason };
-    // Entries are stored uncompressed, so none can be larger than the archive: a size beyond
-    // that is a corrupt header, refused before anything is allocated for it.
-    let limit = limit.min(zip.len);
-    let mut entry = zip.zip.by_name(name).map_err(|e| err(e.to_string()))?;
-    if entry.size() > limit {
-        return Err(err(format!("{} bytes is more than the {limit} expected", entry.size())));
+    match zip.size(name) {
+        None => Err(err("missing from the archive".into())),
+        Some(size) if size > limit => Err(err(format!("{size} bytes is more than the {limit} expected"))),
+        Some(_) => zip.read(name).map_err(|e| match e {
+            ZipError::Crc { expected, found, .. } => {
+                err(format!("CRC-32 is {found:08x}, the archive says {expected:08x}: the bytes are corrupt"))
+            }
+            other => err(other.to_string()),
+        }),
     }
-    let mut out = Vec::with_capacity(entry.size() as usize);
-    entry.read_to_end(&mut out).map_err(|e| err(e.to_string()))?;
-    Ok(out)
 }
 
 fn read_tensor(
-    zip: &mut Archive,
+    zip: &StoredZip,
     prefix: &str,
     t: &TensorRef,
     path: &Path,
@@ -190,7 +185,7 @@ fn read_tensor(
     }
     let entry = format!("{prefix}data/{}", t.storage.key);
     let Some(limit) = t.storage.numel.checked_mul(elt) else { return Err(bad("storage size overflows".into())) };
-    let raw = read_entry(zip, &entry, limit as u64, path)?;
+    let raw = read_entry(zip, &entry, limit, path)?;
     if raw.len() != t.storage.numel * elt {
         let reason = format!("{} bytes but the storage holds {} {} elements", raw.len(), t.storage.numel, dtype.name());
         return Err(TorchFileError::Entry { path: path.into(), entry, reason });
@@ -205,7 +200,7 @@ fn read_tensor(
         decode(dtype, &raw[t.offset * elt..(t.offset + numel) * elt])
     } else {
         // A saved view need not be contiguous: walk it in row-major order over the storage.
-        let storage = decode(dtype, &raw);
+        let storage = decode(dtype, raw);
         let mut values = Vec::with_capacity(numel);
         let mut index = vec![0usize; t.shape.len()];
         for _ in 0..numel {
