@@ -25,6 +25,7 @@ build-gpu:
 
 test: libtorch pyenv
 	$(CARGO) test --release
+	@$(BIN) cpu
 
 $(DEMO_DIR)/pack/manifest.json: | build
 	$(BIN) pack synth --preset demo --out $(DEMO_DIR)/pack

@@ -107,7 +107,10 @@ fn install(c: &mut Criterion) {
     for dtype in [DType::Bf16, DType::F32] {
         let (_dir, pack) = big_pack(2, dtype);
         let bytes = pack.read_probe(ConceptId(0)).unwrap();
-        let inf = Inference::new(pack.clone(), 8, Device::Cpu, Kind::Float, 64 << 20, threads).unwrap();
+        // The tch arena (accelerators, or `device.cpu_kernel = "torch"`); the CPU kernel copies
+        // nothing on install.
+        let mut inf =
+            Inference::with_uploads(pack.clone(), 8, Device::Cpu, Kind::Float, None, RowSplit::new(threads)).unwrap();
         group.throughput(Throughput::Bytes(bytes.len() as u64));
         group.bench_function(format!("{dtype}_to_f32_slot"), |b| {
             b.iter(|| tch::no_grad(|| inf.install(3, ConceptId(0), &bytes).unwrap()))
@@ -189,5 +192,63 @@ fn cache_and_reader(c: &mut Criterion) {
     rt.block_on(cascade.shutdown());
 }
 
-criterion_group!(benches, inference, install, cache_and_reader);
+/// The CPU kernel against the floor: S probes, each in its own buffer as in the cache, scored
+/// for B hidden states, on every path this CPU has, both dtypes.
+fn kernel(c: &mut Criterion) {
+    use probe_cascade::kernel::{CpuInfo, Isa, Kernel, ProbeRef};
+    use probe_cascade::pack::ProbeLayout;
+    use rand::{RngCore, SeedableRng};
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tch::set_num_threads(threads as i32); // the floor is measured on all cores
+    let bw = read_bandwidth();
+    let cpu = CpuInfo::detect();
+    eprintln!("kernel bench on {cpu}; measured read bandwidth {:.1} GB/s", bw / 1e9);
+    let mut group = c.benchmark_group("kernel");
+    group.sample_size(20).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    for dtype in [DType::Bf16, DType::F32] {
+        let layout = ProbeLayout::new(D as usize, dtype);
+        let ranges = layout.ranges(&layout.canonical_offsets());
+        let s_max = 100;
+        // Weights uniform in ±0.05 (no subnormals, which cost extra cycles on some CPUs).
+        let probes: Vec<Vec<u8>> = (0..s_max)
+            .map(|_| {
+                let mut b = Vec::with_capacity(layout.byte_len());
+                for _ in 0..layout.numel() {
+                    let v = (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32 * 0.1 - 0.05;
+                    match dtype {
+                        DType::F32 => b.extend_from_slice(&v.to_le_bytes()),
+                        DType::Bf16 => b.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                    }
+                }
+                b
+            })
+            .collect();
+        let hidden: Vec<Vec<f32>> =
+            (0..8).map(|i| (0..D).map(|j| ((i * 31 + j) as f32 * 0.01).sin()).collect()).collect();
+        for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
+            let kernel = Kernel::new(&layout, isa, threads).unwrap();
+            for s in [30usize, 100] {
+                let refs: Vec<ProbeRef> = probes[..s].iter().map(|b| ProbeRef { bytes: b, ranges: &ranges }).collect();
+                let bytes = (s * layout.byte_len()) as u64;
+                for batch in [1usize, 8] {
+                    let xs: Vec<&[f32]> = hidden[..batch].iter().map(|h| &h[..]).collect();
+                    let mut out = vec![0f32; s * batch];
+                    let floor_ms = bytes as f64 / bw * 1e3;
+                    eprintln!(
+                        "kernel/{isa}/{dtype}/S={s}/B={batch}: {:.1} MB, floor {floor_ms:.3} ms",
+                        bytes as f64 / 1e6
+                    );
+                    group.throughput(Throughput::Bytes(bytes));
+                    group.bench_function(format!("{isa}/{dtype}/S={s}/B={batch}"), |b| {
+                        b.iter(|| kernel.score(&refs, &xs, &mut out).unwrap())
+                    });
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, inference, kernel, install, cache_and_reader);
 criterion_main!(benches);

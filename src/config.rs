@@ -133,11 +133,56 @@ pub struct DeviceConfig {
     pub compute_dtype: DType,
     /// Threads for tensor math; 0 means one per core.
     pub threads: usize,
+    /// How the CPU scores probes: `auto` (the kernel, with the best instruction set this CPU
+    /// has), `scalar`, `avx2` or `avx512` (the kernel on that path), or `torch` (libtorch on
+    /// an arena the probes are copied into).
+    pub cpu_kernel: CpuKernel,
 }
 
 impl Default for DeviceConfig {
     fn default() -> Self {
-        Self { device: "cpu".into(), compute_dtype: DType::F32, threads: 0 }
+        Self { device: "cpu".into(), compute_dtype: DType::F32, threads: 0, cpu_kernel: CpuKernel::Auto }
+    }
+}
+
+/// `device.cpu_kernel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuKernel {
+    #[default]
+    Auto,
+    Scalar,
+    Avx2,
+    Avx512,
+    Torch,
+}
+
+impl CpuKernel {
+    /// The kernel path this forces (`None`: the best available, or not the kernel at all).
+    pub fn isa(self) -> Option<crate::kernel::Isa> {
+        use crate::kernel::Isa;
+        match self {
+            CpuKernel::Scalar => Some(Isa::Scalar),
+            CpuKernel::Avx2 => Some(Isa::Avx2),
+            CpuKernel::Avx512 => Some(Isa::Avx512),
+            CpuKernel::Auto | CpuKernel::Torch => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuKernel::Auto => "auto",
+            CpuKernel::Scalar => "scalar",
+            CpuKernel::Avx2 => "avx2",
+            CpuKernel::Avx512 => "avx512",
+            CpuKernel::Torch => "torch",
+        }
+    }
+}
+
+impl std::fmt::Display for CpuKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -202,7 +247,7 @@ pub enum Mode {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            cache_bytes: 512 << 20,
+            cache_bytes: 1 << 30,
             pool_slots: 512,
             prefetch_queue_depth: 32,
             fallback_io_threads: 2,

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod engine;
 pub mod import;
+pub mod kernel;
 pub mod npy;
 pub mod pack;
 pub mod policy;

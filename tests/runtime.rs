@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kameo::prelude::Spawn;
-use probe_cascade::config::{CascadeConfig, Config, Expansion, Pruning};
+use probe_cascade::config::{CascadeConfig, Config, CpuKernel, Expansion, Pruning};
 use probe_cascade::engine::{build_engine, EngineKind, TokenReport};
 use probe_cascade::npy::Matrix;
 use probe_cascade::pack::{ConceptId, Pack};
@@ -94,9 +94,29 @@ async fn exact_mode_matches_the_reference_under_every_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_smaller_than_the_working_set_still_gives_correct_reports() {
     let (_dir, pack, trace) = tiny();
+    let probe = pack.layout().byte_len() as u64;
     let mut c = config(tight());
-    // Room for three probes while twelve can be active: constant eviction and re-reading.
-    c.runtime.cache_bytes = 3 * pack.layout().byte_len() as u64;
+    // The CPU kernel scores active probes in the cache, so a cache that cannot hold all
+    // twelve that may be active is refused, naming the key and the size it needs.
+    c.runtime.cache_bytes = 3 * probe;
+    match Cascade::start(pack.clone(), &c).await {
+        Err(RuntimeError::Setup(m)) => assert!(
+            m.contains("runtime.cache_bytes")
+                && m.contains("cascade.max_loaded")
+                && m.contains(&(12 * probe).to_string()),
+            "{m}"
+        ),
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("a cache of 3 probes with max_loaded = 12 was accepted"),
+    }
+    // Exactly the cap: the 60-probe pack still churns the cache, and reports stay right.
+    c.runtime.cache_bytes = 12 * probe;
+    let reports = assert_matches_reference(&pack, &c, &trace, "cache of max_loaded").await;
+    assert!(reports.iter().any(|r| r.loaded > 3));
+    // The tch arena copies probes out of the cache, so it takes any cache. Room for three
+    // probes while twelve can be active: constant eviction and re-reading.
+    c.device.cpu_kernel = CpuKernel::Torch;
+    c.runtime.cache_bytes = 3 * probe;
     let reports = assert_matches_reference(&pack, &c, &trace, "small cache").await;
     assert!(reports.iter().any(|r| r.loaded > 3));
     // And a budget below a single probe: nothing is cached, everything still works.
@@ -299,7 +319,10 @@ async fn pipelined_mode_reports_in_flight_children_and_catches_up() {
     let mut c = config(tight());
     c.runtime.mode = probe_cascade::config::Mode::Pipelined;
     c.runtime.prefetch_hint_margin = 0.0;
-    c.runtime.cache_bytes = 0; // nothing is resident in RAM: every new child is a read
+    // Nothing is resident in RAM, so every new child is a read: the tch arena, which copies
+    // probes out of the cache, allows a cache that small.
+    c.device.cpu_kernel = CpuKernel::Torch;
+    c.runtime.cache_bytes = 0;
     let cascade = Cascade::start(pack.clone(), &c).await.unwrap();
     let mut in_flight = 0;
     for t in 0..trace.rows {

@@ -225,14 +225,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn machine() -> serde_json::Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let info = probe_cascade::kernel::CpuInfo::detect();
+    let cpu = info.to_string();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
@@ -241,7 +235,7 @@ fn machine() -> serde_json::Value {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into());
-    json!({"cpu": cpu, "cores": cores, "commit": commit, "tch_threads": tch::get_num_threads()})
+    json!({"cpu": cpu, "cpu_info": info, "cores": cores, "commit": commit, "tch_threads": tch::get_num_threads()})
 }
 
 fn write_outputs(args: &BenchArgs, pack: &Pack, rows: &[Row]) -> anyhow::Result<()> {
@@ -259,7 +253,7 @@ fn write_outputs(args: &BenchArgs, pack: &Pack, rows: &[Row]) -> anyhow::Result<
     };
     let mut md = String::new();
     md.push_str(&format!(
-        "# probe-cascade bench\n\nMachine: {} ({} cores), commit {}. Device: {} ({} compute). Pack: {} ({} concepts, D={}, {}). Trace: {} ({} measured tokens after {} warm-up tokens). Page cache: {}.\n\n",
+        "# probe-cascade bench\n\nMachine: {} ({} cores; the runtime engine scores on the CPU kernel's default path unless the config sets device.cpu_kernel), commit {}. Device: {} ({} compute). Pack: {} ({} concepts, D={}, {}). Trace: {} ({} measured tokens after {} warm-up tokens). Page cache: {}.\n\n",
         machine["cpu"].as_str().unwrap_or(""),
         machine["cores"],
         machine["commit"].as_str().unwrap_or(""),

@@ -29,6 +29,8 @@ enum Command {
     Run(run::RunArgs),
     /// Run every engine on the same pack and trace; write bench.md and bench.json.
     Bench(bench::BenchArgs),
+    /// This CPU's model and features, and the CPU kernel paths it can run.
+    Cpu,
 }
 
 pub fn main() -> ExitCode {
@@ -39,6 +41,10 @@ pub fn main() -> ExitCode {
         Command::Trace(cmd) => trace::run(cmd),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Cpu => {
+            println!("cpu: {}", probe_cascade::kernel::CpuInfo::detect());
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

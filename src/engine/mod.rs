@@ -135,6 +135,10 @@ pub trait Engine {
     fn observe(&mut self, token: usize, hidden: &[f32]) -> Result<TokenReport, EngineError>;
     /// Active probes, ascending.
     fn active(&self) -> Vec<ConceptId>;
+    /// Weight bytes copied into scoring buffers so far, where the engine counts them.
+    fn weight_traffic(&self) -> Option<crate::runtime::inference::WeightTraffic> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -170,8 +170,11 @@ type RowJob = Box<dyn FnOnce() -> Result<Tensor, tch::TchError> + Send>;
 /// thread that owns a `RowSplit` sets libtorch to one thread for itself
 /// ([`RowSplit::single_threaded_torch`]) and gets its parallelism here instead.
 ///
-/// Each block is still one libtorch call, and product blocks start at multiples of 128 rows,
-/// so a row's dot product is computed exactly as in one call: the logits keep their bits.
+/// Each block is still one libtorch call, and product blocks start at multiples of 128 rows.
+/// On AMD's AVX2 MKL path that kept every row's bits; on an Intel AVX-512 machine it did not
+/// (3 of 389 logits changed), and nothing in MKL promises it. So only rounding-level agreement
+/// is guaranteed here; bit-exact, batch-invariant scoring is the CPU kernel's
+/// ([`crate::kernel`]), which the runtime uses on the CPU unless `device.cpu_kernel = "torch"`.
 /// The helpers are long-lived threads fed through bounded channels, one job each per call;
 /// every call waits for all of its jobs, so views lent to helpers never outlive the call.
 pub struct RowSplit {
@@ -185,7 +188,7 @@ struct Helper {
 }
 
 /// Product blocks start at multiples of this: MKL's kernels handle rows in groups, and a block
-/// boundary inside a group changes how the tail rows are summed (and their bits).
+/// boundary inside a group changed how the tail rows were summed (and their bits) on AMD.
 const ROW_ALIGN: i64 = 128;
 
 /// Work on fewer bytes than this stays on the calling thread: the hand-off would cost more.
@@ -323,8 +326,10 @@ impl Drop for RowSplit {
 mod tests {
     use super::*;
 
+    /// What the split guarantees on any CPU: the same rows, each within rounding of one call.
+    /// (Bit identity held on AMD's MKL path only; see [`RowSplit`].)
     #[test]
-    fn row_blocks_give_the_same_bits_as_one_call() {
+    fn row_blocks_agree_with_one_call_within_rounding() {
         let _g = tch::no_grad_guard();
         tch::manual_seed(7);
         for (rows, d) in [(30 * 128, 2560), (3 * 128 + 5, 2000), (100, 64)] {
@@ -335,10 +340,16 @@ mod tests {
             for parts in [1, 2, 3, 7] {
                 let split = RowSplit::new(parts);
                 assert_eq!(split.parts(), parts);
+                let scale = (d as f32).sqrt();
                 for _ in 0..2 {
                     let got = Vec::<f32>::try_from(&split.addmv(&b, &w, &x).unwrap()).unwrap();
-                    let differ = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                    assert_eq!((got.len(), differ), (want.len(), 0), "rows {rows}, d {d}, {parts} parts");
+                    assert_eq!(got.len(), want.len());
+                    for (row, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-5 * scale * (1.0 + w.abs()),
+                            "rows {rows}, d {d}, {parts} parts, row {row}: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }

@@ -1,6 +1,12 @@
-//! Inference: owns every tensor (a `Tensor` is `Send` but not `Sync`), on its own OS thread.
+//! Inference: scores the active probes, on its own OS thread. It has two backends.
 //!
-//! The arena is allocated once: stacked weights `[S,128,D]`, `[S,64,128]`, `[S,1,64]` and
+//! **The CPU kernel** ([`crate::kernel`]): a slot holds a reference to the probe's bytes in the
+//! weight cache, which keeps them (pinned) while the slot does. Scoring reads them where they
+//! lie, in their stored dtype; installing a probe and every slot move or swap of pruning only
+//! move references. No weight byte is copied.
+//!
+//! **The tch arena** (accelerators, or the CPU when `device.cpu_kernel = "torch"`); it owns
+//! every tensor (a `Tensor` is `Send` but not `Sync`). The arena is allocated once: stacked weights `[S,128,D]`, `[S,64,128]`, `[S,1,64]` and
 //! biases `[S,128,1]`, `[S,64,1]`, `[S,1,1]` in the compute dtype on the device, plus one
 //! scratch slot for swaps. Scoring runs `batched_logits` on `narrow()` views of a contiguous slot
 //! range: no copy, one call for every probe. Installing converts the probe's stored dtype
@@ -21,7 +27,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::cache::ProbeBytes;
 use super::pool::SlotOp;
+use crate::config::CpuKernel;
 use crate::engine::tensors::{batched_logits, hidden_column, kind_of, to_host_f32, RowSplit};
+use crate::kernel::{Isa, Kernel, KernelError, ProbeRef};
 use crate::pack::layout::{HIDDEN1, HIDDEN2};
 use crate::pack::{ConceptId, Pack};
 
@@ -106,10 +114,31 @@ impl Staging {
 }
 
 pub struct Inference {
-    /// Set when a `Rearrange` failed: the arena can no longer be trusted, and every later
+    /// Set when a `Rearrange` failed: the slots can no longer be trusted, and every later
     /// request is refused with this reason (nobody waited on the tell to hear it).
     failed: Option<String>,
     pack: Arc<Pack>,
+    backend: Backend,
+    traffic: WeightTraffic,
+}
+
+enum Backend {
+    Kernel(KernelSlots),
+    Torch(TorchArena),
+}
+
+/// The CPU kernel's slots: references into the cache, and where each probe's tensors lie.
+struct KernelSlots {
+    kernel: Kernel,
+    slots: Vec<Option<Held>>,
+}
+
+struct Held {
+    bytes: Arc<ProbeBytes>,
+    ranges: [std::ops::Range<usize>; 6],
+}
+
+struct TorchArena {
     device: Device,
     compute: Kind,
     arena: Arena,
@@ -118,28 +147,43 @@ pub struct Inference {
     split: RowSplit,
 }
 
+/// How the inference thread is set up.
+#[derive(Debug, Clone)]
+pub struct InferenceSettings {
+    pub slots: usize,
+    pub device: Device,
+    pub compute: Kind,
+    /// Where the device is not the CPU: bounds the upload buffers (one probe at least).
+    pub staging_bytes: u64,
+    /// CPU threads for scoring (the kernel's pool, or the arena's row blocks).
+    pub math_threads: usize,
+    pub cpu_kernel: CpuKernel,
+}
+
 impl Inference {
-    /// An arena of `slots` probes. `staging_bytes` bounds the upload buffers where the device is
-    /// not the CPU (at least one probe's worth is needed). On the CPU scoring and slot copies
-    /// run in `math_threads` row blocks (see [`RowSplit`]).
-    pub fn new(
-        pack: Arc<Pack>,
-        slots: usize,
-        device: Device,
-        compute: Kind,
-        staging_bytes: u64,
-        math_threads: usize,
-    ) -> Result<Self, tch::TchError> {
-        let (staging, split) = match device {
-            Device::Cpu => (None, RowSplit::new(math_threads)),
-            _ => (Some(staging_bytes), RowSplit::none()),
-        };
-        Self::with_uploads(pack, slots, device, compute, staging, split)
+    /// On the CPU the kernel (or, with `CpuKernel::Torch`, the tch arena with its copies in
+    /// `math_threads` row blocks, see [`RowSplit`]); elsewhere the tch arena with staged uploads.
+    pub fn new(pack: Arc<Pack>, settings: &InferenceSettings) -> Result<Self, InferenceError> {
+        let s = settings;
+        match (s.device, s.cpu_kernel) {
+            (Device::Cpu, CpuKernel::Torch) => {
+                Ok(Self::with_uploads(pack, s.slots, s.device, s.compute, None, RowSplit::new(s.math_threads))?)
+            }
+            (Device::Cpu, kernel) => {
+                let isa = kernel.isa().unwrap_or_else(Isa::best);
+                let kernel = Kernel::new(&pack.layout(), isa, s.math_threads)
+                    .map_err(|e| InferenceError::Setup(format!("device.cpu_kernel = \"{kernel}\": {e}")))?;
+                let slots = (0..s.slots).map(|_| None).collect();
+                let backend = Backend::Kernel(KernelSlots { kernel, slots });
+                Ok(Self { failed: None, pack, backend, traffic: WeightTraffic::new(isa.name()) })
+            }
+            _ => Ok(Self::with_uploads(pack, s.slots, s.device, s.compute, Some(s.staging_bytes), RowSplit::none())?),
+        }
     }
 
-    /// `staging_bytes: None` installs directly; `Some` stages uploads on any device (tests use it
-    /// to run the accelerator path on the CPU).
-    fn with_uploads(
+    /// The tch arena. `staging_bytes: None` installs directly; `Some` stages uploads on any
+    /// device (tests use it to run the accelerator path on the CPU).
+    pub fn with_uploads(
         pack: Arc<Pack>,
         slots: usize,
         device: Device,
@@ -157,22 +201,113 @@ impl Inference {
                     Uploads::Staged(Staging::new(rows, probe_bytes, device)?)
                 }
             };
-            Ok(Self { failed: None, pack, device, compute, arena, scratch: slots, uploads, split })
+            let torch = TorchArena { device, compute, arena, scratch: slots, uploads, split };
+            let path = if device == Device::Cpu { "torch arena (cpu)" } else { "torch arena (device)" };
+            Ok(Self { failed: None, pack, backend: Backend::Torch(torch), traffic: WeightTraffic::new(path) })
         })
+    }
+
+    /// Weight bytes copied so far, and the scoring path.
+    pub fn traffic(&self) -> &WeightTraffic {
+        &self.traffic
     }
 
     /// Host-to-device transfers made by staged uploads (0 when installs are direct).
     pub fn transfers(&self) -> u64 {
-        match &self.uploads {
-            Uploads::Direct => 0,
-            Uploads::Staged(s) => s.transfers,
+        match &self.backend {
+            Backend::Torch(TorchArena { uploads: Uploads::Staged(s), .. }) => s.transfers,
+            _ => 0,
         }
     }
 
+    /// The tch arena: copies a probe's bytes into a slot (converting to the compute dtype).
+    /// An error on the kernel backend, which copies nothing.
+    pub fn install(&mut self, slot: usize, id: ConceptId, bytes: &[u8]) -> Result<(), InferenceError> {
+        let Backend::Torch(torch) = &self.backend else {
+            return Err(InferenceError::Setup("the CPU kernel installs references, not bytes".into()));
+        };
+        torch.install(&self.pack, slot, id, bytes)?;
+        self.traffic.copied(bytes.len());
+        Ok(())
+    }
+
+    fn apply(&mut self, ops: &[SlotOp], bytes: &HashMap<ConceptId, Arc<ProbeBytes>>) -> Result<(), InferenceError> {
+        match &mut self.backend {
+            Backend::Kernel(k) => k.apply(&self.pack, ops, bytes, &mut self.traffic),
+            Backend::Torch(t) => t.apply(&self.pack, ops, bytes, &mut self.traffic),
+        }
+    }
+
+    /// Logits of slots `[start, start + len)`.
+    pub fn score(&self, start: usize, len: usize, hidden: &[f32]) -> Result<Vec<f32>, InferenceError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        match &self.backend {
+            Backend::Kernel(k) => k.score(start, len, hidden),
+            Backend::Torch(t) => Ok(t.score(start, len, hidden)?),
+        }
+    }
+}
+
+impl KernelSlots {
+    /// Moves references: an install takes the cache's `Arc` (pinning the bytes there), a move
+    /// hands the reference on (on the CPU nothing is kept warm, so a move's source is freed),
+    /// a swap exchanges two.
+    fn apply(
+        &mut self,
+        pack: &Pack,
+        ops: &[SlotOp],
+        bytes: &HashMap<ConceptId, Arc<ProbeBytes>>,
+        traffic: &mut WeightTraffic,
+    ) -> Result<(), InferenceError> {
+        let n = self.slots.len();
+        let check = |slot: usize| if slot < n { Ok(slot) } else { Err(InferenceError::NoSlot { slot, slots: n }) };
+        for op in ops {
+            match *op {
+                SlotOp::Install { slot, id } => {
+                    let b = bytes.get(&id).ok_or(InferenceError::MissingBytes(id))?;
+                    let ranges = pack.layout().ranges(&pack.tensor_offsets(id));
+                    self.slots[check(slot)?] = Some(Held { bytes: b.clone(), ranges });
+                    traffic.installs += 1;
+                }
+                SlotOp::Move { from, to } => {
+                    let held = self.slots[check(from)?].take();
+                    self.slots[check(to)?] = held;
+                    traffic.moves += 1;
+                }
+                SlotOp::Swap { a, b } => {
+                    self.slots.swap(check(a)?, check(b)?);
+                    traffic.moves += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn score(&self, start: usize, len: usize, hidden: &[f32]) -> Result<Vec<f32>, InferenceError> {
+        let n = self.slots.len();
+        let held =
+            self.slots.get(start..start + len).ok_or(InferenceError::NoSlot { slot: start + len - 1, slots: n })?;
+        let probes = held
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let h = h.as_ref().ok_or(InferenceError::EmptySlot(start + i))?;
+                Ok(ProbeRef { bytes: &h.bytes, ranges: &h.ranges })
+            })
+            .collect::<Result<Vec<_>, InferenceError>>()?;
+        let mut logits = vec![0.0; len];
+        self.kernel.score(&probes, &[hidden], &mut logits)?;
+        Ok(logits)
+    }
+}
+
+impl TorchArena {
     /// Copies a probe's bytes into a slot (converting to the compute dtype).
-    pub fn install(&self, slot: usize, id: ConceptId, bytes: &[u8]) -> Result<(), tch::TchError> {
-        let storage = kind_of(self.pack.layout().dtype);
-        self.install_with(slot, id, |range, shape| {
+    fn install(&self, pack: &Pack, slot: usize, id: ConceptId, bytes: &[u8]) -> Result<(), tch::TchError> {
+        let storage = kind_of(pack.layout().dtype);
+        self.install_with(pack, slot, id, |range, shape| {
             let src = &bytes[range];
             // A borrowed view of the cache's bytes: no allocation and no copy before `copy_`,
             // which converts the dtype and moves the data to the device in one pass.
@@ -186,10 +321,17 @@ impl Inference {
     }
 
     /// Copies row `row` of the device staging buffer into a slot (converting to the compute dtype).
-    fn install_staged(&self, slot: usize, id: ConceptId, staged: &Tensor, row: usize) -> Result<(), tch::TchError> {
-        let storage = kind_of(self.pack.layout().dtype);
+    fn install_staged(
+        &self,
+        pack: &Pack,
+        slot: usize,
+        id: ConceptId,
+        staged: &Tensor,
+        row: usize,
+    ) -> Result<(), tch::TchError> {
+        let storage = kind_of(pack.layout().dtype);
         let row = staged.f_get(row as i64)?;
-        self.install_with(slot, id, |range, shape| {
+        self.install_with(pack, slot, id, |range, shape| {
             // Reinterpreting bytes needs an element-aligned offset: probe rows are whole probes
             // and tensor offsets are multiples of the element size (checked at pack open).
             row.f_narrow(0, range.start as i64, range.len() as i64)?.f_view_dtype(storage)?.f_view(shape)
@@ -200,11 +342,12 @@ impl Inference {
     /// a view of one tensor's stored bytes.
     fn install_with(
         &self,
+        pack: &Pack,
         slot: usize,
         id: ConceptId,
         source: impl Fn(std::ops::Range<usize>, &[i64]) -> Result<Tensor, tch::TchError>,
     ) -> Result<(), tch::TchError> {
-        let ranges = self.pack.layout().ranges(&self.pack.tensor_offsets(id));
+        let ranges = pack.layout().ranges(&pack.tensor_offsets(id));
         for (part, range) in self.arena.parts().into_iter().zip(ranges) {
             let dst = part.f_get(slot as i64)?;
             self.split.copy(&dst, &source(range, &dst.size())?)?;
@@ -219,8 +362,15 @@ impl Inference {
         Ok(())
     }
 
-    fn apply(&mut self, ops: &[SlotOp], bytes: &HashMap<ConceptId, Arc<ProbeBytes>>) -> Result<(), InferenceError> {
+    fn apply(
+        &mut self,
+        pack: &Pack,
+        ops: &[SlotOp],
+        bytes: &HashMap<ConceptId, Arc<ProbeBytes>>,
+        traffic: &mut WeightTraffic,
+    ) -> Result<(), InferenceError> {
         let bytes_of = |id| bytes.get(&id).map(|b| &b[..]).ok_or(InferenceError::MissingBytes(id));
+        let probe_bytes = pack.layout().byte_len();
         // Staged: the rows the buffers hold, the device buffer, and the installs in op order.
         let staged: Option<(usize, Tensor, Vec<ConceptId>)> = match &self.uploads {
             Uploads::Direct => None,
@@ -233,31 +383,39 @@ impl Inference {
         tch::no_grad(|| {
             for op in ops {
                 match *op {
-                    SlotOp::Install { slot, id } => match &staged {
-                        None => self.install(slot, id, bytes_of(id)?)?,
-                        Some((rows, device_rows, installs)) => {
-                            if !uploaded.contains(&next) {
-                                // Rows are consumed in op order, so moves between installs keep
-                                // their meaning; more installs than rows take another transfer.
-                                let end = installs.len().min(next + rows);
-                                let probes = installs[next..end]
-                                    .iter()
-                                    .map(|&id| bytes_of(id))
-                                    .collect::<Result<Vec<_>, _>>()?;
-                                if let Uploads::Staged(staging) = &mut self.uploads {
-                                    staging.upload(&probes)?;
+                    SlotOp::Install { slot, id } => {
+                        match &staged {
+                            None => self.install(pack, slot, id, bytes_of(id)?)?,
+                            Some((rows, device_rows, installs)) => {
+                                if !uploaded.contains(&next) {
+                                    // Rows are consumed in op order, so moves between installs
+                                    // keep their meaning; more installs than rows take another
+                                    // transfer.
+                                    let end = installs.len().min(next + rows);
+                                    let probes = installs[next..end]
+                                        .iter()
+                                        .map(|&id| bytes_of(id))
+                                        .collect::<Result<Vec<_>, _>>()?;
+                                    if let Uploads::Staged(staging) = &mut self.uploads {
+                                        staging.upload(&probes)?;
+                                    }
+                                    uploaded = next..end;
                                 }
-                                uploaded = next..end;
+                                self.install_staged(pack, slot, id, device_rows, next - uploaded.start)?;
+                                next += 1;
                             }
-                            self.install_staged(slot, id, device_rows, next - uploaded.start)?;
-                            next += 1;
                         }
-                    },
-                    SlotOp::Move { from, to } => self.copy_slot(from, to)?,
+                        traffic.copied(probe_bytes);
+                    }
+                    SlotOp::Move { from, to } => {
+                        self.copy_slot(from, to)?;
+                        traffic.moved(probe_bytes);
+                    }
                     SlotOp::Swap { a, b } => {
                         self.copy_slot(a, self.scratch)?;
                         self.copy_slot(b, a)?;
                         self.copy_slot(self.scratch, b)?;
+                        traffic.moved(3 * probe_bytes);
                     }
                 }
             }
@@ -266,10 +424,7 @@ impl Inference {
     }
 
     /// Logits of slots `[start, start + len)`.
-    pub fn score(&self, start: usize, len: usize, hidden: &[f32]) -> Result<Vec<f32>, tch::TchError> {
-        if len == 0 {
-            return Ok(Vec::new());
-        }
+    fn score(&self, start: usize, len: usize, hidden: &[f32]) -> Result<Vec<f32>, tch::TchError> {
         tch::no_grad(|| {
             let (s, n) = (start as i64, len as i64);
             let a = &self.arena;
@@ -289,14 +444,50 @@ impl Inference {
     }
 }
 
+/// Weight bytes copied by installs and slot moves, and how many of each: the CPU kernel's
+/// stay at zero bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, kameo::Reply)]
+pub struct WeightTraffic {
+    /// Which backend scores: the kernel's instruction-set path, or the tch arena.
+    pub path: String,
+    pub installs: u64,
+    pub install_bytes_copied: u64,
+    pub moves: u64,
+    pub move_bytes_copied: u64,
+}
+
+impl WeightTraffic {
+    fn new(path: &str) -> Self {
+        Self { path: path.into(), ..Default::default() }
+    }
+
+    fn copied(&mut self, bytes: usize) {
+        self.installs += 1;
+        self.install_bytes_copied += bytes as u64;
+    }
+
+    fn moved(&mut self, bytes: usize) {
+        self.moves += 1;
+        self.move_bytes_copied += bytes as u64;
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum InferenceError {
     #[error("tensor math failed: {0}")]
     Tch(String),
     #[error("no bytes were sent for probe {0:?}")]
     MissingBytes(ConceptId),
-    #[error("an earlier slot rearrangement (pruning) failed, so the arena cannot be trusted: {0}")]
+    #[error("an earlier slot rearrangement (pruning) failed, so the slots cannot be trusted: {0}")]
     EarlierRearrange(String),
+    #[error("slot {slot} does not exist (the pool has {slots})")]
+    NoSlot { slot: usize, slots: usize },
+    #[error("slot {0} holds no probe but was asked to score")]
+    EmptySlot(usize),
+    #[error("the CPU kernel: {0}")]
+    Kernel(#[from] KernelError),
+    #[error("{0}")]
+    Setup(String),
 }
 
 impl From<tch::TchError> for InferenceError {
@@ -310,9 +501,9 @@ impl Actor for Inference {
     type Error = Infallible;
 
     async fn on_start(state: Self, _: kameo::actor::ActorRef<Self>) -> Result<Self, Self::Error> {
-        // Runs on the inference thread: its parallelism comes from the row blocks, and
-        // libtorch's own spinning workers would only compete with them for cores.
-        if state.split.parts() > 1 {
+        // Runs on the inference thread: the tch arena's parallelism comes from the row blocks,
+        // and libtorch's own spinning workers would only compete with them for cores.
+        if matches!(&state.backend, Backend::Torch(t) if t.split.parts() > 1) {
             RowSplit::single_threaded_torch();
         }
         Ok(state)
@@ -349,6 +540,17 @@ impl Message<ApplyAndScore> for Inference {
         let t = std::time::Instant::now();
         let logits = self.score(m.start, m.len, &m.hidden)?;
         Ok(Scores { logits, scoring: t.elapsed() })
+    }
+}
+
+/// Weight bytes copied so far (see [`WeightTraffic`]).
+pub struct Traffic;
+
+impl Message<Traffic> for Inference {
+    type Reply = WeightTraffic;
+
+    async fn handle(&mut self, _: Traffic, _: &mut Context<Self, Self::Reply>) -> WeightTraffic {
+        self.traffic.clone()
     }
 }
 
@@ -389,24 +591,34 @@ mod tests {
         (inference.score(0, 6, hidden).unwrap(), inference.transfers())
     }
 
+    /// Slot 0 is installed, moved away and reinstalled (rows must be used in op order), two
+    /// slots swapped. Scoring slots 0..6 then reads probes 11, 19, 7, 23, 42, 3.
+    fn ops() -> Vec<SlotOp> {
+        let install = |slot, id| SlotOp::Install { slot, id: ConceptId(id) };
+        vec![
+            install(0, 3),
+            install(1, 7),
+            SlotOp::Move { from: 0, to: 5 },
+            install(0, 11),
+            install(2, 19),
+            SlotOp::Swap { a: 1, b: 2 },
+            install(3, 23),
+            install(4, 42),
+        ]
+    }
+
+    fn synth_pack(dtype: DType) -> (tempfile::TempDir, Arc<Pack>) {
+        let dir = tempfile::tempdir().unwrap();
+        write_synth_pack(dir.path(), &SynthParams { dtype, ..SynthParams::tiny() }, |_| {}).unwrap();
+        let pack = Arc::new(Pack::open(dir.path()).unwrap());
+        (dir, pack)
+    }
+
     #[test]
     fn staged_uploads_score_like_direct_installs_in_one_transfer_per_round() {
         for dtype in [DType::F32, DType::Bf16] {
-            let dir = tempfile::tempdir().unwrap();
-            write_synth_pack(dir.path(), &SynthParams { dtype, ..SynthParams::tiny() }, |_| {}).unwrap();
-            let pack = Arc::new(Pack::open(dir.path()).unwrap());
-            let install = |slot, id| SlotOp::Install { slot, id: ConceptId(id) };
-            // Slot 0 is installed, moved away and reinstalled: rows must be used in op order.
-            let ops = [
-                install(0, 3),
-                install(1, 7),
-                SlotOp::Move { from: 0, to: 5 },
-                install(0, 11),
-                install(2, 19),
-                SlotOp::Swap { a: 1, b: 2 },
-                install(3, 23),
-                install(4, 42),
-            ];
+            let (_dir, pack) = synth_pack(dtype);
+            let ops = ops();
             let hidden: Vec<f32> = (0..pack.hidden_dim()).map(|i| (i as f32 * 0.37).sin()).collect();
             let (direct, none) = replay(&pack, None, &ops, &hidden);
             assert_eq!(none, 0);
@@ -421,13 +633,66 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_cpu_kernel_moves_references_and_scores_them_in_place() {
+        for dtype in [DType::F32, DType::Bf16] {
+            let (_dir, pack) = synth_pack(dtype);
+            let settings = InferenceSettings {
+                slots: 8,
+                device: Device::Cpu,
+                compute: Kind::Float,
+                staging_bytes: 0,
+                math_threads: 2,
+                cpu_kernel: CpuKernel::Auto,
+            };
+            let mut inference = Inference::new(pack.clone(), &settings).unwrap();
+            let ops = ops();
+            let bytes: HashMap<ConceptId, Arc<ProbeBytes>> = ops
+                .iter()
+                .filter_map(SlotOp::installed)
+                .map(|id| (id, Arc::new(ProbeBytes::detached(id, pack.read_probe(id).unwrap()))))
+                .collect();
+            inference.apply(&ops, &bytes).unwrap();
+            let hidden: Vec<f32> = (0..pack.hidden_dim()).map(|i| (i as f32 * 0.37).sin()).collect();
+            let got = inference.score(0, 6, &hidden).unwrap();
+            // Bit for bit what the kernel gives those probes scored directly, in that order.
+            let order = [11, 19, 7, 23, 42, 3].map(ConceptId);
+            let ranges: Vec<_> = order.iter().map(|&id| pack.layout().ranges(&pack.tensor_offsets(id))).collect();
+            let refs: Vec<ProbeRef> =
+                order.iter().zip(&ranges).map(|(id, r)| ProbeRef { bytes: &bytes[id], ranges: r }).collect();
+            let mut want = vec![0.0; 6];
+            Kernel::new(&pack.layout(), Isa::Scalar, 1).unwrap().score(&refs, &[&hidden], &mut want).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{dtype:?}");
+            // And within rounding of libtorch's arena on the same ops.
+            let (torch, _) = replay(&pack, None, &ops, &hidden);
+            for (k, t) in got.iter().zip(&torch) {
+                assert!((k - t).abs() <= 1e-4 * (1.0 + t.abs()), "{dtype:?}: kernel {k} vs torch {t}");
+            }
+            // The slots hold the cache's own buffers: nothing was copied, by installs or moves.
+            let t = inference.traffic();
+            assert_eq!((t.installs, t.moves, t.install_bytes_copied, t.move_bytes_copied), (6, 2, 0, 0));
+            assert_eq!(Arc::strong_count(&bytes[&ConceptId(3)]), 2, "slot 5 pins probe 3's bytes");
+            // A slot left empty by a move is an error to score, not stale data.
+            assert!(matches!(inference.score(0, 8, &hidden), Err(InferenceError::EmptySlot(6))));
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_rearrangement_fails_every_later_request() {
         use kameo::prelude::Spawn;
         let dir = tempfile::tempdir().unwrap();
         write_synth_pack(dir.path(), &SynthParams::tiny(), |_| {}).unwrap();
         let pack = Arc::new(Pack::open(dir.path()).unwrap());
-        let inference = Inference::new(pack.clone(), 4, Device::Cpu, Kind::Float, 64 << 20, 1).unwrap();
+        let settings = InferenceSettings {
+            slots: 4,
+            device: Device::Cpu,
+            compute: Kind::Float,
+            staging_bytes: 64 << 20,
+            math_threads: 1,
+            cpu_kernel: CpuKernel::Auto,
+        };
+        let inference = Inference::new(pack.clone(), &settings).unwrap();
         let actor = Inference::spawn(inference);
         let score = || ApplyAndScore {
             ops: Vec::new(),

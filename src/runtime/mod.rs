@@ -18,13 +18,13 @@ use std::sync::Arc;
 use kameo::mailbox;
 use kameo::prelude::{ActorRef, Spawn};
 
-use crate::config::Config;
+use crate::config::{Config, CpuKernel};
 use crate::engine::{tensors, EngineError, TokenReport};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::ConceptSet;
 use cache::{CacheSettings, CacheStats, ReadError, WeightCache};
 use coordinator::{ActiveSet, Coordinator, Drain, Observe, PendingLoads};
-use inference::{Inference, InferenceError};
+use inference::{Inference, InferenceError, InferenceSettings, WeightTraffic};
 use pool::ModelPool;
 use reader::ReaderKind;
 
@@ -62,6 +62,7 @@ pub enum RuntimeError {
 pub struct Cascade {
     coordinator: ActorRef<Coordinator>,
     cache: ActorRef<WeightCache>,
+    inference: ActorRef<Inference>,
     reader: ReaderKind,
     /// Set by `shutdown`, so that a request caught by the stop is told so, not "panicked".
     stopping: Arc<std::sync::atomic::AtomicBool>,
@@ -84,15 +85,20 @@ impl Cascade {
         let cache = WeightCache::new(pack.clone(), &settings).map_err(RuntimeError::Reader)?;
         let reader = cache.reader_kind();
         let cache = WeightCache::spawn_with_mailbox(cache, mailbox::bounded(rt.request_queue.max(16) * 4));
-        let inference = Inference::new(
-            pack.clone(),
-            rt.pool_slots,
+        let cpu_kernel = config.device.cpu_kernel;
+        if device == tch::Device::Cpu && cpu_kernel != CpuKernel::Torch {
+            check_cache_holds_the_cap(&pack, config)?;
+        }
+        let settings = InferenceSettings {
+            slots: rt.pool_slots,
             device,
             compute,
-            rt.staging_bytes,
-            tensors::math_threads(&config.device),
-        )
-        .map_err(|e| RuntimeError::Setup(format!("allocating the model pool: {e}")))?;
+            staging_bytes: rt.staging_bytes,
+            math_threads: tensors::math_threads(&config.device),
+            cpu_kernel,
+        };
+        let inference = Inference::new(pack.clone(), &settings)
+            .map_err(|e| RuntimeError::Setup(format!("setting up inference: {e}")))?;
         let inference = Inference::spawn_in_thread_with_mailbox(inference, mailbox::bounded(16));
 
         let normalization = config.cascade.normalization_for(pack.input_normalization());
@@ -105,7 +111,7 @@ impl Cascade {
             hint_margin: rt.prefetch_hint_margin,
             base,
             cache: cache.clone(),
-            inference,
+            inference: inference.clone(),
             next_token: 0,
             broken: None,
             mode: config.runtime.mode,
@@ -116,7 +122,12 @@ impl Cascade {
         };
         coordinator.load_base().await?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
-        Ok(Self { coordinator, cache, reader, stopping: Default::default() })
+        Ok(Self { coordinator, cache, inference, reader, stopping: Default::default() })
+    }
+
+    /// Weight bytes the scoring backend has copied (none with the CPU kernel), and its path.
+    pub async fn weight_traffic(&self) -> Result<WeightTraffic, RuntimeError> {
+        self.inference.ask(inference::Traffic).await.map_err(|_| RuntimeError::ShutDown)
     }
 
     /// Scores one hidden state; tokens are numbered in the order their requests arrive.
@@ -172,6 +183,25 @@ impl Cascade {
     }
 }
 
+/// The CPU kernel scores active probes where they lie in the weight cache, which keeps them
+/// pinned while they are active: the cache must hold as many as can be active at once.
+fn check_cache_holds_the_cap(pack: &Pack, config: &Config) -> Result<(), RuntimeError> {
+    let probe = pack.layout().byte_len() as u64;
+    let cap = config.cascade.max_loaded.min(config.runtime.pool_slots) as u64;
+    let budget = config.runtime.cache_bytes;
+    if budget < cap * probe {
+        return Err(RuntimeError::Setup(format!(
+            "runtime.cache_bytes = {budget} holds {} probes of this pack ({probe} bytes each), but up to {cap} \
+             can be active (cascade.max_loaded): the CPU kernel scores active probes in place in the cache, \
+             so set runtime.cache_bytes to at least {} (or device.cpu_kernel = \"torch\" to copy them into an \
+             arena instead)",
+            budget / probe,
+            cap * probe
+        )));
+    }
+    Ok(())
+}
+
 impl RuntimeError {
     /// The token the error belongs to, if it is about one token.
     pub fn token(&self) -> Option<usize> {
@@ -225,6 +255,10 @@ impl crate::engine::Engine for BlockingCascade {
 
     fn active(&self) -> Vec<ConceptId> {
         self.rt.block_on(self.cascade.active()).unwrap_or_default()
+    }
+
+    fn weight_traffic(&self) -> Option<WeightTraffic> {
+        self.rt.block_on(self.cascade.weight_traffic()).ok()
     }
 }
 
