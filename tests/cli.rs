@@ -226,10 +226,17 @@ fn bench_writes_every_row() {
         "final_active",
         "loads_per_token",
         "ratio_to_naive_p50",
+        "b2b_p50_ms",
+        "b2b_avg_ms",
+        "b2b_cpu_ms",
     ] {
         assert!(rows.iter().all(|r| r.get(key).is_some()), "rows carry {key}");
     }
     assert!(rows.iter().all(|r| r["per_token_ms"].as_array().unwrap().len() == 6));
+    assert!(rows.iter().all(|r| r["b2b_per_token_ms"].as_array().unwrap().len() == 6));
+    assert!(rows.iter().all(|r| r["b2b_p50_ms"].as_f64().unwrap() > 0.0 && r["b2b_cpu_ms"].as_f64().unwrap() > 0.0));
+    assert!(doc["machine"]["cpu_info"]["default_path"].is_string());
+    assert!(md.contains("kernel paths"), "bench.md names the CPU's kernel paths");
     assert_eq!(doc["warmup_tokens_excluded"], 2);
     assert_eq!(doc["page_cache"], "warm");
     assert!(doc["machine"]["cores"].as_u64().unwrap() >= 1);

@@ -74,6 +74,7 @@ async fn naive_reference_and_runtime_agree_on_the_demo_trace() {
 
         if name == "realtime" {
             pipelined_recall(&pack, &config, &trace, &runtime).await;
+            busy_trace(&pack, &geometry, &config, &reference).await;
         }
 
         let total_children: usize = reference.iter().map(|(r, _)| r.children).sum();
@@ -99,6 +100,35 @@ fn assert_kernel_bits(pack: &Arc<Pack>, config: &Config, trace: &Matrix, runtime
             assert_eq!(e.logit.to_bits(), want.to_bits(), "token {t} {}: runtime {} vs model {want}", e.name, e.logit);
         }
     }
+}
+
+/// The busy preset asks for children like the seed's own table (mean about 25, bursts of 60
+/// and more; the demo trace asks for a handful), and the runtime still agrees with the
+/// reference there, bit for bit with the kernel's model.
+async fn busy_trace(
+    pack: &Arc<Pack>,
+    geometry: &[probe_cascade::synth::trace::ConceptGeometry],
+    config: &Config,
+    demo: &[(TokenReport, Vec<ConceptId>)],
+) {
+    let trace = synth_trace(pack, geometry, &TraceParams::busy());
+    let reference = run(EngineKind::Reference, pack, config, &trace);
+    let mean =
+        |r: &[(TokenReport, Vec<ConceptId>)]| r.iter().map(|(t, _)| t.children).sum::<usize>() as f64 / r.len() as f64;
+    let (busy, calm) = (mean(&reference), mean(demo));
+    let bursts = reference.iter().filter(|(t, _)| t.children >= 60).count();
+    eprintln!("children per token under seed top-30: busy {busy:.1} ({bursts} tokens of 60+), demo {calm:.1}");
+    assert!((20.0..=32.0).contains(&busy), "busy trace: {busy:.1} children per token");
+    assert!(bursts >= 5 && busy > 3.0 * calm, "busy trace: {bursts} bursts, {busy:.1} vs demo {calm:.1}");
+    let cascade = Cascade::start(pack.clone(), config).await.unwrap();
+    let mut runtime = Vec::new();
+    for t in 0..trace.rows {
+        let r = cascade.observe(trace.row(t).to_vec()).await.unwrap();
+        runtime.push((r, cascade.active().await.unwrap()));
+    }
+    cascade.shutdown().await;
+    assert_same("realtime, busy trace", "runtime", &reference, &runtime);
+    assert_kernel_bits(pack, config, &trace, &runtime);
 }
 
 /// Pipelined mode reports from what is resident (in the pool or in RAM) when the token

@@ -20,17 +20,31 @@ pub enum TraceCommand {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// `demo` (a calm trace: a few children per token) or `busy` (about as many children
+        /// per token as the seed's own table, with bursts).
+        #[arg(long, value_enum, default_value = "demo")]
+        preset: TracePreset,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum TracePreset {
+    Demo,
+    Busy,
 }
 
 pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        TraceCommand::Synth { pack, tokens, out, seed } => {
+        TraceCommand::Synth { pack, tokens, out, seed, preset } => {
             let pack = Pack::open(&pack).context("opening the pack")?;
             let progress = bar(pack.len(), "geometry");
             let geometry = concept_geometry(&pack, |n| progress.set_position(n as u64))?;
             progress.finish_and_clear();
-            let params = TraceParams { tokens, seed, ..TraceParams::default() };
+            let base = match preset {
+                TracePreset::Demo => TraceParams::default(),
+                TracePreset::Busy => TraceParams::busy(),
+            };
+            let params = TraceParams { tokens, seed, ..base };
             let trace = synth_trace(&pack, &geometry, &params);
             probe_cascade::npy::write(&out, &trace)?;
             let unreachable = geometry.iter().filter(|g| g.firing_strength.is_none()).count();

@@ -20,17 +20,37 @@ pub struct TraceParams {
     pub seed: u64,
     /// Mean tokens a topic lasts.
     pub mean_dwell: f64,
-    /// Chance that a token adds a shallow side topic.
+    /// Chance, for each of `side_topics` draws, that a token adds a shallow side topic.
     pub side_topic: f64,
-    /// Chance that a token is a burst touching several deep paths.
+    pub side_topics: usize,
+    /// Chance that a token is a burst touching 2 to `burst_paths` deep paths.
     pub burst: f64,
+    pub burst_paths: usize,
     /// Standard deviation of the per-coordinate background noise.
     pub noise: f32,
 }
 
 impl Default for TraceParams {
     fn default() -> Self {
-        Self { tokens: 200, seed: 0, mean_dwell: 3.0, side_topic: 0.5, burst: 0.15, noise: 1.0 }
+        Self {
+            tokens: 200,
+            seed: 0,
+            mean_dwell: 3.0,
+            side_topic: 0.5,
+            side_topics: 1,
+            burst: 0.15,
+            burst_paths: 4,
+            noise: 1.0,
+        }
+    }
+}
+
+impl TraceParams {
+    /// A busy trace: more side topics and bigger, more frequent bursts, so that the seed's
+    /// top-30 configuration asks for about as many children per token as the seed's own table
+    /// (mean about 25, bursts of 60 and more) rather than the default trace's handful.
+    pub fn busy() -> Self {
+        Self { mean_dwell: 2.0, side_topic: 0.8, side_topics: 6, burst: 0.3, burst_paths: 48, ..Self::default() }
     }
 }
 
@@ -143,11 +163,13 @@ pub fn synth_trace(pack: &Pack, geometry: &[ConceptGeometry], p: &TraceParams) -
         }
         topic.remaining -= 1;
         let mut firing: Vec<u32> = topic.path.clone();
-        if rng.random_bool(p.side_topic) {
-            firing.extend(random_path(&mut rng, 2));
+        for _ in 0..p.side_topics {
+            if rng.random_bool(p.side_topic) {
+                firing.extend(random_path(&mut rng, 2));
+            }
         }
         if rng.random_bool(p.burst) {
-            for _ in 0..rng.random_range(2..=4) {
+            for _ in 0..rng.random_range(2..=p.burst_paths.max(2)) {
                 firing.extend(random_path(&mut rng, max_depth));
             }
         }
