@@ -96,6 +96,24 @@ fn synth_inspect_verify_and_run() {
     let runtime: serde_json::Value = serde_json::from_slice(&std::fs::read(&runtime_json).unwrap()).unwrap();
     assert_eq!(runtime["engine"], "runtime");
     assert_eq!(names(&doc), names(&runtime));
+    // The CPU kernel scored the probes where they lie: installs, but no weight bytes copied.
+    let t = &runtime["summary"]["weight_traffic"];
+    assert!(t["installs"].as_u64().unwrap() > 0, "{t}");
+    assert_eq!((t["install_bytes_copied"].as_u64(), t["move_bytes_copied"].as_u64()), (Some(0), Some(0)), "{t}");
+    // The busy preset asks for more children than the calm default.
+    let busy = f.root.join("busy.npy");
+    run_ok(
+        bin()
+            .args(["trace", "synth", "--tokens", "12", "--preset", "busy", "--pack"])
+            .arg(&f.pack)
+            .arg("--out")
+            .arg(&busy),
+    );
+    let busy_json = f.root.join("busy.json");
+    run_ok(run_cmd(&f, &busy).arg("--json").arg(&busy_json));
+    let busy: serde_json::Value = serde_json::from_slice(&std::fs::read(&busy_json).unwrap()).unwrap();
+    let children = |d: &serde_json::Value| d["summary"]["children_per_token"].as_f64().unwrap();
+    assert!(children(&busy) > children(&doc), "busy {} vs demo {}", children(&busy), children(&doc));
 }
 
 #[test]

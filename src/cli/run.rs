@@ -74,7 +74,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             Err(e) => return Err(e).with_context(|| format!("trace {}", args.trace.display())),
         }
     }
-    let summary = summary_json(&reports, engine.active().len(), tokens - reports.len());
+    let mut summary = summary_json(&reports, engine.active().len(), tokens - reports.len());
+    if let Some(t) = engine.weight_traffic() {
+        // The counters that show where weights were copied (the CPU kernel copies none).
+        println!(
+            "\nscoring path: {}; weight bytes copied: {} by {} installs, {} by {} slot moves",
+            t.path, t.install_bytes_copied, t.installs, t.move_bytes_copied, t.moves
+        );
+        summary["weight_traffic"] = serde_json::to_value(&t)?;
+    }
     print_summary(&summary);
     if let Some(path) = &args.json {
         let doc = json!({
