@@ -62,7 +62,8 @@ pub enum RuntimeError {
 pub struct Cascade {
     coordinator: ActorRef<Coordinator>,
     cache: ActorRef<WeightCache>,
-    inference: ActorRef<Inference>,
+    /// Weak: the coordinator owns the inference actor, which stops with it.
+    inference: kameo::prelude::WeakActorRef<Inference>,
     reader: ReaderKind,
     /// Set by `shutdown`, so that a request caught by the stop is told so, not "panicked".
     stopping: Arc<std::sync::atomic::AtomicBool>,
@@ -122,12 +123,13 @@ impl Cascade {
         };
         coordinator.load_base().await?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
-        Ok(Self { coordinator, cache, inference, reader, stopping: Default::default() })
+        Ok(Self { coordinator, cache, inference: inference.downgrade(), reader, stopping: Default::default() })
     }
 
     /// Weight bytes the scoring backend has copied (none with the CPU kernel), and its path.
     pub async fn weight_traffic(&self) -> Result<WeightTraffic, RuntimeError> {
-        self.inference.ask(inference::Traffic).await.map_err(|_| RuntimeError::ShutDown)
+        let inference = self.inference.upgrade().ok_or(RuntimeError::ShutDown)?;
+        inference.ask(inference::Traffic).await.map_err(|_| RuntimeError::ShutDown)
     }
 
     /// Scores one hidden state; tokens are numbered in the order their requests arrive.
