@@ -213,7 +213,6 @@ pub struct Kernel {
     isa: Isa,
     dtype: DType,
     hidden_dim: usize,
-    threads: usize,
     pool: Option<rayon::ThreadPool>,
 }
 
@@ -237,15 +236,7 @@ impl Kernel {
         } else {
             None
         };
-        Ok(Self { isa, dtype: layout.dtype, hidden_dim: layout.hidden_dim, threads, pool })
-    }
-
-    pub fn isa(&self) -> Isa {
-        self.isa
-    }
-
-    pub fn threads(&self) -> usize {
-        self.threads
+        Ok(Self { isa, dtype: layout.dtype, hidden_dim: layout.hidden_dim, pool })
     }
 
     /// Logits of every probe for every hidden state: `out[p * B + b]` for probe `p` and
@@ -277,7 +268,7 @@ impl Kernel {
         for (row, x) in xs.chunks_exact_mut(padded).zip(hidden) {
             row[..d].copy_from_slice(x);
         }
-        let job = Job { isa: self.isa, dtype: self.dtype, d, padded, batch, xs: &xs };
+        let job = Job { isa: self.isa, dtype: self.dtype, d, xs: xs.chunks_exact(padded).collect() };
         match &self.pool {
             None => probes.iter().zip(out.chunks_exact_mut(batch)).for_each(|(p, o)| job.probe(p, o)),
             Some(pool) => {
@@ -296,9 +287,8 @@ struct Job<'a> {
     isa: Isa,
     dtype: DType,
     d: usize,
-    padded: usize,
-    batch: usize,
-    xs: &'a [f32],
+    /// The padded hidden states, one slice each (B = `xs.len()`).
+    xs: Vec<&'a [f32]>,
 }
 
 impl Job<'_> {
@@ -306,18 +296,18 @@ impl Job<'_> {
     fn probe(&self, p: &ProbeRef, out: &mut [f32]) {
         let t = |i: usize| weights(self.dtype, &p.bytes[p.ranges[i].clone()]);
         let (b1, w1, b2, w2, b3, w3) = (t(B1), t(W1), t(B2), t(W2), t(B3), t(W3));
-        let (d, batch) = (self.d, self.batch);
-        let xs: Vec<&[f32]> = self.xs.chunks_exact(self.padded).collect();
+        let (d, batch) = (self.d, self.xs.len());
         // Layer 1: each weight row is read from memory once for all B hidden states.
         let mut a1 = [[0f32; HIDDEN1]; MAX_BATCH];
-        self.layer(HIDDEN1, |r| w1.slice(r * d, d), &xs, |r, b, sum| a1[b][r] = relu(sum + b1.get(r)));
-        // Layer 2 (128 wide, whole chunks).
+        self.layer(HIDDEN1, |r| w1.slice(r * d, d), &self.xs, |r, b, sum| a1[b][r] = relu(sum + b1.get(r)));
+        // Layer 2 (128 wide, whole chunks). Slices on the stack: no allocation per probe.
         let mut a2 = [[0f32; HIDDEN2]; MAX_BATCH];
-        let a1s: Vec<&[f32]> = a1[..batch].iter().map(|a| &a[..]).collect();
-        self.layer(HIDDEN2, |r| w2.slice(r * HIDDEN1, HIDDEN1), &a1s, |r, b, sum| a2[b][r] = relu(sum + b2.get(r)));
+        let a1s: [&[f32]; MAX_BATCH] = std::array::from_fn(|b| &a1[b][..]);
+        let a2_row = |r: usize| w2.slice(r * HIDDEN1, HIDDEN1);
+        self.layer(HIDDEN2, a2_row, &a1s[..batch], |r, b, sum| a2[b][r] = relu(sum + b2.get(r)));
         // Layer 3 (one row, 64 wide).
-        let a2s: Vec<&[f32]> = a2[..batch].iter().map(|a| &a[..]).collect();
-        self.layer(1, |_| w3, &a2s, |_, b, sum| out[b] = sum + b3.get(0));
+        let a2s: [&[f32]; MAX_BATCH] = std::array::from_fn(|b| &a2[b][..]);
+        self.layer(1, |_| w3, &a2s[..batch], |_, b, sum| out[b] = sum + b3.get(0));
     }
 
     /// For each of `rows` rows (`row(r)`) and hidden state `b`, the reduced dot product
