@@ -53,26 +53,39 @@ pub(super) fn lanes(isa: Isa, rows: &[Weights], xs: &[&[f32]], out: &mut [[f32; 
         Some(Weights::F32(b)) | Some(Weights::Bf16(b)) => b.as_ptr(),
         None => std::ptr::null(),
     });
-    let group = if isa == Isa::Avx512 { 4 } else { 1 };
+    // Register blocking: AVX-512 (32 registers) takes all rows against 4 hidden states;
+    // AVX2 (16 registers) takes 4 rows against 1 when B = 1, else 2 rows against up to 3,
+    // so each widened weight vector serves several hidden states. 2×3 measured best of the
+    // shapes tried for B = 8 (2×2, 1×4, 4×1, 2×4; docs/benchmarks.md), though its 12
+    // accumulators, 4 weight and 2 x vectors are 18, and one accumulator spills.
+    let (sub, group) = match isa {
+        Isa::Avx512 => (rows.len(), 4),
+        _ if xs.len() > 1 => (rows.len().min(2), 3),
+        _ => (rows.len(), 1),
+    };
     let batch = xs.len();
     let mut partials = [[0f32; LANES]; MAX_ROWS * 4];
-    for (i, xs) in xs.chunks(group).enumerate() {
-        let block = Block { rows: &ptrs[..rows.len()], full, tails, xs };
-        let got = &mut partials[..rows.len() * xs.len()];
-        // SAFETY: the CPU has the path's features (`Kernel::new` checked `isa.supported()`);
-        // each row pointer holds `full` whole chunks of its dtype (a row is n ≥ 16·full
-        // elements), and each x holds 16·(full + 1) floats when there is a tail, else 16·full.
-        unsafe {
-            match (isa, bf16) {
-                (Isa::Avx512, false) => avx512::block::<false>(&block, got),
-                (Isa::Avx512, true) => avx512::block::<true>(&block, got),
-                (_, false) => avx2::block::<false>(&block, got),
-                (_, true) => avx2::block::<true>(&block, got),
+    for first in (0..rows.len()).step_by(sub) {
+        let block_rows = &ptrs[first..first + sub];
+        let block_tails = tails.map(|t| &t[first..first + sub]);
+        for (i, xs) in xs.chunks(group).enumerate() {
+            let block = Block { rows: block_rows, full, tails: block_tails, xs };
+            let got = &mut partials[..sub * xs.len()];
+            // SAFETY: the CPU has the path's features (`Kernel::new` checked `isa.supported()`);
+            // each row pointer holds `full` whole chunks of its dtype (a row is n ≥ 16·full
+            // elements), and each x holds 16·(full + 1) floats when there is a tail, else 16·full.
+            unsafe {
+                match (isa, bf16) {
+                    (Isa::Avx512, false) => avx512::block::<false>(&block, got),
+                    (Isa::Avx512, true) => avx512::block::<true>(&block, got),
+                    (_, false) => avx2::block::<false>(&block, got),
+                    (_, true) => avx2::block::<true>(&block, got),
+                }
             }
-        }
-        for r in 0..rows.len() {
-            for g in 0..xs.len() {
-                out[r * batch + i * group + g] = got[r * xs.len() + g];
+            for r in 0..sub {
+                for g in 0..xs.len() {
+                    out[(first + r) * batch + i * group + g] = got[r * xs.len() + g];
+                }
             }
         }
     }
@@ -86,7 +99,7 @@ pub(super) const MAX_ROWS: usize = 4;
 struct Block<'a> {
     rows: &'a [*const u8],
     full: usize,
-    tails: Option<&'a [[f32; LANES]; MAX_ROWS]>,
+    tails: Option<&'a [[f32; LANES]]>,
     xs: &'a [&'a [f32]],
 }
 
@@ -118,6 +131,21 @@ macro_rules! by_shape {
             (1, 4) => {
                 const $r: usize = 1;
                 const $g: usize = 4;
+                $body
+            }
+            (2, 1) => {
+                const $r: usize = 2;
+                const $g: usize = 1;
+                $body
+            }
+            (2, 2) => {
+                const $r: usize = 2;
+                const $g: usize = 2;
+                $body
+            }
+            (2, 3) => {
+                const $r: usize = 2;
+                const $g: usize = 3;
                 $body
             }
             (4, 1) => {
@@ -179,13 +207,14 @@ mod avx2 {
             let mut lo = [[_mm256_setzero_ps(); G]; R];
             let mut hi = [[_mm256_setzero_ps(); G]; R];
             for c in 0..b.full {
+                // Each row's 16 weights loaded (and widened) once for all G hidden states.
+                let wv: [(__m256, __m256); R] = std::array::from_fn(|r| load::<BF16>(w[r], c * LANES));
                 for g in 0..G {
                     let xp = x[g].add(c * LANES);
                     let (xl, xh) = (_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8)));
                     for r in 0..R {
-                        let (wl, wh) = load::<BF16>(w[r], c * LANES);
-                        lo[r][g] = _mm256_fmadd_ps(wl, xl, lo[r][g]);
-                        hi[r][g] = _mm256_fmadd_ps(wh, xh, hi[r][g]);
+                        lo[r][g] = _mm256_fmadd_ps(wv[r].0, xl, lo[r][g]);
+                        hi[r][g] = _mm256_fmadd_ps(wv[r].1, xh, hi[r][g]);
                     }
                 }
             }
