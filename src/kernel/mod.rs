@@ -110,8 +110,12 @@ pub enum KernelError {
     Width { index: usize, got: usize, want: usize },
     #[error("probe {index}: tensor {tensor} needs bytes {range:?} but the probe has {len}")]
     Bytes { index: usize, tensor: usize, range: Range<usize>, len: usize },
-    #[error("{got} output values for {probes} probes × {batch} hidden states")]
-    Output { got: usize, probes: usize, batch: usize },
+    #[error("{got} output values where the call scores {want}")]
+    Output { got: usize, want: usize },
+    #[error("{sets} sets of hidden states for {probes} probes")]
+    Sets { sets: usize, probes: usize },
+    #[error("probe {probe}: hidden-state set {set:?} must name 1 to 32 of the call's {batch} states")]
+    Set { probe: usize, set: Vec<usize>, batch: usize },
     #[error("could not start {threads} kernel threads: {reason}")]
     Threads { threads: usize, reason: String },
 }
@@ -242,6 +246,24 @@ impl Kernel {
     /// Logits of every probe for every hidden state: `out[p * B + b]` for probe `p` and
     /// hidden state `b`, B = `hidden.len()`.
     pub fn score(&self, probes: &[ProbeRef], hidden: &[&[f32]], out: &mut [f32]) -> Result<(), KernelError> {
+        let all: Vec<usize> = (0..hidden.len()).collect();
+        let sets = vec![&all[..]; probes.len()];
+        self.score_sets(probes, &sets, hidden, out)
+    }
+
+    /// Probe `i` scored for the hidden states `sets[i]` only (indices into `hidden`; 1 to
+    /// [`MAX_BATCH`] of them): its logits go to `out` in that order, probe after probe, so
+    /// `out` holds the sum of the sets' lengths. Sessions use it for a step that scores the
+    /// union of their probes, each against the hidden states of the sessions that need it:
+    /// each weight is read once per step, and no logit is computed for a session that did
+    /// not ask for it. By the invariant, a logit's bits do not depend on the sets.
+    pub fn score_sets(
+        &self,
+        probes: &[ProbeRef],
+        sets: &[&[usize]],
+        hidden: &[&[f32]],
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
         let batch = hidden.len();
         if batch == 0 || batch > MAX_BATCH {
             return Err(KernelError::Batch(batch));
@@ -250,8 +272,19 @@ impl Kernel {
         if let Some((index, x)) = hidden.iter().enumerate().find(|(_, x)| x.len() != d) {
             return Err(KernelError::Width { index, got: x.len(), want: d });
         }
-        if out.len() != probes.len() * batch {
-            return Err(KernelError::Output { got: out.len(), probes: probes.len(), batch });
+        if sets.len() != probes.len() {
+            return Err(KernelError::Sets { sets: sets.len(), probes: probes.len() });
+        }
+        if let Some((probe, set)) = sets
+            .iter()
+            .enumerate()
+            .find(|(_, set)| set.is_empty() || set.len() > MAX_BATCH || set.iter().any(|&b| b >= batch))
+        {
+            return Err(KernelError::Set { probe, set: set.to_vec(), batch });
+        }
+        let total: usize = sets.iter().map(|s| s.len()).sum();
+        if out.len() != total {
+            return Err(KernelError::Output { got: out.len(), want: total });
         }
         let elt = self.dtype.size();
         let numel = [HIDDEN1, HIDDEN1 * d, HIDDEN2, HIDDEN2 * HIDDEN1, 1, HIDDEN2];
@@ -269,12 +302,24 @@ impl Kernel {
             row[..d].copy_from_slice(x);
         }
         let job = Job { isa: self.isa, dtype: self.dtype, d, xs: xs.chunks_exact(padded).collect() };
+        // Each probe's share of `out`.
+        let mut outs = Vec::with_capacity(probes.len());
+        let mut rest = out;
+        for set in sets {
+            let (mine, tail) = rest.split_at_mut(set.len());
+            outs.push(mine);
+            rest = tail;
+        }
+        let run = |(p, set, o): (&ProbeRef, &&[usize], &mut &mut [f32])| {
+            let xs: [&[f32]; MAX_BATCH] = std::array::from_fn(|i| set.get(i).map_or(&[][..], |&b| job.xs[b]));
+            job.probe(p, &xs[..set.len()], o)
+        };
         match &self.pool {
-            None => probes.iter().zip(out.chunks_exact_mut(batch)).for_each(|(p, o)| job.probe(p, o)),
+            None => probes.iter().zip(sets).zip(outs.iter_mut()).map(|((p, s), o)| (p, s, o)).for_each(run),
             Some(pool) => {
                 use rayon::prelude::*;
                 pool.install(|| {
-                    probes.par_iter().zip(out.par_chunks_exact_mut(batch)).for_each(|(p, o)| job.probe(p, o))
+                    probes.par_iter().zip(sets).zip(outs.par_iter_mut()).map(|((p, s), o)| (p, s, o)).for_each(run)
                 })
             }
         }
@@ -292,14 +337,15 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Scores one probe for every hidden state (lengths were checked by `score`).
-    fn probe(&self, p: &ProbeRef, out: &mut [f32]) {
+    /// Scores one probe for each of `xs` (some of the call's padded hidden states; lengths were
+    /// checked by `score_sets`).
+    fn probe(&self, p: &ProbeRef, xs: &[&[f32]], out: &mut [f32]) {
         let t = |i: usize| weights(self.dtype, &p.bytes[p.ranges[i].clone()]);
         let (b1, w1, b2, w2, b3, w3) = (t(B1), t(W1), t(B2), t(W2), t(B3), t(W3));
-        let (d, batch) = (self.d, self.xs.len());
+        let (d, batch) = (self.d, xs.len());
         // Layer 1: each weight row is read from memory once for all B hidden states.
         let mut a1 = [[0f32; HIDDEN1]; MAX_BATCH];
-        self.layer(HIDDEN1, |r| w1.slice(r * d, d), &self.xs, |r, b, sum| a1[b][r] = relu(sum + b1.get(r)));
+        self.layer(HIDDEN1, |r| w1.slice(r * d, d), xs, |r, b, sum| a1[b][r] = relu(sum + b1.get(r)));
         // Layer 2 (128 wide, whole chunks). Slices on the stack: no allocation per probe.
         let mut a2 = [[0f32; HIDDEN2]; MAX_BATCH];
         let a1s: [&[f32]; MAX_BATCH] = std::array::from_fn(|b| &a1[b][..]);

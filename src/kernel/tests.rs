@@ -133,6 +133,45 @@ fn randomized_compositions_give_each_logit_the_bits_it_has_alone() {
 }
 
 #[test]
+fn per_probe_sets_of_hidden_states_give_each_logit_the_bits_it_has_alone() {
+    // A sessions step: each probe against the hidden states of the sessions that need it.
+    let mut rng = ChaCha8Rng::seed_from_u64(20261202);
+    for (dtype, d) in [(DType::F32, 97), (DType::Bf16, 576)] {
+        let f = Fixture::new(d as u64 + 1, d, dtype, 10, 32);
+        let solo_kernel = Kernel::new(&f.layout, Isa::Scalar, 1).unwrap();
+        let solo: Vec<Vec<u32>> =
+            (0..10).map(|p| (0..32).map(|h| f.score(&solo_kernel, &[p], &[h])[0].to_bits()).collect()).collect();
+        for trial in 0..40 {
+            let paths = Isa::available();
+            let isa = paths[rng.random_range(0..paths.len())];
+            let kernel = Kernel::new(&f.layout, isa, rng.random_range(1..=3)).unwrap();
+            let batch = rng.random_range(1..=MAX_BATCH);
+            let hidden: Vec<usize> = (0..batch).map(|_| rng.random_range(0..32)).collect();
+            let xs: Vec<&[f32]> = hidden.iter().map(|&h| &f.hidden[h][..]).collect();
+            let probes: Vec<usize> = (0..rng.random_range(1..=16)).map(|_| rng.random_range(0..10)).collect();
+            let sets: Vec<Vec<usize>> = probes
+                .iter()
+                .map(|_| {
+                    let n = rng.random_range(1..=batch);
+                    (0..n).map(|_| rng.random_range(0..batch)).collect()
+                })
+                .collect();
+            let refs: Vec<ProbeRef> = probes.iter().map(|&p| f.probe(p)).collect();
+            let set_refs: Vec<&[usize]> = sets.iter().map(|s| &s[..]).collect();
+            let mut out = vec![f32::NAN; sets.iter().map(Vec::len).sum()];
+            kernel.score_sets(&refs, &set_refs, &xs, &mut out).unwrap();
+            let mut at = 0;
+            for (&p, set) in probes.iter().zip(&sets) {
+                for &b in set {
+                    assert_eq!(out[at].to_bits(), solo[p][hidden[b]], "trial {trial}: {isa} {dtype} probe {p}, state {b}");
+                    at += 1;
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn logits_are_the_mlp_within_f32_rounding() {
     for dtype in [DType::F32, DType::Bf16] {
         let f = Fixture::new(9, 300, dtype, 4, 6);
@@ -165,10 +204,18 @@ fn bad_calls_are_errors_that_name_the_limit() {
     let mut big = vec![0.0; 2 * (MAX_BATCH + 1)];
     assert_eq!(kernel.score(&p, &many, &mut big), Err(KernelError::Batch(33)));
     assert_eq!(kernel.score(&p, &[&x[..31]], &mut out), Err(KernelError::Width { index: 0, got: 31, want: 32 }));
-    assert_eq!(kernel.score(&p, &[x], &mut out[..1]), Err(KernelError::Output { got: 1, probes: 2, batch: 1 }));
+    assert_eq!(kernel.score(&p, &[x], &mut out[..1]), Err(KernelError::Output { got: 1, want: 2 }));
     let short = ProbeRef { bytes: &f.probes[1][..100], ranges: &f.ranges };
     assert!(matches!(kernel.score(&[p[0], short], &[x], &mut out), Err(KernelError::Bytes { index: 1, .. })));
     assert!(kernel.score(&p, &[x], &mut out).is_ok());
+    let (one, none, far): (&[usize], &[usize], &[usize]) = (&[0], &[], &[0, 2]);
+    assert_eq!(kernel.score_sets(&p, &[one], &[x], &mut out), Err(KernelError::Sets { sets: 1, probes: 2 }));
+    assert_eq!(
+        kernel.score_sets(&p, &[one, none], &[x], &mut out),
+        Err(KernelError::Set { probe: 1, set: vec![], batch: 1 })
+    );
+    let err = kernel.score_sets(&p, &[one, far], &[x, x], &mut [0.0; 3]).unwrap_err();
+    assert!(err.to_string().contains("probe 1") && err.to_string().contains("[0, 2]"), "{err}");
     for isa in [Isa::Avx2, Isa::Avx512] {
         if !isa.supported() {
             assert!(matches!(Kernel::new(&f.layout, isa, 1), Err(KernelError::Unsupported(_))));
