@@ -234,6 +234,11 @@ pub struct RuntimeConfig {
     /// Accelerators only: bytes of the pinned host buffer (and its device twin) through which a
     /// token's installs travel in one transfer. Tokens installing more take several transfers.
     pub staging_bytes: u64,
+    /// Sessions (streams) that may be open on one `Runtime` at once.
+    pub max_sessions: usize,
+    /// Sessions: how long a step waits after its first request for others to join it
+    /// (microseconds; 0: a step takes what is waiting and starts at once).
+    pub batch_window_us: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -257,6 +262,8 @@ impl Default for RuntimeConfig {
             reader: ReaderKind::Auto,
             latency_budget_us: 0,
             staging_bytes: 64 << 20,
+            max_sessions: 64,
+            batch_window_us: 0,
         }
     }
 }
@@ -329,6 +336,12 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&r.prefetch_hint_margin) {
             return bad("runtime.prefetch_hint_margin", format!("= {} is outside [0, 1]", r.prefetch_hint_margin));
+        }
+        if r.max_sessions == 0 {
+            return bad("runtime.max_sessions", "must be at least 1".into());
+        }
+        if r.batch_window_us > 100_000 {
+            return bad("runtime.batch_window_us", format!("= {} is over 100000 (0.1 s)", r.batch_window_us));
         }
         if r.request_queue == 0 {
             return bad("runtime.request_queue", "must be at least 1".into());

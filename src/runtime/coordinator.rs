@@ -16,7 +16,8 @@ use kameo::Actor;
 use tracing::{debug_span, Instrument};
 
 use super::cache::{Fetched, Get, Peek, Prefetch, ProbeBytes, WeightCache};
-use super::inference::{ApplyAndScore, Inference, Rearrange};
+use super::inference::{ApplyAndScore, Inference, Rearrange, Scores};
+use super::steps::Lane;
 use super::pool::{ModelPool, Residency, SlotOp};
 use super::RuntimeError;
 use crate::config::{CascadeConfig, Mode, Normalization};
@@ -33,7 +34,7 @@ pub struct Coordinator {
     pub(super) active: ConceptSet,
     pub(super) pool: ModelPool,
     pub(super) cache: ActorRef<WeightCache>,
-    pub(super) inference: ActorRef<Inference>,
+    pub(super) scorer: Scorer,
     pub(super) next_token: usize,
     /// Set when the arena can no longer be trusted (a tensor op failed mid-rearrangement).
     pub(super) broken: Option<String>,
@@ -45,6 +46,41 @@ pub struct Coordinator {
     pub(super) failed_late: Vec<String>,
     /// Time the inference thread spent scoring (as opposed to installing), summed.
     pub(super) scoring_time: Duration,
+}
+
+/// Where a stream's scoring goes.
+pub(super) enum Scorer {
+    /// The `Cascade`'s own inference thread (the tch arena or the CPU kernel), which stops
+    /// with the coordinator, as does the cache.
+    Own(ActorRef<Inference>),
+    /// A session's lane into its runtime's shared step scheduler; the runtime owns the cache.
+    Shared(Lane),
+}
+
+impl Scorer {
+    async fn apply_and_score(&self, token: usize, m: ApplyAndScore) -> Result<Scores, RuntimeError> {
+        match self {
+            Scorer::Own(inference) => inference.ask(m).await.map_err(|e| match e {
+                SendError::HandlerError(source) => RuntimeError::Inference { token, source },
+                other => stopped("inference")(other),
+            }),
+            Scorer::Shared(lane) => match lane.apply_and_score(m).await {
+                Ok(scores) => scores.map_err(|source| RuntimeError::Inference { token, source }),
+                Err(_) => Err(steps_gone()),
+            },
+        }
+    }
+
+    async fn rearrange(&self, ops: Vec<SlotOp>) -> Result<(), RuntimeError> {
+        match self {
+            Scorer::Own(inference) => inference.tell(Rearrange(ops)).await.map_err(stopped("inference")),
+            Scorer::Shared(lane) => lane.rearrange(ops).map_err(|_| steps_gone()),
+        }
+    }
+}
+
+fn steps_gone() -> RuntimeError {
+    RuntimeError::ActorStopped { actor: "step scheduler", detail: "it stopped before replying".into() }
 }
 
 fn stopped<M, E>(actor: &'static str) -> impl FnOnce(SendError<M, E>) -> RuntimeError {
@@ -68,11 +104,7 @@ impl Coordinator {
         len: usize,
         hidden: Arc<Vec<f32>>,
     ) -> Result<Vec<f32>, RuntimeError> {
-        let scores =
-            self.inference.ask(ApplyAndScore { ops, bytes, start, len, hidden }).await.map_err(|e| match e {
-                SendError::HandlerError(source) => RuntimeError::Inference { token, source },
-                other => stopped("inference")(other),
-            })?;
+        let scores = self.scorer.apply_and_score(token, ApplyAndScore { ops, bytes, start, len, hidden }).await?;
         self.scoring_time += scores.scoring;
         Ok(scores.logits)
     }
@@ -240,7 +272,7 @@ impl Coordinator {
         }
         // The copies run after the report, in the generation gap (see `Rearrange`); if they
         // fail, the inference thread refuses every later request with the reason.
-        self.inference.tell(Rearrange(ops)).await.map_err(stopped("inference"))
+        self.scorer.rearrange(ops).await
     }
 
     async fn observe(
@@ -357,9 +389,12 @@ impl Actor for Coordinator {
         _: kameo::prelude::WeakActorRef<Self>,
         _: kameo::prelude::ActorStopReason,
     ) -> Result<(), Self::Error> {
-        // Downstream actors go when their last user does.
-        let _ = self.inference.stop_gracefully().await;
-        let _ = self.cache.stop_gracefully().await;
+        // A cascade's downstream actors go when their only user does; a session's belong to
+        // its runtime (its lane closes when this state is dropped).
+        if let Scorer::Own(inference) = &self.scorer {
+            let _ = inference.stop_gracefully().await;
+            let _ = self.cache.stop_gracefully().await;
+        }
         Ok(())
     }
 }

@@ -127,15 +127,28 @@ enum Backend {
     Torch(TorchArena),
 }
 
-/// The CPU kernel's slots: references into the cache, and where each probe's tensors lie.
+/// The CPU kernel and one stream's slots.
 struct KernelSlots {
     kernel: Kernel,
+    slots: SlotRefs,
+}
+
+/// The CPU kernel's slots: references into the cache, and where each probe's tensors lie.
+/// One per stream: the `Cascade`'s inference thread holds one, the sessions' step scheduler
+/// one per session.
+pub(super) struct SlotRefs {
     slots: Vec<Option<Held>>,
 }
 
-struct Held {
-    bytes: Arc<ProbeBytes>,
-    ranges: [std::ops::Range<usize>; 6],
+pub(super) struct Held {
+    pub(super) bytes: Arc<ProbeBytes>,
+    pub(super) ranges: [std::ops::Range<usize>; 6],
+}
+
+impl Held {
+    pub(super) fn probe(&self) -> ProbeRef<'_> {
+        ProbeRef { bytes: &self.bytes, ranges: &self.ranges }
+    }
 }
 
 struct TorchArena {
@@ -173,8 +186,7 @@ impl Inference {
                 let isa = kernel.isa().unwrap_or_else(Isa::best);
                 let kernel = Kernel::new(&pack.layout(), isa, s.math_threads)
                     .map_err(|e| InferenceError::Setup(format!("device.cpu_kernel = \"{kernel}\": {e}")))?;
-                let slots = (0..s.slots).map(|_| None).collect();
-                let backend = Backend::Kernel(KernelSlots { kernel, slots });
+                let backend = Backend::Kernel(KernelSlots { kernel, slots: SlotRefs::new(s.slots) });
                 Ok(Self { failed: None, pack, backend, traffic: WeightTraffic::new(isa.name()) })
             }
             _ => Ok(Self::with_uploads(pack, s.slots, s.device, s.compute, Some(s.staging_bytes), RowSplit::none())?),
@@ -233,7 +245,7 @@ impl Inference {
 
     fn apply(&mut self, ops: &[SlotOp], bytes: &HashMap<ConceptId, Arc<ProbeBytes>>) -> Result<(), InferenceError> {
         match &mut self.backend {
-            Backend::Kernel(k) => k.apply(&self.pack, ops, bytes, &mut self.traffic),
+            Backend::Kernel(k) => k.slots.apply(&self.pack, ops, bytes, &mut self.traffic),
             Backend::Torch(t) => t.apply(&self.pack, ops, bytes, &mut self.traffic),
         }
     }
@@ -250,11 +262,15 @@ impl Inference {
     }
 }
 
-impl KernelSlots {
+impl SlotRefs {
+    pub(super) fn new(slots: usize) -> Self {
+        Self { slots: (0..slots).map(|_| None).collect() }
+    }
+
     /// Moves references: an install takes the cache's `Arc` (pinning the bytes there), a move
     /// hands the reference on (on the CPU nothing is kept warm, so a move's source is freed),
     /// a swap exchanges two.
-    fn apply(
+    pub(super) fn apply(
         &mut self,
         pack: &Pack,
         ops: &[SlotOp],
@@ -285,18 +301,25 @@ impl KernelSlots {
         Ok(())
     }
 
-    fn score(&self, start: usize, len: usize, hidden: &[f32]) -> Result<Vec<f32>, InferenceError> {
+    /// The probes in slots `[start, start + len)`.
+    pub(super) fn held(&self, start: usize, len: usize) -> Result<Vec<&Held>, InferenceError> {
         let n = self.slots.len();
-        let held =
-            self.slots.get(start..start + len).ok_or(InferenceError::NoSlot { slot: start + len - 1, slots: n })?;
-        let probes = held
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let h = h.as_ref().ok_or(InferenceError::EmptySlot(start + i))?;
-                Ok(ProbeRef { bytes: &h.bytes, ranges: &h.ranges })
-            })
-            .collect::<Result<Vec<_>, InferenceError>>()?;
+        let held = self
+            .slots
+            .get(start..start + len)
+            .ok_or(InferenceError::NoSlot { slot: (start + len).saturating_sub(1), slots: n })?;
+        held.iter().enumerate().map(|(i, h)| h.as_ref().ok_or(InferenceError::EmptySlot(start + i))).collect()
+    }
+
+    /// Distinct probes held.
+    pub(super) fn ids(&self) -> impl Iterator<Item = ConceptId> + '_ {
+        self.slots.iter().flatten().map(|h| h.bytes.id)
+    }
+}
+
+impl KernelSlots {
+    fn score(&self, start: usize, len: usize, hidden: &[f32]) -> Result<Vec<f32>, InferenceError> {
+        let probes: Vec<ProbeRef> = self.slots.held(start, len)?.into_iter().map(Held::probe).collect();
         let mut logits = vec![0.0; len];
         self.kernel.score(&probes, &[hidden], &mut logits)?;
         Ok(logits)
@@ -457,7 +480,7 @@ pub struct WeightTraffic {
 }
 
 impl WeightTraffic {
-    fn new(path: &str) -> Self {
+    pub(super) fn new(path: &str) -> Self {
         Self { path: path.into(), ..Default::default() }
     }
 

@@ -12,18 +12,23 @@ pub mod coordinator;
 pub mod inference;
 pub mod pool;
 pub mod reader;
+pub mod session;
+pub mod steps;
+
+pub use session::{Runtime, Session, SessionOptions};
+pub use steps::{SessionId, StepStats};
 
 use std::sync::Arc;
 
 use kameo::mailbox;
 use kameo::prelude::{ActorRef, Spawn};
 
-use crate::config::{Config, CpuKernel};
+use crate::config::{CascadeConfig, Config, CpuKernel, RuntimeConfig};
 use crate::engine::{tensors, EngineError, TokenReport};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::ConceptSet;
 use cache::{CacheSettings, CacheStats, ReadError, WeightCache};
-use coordinator::{ActiveSet, Coordinator, Drain, Observe, PendingLoads};
+use coordinator::{ActiveSet, Coordinator, Drain, Observe, PendingLoads, Scorer};
 use inference::{Inference, InferenceError, InferenceSettings, WeightTraffic};
 use pool::ModelPool;
 use reader::ReaderKind;
@@ -55,6 +60,12 @@ pub enum RuntimeError {
     Setup(String),
     #[error("starting the probe reader: {0}")]
     Reader(#[source] std::io::Error),
+    #[error("runtime.max_sessions = {limit}: that many sessions are open already")]
+    SessionLimit { limit: usize },
+    #[error("{0} is not open on this runtime")]
+    UnknownSession(steps::SessionId),
+    #[error("session options: {0}")]
+    Options(String),
 }
 
 /// A running cascade: a cheap handle onto the coordinator actor.
@@ -77,15 +88,7 @@ impl Cascade {
         let device = tensors::open_device(&config.device)?;
         let compute = tensors::kind_of(config.device.compute_dtype);
         let rt = &config.runtime;
-        let settings = CacheSettings {
-            budget_bytes: rt.cache_bytes,
-            queue_depth: rt.prefetch_queue_depth,
-            reader: rt.reader,
-            fallback_threads: rt.fallback_io_threads,
-        };
-        let cache = WeightCache::new(pack.clone(), &settings).map_err(RuntimeError::Reader)?;
-        let reader = cache.reader_kind();
-        let cache = WeightCache::spawn_with_mailbox(cache, mailbox::bounded(rt.request_queue.max(16) * 4));
+        let (cache, reader) = spawn_cache(&pack, rt)?;
         let cpu_kernel = config.device.cpu_kernel;
         if device == tch::Device::Cpu && cpu_kernel != CpuKernel::Torch {
             check_cache_holds_the_cap(&pack, config)?;
@@ -102,25 +105,8 @@ impl Cascade {
             .map_err(|e| RuntimeError::Setup(format!("setting up inference: {e}")))?;
         let inference = Inference::spawn_in_thread_with_mailbox(inference, mailbox::bounded(16));
 
-        let normalization = config.cascade.normalization_for(pack.input_normalization());
-        let mut coordinator = Coordinator {
-            active: ConceptSet::with_capacity(pack.len()),
-            pool: ModelPool::new(rt.pool_slots, device != tch::Device::Cpu),
-            pack,
-            config: Arc::new(config.cascade.clone()),
-            normalization,
-            hint_margin: rt.prefetch_hint_margin,
-            base,
-            cache: cache.clone(),
-            inference: inference.clone(),
-            next_token: 0,
-            broken: None,
-            mode: config.runtime.mode,
-            latency_budget: std::time::Duration::from_micros(config.runtime.latency_budget_us),
-            pending: ConceptSet::default(),
-            failed_late: Vec::new(),
-            scoring_time: std::time::Duration::ZERO,
-        };
+        let scorer = Scorer::Own(inference.clone());
+        let mut coordinator = new_coordinator(pack, &config.cascade, rt, base, cache.clone(), scorer, device != tch::Device::Cpu);
         coordinator.load_base().await?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
         Ok(Self { coordinator, cache, inference: inference.downgrade(), reader, stopping: Default::default() })
@@ -134,12 +120,7 @@ impl Cascade {
 
     /// Scores one hidden state; tokens are numbered in the order their requests arrive.
     pub async fn observe(&self, hidden: Vec<f32>) -> Result<TokenReport, RuntimeError> {
-        self.coordinator.ask(Observe(hidden)).await.map_err(|e| match e {
-            kameo::error::SendError::HandlerError(e) => e,
-            kameo::error::SendError::ActorNotRunning(_) => RuntimeError::ShutDown,
-            _ if self.stopping.load(std::sync::atomic::Ordering::SeqCst) => RuntimeError::ShutDown,
-            other => RuntimeError::ActorStopped { actor: "coordinator", detail: describe(&other).into() },
-        })
+        observe_on(&self.coordinator, hidden, &self.stopping).await
     }
 
     /// The active probes, ascending.
@@ -152,18 +133,7 @@ impl Cascade {
     /// copies) queued on the inference thread. A generation loop gets this for free while it
     /// computes the next token; tests and benchmarks call it to model that gap.
     pub async fn settle(&self) -> Result<(), RuntimeError> {
-        loop {
-            let pending = self.coordinator.ask(PendingLoads).await.map_err(|_| RuntimeError::ShutDown)?;
-            let stats = self.cache_stats().await?;
-            if pending == 0 && stats.in_flight == 0 {
-                return match self.coordinator.ask(Drain).await {
-                    Ok(()) => Ok(()),
-                    Err(kameo::error::SendError::HandlerError(e)) => Err(e),
-                    Err(_) => Err(RuntimeError::ShutDown),
-                };
-            }
-            tokio::time::sleep(std::time::Duration::from_micros(200)).await;
-        }
+        settle_on(&self.coordinator, &self.cache).await
     }
 
     pub async fn cache_stats(&self) -> Result<CacheStats, RuntimeError> {
@@ -182,6 +152,79 @@ impl Cascade {
         let _ = self.coordinator.stop_gracefully().await;
         self.coordinator.wait_for_shutdown().await;
         self.cache.wait_for_shutdown().await;
+    }
+}
+
+/// Starts the weight cache (and its reader) under the configured budget.
+fn spawn_cache(pack: &Arc<Pack>, rt: &RuntimeConfig) -> Result<(ActorRef<WeightCache>, ReaderKind), RuntimeError> {
+    let settings = CacheSettings {
+        budget_bytes: rt.cache_bytes,
+        queue_depth: rt.prefetch_queue_depth,
+        reader: rt.reader,
+        fallback_threads: rt.fallback_io_threads,
+    };
+    let cache = WeightCache::new(pack.clone(), &settings).map_err(RuntimeError::Reader)?;
+    let reader = cache.reader_kind();
+    Ok((WeightCache::spawn_with_mailbox(cache, mailbox::bounded(rt.request_queue.max(16) * 4)), reader))
+}
+
+/// One stream's coordinator (not started; the caller loads its base layers).
+fn new_coordinator(
+    pack: Arc<Pack>,
+    cascade: &CascadeConfig,
+    rt: &RuntimeConfig,
+    base: ConceptSet,
+    cache: ActorRef<WeightCache>,
+    scorer: Scorer,
+    keep_warm: bool,
+) -> Coordinator {
+    Coordinator {
+        active: ConceptSet::with_capacity(pack.len()),
+        pool: ModelPool::new(rt.pool_slots, keep_warm),
+        normalization: cascade.normalization_for(pack.input_normalization()),
+        pack,
+        config: Arc::new(cascade.clone()),
+        hint_margin: rt.prefetch_hint_margin,
+        base,
+        cache,
+        scorer,
+        next_token: 0,
+        broken: None,
+        mode: rt.mode,
+        latency_budget: std::time::Duration::from_micros(rt.latency_budget_us),
+        pending: ConceptSet::default(),
+        failed_late: Vec::new(),
+        scoring_time: std::time::Duration::ZERO,
+    }
+}
+
+/// Asks a coordinator to score a hidden state, naming why if it cannot.
+async fn observe_on(
+    coordinator: &ActorRef<Coordinator>,
+    hidden: Vec<f32>,
+    stopping: &std::sync::atomic::AtomicBool,
+) -> Result<TokenReport, RuntimeError> {
+    coordinator.ask(Observe(hidden)).await.map_err(|e| match e {
+        kameo::error::SendError::HandlerError(e) => e,
+        kameo::error::SendError::ActorNotRunning(_) => RuntimeError::ShutDown,
+        _ if stopping.load(std::sync::atomic::Ordering::SeqCst) => RuntimeError::ShutDown,
+        other => RuntimeError::ActorStopped { actor: "coordinator", detail: describe(&other).into() },
+    })
+}
+
+/// Waits until a stream has no load in flight (see [`Cascade::settle`]).
+async fn settle_on(coordinator: &ActorRef<Coordinator>, cache: &ActorRef<WeightCache>) -> Result<(), RuntimeError> {
+    loop {
+        let pending = coordinator.ask(PendingLoads).await.map_err(|_| RuntimeError::ShutDown)?;
+        let stats = cache.ask(cache::Stats).await.map_err(|_| RuntimeError::ShutDown)?;
+        if pending == 0 && stats.in_flight == 0 {
+            return match coordinator.ask(Drain).await {
+                Ok(()) => Ok(()),
+                Err(kameo::error::SendError::HandlerError(e)) => Err(e),
+                Err(_) => Err(RuntimeError::ShutDown),
+            };
+        }
+        tokio::time::sleep(std::time::Duration::from_micros(200)).await;
     }
 }
 

@@ -1,0 +1,284 @@
+//! Many streams on one runtime: a [`Runtime`] owns the pack, the weight cache and its reader,
+//! and the step scheduler (the CPU kernel on its own thread); each stream is a cheap
+//! [`Session`] with its own coordinator (active set, token counter, pending loads, cascade
+//! settings). Tokens of different sessions that wait at the same time are scored in one step
+//! (see [`super::steps`]).
+//!
+//! ```text
+//!  Session ──Observe──▶ Coordinator (per session) ──Get/Peek/Prefetch──▶ WeightCache (shared)
+//!  Session ──Observe──▶ Coordinator (per session) ──Work──▶ step scheduler (shared thread)
+//! ```
+//!
+//! Admission: `runtime.max_sessions` bounds open sessions, and each session's mailbox holds
+//! `runtime.request_queue` requests. On the CPU a session reserves nothing: its active probes
+//! are references to cache entries, so what is resident is the union of the sessions' active
+//! sets, each probe once. The cache must hold one session's cap (`cascade.max_loaded` probes,
+//! checked at start and for each session's options); beyond its budget, active probes stay
+//! pinned while used, so RAM is bounded by `runtime.cache_bytes` plus, at worst,
+//! `max_sessions × max_loaded` probes that are active at once and did not fit.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kameo::mailbox;
+use kameo::prelude::{ActorRef, Spawn, WeakActorRef};
+
+use super::cache::{self, CacheStats, WeightCache};
+use super::coordinator::{ActiveSet, Coordinator, Scorer};
+use super::reader::ReaderKind;
+use super::steps::{self, Lane, SessionId, StepMsg, StepStats, Steps};
+use super::{check_cache_holds_the_cap, new_coordinator, observe_on, settle_on, spawn_cache, RuntimeError};
+use crate::config::{CascadeConfig, Config, CpuKernel, Mode};
+use crate::engine::{tensors, TokenReport};
+use crate::kernel::{Isa, Kernel};
+use crate::pack::{ConceptId, Pack};
+
+/// A session's own settings; what is `None` comes from the runtime's config. Checked like a
+/// config file's (errors name the key), and against the runtime's limits.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// The cascade knobs (expansion, pruning, base layers, report size, `max_loaded`).
+    pub cascade: Option<CascadeConfig>,
+    pub mode: Option<Mode>,
+    pub latency_budget_us: Option<u64>,
+}
+
+struct Shared {
+    pack: Arc<Pack>,
+    config: Config,
+    cache: ActorRef<WeightCache>,
+    reader: ReaderKind,
+    /// None once shut down: no new sessions.
+    steps: Mutex<Option<flume::Sender<StepMsg>>>,
+    sessions: Mutex<HashMap<SessionId, WeakActorRef<Coordinator>>>,
+    open: AtomicUsize,
+    next_id: AtomicU64,
+    stopping: AtomicBool,
+}
+
+/// One shared runtime for many streams. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    shared: Arc<Shared>,
+}
+
+impl Runtime {
+    /// Starts the cache and the step scheduler. Needs a multi-threaded tokio runtime.
+    /// Sessions score on the CPU kernel; on an accelerator (or with `device.cpu_kernel =
+    /// "torch"`) use [`super::Cascade`], one stream per arena, for now.
+    pub async fn start(pack: Arc<Pack>, config: &Config) -> Result<Self, RuntimeError> {
+        crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(RuntimeError::Setup)?;
+        let device = tensors::open_device(&config.device)?;
+        if device != tch::Device::Cpu || config.device.cpu_kernel == CpuKernel::Torch {
+            return Err(RuntimeError::Setup(format!(
+                "sessions score on the CPU kernel, but the config asks for device.device = \"{}\" with \
+                 device.cpu_kernel = \"{}\"; a tch arena serves one stream (`Cascade`) for now",
+                config.device.device,
+                config.device.cpu_kernel.name()
+            )));
+        }
+        check_cache_holds_the_cap(&pack, config)?;
+        let isa = config.device.cpu_kernel.isa().unwrap_or_else(Isa::best);
+        let kernel = Kernel::new(&pack.layout(), isa, tensors::math_threads(&config.device)).map_err(|e| {
+            RuntimeError::Setup(format!("device.cpu_kernel = \"{}\": {e}", config.device.cpu_kernel.name()))
+        })?;
+        let window = std::time::Duration::from_micros(config.runtime.batch_window_us);
+        let (tx, _thread) = steps::spawn(Steps::new(pack.clone(), kernel, window, isa.name()))
+            .map_err(|e| RuntimeError::Setup(format!("starting the step scheduler: {e}")))?;
+        let (cache, reader) = spawn_cache(&pack, &config.runtime)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                pack,
+                config: config.clone(),
+                cache,
+                reader,
+                steps: Mutex::new(Some(tx)),
+                sessions: Mutex::new(HashMap::new()),
+                open: AtomicUsize::new(0),
+                next_id: AtomicU64::new(0),
+                stopping: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn pack(&self) -> &Arc<Pack> {
+        &self.shared.pack
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Opens a session: its own cascade settings (checked), its base layers loaded (shared
+    /// with other sessions in the cache).
+    pub async fn open_session(&self, options: SessionOptions) -> Result<Session, RuntimeError> {
+        let shared = &self.shared;
+        let config = session_config(&shared.config, &options)?;
+        check_cache_holds_the_cap(&shared.pack, &config).map_err(|e| RuntimeError::Options(e.to_string()))?;
+        let base = crate::policy::base_set(shared.pack.hierarchy(), &config.cascade).map_err(RuntimeError::Options)?;
+        let limit = config.runtime.max_sessions;
+        // Reserve a place first, so that concurrent opens cannot pass the limit together.
+        if shared.open.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1)).is_err() {
+            return Err(RuntimeError::SessionLimit { limit });
+        }
+        let reservation = Reservation(shared);
+        let id = SessionId(shared.next_id.fetch_add(1, Ordering::SeqCst));
+        let tx = shared.steps.lock().expect("steps lock").clone().ok_or(RuntimeError::ShutDown)?;
+        let lane = Lane::open(id, config.runtime.pool_slots, tx).map_err(|_| RuntimeError::ShutDown)?;
+        let rt = &config.runtime;
+        let scorer = Scorer::Shared(lane);
+        let mut coordinator = new_coordinator(shared.pack.clone(), &config.cascade, rt, base, shared.cache.clone(), scorer, false);
+        coordinator.load_base().await?;
+        let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
+        shared.sessions.lock().expect("sessions lock").insert(id, coordinator.downgrade());
+        std::mem::forget(reservation);
+        Ok(Session { id, coordinator, shared: shared.clone(), closed: false })
+    }
+
+    /// One decode step of many sessions: each `(session, hidden)` is observed, all at once,
+    /// so that their scoring shares steps. Answers come back in the order asked, one per
+    /// item, each a report or that item's error (an unknown session, a bad hidden state).
+    pub async fn observe_batch(&self, items: Vec<(SessionId, Vec<f32>)>) -> Vec<Result<TokenReport, RuntimeError>> {
+        let coordinators: Vec<_> = {
+            let sessions = self.shared.sessions.lock().expect("sessions lock");
+            items.iter().map(|(id, _)| sessions.get(id).and_then(WeakActorRef::upgrade)).collect()
+        };
+        let asks = items.into_iter().zip(coordinators).map(|((id, hidden), c)| async move {
+            match c {
+                Some(c) => observe_on(&c, hidden, &self.shared.stopping).await,
+                None => Err(RuntimeError::UnknownSession(id)),
+            }
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// Open sessions.
+    pub fn sessions(&self) -> Vec<SessionId> {
+        let mut ids: Vec<SessionId> = self.shared.sessions.lock().expect("sessions lock").keys().copied().collect();
+        ids.sort();
+        ids
+    }
+
+    /// What the step scheduler has done, and what the sessions hold.
+    pub async fn step_stats(&self) -> Result<StepStats, RuntimeError> {
+        let tx = self.shared.steps.lock().expect("steps lock").clone().ok_or(RuntimeError::ShutDown)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(StepMsg::Stats(reply)).map_err(|_| RuntimeError::ShutDown)?;
+        answer.await.map_err(|_| RuntimeError::ShutDown)
+    }
+
+    pub async fn cache_stats(&self) -> Result<CacheStats, RuntimeError> {
+        self.shared.cache.ask(cache::Stats).await.map_err(|_| RuntimeError::ShutDown)
+    }
+
+    pub fn reader(&self) -> ReaderKind {
+        self.shared.reader
+    }
+
+    /// Stops new sessions, answers every request already queued in every session, then stops
+    /// the sessions, the cache and (when the last lane closes) the step scheduler. Requests
+    /// sent afterwards get `RuntimeError::ShutDown`.
+    pub async fn shutdown(&self) {
+        let shared = &self.shared;
+        shared.stopping.store(true, Ordering::SeqCst);
+        shared.steps.lock().expect("steps lock").take();
+        let sessions: Vec<_> = shared.sessions.lock().expect("sessions lock").drain().map(|(_, c)| c).collect();
+        for c in sessions.iter().filter_map(WeakActorRef::upgrade) {
+            let _ = c.stop_gracefully().await;
+            c.wait_for_shutdown().await;
+        }
+        let _ = shared.cache.stop_gracefully().await;
+        shared.cache.wait_for_shutdown().await;
+    }
+}
+
+/// Gives back a reserved session place unless the open completed.
+struct Reservation<'a>(&'a Shared);
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The runtime's config with a session's options applied, validated.
+fn session_config(base: &Config, options: &SessionOptions) -> Result<Config, RuntimeError> {
+    let mut config = base.clone();
+    if let Some(cascade) = &options.cascade {
+        config.cascade = cascade.clone();
+    }
+    if let Some(mode) = options.mode {
+        config.runtime.mode = mode;
+    }
+    if let Some(us) = options.latency_budget_us {
+        config.runtime.latency_budget_us = us;
+    }
+    config.validate(Path::new("session options")).map_err(|e| RuntimeError::Options(e.to_string()))?;
+    Ok(config)
+}
+
+/// One stream on a [`Runtime`]. Closing it (or dropping it) answers what it has queued and
+/// frees what only it used.
+pub struct Session {
+    id: SessionId,
+    coordinator: ActorRef<Coordinator>,
+    shared: Arc<Shared>,
+    closed: bool,
+}
+
+impl Session {
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// Scores one hidden state; this session's tokens are numbered from 0 in arrival order.
+    pub async fn observe(&self, hidden: Vec<f32>) -> Result<TokenReport, RuntimeError> {
+        observe_on(&self.coordinator, hidden, &self.shared.stopping).await
+    }
+
+    /// The session's active probes, ascending.
+    pub async fn active(&self) -> Result<Vec<ConceptId>, RuntimeError> {
+        self.coordinator.ask(ActiveSet).await.map_err(|_| RuntimeError::ShutDown)
+    }
+
+    /// Waits until this session has no load in flight (see `Cascade::settle`).
+    pub async fn settle(&self) -> Result<(), RuntimeError> {
+        settle_on(&self.coordinator, &self.shared.cache).await
+    }
+
+    /// Answers every request already queued, then frees the session's slots (its references
+    /// to cache entries) and its place under `runtime.max_sessions`.
+    pub async fn close(mut self) {
+        self.closed = true;
+        self.unregister();
+        let _ = self.coordinator.stop_gracefully().await;
+        self.coordinator.wait_for_shutdown().await;
+    }
+
+    fn unregister(&self) {
+        if self.shared.sessions.lock().expect("sessions lock").remove(&self.id).is_some() {
+            self.shared.open.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.unregister();
+        // A graceful stop still answers what is queued; nobody waits for it here.
+        let coordinator = self.coordinator.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    let _ = coordinator.stop_gracefully().await;
+                });
+            }
+            Err(_) => coordinator.kill(),
+        }
+    }
+}

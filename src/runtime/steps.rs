@@ -1,0 +1,344 @@
+//! The step scheduler: one OS thread that scores the requests of every session of a
+//! [`Runtime`](super::Runtime), batched in steps.
+//!
+//! A step is whatever is waiting when the thread is free: it takes the first request, then
+//! every other request already queued (after `runtime.batch_window_us`, if set), applies each
+//! one's slot operations to its own session's slots, and scores the *union* of the requested
+//! probes in one kernel call, each probe against the hidden states of the sessions that asked
+//! for it ([`Kernel::score_sets`]). Each weight is read once per step, not once per session,
+//! and each session gets back only its own probes' logits, in its slot order.
+//!
+//! - **Fair by construction.** A session's coordinator waits for each scoring reply before it
+//!   sends the next request, so a step holds at most one request per session: a deep queue in
+//!   one session cannot crowd out another. A second request from a session already in the
+//!   step (which the coordinators never send, but nothing here relies on it) closes the step
+//!   and starts the next one, so a session's requests are applied in order.
+//! - **Nothing waits on a session.** A request whose caller went away (its reply channel
+//!   closed) still has its slot operations applied, but is not scored; it is counted in
+//!   `skipped_closed`. A request that fails (an empty slot) fails alone.
+//! - **Residency.** Slots hold `Arc`s of the cache's entries, which keep them pinned: a probe
+//!   active in several sessions is one entry, held several times, and a session's pruning only
+//!   drops its own reference.
+//! - **No deadlock.** The thread never sends to anyone but the reply channels, which never
+//!   block (oneshot), so no cycle can form through it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::cache::ProbeBytes;
+use super::inference::{Held, InferenceError, Scores, SlotRefs, WeightTraffic};
+use super::pool::SlotOp;
+use crate::kernel::{Kernel, ProbeRef, MAX_BATCH};
+use crate::pack::{ConceptId, Pack};
+
+/// A session's number on its runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct SessionId(pub u64);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "session {}", self.0)
+    }
+}
+
+/// Slot operations for one session, then (with a reply channel) the logits of its slots
+/// `[start, start + len)` for `hidden`.
+pub(super) struct Work {
+    pub session: SessionId,
+    pub ops: Vec<SlotOp>,
+    pub bytes: HashMap<ConceptId, Arc<ProbeBytes>>,
+    pub start: usize,
+    pub len: usize,
+    pub hidden: Arc<Vec<f32>>,
+    /// None for pruning's rearrangements, which nobody waits on.
+    pub reply: Option<oneshot::Sender<Result<Scores, InferenceError>>>,
+    /// The caller's span, so the step's work shows under the token that asked for it.
+    pub span: tracing::Span,
+}
+
+pub(super) enum StepMsg {
+    Open { session: SessionId, slots: usize },
+    Work(Work),
+    Close(SessionId),
+    Stats(oneshot::Sender<StepStats>),
+}
+
+/// What the step scheduler has done, summed since the runtime started.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct StepStats {
+    /// Kernel calls (steps that scored something).
+    pub steps: u64,
+    /// Scoring requests served in those steps.
+    pub requests: u64,
+    /// Distinct probes scored, summed over steps (each read once per step).
+    pub union_probes: u64,
+    /// Probe × hidden-state logits computed.
+    pub logits: u64,
+    /// Requests whose caller had gone before their step (applied, not scored).
+    pub skipped_closed: u64,
+    /// Most requests in one step.
+    pub max_step: usize,
+    /// Sessions whose slots the scheduler holds now.
+    pub sessions: usize,
+    /// Distinct probes held in any session's slots now (each resident once).
+    pub held_probes: usize,
+    /// References the sessions hold to them (a probe in k sessions counts k times).
+    pub held_refs: usize,
+    /// Installs and moves: references only, no weight bytes copied.
+    pub traffic: WeightTraffic,
+}
+
+struct SessionSlots {
+    slots: SlotRefs,
+    /// Set when a rearrangement failed: the session's slots can't be trusted any more.
+    failed: Option<String>,
+}
+
+pub(super) struct Steps {
+    pack: Arc<Pack>,
+    kernel: Kernel,
+    window: Duration,
+    sessions: HashMap<SessionId, SessionSlots>,
+    stats: StepStats,
+}
+
+/// A scoring request admitted to the step, with its probes.
+struct Admitted<'a> {
+    reply: oneshot::Sender<Result<Scores, InferenceError>>,
+    hidden: Arc<Vec<f32>>,
+    held: Vec<&'a Held>,
+    span: tracing::Span,
+}
+
+impl Steps {
+    pub(super) fn new(pack: Arc<Pack>, kernel: Kernel, window: Duration, path: &str) -> Self {
+        let stats = StepStats { traffic: WeightTraffic::new(path), ..Default::default() };
+        Self { pack, kernel, window, sessions: HashMap::new(), stats }
+    }
+
+    /// Serves until every sender is gone.
+    pub(super) fn run(mut self, rx: flume::Receiver<StepMsg>) {
+        let mut carried: Option<StepMsg> = None;
+        loop {
+            let first = match carried.take() {
+                Some(m) => m,
+                None => match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return,
+                },
+            };
+            if !self.window.is_zero() && matches!(&first, StepMsg::Work(w) if w.reply.is_some()) {
+                std::thread::sleep(self.window);
+            }
+            let mut step: Vec<Work> = Vec::new();
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    StepMsg::Open { session, slots } => {
+                        self.sessions.insert(session, SessionSlots { slots: SlotRefs::new(slots), failed: None });
+                    }
+                    StepMsg::Close(session) => {
+                        self.sessions.remove(&session);
+                    }
+                    StepMsg::Stats(reply) => {
+                        let _ = reply.send(self.stats());
+                    }
+                    StepMsg::Work(w) => {
+                        let full = step.len() == MAX_BATCH && w.reply.is_some();
+                        if full || step.iter().any(|s| s.session == w.session) {
+                            carried = Some(StepMsg::Work(w));
+                            break;
+                        }
+                        if let Some(w) = self.apply(w) {
+                            step.push(w);
+                        }
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            if !step.is_empty() {
+                self.score(step);
+            }
+        }
+    }
+
+    /// Applies a request's slot operations; returns it if it still needs scoring.
+    fn apply(&mut self, mut w: Work) -> Option<Work> {
+        let Some(s) = self.sessions.get_mut(&w.session) else {
+            if let Some(reply) = w.reply {
+                let _ = reply.send(Err(InferenceError::Setup(format!("{} is closed", w.session))));
+            }
+            return None;
+        };
+        if s.failed.is_none() {
+            if let Err(e) = s.slots.apply(&self.pack, &w.ops, &w.bytes, &mut self.stats.traffic) {
+                s.failed = Some(e.to_string());
+            }
+        }
+        let bytes = std::mem::take(&mut w.bytes);
+        drop(bytes);
+        let reply = w.reply.as_ref()?;
+        if reply.is_closed() {
+            self.stats.skipped_closed += 1;
+            return None;
+        }
+        if let Some(why) = &s.failed {
+            let _ = w.reply.take().map(|r| r.send(Err(InferenceError::EarlierRearrange(why.clone()))));
+            return None;
+        }
+        if w.len == 0 {
+            let _ = w.reply.take().map(|r| r.send(Ok(Scores { logits: Vec::new(), scoring: Duration::ZERO })));
+            return None;
+        }
+        Some(w)
+    }
+
+    /// Scores the union of the step's probes, each against the hidden states that need it.
+    fn score(&mut self, step: Vec<Work>) {
+        let t = Instant::now();
+        let mut admitted = Vec::with_capacity(step.len());
+        for w in step {
+            let session = &self.sessions[&w.session];
+            match session.slots.held(w.start, w.len) {
+                Ok(held) => admitted.push(Admitted {
+                    reply: w.reply.expect("scoring requests have a reply"),
+                    hidden: w.hidden,
+                    held,
+                    span: w.span,
+                }),
+                Err(e) => {
+                    let _ = w.reply.map(|r| r.send(Err(e)));
+                }
+            }
+        }
+        if admitted.is_empty() {
+            return;
+        }
+        // The union, keyed by probe: its bytes (any session's reference: the same entry, or
+        // the same file bytes), the hidden states that need it, and where each request's
+        // logits will be.
+        let mut index: HashMap<ConceptId, usize> = HashMap::new();
+        let mut probes: Vec<ProbeRef> = Vec::new();
+        let mut sets: Vec<Vec<usize>> = Vec::new();
+        let mut wants: Vec<Vec<(usize, usize)>> = Vec::with_capacity(admitted.len());
+        for (b, a) in admitted.iter().enumerate() {
+            let mut mine = Vec::with_capacity(a.held.len());
+            for h in &a.held {
+                let u = *index.entry(h.bytes.id).or_insert_with(|| {
+                    probes.push(h.probe());
+                    sets.push(Vec::new());
+                    probes.len() - 1
+                });
+                sets[u].push(b);
+                mine.push((u, sets[u].len() - 1));
+            }
+            wants.push(mine);
+        }
+        let mut offsets = Vec::with_capacity(sets.len());
+        let mut total = 0;
+        for s in &sets {
+            offsets.push(total);
+            total += s.len();
+        }
+        let hidden: Vec<&[f32]> = admitted.iter().map(|a| &a.hidden[..]).collect();
+        let set_refs: Vec<&[usize]> = sets.iter().map(|s| &s[..]).collect();
+        let mut out = vec![0f32; total];
+        let result = tracing::debug_span!("step", requests = admitted.len(), union = probes.len())
+            .in_scope(|| self.kernel.score_sets(&probes, &set_refs, &hidden, &mut out));
+        let scoring = t.elapsed();
+        self.stats.steps += 1;
+        self.stats.requests += admitted.len() as u64;
+        self.stats.union_probes += probes.len() as u64;
+        self.stats.logits += total as u64;
+        self.stats.max_step = self.stats.max_step.max(admitted.len());
+        for (a, mine) in admitted.into_iter().zip(wants) {
+            let _e = a.span.enter();
+            let reply = match &result {
+                Ok(()) => {
+                    let logits = mine.iter().map(|&(u, pos)| out[offsets[u] + pos]).collect();
+                    Ok(Scores { logits, scoring })
+                }
+                Err(e) => Err(InferenceError::Kernel(e.clone())),
+            };
+            let _ = a.reply.send(reply);
+        }
+    }
+
+    fn stats(&self) -> StepStats {
+        let mut held: HashMap<ConceptId, usize> = HashMap::new();
+        for s in self.sessions.values() {
+            for id in s.slots.ids() {
+                *held.entry(id).or_default() += 1;
+            }
+        }
+        StepStats {
+            sessions: self.sessions.len(),
+            held_probes: held.len(),
+            held_refs: held.values().sum(),
+            ..self.stats.clone()
+        }
+    }
+}
+
+/// A session's way into the step scheduler. The channel is unbounded, but what is in it is
+/// bounded by construction: a session has at most one scoring request and one rearrangement
+/// outstanding (its coordinator waits for each score), and `runtime.max_sessions` bounds the
+/// sessions. Dropping the lane closes the session's slots, after everything it sent.
+pub(super) struct Lane {
+    session: SessionId,
+    tx: flume::Sender<StepMsg>,
+}
+
+/// The step scheduler has stopped.
+#[derive(Debug)]
+pub(super) struct StepsGone;
+
+impl Lane {
+    pub(super) fn open(session: SessionId, slots: usize, tx: flume::Sender<StepMsg>) -> Result<Self, StepsGone> {
+        tx.send(StepMsg::Open { session, slots }).map_err(|_| StepsGone)?;
+        Ok(Self { session, tx })
+    }
+
+    fn work(&self, ops: Vec<SlotOp>, bytes: HashMap<ConceptId, Arc<ProbeBytes>>) -> Work {
+        Work {
+            session: self.session,
+            ops,
+            bytes,
+            start: 0,
+            len: 0,
+            hidden: Arc::new(Vec::new()),
+            reply: None,
+            span: tracing::Span::current(),
+        }
+    }
+
+    pub(super) async fn apply_and_score(
+        &self,
+        m: super::inference::ApplyAndScore,
+    ) -> Result<Result<Scores, InferenceError>, StepsGone> {
+        let (reply, answer) = oneshot::channel();
+        let work = Work { start: m.start, len: m.len, hidden: m.hidden, reply: Some(reply), ..self.work(m.ops, m.bytes) };
+        self.tx.send_async(StepMsg::Work(work)).await.map_err(|_| StepsGone)?;
+        answer.await.map_err(|_| StepsGone)
+    }
+
+    pub(super) fn rearrange(&self, ops: Vec<SlotOp>) -> Result<(), StepsGone> {
+        self.tx.send(StepMsg::Work(self.work(ops, HashMap::new()))).map_err(|_| StepsGone)
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        let _ = self.tx.send(StepMsg::Close(self.session));
+    }
+}
+
+/// Starts the scheduler on its own thread.
+pub(super) fn spawn(steps: Steps) -> std::io::Result<(flume::Sender<StepMsg>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = flume::unbounded();
+    let handle = std::thread::Builder::new().name("steps".into()).spawn(move || steps.run(rx))?;
+    Ok((tx, handle))
+}
