@@ -163,7 +163,11 @@ fn per_probe_sets_of_hidden_states_give_each_logit_the_bits_it_has_alone() {
             let mut at = 0;
             for (&p, set) in probes.iter().zip(&sets) {
                 for &b in set {
-                    assert_eq!(out[at].to_bits(), solo[p][hidden[b]], "trial {trial}: {isa} {dtype} probe {p}, state {b}");
+                    assert_eq!(
+                        out[at].to_bits(),
+                        solo[p][hidden[b]],
+                        "trial {trial}: {isa} {dtype} probe {p}, state {b}"
+                    );
                     at += 1;
                 }
             }

@@ -17,8 +17,8 @@ use tracing::{debug_span, Instrument};
 
 use super::cache::{Fetched, Get, Peek, Prefetch, ProbeBytes, WeightCache};
 use super::inference::{ApplyAndScore, Inference, Rearrange, Scores};
-use super::steps::Lane;
 use super::pool::{ModelPool, Residency, SlotOp};
+use super::steps::Lane;
 use super::RuntimeError;
 use crate::config::{CascadeConfig, Mode, Normalization};
 use crate::engine::{prepare_hidden, report_entries, StageTimings, TokenReport};

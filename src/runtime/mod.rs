@@ -106,7 +106,8 @@ impl Cascade {
         let inference = Inference::spawn_in_thread_with_mailbox(inference, mailbox::bounded(16));
 
         let scorer = Scorer::Own(inference.clone());
-        let mut coordinator = new_coordinator(pack, &config.cascade, rt, base, cache.clone(), scorer, device != tch::Device::Cpu);
+        let mut coordinator =
+            new_coordinator(pack, &config.cascade, rt, base, cache.clone(), scorer, device != tch::Device::Cpu);
         coordinator.load_base().await?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
         Ok(Self { coordinator, cache, inference: inference.downgrade(), reader, stopping: Default::default() })

@@ -129,7 +129,8 @@ impl Runtime {
         let lane = Lane::open(id, config.runtime.pool_slots, tx).map_err(|_| RuntimeError::ShutDown)?;
         let rt = &config.runtime;
         let scorer = Scorer::Shared(lane);
-        let mut coordinator = new_coordinator(shared.pack.clone(), &config.cascade, rt, base, shared.cache.clone(), scorer, false);
+        let mut coordinator =
+            new_coordinator(shared.pack.clone(), &config.cascade, rt, base, shared.cache.clone(), scorer, false);
         coordinator.load_base().await?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
         shared.sessions.lock().expect("sessions lock").insert(id, coordinator.downgrade());

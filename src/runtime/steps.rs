@@ -320,7 +320,8 @@ impl Lane {
         m: super::inference::ApplyAndScore,
     ) -> Result<Result<Scores, InferenceError>, StepsGone> {
         let (reply, answer) = oneshot::channel();
-        let work = Work { start: m.start, len: m.len, hidden: m.hidden, reply: Some(reply), ..self.work(m.ops, m.bytes) };
+        let work =
+            Work { start: m.start, len: m.len, hidden: m.hidden, reply: Some(reply), ..self.work(m.ops, m.bytes) };
         self.tx.send_async(StepMsg::Work(work)).await.map_err(|_| StepsGone)?;
         answer.await.map_err(|_| StepsGone)
     }

@@ -1,0 +1,310 @@
+//! Many sessions on one runtime: every session's reports must be bit-identical to the same
+//! stream run alone (a `Cascade` of its own), whatever the number of sessions, their traces
+//! and offsets, the arrival interleaving, `observe_batch` compositions, sessions opening and
+//! closing mid-run, and their configs. A dedicated test checks that no hidden state is ever
+//! scored into another session's report.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use probe_cascade::config::{Config, Mode};
+use probe_cascade::engine::{prepare_hidden, TokenReport};
+use probe_cascade::kernel::{reference_logit, ProbeRef};
+use probe_cascade::npy::Matrix;
+use probe_cascade::pack::{ConceptId, DType, Pack};
+use probe_cascade::runtime::{Cascade, Runtime, RuntimeError, SessionOptions};
+use probe_cascade::synth::{concept_geometry, synth_trace, write_synth_pack, SynthParams, TraceParams};
+use rand::{Rng, SeedableRng};
+
+const TOKENS: usize = 48;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    pack: Arc<Pack>,
+    /// Distinct traces (different seeds and busy-ness).
+    traces: Vec<Matrix>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let params = SynthParams { concepts: 400, hidden_dim: 128, dtype: DType::Bf16, ..SynthParams::demo() };
+    write_synth_pack(dir.path(), &params, |_| {}).unwrap();
+    let pack = Arc::new(Pack::open(dir.path()).unwrap());
+    let geometry = concept_geometry(&pack, |_| {}).unwrap();
+    let traces = (0..4)
+        .map(|seed| {
+            let base = if seed % 2 == 0 { TraceParams::default() } else { TraceParams::busy() };
+            synth_trace(&pack, &geometry, &TraceParams { tokens: TOKENS, seed, ..base })
+        })
+        .collect();
+    Fixture { _dir: dir, pack, traces }
+}
+
+fn config(name: &str) -> Config {
+    Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("config/{name}.toml"))).unwrap()
+}
+
+/// What a token's report must equal: the top list with each logit's bits, the counts, and
+/// the active set after it.
+type Outcome = (Vec<(String, u16, u32)>, [usize; 5], Vec<ConceptId>);
+
+fn outcome(r: &TokenReport, active: Vec<ConceptId>) -> Outcome {
+    let top = r.top.iter().map(|e| (e.name.clone(), e.layer, e.logit.to_bits())).collect();
+    (top, [r.children, r.loaded, r.unloaded, r.scored, r.active], active)
+}
+
+/// Hidden state `t` of a stream that starts at `offset` of `trace` and wraps around.
+fn row(trace: &Matrix, offset: usize, t: usize) -> Vec<f32> {
+    trace.row((offset + t) % trace.rows).to_vec()
+}
+
+/// The stream alone, on a cascade of its own.
+async fn alone(pack: &Arc<Pack>, config: &Config, trace: &Matrix, offset: usize) -> Vec<Outcome> {
+    let cascade = Cascade::start(pack.clone(), config).await.unwrap();
+    let mut out = Vec::new();
+    for t in 0..TOKENS {
+        let r = cascade.observe(row(trace, offset, t)).await.unwrap();
+        out.push(outcome(&r, cascade.active().await.unwrap()));
+    }
+    cascade.shutdown().await;
+    out
+}
+
+fn assert_outcomes(ctx: &str, want: &[Outcome], got: &[Outcome]) {
+    assert_eq!(want.len(), got.len(), "{ctx}: token count");
+    for (t, (w, g)) in want.iter().zip(got).enumerate() {
+        assert_eq!(w, g, "{ctx}: token {t} differs from the stream run alone");
+    }
+}
+
+/// A stream: which trace, from which offset, with which options.
+#[derive(Clone)]
+struct Stream {
+    trace: usize,
+    offset: usize,
+    config: &'static str,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_match_each_stream_run_alone() {
+    let f = fixture();
+    let base = config("realtime");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut alone_cache: std::collections::HashMap<(usize, usize, &str), Vec<Outcome>> = Default::default();
+    for n in [1usize, 2, 5, 8, 16] {
+        // Distinct traces, and the same trace at different offsets; two configs mixed.
+        let streams: Vec<Stream> = (0..n)
+            .map(|i| Stream {
+                trace: i % f.traces.len(),
+                offset: (i / f.traces.len()) * 5,
+                config: if i % 3 == 2 { "decompose" } else { "realtime" },
+            })
+            .collect();
+        for s in &streams {
+            let key = (s.trace, s.offset, s.config);
+            if !alone_cache.contains_key(&key) {
+                let want = alone(&f.pack, &config(s.config), &f.traces[s.trace], s.offset).await;
+                alone_cache.insert(key, want);
+            }
+        }
+        let runtime = Runtime::start(f.pack.clone(), &base).await.unwrap();
+        let mut tasks = Vec::new();
+        for s in streams.clone() {
+            let options = SessionOptions { cascade: Some(config(s.config).cascade), ..Default::default() };
+            let session = runtime.open_session(options).await.unwrap();
+            let trace = f.traces[s.trace].clone();
+            let pauses: Vec<u64> = (0..TOKENS).map(|_| rng.random_range(0..3)).collect();
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                for (t, pause) in pauses.into_iter().enumerate() {
+                    // Random arrival interleavings: some tokens wait a little first.
+                    for _ in 0..pause {
+                        tokio::task::yield_now().await;
+                    }
+                    let r = session.observe(row(&trace, s.offset, t)).await.unwrap();
+                    assert_eq!(r.index, t, "each session numbers its own tokens");
+                    out.push(outcome(&r, session.active().await.unwrap()));
+                }
+                session.close().await;
+                out
+            }));
+        }
+        for (i, (task, s)) in tasks.into_iter().zip(&streams).enumerate() {
+            let got = task.await.unwrap();
+            let ctx = format!("{n} sessions, session {i} (trace {}, offset {}, {})", s.trace, s.offset, s.config);
+            assert_outcomes(&ctx, &alone_cache[&(s.trace, s.offset, s.config)], &got);
+        }
+        let stats = runtime.step_stats().await.unwrap();
+        eprintln!(
+            "{n} sessions: {} steps for {} requests (up to {} per step), {:.1} union probes per step",
+            stats.steps,
+            stats.requests,
+            stats.max_step,
+            stats.union_probes as f64 / stats.steps.max(1) as f64
+        );
+        assert_eq!((stats.sessions, stats.held_refs), (0, 0), "closed sessions hold nothing");
+        assert_eq!(stats.traffic.install_bytes_copied + stats.traffic.move_bytes_copied, 0);
+        runtime.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_batch_compositions_and_sessions_opening_and_closing_mid_run() {
+    let f = fixture();
+    let config = config("realtime");
+    let runtime = Runtime::start(f.pack.clone(), &config).await.unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    // Six streams; each opens at some step and some close early.
+    let opens = [0usize, 0, 3, 10, 17, 25];
+    let closes = [TOKENS + 40, 30, TOKENS + 40, 40, TOKENS + 40, TOKENS + 40];
+    let mut want = Vec::new();
+    for i in 0..opens.len() {
+        want.push(alone(&f.pack, &config, &f.traces[i % 4], i * 3).await);
+    }
+    let mut sessions: Vec<Option<probe_cascade::runtime::Session>> = (0..opens.len()).map(|_| None).collect();
+    let mut got: Vec<Vec<Outcome>> = vec![Vec::new(); opens.len()];
+    let mut shared_seen = false;
+    for step in 0..TOKENS + 30 {
+        for i in 0..opens.len() {
+            if step == opens[i] {
+                sessions[i] = Some(runtime.open_session(SessionOptions::default()).await.unwrap());
+            }
+            if step == closes[i] {
+                sessions[i].take().unwrap().close().await;
+            }
+        }
+        // A random composition of the open sessions that still have tokens to go.
+        let batch: Vec<usize> = (0..opens.len())
+            .filter(|&i| sessions[i].is_some() && got[i].len() < TOKENS && rng.random_bool(0.8))
+            .collect();
+        if batch.is_empty() {
+            continue;
+        }
+        let items = batch
+            .iter()
+            .map(|&i| (sessions[i].as_ref().unwrap().id(), row(&f.traces[i % 4], i * 3, got[i].len())))
+            .collect();
+        let reports = runtime.observe_batch(items).await;
+        for (&i, r) in batch.iter().zip(reports) {
+            let s = sessions[i].as_ref().unwrap();
+            got[i].push(outcome(&r.unwrap(), s.active().await.unwrap()));
+        }
+        let stats = runtime.step_stats().await.unwrap();
+        shared_seen |= stats.held_probes < stats.held_refs;
+    }
+    for i in 0..opens.len() {
+        let n = got[i].len();
+        assert!(n >= 13, "session {i} ran {n} tokens");
+        assert_outcomes(&format!("session {i} (opened at step {})", opens[i]), &want[i][..n], &got[i]);
+    }
+    assert!(shared_seen, "sessions share resident probes (the base layer) instead of holding copies");
+    let stats = runtime.step_stats().await.unwrap();
+    assert!(stats.max_step >= 3, "observe_batch steps are batched: {stats:?}");
+    // Closed and unknown sessions are named.
+    let closed = sessions.iter().flatten().count();
+    assert_eq!(runtime.sessions().len(), closed);
+    let unknown = probe_cascade::runtime::SessionId(999);
+    let r = runtime.observe_batch(vec![(unknown, vec![0.0; 128])]).await;
+    assert!(matches!(&r[0], Err(RuntimeError::UnknownSession(id)) if *id == unknown), "{r:?}");
+    assert!(r[0].as_ref().unwrap_err().to_string().contains("session 999"));
+    runtime.shutdown().await;
+}
+
+/// Each reported logit is, bit for bit, the kernel's scalar model of that probe on *this*
+/// session's own hidden state: if a step ever mixed up hidden states, some logit would be
+/// another session's. The traces are distinct, so a mix-up cannot hide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_hidden_state_is_scored_into_another_sessions_report() {
+    let f = fixture();
+    for mode in [Mode::Exact, Mode::Pipelined] {
+        let mut config = config("realtime");
+        config.runtime.mode = mode;
+        let runtime = Runtime::start(f.pack.clone(), &config).await.unwrap();
+        let normalization = config.cascade.normalization_for(f.pack.input_normalization());
+        let mut tasks = Vec::new();
+        for i in 0..8usize {
+            let session = runtime.open_session(SessionOptions::default()).await.unwrap();
+            let trace = f.traces[i % 4].clone();
+            let offset = i / 4 * 7;
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                for t in 0..TOKENS {
+                    let hidden = row(&trace, offset, t);
+                    let r = session.observe(hidden.clone()).await.unwrap();
+                    out.push((hidden, r));
+                }
+                session.close().await;
+                out
+            }));
+        }
+        let layout = f.pack.layout();
+        let mut checked = 0;
+        for (i, task) in tasks.into_iter().enumerate() {
+            for (t, (hidden, report)) in task.await.unwrap().into_iter().enumerate() {
+                let x = prepare_hidden(t, &hidden, f.pack.hidden_dim(), normalization).unwrap();
+                for e in &report.top {
+                    let bytes = f.pack.read_probe(e.id).unwrap();
+                    let ranges = layout.ranges(&f.pack.tensor_offsets(e.id));
+                    let want = reference_logit(&ProbeRef { bytes: &bytes, ranges: &ranges }, layout.dtype, &x);
+                    assert_eq!(e.logit.to_bits(), want.to_bits(), "{mode:?}: session {i} token {t} {}", e.name);
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 8 * TOKENS * 5, "{checked} logits checked");
+        runtime.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_options_and_shutdown_give_named_errors_and_answer_everything_queued() {
+    let f = fixture();
+    let mut config = config("realtime");
+    config.runtime.max_sessions = 2;
+    let runtime = Runtime::start(f.pack.clone(), &config).await.unwrap();
+    let a = runtime.open_session(SessionOptions::default()).await.unwrap();
+    let b = runtime.open_session(SessionOptions::default()).await.unwrap();
+    let err = runtime.open_session(SessionOptions::default()).await.err().unwrap();
+    assert!(err.to_string().contains("runtime.max_sessions = 2"), "{err}");
+    // Closing (or dropping) a session frees its place.
+    b.close().await;
+    let c = runtime.open_session(SessionOptions::default()).await.unwrap();
+    drop(c);
+    let c = runtime.open_session(SessionOptions::default()).await.unwrap();
+    // Bad options name the key.
+    let mut cascade = config.cascade.clone();
+    cascade.max_loaded = 0;
+    let err =
+        runtime.open_session(SessionOptions { cascade: Some(cascade), ..Default::default() }).await.err().unwrap();
+    assert!(err.to_string().contains("cascade.max_loaded"), "{err}");
+    let mut cascade = config.cascade.clone();
+    cascade.base_layers = vec![42];
+    let err =
+        runtime.open_session(SessionOptions { cascade: Some(cascade), ..Default::default() }).await.err().unwrap();
+    assert!(err.to_string().contains("42"), "{err}");
+    // A bad hidden state fails that token only, naming it.
+    let err = a.observe(vec![0.0; 7]).await.unwrap_err();
+    assert!(err.to_string().contains("token 0"), "{err}");
+    let mut nan = vec![0.0; 128];
+    nan[3] = f32::NAN;
+    let r = runtime.observe_batch(vec![(a.id(), nan), (c.id(), f.traces[0].row(0).to_vec())]).await;
+    assert!(r[0].is_err() && r[1].is_ok(), "{r:?}");
+    // Shutdown answers every request already queued.
+    let a = Arc::new(a);
+    let queued: Vec<_> = (0..10)
+        .map(|t| {
+            let (a, h) = (a.clone(), f.traces[1].row(t).to_vec());
+            tokio::spawn(async move { a.observe(h).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    runtime.shutdown().await;
+    for q in queued {
+        match q.await.unwrap() {
+            Ok(_) | Err(RuntimeError::ShutDown) => {}
+            Err(e) => panic!("a queued request got {e}"),
+        }
+    }
+    assert!(matches!(a.observe(f.traces[0].row(0).to_vec()).await, Err(RuntimeError::ShutDown)));
+    assert!(runtime.open_session(SessionOptions::default()).await.is_err());
+}
