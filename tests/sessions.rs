@@ -102,9 +102,8 @@ async fn concurrent_sessions_match_each_stream_run_alone() {
             .collect();
         for s in &streams {
             let key = (s.trace, s.offset, s.config);
-            if !alone_cache.contains_key(&key) {
-                let want = alone(&f.pack, &config(s.config), &f.traces[s.trace], s.offset).await;
-                alone_cache.insert(key, want);
+            if let std::collections::hash_map::Entry::Vacant(e) = alone_cache.entry(key) {
+                e.insert(alone(&f.pack, &config(s.config), &f.traces[s.trace], s.offset).await);
             }
         }
         let runtime = Runtime::start(f.pack.clone(), &base).await.unwrap();
