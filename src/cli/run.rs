@@ -34,6 +34,14 @@ pub struct RunArgs {
     /// Concepts shown per line of the table.
     #[arg(long, default_value_t = 3)]
     show_top: usize,
+    /// Run N concurrent sessions on one shared runtime (the runtime engine): session i
+    /// observes the trace from token i·K on, wrapping around, so all see the same count.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    sessions: Option<u32>,
+    /// K for --sessions (default: the token count divided by N, spreading the sessions
+    /// evenly over the trace).
+    #[arg(long, requires = "sessions")]
+    offset_stride: Option<usize>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -43,8 +51,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let pack = Arc::new(Pack::open(&args.pack).with_context(|| format!("opening pack {}", args.pack.display()))?);
     let trace = probe_cascade::npy::read(&args.trace)?;
-    let mut engine = build_engine(args.engine, pack.clone(), &config)?;
     let tokens = args.tokens.unwrap_or(trace.rows).min(trace.rows);
+    if let Some(n) = args.sessions {
+        anyhow::ensure!(
+            args.engine == EngineKind::Runtime,
+            "--sessions runs sessions on the shared runtime: use it with --engine runtime"
+        );
+        return run_sessions(&args, pack, &config, &trace, tokens, n as usize);
+    }
+    let mut engine = build_engine(args.engine, pack.clone(), &config)?;
     println!("{} engine, {} tokens, config {}", engine.name(), tokens, args.config.display());
     println!("{:>6} {:>9} {:>9} {:>7} {:>9} {:>7}  top", "token", "ms", "children", "loaded", "unloaded", "active");
     let mut reports: Vec<TokenReport> = Vec::with_capacity(tokens);
@@ -91,6 +106,113 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "pack": args.pack.display().to_string(),
             "trace": args.trace.display().to_string(),
             "tokens": entries,
+            "summary": summary,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `run --sessions N`: N sessions on one runtime, each running its tokens back to back, all at
+/// once.
+fn run_sessions(
+    args: &RunArgs,
+    pack: Arc<Pack>,
+    config: &Config,
+    trace: &probe_cascade::npy::Matrix,
+    tokens: usize,
+    n: usize,
+) -> anyhow::Result<ExitCode> {
+    use probe_cascade::runtime::{Runtime, SessionOptions};
+    anyhow::ensure!(tokens > 0, "the trace {} has no tokens", args.trace.display());
+    let stride = args.offset_stride.unwrap_or(tokens / n);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let (per_session, wall, stats) = rt.block_on(async {
+        let runtime = Runtime::start(pack, config).await?;
+        let mut sessions = Vec::with_capacity(n);
+        for _ in 0..n {
+            sessions.push(runtime.open_session(SessionOptions::default()).await?);
+        }
+        let start = std::time::Instant::now();
+        let tasks: Vec<_> = sessions
+            .into_iter()
+            .enumerate()
+            .map(|(i, session)| {
+                let offset = i * stride;
+                let rows: Vec<Vec<f32>> = (0..tokens).map(|t| trace.row((offset + t) % trace.rows).to_vec()).collect();
+                let skip = args.skip_bad_tokens;
+                tokio::spawn(async move {
+                    let mut out = Vec::with_capacity(rows.len());
+                    for (t, hidden) in rows.into_iter().enumerate() {
+                        match session.observe(hidden).await {
+                            Ok(r) => out.push(Ok(r)),
+                            Err(e) if skip && e.token().is_some() => out.push(Err((t, e.to_string()))),
+                            Err(e) => {
+                                return Err(anyhow::Error::new(e)
+                                    .context(format!("session {i} (trace from token {offset}), token {t}")))
+                            }
+                        }
+                    }
+                    session.close().await;
+                    Ok::<_, anyhow::Error>((offset, out))
+                })
+            })
+            .collect();
+        let mut per_session = Vec::with_capacity(n);
+        for task in tasks {
+            per_session.push(task.await??);
+        }
+        let wall = start.elapsed();
+        let stats = runtime.step_stats().await?;
+        runtime.shutdown().await;
+        Ok::<_, anyhow::Error>((per_session, wall, stats))
+    })?;
+    println!(
+        "runtime engine, {n} sessions × {tokens} tokens (offset stride {stride}), config {}",
+        args.config.display()
+    );
+    println!("{:>8} {:>7} {:>9} {:>9} {:>9}", "session", "offset", "p50 ms", "p95 ms", "errors");
+    let mut all: Vec<TokenReport> = Vec::new();
+    let mut docs = Vec::with_capacity(n);
+    for (i, (offset, out)) in per_session.into_iter().enumerate() {
+        let entries: Vec<serde_json::Value> = out
+            .iter()
+            .map(|r| match r {
+                Ok(r) => token_json(r),
+                Err((t, e)) => json!({"index": t, "error": e}),
+            })
+            .collect();
+        let reports: Vec<TokenReport> = out.into_iter().filter_map(Result::ok).collect();
+        let s = summary_json(&reports, reports.last().map_or(0, |r| r.active), tokens - reports.len());
+        println!("{i:>8} {offset:>7} {:>9.2} {:>9.2} {:>9}", s["p50_ms"].as_f64().unwrap_or(0.0), s["p95_ms"].as_f64().unwrap_or(0.0), s["errors"]);
+        docs.push(json!({"offset": offset, "tokens": entries, "summary": s}));
+        all.extend(reports);
+    }
+    let mut summary = summary_json(&all, 0, n * tokens - all.len());
+    summary["sessions"] = json!(n);
+    summary["offset_stride"] = json!(stride);
+    summary["wall_s"] = json!(wall.as_secs_f64());
+    summary["tokens_per_s"] = json!(all.len() as f64 / wall.as_secs_f64().max(1e-9));
+    summary["steps"] = serde_json::to_value(&stats)?;
+    print_summary(&summary);
+    println!(
+        "{:.0} tokens/s over {:.2} s; {} steps served {} requests ({:.1} per step, up to {}), {:.1} distinct probes per step",
+        summary["tokens_per_s"].as_f64().unwrap_or(0.0),
+        wall.as_secs_f64(),
+        stats.steps,
+        stats.requests,
+        stats.requests as f64 / stats.steps.max(1) as f64,
+        stats.max_step,
+        stats.union_probes as f64 / stats.steps.max(1) as f64
+    );
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "engine": "runtime",
+            "config": args.config.display().to_string(),
+            "pack": args.pack.display().to_string(),
+            "trace": args.trace.display().to_string(),
+            "sessions": docs,
             "summary": summary,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
