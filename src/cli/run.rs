@@ -185,7 +185,12 @@ fn run_sessions(
             .collect();
         let reports: Vec<TokenReport> = out.into_iter().filter_map(Result::ok).collect();
         let s = summary_json(&reports, reports.last().map_or(0, |r| r.active), tokens - reports.len());
-        println!("{i:>8} {offset:>7} {:>9.2} {:>9.2} {:>9}", s["p50_ms"].as_f64().unwrap_or(0.0), s["p95_ms"].as_f64().unwrap_or(0.0), s["errors"]);
+        println!(
+            "{i:>8} {offset:>7} {:>9.2} {:>9.2} {:>9}",
+            s["p50_ms"].as_f64().unwrap_or(0.0),
+            s["p95_ms"].as_f64().unwrap_or(0.0),
+            s["errors"]
+        );
         docs.push(json!({"offset": offset, "tokens": entries, "summary": s}));
         all.extend(reports);
     }

@@ -17,6 +17,8 @@ use serde_json::json;
 
 use super::progress::bar;
 
+mod sessions;
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     #[arg(long)]
@@ -46,6 +48,11 @@ pub struct BenchArgs {
     /// Compute dtype for every engine and configuration (default: f32).
     #[arg(long, default_value = "f32")]
     compute_dtype: probe_cascade::pack::DType,
+    /// Session counts, e.g. `1,2,4,8,16`: many streams on one runtime, all running back to
+    /// back at once (and 8 separate `Cascade`s beside them). Only the sessions table is
+    /// written unless --engines is given too. Configs default to seed-top-30 here.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=4096))]
+    sessions: Option<Vec<u32>>,
 }
 
 /// The default engines; `runtime-arena` (exact mode on the tch arena, `device.cpu_kernel =
@@ -55,8 +62,8 @@ const OPTIONAL_ENGINES: [&str; 1] = ["runtime-arena"];
 
 /// The seed's comparison table (base [0], threshold 0.3) and the decompose variant.
 fn configs() -> anyhow::Result<Vec<(&'static str, Config)>> {
-    let realtime = Config::parse(include_str!("../../config/realtime.toml"), Path::new("config/realtime.toml"))?;
-    let decompose = Config::parse(include_str!("../../config/decompose.toml"), Path::new("config/decompose.toml"))?;
+    let realtime = Config::parse(include_str!("../../../config/realtime.toml"), Path::new("config/realtime.toml"))?;
+    let decompose = Config::parse(include_str!("../../../config/decompose.toml"), Path::new("config/decompose.toml"))?;
     let with = |pruning: Pruning| {
         let mut c = realtime.clone();
         c.cascade.pruning = pruning;
@@ -249,6 +256,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         config.validate(Path::new(&format!("the {name} configuration with --device/--compute-dtype")))?;
     }
     let wanted: Vec<_> = match &args.configs {
+        None if args.sessions.is_some() => all.into_iter().filter(|(c, _)| *c == "seed-top-30").collect(),
         None => all,
         Some(names) => {
             for n in names {
@@ -259,6 +267,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let probe_bytes = pack.layout().byte_len() as u64;
     let mut rows: Vec<Row> = Vec::new();
+    let mut session_rows: Vec<serde_json::Value> = Vec::new();
+    if let Some(counts) = &args.sessions {
+        warm_page_cache(&pack)?;
+        for (name, config) in &wanted {
+            session_rows.extend(sessions::bench(&pack, name, config, &trace, args.warmup, args.tokens, counts)?);
+        }
+    }
+    let engines = if args.sessions.is_some() && args.engines.is_none() { Vec::new() } else { engines };
     let progress = bar(wanted.len() * engines.len(), "bench");
     for (name, config) in &wanted {
         for engine in &engines {
@@ -310,7 +326,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     progress.finish_and_clear();
-    write_outputs(&args, &pack, &rows)?;
+    write_outputs(&args, &pack, &rows, &session_rows)?;
     println!("wrote {} and {}", args.out.join("bench.md").display(), args.out.join("bench.json").display());
     Ok(ExitCode::SUCCESS)
 }
@@ -329,7 +345,12 @@ fn machine() -> serde_json::Value {
     json!({"cpu": cpu, "cpu_info": info, "cores": cores, "commit": commit, "tch_threads": tch::get_num_threads()})
 }
 
-fn write_outputs(args: &BenchArgs, pack: &Pack, rows: &[Row]) -> anyhow::Result<()> {
+fn write_outputs(
+    args: &BenchArgs,
+    pack: &Pack,
+    rows: &[Row],
+    session_rows: &[serde_json::Value],
+) -> anyhow::Result<()> {
     let p50 = |r: &Row| {
         let mut v = r.ms.clone();
         v.sort_by(f64::total_cmp);
@@ -359,22 +380,26 @@ fn write_outputs(args: &BenchArgs, pack: &Pack, rows: &[Row]) -> anyhow::Result<
         args.warmup,
         page_cache
     ));
-    md.push_str("| config | engine | mode | avg ms | p50 ms | p95 ms | max ms | b2b p50 ms | b2b avg ms | b2b CPU ms | children/token | final active | loads/token | cache hit | MB read |\n");
-    md.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    if !session_rows.is_empty() {
+        md.push_str(&sessions::table(session_rows));
+    }
     let mut json_rows = Vec::new();
-    for r in rows {
-        let mut v = r.ms.clone();
-        v.sort_by(f64::total_cmp);
-        let n = v.len().max(1) as f64;
-        let avg = v.iter().sum::<f64>() / n;
-        let (p50v, p95, max) = (percentile(&v, 50.0), percentile(&v, 95.0), v.last().copied().unwrap_or(0.0));
-        let ratio = naive_p50(&r.config).map(|n| n / p50v.max(1e-9));
-        let loads_per_token = r.loads as f64 / n;
-        let mut b = r.b2b.ms.clone();
-        b.sort_by(f64::total_cmp);
-        let (b2b_p50, b2b_avg) = (percentile(&b, 50.0), b.iter().sum::<f64>() / b.len().max(1) as f64);
-        let children = r.children as f64 / n;
-        md.push_str(&format!(
+    if !rows.is_empty() {
+        md.push_str("| config | engine | mode | avg ms | p50 ms | p95 ms | max ms | b2b p50 ms | b2b avg ms | b2b CPU ms | children/token | final active | loads/token | cache hit | MB read |\n");
+        md.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for r in rows {
+            let mut v = r.ms.clone();
+            v.sort_by(f64::total_cmp);
+            let n = v.len().max(1) as f64;
+            let avg = v.iter().sum::<f64>() / n;
+            let (p50v, p95, max) = (percentile(&v, 50.0), percentile(&v, 95.0), v.last().copied().unwrap_or(0.0));
+            let ratio = naive_p50(&r.config).map(|n| n / p50v.max(1e-9));
+            let loads_per_token = r.loads as f64 / n;
+            let mut b = r.b2b.ms.clone();
+            b.sort_by(f64::total_cmp);
+            let (b2b_p50, b2b_avg) = (percentile(&b, 50.0), b.iter().sum::<f64>() / b.len().max(1) as f64);
+            let children = r.children as f64 / n;
+            md.push_str(&format!(
             "| {} | {} | {} | {avg:.2} | {p50v:.2} | {p95:.2} | {max:.2} | {b2b_p50:.2} | {b2b_avg:.2} | {:.2} | {children:.1} | {} | {loads_per_token:.1} | {} | {:.1} |\n",
             r.config,
             r.engine,
@@ -384,20 +409,23 @@ fn write_outputs(args: &BenchArgs, pack: &Pack, rows: &[Row]) -> anyhow::Result<
             r.cache_hit_rate.map_or("-".to_string(), |h| format!("{:.0}%", h * 100.0)),
             r.bytes_read as f64 / 1e6,
         ));
-        json_rows.push(json!({
-            "config": r.config, "engine": r.engine, "mode": r.mode,
-            "avg_ms": avg, "p50_ms": p50v, "p95_ms": p95, "max_ms": max,
-            "final_active": r.final_active, "loads_per_token": loads_per_token,
-            "children_per_token": r.children as f64 / n,
-            "cache_hit_rate": r.cache_hit_rate, "bytes_read": r.bytes_read,
-            "in_flight_total": r.in_flight,
-            "ratio_to_naive_p50": ratio,
-            "b2b_p50_ms": b2b_p50, "b2b_avg_ms": b2b_avg, "b2b_cpu_ms": r.b2b.cpu_ms,
-            "per_token_ms": r.ms,
-            "b2b_per_token_ms": r.b2b.ms,
-        }));
+            json_rows.push(json!({
+                "config": r.config, "engine": r.engine, "mode": r.mode,
+                "avg_ms": avg, "p50_ms": p50v, "p95_ms": p95, "max_ms": max,
+                "final_active": r.final_active, "loads_per_token": loads_per_token,
+                "children_per_token": r.children as f64 / n,
+                "cache_hit_rate": r.cache_hit_rate, "bytes_read": r.bytes_read,
+                "in_flight_total": r.in_flight,
+                "ratio_to_naive_p50": ratio,
+                "b2b_p50_ms": b2b_p50, "b2b_avg_ms": b2b_avg, "b2b_cpu_ms": r.b2b.cpu_ms,
+                "per_token_ms": r.ms,
+                "b2b_per_token_ms": r.b2b.ms,
+            }));
+        }
     }
-    md.push_str("\nThe first latency columns (avg to max) are settled: runtime rows wait between tokens until loads and pruning's deferred work are done (`Cascade::settle`), untimed. The b2b columns run the same tokens back to back with no untimed gap (a fresh engine), the cost a generation loop on the same CPU pays: each token's wall time from the end of the one before, and the process's CPU time per token. Naive and reference read every load from the pack, so their \"MB read\" is loads × probe size.\n");
+    if !rows.is_empty() {
+        md.push_str("\nThe first latency columns (avg to max) are settled: runtime rows wait between tokens until loads and pruning's deferred work are done (`Cascade::settle`), untimed. The b2b columns run the same tokens back to back with no untimed gap (a fresh engine), the cost a generation loop on the same CPU pays: each token's wall time from the end of the one before, and the process's CPU time per token. Naive and reference read every load from the pack, so their \"MB read\" is loads × probe size.\n");
+    }
     std::fs::write(args.out.join("bench.md"), md)?;
     let doc = json!({
         "machine": machine,
@@ -409,6 +437,7 @@ fn write_outputs(args: &BenchArgs, pack: &Pack, rows: &[Row]) -> anyhow::Result<
         "warmup_tokens_excluded": args.warmup,
         "page_cache": if args.cold { "cold" } else { "warm" },
         "rows": json_rows,
+        "sessions": session_rows,
     });
     std::fs::write(args.out.join("bench.json"), serde_json::to_vec_pretty(&doc)?)?;
     Ok(())
