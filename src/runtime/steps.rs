@@ -77,6 +77,10 @@ pub struct StepStats {
     pub union_probes: u64,
     /// Probe × hidden-state logits computed.
     pub logits: u64,
+    /// Time in the kernel, summed over steps (nanoseconds).
+    pub kernel_ns: u64,
+    /// Weight bytes the steps read (each union probe once per step).
+    pub bytes_scored: u64,
     /// Requests whose caller had gone before their step (applied, not scored).
     pub skipped_closed: u64,
     /// Most requests in one step.
@@ -249,6 +253,8 @@ impl Steps {
         let result = tracing::debug_span!("step", requests = admitted.len(), union = probes.len())
             .in_scope(|| self.kernel.score_sets(&probes, &set_refs, &hidden, &mut out));
         let scoring = t.elapsed();
+        self.stats.kernel_ns += scoring.as_nanos() as u64;
+        self.stats.bytes_scored += (probes.len() * self.pack.layout().byte_len()) as u64;
         self.stats.steps += 1;
         self.stats.requests += admitted.len() as u64;
         self.stats.union_probes += probes.len() as u64;

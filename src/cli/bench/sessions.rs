@@ -75,16 +75,20 @@ fn row(
     let mut all: Vec<f64> = times.iter().flatten().copied().collect();
     all.sort_by(f64::total_cmp);
     let tokens = all.len();
-    let (union, per_step) = match steps {
-        Some((before, after)) => {
-            let n = (after.steps - before.steps).max(1) as f64;
-            (
-                Some((after.union_probes - before.union_probes) as f64 / n),
-                Some((after.requests - before.requests) as f64 / n),
-            )
-        }
-        None => (None, None),
-    };
+    let steps = steps.map(|(before, after)| {
+        let n = (after.steps - before.steps).max(1) as f64;
+        let kernel_s = (after.kernel_ns - before.kernel_ns) as f64 * 1e-9;
+        json!({
+            "steps": after.steps - before.steps,
+            "union_probes_per_step": (after.union_probes - before.union_probes) as f64 / n,
+            "requests_per_step": (after.requests - before.requests) as f64 / n,
+            "logits_per_step": (after.logits - before.logits) as f64 / n,
+            "kernel_ms_per_step": kernel_s * 1e3 / n,
+            "kernel_share_of_wall": kernel_s / wall.as_secs_f64().max(1e-9),
+            "kernel_read_gb_per_s": (after.bytes_scored - before.bytes_scored) as f64 / kernel_s.max(1e-9) / 1e9,
+        })
+    });
+    let get = |k: &str| steps.as_ref().map(|s| s[k].clone()).unwrap_or(serde_json::Value::Null);
     json!({
         "config": config,
         "engine": engine,
@@ -94,8 +98,12 @@ fn row(
         "tokens_per_s": tokens as f64 / wall.as_secs_f64().max(1e-9),
         "p50_ms": percentile(&all, 50.0),
         "p95_ms": percentile(&all, 95.0),
-        "union_probes_per_step": union,
-        "requests_per_step": per_step,
+        "union_probes_per_step": get("union_probes_per_step"),
+        "requests_per_step": get("requests_per_step"),
+        "logits_per_step": get("logits_per_step"),
+        "kernel_ms_per_step": get("kernel_ms_per_step"),
+        "kernel_share_of_wall": get("kernel_share_of_wall"),
+        "kernel_read_gb_per_s": get("kernel_read_gb_per_s"),
         "ram_bytes": ram_bytes,
         "cache_budget_bytes": cache_budget,
         // The CPU kernel scores in place in the cache: no device arena.
@@ -210,13 +218,13 @@ pub fn table(rows: &[serde_json::Value]) -> String {
         "## Sessions: many streams on one runtime\n\n\
          Every stream runs its tokens back to back, all streams at once; session i starts at token i·(T/N) of the trace. \
          `separate-cascades` is N `Cascade`s (a cache and an inference thread each) in the same process.\n\n\
-         | config | engine | sessions | tokens/s | p50 ms | p95 ms | union probes/step | requests/step | weights in RAM MB | RSS MB |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | config | engine | sessions | tokens/s | p50 ms | p95 ms | union probes/step | requests/step | logits/step | kernel ms/step | kernel share | kernel GB/s | weights in RAM MB | RSS MB |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let opt = |k: &str| r[k].as_f64().map_or("-".to_string(), |v| format!("{v:.1}"));
         md.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {:.0} | {:.0} |\n",
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} |\n",
             r["config"].as_str().unwrap_or(""),
             r["engine"].as_str().unwrap_or(""),
             r["sessions"],
@@ -225,6 +233,10 @@ pub fn table(rows: &[serde_json::Value]) -> String {
             f(r, "p95_ms"),
             opt("union_probes_per_step"),
             opt("requests_per_step"),
+            opt("logits_per_step"),
+            r["kernel_ms_per_step"].as_f64().map_or("-".to_string(), |v| format!("{v:.2}")),
+            r["kernel_share_of_wall"].as_f64().map_or("-".to_string(), |v| format!("{:.0}%", v * 100.0)),
+            opt("kernel_read_gb_per_s"),
             f(r, "ram_bytes") / 1e6,
             f(r, "rss_bytes") / 1e6,
         ));
