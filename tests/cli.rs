@@ -320,3 +320,70 @@ fn import_hatcat_prints_its_summary_and_names_bad_files() {
     );
     assert!(skipped.contains("imported 2 probes") && skipped.contains("skipped, bad probe file: 2"), "{skipped}");
 }
+
+#[test]
+fn run_sessions_writes_each_sessions_tokens_from_its_offset() {
+    let f = fixture();
+    let json_path = f.root.join("sessions.json");
+    let out = run_ok(
+        run_cmd(&f, &f.trace)
+            .args(["--engine", "runtime", "--sessions", "3", "--offset-stride", "5", "--json"])
+            .arg(&json_path),
+    );
+    assert!(out.contains("3 sessions × 12 tokens") && out.contains("tokens/s"), "{out}");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    let sessions = doc["sessions"].as_array().unwrap();
+    assert_eq!(sessions.iter().map(|s| s["offset"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 5, 10]);
+    assert!(sessions.iter().all(|s| s["tokens"].as_array().unwrap().len() == 12));
+    assert_eq!(doc["summary"]["tokens"], 36);
+    assert!(doc["summary"]["steps"]["requests"].as_u64().unwrap() >= 36);
+    // Session 0 is the stream from token 0: its reports are the single run's, bit for bit.
+    let single_path = f.root.join("single.json");
+    run_ok(run_cmd(&f, &f.trace).args(["--engine", "runtime", "--json"]).arg(&single_path));
+    let single: serde_json::Value = serde_json::from_slice(&std::fs::read(&single_path).unwrap()).unwrap();
+    for t in 0..12 {
+        let (a, b) = (&sessions[0]["tokens"][t], &single["tokens"][t]);
+        assert_eq!(a["top"], b["top"], "token {t}");
+        assert_eq!((&a["loaded"], &a["active"]), (&b["loaded"], &b["active"]), "token {t}");
+    }
+    // --sessions needs the runtime engine.
+    let refused = run_cmd(&f, &f.trace).args(["--sessions", "2"]).output().unwrap();
+    assert!(!refused.status.success() && failed(&refused).contains("--engine runtime"));
+}
+
+#[test]
+fn bench_sessions_writes_a_row_per_count_and_separate_cascades() {
+    let f = fixture();
+    let out = f.root.join("bench-sessions");
+    run_ok(
+        bin()
+            .args(["bench", "--tokens", "6", "--warmup", "2", "--sessions", "1,2,4", "--pack"])
+            .arg(&f.pack)
+            .arg("--trace")
+            .arg(&f.trace)
+            .arg("--out")
+            .arg(&out),
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("bench.json")).unwrap()).unwrap();
+    let rows = doc["sessions"].as_array().unwrap();
+    let engines: Vec<(String, u64)> =
+        rows.iter().map(|r| (r["engine"].as_str().unwrap().to_string(), r["sessions"].as_u64().unwrap())).collect();
+    assert_eq!(
+        engines,
+        [
+            ("runtime-sessions".into(), 1),
+            ("runtime-sessions".into(), 2),
+            ("runtime-sessions".into(), 4),
+            ("separate-cascades".into(), 8)
+        ]
+    );
+    for key in ["tokens_per_s", "p50_ms", "p95_ms", "union_probes_per_step", "ram_bytes", "arena_bytes"] {
+        assert!(rows.iter().all(|r| r.get(key).is_some()), "rows carry {key}");
+    }
+    assert!(rows.iter().all(|r| r["tokens_per_s"].as_f64().unwrap() > 0.0));
+    assert_eq!(rows[2]["tokens"], 24, "4 sessions × 6 tokens");
+    assert!(rows[..3].iter().all(|r| r["union_probes_per_step"].as_f64().unwrap() > 0.0));
+    assert!(doc["rows"].as_array().unwrap().is_empty(), "the engine table is skipped without --engines");
+    let md = std::fs::read_to_string(out.join("bench.md")).unwrap();
+    assert!(md.contains("## Sessions") && md.contains("separate-cascades"), "{md}");
+}

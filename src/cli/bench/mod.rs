@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// written unless --engines is given too. Configs default to seed-top-30 here.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=4096))]
     sessions: Option<Vec<u32>>,
+    /// Sets runtime.batch_window_us for every configuration (sessions: how long a step waits
+    /// for other sessions' requests to join it).
+    #[arg(long)]
+    batch_window_us: Option<u64>,
 }
 
 /// The default engines; `runtime-arena` (exact mode on the tch arena, `device.cpu_kernel =
@@ -253,6 +257,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     for (name, config) in &mut all {
         config.device.device = args.device.clone();
         config.device.compute_dtype = args.compute_dtype;
+        if let Some(us) = args.batch_window_us {
+            config.runtime.batch_window_us = us;
+        }
         config.validate(Path::new(&format!("the {name} configuration with --device/--compute-dtype")))?;
     }
     let wanted: Vec<_> = match &args.configs {
