@@ -144,8 +144,18 @@ impl Steps {
                     StepMsg::Open { session, slots } => {
                         self.sessions.insert(session, SessionSlots { slots: SlotRefs::new(slots), failed: None });
                     }
+                    StepMsg::Close(session) if step.iter().any(|s| s.session == session) => {
+                        // Its request in this step is scored first (its caller may be gone).
+                        carried = Some(StepMsg::Close(session));
+                        break;
+                    }
                     StepMsg::Close(session) => {
                         self.sessions.remove(&session);
+                    }
+                    StepMsg::Stats(reply) if !step.is_empty() => {
+                        // Answered after this step, so the stats count everything sent before.
+                        carried = Some(StepMsg::Stats(reply));
+                        break;
                     }
                     StepMsg::Stats(reply) => {
                         let _ = reply.send(self.stats());
@@ -205,7 +215,10 @@ impl Steps {
         let t = Instant::now();
         let mut admitted = Vec::with_capacity(step.len());
         for w in step {
-            let session = &self.sessions[&w.session];
+            let Some(session) = self.sessions.get(&w.session) else {
+                let _ = w.reply.map(|r| r.send(Err(InferenceError::Setup(format!("{} is closed", w.session)))));
+                continue;
+            };
             match session.slots.held(w.start, w.len) {
                 Ok(held) => admitted.push(Admitted {
                     reply: w.reply.expect("scoring requests have a reply"),
@@ -348,4 +361,142 @@ pub(super) fn spawn(steps: Steps) -> std::io::Result<(flume::Sender<StepMsg>, st
     let (tx, rx) = flume::unbounded();
     let handle = std::thread::Builder::new().name("steps".into()).spawn(move || steps.run(rx))?;
     Ok((tx, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::{reference_logit, Isa};
+    use crate::synth::{write_synth_pack, SynthParams};
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        pack: Arc<Pack>,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        write_synth_pack(dir.path(), &SynthParams::tiny(), |_| {}).unwrap();
+        let pack = Arc::new(Pack::open(dir.path()).unwrap());
+        Setup { _dir: dir, pack }
+    }
+
+    fn bytes(pack: &Pack, ids: &[u32]) -> HashMap<ConceptId, Arc<ProbeBytes>> {
+        ids.iter()
+            .map(|&i| {
+                (ConceptId(i), Arc::new(ProbeBytes::detached(ConceptId(i), pack.read_probe(ConceptId(i)).unwrap())))
+            })
+            .collect()
+    }
+
+    fn hidden(pack: &Pack, seed: f32) -> Arc<Vec<f32>> {
+        Arc::new((0..pack.hidden_dim()).map(|i| (i as f32 * seed).sin()).collect())
+    }
+
+    type Reply = oneshot::Receiver<Result<Scores, InferenceError>>;
+
+    /// A scoring request: installs `ids` into slots `0..`, then scores slots `0..len`.
+    fn work(s: u64, pack: &Pack, install: &[u32], len: usize, h: Arc<Vec<f32>>) -> (StepMsg, Reply) {
+        let ops = install.iter().enumerate().map(|(slot, &id)| SlotOp::Install { slot, id: ConceptId(id) }).collect();
+        let (reply, rx) = oneshot::channel();
+        let w = Work {
+            session: SessionId(s),
+            ops,
+            bytes: bytes(pack, install),
+            start: 0,
+            len,
+            hidden: h,
+            reply: Some(reply),
+            span: tracing::Span::none(),
+        };
+        (StepMsg::Work(w), rx)
+    }
+
+    fn want(pack: &Pack, id: u32, h: &[f32]) -> u32 {
+        let b = pack.read_probe(ConceptId(id)).unwrap();
+        let ranges = pack.layout().ranges(&pack.tensor_offsets(ConceptId(id)));
+        reference_logit(&ProbeRef { bytes: &b, ranges: &ranges }, pack.layout().dtype, h).to_bits()
+    }
+
+    fn logits(rx: Reply) -> Result<Vec<u32>, InferenceError> {
+        rx.blocking_recv().unwrap().map(|s| s.logits.iter().map(|l| l.to_bits()).collect())
+    }
+
+    /// Runs the scheduler over `msgs` (queued before it starts, so they arrive together) and
+    /// returns its stats.
+    fn serve(pack: &Arc<Pack>, msgs: Vec<StepMsg>) -> StepStats {
+        let kernel = Kernel::new(&pack.layout(), Isa::best(), 2).unwrap();
+        let (tx, rx) = flume::unbounded();
+        for m in msgs {
+            tx.send(m).unwrap();
+        }
+        let (stats_tx, stats) = oneshot::channel();
+        tx.send(StepMsg::Stats(stats_tx)).unwrap();
+        drop(tx);
+        Steps::new(pack.clone(), kernel, Duration::ZERO, "test").run(rx);
+        stats.blocking_recv().unwrap()
+    }
+
+    #[test]
+    fn a_step_scores_the_union_once_and_gives_each_session_its_own_logits() {
+        let setup = setup();
+        let pack = setup.pack.clone();
+        let (h1, h2) = (hidden(&pack, 0.3), hidden(&pack, 0.7));
+        let open = |s, slots| StepMsg::Open { session: SessionId(s), slots };
+        let (w1, r1) = work(1, &pack, &[3, 7], 2, h1.clone());
+        let (w2, r2) = work(2, &pack, &[7, 9, 3], 3, h2.clone());
+        // Session 1's second request must wait for the next step (its slots change first).
+        let (w1b, r1b) = work(1, &pack, &[11], 2, h2.clone());
+        let (unknown, r_unknown) = work(5, &pack, &[3], 1, h1.clone());
+        let (gone, r_gone) = work(2, &pack, &[], 3, h1.clone());
+        drop(r_gone);
+        let stats = serve(
+            &pack,
+            vec![
+                open(1, 4),
+                open(2, 4),
+                w1,
+                w2,
+                w1b,
+                unknown,
+                gone,
+                StepMsg::Close(SessionId(2)),
+                StepMsg::Close(SessionId(2)),
+            ],
+        );
+        assert_eq!(logits(r1).unwrap(), [want(&pack, 3, &h1), want(&pack, 7, &h1)]);
+        assert_eq!(logits(r2).unwrap(), [want(&pack, 7, &h2), want(&pack, 9, &h2), want(&pack, 3, &h2)]);
+        // Slot 0 now holds probe 11, slot 1 still probe 7.
+        assert_eq!(logits(r1b).unwrap(), [want(&pack, 11, &h2), want(&pack, 7, &h2)]);
+        assert!(logits(r_unknown).unwrap_err().to_string().contains("session 5 is closed"));
+        // First step: both sessions, union {3, 7, 9} read once, 5 logits.
+        assert_eq!(stats.skipped_closed, 1);
+        assert_eq!((stats.steps, stats.requests, stats.max_step), (2, 3, 2));
+        assert_eq!((stats.union_probes, stats.logits), (3 + 2, 5 + 2));
+        // Session 2 closed; session 1 holds probes 11 and 7.
+        assert_eq!((stats.sessions, stats.held_probes, stats.held_refs), (1, 2, 2));
+        assert_eq!((stats.traffic.installs, stats.traffic.install_bytes_copied), (6, 0));
+    }
+
+    #[test]
+    fn a_close_behind_a_request_in_the_step_waits_for_it_and_bad_slots_fail_alone() {
+        let setup = setup();
+        let pack = setup.pack.clone();
+        let h = hidden(&pack, 0.5);
+        let (w1, r1) = work(1, &pack, &[3], 1, h.clone());
+        // Asks for two slots but only one holds a probe: an error for this request only.
+        let (w2, r2) = work(2, &pack, &[4], 2, h.clone());
+        let msgs = vec![
+            StepMsg::Open { session: SessionId(1), slots: 2 },
+            StepMsg::Open { session: SessionId(2), slots: 2 },
+            w1,
+            StepMsg::Close(SessionId(1)),
+            w2,
+        ];
+        let stats = serve(&pack, msgs);
+        assert_eq!(logits(r1).unwrap(), [want(&pack, 3, &h)]);
+        let err = logits(r2).unwrap_err();
+        assert!(matches!(err, InferenceError::EmptySlot(1)), "{err}");
+        assert_eq!(stats.sessions, 1);
+    }
 }
