@@ -307,3 +307,59 @@ async fn limits_options_and_shutdown_give_named_errors_and_answer_everything_que
     assert!(matches!(a.observe(f.traces[0].row(0).to_vec()).await, Err(RuntimeError::ShutDown)));
     assert!(runtime.open_session(SessionOptions::default()).await.is_err());
 }
+
+/// Sessions on the shared tch arena (an accelerator's path, here on the CPU with
+/// `device.cpu_kernel = "torch"`): each session's reports match its stream run alone (within
+/// rounding: libtorch's sums are not batch-invariant), a probe several sessions use is copied
+/// into the arena once, and the arena's slots are reserved per session, naming the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_on_the_shared_arena_match_each_stream_and_reserve_their_slots() {
+    let f = fixture();
+    let mut config = config("realtime");
+    config.device.cpu_kernel = probe_cascade::config::CpuKernel::Torch;
+    config.cascade.max_loaded = 60;
+    config.runtime.pool_slots = 200;
+    let mut want = Vec::new();
+    for i in 0..3 {
+        want.push(alone(&f.pack, &config, &f.traces[i], 0).await);
+    }
+    let runtime = Runtime::start(f.pack.clone(), &config).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..3usize {
+        let session = runtime.open_session(SessionOptions::default()).await.unwrap();
+        let trace = f.traces[i].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for t in 0..TOKENS {
+                let r = session.observe(row(&trace, 0, t)).await.unwrap();
+                out.push(outcome(&r, session.active().await.unwrap()));
+            }
+            (session, out)
+        }));
+    }
+    let mut sessions = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (session, got) = task.await.unwrap();
+        for (t, (w, g)) in want[i].iter().zip(&got).enumerate() {
+            let names = |o: &Outcome| o.0.iter().map(|(n, l, _)| (n.clone(), *l)).collect::<Vec<_>>();
+            assert_eq!(names(w), names(g), "session {i} token {t}: top lists");
+            for ((name, _, a), (_, _, b)) in w.0.iter().zip(&g.0) {
+                let (a, b) = (f32::from_bits(*a), f32::from_bits(*b));
+                assert!((a - b).abs() < 1e-3, "session {i} token {t} {name}: {a} vs {b}");
+            }
+            assert_eq!((&w.1, &w.2), (&g.1, &g.2), "session {i} token {t}: counts and active set");
+        }
+        sessions.push(session);
+    }
+    let stats = runtime.step_stats().await.unwrap();
+    assert!(stats.held_probes < stats.held_refs, "shared probes are resident once: {stats:?}");
+    assert!(stats.traffic.path.contains("torch arena"));
+    assert_eq!(stats.traffic.move_bytes_copied, 0, "pruning moves references on the shared arena");
+    // 3 sessions reserve 3 × 60 of the 200 slots: a fourth is refused, naming the key.
+    let err = runtime.open_session(SessionOptions::default()).await.err().unwrap();
+    assert!(err.to_string().contains("runtime.pool_slots = 200"), "{err}");
+    sessions.pop().unwrap().close().await;
+    let fourth = runtime.open_session(SessionOptions::default()).await.unwrap();
+    drop(fourth);
+    runtime.shutdown().await;
+}

@@ -151,7 +151,7 @@ impl Held {
     }
 }
 
-struct TorchArena {
+pub(super) struct TorchArena {
     device: Device,
     compute: Kind,
     arena: Arena,
@@ -203,20 +203,9 @@ impl Inference {
         staging_bytes: Option<u64>,
         split: RowSplit,
     ) -> Result<Self, tch::TchError> {
-        tch::no_grad(|| {
-            let arena = Arena::new(slots as i64 + 1, pack.hidden_dim() as i64, device, compute)?;
-            let uploads = match staging_bytes {
-                None => Uploads::Direct,
-                Some(budget) => {
-                    let probe_bytes = pack.layout().byte_len();
-                    let rows = (budget / probe_bytes as u64).clamp(1, slots as u64) as usize;
-                    Uploads::Staged(Staging::new(rows, probe_bytes, device)?)
-                }
-            };
-            let torch = TorchArena { device, compute, arena, scratch: slots, uploads, split };
-            let path = if device == Device::Cpu { "torch arena (cpu)" } else { "torch arena (device)" };
-            Ok(Self { failed: None, pack, backend: Backend::Torch(torch), traffic: WeightTraffic::new(path) })
-        })
+        let torch = TorchArena::new(&pack, slots, device, compute, staging_bytes, split)?;
+        let path = torch.path();
+        Ok(Self { failed: None, pack, backend: Backend::Torch(torch), traffic: WeightTraffic::new(path) })
     }
 
     /// Weight bytes copied so far, and the scoring path.
@@ -327,6 +316,63 @@ impl KernelSlots {
 }
 
 impl TorchArena {
+    /// `slots` slots (plus one scratch slot for swaps) on `device`; `staging_bytes: None`
+    /// installs directly, `Some` stages uploads through a pinned buffer.
+    pub(super) fn new(
+        pack: &Pack,
+        slots: usize,
+        device: Device,
+        compute: Kind,
+        staging_bytes: Option<u64>,
+        split: RowSplit,
+    ) -> Result<Self, tch::TchError> {
+        tch::no_grad(|| {
+            let arena = Arena::new(slots as i64 + 1, pack.hidden_dim() as i64, device, compute)?;
+            let uploads = match staging_bytes {
+                None => Uploads::Direct,
+                Some(budget) => {
+                    let probe_bytes = pack.layout().byte_len();
+                    let rows = (budget / probe_bytes as u64).clamp(1, slots as u64) as usize;
+                    Uploads::Staged(Staging::new(rows, probe_bytes, device)?)
+                }
+            };
+            Ok(TorchArena { device, compute, arena, scratch: slots, uploads, split })
+        })
+    }
+
+    pub(super) fn path(&self) -> &'static str {
+        if self.device == Device::Cpu {
+            "torch arena (cpu)"
+        } else {
+            "torch arena (device)"
+        }
+    }
+
+    /// Logits of the probes in `slots` (any slots, in any order) for each of `hidden`:
+    /// `out[i * B + b]`. The slots' weights are gathered on the device (one `index_select`
+    /// per tensor) and scored against all B hidden states as one `[D, B]` matrix.
+    pub(super) fn score_slots(&self, slots: &[usize], hidden: &[&[f32]]) -> Result<Vec<f32>, tch::TchError> {
+        tch::no_grad(|| {
+            let a = &self.arena;
+            let (n, b) = (slots.len() as i64, hidden.len() as i64);
+            let d = a.w1.size()[2];
+            let idx: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
+            let idx = Tensor::f_from_slice(&idx)?.f_to_device(self.device)?;
+            let g = |t: &Tensor| t.f_index_select(0, &idx);
+            let flat: Vec<f32> = hidden.iter().flat_map(|h| h.iter().copied()).collect();
+            let x = Tensor::f_from_slice(&flat)?
+                .f_view([b, d])?
+                .f_to_kind(self.compute)?
+                .f_to_device(self.device)?
+                .f_transpose(0, 1)?;
+            let a1 = g(&a.w1)?.f_view([n * HIDDEN1 as i64, d])?.f_matmul(&x)?;
+            let a1 = (a1 + g(&a.b1)?.f_view([n * HIDDEN1 as i64, 1])?).f_relu()?.f_view([n, HIDDEN1 as i64, b])?;
+            let a2 = g(&a.b2)?.f_baddbmm(&g(&a.w2)?, &a1, 1, 1)?.f_relu()?;
+            let logits = g(&a.b3)?.f_baddbmm(&g(&a.w3)?, &a2, 1, 1)?.f_view([-1])?;
+            to_host_f32(&logits)
+        })
+    }
+
     /// Copies a probe's bytes into a slot (converting to the compute dtype).
     fn install(&self, pack: &Pack, slot: usize, id: ConceptId, bytes: &[u8]) -> Result<(), tch::TchError> {
         let storage = kind_of(pack.layout().dtype);
@@ -385,7 +431,7 @@ impl TorchArena {
         Ok(())
     }
 
-    fn apply(
+    pub(super) fn apply(
         &mut self,
         pack: &Pack,
         ops: &[SlotOp],
@@ -505,6 +551,8 @@ pub enum InferenceError {
     EarlierRearrange(String),
     #[error("slot {slot} does not exist (the pool has {slots})")]
     NoSlot { slot: usize, slots: usize },
+    #[error("the shared arena's {slots} slots (runtime.pool_slots) are all in use by open sessions")]
+    ArenaFull { slots: usize },
     #[error("slot {0} holds no probe but was asked to score")]
     EmptySlot(usize),
     #[error("the CPU kernel: {0}")]

@@ -62,6 +62,12 @@ pub enum RuntimeError {
     Reader(#[source] std::io::Error),
     #[error("runtime.max_sessions = {limit}: that many sessions are open already")]
     SessionLimit { limit: usize },
+    #[error(
+        "runtime.pool_slots = {slots}: the shared arena has {} slots left unreserved, and a session reserves \
+         cascade.max_loaded = {need} (close a session, or raise runtime.pool_slots)",
+        slots - reserved
+    )]
+    ArenaLimit { slots: usize, reserved: usize, need: usize },
     #[error("{0} is not open on this runtime")]
     UnknownSession(steps::SessionId),
     #[error("session options: {0}")]

@@ -27,11 +27,13 @@ use kameo::prelude::{ActorRef, Spawn, WeakActorRef};
 
 use super::cache::{self, CacheStats, WeightCache};
 use super::coordinator::{ActiveSet, Coordinator, Scorer};
+use super::inference::TorchArena;
 use super::reader::ReaderKind;
-use super::steps::{self, Lane, SessionId, StepMsg, StepStats, Steps};
+use super::steps::{self, Lane, Scoring, SessionId, SharedArena, StepMsg, StepStats, Steps};
 use super::{check_cache_holds_the_cap, new_coordinator, observe_on, settle_on, spawn_cache, RuntimeError};
 use crate::config::{CascadeConfig, Config, CpuKernel, Mode};
-use crate::engine::{tensors, TokenReport};
+use crate::engine::tensors::{self, RowSplit};
+use crate::engine::TokenReport;
 use crate::kernel::{Isa, Kernel};
 use crate::pack::{ConceptId, Pack};
 
@@ -54,6 +56,10 @@ struct Shared {
     steps: Mutex<Option<flume::Sender<StepMsg>>>,
     sessions: Mutex<HashMap<SessionId, WeakActorRef<Coordinator>>>,
     open: AtomicUsize,
+    /// The shared arena's slots, when sessions score on one (an accelerator, or
+    /// `device.cpu_kernel = "torch"`); `reserved` of them are promised to open sessions.
+    arena: Option<usize>,
+    reserved: AtomicUsize,
     next_id: AtomicU64,
     stopping: AtomicBool,
 }
@@ -65,27 +71,33 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Starts the cache and the step scheduler. Needs a multi-threaded tokio runtime.
-    /// Sessions score on the CPU kernel; on an accelerator (or with `device.cpu_kernel =
-    /// "torch"`) use [`super::Cascade`], one stream per arena, for now.
+    /// Starts the cache and the step scheduler. Needs a multi-threaded tokio runtime. On the
+    /// CPU sessions score on the kernel, in place in the cache; on an accelerator (or with
+    /// `device.cpu_kernel = "torch"`) on one tch arena of `runtime.pool_slots` slots shared by
+    /// all sessions, each of which reserves its cap of them when it opens.
     pub async fn start(pack: Arc<Pack>, config: &Config) -> Result<Self, RuntimeError> {
         crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(RuntimeError::Setup)?;
         let device = tensors::open_device(&config.device)?;
-        if device != tch::Device::Cpu || config.device.cpu_kernel == CpuKernel::Torch {
-            return Err(RuntimeError::Setup(format!(
-                "sessions score on the CPU kernel, but the config asks for device.device = \"{}\" with \
-                 device.cpu_kernel = \"{}\"; a tch arena serves one stream (`Cascade`) for now",
-                config.device.device,
-                config.device.cpu_kernel.name()
-            )));
-        }
-        check_cache_holds_the_cap(&pack, config)?;
-        let isa = config.device.cpu_kernel.isa().unwrap_or_else(Isa::best);
-        let kernel = Kernel::new(&pack.layout(), isa, tensors::math_threads(&config.device)).map_err(|e| {
-            RuntimeError::Setup(format!("device.cpu_kernel = \"{}\": {e}", config.device.cpu_kernel.name()))
-        })?;
         let window = std::time::Duration::from_micros(config.runtime.batch_window_us);
-        let (tx, _thread) = steps::spawn(Steps::new(pack.clone(), kernel, window, isa.name()))
+        let on_arena = device != tch::Device::Cpu || config.device.cpu_kernel == CpuKernel::Torch;
+        let (scoring, path) = if on_arena {
+            // One arena for all sessions, `runtime.pool_slots` slots; each session reserves
+            // its cap of them when it opens (see `open_session`).
+            let staging = (device != tch::Device::Cpu).then_some(config.runtime.staging_bytes);
+            let compute = tensors::kind_of(config.device.compute_dtype);
+            let torch = TorchArena::new(&pack, config.runtime.pool_slots, device, compute, staging, RowSplit::none())
+                .map_err(|e| RuntimeError::Setup(format!("allocating the shared arena: {e}")))?;
+            let path = torch.path();
+            (Scoring::Arena(SharedArena::new(torch, config.runtime.pool_slots)), path)
+        } else {
+            check_cache_holds_the_cap(&pack, config)?;
+            let isa = config.device.cpu_kernel.isa().unwrap_or_else(Isa::best);
+            let kernel = Kernel::new(&pack.layout(), isa, tensors::math_threads(&config.device)).map_err(|e| {
+                RuntimeError::Setup(format!("device.cpu_kernel = \"{}\": {e}", config.device.cpu_kernel.name()))
+            })?;
+            (Scoring::Kernel(kernel), isa.name())
+        };
+        let (tx, _thread) = steps::spawn(Steps::new(pack.clone(), scoring, window, path))
             .map_err(|e| RuntimeError::Setup(format!("starting the step scheduler: {e}")))?;
         let (cache, reader) = spawn_cache(&pack, &config.runtime)?;
         Ok(Self {
@@ -95,6 +107,8 @@ impl Runtime {
                 cache,
                 reader,
                 steps: Mutex::new(Some(tx)),
+                arena: on_arena.then_some(config.runtime.pool_slots),
+                reserved: AtomicUsize::new(0),
                 sessions: Mutex::new(HashMap::new()),
                 open: AtomicUsize::new(0),
                 next_id: AtomicU64::new(0),
@@ -116,14 +130,27 @@ impl Runtime {
     pub async fn open_session(&self, options: SessionOptions) -> Result<Session, RuntimeError> {
         let shared = &self.shared;
         let config = session_config(&shared.config, &options)?;
-        check_cache_holds_the_cap(&shared.pack, &config).map_err(|e| RuntimeError::Options(e.to_string()))?;
+        if shared.arena.is_none() {
+            check_cache_holds_the_cap(&shared.pack, &config).map_err(|e| RuntimeError::Options(e.to_string()))?;
+        }
         let base = crate::policy::base_set(shared.pack.hierarchy(), &config.cascade).map_err(RuntimeError::Options)?;
         let limit = config.runtime.max_sessions;
         // Reserve a place first, so that concurrent opens cannot pass the limit together.
         if shared.open.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1)).is_err() {
             return Err(RuntimeError::SessionLimit { limit });
         }
-        let reservation = Reservation(shared);
+        let mut reservation = Reservation { shared, slots: 0 };
+        if let Some(slots) = shared.arena {
+            // The arena holds what every open session may need: its cap of active probes.
+            let need = config.cascade.max_loaded.min(config.runtime.pool_slots);
+            let taken = shared
+                .reserved
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| (r + need <= slots).then_some(r + need));
+            match taken {
+                Ok(_) => reservation.slots = need,
+                Err(reserved) => return Err(RuntimeError::ArenaLimit { slots, reserved, need }),
+            }
+        }
         let id = SessionId(shared.next_id.fetch_add(1, Ordering::SeqCst));
         let tx = shared.steps.lock().expect("steps lock").clone().ok_or(RuntimeError::ShutDown)?;
         let lane = Lane::open(id, config.runtime.pool_slots, tx).map_err(|_| RuntimeError::ShutDown)?;
@@ -134,8 +161,9 @@ impl Runtime {
         coordinator.load_base().await?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
         shared.sessions.lock().expect("sessions lock").insert(id, coordinator.downgrade());
+        let arena_slots = std::mem::replace(&mut reservation.slots, 0);
         std::mem::forget(reservation);
-        Ok(Session { id, coordinator, shared: shared.clone(), closed: false })
+        Ok(Session { id, coordinator, shared: shared.clone(), closed: false, arena_slots })
     }
 
     /// One decode step of many sessions: each `(session, hidden)` is observed, all at once,
@@ -195,12 +223,16 @@ impl Runtime {
     }
 }
 
-/// Gives back a reserved session place unless the open completed.
-struct Reservation<'a>(&'a Shared);
+/// Gives back a reserved session place (and arena slots) unless the open completed.
+struct Reservation<'a> {
+    shared: &'a Shared,
+    slots: usize,
+}
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.shared.open.fetch_sub(1, Ordering::SeqCst);
+        self.shared.reserved.fetch_sub(self.slots, Ordering::SeqCst);
     }
 }
 
@@ -227,6 +259,8 @@ pub struct Session {
     coordinator: ActorRef<Coordinator>,
     shared: Arc<Shared>,
     closed: bool,
+    /// Slots of the shared arena reserved for this session (0 on the CPU kernel).
+    arena_slots: usize,
 }
 
 impl Session {
@@ -261,6 +295,7 @@ impl Session {
     fn unregister(&self) {
         if self.shared.sessions.lock().expect("sessions lock").remove(&self.id).is_some() {
             self.shared.open.fetch_sub(1, Ordering::SeqCst);
+            self.shared.reserved.fetch_sub(self.arena_slots, Ordering::SeqCst);
         }
     }
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::cache::ProbeBytes;
-use super::inference::{Held, InferenceError, Scores, SlotRefs, WeightTraffic};
+use super::inference::{Held, InferenceError, Scores, SlotRefs, TorchArena, WeightTraffic};
 use super::pool::SlotOp;
 use crate::kernel::{Kernel, ProbeRef, MAX_BATCH};
 use crate::pack::{ConceptId, Pack};
@@ -96,17 +96,135 @@ pub struct StepStats {
 }
 
 struct SessionSlots {
-    slots: SlotRefs,
+    slots: Slots,
     /// Set when a rearrangement failed: the session's slots can't be trusted any more.
     failed: Option<String>,
 }
 
+/// A session's slots.
+enum Slots {
+    /// The CPU kernel: references to the cache's entries.
+    Kernel(SlotRefs),
+    /// The shared tch arena: references to physical arena slots.
+    Arena(Vec<Option<Arc<Physical>>>),
+}
+
+/// How steps are scored.
+pub(super) enum Scoring {
+    /// The CPU kernel, in place in the cache.
+    Kernel(Kernel),
+    /// One tch arena (an accelerator's memory, or the CPU with `device.cpu_kernel = "torch"`)
+    /// shared by all sessions.
+    Arena(SharedArena),
+}
+
+/// The tch arena shared by the sessions: a probe used by several sessions sits in one
+/// physical slot, reference-counted; the slot is freed when the last session lets go. So a
+/// session's installs copy a probe only when no session has it resident, and its slot moves
+/// and swaps (pruning) move references, never weights.
+pub(super) struct SharedArena {
+    torch: TorchArena,
+    slots: usize,
+    resident: HashMap<ConceptId, std::sync::Weak<Physical>>,
+    free: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl SharedArena {
+    pub(super) fn new(torch: TorchArena, slots: usize) -> Self {
+        let free = Arc::new(std::sync::Mutex::new((0..slots).rev().collect()));
+        Self { torch, slots, resident: HashMap::new(), free }
+    }
+}
+
+/// A physical arena slot holding a probe; back on the free list when dropped.
+pub(super) struct Physical {
+    slot: usize,
+    free: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl Drop for Physical {
+    fn drop(&mut self) {
+        self.free.lock().expect("free list").push(self.slot);
+    }
+}
+
 pub(super) struct Steps {
     pack: Arc<Pack>,
-    kernel: Kernel,
+    scoring: Scoring,
     window: Duration,
     sessions: HashMap<SessionId, SessionSlots>,
     stats: StepStats,
+}
+
+impl StepStats {
+    fn count_step(&mut self, requests: usize, union: usize, logits: usize, kernel: Duration, bytes: u64) {
+        self.steps += 1;
+        self.requests += requests as u64;
+        self.union_probes += union as u64;
+        self.logits += logits as u64;
+        self.max_step = self.max_step.max(requests);
+        self.kernel_ns += kernel.as_nanos() as u64;
+        self.bytes_scored += bytes;
+    }
+}
+
+/// A session's slot operations on the shared arena: an install takes the probe's physical
+/// slot if a session has it resident, else a free one and copies the probe in (all of a
+/// request's copies in one upload round); moves and swaps move references.
+fn apply_arena(
+    arena: &mut SharedArena,
+    slots: &mut [Option<Arc<Physical>>],
+    pack: &Pack,
+    ops: &[SlotOp],
+    bytes: &HashMap<ConceptId, Arc<ProbeBytes>>,
+    traffic: &mut WeightTraffic,
+) -> Result<(), InferenceError> {
+    let n = slots.len();
+    let check = |slot: usize| if slot < n { Ok(slot) } else { Err(InferenceError::NoSlot { slot, slots: n }) };
+    let mut uploads = Vec::new();
+    let mut walk = || -> Result<(), InferenceError> {
+        for op in ops {
+            match *op {
+                SlotOp::Install { slot, id } => {
+                    let slot = check(slot)?;
+                    let physical = match arena.resident.get(&id).and_then(std::sync::Weak::upgrade) {
+                        Some(p) => {
+                            traffic.installs += 1; // shared: a reference, no copy
+                            p
+                        }
+                        None => {
+                            let free = arena.free.lock().expect("free list").pop();
+                            let Some(free) = free else {
+                                return Err(InferenceError::ArenaFull { slots: arena.slots });
+                            };
+                            let p = Arc::new(Physical { slot: free, free: arena.free.clone() });
+                            arena.resident.insert(id, Arc::downgrade(&p));
+                            uploads.push(SlotOp::Install { slot: free, id });
+                            p
+                        }
+                    };
+                    slots[slot] = Some(physical);
+                }
+                SlotOp::Move { from, to } => {
+                    let held = slots[check(from)?].take();
+                    slots[check(to)?] = held;
+                    traffic.moves += 1;
+                }
+                SlotOp::Swap { a, b } => {
+                    slots.swap(check(a)?, check(b)?);
+                    traffic.moves += 1;
+                }
+            }
+        }
+        Ok(())
+    };
+    let walked = walk();
+    // Every slot taken is filled, even when a later op failed: a resident slot must hold
+    // its probe for whichever session takes it next. A physical slot freed and taken again
+    // in this request holds its last install.
+    let uploaded = arena.torch.apply(pack, &uploads, bytes, traffic);
+    arena.resident.retain(|_, p| p.strong_count() > 0);
+    walked.and(uploaded)
 }
 
 /// A scoring request admitted to the step, with its probes.
@@ -118,9 +236,9 @@ struct Admitted<'a> {
 }
 
 impl Steps {
-    pub(super) fn new(pack: Arc<Pack>, kernel: Kernel, window: Duration, path: &str) -> Self {
+    pub(super) fn new(pack: Arc<Pack>, scoring: Scoring, window: Duration, path: &str) -> Self {
         let stats = StepStats { traffic: WeightTraffic::new(path), ..Default::default() };
-        Self { pack, kernel, window, sessions: HashMap::new(), stats }
+        Self { pack, scoring, window, sessions: HashMap::new(), stats }
     }
 
     /// Serves until every sender is gone.
@@ -142,7 +260,11 @@ impl Steps {
             while let Some(msg) = next.take() {
                 match msg {
                     StepMsg::Open { session, slots } => {
-                        self.sessions.insert(session, SessionSlots { slots: SlotRefs::new(slots), failed: None });
+                        let slots = match self.scoring {
+                            Scoring::Kernel(_) => Slots::Kernel(SlotRefs::new(slots)),
+                            Scoring::Arena(_) => Slots::Arena((0..slots).map(|_| None).collect()),
+                        };
+                        self.sessions.insert(session, SessionSlots { slots, failed: None });
                     }
                     StepMsg::Close(session) if step.iter().any(|s| s.session == session) => {
                         // Its request in this step is scored first (its caller may be gone).
@@ -188,7 +310,14 @@ impl Steps {
             return None;
         };
         if s.failed.is_none() {
-            if let Err(e) = s.slots.apply(&self.pack, &w.ops, &w.bytes, &mut self.stats.traffic) {
+            let applied = match (&mut s.slots, &mut self.scoring) {
+                (Slots::Kernel(slots), _) => slots.apply(&self.pack, &w.ops, &w.bytes, &mut self.stats.traffic),
+                (Slots::Arena(slots), Scoring::Arena(arena)) => {
+                    apply_arena(arena, slots, &self.pack, &w.ops, &w.bytes, &mut self.stats.traffic)
+                }
+                (Slots::Arena(_), Scoring::Kernel(_)) => unreachable!("slots match the scoring"),
+            };
+            if let Err(e) = applied {
                 s.failed = Some(e.to_string());
             }
         }
@@ -212,14 +341,23 @@ impl Steps {
 
     /// Scores the union of the step's probes, each against the hidden states that need it.
     fn score(&mut self, step: Vec<Work>) {
+        match self.scoring {
+            Scoring::Kernel(_) => self.score_in_place(step),
+            Scoring::Arena(_) => self.score_on_arena(step),
+        }
+    }
+
+    /// The CPU kernel: one `score_sets` call over the cache's bytes.
+    fn score_in_place(&mut self, step: Vec<Work>) {
+        let Scoring::Kernel(kernel) = &self.scoring else { unreachable!("kernel scoring") };
         let t = Instant::now();
         let mut admitted = Vec::with_capacity(step.len());
         for w in step {
-            let Some(session) = self.sessions.get(&w.session) else {
-                let _ = w.reply.map(|r| r.send(Err(InferenceError::Setup(format!("{} is closed", w.session)))));
-                continue;
+            let held = match self.sessions.get(&w.session).map(|s| &s.slots) {
+                Some(Slots::Kernel(slots)) => slots.held(w.start, w.len),
+                _ => Err(InferenceError::Setup(format!("{} is closed", w.session))),
             };
-            match session.slots.held(w.start, w.len) {
+            match held {
                 Ok(held) => admitted.push(Admitted {
                     reply: w.reply.expect("scoring requests have a reply"),
                     hidden: w.hidden,
@@ -264,15 +402,10 @@ impl Steps {
         let set_refs: Vec<&[usize]> = sets.iter().map(|s| &s[..]).collect();
         let mut out = vec![0f32; total];
         let result = tracing::debug_span!("step", requests = admitted.len(), union = probes.len())
-            .in_scope(|| self.kernel.score_sets(&probes, &set_refs, &hidden, &mut out));
+            .in_scope(|| kernel.score_sets(&probes, &set_refs, &hidden, &mut out));
         let scoring = t.elapsed();
-        self.stats.kernel_ns += scoring.as_nanos() as u64;
-        self.stats.bytes_scored += (probes.len() * self.pack.layout().byte_len()) as u64;
-        self.stats.steps += 1;
-        self.stats.requests += admitted.len() as u64;
-        self.stats.union_probes += probes.len() as u64;
-        self.stats.logits += total as u64;
-        self.stats.max_step = self.stats.max_step.max(admitted.len());
+        let bytes = (probes.len() * self.pack.layout().byte_len()) as u64;
+        self.stats.count_step(admitted.len(), probes.len(), total, scoring, bytes);
         for (a, mine) in admitted.into_iter().zip(wants) {
             let _e = a.span.enter();
             let reply = match &result {
@@ -286,11 +419,71 @@ impl Steps {
         }
     }
 
+    /// The shared tch arena: the union's physical slots gathered and scored against every
+    /// hidden state of the step in one pass (on an accelerator the extra probe × state pairs
+    /// cost less than a launch per subset).
+    fn score_on_arena(&mut self, step: Vec<Work>) {
+        let Scoring::Arena(arena) = &self.scoring else { unreachable!("arena scoring") };
+        let t = Instant::now();
+        let mut index: HashMap<usize, usize> = HashMap::new();
+        let mut physical: Vec<usize> = Vec::new();
+        let mut admitted = Vec::with_capacity(step.len());
+        for w in step {
+            let held: Result<Vec<usize>, InferenceError> = match self.sessions.get(&w.session).map(|s| &s.slots) {
+                Some(Slots::Arena(slots)) => match slots.get(w.start..w.start + w.len) {
+                    None => Err(InferenceError::NoSlot { slot: w.start + w.len - 1, slots: slots.len() }),
+                    Some(held) => held
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| p.as_ref().map(|p| p.slot).ok_or(InferenceError::EmptySlot(w.start + i)))
+                        .collect(),
+                },
+                _ => Err(InferenceError::Setup(format!("{} is closed", w.session))),
+            };
+            match held {
+                Ok(held) => {
+                    let mine: Vec<usize> = held
+                        .iter()
+                        .map(|&p| {
+                            *index.entry(p).or_insert_with(|| {
+                                physical.push(p);
+                                physical.len() - 1
+                            })
+                        })
+                        .collect();
+                    admitted.push((w.reply.expect("scoring requests have a reply"), w.hidden, mine, w.span));
+                }
+                Err(e) => {
+                    let _ = w.reply.map(|r| r.send(Err(e)));
+                }
+            }
+        }
+        if admitted.is_empty() {
+            return;
+        }
+        let batch = admitted.len();
+        let hidden: Vec<&[f32]> = admitted.iter().map(|a| &a.1[..]).collect();
+        let result = arena.torch.score_slots(&physical, &hidden);
+        let scoring = t.elapsed();
+        let bytes = (physical.len() * self.pack.layout().byte_len()) as u64;
+        self.stats.count_step(batch, physical.len(), physical.len() * batch, scoring, bytes);
+        for (b, (reply, _, mine, span)) in admitted.into_iter().enumerate() {
+            let _e = span.enter();
+            let answer = match &result {
+                Ok(out) => Ok(Scores { logits: mine.iter().map(|&u| out[u * batch + b]).collect(), scoring }),
+                Err(e) => Err(InferenceError::Tch(e.to_string())),
+            };
+            let _ = reply.send(answer);
+        }
+    }
+
     fn stats(&self) -> StepStats {
-        let mut held: HashMap<ConceptId, usize> = HashMap::new();
+        // Distinct probes held (the cache's entries, or physical arena slots), and references.
+        let mut held: HashMap<usize, usize> = HashMap::new();
         for s in self.sessions.values() {
-            for id in s.slots.ids() {
-                *held.entry(id).or_default() += 1;
+            match &s.slots {
+                Slots::Kernel(slots) => slots.ids().for_each(|id| *held.entry(id.0 as usize).or_default() += 1),
+                Slots::Arena(slots) => slots.iter().flatten().for_each(|p| *held.entry(p.slot).or_default() += 1),
             }
         }
         StepStats {
@@ -433,7 +626,7 @@ mod tests {
         let (stats_tx, stats) = oneshot::channel();
         tx.send(StepMsg::Stats(stats_tx)).unwrap();
         drop(tx);
-        Steps::new(pack.clone(), kernel, Duration::ZERO, "test").run(rx);
+        Steps::new(pack.clone(), Scoring::Kernel(kernel), Duration::ZERO, "test").run(rx);
         stats.blocking_recv().unwrap()
     }
 
@@ -498,5 +691,118 @@ mod tests {
         let err = logits(r2).unwrap_err();
         assert!(matches!(err, InferenceError::EmptySlot(1)), "{err}");
         assert_eq!(stats.sessions, 1);
+    }
+}
+
+#[cfg(test)]
+mod arena_tests {
+    //! The shared tch arena, run on the CPU (`device.cpu_kernel = "torch"` takes the same
+    //! path as an accelerator, without staging).
+    use super::*;
+    use crate::engine::tensors::RowSplit;
+    use crate::kernel::reference_logit;
+    use crate::synth::{write_synth_pack, SynthParams};
+
+    fn close(a: f32, b: f32) -> bool {
+        (a - b).abs() <= 1e-4 * (1.0 + b.abs())
+    }
+
+    #[test]
+    fn sessions_share_physical_slots_and_get_their_own_logits() {
+        let dir = tempfile::tempdir().unwrap();
+        write_synth_pack(dir.path(), &SynthParams::tiny(), |_| {}).unwrap();
+        let pack = Arc::new(Pack::open(dir.path()).unwrap());
+        let torch = TorchArena::new(&pack, 4, tch::Device::Cpu, tch::Kind::Float, None, RowSplit::none()).unwrap();
+        let mut steps = Steps::new(pack.clone(), Scoring::Arena(SharedArena::new(torch, 4)), Duration::ZERO, "t");
+        let h = |seed: f32| Arc::new((0..pack.hidden_dim()).map(|i| (i as f32 * seed).sin()).collect::<Vec<f32>>());
+        let bytes = |ids: &[u32]| -> HashMap<ConceptId, Arc<ProbeBytes>> {
+            ids.iter()
+                .map(|&i| {
+                    (ConceptId(i), Arc::new(ProbeBytes::detached(ConceptId(i), pack.read_probe(ConceptId(i)).unwrap())))
+                })
+                .collect()
+        };
+        let want = |id: u32, x: &[f32]| {
+            let b = pack.read_probe(ConceptId(id)).unwrap();
+            let ranges = pack.layout().ranges(&pack.tensor_offsets(ConceptId(id)));
+            reference_logit(&ProbeRef { bytes: &b, ranges: &ranges }, pack.layout().dtype, x)
+        };
+        let install = |ids: &[u32]| -> Vec<SlotOp> {
+            ids.iter().enumerate().map(|(slot, &id)| SlotOp::Install { slot, id: ConceptId(id) }).collect()
+        };
+        for s in [1, 2, 3] {
+            steps.sessions.insert(
+                SessionId(s),
+                SessionSlots { slots: Slots::Arena((0..4).map(|_| None).collect()), failed: None },
+            );
+        }
+        let (h1, h2) = (h(0.3), h(0.7));
+        let mut replies = Vec::new();
+        let mut step = Vec::new();
+        for (s, ids, x) in [(1, vec![3, 7], h1.clone()), (2, vec![7, 9, 3], h2.clone())] {
+            let (reply, rx) = oneshot::channel();
+            let w = Work {
+                session: SessionId(s),
+                ops: install(&ids),
+                bytes: bytes(&ids),
+                start: 0,
+                len: ids.len(),
+                hidden: x,
+                reply: Some(reply),
+                span: tracing::Span::none(),
+            };
+            step.push(steps.apply(w).unwrap());
+            replies.push(rx);
+        }
+        steps.score(step);
+        let got: Vec<Vec<f32>> = replies.into_iter().map(|r| r.blocking_recv().unwrap().unwrap().logits).collect();
+        for (g, w) in got[0].iter().zip([want(3, &h1), want(7, &h1)]) {
+            assert!(close(*g, w), "session 1: {g} vs {w}");
+        }
+        for (g, w) in got[1].iter().zip([want(7, &h2), want(9, &h2), want(3, &h2)]) {
+            assert!(close(*g, w), "session 2: {g} vs {w}");
+        }
+        // Probes 3 and 7 are resident once: 3 physical slots for 5 references, 3 copies.
+        let stats = steps.stats();
+        assert_eq!((stats.held_probes, stats.held_refs), (3, 5));
+        assert_eq!(stats.traffic.installs, 5);
+        assert_eq!(stats.traffic.install_bytes_copied, 3 * pack.layout().byte_len() as u64);
+        // Session 1 lets go of probe 3 (moved over), session 2 still holds it; then two new
+        // probes need the one free slot plus the one probe 7 frees when session 2 closes.
+        let (reply, rx) = oneshot::channel();
+        let w = Work {
+            session: SessionId(1),
+            ops: vec![SlotOp::Move { from: 1, to: 0 }],
+            bytes: HashMap::new(),
+            start: 0,
+            len: 1,
+            hidden: h1.clone(),
+            reply: Some(reply),
+            span: tracing::Span::none(),
+        };
+        let w = steps.apply(w).unwrap();
+        steps.score(vec![w]);
+        assert!(close(rx.blocking_recv().unwrap().unwrap().logits[0], want(7, &h1)));
+        assert_eq!(steps.stats().held_probes, 3, "probe 3 stays: session 2 holds it");
+        // A session asking for more probes than there are free slots fails alone, naming the key.
+        let ops = install(&[11, 13]);
+        let w = Work {
+            session: SessionId(3),
+            ops,
+            bytes: bytes(&[11, 13]),
+            start: 0,
+            len: 0,
+            hidden: Arc::new(Vec::new()),
+            reply: None,
+            span: tracing::Span::none(),
+        };
+        assert!(steps.apply(w).is_none());
+        let failed = steps.sessions[&SessionId(3)].failed.clone().unwrap();
+        assert!(failed.contains("runtime.pool_slots"), "{failed}");
+        // Closing session 2 frees probes 9 and 3; 7 stays with session 1.
+        steps.sessions.remove(&SessionId(2));
+        let stats = steps.stats();
+        assert!(stats.held_probes <= 2, "{stats:?}");
+        assert_eq!(steps.sessions[&SessionId(1)].failed, None);
     }
 }
