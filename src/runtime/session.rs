@@ -1,5 +1,6 @@
 //! Many streams on one runtime: a [`Runtime`] owns the pack, the weight cache and its reader,
-//! and the step scheduler (the CPU kernel on its own thread); each stream is a cheap
+//! and the step scheduler (the CPU kernel, or one shared tch arena, on its own thread); each
+//! stream is a cheap
 //! [`Session`] with its own coordinator (active set, token counter, pending loads, cascade
 //! settings). Tokens of different sessions that wait at the same time are scored in one step
 //! (see [`super::steps`]).
@@ -15,7 +16,9 @@
 //! sets, each probe once. The cache must hold one session's cap (`cascade.max_loaded` probes,
 //! checked at start and for each session's options); beyond its budget, active probes stay
 //! pinned while used, so RAM is bounded by `runtime.cache_bytes` plus, at worst,
-//! `max_sessions × max_loaded` probes that are active at once and did not fit.
+//! `max_sessions × max_loaded` probes that are active at once and did not fit. On a shared
+//! arena each session reserves its cap of `runtime.pool_slots` slots when it opens, so no
+//! token fails for want of a slot (docs/architecture.md, "Sessions").
 
 use std::collections::HashMap;
 use std::path::Path;
