@@ -100,7 +100,7 @@ impl Runtime {
             })?;
             (Scoring::Kernel(kernel), isa.name())
         };
-        let (tx, _thread) = steps::spawn(Steps::new(pack.clone(), scoring, window, path))
+        let tx = steps::spawn(Steps::new(pack.clone(), scoring, window, path))
             .map_err(|e| RuntimeError::Setup(format!("starting the step scheduler: {e}")))?;
         let (cache, reader) = spawn_cache(&pack, &config.runtime)?;
         Ok(Self {

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::cache::ProbeBytes;
-use super::inference::{Held, InferenceError, Scores, SlotRefs, TorchArena, WeightTraffic};
+use super::inference::{InferenceError, Scores, SlotRefs, TorchArena, WeightTraffic};
 use super::pool::SlotOp;
 use crate::kernel::{Kernel, ProbeRef, MAX_BATCH};
 use crate::pack::{ConceptId, Pack};
@@ -227,12 +227,37 @@ fn apply_arena(
     walked.and(uploaded)
 }
 
-/// A scoring request admitted to the step, with its probes.
-struct Admitted<'a> {
+/// A scoring request admitted to the step, with what its slots hold (cache entries on the
+/// kernel, physical slots on the arena).
+struct Admitted<H> {
     reply: oneshot::Sender<Result<Scores, InferenceError>>,
     hidden: Arc<Vec<f32>>,
-    held: Vec<&'a Held>,
+    held: Vec<H>,
     span: tracing::Span,
+}
+
+/// The step's requests whose slots resolve, by `held`; the others are answered with their
+/// error (a closed session, an empty slot) and left out.
+fn admit<H>(step: Vec<Work>, held: impl Fn(&Work) -> Result<Vec<H>, InferenceError>) -> Vec<Admitted<H>> {
+    let mut admitted = Vec::with_capacity(step.len());
+    for w in step {
+        match held(&w) {
+            Ok(held) => admitted.push(Admitted {
+                reply: w.reply.expect("scoring requests have a reply"),
+                hidden: w.hidden,
+                held,
+                span: w.span,
+            }),
+            Err(e) => {
+                let _ = w.reply.map(|r| r.send(Err(e)));
+            }
+        }
+    }
+    admitted
+}
+
+fn closed(session: SessionId) -> InferenceError {
+    InferenceError::Setup(format!("{session} is closed"))
 }
 
 impl Steps {
@@ -305,7 +330,7 @@ impl Steps {
     fn apply(&mut self, mut w: Work) -> Option<Work> {
         let Some(s) = self.sessions.get_mut(&w.session) else {
             if let Some(reply) = w.reply {
-                let _ = reply.send(Err(InferenceError::Setup(format!("{} is closed", w.session))));
+                let _ = reply.send(Err(closed(w.session)));
             }
             return None;
         };
@@ -321,8 +346,8 @@ impl Steps {
                 s.failed = Some(e.to_string());
             }
         }
-        let bytes = std::mem::take(&mut w.bytes);
-        drop(bytes);
+        // Installed: the request's own references go now, the slots keep theirs.
+        drop(std::mem::take(&mut w.bytes));
         let reply = w.reply.as_ref()?;
         if reply.is_closed() {
             self.stats.skipped_closed += 1;
@@ -351,24 +376,10 @@ impl Steps {
     fn score_in_place(&mut self, step: Vec<Work>) {
         let Scoring::Kernel(kernel) = &self.scoring else { unreachable!("kernel scoring") };
         let t = Instant::now();
-        let mut admitted = Vec::with_capacity(step.len());
-        for w in step {
-            let held = match self.sessions.get(&w.session).map(|s| &s.slots) {
-                Some(Slots::Kernel(slots)) => slots.held(w.start, w.len),
-                _ => Err(InferenceError::Setup(format!("{} is closed", w.session))),
-            };
-            match held {
-                Ok(held) => admitted.push(Admitted {
-                    reply: w.reply.expect("scoring requests have a reply"),
-                    hidden: w.hidden,
-                    held,
-                    span: w.span,
-                }),
-                Err(e) => {
-                    let _ = w.reply.map(|r| r.send(Err(e)));
-                }
-            }
-        }
+        let admitted = admit(step, |w| match self.sessions.get(&w.session).map(|s| &s.slots) {
+            Some(Slots::Kernel(slots)) => slots.held(w.start, w.len),
+            _ => Err(closed(w.session)),
+        });
         if admitted.is_empty() {
             return;
         }
@@ -425,55 +436,50 @@ impl Steps {
     fn score_on_arena(&mut self, step: Vec<Work>) {
         let Scoring::Arena(arena) = &self.scoring else { unreachable!("arena scoring") };
         let t = Instant::now();
-        let mut index: HashMap<usize, usize> = HashMap::new();
-        let mut physical: Vec<usize> = Vec::new();
-        let mut admitted = Vec::with_capacity(step.len());
-        for w in step {
-            let held: Result<Vec<usize>, InferenceError> = match self.sessions.get(&w.session).map(|s| &s.slots) {
-                Some(Slots::Arena(slots)) => match slots.get(w.start..w.start + w.len) {
-                    None => Err(InferenceError::NoSlot { slot: w.start + w.len - 1, slots: slots.len() }),
-                    Some(held) => held
-                        .iter()
-                        .enumerate()
-                        .map(|(i, p)| p.as_ref().map(|p| p.slot).ok_or(InferenceError::EmptySlot(w.start + i)))
-                        .collect(),
-                },
-                _ => Err(InferenceError::Setup(format!("{} is closed", w.session))),
-            };
-            match held {
-                Ok(held) => {
-                    let mine: Vec<usize> = held
-                        .iter()
-                        .map(|&p| {
-                            *index.entry(p).or_insert_with(|| {
-                                physical.push(p);
-                                physical.len() - 1
-                            })
-                        })
-                        .collect();
-                    admitted.push((w.reply.expect("scoring requests have a reply"), w.hidden, mine, w.span));
-                }
-                Err(e) => {
-                    let _ = w.reply.map(|r| r.send(Err(e)));
-                }
-            }
-        }
+        let admitted = admit(step, |w| match self.sessions.get(&w.session).map(|s| &s.slots) {
+            Some(Slots::Arena(slots)) => match slots.get(w.start..w.start + w.len) {
+                None => Err(InferenceError::NoSlot { slot: w.start + w.len - 1, slots: slots.len() }),
+                Some(held) => held
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| p.as_ref().map(|p| p.slot).ok_or(InferenceError::EmptySlot(w.start + i)))
+                    .collect(),
+            },
+            _ => Err(closed(w.session)),
+        });
         if admitted.is_empty() {
             return;
         }
+        // The union of physical slots, and each request's positions in it.
+        let mut index: HashMap<usize, usize> = HashMap::new();
+        let mut physical: Vec<usize> = Vec::new();
+        let wants: Vec<Vec<usize>> = admitted
+            .iter()
+            .map(|a| {
+                a.held
+                    .iter()
+                    .map(|&p| {
+                        *index.entry(p).or_insert_with(|| {
+                            physical.push(p);
+                            physical.len() - 1
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
         let batch = admitted.len();
-        let hidden: Vec<&[f32]> = admitted.iter().map(|a| &a.1[..]).collect();
+        let hidden: Vec<&[f32]> = admitted.iter().map(|a| &a.hidden[..]).collect();
         let result = arena.torch.score_slots(&physical, &hidden);
         let scoring = t.elapsed();
         let bytes = (physical.len() * self.pack.layout().byte_len()) as u64;
         self.stats.count_step(batch, physical.len(), physical.len() * batch, scoring, bytes);
-        for (b, (reply, _, mine, span)) in admitted.into_iter().enumerate() {
-            let _e = span.enter();
+        for (b, (a, mine)) in admitted.into_iter().zip(wants).enumerate() {
+            let _e = a.span.enter();
             let answer = match &result {
                 Ok(out) => Ok(Scores { logits: mine.iter().map(|&u| out[u * batch + b]).collect(), scoring }),
                 Err(e) => Err(InferenceError::Tch(e.to_string())),
             };
-            let _ = reply.send(answer);
+            let _ = a.reply.send(answer);
         }
     }
 
@@ -549,16 +555,17 @@ impl Drop for Lane {
     }
 }
 
-/// Starts the scheduler on its own thread.
-pub(super) fn spawn(steps: Steps) -> std::io::Result<(flume::Sender<StepMsg>, std::thread::JoinHandle<()>)> {
+/// Starts the scheduler on its own thread, which ends when the last sender is gone.
+pub(super) fn spawn(steps: Steps) -> std::io::Result<flume::Sender<StepMsg>> {
     let (tx, rx) = flume::unbounded();
-    let handle = std::thread::Builder::new().name("steps".into()).spawn(move || steps.run(rx))?;
-    Ok((tx, handle))
+    std::thread::Builder::new().name("steps".into()).spawn(move || steps.run(rx))?;
+    Ok(tx)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::tensors::RowSplit;
     use crate::kernel::{reference_logit, Isa};
     use crate::synth::{write_synth_pack, SynthParams};
 
@@ -692,41 +699,22 @@ mod tests {
         assert!(matches!(err, InferenceError::EmptySlot(1)), "{err}");
         assert_eq!(stats.sessions, 1);
     }
-}
 
-#[cfg(test)]
-mod arena_tests {
-    //! The shared tch arena, run on the CPU (`device.cpu_kernel = "torch"` takes the same
-    //! path as an accelerator, without staging).
-    use super::*;
-    use crate::engine::tensors::RowSplit;
-    use crate::kernel::reference_logit;
-    use crate::synth::{write_synth_pack, SynthParams};
-
+    // The shared tch arena, run on the CPU (`device.cpu_kernel = "torch"` takes the same
+    // path as an accelerator, without staging).
     fn close(a: f32, b: f32) -> bool {
         (a - b).abs() <= 1e-4 * (1.0 + b.abs())
     }
 
     #[test]
-    fn sessions_share_physical_slots_and_get_their_own_logits() {
-        let dir = tempfile::tempdir().unwrap();
-        write_synth_pack(dir.path(), &SynthParams::tiny(), |_| {}).unwrap();
-        let pack = Arc::new(Pack::open(dir.path()).unwrap());
+    fn on_the_shared_arena_sessions_share_physical_slots_and_get_their_own_logits() {
+        let setup = setup();
+        let pack = setup.pack.clone();
         let torch = TorchArena::new(&pack, 4, tch::Device::Cpu, tch::Kind::Float, None, RowSplit::none()).unwrap();
         let mut steps = Steps::new(pack.clone(), Scoring::Arena(SharedArena::new(torch, 4)), Duration::ZERO, "t");
-        let h = |seed: f32| Arc::new((0..pack.hidden_dim()).map(|i| (i as f32 * seed).sin()).collect::<Vec<f32>>());
-        let bytes = |ids: &[u32]| -> HashMap<ConceptId, Arc<ProbeBytes>> {
-            ids.iter()
-                .map(|&i| {
-                    (ConceptId(i), Arc::new(ProbeBytes::detached(ConceptId(i), pack.read_probe(ConceptId(i)).unwrap())))
-                })
-                .collect()
-        };
-        let want = |id: u32, x: &[f32]| {
-            let b = pack.read_probe(ConceptId(id)).unwrap();
-            let ranges = pack.layout().ranges(&pack.tensor_offsets(ConceptId(id)));
-            reference_logit(&ProbeRef { bytes: &b, ranges: &ranges }, pack.layout().dtype, x)
-        };
+        let h = |seed: f32| hidden(&pack, seed);
+        let bytes = |ids: &[u32]| bytes(&pack, ids);
+        let want = |id: u32, x: &[f32]| f32::from_bits(want(&pack, id, x));
         let install = |ids: &[u32]| -> Vec<SlotOp> {
             ids.iter().enumerate().map(|(slot, &id)| SlotOp::Install { slot, id: ConceptId(id) }).collect()
         };

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use probe_cascade::config::Config;
 use probe_cascade::engine::percentile;
+use probe_cascade::engine::TokenReport;
 use probe_cascade::npy::Matrix;
 use probe_cascade::pack::Pack;
 use probe_cascade::runtime::{Cascade, Runtime, RuntimeError, SessionOptions, StepStats};
@@ -16,22 +17,26 @@ use serde_json::json;
 /// What one stream did: each token's wall time from the end of the one before.
 type Times = Vec<f64>;
 
-/// Token `t` of a stream that starts at `offset` and wraps around.
-fn row_of(trace: &Matrix, offset: usize, t: usize) -> Vec<f32> {
-    trace.row((offset + t) % trace.rows).to_vec()
-}
-
-/// Runs `observe` over each stream's tokens, all streams at once; returns each stream's
-/// per-token times and the wall time of the whole.
-async fn all_at_once<F, Fut>(streams: usize, tokens: usize, observe: F) -> Result<(Vec<Times>, Duration), RuntimeError>
+/// Runs `streams` streams at once, `tokens` tokens each, stream i starting at token
+/// `i·stride + from` of the trace (wrapping around); `observe(i, hidden)` observes one of
+/// stream i's tokens. Returns each stream's per-token times and the wall time of the whole.
+async fn all_at_once<F, Fut>(
+    trace: &Matrix,
+    streams: usize,
+    from: usize,
+    tokens: usize,
+    observe: F,
+) -> Result<(Vec<Times>, Duration), RuntimeError>
 where
-    F: Fn(usize, usize) -> Fut,
-    Fut: std::future::Future<Output = Result<(), RuntimeError>> + Send + 'static,
+    F: Fn(usize, Vec<f32>) -> Fut,
+    Fut: std::future::Future<Output = Result<TokenReport, RuntimeError>> + Send + 'static,
 {
+    let stride = trace.rows / streams;
     let start = Instant::now();
     let tasks: Vec<_> = (0..streams)
         .map(|i| {
-            let futures: Vec<Fut> = (0..tokens).map(|t| observe(i, t)).collect();
+            let futures: Vec<Fut> =
+                (0..tokens).map(|t| observe(i, trace.row((i * stride + from + t) % trace.rows).to_vec())).collect();
             tokio::spawn(async move {
                 let mut times = Vec::with_capacity(futures.len());
                 let mut last = Instant::now();
@@ -124,7 +129,6 @@ pub fn bench(
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut rows = Vec::new();
-    let trace = Arc::new(trace.clone());
     for &n in counts {
         let n = n as usize;
         let mut config = config.clone();
@@ -135,19 +139,14 @@ pub fn bench(
             for _ in 0..n {
                 sessions.push(Arc::new(runtime.open_session(SessionOptions::default()).await?));
             }
-            let stride = trace.rows / n;
-            let observe = |from: usize| {
-                let (sessions, trace) = (sessions.clone(), trace.clone());
-                move |i: usize, t: usize| {
-                    let s = sessions[i].clone();
-                    let h = row_of(&trace, i * stride, from + t);
-                    async move { s.observe(h).await.map(|_| ()) }
-                }
+            let observe = |i: usize, h: Vec<f32>| {
+                let s = sessions[i].clone();
+                async move { s.observe(h).await }
             };
             // Warm-up, then the measured tokens (step stats taken in between).
-            all_at_once(n, warmup, observe(0)).await?;
+            all_at_once(trace, n, 0, warmup, observe).await?;
             let before = runtime.step_stats().await?;
-            let (times, wall) = all_at_once(n, tokens, observe(warmup)).await?;
+            let (times, wall) = all_at_once(trace, n, warmup, tokens, observe).await?;
             let after = runtime.step_stats().await?;
             let ram = runtime.cache_stats().await?.resident_bytes;
             drop(sessions);
@@ -178,17 +177,12 @@ pub fn bench(
         for _ in 0..n {
             cascades.push(Arc::new(Cascade::start(pack.clone(), config).await?));
         }
-        let stride = trace.rows / n;
-        let observe = |from: usize| {
-            let (cascades, trace) = (cascades.clone(), trace.clone());
-            move |i: usize, t: usize| {
-                let c = cascades[i].clone();
-                let h = row_of(&trace, i * stride, from + t);
-                async move { c.observe(h).await.map(|_| ()) }
-            }
+        let observe = |i: usize, h: Vec<f32>| {
+            let c = cascades[i].clone();
+            async move { c.observe(h).await }
         };
-        all_at_once(n, warmup, observe(0)).await?;
-        let (times, wall) = all_at_once(n, tokens, observe(warmup)).await?;
+        all_at_once(trace, n, 0, warmup, observe).await?;
+        let (times, wall) = all_at_once(trace, n, warmup, tokens, observe).await?;
         let mut ram = 0;
         for c in &cascades {
             ram += c.cache_stats().await?.resident_bytes;
