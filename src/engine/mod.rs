@@ -3,6 +3,7 @@
 //! scored.
 
 mod cascade;
+pub mod hidden;
 pub mod naive;
 pub mod reference;
 pub mod tensors;
@@ -10,6 +11,7 @@ pub mod tensors;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use hidden::{Hidden, HiddenSource, HiddenValues};
 pub use cascade::{layer_norm, layer_norm_f64, prepare_hidden, report_entries, CascadeEngine, LAYER_NORM_EPS};
 
 use crate::config::Config;

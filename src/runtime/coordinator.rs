@@ -21,7 +21,7 @@ use super::pool::{ModelPool, Residency, SlotOp};
 use super::steps::Lane;
 use super::RuntimeError;
 use crate::config::{CascadeConfig, Mode, Normalization};
-use crate::engine::{prepare_hidden, report_entries, StageTimings, TokenReport};
+use crate::engine::{prepare_hidden, report_entries, Hidden, StageTimings, TokenReport};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::{ConceptSet, Scored, TokenCascade};
 
@@ -278,14 +278,16 @@ impl Coordinator {
     async fn observe(
         &mut self,
         token: usize,
-        hidden: &[f32],
+        hidden: Hidden,
         me: &ActorRef<Self>,
     ) -> Result<TokenReport, RuntimeError> {
         if let Some(why) = &self.broken {
             return Err(RuntimeError::Broken(why.clone()));
         }
         let start = Instant::now();
-        let h = Arc::new(prepare_hidden(token, hidden, self.pack.hidden_dim(), self.normalization)?);
+        let h = Arc::new(prepare_hidden(token, hidden.values(), self.pack.hidden_dim(), self.normalization)?);
+        // The caller's memory (a tensor or an array it lent) is released as soon as it is read.
+        drop(hidden);
         let mut stages = StageTimings::default();
 
         let t = Instant::now();
@@ -400,7 +402,7 @@ impl Actor for Coordinator {
 }
 
 /// Score one hidden state. The token index is assigned in arrival order.
-pub struct Observe(pub Vec<f32>);
+pub struct Observe(pub Hidden);
 
 impl Message<Observe> for Coordinator {
     type Reply = Result<TokenReport, RuntimeError>;
@@ -409,7 +411,7 @@ impl Message<Observe> for Coordinator {
         let token = self.next_token;
         self.next_token += 1;
         let me = ctx.actor_ref().clone();
-        self.observe(token, &hidden, &me).instrument(debug_span!("token", index = token)).await
+        self.observe(token, hidden, &me).instrument(debug_span!("token", index = token)).await
     }
 }
 

@@ -24,7 +24,7 @@ use kameo::mailbox;
 use kameo::prelude::{ActorRef, Spawn};
 
 use crate::config::{CascadeConfig, Config, CpuKernel, RuntimeConfig};
-use crate::engine::{tensors, EngineError, TokenReport};
+use crate::engine::{tensors, EngineError, Hidden, TokenReport};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::ConceptSet;
 use cache::{CacheSettings, CacheStats, ReadError, WeightCache};
@@ -126,8 +126,8 @@ impl Cascade {
     }
 
     /// Scores one hidden state; tokens are numbered in the order their requests arrive.
-    pub async fn observe(&self, hidden: Vec<f32>) -> Result<TokenReport, RuntimeError> {
-        observe_on(&self.coordinator, hidden, &self.stopping).await
+    pub async fn observe(&self, hidden: impl Into<Hidden>) -> Result<TokenReport, RuntimeError> {
+        observe_on(&self.coordinator, hidden.into(), &self.stopping).await
     }
 
     /// The active probes, ascending.
@@ -208,7 +208,7 @@ fn new_coordinator(
 /// Asks a coordinator to score a hidden state, naming why if it cannot.
 async fn observe_on(
     coordinator: &ActorRef<Coordinator>,
-    hidden: Vec<f32>,
+    hidden: Hidden,
     stopping: &std::sync::atomic::AtomicBool,
 ) -> Result<TokenReport, RuntimeError> {
     coordinator.ask(Observe(hidden)).await.map_err(|e| match e {

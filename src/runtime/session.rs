@@ -36,7 +36,7 @@ use super::steps::{self, Lane, Scoring, SessionId, SharedArena, StepMsg, StepSta
 use super::{check_cache_holds_the_cap, new_coordinator, observe_on, settle_on, spawn_cache, RuntimeError};
 use crate::config::{CascadeConfig, Config, CpuKernel, Mode};
 use crate::engine::tensors::{self, RowSplit};
-use crate::engine::TokenReport;
+use crate::engine::{Hidden, TokenReport};
 use crate::kernel::{Isa, Kernel};
 use crate::pack::{ConceptId, Pack};
 
@@ -172,14 +172,17 @@ impl Runtime {
     /// One decode step of many sessions: each `(session, hidden)` is observed, all at once,
     /// so that their scoring shares steps. Answers come back in the order asked, one per
     /// item, each a report or that item's error (an unknown session, a bad hidden state).
-    pub async fn observe_batch(&self, items: Vec<(SessionId, Vec<f32>)>) -> Vec<Result<TokenReport, RuntimeError>> {
+    pub async fn observe_batch<H: Into<Hidden>>(
+        &self,
+        items: Vec<(SessionId, H)>,
+    ) -> Vec<Result<TokenReport, RuntimeError>> {
         let coordinators: Vec<_> = {
             let sessions = self.shared.sessions.lock().expect("sessions lock");
             items.iter().map(|(id, _)| sessions.get(id).and_then(WeakActorRef::upgrade)).collect()
         };
         let asks = items.into_iter().zip(coordinators).map(|((id, hidden), c)| async move {
             match c {
-                Some(c) => observe_on(&c, hidden, &self.shared.stopping).await,
+                Some(c) => observe_on(&c, hidden.into(), &self.shared.stopping).await,
                 None => Err(RuntimeError::UnknownSession(id)),
             }
         });
@@ -272,8 +275,8 @@ impl Session {
     }
 
     /// Scores one hidden state; this session's tokens are numbered from 0 in arrival order.
-    pub async fn observe(&self, hidden: Vec<f32>) -> Result<TokenReport, RuntimeError> {
-        observe_on(&self.coordinator, hidden, &self.shared.stopping).await
+    pub async fn observe(&self, hidden: impl Into<Hidden>) -> Result<TokenReport, RuntimeError> {
+        observe_on(&self.coordinator, hidden.into(), &self.shared.stopping).await
     }
 
     /// The session's active probes, ascending.

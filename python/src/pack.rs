@@ -1,0 +1,214 @@
+//! Pack tools: open, inspect, verify, import HatCat lenses, and write a pack from arrays
+//! (what `examples/train_pack.py` does with the probes it trains).
+
+use std::path::PathBuf;
+
+use probe_cascade::import::{import_hatcat as core_import, ImportError, ImportOptions};
+use probe_cascade::pack::{
+    write_pack, ConceptDef, ConceptId, DType, InputNormalization, Pack, PackSpec, ProbeWeights,
+};
+use pyo3::buffer::PyBuffer;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::errors::{bad_hidden, config_error, from_pack, raise, Facts, ProbeLoadError};
+
+fn open_pack(py: Python<'_>, dir: &PathBuf) -> PyResult<Pack> {
+    py.detach(|| Pack::open(dir)).map_err(|e| from_pack(&e))
+}
+
+/// A pack's shape: concepts, D, dtype, layers and the hierarchy.
+#[pyfunction]
+pub fn inspect<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let pack = open_pack(py, &dir)?;
+    let h = pack.hierarchy();
+    let d = PyDict::new(py);
+    d.set_item("dir", dir.display().to_string())?;
+    d.set_item("concepts", pack.len())?;
+    d.set_item("hidden_dim", pack.hidden_dim())?;
+    d.set_item("dtype", pack.dtype().to_string())?;
+    d.set_item(
+        "input_normalization",
+        match pack.input_normalization() {
+            InputNormalization::None => "none",
+            InputNormalization::LayerNorm => "layer_norm",
+        },
+    )?;
+    d.set_item("bytes_per_probe", pack.layout().byte_len())?;
+    d.set_item("shards", pack.shards().len())?;
+    let layers = PyList::empty(py);
+    for layer in 0..h.layer_count() as u16 {
+        let members = h.layer_members(layer);
+        let l = PyDict::new(py);
+        l.set_item("layer", layer)?;
+        l.set_item("concepts", members.len())?;
+        l.set_item("leaves", members.iter().filter(|&&c| h.children(ConceptId(c)).is_empty()).count())?;
+        layers.append(l)?;
+    }
+    d.set_item("layers", layers)?;
+    Ok(d)
+}
+
+/// Every concept: name, layer, parents and children (by name).
+#[pyfunction]
+pub fn concepts<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<Bound<'py, PyList>> {
+    let pack = open_pack(py, &dir)?;
+    let h = pack.hierarchy();
+    let out = PyList::empty(py);
+    let names = |ids: &[u32]| ids.iter().map(|&i| h.name(ConceptId(i)).to_string()).collect::<Vec<_>>();
+    for id in h.ids() {
+        let c = PyDict::new(py);
+        c.set_item("id", id.0)?;
+        c.set_item("name", h.name(id))?;
+        c.set_item("layer", h.layer(id))?;
+        c.set_item("parents", names(h.parents(id)))?;
+        c.set_item("children", names(h.children(id)))?;
+        out.append(c)?;
+    }
+    Ok(out)
+}
+
+/// Reads every probe: checksums, shapes, finite values. Returns the defects (empty when the
+/// pack is sound); with `raise_on_defect`, raises ProbeLoadError naming the first.
+#[pyfunction]
+#[pyo3(signature = (dir, raise_on_defect = false))]
+pub fn verify(py: Python<'_>, dir: PathBuf, raise_on_defect: bool) -> PyResult<Vec<String>> {
+    let pack = open_pack(py, &dir)?;
+    let defects = py.detach(|| pack.verify(|_| {}));
+    if raise_on_defect {
+        if let Some(first) = defects.first() {
+            return Err(from_pack(first));
+        }
+    }
+    Ok(defects.iter().map(|d| d.to_string()).collect())
+}
+
+fn dtype(s: &str) -> PyResult<DType> {
+    s.parse().map_err(|e| config_error(format!("dtype = {s:?}: {e}"), Some("dtype".into())))
+}
+
+/// Imports a HatCat layout (its hierarchy directory and lens files, read as they are) into a
+/// new pack at `out`; returns the summary the command line prints.
+#[pyfunction]
+#[pyo3(signature = (hierarchy_dir, lenses_dir, out, *, dtype = "f32", skip_bad = false, probes_per_shard = 256))]
+pub fn import_hatcat(
+    py: Python<'_>,
+    hierarchy_dir: PathBuf,
+    lenses_dir: PathBuf,
+    out: PathBuf,
+    dtype: &str,
+    skip_bad: bool,
+    probes_per_shard: usize,
+) -> PyResult<String> {
+    let options = ImportOptions { dtype: self::dtype(dtype)?, skip_bad, probes_per_shard: probes_per_shard.max(1) };
+    let summary = py.detach(|| core_import(&hierarchy_dir, &lenses_dir, &out, &options, |_, _, _| {}));
+    match summary {
+        Ok(s) => Ok(s.to_string()),
+        Err(ImportError::Pack(e)) => Err(from_pack(&e)),
+        Err(e) => {
+            let path = match &e {
+                ImportError::Io { path, .. } | ImportError::Hierarchy { path, .. } | ImportError::Probe { path, .. } => {
+                    Some(path.display().to_string())
+                }
+                _ => None,
+            };
+            Err(raise::<ProbeLoadError>(e.to_string(), Facts { path, ..Facts::default() }))
+        }
+    }
+}
+
+/// The values of `weights[key]` (any array-like, as float32), checked to hold `count` rows
+/// of `per`.
+fn rows_of(weights: &Bound<'_, PyDict>, key: &str, per: usize, count: usize) -> PyResult<Vec<f32>> {
+    let py = weights.py();
+    let arr = weights.get_item(key)?.ok_or_else(|| bad_hidden(format!("weights has no {key:?}"), None))?;
+    let flat = py
+        .import("numpy")?
+        .call_method1("ascontiguousarray", (arr, "float32"))
+        .and_then(|a| Ok(PyBuffer::<f32>::get(&a)?.to_vec(py)?))
+        .map_err(|e| bad_hidden(format!("weights[{key:?}]: {e}"), None))?;
+    if flat.len() != per * count {
+        return Err(bad_hidden(
+            format!("weights[{key:?}] has {} values; {count} probes need {count} × {per}", flat.len()),
+            None,
+        ));
+    }
+    if let Some(i) = flat.iter().position(|v| !v.is_finite()) {
+        return Err(bad_hidden(format!("weights[{key:?}]: value {i} (probe {}) is {}", i / per, flat[i]), None));
+    }
+    Ok(flat)
+}
+
+/// Writes a pack. `concepts`: a list of (name, layer, [parent indices]); `weights`: a dict of
+/// arrays stacked over concepts, in HatCat's MLP shapes: w1 [C, 128, D], b1 [C, 128],
+/// w2 [C, 64, 128], b2 [C, 64], w3 [C, 1, 64], b3 [C, 1]. Returns the number written.
+#[pyfunction]
+#[pyo3(signature = (out, concepts, weights, *, dtype = "f32", input_normalization = "none", probes_per_shard = 256))]
+pub fn write(
+    py: Python<'_>,
+    out: PathBuf,
+    concepts: Vec<(String, u16, Vec<u32>)>,
+    weights: &Bound<'_, PyDict>,
+    dtype: &str,
+    input_normalization: &str,
+    probes_per_shard: usize,
+) -> PyResult<usize> {
+    let dtype = self::dtype(dtype)?;
+    let norm = match input_normalization {
+        "none" => InputNormalization::None,
+        "layer_norm" => InputNormalization::LayerNorm,
+        other => {
+            return Err(config_error(
+                format!("input_normalization = {other:?}: expected \"none\" or \"layer_norm\""),
+                Some("input_normalization".into()),
+            ))
+        }
+    };
+    let c = concepts.len();
+    let w1_shape: Vec<usize> = weights
+        .get_item("w1")?
+        .ok_or_else(|| bad_hidden("weights has no \"w1\"".into(), None))?
+        .getattr("shape")?
+        .extract()?;
+    let d = match w1_shape.as_slice() {
+        [n, 128, d] if *n == c => *d,
+        other => {
+            return Err(bad_hidden(format!("weights[\"w1\"] has shape {other:?}; expected [{c}, 128, D]"), None))
+        }
+    };
+    let (h1, h2) = (128, 64);
+    let w1 = rows_of(weights, "w1", h1 * d, c)?;
+    let b1 = rows_of(weights, "b1", h1, c)?;
+    let w2 = rows_of(weights, "w2", h2 * h1, c)?;
+    let b2 = rows_of(weights, "b2", h2, c)?;
+    let w3 = rows_of(weights, "w3", h2, c)?;
+    let b3 = rows_of(weights, "b3", 1, c)?;
+    let spec = PackSpec {
+        hidden_dim: d,
+        dtype,
+        input_normalization: norm,
+        probes_per_shard: probes_per_shard.max(1),
+        concepts: concepts.into_iter().map(|(name, layer, parents)| ConceptDef { name, layer, parents }).collect(),
+    };
+    let slice = |v: &Vec<f32>, per: usize, i: usize| v[i * per..(i + 1) * per].to_vec();
+    py.detach(|| {
+        write_pack(
+            &out,
+            &spec,
+            |id| {
+                let i = id as usize;
+                ProbeWeights {
+                    w1: slice(&w1, h1 * d, i),
+                    b1: slice(&b1, h1, i),
+                    w2: slice(&w2, h2 * h1, i),
+                    b2: slice(&b2, h2, i),
+                    w3: slice(&w3, h2, i),
+                    b3: slice(&b3, 1, i),
+                }
+            },
+            |_| {},
+        )
+    })
+    .map_err(|e| from_pack(&e))?;
+    Ok(c)
+}

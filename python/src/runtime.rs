@@ -1,0 +1,429 @@
+//! `Runtime` and `Session`: the Rust runtime behind blocking Python calls.
+//!
+//! Each `Runtime` owns a tokio runtime (the actors' threads). A call waits for its answer with
+//! the GIL released, waking every 50 ms to let Python handle signals, so other Python threads
+//! run and Ctrl-C interrupts a wait (the abandoned request is answered into a closed channel
+//! and counted by the runtime). A forked child gets an error instead of a hang: tokio's threads
+//! do not survive `fork()`.
+
+use std::future::Future;
+use std::mem::ManuallyDrop;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use probe_cascade::config::Mode;
+use probe_cascade::pack::Pack;
+use probe_cascade::runtime::{Runtime as CoreRuntime, RuntimeError, Session as CoreSession, SessionOptions};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use serde_json::Value;
+
+use crate::config::{self, cascade_with, to_json, to_py};
+use crate::errors::{base_error, config_error, from_pack, from_runtime};
+use crate::hidden;
+use crate::report::Report;
+
+/// How often a waiting call lets Python check for signals (Ctrl-C).
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+pub struct Inner {
+    tokio: ManuallyDrop<tokio::runtime::Runtime>,
+    rt: ManuallyDrop<CoreRuntime>,
+    /// The process that started the threads.
+    pid: u32,
+    raw: Value,
+    source: String,
+    pack_dir: PathBuf,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Inner {
+    fn check(&self) -> PyResult<()> {
+        let now = std::process::id();
+        if now != self.pid {
+            return Err(base_error(format!(
+                "this Runtime was started in process {}, and this is process {now} (a fork): its threads do \
+                 not exist here. Create a new probe_cascade.Runtime in the child process.",
+                self.pid
+            )));
+        }
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(base_error("this Runtime is closed".into()));
+        }
+        Ok(())
+    }
+
+    /// Runs `fut` to completion with the GIL released, checking for signals while it waits.
+    fn block<F>(&self, py: Python<'_>, fut: F) -> PyResult<F::Output>
+    where
+        F: Future + Send,
+        F::Output: Send,
+    {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            let tokio = &*self.tokio;
+            let fut = fut.as_mut();
+            let done = py.detach(move || tokio.block_on(async move { tokio::time::timeout(SIGNAL_POLL, fut).await.ok() }));
+            match done {
+                Some(out) => return Ok(out),
+                None => py.check_signals()?,
+            }
+        }
+    }
+
+    fn shut_down(&self) {
+        if !self.closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let rt = &*self.rt;
+            self.tokio.block_on(rt.shutdown());
+        }
+    }
+
+    fn report(&self, py: Python<'_>, r: probe_cascade::engine::TokenReport) -> PyResult<Report> {
+        Report::new(py, r, self.rt.pack().hierarchy())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            // A forked child's copy: the threads are gone, so nothing can be joined or stopped.
+            return;
+        }
+        // Answer what is queued, then stop the threads; without the GIL, in case a runtime
+        // thread releases a numpy-backed tensor (which takes the GIL).
+        let shut = || {
+            self.shut_down();
+            // SAFETY: dropped once, here, and never used again.
+            unsafe {
+                ManuallyDrop::drop(&mut *std::ptr::addr_of_mut!(self.rt));
+                ManuallyDrop::take(&mut *std::ptr::addr_of_mut!(self.tokio)).shutdown_timeout(Duration::from_secs(5));
+            }
+        };
+        Python::attach(|py| py.detach(shut));
+    }
+}
+
+/// A probe pack loaded for scoring: the cache, the reader and the step scheduler, shared by
+/// its sessions. `config` is a preset name ("realtime", "decompose", "offline"), a path to a
+/// TOML file, or a dict of the same shape.
+#[pyclass(module = "probe_cascade", frozen)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+#[pymethods]
+impl Runtime {
+    #[new]
+    #[pyo3(signature = (pack_dir, config = None))]
+    fn new(py: Python<'_>, pack_dir: PathBuf, config: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let resolved = config::resolve(config)?;
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("probe-cascade-rt")
+            .enable_all()
+            .build()
+            .map_err(|e| base_error(format!("starting the runtime's threads: {e}")))?;
+        let dir = pack_dir.clone();
+        let cfg = resolved.config.clone();
+        let started = py.detach(|| {
+            let pack = Pack::open(&dir).map_err(|e| from_pack(&e))?;
+            tokio.block_on(CoreRuntime::start(Arc::new(pack), &cfg)).map_err(|e| match e {
+                RuntimeError::Setup(m) => config_error(format!("{}: {m}", resolved.source), None),
+                other => from_runtime(&other, None),
+            })
+        });
+        let rt = match started {
+            Ok(rt) => rt,
+            Err(e) => {
+                tokio.shutdown_background();
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                tokio: ManuallyDrop::new(tokio),
+                rt: ManuallyDrop::new(rt),
+                pid: std::process::id(),
+                raw: resolved.raw,
+                source: resolved.source,
+                pack_dir,
+                closed: false.into(),
+            }),
+        })
+    }
+
+    /// Opens a session (one stream). Keyword overrides: `mode` ("exact" or "pipelined"),
+    /// `latency_budget_us`, and any `[cascade]` key (`report_top_k=5`,
+    /// `pruning={"top_k": {"keep_top_k": 20}}`, ...).
+    #[pyo3(signature = (**overrides))]
+    fn session(&self, py: Python<'_>, overrides: Option<&Bound<'_, PyDict>>) -> PyResult<Session> {
+        self.inner.check()?;
+        let mut options = SessionOptions::default();
+        let mut cascade = Vec::new();
+        for (k, v) in overrides.map(|d| d.iter().collect::<Vec<_>>()).unwrap_or_default() {
+            let k: String = k.extract()?;
+            match k.as_str() {
+                "mode" => {
+                    let m: String = v.extract().map_err(|_| config_error("`mode` must be a string".into(), Some(k.clone())))?;
+                    options.mode = Some(match m.as_str() {
+                        "exact" => Mode::Exact,
+                        "pipelined" => Mode::Pipelined,
+                        _ => {
+                            return Err(config_error(
+                                format!("`mode` = {m:?}: expected \"exact\" or \"pipelined\""),
+                                Some(k),
+                            ))
+                        }
+                    });
+                }
+                "latency_budget_us" => {
+                    options.latency_budget_us = Some(v.extract().map_err(|_| {
+                        config_error("`latency_budget_us` must be a non-negative integer".into(), Some(k.clone()))
+                    })?)
+                }
+                _ => {
+                    let value = to_json(&v, &format!("cascade.{k}"))?;
+                    cascade.push((k, value));
+                }
+            }
+        }
+        if !cascade.is_empty() {
+            options.cascade = Some(cascade_with(&self.inner.raw, &cascade)?);
+        }
+        let inner = &self.inner;
+        let rt = &*inner.rt;
+        let session = inner.block(py, rt.open_session(options))?.map_err(|e| from_runtime(&e, None))?;
+        let id = session.id().0;
+        Ok(Session { inner: inner.clone(), session: Mutex::new(Some(Arc::new(session))), id })
+    }
+
+    /// One decode step of many sessions, scored together: `hidden` is [len(sessions), D] (a
+    /// tensor or array whose rows are read in place) or a list of 1-D states. Returns one
+    /// report per session, in order. With `errors="return"`, a failed item's place holds its
+    /// exception instead of raising the first one.
+    #[pyo3(signature = (sessions, hidden, *, errors = "raise"))]
+    fn observe_batch<'py>(
+        &self,
+        py: Python<'py>,
+        sessions: Vec<PyRef<'py, Session>>,
+        hidden: &Bound<'py, PyAny>,
+        errors: &str,
+    ) -> PyResult<Bound<'py, PyList>> {
+        self.inner.check()?;
+        let raise = match errors {
+            "raise" => true,
+            "return" => false,
+            _ => return Err(config_error(format!("errors = {errors:?}: expected \"raise\" or \"return\""), None)),
+        };
+        let states = hidden::rows(hidden, sessions.len())?;
+        if states.len() != sessions.len() {
+            return Err(crate::errors::bad_hidden(
+                format!("{} hidden states for {} sessions: pass one per session", states.len(), sessions.len()),
+                None,
+            ));
+        }
+        let mut items = Vec::with_capacity(sessions.len());
+        for (s, h) in sessions.iter().zip(states) {
+            if !Arc::ptr_eq(&s.inner, &self.inner) {
+                return Err(base_error(format!("session {} belongs to another Runtime", s.id)));
+            }
+            items.push((s.core()?.id(), h));
+        }
+        let rt = &*self.inner.rt;
+        let answers = self.inner.block(py, rt.observe_batch(items))?;
+        let out = PyList::empty(py);
+        for (i, a) in answers.into_iter().enumerate() {
+            match a {
+                Ok(r) => out.append(self.inner.report(py, r)?)?,
+                Err(e) if raise => return Err(from_runtime(&e, Some(i))),
+                Err(e) => out.append(from_runtime(&e, Some(i)).into_value(py))?,
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the runtime has done: the step scheduler's and the weight cache's counters.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.inner.check()?;
+        let rt = &*self.inner.rt;
+        let (steps, cache) = self.inner.block(py, async { (rt.step_stats().await, rt.cache_stats().await) })?;
+        let steps = steps.map_err(|e| from_runtime(&e, None))?;
+        let cache = cache.map_err(|e| from_runtime(&e, None))?;
+        let d = PyDict::new(py);
+        d.set_item("steps", to_py(py, &serde_json::to_value(steps).unwrap_or_default())?)?;
+        d.set_item("cache", to_py(py, &serde_json::to_value(cache).unwrap_or_default())?)?;
+        d.set_item("sessions", rt.sessions().len())?;
+        Ok(d)
+    }
+
+    /// Answers what is queued, then stops the runtime's threads. Sessions fail afterwards.
+    fn close(&self, py: Python<'_>) {
+        if std::process::id() == self.inner.pid {
+            let inner = &self.inner;
+            py.detach(|| inner.shut_down());
+        }
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.close(py);
+        false
+    }
+
+    /// D: the width of the hidden states the pack's probes read.
+    #[getter]
+    fn hidden_dim(&self) -> usize {
+        self.inner.rt.pack().hidden_dim()
+    }
+
+    /// Concepts in the pack.
+    #[getter]
+    fn concepts(&self) -> usize {
+        self.inner.rt.pack().len()
+    }
+
+    #[getter]
+    fn pack_dir(&self) -> PathBuf {
+        self.inner.pack_dir.clone()
+    }
+
+    /// The config as given (a dict), and where it came from.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        to_py(py, &self.inner.raw)
+    }
+
+    #[getter]
+    fn config_source(&self) -> String {
+        self.inner.source.clone()
+    }
+
+    /// Sessions open now.
+    #[getter]
+    fn open_sessions(&self) -> usize {
+        self.inner.rt.sessions().len()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn __repr__(&self) -> String {
+        let pack = self.inner.rt.pack();
+        format!(
+            "Runtime({:?}, {} concepts, D={}, config={})",
+            self.inner.pack_dir.display().to_string(),
+            pack.len(),
+            pack.hidden_dim(),
+            self.inner.source
+        )
+    }
+}
+
+/// One stream on a Runtime: its own active set and token counter. `observe` scores one hidden
+/// state; tokens are numbered from 0.
+#[pyclass(module = "probe_cascade", frozen)]
+pub struct Session {
+    inner: Arc<Inner>,
+    session: Mutex<Option<Arc<CoreSession>>>,
+    id: u64,
+}
+
+impl Session {
+    fn core(&self) -> PyResult<Arc<CoreSession>> {
+        self.inner.check()?;
+        self.session
+            .lock()
+            .expect("session lock")
+            .clone()
+            .ok_or_else(|| base_error(format!("session {} is closed", self.id)))
+    }
+
+    fn release(&self, py: Python<'_>) {
+        let Some(s) = self.session.lock().expect("session lock").take() else {
+            return;
+        };
+        if std::process::id() != self.inner.pid {
+            std::mem::forget(s);
+            return;
+        }
+        let inner = &self.inner;
+        py.detach(|| match Arc::try_unwrap(s) {
+            Ok(s) if !inner.closed.load(std::sync::atomic::Ordering::SeqCst) => inner.tokio.block_on(s.close()),
+            // In use on another thread (or the runtime is closed): the last user closes it.
+            other => {
+                let _guard = inner.tokio.enter();
+                drop(other);
+            }
+        });
+    }
+}
+
+#[pymethods]
+impl Session {
+    /// Scores one hidden state: a 1-D torch.Tensor (CPU or CUDA; float32, bfloat16 or
+    /// float16) or numpy array of D values, read in place.
+    fn observe(&self, py: Python<'_>, hidden: &Bound<'_, PyAny>) -> PyResult<Report> {
+        let s = self.core()?;
+        let h = hidden::one(hidden)?;
+        let r = self.inner.block(py, s.observe(h))?.map_err(|e| from_runtime(&e, None))?;
+        self.inner.report(py, r)
+    }
+
+    /// The names of the session's active probes.
+    fn active(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let s = self.core()?;
+        let ids = self.inner.block(py, s.active())?.map_err(|e| from_runtime(&e, None))?;
+        let h = self.inner.rt.pack().hierarchy();
+        Ok(ids.into_iter().map(|id| h.name(id).to_string()).collect())
+    }
+
+    /// Waits until no load of this session is in flight (pipelined mode).
+    fn settle(&self, py: Python<'_>) -> PyResult<()> {
+        let s = self.core()?;
+        self.inner.block(py, s.settle())?.map_err(|e| from_runtime(&e, None))
+    }
+
+    /// Answers what is queued, then frees the session's place and its probes.
+    fn close(&self, py: Python<'_>) {
+        self.release(py);
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.release(py);
+        false
+    }
+
+    #[getter]
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.session.lock().expect("session lock").is_none()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Session({}{})", self.id, if self.closed() { ", closed" } else { "" })
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.session.lock().map(|s| s.is_some()).unwrap_or(false) {
+            Python::attach(|py| self.release(py));
+        }
+    }
+}

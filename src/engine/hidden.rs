@@ -1,0 +1,138 @@
+//! A hidden state as callers hand it over: an owned `Vec<f32>`, or a view of memory someone
+//! else owns (a torch tensor, a numpy array) in f32, bf16 or f16. The runtime reads it once,
+//! in [`prepare_hidden`](super::prepare_hidden), which checks it, widens it to f32 and
+//! normalizes it into the runtime's own working copy; a view is never copied before that.
+
+use half::{bf16, f16};
+
+/// The values of a hidden state, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub enum HiddenValues<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl HiddenValues<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            HiddenValues::F32(v) => v.len(),
+            HiddenValues::Bf16(v) => v.len(),
+            HiddenValues::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Value `i` as f32 (exact: bf16 and f16 widen without rounding).
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            HiddenValues::F32(v) => v[i],
+            HiddenValues::Bf16(v) => v[i].to_f32(),
+            HiddenValues::F16(v) => v[i].to_f32(),
+        }
+    }
+
+    /// The values as f32, widened where needed.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            HiddenValues::F32(v) => v.to_vec(),
+            HiddenValues::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            HiddenValues::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    pub fn dtype(&self) -> &'static str {
+        match self {
+            HiddenValues::F32(_) => "f32",
+            HiddenValues::Bf16(_) => "bf16",
+            HiddenValues::F16(_) => "f16",
+        }
+    }
+}
+
+impl<'a> From<&'a [f32]> for HiddenValues<'a> {
+    fn from(v: &'a [f32]) -> Self {
+        HiddenValues::F32(v)
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for HiddenValues<'a> {
+    fn from(v: &'a Vec<f32>) -> Self {
+        HiddenValues::F32(v)
+    }
+}
+
+/// Memory owned elsewhere that holds one hidden state, kept alive for as long as the runtime
+/// holds the [`Hidden`]. It may be dropped on any thread.
+pub trait HiddenSource: Send + 'static {
+    fn values(&self) -> HiddenValues<'_>;
+}
+
+/// One hidden state handed to the runtime.
+pub struct Hidden(Repr);
+
+enum Repr {
+    Owned(Vec<f32>),
+    Borrowed(Box<dyn HiddenSource>),
+}
+
+impl Hidden {
+    /// A view of memory someone else owns: read in place, not copied.
+    pub fn borrowed(source: impl HiddenSource) -> Self {
+        Hidden(Repr::Borrowed(Box::new(source)))
+    }
+
+    pub fn values(&self) -> HiddenValues<'_> {
+        match &self.0 {
+            Repr::Owned(v) => HiddenValues::F32(v),
+            Repr::Borrowed(s) => s.values(),
+        }
+    }
+}
+
+impl From<Vec<f32>> for Hidden {
+    fn from(v: Vec<f32>) -> Self {
+        Hidden(Repr::Owned(v))
+    }
+}
+
+impl From<&[f32]> for Hidden {
+    fn from(v: &[f32]) -> Self {
+        Hidden(Repr::Owned(v.to_vec()))
+    }
+}
+
+impl std::fmt::Debug for Hidden {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = self.values();
+        write!(f, "Hidden({} × {})", v.len(), v.dtype())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Halves(Vec<bf16>);
+
+    impl HiddenSource for Halves {
+        fn values(&self) -> HiddenValues<'_> {
+            HiddenValues::Bf16(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_borrowed_source_widens_exactly() {
+        let raw: Vec<f32> = vec![1.0, -2.5, 0.15625, 3.0e-3];
+        let h = Hidden::borrowed(Halves(raw.iter().map(|&x| bf16::from_f32(x)).collect()));
+        let widened = h.values().to_f32();
+        let want: Vec<f32> = raw.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+        assert_eq!(widened, want);
+        assert_eq!(h.values().get(1), -2.5);
+        assert_eq!(format!("{h:?}"), "Hidden(4 × bf16)");
+        assert_eq!(Hidden::from(raw.clone()).values().to_f32(), raw);
+    }
+}
