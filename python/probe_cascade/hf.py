@@ -1,0 +1,269 @@
+"""A transformers hook: concepts per generated token during `model.generate(...)`.
+
+    import probe_cascade
+    from probe_cascade import hf
+
+    rt = probe_cascade.Runtime("pack/", config="realtime")
+    with hf.monitor(model, rt, layer="last") as mon:
+        out = model.generate(**enc, max_new_tokens=20)
+    for token_id, text, report in mon.steps(out, tokenizer)[0]:
+        print(repr(text), [d.name for d in report.top[:3]])
+
+At every forward pass of the model the monitor reads the chosen layer's output at the last
+position of each sequence: the hidden state that produces the next token. So report k of a
+sequence belongs to its k-th generated token. A batch gets one session per sequence and one
+`Runtime.observe_batch` per decode step; a sequence that has produced an end-of-sequence token
+is no longer observed (generate keeps padding it), so its reports stop with that token.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._native import ProbeCascadeError, Report, Runtime, Session
+
+Layer = Union[int, str]
+
+
+def _decoder(model: Any) -> Any:
+    """The decoder stack of a causal LM (`model.model` for Llama-like models)."""
+    get = getattr(model, "get_decoder", None)
+    dec = get() if callable(get) else None
+    if dec is None:
+        dec = getattr(model, "model", model)
+    return dec
+
+
+def _layer_module(model: Any, layer: Layer) -> torch.nn.Module:
+    dec = _decoder(model)
+    if layer == "last":
+        norm = getattr(dec, "norm", None) or getattr(dec, "final_layernorm", None) or getattr(dec, "ln_f", None)
+        if norm is None:
+            raise ProbeCascadeError(f"{type(model).__name__} has no final norm (norm, final_layernorm, ln_f) to hook")
+        return norm
+    layers = getattr(dec, "layers", None) or getattr(dec, "h", None)
+    if layers is None:
+        raise ProbeCascadeError(f"{type(model).__name__} has no decoder layer list (layers, h) to hook")
+    if not isinstance(layer, int):
+        raise ProbeCascadeError(f"layer must be an int or 'last', not {layer!r}")
+    n = len(layers)
+    if not -n <= layer < n:
+        raise ProbeCascadeError(f"layer {layer} is out of range: the model has {n} decoder layers")
+    return layers[layer]
+
+
+def _eos_ids(model: Any) -> set:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+@dataclass
+class Generation:
+    """One `generate` call: its sessions and reports, per sequence."""
+
+    sessions: List[Session]
+    prompt_len: int
+    #: reports[i][k]: sequence i's k-th generated token.
+    reports: List[List[Report]]
+    #: prompt_reports[i]: sequence i's prompt positions (observe_prompt=True), padding skipped.
+    prompt_reports: List[List[Report]]
+    finished: List[bool] = field(default_factory=list)
+    steps: int = 0
+
+
+class Monitor:
+    """Hooks a model; see `monitor`."""
+
+    def __init__(
+        self,
+        model: Any,
+        runtime: Runtime,
+        layer: Layer = -1,
+        *,
+        observe_prompt: bool = False,
+        session_options: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.layer = layer
+        self.observe_prompt = observe_prompt
+        self.session_options = dict(session_options or {})
+        self.generations: List[Generation] = []
+        self._module = _layer_module(model, layer)
+        self._eos = _eos_ids(model)
+        self._handles: List[Any] = []
+        self._inputs: Dict[str, Any] = {}
+        self._prompt = False
+
+    # -- results ---------------------------------------------------------------------------
+
+    @property
+    def reports(self) -> List[List[Report]]:
+        """The latest generation's reports: reports[i][k] for sequence i's k-th new token."""
+        return self.generations[-1].reports if self.generations else []
+
+    @property
+    def prompt_reports(self) -> List[List[Report]]:
+        return self.generations[-1].prompt_reports if self.generations else []
+
+    def steps(self, output_ids: torch.Tensor, tokenizer: Any = None) -> List[List[Tuple[int, str, Report]]]:
+        """The latest generation's reports aligned with the tokens `generate` returned: for
+        each sequence, (token id, token text or "", report) per generated token."""
+        g = self.generations[-1]
+        out = []
+        for i, reps in enumerate(g.reports):
+            new = output_ids[i, g.prompt_len :].tolist()
+            row = []
+            for k, rep in enumerate(reps):
+                tid = int(new[k])
+                text = tokenizer.decode([tid]) if tokenizer is not None else ""
+                row.append((tid, text, rep))
+            out.append(row)
+        return out
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._before, with_kwargs=True))
+        self._handles.append(self._module.register_forward_hook(self._after))
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._close_sessions()
+
+    def _close_sessions(self) -> None:
+        if self.generations:
+            for s in self.generations[-1].sessions:
+                s.close()
+
+    def _before(self, _module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        self._inputs = {
+            "input_ids": ids,
+            "attention_mask": kwargs.get("attention_mask"),
+            "past_key_values": kwargs.get("past_key_values"),
+            "cache_position": kwargs.get("cache_position"),
+        }
+        # Decided before the forward runs: by the time the hooked layer returns, the cache
+        # already holds this forward's positions.
+        self._prompt = self._is_prompt()
+
+    def _is_prompt(self) -> bool:
+        past = self._inputs.get("past_key_values")
+        if past is not None and hasattr(past, "get_seq_length"):
+            return int(past.get_seq_length()) == 0
+        pos = self._inputs.get("cache_position")
+        if pos is not None:
+            return int(pos[0]) == 0
+        return past is None or not self.generations
+
+    def _after(self, _module: Any, _args: tuple, output: Any) -> None:
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            raise ProbeCascadeError(
+                f"the hooked module returned {type(hidden).__name__}, not a [batch, positions, D] tensor"
+            )
+        ids = self._inputs.get("input_ids")
+        mask = self._inputs.get("attention_mask")
+        b, t, _ = hidden.shape
+        prompt = self._prompt
+        if prompt:
+            self._start(b, t, hidden, mask)
+        elif not self.generations:
+            return
+        else:
+            g = self.generations[-1]
+            if ids is not None and self._eos:
+                # The token fed in now is the one generated last step: an end-of-sequence
+                # token finishes its sequence (its own report is already in).
+                for i, tok in enumerate(ids[:, -1].tolist()):
+                    if tok in self._eos:
+                        g.finished[i] = True
+        g = self.generations[-1]
+        if prompt:
+            last = self._last_positions(b, t, mask)
+        else:
+            last = [t - 1] * b
+        live = [i for i in range(b) if not g.finished[i]]
+        if not live:
+            return
+        if len(live) == b and all(p == t - 1 for p in last):
+            rows: Any = hidden[:, -1, :]  # [B, D] view: rows read in place
+        else:
+            rows = [hidden[i, last[i]] for i in live]
+        reports = self.runtime.observe_batch([g.sessions[i] for i in live], rows)
+        for i, rep in zip(live, reports):
+            g.reports[i].append(rep)
+        g.steps += 1
+
+    @staticmethod
+    def _last_positions(b: int, t: int, mask: Optional[torch.Tensor]) -> List[int]:
+        if mask is None or mask.dim() != 2:
+            return [t - 1] * b
+        # Left padding (what decoder-only generation wants): the last position is real.
+        # Right padding: the last real one.
+        pos = []
+        for i in range(b):
+            real = torch.nonzero(mask[i]).flatten()
+            pos.append(int(real[-1]) if real.numel() else t - 1)
+        return pos
+
+    def _start(self, b: int, t: int, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        self._close_sessions()
+        sessions = [self.runtime.session(**self.session_options) for _ in range(b)]
+        g = Generation(
+            sessions=sessions,
+            prompt_len=t,
+            reports=[[] for _ in range(b)],
+            prompt_reports=[[] for _ in range(b)],
+            finished=[False] * b,
+        )
+        self.generations.append(g)
+        if self.observe_prompt:
+            last = self._last_positions(b, t, mask)
+            for p in range(t):
+                live = [
+                    i for i in range(b) if p < last[i] and (mask is None or mask.dim() != 2 or bool(mask[i, p]))
+                ]
+                if not live:
+                    continue
+                reports = self.runtime.observe_batch([sessions[i] for i in live], [hidden[i, p] for i in live])
+                for i, rep in zip(live, reports):
+                    g.prompt_reports[i].append(rep)
+
+
+@contextmanager
+def monitor(
+    model: Any,
+    runtime: Runtime,
+    layer: Layer = -1,
+    *,
+    observe_prompt: bool = False,
+    session_options: Optional[Dict[str, Any]] = None,
+) -> Iterator[Monitor]:
+    """Observes `model`'s hidden states at every decode step of `generate` inside the block.
+
+    layer: a decoder layer index (-1: the last decoder layer's output) or "last" for the final
+    norm's output, which is what HatCat's probes read. observe_prompt: also score every prompt
+    position (padding skipped) into `prompt_reports`. session_options: keyword overrides for
+    each sequence's session (see `Runtime.session`). Hooks are removed and sessions closed
+    when the block ends.
+    """
+    mon = Monitor(model, runtime, layer, observe_prompt=observe_prompt, session_options=session_options)
+    mon._attach()
+    try:
+        yield mon
+    finally:
+        mon._detach()
