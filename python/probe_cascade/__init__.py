@@ -58,7 +58,7 @@ __all__ = [
 def __getattr__(name):
     # `probe_cascade.hf` needs transformers; import it only when asked for.
     if name == "hf":
-        from . import hf
+        import importlib
 
-        return hf
+        return importlib.import_module(__name__ + ".hf")
     raise AttributeError(f"module 'probe_cascade' has no attribute {name!r}")

@@ -154,6 +154,7 @@ class Monitor:
             "input_ids": ids,
             "attention_mask": kwargs.get("attention_mask"),
             "past_key_values": kwargs.get("past_key_values"),
+            "cache": kwargs.get("cache"),
             "cache_position": kwargs.get("cache_position"),
         }
         # Decided before the forward runs: by the time the hooked layer returns, the cache
@@ -161,13 +162,21 @@ class Monitor:
         self._prompt = self._is_prompt()
 
     def _is_prompt(self) -> bool:
+        """Is this forward a new generation's prompt (an empty cache)?"""
+        # transformers 5 passes the cache as `cache`, 4.x as `past_key_values`.
         past = self._inputs.get("past_key_values")
+        if past is None:
+            past = self._inputs.get("cache")
         if past is not None and hasattr(past, "get_seq_length"):
             return int(past.get_seq_length()) == 0
         pos = self._inputs.get("cache_position")
         if pos is not None:
             return int(pos[0]) == 0
-        return past is None or not self.generations
+        ids, mask = self._inputs.get("input_ids"), self._inputs.get("attention_mask")
+        if ids is not None and mask is not None and mask.dim() == 2:
+            # A decode step's mask also covers the cached positions.
+            return mask.shape[1] == ids.shape[1]
+        return not self.generations
 
     def _after(self, _module: Any, _args: tuple, output: Any) -> None:
         hidden = output[0] if isinstance(output, (tuple, list)) else output

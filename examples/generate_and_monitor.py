@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Generates from a few prompts with SmolLM2-135M-Instruct and prints the top concepts the
+cascade reports, token by token.
+
+    .venv/bin/python examples/train_pack.py --out smollm2-pack
+    .venv/bin/python examples/generate_and_monitor.py --pack smollm2-pack
+
+All prompts are generated as one batch: one session per sequence, one observe_batch per decode
+step (probe_cascade.hf.monitor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smollm2  # noqa: E402
+
+import probe_cascade  # noqa: E402
+from probe_cascade import hf  # noqa: E402
+
+PROMPTS = [
+    "Tell me about the animals that live on a farm.",
+    "What should I wear when it snows?",
+    "Describe a tool you would use to fix a chair.",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pack", required=True)
+    ap.add_argument("--config", default="realtime", help="a preset, a TOML file")
+    ap.add_argument("--tokens", type=int, default=24, help="new tokens per prompt")
+    ap.add_argument("--top", type=int, default=3, help="concepts printed per token")
+    ap.add_argument("--prompt", action="append", help="a prompt (repeatable); default: three built in")
+    args = ap.parse_args()
+    prompts = args.prompt or PROMPTS
+
+    model, tok = smollm2.load()
+    chats = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    enc = tok(chats, return_tensors="pt", padding=True)
+    rt = probe_cascade.Runtime(args.pack, config=args.config)
+    print(f"{rt}; cpu: {probe_cascade.cpu_info()}")
+
+    with hf.monitor(model, rt, layer="last") as mon:
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.tokens, do_sample=False)
+        wall = time.perf_counter() - t
+
+    steps = mon.steps(out, tok)
+    for prompt, seq in zip(prompts, steps):
+        print(f"\n### {prompt}")
+        for _, text, report in seq:
+            concepts = ", ".join(f"{d.name} {d.prob:.2f}" for d in report.top[: args.top])
+            print(f"{text!r:>16}  {concepts}")
+    reports = [r for seq in steps for _, _, r in seq]
+    runtime_us = sorted(r.elapsed_us for r in reports)
+    print(
+        f"\n{len(reports)} tokens in {wall:.1f} s of generate; the runtime's time per token: "
+        f"median {runtime_us[len(runtime_us) // 2]:.0f} µs"
+    )
+    rt.close()
+
+
+if __name__ == "__main__":
+    main()
