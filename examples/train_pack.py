@@ -152,18 +152,17 @@ def build_samples(wn: WordNet, concepts, lemmas_per_concept: int, rng: random.Ra
 
 @torch.no_grad()
 def hidden_states(model, tok, texts, batch: int = 64) -> torch.Tensor:
-    """The final norm's output at each text's last position, [N, D]."""
-    norm = model.get_decoder().norm
-    out, captured = [], {}
-    handle = norm.register_forward_hook(lambda m, a, o: captured.__setitem__("h", o))
-    try:
-        for i in range(0, len(texts), batch):
-            enc = tok(texts[i : i + batch], return_tensors="pt", padding=True)  # left padding
-            model(**enc)
-            out.append(captured["h"][:, -1, :].float().clone())
-    finally:
-        handle.remove()
-    return torch.cat(out)
+    """The final norm's output at each text's last position, [N, D]. Runs the decoder only
+    (no LM head over the 49k vocabulary), on batches of similar length (little padding)."""
+    decoder = model.get_decoder()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), model.config.hidden_size)
+    for i in range(0, len(order), batch):
+        idx = order[i : i + batch]
+        enc = tok([texts[j] for j in idx], return_tensors="pt", padding=True)  # left padding
+        h = decoder(**enc, use_cache=False).last_hidden_state  # after the final norm
+        out[idx] = h[:, -1, :].float()
+    return out
 
 
 class BatchedMLP(torch.nn.Module):
