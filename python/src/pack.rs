@@ -11,7 +11,7 @@ use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::errors::{bad_hidden, config_error, from_pack, raise, Facts, ProbeLoadError};
+use crate::errors::{base_error, config_error, from_pack, raise, Facts, ProbeLoadError};
 
 fn open_pack(py: Python<'_>, dir: &PathBuf) -> PyResult<Pack> {
     py.detach(|| Pack::open(dir)).map_err(|e| from_pack(&e))
@@ -121,20 +121,18 @@ pub fn import_hatcat(
 /// of `per`.
 fn rows_of(weights: &Bound<'_, PyDict>, key: &str, per: usize, count: usize) -> PyResult<Vec<f32>> {
     let py = weights.py();
-    let arr = weights.get_item(key)?.ok_or_else(|| bad_hidden(format!("weights has no {key:?}"), None))?;
+    let arr = weights.get_item(key)?.ok_or_else(|| base_error(format!("weights has no {key:?}")))?;
     let flat = py
         .import("numpy")?
         .call_method1("ascontiguousarray", (arr, "float32"))
         .and_then(|a| Ok(PyBuffer::<f32>::get(&a)?.to_vec(py)?))
-        .map_err(|e| bad_hidden(format!("weights[{key:?}]: {e}"), None))?;
+        .map_err(|e| base_error(format!("weights[{key:?}]: {e}")))?;
     if flat.len() != per * count {
-        return Err(bad_hidden(
-            format!("weights[{key:?}] has {} values; {count} probes need {count} × {per}", flat.len()),
-            None,
-        ));
+        return Err(base_error(
+            format!("weights[{key:?}] has {} values; {count} probes need {count} × {per}", flat.len())));
     }
     if let Some(i) = flat.iter().position(|v| !v.is_finite()) {
-        return Err(bad_hidden(format!("weights[{key:?}]: value {i} (probe {}) is {}", i / per, flat[i]), None));
+        return Err(base_error(format!("weights[{key:?}]: value {i} (probe {}) is {}", i / per, flat[i])));
     }
     Ok(flat)
 }
@@ -167,13 +165,13 @@ pub fn write(
     let c = concepts.len();
     let w1_shape: Vec<usize> = weights
         .get_item("w1")?
-        .ok_or_else(|| bad_hidden("weights has no \"w1\"".into(), None))?
+        .ok_or_else(|| base_error("weights has no \"w1\"".into()))?
         .getattr("shape")?
         .extract()?;
     let d = match w1_shape.as_slice() {
         [n, 128, d] if *n == c => *d,
         other => {
-            return Err(bad_hidden(format!("weights[\"w1\"] has shape {other:?}; expected [{c}, 128, D]"), None))
+            return Err(base_error(format!("weights[\"w1\"] has shape {other:?}; expected [{c}, 128, D]")))
         }
     };
     let (h1, h2) = (128, 64);
