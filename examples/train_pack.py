@@ -189,6 +189,83 @@ class BatchedMLP(torch.nn.Module):
         return torch.baddbmm(self.b3, h, self.w3).squeeze(-1)
 
 
+def train(model, tok, out, *, roots=len(ROOTS), per_root=5, per_child=3, lemmas=16, steps=250, batch=64,
+          seed=0, dtype="f32", log=print) -> dict:
+    """Trains a pack for `model` into `out`; returns what it did (counts, held-out rates)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    t0 = time.time()
+    wn = WordNet(WORDNET)
+    concepts = choose_concepts(wn, roots, per_root, per_child)
+    samples = build_samples(wn, concepts, lemmas, rng)
+    layers = defaultdict(int)
+    for _, layer, _ in concepts:
+        layers[layer] += 1
+    log(f"wordnet: {len(concepts)} concepts (per layer {dict(layers)}), {len(samples)} prompts")
+
+    x = hidden_states(model, tok, [t for t, _ in samples])
+    n, d = x.shape
+    log(f"model: {n} hidden states of D={d} in {time.time() - t0:.0f} s")
+
+    # labels[c, s]: is sample s's synset in concept c's subtree?
+    src = [s for _, s in samples]
+    labels = torch.zeros(len(concepts), n)
+    for c, (offset, _, _) in enumerate(concepts):
+        sub = wn.subtree(offset)
+        labels[c] = torch.tensor([1.0 if s in sub else 0.0 for s in src])
+    held = torch.rand(n) < 0.2
+    pos_idx = [torch.nonzero((labels[c] > 0) & ~held).flatten() for c in range(len(concepts))]
+    neg_idx = [torch.nonzero((labels[c] == 0) & ~held).flatten() for c in range(len(concepts))]
+
+    mlp = BatchedMLP(len(concepts), d)
+    opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    m = batch
+    y = torch.cat([torch.ones(len(concepts), m), torch.zeros(len(concepts), m)], dim=1)
+    for step in range(steps):
+        idx = torch.stack(
+            [
+                torch.cat(
+                    [
+                        p[torch.randint(len(p), (m,))] if len(p) else torch.randint(n, (m,)),
+                        q[torch.randint(len(q), (m,))],
+                    ]
+                )
+                for p, q in zip(pos_idx, neg_idx)
+            ]
+        )
+        loss = loss_fn(mlp(x[idx]), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"train: step {step:4d}  loss {loss.item():.4f}")
+
+    mlp.eval()
+    with torch.no_grad():
+        logits = mlp(x[held].unsqueeze(0).expand(len(concepts), -1, -1))
+        pred, truth = logits > 0, labels[:, held] > 0
+        tpr = ((pred & truth).sum(1) / truth.sum(1).clamp(min=1)).mean().item()
+        tnr = ((~pred & ~truth).sum(1) / (~truth).sum(1).clamp(min=1)).mean().item()
+    log(f"held out ({int(held.sum())} prompts): true-positive rate {tpr:.3f}, true-negative rate {tnr:.3f}")
+
+    weights = {
+        "w1": mlp.w1.detach().transpose(1, 2),  # [C, 128, D], nn.Linear's layout
+        "b1": mlp.b1.detach().squeeze(1),
+        "w2": mlp.w2.detach().transpose(1, 2),
+        "b2": mlp.b2.detach().squeeze(1),
+        "w3": mlp.w3.detach().transpose(1, 2),
+        "b3": mlp.b3.detach().squeeze(1),
+    }
+    defs = [(wn.name(o), layer, parents) for o, layer, parents in concepts]
+    probe_cascade.pack.write(out, defs, weights, dtype=dtype)
+    log(f"wrote {out}: {len(defs)} concepts, D={d}, {dtype}, in {time.time() - t0:.0f} s")
+    return {"concepts": len(defs), "prompts": n, "tpr": tpr, "tnr": tnr, "seconds": time.time() - t0}
+
+
+TINY = dict(roots=3, per_root=3, per_child=2, lemmas=8, steps=80)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory for the new pack")
@@ -202,80 +279,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     args = ap.parse_args()
+    sizes = dict(roots=args.roots, per_root=args.per_root, per_child=args.per_child, lemmas=args.lemmas,
+                 steps=args.steps)
     if args.tiny:
-        args.roots, args.per_root, args.per_child, args.lemmas, args.steps = 3, 3, 2, 8, 80
-    rng = random.Random(args.seed)
-    torch.manual_seed(args.seed)
+        sizes = TINY
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    t0 = time.time()
-
-    wn = WordNet(WORDNET)
-    concepts = choose_concepts(wn, args.roots, args.per_root, args.per_child)
-    samples = build_samples(wn, concepts, args.lemmas, rng)
-    layers = defaultdict(int)
-    for _, layer, _ in concepts:
-        layers[layer] += 1
-    print(f"wordnet: {len(concepts)} concepts (per layer {dict(layers)}), {len(samples)} prompts", flush=True)
-
     model, tok = smollm2.load()
-    x = hidden_states(model, tok, [t for t, _ in samples])
-    n, d = x.shape
-    print(f"model: {n} hidden states of D={d} in {time.time() - t0:.0f} s", flush=True)
-
-    # labels[c, s]: is sample s's synset in concept c's subtree?
-    src = [s for _, s in samples]
-    labels = torch.zeros(len(concepts), n)
-    for c, (offset, _, _) in enumerate(concepts):
-        sub = wn.subtree(offset)
-        labels[c] = torch.tensor([1.0 if s in sub else 0.0 for s in src])
-    held = torch.rand(n) < 0.2
-    train_idx = [torch.nonzero((labels[c] > 0) & ~held).flatten() for c in range(len(concepts))]
-    neg_idx = [torch.nonzero((labels[c] == 0) & ~held).flatten() for c in range(len(concepts))]
-
-    mlp = BatchedMLP(len(concepts), d)
-    opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    m = args.batch
-    y = torch.cat([torch.ones(len(concepts), m), torch.zeros(len(concepts), m)], dim=1)
-    for step in range(args.steps):
-        idx = torch.stack(
-            [
-                torch.cat(
-                    [
-                        p[torch.randint(len(p), (m,))] if len(p) else torch.randint(n, (m,)),
-                        q[torch.randint(len(q), (m,))],
-                    ]
-                )
-                for p, q in zip(train_idx, neg_idx)
-            ]
-        )
-        logits = mlp(x[idx])
-        loss = loss_fn(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"train: step {step:4d}  loss {loss.item():.4f}", flush=True)
-
-    mlp.eval()
-    with torch.no_grad():
-        logits = mlp(x[held].unsqueeze(0).expand(len(concepts), -1, -1))
-        pred, truth = logits > 0, labels[:, held] > 0
-        tpr = ((pred & truth).sum(1) / truth.sum(1).clamp(min=1)).mean().item()
-        tnr = ((~pred & ~truth).sum(1) / (~truth).sum(1).clamp(min=1)).mean().item()
-    print(f"held out ({int(held.sum())} prompts): true-positive rate {tpr:.3f}, true-negative rate {tnr:.3f}")
-
-    weights = {
-        "w1": mlp.w1.detach().transpose(1, 2),  # [C, 128, D], nn.Linear's layout
-        "b1": mlp.b1.detach().squeeze(1),
-        "w2": mlp.w2.detach().transpose(1, 2),
-        "b2": mlp.b2.detach().squeeze(1),
-        "w3": mlp.w3.detach().transpose(1, 2),
-        "b3": mlp.b3.detach().squeeze(1),
-    }
-    defs = [(wn.name(o), layer, parents) for o, layer, parents in concepts]
-    probe_cascade.pack.write(args.out, defs, weights, dtype=args.dtype)
-    print(f"wrote {args.out}: {len(defs)} concepts, D={d}, {args.dtype}, in {time.time() - t0:.0f} s")
+    train(model, tok, args.out, batch=args.batch, seed=args.seed, dtype=args.dtype,
+          log=lambda m: print(m, flush=True), **sizes)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""probe_cascade.hf.monitor on the real small model (SmolLM2-135M-Instruct, D=576) with a tiny
+pack trained on it by examples/train_pack.py."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import probe_cascade as pc
+from conftest import EXACT, REPO
+
+sys.path.insert(0, str(REPO / "examples"))
+transformers = pytest.importorskip("transformers")
+import smollm2  # noqa: E402
+import train_pack  # noqa: E402
+
+from probe_cascade import hf  # noqa: E402
+
+PROMPTS = ["The dog chased the", "In spring I planted a small tree and a rose bush in"]
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    torch.manual_seed(0)
+    return smollm2.load()
+
+
+@pytest.fixture(scope="module")
+def trained(model_tok, tmp_path_factory):
+    model, tok = model_tok
+    out = tmp_path_factory.mktemp("smollm2") / "pack"
+    stats = train_pack.train(model, tok, out, log=lambda m: print(m), **train_pack.TINY)
+    assert stats["tpr"] > 0.5 and stats["tnr"] > 0.8, stats  # the probes learned something
+    return out
+
+
+def generate(model, tok, rt, max_new_tokens=5, **monitor_options):
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    seen = []  # what the monitor should have read: the final norm's last position, per step
+    handle = model.get_decoder().norm.register_forward_hook(lambda m, a, o: seen.append(o[:, -1, :].clone()))
+    try:
+        with hf.monitor(model, rt, layer="last", **monitor_options) as mon:
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    finally:
+        handle.remove()
+    return enc, out, mon, seen
+
+
+def generated(out, enc, eos):
+    """Each sequence's generated ids, up to and including its first end-of-sequence token."""
+    rows = []
+    for i in range(out.shape[0]):
+        ids = out[i, enc["input_ids"].shape[1] :].tolist()
+        cut = next((k + 1 for k, t in enumerate(ids) if t in eos), len(ids))
+        rows.append(ids[:cut])
+    return rows
+
+
+def test_monitor_reports_align_with_tokens(model_tok, trained):
+    model, tok = model_tok
+    rt = pc.Runtime(trained, config=EXACT)
+    enc, out, mon, seen = generate(model, tok, rt)
+    steps = mon.steps(out, tok)
+    assert len(steps) == 2 and len(mon.generations) == 1 and mon.generations[0].steps == len(seen)
+    for i, ids in enumerate(generated(out, enc, hf._eos_ids(model))):
+        assert [tid for tid, _, _ in steps[i]] == ids
+        assert [r.token for _, _, r in steps[i]] == list(range(len(ids)))
+        assert all(text == tok.decode([tid]) for tid, text, _ in steps[i])
+        # Replayed on a fresh session, the states the hook saw give the same reports, bit for bit.
+        with rt.session() as s:
+            for k, (_, _, r) in enumerate(steps[i]):
+                again = s.observe(seen[k][i])
+                assert [(d.name, d.logit) for d in again.top] == [(d.name, d.logit) for d in r.top]
+    # Sessions are closed when the block ends.
+    assert rt.open_sessions == 0
+    rt.close()
+
+
+def test_prompt_observation_skips_padding(model_tok, trained):
+    model, tok = model_tok
+    rt = pc.Runtime(trained, config=EXACT)
+    enc, out, mon, _ = generate(model, tok, rt, max_new_tokens=2, observe_prompt=True)
+    mask = enc["attention_mask"]
+    assert mask[0].sum() < mask[1].sum()  # the first prompt is shorter: left-padded
+    for i in range(2):
+        real = int(mask[i].sum())
+        # Every real prompt position but the last (whose state makes generated token 0).
+        assert len(mon.prompt_reports[i]) == real - 1
+        assert [r.token for r in mon.prompt_reports[i]] == list(range(real - 1))
+        assert mon.reports[i][0].token == real - 1
+    rt.close()
+
+
+def test_finished_sequences_are_not_observed(model_tok, trained):
+    model, tok = model_tok
+    rt = pc.Runtime(trained, config=EXACT)
+    enc, out, _, _ = generate(model, tok, rt, max_new_tokens=4)
+    # Make sequence 0's second generated token count as end-of-sequence, and generate again:
+    # sequence 0 stops there (generate pads it on), sequence 1 goes on.
+    stop = out[0, enc["input_ids"].shape[1] + 1].item()
+    config = model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = stop
+    try:
+        enc, out, mon, _ = generate(model, tok, rt, max_new_tokens=4)
+    finally:
+        config.eos_token_id = saved
+    ids = generated(out, enc, {stop})
+    assert len(ids[0]) <= 2 and ids[0][-1] == stop
+    assert [len(r) for r in mon.reports] == [len(x) for x in ids]
+    rt.close()
+
+
+def test_monitor_refuses_a_bad_layer(model_tok, trained):
+    model, _ = model_tok
+    with pc.Runtime(trained, config=EXACT) as rt:
+        with pytest.raises(pc.ProbeCascadeError, match=r"layer 99 is out of range: the model has 30"):
+            with hf.monitor(model, rt, layer=99):
+                pass
+        # A decoder layer's output works too (the same width as the pack's D).
+        _, tok = model_tok
+        with hf.monitor(model, rt, layer=-1) as mon:
+            with torch.no_grad():
+                model.generate(**tok(PROMPTS[:1], return_tensors="pt"), max_new_tokens=2, do_sample=False)
+        assert len(mon.reports[0]) == 2
