@@ -6,7 +6,7 @@ DEMO_DIR ?= demo
 DEMO_TOKENS ?= 200
 BIN := target/release/probe-cascade
 
-.PHONY: all libtorch pyenv build build-gpu test demo bench clean
+.PHONY: all libtorch pyenv python build build-gpu test test-python demo bench clean
 
 all: build
 
@@ -19,6 +19,11 @@ pyenv:
 build: libtorch
 	$(CARGO) build --release
 
+# The Python package, built with maturin against the environment's torch and installed into
+# .venv/ (scripts/build-python.sh): afterwards `.venv/bin/python -c 'import probe_cascade'`.
+python: pyenv
+	@bash scripts/build-python.sh
+
 # Against a full CUDA torch 2.11.0 (TORCH_DIR=... or a cached venv); see the script.
 build-gpu:
 	@bash scripts/build-gpu.sh
@@ -26,6 +31,13 @@ build-gpu:
 test: libtorch pyenv
 	$(CARGO) test --release
 	@$(BIN) cpu
+	@$(MAKE) --no-print-directory test-python
+
+# From the repo root, so that `import probe_cascade` is the installed package, not python/'s
+# sources. pytest's exit code 5 means it collected no tests: that is a failure here too, said plainly.
+test-python: python
+	@.venv/bin/python -m pytest -q -rs python/tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "test-python: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 $(DEMO_DIR)/pack/manifest.json: | build
 	$(BIN) pack synth --preset demo --out $(DEMO_DIR)/pack

@@ -243,6 +243,38 @@ impl Runtime {
         Ok(out)
     }
 
+    /// For the overhead benchmark (python/bench/observe_overhead.py): opens a session and
+    /// observes `rows` ([T, D] float32) from Rust, with no Python in the loop; returns each
+    /// token's wall time in nanoseconds, measured as `Session.observe` is (one blocking call).
+    #[pyo3(signature = (rows, *, session_options = None))]
+    fn _time_rust_observe(
+        &self,
+        py: Python<'_>,
+        rows: &Bound<'_, PyAny>,
+        session_options: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Vec<u64>> {
+        self.inner.check()?;
+        let states: Vec<Vec<f32>> =
+            hidden::rows(rows, rows.len()?)?.iter().map(|h| h.values().to_f32()).collect();
+        let session = self.session(py, session_options)?;
+        let core = session.core()?;
+        let tokio = &*self.inner.tokio;
+        let times = py.detach(|| {
+            let mut times = Vec::with_capacity(states.len());
+            for x in &states {
+                let hidden = probe_cascade::engine::Hidden::borrowed(Borrowed(x.as_ptr(), x.len()));
+                let t = std::time::Instant::now();
+                let r = tokio.block_on(core.observe(hidden));
+                times.push(t.elapsed().as_nanos() as u64);
+                r?;
+            }
+            Ok::<_, RuntimeError>(times)
+        });
+        drop(core);
+        session.release(py);
+        times.map_err(|e| from_runtime(&e, None))
+    }
+
     /// What the runtime has done: the step scheduler's and the weight cache's counters.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         self.inner.check()?;
@@ -323,6 +355,19 @@ impl Runtime {
             pack.hidden_dim(),
             self.inner.source
         )
+    }
+}
+
+/// A row the benchmark owns for the whole loop: read in place, like a caller's tensor.
+struct Borrowed(*const f32, usize);
+
+// SAFETY: points into a Vec that outlives every observe that reads it (see _time_rust_observe).
+unsafe impl Send for Borrowed {}
+
+impl probe_cascade::engine::HiddenSource for Borrowed {
+    fn values(&self) -> probe_cascade::engine::HiddenValues<'_> {
+        // SAFETY: as above.
+        probe_cascade::engine::HiddenValues::F32(unsafe { std::slice::from_raw_parts(self.0, self.1) })
     }
 }
 

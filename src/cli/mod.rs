@@ -34,6 +34,12 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of stdout goes away (`| head`):
+    // Rust ignores SIGPIPE, and `println!` would then panic on the broken pipe.
+    // SAFETY: restoring the default disposition of a signal, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     init_tracing();
     let cli = Cli::parse();
     let result = match cli.command {
