@@ -8,13 +8,16 @@
 //! whose last dimension is strided is made contiguous.
 //!
 //! The tensor is kept alive by the runtime until it has been read, so it may be dropped on a
-//! runtime thread: a libtorch refcount, no GIL needed. Callers must not write to a tensor
-//! while it is being observed (as with any zero-copy API).
+//! runtime thread: a libtorch refcount, no GIL needed. A float32 numpy array is read through
+//! its buffer (PEP 3118) instead, without making a tensor: the buffer stays with the caller,
+//! which holds it until the runtime has let go of the view (a [`Loan`]). Callers must not
+//! write to an array or tensor while it is being observed (as with any zero-copy API).
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use half::{bf16, f16};
 use probe_cascade::engine::{Hidden, HiddenSource, HiddenValues};
+use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use tch::{Device, Kind, Tensor};
@@ -57,7 +60,93 @@ impl HiddenSource for Row {
     }
 }
 
+/// A numpy array's buffer, lent to the runtime for one call. Views of it count themselves
+/// out when the runtime drops them; `wait` blocks until none is left, so that the caller can
+/// release the buffer safely even after it stopped waiting for an answer (Ctrl-C).
+pub struct Loan {
+    buffer: PyBuffer<f32>,
+    outstanding: Arc<(Mutex<usize>, Condvar)>,
+}
+
+struct View {
+    ptr: *const f32,
+    len: usize,
+    outstanding: Arc<(Mutex<usize>, Condvar)>,
+}
+
+// SAFETY: the memory is the lent buffer's, which the caller keeps alive (and does not write)
+// until every view is dropped (`Loan::wait`).
+unsafe impl Send for View {}
+
+impl HiddenSource for View {
+    fn values(&self) -> HiddenValues<'_> {
+        // SAFETY: as above; `ptr .. ptr + len` lies within the buffer (checked in `Loan`).
+        HiddenValues::F32(unsafe { std::slice::from_raw_parts(self.ptr, self.len) })
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        let (count, cv) = &*self.outstanding;
+        let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        if *n == 0 {
+            cv.notify_all();
+        }
+    }
+}
+
+impl Loan {
+    /// A C-contiguous float32 numpy array of `dims` dimensions, lent as it is; None for
+    /// anything else (which goes through torch.from_numpy).
+    fn numpy(obj: &Bound<'_, PyAny>, dims: usize) -> Option<Self> {
+        let buffer = PyBuffer::<f32>::get(obj).ok()?;
+        (buffer.dimensions() == dims && buffer.is_c_contiguous())
+            .then(|| Self { buffer, outstanding: Arc::new((Mutex::new(0), Condvar::new())) })
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.buffer.shape()
+    }
+
+    /// A view of `len` values from `offset` (checked against the buffer).
+    fn view(&self, offset: usize, len: usize) -> Hidden {
+        assert!(offset + len <= self.buffer.item_count(), "view past the end of the buffer");
+        *self.outstanding.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        // SAFETY: within the buffer, as asserted.
+        let ptr = unsafe { (self.buffer.buf_ptr() as *const f32).add(offset) };
+        Hidden::borrowed(View { ptr, len, outstanding: self.outstanding.clone() })
+    }
+
+    /// Whether the runtime holds no view of the buffer any more (the usual case once a call
+    /// has its answer): then `wait` is not needed.
+    pub fn released(&self) -> bool {
+        *self.outstanding.0.lock().unwrap_or_else(|e| e.into_inner()) == 0
+    }
+
+    /// Blocks until the runtime holds no view of the buffer. Call without the GIL.
+    pub fn wait(&self) {
+        let (count, cv) = &*self.outstanding;
+        let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+        while *n > 0 {
+            n = cv.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
 static FROM_NUMPY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+static NDARRAY: PyOnceLock<Option<Py<pyo3::types::PyType>>> = PyOnceLock::new();
+
+/// `isinstance(obj, numpy.ndarray)`, with the type looked up once (numpy is optional).
+fn is_ndarray(obj: &Bound<'_, PyAny>) -> bool {
+    let py = obj.py();
+    let ty = NDARRAY.get_or_init(py, || {
+        let numpy = py.import("numpy").ok()?;
+        numpy.getattr("ndarray").ok()?.cast_into::<pyo3::types::PyType>().ok().map(Bound::unbind)
+    });
+    ty.as_ref().is_some_and(|t| obj.is_instance(t.bind(py)).unwrap_or(false))
+}
 
 /// The tensor behind a torch tensor or a numpy array (sharing its memory).
 fn tensor_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor> {
@@ -68,8 +157,7 @@ fn tensor_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor> {
         return Ok(t);
     }
     let py = obj.py();
-    let is_ndarray = obj.get_type().name().is_ok_and(|n| n == "ndarray") && obj.hasattr("__array_interface__")?;
-    if !is_ndarray {
+    if !is_ndarray(obj) {
         let ty = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
         return Err(bad_hidden(format!("{what} must be a torch.Tensor or a numpy.ndarray, not {ty}"), None));
     }
@@ -113,8 +201,15 @@ fn readable(t: Tensor, what: &str) -> PyResult<Shared> {
     Ok(Shared { tensor: t, kind })
 }
 
-/// One hidden state: a 1-D tensor or array of D values.
-pub fn one(obj: &Bound<'_, PyAny>) -> PyResult<Hidden> {
+/// One hidden state: a 1-D tensor or array of D values. A float32 numpy array comes with its
+/// [`Loan`], which the caller keeps (and waits on) until the runtime is done with it.
+pub fn one(obj: &Bound<'_, PyAny>) -> PyResult<(Hidden, Option<Loan>)> {
+    if is_ndarray(obj) {
+        if let Some(loan) = Loan::numpy(obj, 1) {
+            let len = loan.shape()[0];
+            return Ok((loan.view(0, len), Some(loan)));
+        }
+    }
     let t = tensor_of(obj, "the hidden state")?;
     if t.dim() != 1 {
         return Err(bad_hidden(
@@ -127,17 +222,41 @@ pub fn one(obj: &Bound<'_, PyAny>) -> PyResult<Hidden> {
     }
     let len = t.size()[0] as usize;
     let shared = Arc::new(readable(t, "the hidden state")?);
-    Ok(Hidden::borrowed(Row { shared, offset: 0, len }))
+    Ok((Hidden::borrowed(Row { shared, offset: 0, len }), None))
 }
 
 /// B hidden states: a 2-D tensor or array [B, D] (its rows shared, not copied), or a sequence
-/// of 1-D ones.
-pub fn rows(obj: &Bound<'_, PyAny>, expected: usize) -> PyResult<Vec<Hidden>> {
-    if let Ok(seq) = obj.cast::<pyo3::types::PyList>() {
-        return seq.iter().map(|item| one(&item)).collect();
+/// of 1-D ones. Loans as in [`one`].
+pub fn rows(obj: &Bound<'_, PyAny>, expected: usize) -> PyResult<(Vec<Hidden>, Vec<Loan>)> {
+    let seq: Option<Vec<Bound<'_, PyAny>>> = if let Ok(l) = obj.cast::<pyo3::types::PyList>() {
+        Some(l.iter().collect())
+    } else if let Ok(t) = obj.cast::<pyo3::types::PyTuple>() {
+        Some(t.iter().collect())
+    } else {
+        None
+    };
+    if let Some(items) = seq {
+        let (mut states, mut loans) = (Vec::with_capacity(items.len()), Vec::new());
+        for item in &items {
+            let (h, loan) = one(item)?;
+            states.push(h);
+            loans.extend(loan);
+        }
+        return Ok((states, loans));
     }
-    if let Ok(seq) = obj.cast::<pyo3::types::PyTuple>() {
-        return seq.iter().map(|item| one(&item)).collect();
+    let count = |b: usize| -> PyResult<()> {
+        if b != expected {
+            return Err(bad_hidden(format!("{b} hidden states for {expected} sessions: pass one row per session"), None));
+        }
+        Ok(())
+    };
+    if is_ndarray(obj) {
+        if let Some(loan) = Loan::numpy(obj, 2) {
+            let (b, d) = (loan.shape()[0], loan.shape()[1]);
+            count(b)?;
+            let states = (0..b).map(|i| loan.view(i * d, d)).collect();
+            return Ok((states, vec![loan]));
+        }
     }
     let t = tensor_of(obj, "the hidden states")?;
     if t.dim() != 2 {
@@ -147,10 +266,9 @@ pub fn rows(obj: &Bound<'_, PyAny>, expected: usize) -> PyResult<Vec<Hidden>> {
         ));
     }
     let (b, d) = (t.size()[0] as usize, t.size()[1] as usize);
-    if b != expected {
-        return Err(bad_hidden(format!("{b} hidden states for {expected} sessions: pass one row per session"), None));
-    }
+    count(b)?;
     let shared = Arc::new(readable(t, "the hidden states")?);
     let row_stride = if b > 1 { shared.tensor.stride()[0] as usize } else { d };
-    Ok((0..b).map(|i| Hidden::borrowed(Row { shared: shared.clone(), offset: i * row_stride, len: d })).collect())
+    let states = (0..b).map(|i| Hidden::borrowed(Row { shared: shared.clone(), offset: i * row_stride, len: d })).collect();
+    Ok((states, Vec::new()))
 }

@@ -1,8 +1,11 @@
 //! Per-token reports as Python objects.
 
+use std::sync::Arc;
+
 use probe_cascade::engine::TokenReport;
-use probe_cascade::pack::{ConceptId, Hierarchy};
+use probe_cascade::pack::{ConceptId, Hierarchy, Pack};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyList};
 
 /// One concept the cascade reported for a token.
@@ -36,33 +39,13 @@ impl Detection {
     }
 }
 
-/// What the cascade found for one token, and what it cost.
-#[pyclass(module = "probe_cascade", frozen, get_all)]
+/// What the cascade found for one token, and what it cost. Built lazily: the Python objects
+/// for `top` and `stages` are made on first access, so `observe` itself stays cheap.
+#[pyclass(module = "probe_cascade", frozen)]
 pub struct Report {
-    /// The token's index within its session (0, 1, ...).
-    pub token: usize,
-    /// The top concepts, most probable first.
-    pub top: Vec<Py<Detection>>,
-    /// Distinct inactive children the expansion asked for.
-    pub children: usize,
-    /// Probes activated this token.
-    pub loaded: usize,
-    /// Probes deactivated by pruning this token.
-    pub unloaded: usize,
-    /// Children left out because the active set would pass `cascade.max_loaded`.
-    pub skipped_by_cap: usize,
-    /// Probes scored this token.
-    pub scored: usize,
-    /// Active probes after pruning.
-    pub active: usize,
-    /// Wall time of each stage, in milliseconds.
-    pub stages: Py<PyDict>,
-    /// The token's wall time inside the runtime, in microseconds.
-    pub elapsed_us: f64,
-    /// Pipelined mode: children still loading when the report was made.
-    pub in_flight: Vec<String>,
-    /// Pipelined mode: children of earlier tokens whose late loads failed.
-    pub failed_loads: Vec<String>,
+    report: TokenReport,
+    pack: Arc<Pack>,
+    top: PyOnceLock<Py<PyList>>,
 }
 
 /// The names from a root to `id`, following first parents.
@@ -88,75 +71,140 @@ fn ms(d: std::time::Duration) -> f64 {
 }
 
 impl Report {
-    pub fn new(py: Python<'_>, r: TokenReport, h: &Hierarchy) -> PyResult<Self> {
-        let top = r
-            .top
-            .iter()
-            .map(|e| {
-                Py::new(
-                    py,
-                    Detection {
-                        name: e.name.clone(),
-                        layer: e.layer,
-                        prob: e.prob,
-                        logit: e.logit,
-                        path: path_from_root(h, e.id),
-                    },
-                )
-            })
-            .collect::<PyResult<_>>()?;
-        let stages = PyDict::new(py);
-        let s = &r.stages;
-        stages.set_item("initial_scoring", ms(s.initial_scoring))?;
-        stages.set_item("expansion_lookup", ms(s.expansion_lookup))?;
-        stages.set_item("loading", ms(s.loading))?;
-        stages.set_item("new_scoring", ms(s.new_scoring))?;
-        stages.set_item("pruning", ms(s.pruning))?;
-        stages.set_item("sorting", ms(s.sorting))?;
-        Ok(Self {
-            token: r.index,
-            top,
-            children: r.children,
-            loaded: r.loaded,
-            unloaded: r.unloaded,
-            skipped_by_cap: r.skipped_by_cap,
-            scored: r.scored,
-            active: r.active,
-            stages: stages.unbind(),
-            elapsed_us: r.elapsed.as_secs_f64() * 1e6,
-            in_flight: r.in_flight,
-            failed_loads: r.failed_loads,
-        })
+    pub fn new(report: TokenReport, pack: Arc<Pack>) -> Self {
+        Self { report, pack, top: PyOnceLock::new() }
     }
 }
 
 #[pymethods]
 impl Report {
+    /// The token's index within its session (0, 1, ...).
+    #[getter]
+    fn token(&self) -> usize {
+        self.report.index
+    }
+
+    /// The top concepts, most probable first.
+    #[getter]
+    fn top<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = self.top.get_or_try_init(py, || -> PyResult<_> {
+            let h = self.pack.hierarchy();
+            let items = self
+                .report
+                .top
+                .iter()
+                .map(|e| {
+                    Py::new(
+                        py,
+                        Detection {
+                            name: e.name.clone(),
+                            layer: e.layer,
+                            prob: e.prob,
+                            logit: e.logit,
+                            path: path_from_root(h, e.id),
+                        },
+                    )
+                })
+                .collect::<PyResult<Vec<_>>>()?;
+            Ok(PyList::new(py, items)?.unbind())
+        })?;
+        Ok(list.bind(py).clone())
+    }
+
+    /// Distinct inactive children the expansion asked for.
+    #[getter]
+    fn children(&self) -> usize {
+        self.report.children
+    }
+
+    /// Probes activated this token.
+    #[getter]
+    fn loaded(&self) -> usize {
+        self.report.loaded
+    }
+
+    /// Probes deactivated by pruning this token.
+    #[getter]
+    fn unloaded(&self) -> usize {
+        self.report.unloaded
+    }
+
+    /// Children left out because the active set would pass `cascade.max_loaded`.
+    #[getter]
+    fn skipped_by_cap(&self) -> usize {
+        self.report.skipped_by_cap
+    }
+
+    /// Probes scored this token.
+    #[getter]
+    fn scored(&self) -> usize {
+        self.report.scored
+    }
+
+    /// Active probes after pruning.
+    #[getter]
+    fn active(&self) -> usize {
+        self.report.active
+    }
+
+    /// Wall time of each stage, in milliseconds.
+    #[getter]
+    fn stages<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let s = &self.report.stages;
+        d.set_item("initial_scoring", ms(s.initial_scoring))?;
+        d.set_item("expansion_lookup", ms(s.expansion_lookup))?;
+        d.set_item("loading", ms(s.loading))?;
+        d.set_item("new_scoring", ms(s.new_scoring))?;
+        d.set_item("pruning", ms(s.pruning))?;
+        d.set_item("sorting", ms(s.sorting))?;
+        Ok(d)
+    }
+
+    /// The token's wall time inside the runtime, in microseconds.
+    #[getter]
+    fn elapsed_us(&self) -> f64 {
+        self.report.elapsed.as_secs_f64() * 1e6
+    }
+
+    /// Pipelined mode: children still loading when the report was made.
+    #[getter]
+    fn in_flight(&self) -> Vec<String> {
+        self.report.in_flight.clone()
+    }
+
+    /// Pipelined mode: children of earlier tokens whose late loads failed.
+    #[getter]
+    fn failed_loads(&self) -> Vec<String> {
+        self.report.failed_loads.clone()
+    }
+
     /// Plain data (lists, dicts, numbers): for json.dumps and logging.
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item("token", self.token)?;
+        d.set_item("token", self.token())?;
         let top = PyList::empty(py);
-        for det in &self.top {
-            top.append(det.get().to_dict(py)?)?;
+        for det in self.top(py)?.iter() {
+            top.append(det.cast::<Detection>()?.get().to_dict(py)?)?;
         }
         d.set_item("top", top)?;
-        d.set_item("children", self.children)?;
-        d.set_item("loaded", self.loaded)?;
-        d.set_item("unloaded", self.unloaded)?;
-        d.set_item("skipped_by_cap", self.skipped_by_cap)?;
-        d.set_item("scored", self.scored)?;
-        d.set_item("active", self.active)?;
-        d.set_item("stages", self.stages.bind(py).copy()?)?;
-        d.set_item("elapsed_us", self.elapsed_us)?;
-        d.set_item("in_flight", &self.in_flight)?;
-        d.set_item("failed_loads", &self.failed_loads)?;
+        d.set_item("children", self.children())?;
+        d.set_item("loaded", self.loaded())?;
+        d.set_item("unloaded", self.unloaded())?;
+        d.set_item("skipped_by_cap", self.skipped_by_cap())?;
+        d.set_item("scored", self.scored())?;
+        d.set_item("active", self.active())?;
+        d.set_item("stages", self.stages(py)?)?;
+        d.set_item("elapsed_us", self.elapsed_us())?;
+        d.set_item("in_flight", self.in_flight())?;
+        d.set_item("failed_loads", self.failed_loads())?;
         Ok(d)
     }
 
     fn __repr__(&self) -> String {
-        let names: Vec<String> = self.top.iter().take(3).map(|d| format!("{:?}", d.get().name)).collect();
-        format!("Report(token={}, top=[{}{}], scored={})", self.token, names.join(", "),
-            if self.top.len() > 3 { ", ..." } else { "" }, self.scored)
+        let top = &self.report.top;
+        let names: Vec<String> = top.iter().take(3).map(|d| format!("{:?}", d.name)).collect();
+        let more = if top.len() > 3 { ", ..." } else { "" };
+        format!("Report(token={}, top=[{}{more}], scored={})", self.report.index, names.join(", "), self.report.scored)
     }
 }

@@ -36,6 +36,10 @@ pub struct Inner {
     source: String,
     pack_dir: PathBuf,
     closed: std::sync::atomic::AtomicBool,
+    /// Rings every SIGNAL_POLL: waiting calls wake on it to let Python check for signals.
+    /// One shared ticker, so that a call registers no timer of its own (which would wake
+    /// tokio's timer driver on every call).
+    tick: Arc<tokio::sync::Notify>,
 }
 
 impl Inner {
@@ -62,9 +66,17 @@ impl Inner {
     {
         let mut fut = std::pin::pin!(fut);
         loop {
-            let tokio = &*self.tokio;
+            let (tokio, tick) = (&*self.tokio, &*self.tick);
             let fut = fut.as_mut();
-            let done = py.detach(move || tokio.block_on(async move { tokio::time::timeout(SIGNAL_POLL, fut).await.ok() }));
+            let done = py.detach(move || {
+                tokio.block_on(async move {
+                    tokio::select! {
+                        biased;
+                        out = fut => Some(out),
+                        _ = tick.notified() => None,
+                    }
+                })
+            });
             match done {
                 Some(out) => return Ok(out),
                 None => py.check_signals()?,
@@ -79,8 +91,8 @@ impl Inner {
         }
     }
 
-    fn report(&self, py: Python<'_>, r: probe_cascade::engine::TokenReport) -> PyResult<Report> {
-        Report::new(py, r, self.rt.pack().hierarchy())
+    fn report(&self, r: probe_cascade::engine::TokenReport) -> Report {
+        Report::new(r, self.rt.pack().clone())
     }
 }
 
@@ -140,6 +152,15 @@ impl Runtime {
                 return Err(e);
             }
         };
+        let tick = Arc::new(tokio::sync::Notify::new());
+        let ring = tick.clone();
+        tokio.spawn(async move {
+            let mut every = tokio::time::interval(SIGNAL_POLL);
+            loop {
+                every.tick().await;
+                ring.notify_waiters();
+            }
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 tokio: ManuallyDrop::new(tokio),
@@ -149,6 +170,7 @@ impl Runtime {
                 source: resolved.source,
                 pack_dir,
                 closed: false.into(),
+                tick,
             }),
         })
     }
@@ -216,7 +238,7 @@ impl Runtime {
             "return" => false,
             _ => return Err(config_error(format!("errors = {errors:?}: expected \"raise\" or \"return\""), None)),
         };
-        let states = hidden::rows(hidden, sessions.len())?;
+        let (states, loans) = hidden::rows(hidden, sessions.len())?;
         if states.len() != sessions.len() {
             return Err(crate::errors::bad_hidden(
                 format!("{} hidden states for {} sessions: pass one per session", states.len(), sessions.len()),
@@ -231,11 +253,15 @@ impl Runtime {
             items.push((s.core()?.id(), h));
         }
         let rt = &*self.inner.rt;
-        let answers = self.inner.block(py, rt.observe_batch(items))?;
+        let answers = self.inner.block(py, rt.observe_batch(items));
+        if !loans.iter().all(hidden::Loan::released) {
+            py.detach(|| loans.iter().for_each(hidden::Loan::wait));
+        }
+        let answers = answers?;
         let out = PyList::empty(py);
         for (i, a) in answers.into_iter().enumerate() {
             match a {
-                Ok(r) => out.append(self.inner.report(py, r)?)?,
+                Ok(r) => out.append(self.inner.report(r))?,
                 Err(e) if raise => return Err(from_runtime(&e, Some(i))),
                 Err(e) => out.append(from_runtime(&e, Some(i)).into_value(py))?,
             }
@@ -254,8 +280,10 @@ impl Runtime {
         session_options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Vec<u64>> {
         self.inner.check()?;
-        let states: Vec<Vec<f32>> =
-            hidden::rows(rows, rows.len()?)?.iter().map(|h| h.values().to_f32()).collect();
+        let (views, loans) = hidden::rows(rows, rows.len()?)?;
+        let states: Vec<Vec<f32>> = views.iter().map(|h| h.values().to_f32()).collect();
+        drop(views);
+        drop(loans);
         let session = self.session(py, session_options)?;
         let core = session.core()?;
         let tokio = &*self.inner.tokio;
@@ -416,9 +444,15 @@ impl Session {
     /// float16) or numpy array of D values, read in place.
     fn observe(&self, py: Python<'_>, hidden: &Bound<'_, PyAny>) -> PyResult<Report> {
         let s = self.core()?;
-        let h = hidden::one(hidden)?;
-        let r = self.inner.block(py, s.observe(h))?.map_err(|e| from_runtime(&e, None))?;
-        self.inner.report(py, r)
+        let (h, loan) = hidden::one(hidden)?;
+        let answer = self.inner.block(py, s.observe(h));
+        if let Some(loan) = loan.as_ref().filter(|l| !l.released()) {
+            // Released by the time an answer comes (the runtime drops a state once it has
+            // read it); after Ctrl-C, once the runtime has taken the request off its queue.
+            py.detach(|| loan.wait());
+        }
+        let r = answer?.map_err(|e| from_runtime(&e, None))?;
+        Ok(self.inner.report(r))
     }
 
     /// The names of the session's active probes.
