@@ -34,6 +34,17 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# WordNet 3.0 for examples/train_pack.py (and the test that trains a tiny pack with it).
+if [ ! -f /usr/share/wordnet/data.noun ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "python-env: installing Debian's wordnet-base (WordNet 3.0 database files)" >&2
+    (apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null; })
+  else
+    echo "python-env: WordNet is missing: apt-get install --no-install-recommends wordnet-base" >&2
+  fi
+fi
+
 site=$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # An older layout made .venv a symlink into the cache; replace it with a venv of the repo's own.
 if [ -L "$repo/.venv" ]; then

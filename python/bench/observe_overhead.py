@@ -71,9 +71,14 @@ def main() -> None:
     for name, xs in inputs.items():
         ref = bf16_rows if "bf16" in name else rows
         rust, py = [], []
-        for _ in range(args.rounds):
-            rust += rt._time_rust_observe(ref)
-            py += python_side(rt, xs)
+        for i in range(args.rounds):
+            # Alternate which side goes first, so that neither always runs on a warmer machine.
+            if i % 2 == 0:
+                rust += rt._time_rust_observe(ref)
+                py += python_side(rt, xs)
+            else:
+                py += python_side(rt, xs)
+                rust += rt._time_rust_observe(ref)
         r50, p50 = percentile(rust, 0.5) / 1e3, percentile(py, 0.5) / 1e3
         results[name] = {
             "rust_p50_us": r50, "python_p50_us": p50, "added_p50_us": p50 - r50,

@@ -48,7 +48,11 @@ pub fn resolve(config: Option<&Bound<'_, PyAny>>) -> PyResult<Resolved> {
     let body = std::fs::read_to_string(&text).map_err(|e| {
         let presets: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
         config_error(
-            format!("{}: {e} (config is a path to a TOML file, a dict, or a preset: {})", text.display(), presets.join(", ")),
+            format!(
+                "{}: {e} (config is a path to a TOML file, a dict, or a preset: {})",
+                text.display(),
+                presets.join(", ")
+            ),
             None,
         )
     })?;

@@ -161,9 +161,8 @@ fn tensor_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor> {
         let ty = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
         return Err(bad_hidden(format!("{what} must be a torch.Tensor or a numpy.ndarray, not {ty}"), None));
     }
-    let from_numpy = FROM_NUMPY.get_or_try_init(py, || -> PyResult<_> {
-        Ok(py.import("torch")?.getattr("from_numpy")?.unbind())
-    })?;
+    let from_numpy = FROM_NUMPY
+        .get_or_try_init(py, || -> PyResult<_> { Ok(py.import("torch")?.getattr("from_numpy")?.unbind()) })?;
     let t = from_numpy
         .call1(py, (obj,))
         .map_err(|e| bad_hidden(format!("{what}: this numpy array cannot be read as a tensor ({e})"), None))?;
@@ -246,7 +245,10 @@ pub fn rows(obj: &Bound<'_, PyAny>, expected: usize) -> PyResult<(Vec<Hidden>, V
     }
     let count = |b: usize| -> PyResult<()> {
         if b != expected {
-            return Err(bad_hidden(format!("{b} hidden states for {expected} sessions: pass one row per session"), None));
+            return Err(bad_hidden(
+                format!("{b} hidden states for {expected} sessions: pass one row per session"),
+                None,
+            ));
         }
         Ok(())
     };
@@ -269,6 +271,7 @@ pub fn rows(obj: &Bound<'_, PyAny>, expected: usize) -> PyResult<(Vec<Hidden>, V
     count(b)?;
     let shared = Arc::new(readable(t, "the hidden states")?);
     let row_stride = if b > 1 { shared.tensor.stride()[0] as usize } else { d };
-    let states = (0..b).map(|i| Hidden::borrowed(Row { shared: shared.clone(), offset: i * row_stride, len: d })).collect();
+    let states =
+        (0..b).map(|i| Hidden::borrowed(Row { shared: shared.clone(), offset: i * row_stride, len: d })).collect();
     Ok((states, Vec::new()))
 }

@@ -4,9 +4,7 @@
 use std::path::PathBuf;
 
 use probe_cascade::import::{import_hatcat as core_import, ImportError, ImportOptions};
-use probe_cascade::pack::{
-    write_pack, ConceptDef, ConceptId, DType, InputNormalization, Pack, PackSpec, ProbeWeights,
-};
+use probe_cascade::pack::{write_pack, ConceptDef, ConceptId, DType, InputNormalization, Pack, PackSpec, ProbeWeights};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -107,9 +105,9 @@ pub fn import_hatcat(
         Err(ImportError::Pack(e)) => Err(from_pack(&e)),
         Err(e) => {
             let path = match &e {
-                ImportError::Io { path, .. } | ImportError::Hierarchy { path, .. } | ImportError::Probe { path, .. } => {
-                    Some(path.display().to_string())
-                }
+                ImportError::Io { path, .. }
+                | ImportError::Hierarchy { path, .. }
+                | ImportError::Probe { path, .. } => Some(path.display().to_string()),
                 _ => None,
             };
             Err(raise::<ProbeLoadError>(e.to_string(), Facts { path, ..Facts::default() }))
@@ -125,11 +123,13 @@ fn rows_of(weights: &Bound<'_, PyDict>, key: &str, per: usize, count: usize) -> 
     let flat = py
         .import("numpy")?
         .call_method1("ascontiguousarray", (arr, "float32"))
-        .and_then(|a| Ok(PyBuffer::<f32>::get(&a)?.to_vec(py)?))
+        .and_then(|a| PyBuffer::<f32>::get(&a)?.to_vec(py))
         .map_err(|e| base_error(format!("weights[{key:?}]: {e}")))?;
     if flat.len() != per * count {
-        return Err(base_error(
-            format!("weights[{key:?}] has {} values; {count} probes need {count} × {per}", flat.len())));
+        return Err(base_error(format!(
+            "weights[{key:?}] has {} values; {count} probes need {count} × {per}",
+            flat.len()
+        )));
     }
     if let Some(i) = flat.iter().position(|v| !v.is_finite()) {
         return Err(base_error(format!("weights[{key:?}]: value {i} (probe {}) is {}", i / per, flat[i])));
@@ -170,9 +170,7 @@ pub fn write(
         .extract()?;
     let d = match w1_shape.as_slice() {
         [n, 128, d] if *n == c => *d,
-        other => {
-            return Err(base_error(format!("weights[\"w1\"] has shape {other:?}; expected [{c}, 128, D]")))
-        }
+        other => return Err(base_error(format!("weights[\"w1\"] has shape {other:?}; expected [{c}, 128, D]"))),
     };
     let (h1, h2) = (128, 64);
     let w1 = rows_of(weights, "w1", h1 * d, c)?;

@@ -187,7 +187,8 @@ impl Runtime {
             let k: String = k.extract()?;
             match k.as_str() {
                 "mode" => {
-                    let m: String = v.extract().map_err(|_| config_error("`mode` must be a string".into(), Some(k.clone())))?;
+                    let m: String =
+                        v.extract().map_err(|_| config_error("`mode` must be a string".into(), Some(k.clone())))?;
                     options.mode = Some(match m.as_str() {
                         "exact" => Mode::Exact,
                         "pipelined" => Mode::Pipelined,

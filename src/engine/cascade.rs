@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tracing::debug_span;
 
-use super::{BackendError, HiddenValues, Engine, EngineError, ProbeBackend, ReportEntry, StageTimings, TokenReport};
+use super::{BackendError, Engine, EngineError, HiddenValues, ProbeBackend, ReportEntry, StageTimings, TokenReport};
 use crate::config::{CascadeConfig, Normalization};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::{self, ConceptSet, Scored, TokenCascade};

@@ -11,8 +11,8 @@ pub mod tensors;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use hidden::{Hidden, HiddenSource, HiddenValues};
 pub use cascade::{layer_norm, layer_norm_f64, prepare_hidden, report_entries, CascadeEngine, LAYER_NORM_EPS};
+pub use hidden::{Hidden, HiddenSource, HiddenValues};
 
 use crate::config::Config;
 use crate::pack::{ConceptId, Pack, PackError};
