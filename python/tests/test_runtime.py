@@ -281,3 +281,31 @@ def test_a_forked_child_gets_an_error_not_a_hang(tiny):
     assert s.observe(tiny["trace"][1]).token == 1
     s.close()
     rt.close()
+
+
+def test_type_stubs_match_the_module():
+    """Every name the stubs declare exists in the native module, and every public name of the
+    module is declared (so editors see what is there)."""
+    import ast
+    from pathlib import Path
+
+    from probe_cascade import _native
+
+    stub = ast.parse((Path(pc.__file__).parent / "_native.pyi").read_text())
+    declared = {}
+    for node in stub.body:
+        if isinstance(node, ast.ClassDef):
+            members = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AnnAssign)) and hasattr(n, "name")}
+            members |= {n.target.id for n in node.body if isinstance(n, ast.AnnAssign)}
+            declared[node.name] = members
+        elif isinstance(node, ast.FunctionDef):
+            declared[node.name] = set()
+        elif isinstance(node, ast.AnnAssign):
+            declared[node.target.id] = set()
+    public = {n for n in dir(_native) if not n.startswith("_") or n == "__version__"}
+    assert public == set(declared), (public ^ set(declared))
+    for cls, members in declared.items():
+        obj = getattr(_native, cls)
+        if isinstance(obj, type) and not issubclass(obj, BaseException):
+            for m in members - {"__init__"}:
+                assert hasattr(obj, m), f"{cls}.{m}"
