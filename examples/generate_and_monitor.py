@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=24, help="new tokens per prompt")
     ap.add_argument("--top", type=int, default=3, help="concepts printed per token")
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable); default: three built in")
+    ap.add_argument("--baseline", type=int, default=0, metavar="N",
+                    help="also time N generate calls without the monitor, and N with it, alternating")
     args = ap.parse_args()
     prompts = args.prompt or PROMPTS
 
@@ -55,6 +57,26 @@ def main() -> None:
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=args.tokens, do_sample=False)
         wall = time.perf_counter() - t
+
+    if args.baseline:
+        # What the monitor costs the user: whole generate calls, alternating with and without.
+        plain, monitored = [], []
+        for _ in range(args.baseline):
+            for hooked, times in ((False, plain), (True, monitored)):
+                t = time.perf_counter()
+                with torch.no_grad():
+                    if hooked:
+                        with hf.monitor(model, rt, layer="last"):
+                            model.generate(**enc, max_new_tokens=args.tokens, do_sample=False)
+                    else:
+                        model.generate(**enc, max_new_tokens=args.tokens, do_sample=False)
+                times.append(time.perf_counter() - t)
+        plain.sort()
+        monitored.sort()
+        n = len(prompts) * args.tokens
+        a, b = plain[len(plain) // 2], monitored[len(monitored) // 2]
+        print(f"generate, median of {args.baseline}: {a * 1e3 / n:.2f} ms per token without the monitor, "
+              f"{b * 1e3 / n:.2f} ms with it ({(b - a) * 1e3 / n:+.2f} ms per token, batch of {len(prompts)})")
 
     steps = mon.steps(out, tok)
     for prompt, seq in zip(prompts, steps):
