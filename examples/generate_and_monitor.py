@@ -31,10 +31,26 @@ PROMPTS = [
 ]
 
 
+def config_with_threads(config: str, threads: int) -> dict:
+    """The preset or file as a dict, with device.threads set."""
+    import tomllib
+
+    path = Path(config)
+    if not path.exists():
+        path = Path(__file__).resolve().parents[1] / "config" / f"{config}.toml"
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    doc.setdefault("device", {})["threads"] = threads
+    return doc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pack", required=True)
-    ap.add_argument("--config", default="realtime", help="a preset, a TOML file")
+    ap.add_argument("--config", default="realtime", help="a preset name or a TOML file")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="the CPU kernel's threads (device.threads; 0: all cores). The model computes on "
+                         "the same cores between tokens, so one is cheaper here (docs/benchmarks.md)")
     ap.add_argument("--tokens", type=int, default=24, help="new tokens per prompt")
     ap.add_argument("--top", type=int, default=3, help="concepts printed per token")
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable); default: three built in")
@@ -49,7 +65,7 @@ def main() -> None:
         for p in prompts
     ]
     enc = tok(chats, return_tensors="pt", padding=True)
-    rt = probe_cascade.Runtime(args.pack, config=args.config)
+    rt = probe_cascade.Runtime(args.pack, config=config_with_threads(args.config, args.threads))
     print(f"{rt}; cpu: {probe_cascade.cpu_info()}")
 
     with hf.monitor(model, rt, layer="last") as mon:
