@@ -387,3 +387,22 @@ fn bench_sessions_writes_a_row_per_count_and_separate_cascades() {
     let md = std::fs::read_to_string(out.join("bench.md")).unwrap();
     assert!(md.contains("## Sessions") && md.contains("separate-cascades"), "{md}");
 }
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly_not_with_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let f = fixture();
+    // The reader is gone before the command writes a byte (`probe-cascade ... | head -0`).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = bin()
+        .args(["pack", "inspect"])
+        .arg(&f.pack)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
+}
