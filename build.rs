@@ -3,7 +3,7 @@
 // usually the `.libtorch` symlink into ~/.cache) and bake it in as an rpath.
 use std::path::PathBuf;
 
-fn main() {
+pub fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;

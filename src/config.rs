@@ -22,6 +22,45 @@ pub enum ConfigError {
     Invalid { path: PathBuf, key: &'static str, message: String },
 }
 
+/// A value that does not fit its key, found in a JSON document (a dict config, session
+/// overrides): names the key's full path.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("`{key}`: {message}")]
+pub struct KeyError {
+    pub key: String,
+    pub message: String,
+}
+
+/// Deserializes `value`, found at `root` (`""` for a whole config), naming the full key path
+/// of what is wrong.
+pub fn from_json<T: serde::de::DeserializeOwned>(value: &serde_json::Value, root: &str) -> Result<T, KeyError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let key = match (root, path.as_str()) {
+            (_, ".") => root.to_string(),
+            ("", _) => path,
+            _ => format!("{root}.{path}"),
+        };
+        KeyError { key, message: e.inner().to_string() }
+    })
+}
+
+/// The `[cascade]` table of the config document `raw` with its top-level keys replaced by
+/// `overrides` (a session's options), checked.
+pub fn cascade_with(
+    raw: &serde_json::Value,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> Result<CascadeConfig, KeyError> {
+    let mut cascade = raw.get("cascade").cloned().unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+    let table = cascade
+        .as_object_mut()
+        .ok_or_else(|| KeyError { key: "cascade".into(), message: "must be a table".into() })?;
+    for (k, v) in overrides {
+        table.insert(k.clone(), v.clone());
+    }
+    from_json(&cascade, "cascade")
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -31,6 +70,40 @@ pub struct Config {
     pub device: DeviceConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// `probe-cascade serve`'s limits; ignored in-process.
+    #[serde(default)]
+    pub serve: ServeConfig,
+}
+
+/// The network service's limits and lifecycle (docs/serving.md). Every refusal names its key.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// The largest gRPC message accepted, in bytes (a D=2560 f32 hidden state is 10 KB).
+    pub max_message_bytes: usize,
+    /// Hidden states one stream may have unanswered; beyond it a token is refused.
+    pub stream_queue: usize,
+    /// A token not answered within this many ms gets a deadline error (0: no deadline).
+    pub request_deadline_ms: u64,
+    /// Items in one `ObserveBatch` call.
+    pub max_batch_items: usize,
+    /// A session opened by `OpenSession` is closed after this many ms without a call.
+    pub idle_session_ms: u64,
+    /// On SIGTERM/SIGINT: how long queued work may take before the server exits anyway.
+    pub drain_grace_ms: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 << 20,
+            stream_queue: 64,
+            request_deadline_ms: 30_000,
+            max_batch_items: 1024,
+            idle_session_ms: 300_000,
+            drain_grace_ms: 10_000,
+        }
+    }
 }
 
 /// The per-token algorithm (docs/cascade-semantics.md).
@@ -358,6 +431,25 @@ impl Config {
         }
         if !(1 << 20..=1 << 36).contains(&r.staging_bytes) {
             return bad("runtime.staging_bytes", format!("= {} is outside 1 MiB..=64 GiB", r.staging_bytes));
+        }
+        let s = &self.serve;
+        if !(1024..=1 << 30).contains(&s.max_message_bytes) {
+            return bad("serve.max_message_bytes", format!("= {} is outside 1 KiB..=1 GiB", s.max_message_bytes));
+        }
+        if !(1..=65_536).contains(&s.stream_queue) {
+            return bad("serve.stream_queue", format!("= {} is outside 1..=65536", s.stream_queue));
+        }
+        if !(1..=65_536).contains(&s.max_batch_items) {
+            return bad("serve.max_batch_items", format!("= {} is outside 1..=65536", s.max_batch_items));
+        }
+        if s.request_deadline_ms > 3_600_000 {
+            return bad("serve.request_deadline_ms", format!("= {} is more than an hour", s.request_deadline_ms));
+        }
+        if s.idle_session_ms == 0 {
+            return bad("serve.idle_session_ms", "must be at least 1".into());
+        }
+        if s.drain_grace_ms > 3_600_000 {
+            return bad("serve.drain_grace_ms", format!("= {} is more than an hour", s.drain_grace_ms));
         }
         Ok(())
     }

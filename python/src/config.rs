@@ -65,29 +65,18 @@ fn from_toml(text: &str, source: &str) -> PyResult<Resolved> {
     Ok(Resolved { config, raw, source: source.into() })
 }
 
+fn key_error(e: probe_cascade::config::KeyError) -> PyErr {
+    config_error(e.to_string(), Some(e.key))
+}
+
 /// Deserializes, naming the full key path of what is wrong.
 fn from_value<T: serde::de::DeserializeOwned>(value: &Value, root: &str) -> PyResult<T> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let key = match (root, path.as_str()) {
-            (_, ".") => root.to_string(),
-            ("", _) => path,
-            _ => format!("{root}.{path}"),
-        };
-        config_error(format!("`{key}`: {}", e.inner()), Some(key))
-    })
+    probe_cascade::config::from_json(value, root).map_err(key_error)
 }
 
 /// The cascade section of `raw` with `overrides` (cascade keys) applied.
-pub fn cascade_with(raw: &Value, overrides: &[(String, Value)]) -> PyResult<CascadeConfig> {
-    let mut cascade = raw.get("cascade").cloned().unwrap_or_else(|| Value::Object(Default::default()));
-    let table = cascade
-        .as_object_mut()
-        .ok_or_else(|| config_error("`cascade` must be a table".into(), Some("cascade".into())))?;
-    for (k, v) in overrides {
-        table.insert(k.clone(), v.clone());
-    }
-    from_value(&cascade, "cascade")
+pub fn cascade_with(raw: &Value, overrides: &serde_json::Map<String, Value>) -> PyResult<CascadeConfig> {
+    probe_cascade::config::cascade_with(raw, overrides).map_err(key_error)
 }
 
 /// A Python value as JSON: dicts with string keys, lists, tuples, strings, numbers, bools,

@@ -182,7 +182,7 @@ impl Runtime {
     fn session(&self, py: Python<'_>, overrides: Option<&Bound<'_, PyDict>>) -> PyResult<Session> {
         self.inner.check()?;
         let mut options = SessionOptions::default();
-        let mut cascade = Vec::new();
+        let mut cascade = serde_json::Map::new();
         for (k, v) in overrides.map(|d| d.iter().collect::<Vec<_>>()).unwrap_or_default() {
             let k: String = k.extract()?;
             match k.as_str() {
@@ -207,7 +207,7 @@ impl Runtime {
                 }
                 _ => {
                     let value = to_json(&v, &format!("cascade.{k}"))?;
-                    cascade.push((k, value));
+                    cascade.insert(k, value);
                 }
             }
         }

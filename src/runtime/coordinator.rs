@@ -494,3 +494,33 @@ impl Message<ActiveSet> for Coordinator {
         self.active.iter().collect()
     }
 }
+
+/// New live settings for a stream, applied from its next token on: the mailbox keeps order,
+/// so every token queued before this one is scored under the old settings.
+pub struct Reconfigure {
+    pub cascade: CascadeConfig,
+    pub latency_budget: Duration,
+}
+
+/// The cascade keys a stream cannot change while open: the base set is loaded and pinned
+/// when it opens, the cap sizes its reservation, and normalization changes every score.
+pub const FIXED_CASCADE_KEYS: [&str; 3] = ["cascade.base_layers", "cascade.normalization", "cascade.max_loaded"];
+
+impl Message<Reconfigure> for Coordinator {
+    type Reply = Result<(), RuntimeError>;
+
+    async fn handle(&mut self, m: Reconfigure, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        let (old, new) = (&*self.config, &m.cascade);
+        let same = [
+            old.base_layers == new.base_layers,
+            old.normalization == new.normalization,
+            old.max_loaded == new.max_loaded,
+        ];
+        if let Some(i) = same.iter().position(|s| !s) {
+            return Err(RuntimeError::Options(format!("`{}` cannot change on an open session", FIXED_CASCADE_KEYS[i])));
+        }
+        self.config = Arc::new(m.cascade);
+        self.latency_budget = m.latency_budget;
+        Ok(())
+    }
+}

@@ -29,7 +29,8 @@ use kameo::mailbox;
 use kameo::prelude::{ActorRef, Spawn, WeakActorRef};
 
 use super::cache::{self, CacheStats, WeightCache};
-use super::coordinator::{ActiveSet, Coordinator, Scorer};
+pub use super::coordinator::FIXED_CASCADE_KEYS;
+use super::coordinator::{ActiveSet, Coordinator, Reconfigure, Scorer};
 use super::inference::TorchArena;
 use super::reader::ReaderKind;
 use super::steps::{self, Lane, Scoring, SessionId, SharedArena, StepMsg, StepStats, Steps};
@@ -187,6 +188,24 @@ impl Runtime {
             }
         });
         futures::future::join_all(asks).await
+    }
+
+    /// Gives an open session new live settings from its next token on: its cascade knobs
+    /// (all but those in [`FIXED_CASCADE_KEYS`]) and latency budget. `options` are checked as
+    /// `open_session` checks them; `options.mode` is ignored (a session keeps its mode).
+    pub async fn reconfigure(&self, id: SessionId, options: &SessionOptions) -> Result<(), RuntimeError> {
+        let config = session_config(&self.shared.config, options)?;
+        let coordinator = self.shared.sessions.lock().expect("sessions lock").get(&id).and_then(WeakActorRef::upgrade);
+        let coordinator = coordinator.ok_or(RuntimeError::UnknownSession(id))?;
+        let reconfigure = Reconfigure {
+            cascade: config.cascade,
+            latency_budget: std::time::Duration::from_micros(config.runtime.latency_budget_us),
+        };
+        match coordinator.ask(reconfigure).await {
+            Ok(()) => Ok(()),
+            Err(kameo::error::SendError::HandlerError(e)) => Err(e),
+            Err(_) => Err(RuntimeError::UnknownSession(id)),
+        }
     }
 
     /// Open sessions.

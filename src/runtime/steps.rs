@@ -85,6 +85,9 @@ pub struct StepStats {
     pub skipped_closed: u64,
     /// Most requests in one step.
     pub max_step: usize,
+    /// Steps by how many requests they served: bucket `i` counts steps of at most
+    /// `STEP_SIZE_BOUNDS[i]` requests (and more than the bound before it); the last, the rest.
+    pub step_sizes: [u64; STEP_SIZE_BUCKETS],
     /// Sessions whose slots the scheduler holds now.
     pub sessions: usize,
     /// Distinct probes held in any session's slots now (each resident once).
@@ -156,8 +159,15 @@ pub(super) struct Steps {
     stats: StepStats,
 }
 
+/// Upper bounds of the step-size buckets (a Prometheus histogram's `le`), and one more
+/// bucket for larger steps.
+pub const STEP_SIZE_BOUNDS: [usize; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+pub const STEP_SIZE_BUCKETS: usize = STEP_SIZE_BOUNDS.len() + 1;
+
 impl StepStats {
     fn count_step(&mut self, requests: usize, union: usize, logits: usize, kernel: Duration, bytes: u64) {
+        let bucket = STEP_SIZE_BOUNDS.iter().position(|&b| requests <= b).unwrap_or(STEP_SIZE_BOUNDS.len());
+        self.step_sizes[bucket] += 1;
         self.steps += 1;
         self.requests += requests as u64;
         self.union_probes += union as u64;
@@ -672,6 +682,7 @@ mod tests {
         // First step: both sessions, union {3, 7, 9} read once, 5 logits.
         assert_eq!(stats.skipped_closed, 1);
         assert_eq!((stats.steps, stats.requests, stats.max_step), (2, 3, 2));
+        assert_eq!(stats.step_sizes[..3], [1, 1, 0], "one step of 1 request, one of 2");
         assert_eq!((stats.union_probes, stats.logits), (3 + 2, 5 + 2));
         // Session 2 closed; session 1 holds probes 11 and 7.
         assert_eq!((stats.sessions, stats.held_probes, stats.held_refs), (1, 2, 2));

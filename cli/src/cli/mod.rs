@@ -4,6 +4,7 @@ mod bench;
 mod pack;
 mod progress;
 mod run;
+mod serve;
 mod trace;
 
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Command {
     Run(run::RunArgs),
     /// Run every engine on the same pack and trace; write bench.md and bench.json.
     Bench(bench::BenchArgs),
+    /// Serve sessions over gRPC (TCP or a Unix socket), with metrics and health over HTTP.
+    Serve(serve::ServeArgs),
     /// This CPU's model and features, and the CPU kernel paths it can run.
     Cpu,
 }
@@ -47,6 +50,7 @@ pub fn main() -> ExitCode {
         Command::Trace(cmd) => trace::run(cmd),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Cpu => {
             println!("cpu: {}", probe_cascade::kernel::CpuInfo::detect());
             Ok(ExitCode::SUCCESS)

@@ -43,7 +43,7 @@ fn fixture() -> Fixture {
 }
 
 fn config() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/realtime.toml")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/realtime.toml")
 }
 
 fn run_cmd(f: &Fixture, trace: &Path) -> Command {
@@ -267,7 +267,7 @@ fn bench_writes_every_row() {
 
 #[test]
 fn import_hatcat_prints_its_summary_and_names_bad_files() {
-    let hatcat = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hatcat");
+    let hatcat = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hatcat");
     let dir = tempfile::tempdir().unwrap();
     let pack = dir.path().join("imported");
     let summary = run_ok(
