@@ -14,8 +14,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([&proto], [&proto_dir])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("probe_cascade_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure()
-        .bytes(".probe_cascade.v1.HiddenState.data")
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().bytes(".probe_cascade.v1.HiddenState.data").compile_fds(fds)?;
     Ok(())
 }

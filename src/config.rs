@@ -52,9 +52,8 @@ pub fn cascade_with(
     overrides: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<CascadeConfig, KeyError> {
     let mut cascade = raw.get("cascade").cloned().unwrap_or_else(|| serde_json::Value::Object(Default::default()));
-    let table = cascade
-        .as_object_mut()
-        .ok_or_else(|| KeyError { key: "cascade".into(), message: "must be a table".into() })?;
+    let table =
+        cascade.as_object_mut().ok_or_else(|| KeyError { key: "cascade".into(), message: "must be a table".into() })?;
     for (k, v) in overrides {
         table.insert(k.clone(), v.clone());
     }

@@ -123,7 +123,8 @@ pub async fn start(options: ServeOptions) -> Result<Server, ServeError> {
     }
     if let Some(path) = &options.unix {
         remove_stale_socket(path)?;
-        let listener = tokio::net::UnixListener::bind(path).map_err(bind_error("gRPC on the Unix socket", path.display()))?;
+        let listener =
+            tokio::net::UnixListener::bind(path).map_err(bind_error("gRPC on the Unix socket", path.display()))?;
         let incoming = UnixListenerStream::new(listener);
         let server = tonic::transport::Server::builder().add_routes(routes.clone());
         let shutdown = stopped(&stop);
@@ -157,7 +158,9 @@ pub async fn start(options: ServeOptions) -> Result<Server, ServeError> {
 fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(bind_error("removing", path.display())),
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(bind_error("removing", path.display()))
+        }
         Ok(_) => Err(ServeError::Setup(format!("--unix {}: the path exists and is not a socket", path.display()))),
         Err(_) => Ok(()),
     }
@@ -237,8 +240,11 @@ pub async fn run(options: ServeOptions) -> Result<Drained, ServeError> {
     let signal = |kind: SignalKind, name: &str| {
         signal(kind).map_err(|e| ServeError::Setup(format!("installing the {name} handler: {e}")))
     };
-    let (mut hup, mut term, mut int) =
-        (signal(SignalKind::hangup(), "SIGHUP")?, signal(SignalKind::terminate(), "SIGTERM")?, signal(SignalKind::interrupt(), "SIGINT")?);
+    let (mut hup, mut term, mut int) = (
+        signal(SignalKind::hangup(), "SIGHUP")?,
+        signal(SignalKind::terminate(), "SIGTERM")?,
+        signal(SignalKind::interrupt(), "SIGINT")?,
+    );
     let server = start(options).await?;
     let show = |a: Option<String>| a.unwrap_or_else(|| "-".into());
     println!(

@@ -64,7 +64,11 @@ fn failed(seq: u64, e: pb::Error) -> pb::TokenResult {
 }
 
 /// The answer to one observed hidden state.
-fn answered(seq: u64, started: Instant, outcome: Result<Result<TokenReport, RuntimeError>, Duration>) -> pb::TokenResult {
+fn answered(
+    seq: u64,
+    started: Instant,
+    outcome: Result<Result<TokenReport, RuntimeError>, Duration>,
+) -> pb::TokenResult {
     match outcome {
         Ok(Ok(report)) => {
             m::token(&report, started.elapsed());
@@ -209,7 +213,12 @@ impl ProbeCascade for Service {
                 continue;
             };
             entry.touch(state);
-            match item.hidden.as_ref().ok_or_else(|| "item without `hidden`".to_string()).and_then(convert::decode_hidden) {
+            match item
+                .hidden
+                .as_ref()
+                .ok_or_else(|| "item without `hidden`".to_string())
+                .and_then(convert::decode_hidden)
+            {
                 Ok(values) => {
                     asks.push((id, values));
                     asked.push((i, entry));

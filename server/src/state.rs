@@ -25,9 +25,8 @@ pub struct Live {
 impl Live {
     pub fn parse(text: &str, path: &Path) -> Result<Self, probe_cascade::config::ConfigError> {
         let config = Config::parse(text, path)?;
-        let raw = toml::from_str::<serde_json::Value>(text).map_err(|e| {
-            probe_cascade::config::ConfigError::Parse { path: path.into(), message: e.to_string() }
-        })?;
+        let raw = toml::from_str::<serde_json::Value>(text)
+            .map_err(|e| probe_cascade::config::ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         Ok(Self { config, raw })
     }
 }
@@ -57,7 +56,9 @@ impl Requested {
             None | Some("") => None,
             Some("exact") => Some(Mode::Exact),
             Some("pipelined") => Some(Mode::Pipelined),
-            Some(other) => return Err(format!("session options: `mode` = {other:?} is not \"exact\" or \"pipelined\"")),
+            Some(other) => {
+                return Err(format!("session options: `mode` = {other:?} is not \"exact\" or \"pipelined\""))
+            }
         };
         let cascade = if o.cascade_json.trim().is_empty() {
             Default::default()
@@ -266,7 +267,11 @@ impl State {
                     Mode::Exact => "exact",
                     Mode::Pipelined => "pipelined",
                 },
-                opened_unix_ms: e.opened.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+                opened_unix_ms: e
+                    .opened
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
                 idle_ms: now.saturating_sub(e.last_used_ms.load(Ordering::Relaxed)),
                 tokens: e.tokens.load(Ordering::Relaxed),
                 peer: e.peer.clone(),

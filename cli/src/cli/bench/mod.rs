@@ -67,7 +67,8 @@ const OPTIONAL_ENGINES: [&str; 1] = ["runtime-arena"];
 /// The seed's comparison table (base [0], threshold 0.3) and the decompose variant.
 fn configs() -> anyhow::Result<Vec<(&'static str, Config)>> {
     let realtime = Config::parse(include_str!("../../../../config/realtime.toml"), Path::new("config/realtime.toml"))?;
-    let decompose = Config::parse(include_str!("../../../../config/decompose.toml"), Path::new("config/decompose.toml"))?;
+    let decompose =
+        Config::parse(include_str!("../../../../config/decompose.toml"), Path::new("config/decompose.toml"))?;
     let with = |pruning: Pruning| {
         let mut c = realtime.clone();
         c.cascade.pruning = pruning;

@@ -1,0 +1,449 @@
+//! The real server, on a loopback port and a Unix socket, driven by tonic clients: reports
+//! bit-identical to the in-process runtime's, named errors for bad messages while others go
+//! on, every limit refused by name, disconnects freeing sessions, drain answering what is
+//! in flight, reload, and metrics that parse and move.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use probe_cascade::config::Config;
+use probe_cascade::runtime::{Runtime, SessionOptions};
+use probe_cascade_server::convert::encode_f32;
+use probe_cascade_server::proto::v1 as pb;
+use probe_cascade_server::ReloadOutcome;
+
+/// What the in-process runtime reports for each row of `trace`, in one session.
+async fn in_process(f: &Fixture, config: &str, trace: usize, options: SessionOptions) -> Vec<Outcome> {
+    let config = Config::parse(config, std::path::Path::new("test")).unwrap();
+    let rt = Runtime::start(f.pack.clone(), &config).await.unwrap();
+    let s = rt.open_session(options).await.unwrap();
+    let mut out = Vec::new();
+    for t in 0..TOKENS {
+        let r = s.observe(f.traces[trace].row(t).to_vec()).await.unwrap();
+        out.push(local_outcome(&r));
+    }
+    s.close().await;
+    rt.shutdown().await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_over_tcp_and_unix_match_the_in_process_runtime_bit_for_bit() {
+    let f = fixture();
+    let config = realtime("");
+    let server = serve(&f, &config, true, None).await;
+    let want = in_process(&f, &config, 1, SessionOptions::default()).await;
+    let mut tcp = tcp_client(&server).await;
+    let mut unix = unix_client(server.unix_path().unwrap()).await;
+    for client in [&mut tcp, &mut unix] {
+        let mut s = open(client, Default::default()).await;
+        // Pipelined on the wire: every hidden state goes out before any answer is read.
+        for t in 0..TOKENS {
+            s.send(encode_f32(f.traces[1].row(t))).await;
+        }
+        for (t, want) in want.iter().enumerate() {
+            let r = s.result().await;
+            assert_eq!(r.seq, t as u64);
+            assert_eq!(report(&r).token, t as u64);
+            assert_eq!(&wire_outcome(report(&r)), want, "token {t}");
+        }
+    }
+    // bf16 on the wire: the same as the in-process runtime fed the same bf16 values.
+    let bf16_trace: Vec<Vec<f32>> =
+        (0..TOKENS).map(|t| f.traces[2].row(t).iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect()).collect();
+    let mut s = open(&mut tcp, Default::default()).await;
+    for row in &bf16_trace {
+        let data: Vec<u8> = row.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+        s.send(pb::HiddenState { dtype: pb::Dtype::Bf16 as i32, len: row.len() as u32, data: data.into() }).await;
+    }
+    let config_parsed = Config::parse(&config, std::path::Path::new("test")).unwrap();
+    let rt = Runtime::start(f.pack.clone(), &config_parsed).await.unwrap();
+    let local = rt.open_session(Default::default()).await.unwrap();
+    for row in &bf16_trace {
+        let want = local_outcome(&local.observe(row.clone()).await.unwrap());
+        assert_eq!(wire_outcome(report(&s.result().await)), want);
+    }
+    local.close().await;
+    rt.shutdown().await;
+    server.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_steps_match_separate_in_process_sessions() {
+    let f = fixture();
+    let config = realtime("");
+    let server = serve(&f, &config, false, None).await;
+    let mut client = tcp_client(&server).await;
+    let decompose = r#"{"expansion": {"decompose": {"top_k": 5}}}"#;
+    let options = [
+        pb::SessionOptions::default(),
+        pb::SessionOptions { cascade_json: decompose.into(), ..Default::default() },
+        pb::SessionOptions { mode: Some("exact".into()), label: "third".into(), ..Default::default() },
+    ];
+    let mut ids = Vec::new();
+    for o in &options {
+        ids.push(client.open_session(o.clone()).await.unwrap().into_inner().session_id);
+    }
+    let mut wants = Vec::new();
+    for (i, o) in options.iter().enumerate() {
+        let cascade = (!o.cascade_json.is_empty()).then(|| {
+            let raw: serde_json::Value = toml::from_str(&config).unwrap();
+            let overrides: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&o.cascade_json).unwrap();
+            probe_cascade::config::cascade_with(&raw, &overrides).unwrap()
+        });
+        wants.push(in_process(&f, &config, i, SessionOptions { cascade, ..Default::default() }).await);
+    }
+    for t in 0..TOKENS {
+        let items = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| pb::BatchItem { session_id: id, hidden: Some(encode_f32(f.traces[i].row(t))) })
+            .collect();
+        let got = client.observe_batch(pb::BatchRequest { items }).await.unwrap().into_inner();
+        assert_eq!(got.results.len(), ids.len());
+        for (i, r) in got.results.iter().enumerate() {
+            assert_eq!(r.seq, i as u64);
+            assert_eq!(wire_outcome(report(r)), wants[i][t], "session {i}, token {t}");
+        }
+    }
+    // An unknown session and a bad item fail alone; the rest of the step is answered.
+    let items = vec![
+        pb::BatchItem { session_id: 999, hidden: Some(encode_f32(f.traces[0].row(0))) },
+        pb::BatchItem { session_id: ids[0], hidden: None },
+        pb::BatchItem { session_id: ids[1], hidden: Some(encode_f32(f.traces[1].row(0))) },
+    ];
+    let got = client.observe_batch(pb::BatchRequest { items }).await.unwrap().into_inner();
+    assert_eq!(error(&got.results[0]).kind(), pb::ErrorKind::UnknownSession);
+    assert!(error(&got.results[0]).message.contains("session 999"), "{:?}", got.results[0]);
+    assert_eq!(error(&got.results[1]).kind(), pb::ErrorKind::BadHidden);
+    assert_eq!(report(&got.results[2]).token, TOKENS as u64);
+    let (status, body) = http_get(&server, "/v1/sessions", None).await;
+    assert_eq!(status, 200);
+    let views: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(views.as_array().unwrap().len(), 3);
+    assert_eq!(views[2]["label"], "third");
+    assert_eq!(views[0]["tokens"], TOKENS as u64, "its bad item was not observed");
+    client.close_session(pb::CloseSessionRequest { session_id: ids[0] }).await.unwrap();
+    let e = client.close_session(pb::CloseSessionRequest { session_id: ids[0] }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert_eq!(server.state().open_sessions(), 2);
+    server.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_fail_their_token_by_name_while_other_sessions_go_on() {
+    let f = fixture();
+    let config = realtime("");
+    let server = serve(&f, &config, false, None).await;
+    let mut client = tcp_client(&server).await;
+    let mut bad = open(&mut client, Default::default()).await;
+    let mut good = open(&mut client, Default::default()).await;
+    let want = in_process(&f, &config, 0, SessionOptions::default()).await;
+    let row = f.traces[0].row(0);
+    let mut nan = row.to_vec();
+    nan[7] = f32::NAN;
+    let full = encode_f32(row);
+    let mut truncated = full.clone();
+    truncated.data = truncated.data.slice(..truncated.data.len() - 3);
+    let bads = [
+        (truncated, pb::ErrorKind::BadHidden, "bytes"),
+        (pb::HiddenState { dtype: 7, ..full.clone() }, pb::ErrorKind::BadHidden, "`dtype` = 7"),
+        (encode_f32(&row[..100]), pb::ErrorKind::BadHidden, "100"),
+        (encode_f32(&nan), pb::ErrorKind::BadHidden, "7"),
+    ];
+    for (t, (h, _, _)) in bads.iter().enumerate() {
+        bad.send(h.clone()).await;
+        good.send(encode_f32(f.traces[0].row(t))).await;
+    }
+    bad.tx.send(open_msg(Default::default())).await.unwrap();
+    for (seq, (_, kind, needle)) in bads.iter().enumerate() {
+        let r = bad.result().await;
+        assert_eq!(r.seq, seq as u64);
+        let e = error(&r);
+        assert_eq!(e.kind(), *kind, "{e:?}");
+        assert!(e.message.contains(needle), "message {:?} should contain {needle:?}", e.message);
+    }
+    let e = error(&bad.result().await).clone();
+    assert!(e.message.contains("must be `hidden`"), "{e:?}");
+    // The bad stream still serves good hidden states.
+    bad.send(encode_f32(f.traces[0].row(0))).await;
+    assert!(report(&bad.result().await).top.len() > 1);
+    for (t, want) in want.iter().enumerate().take(bads.len()) {
+        assert_eq!(&wire_outcome(report(&good.result().await)), want, "good session, token {t}");
+    }
+    let (_, metrics) = http_get(&server, "/metrics", None).await;
+    assert!(metrics.contains("probe_cascade_errors_total{kind=\"bad_hidden\"}"), "{metrics}");
+    server.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_limit_is_refused_by_name() {
+    let f = fixture();
+    let config = realtime("[serve]\nmax_message_bytes = 4096\nstream_queue = 1\nmax_batch_items = 2\n")
+        .replace("max_sessions = 64", "max_sessions = 2");
+    let server = serve(&f, &config, false, Some("s3cret")).await;
+    let url = format!("http://{}", server.grpc_addr().unwrap());
+    let channel = tonic::transport::Endpoint::try_from(url).unwrap().connect().await.unwrap();
+
+    // No token, a wrong one: UNAUTHENTICATED. HTTP views too; health and metrics stay open.
+    let mut anonymous = pb::probe_cascade_client::ProbeCascadeClient::new(channel.clone());
+    let e = anonymous.info(pb::InfoRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    let wrong = |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", "Bearer s3cre7".parse().unwrap());
+        Ok(req)
+    };
+    let mut wrong = pb::probe_cascade_client::ProbeCascadeClient::with_interceptor(channel.clone(), wrong);
+    assert_eq!(wrong.info(pb::InfoRequest {}).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    assert_eq!(http_get(&server, "/v1/pack", None).await.0, 401);
+    assert_eq!(http_get(&server, "/v1/pack", Some("s3cret")).await.0, 200);
+    assert_eq!(http_get(&server, "/healthz", None).await.0, 200);
+    let right = |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
+        Ok(req)
+    };
+    let mut client = pb::probe_cascade_client::ProbeCascadeClient::with_interceptor(channel, right);
+    let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.max_sessions, info.stream_queue, info.max_batch_items), (2, 1, 2));
+
+    // runtime.max_sessions = 2.
+    let open_one = |client: &mut pb::probe_cascade_client::ProbeCascadeClient<_>| {
+        let mut c = client.clone();
+        async move { c.open_session(pb::SessionOptions::default()).await }
+    };
+    let a = open_one(&mut client).await.unwrap().into_inner().session_id;
+    let b = open_one(&mut client).await.unwrap().into_inner().session_id;
+    let e = open_one(&mut client).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(e.message().contains("runtime.max_sessions = 2"), "{e}");
+
+    // serve.max_batch_items = 2.
+    let item = |id| pb::BatchItem { session_id: id, hidden: Some(encode_f32(f.traces[0].row(0))) };
+    let e = client.observe_batch(pb::BatchRequest { items: vec![item(a), item(b), item(a)] }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(e.message().contains("serve.max_batch_items = 2"), "{e}");
+    client.close_session(pb::CloseSessionRequest { session_id: b }).await.unwrap();
+
+    // serve.stream_queue = 1: hidden states sent faster than they are answered are refused
+    // one by one, and every one gets exactly one answer, in order.
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tx.send(open_msg(Default::default())).await.unwrap();
+    let mut rx = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    rx.message().await.unwrap().unwrap();
+    let sent = 64;
+    for t in 0..sent {
+        tx.send(hidden_msg(encode_f32(f.traces[0].row(t % TOKENS)))).await.unwrap();
+    }
+    let mut refused = 0;
+    for seq in 0..sent {
+        let r = match rx.message().await.unwrap().unwrap().kind {
+            Some(pb::session_response::Kind::Result(r)) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(r.seq, seq as u64);
+        if let Some(pb::token_result::Outcome::Error(e)) = &r.outcome {
+            assert_eq!(e.kind(), pb::ErrorKind::Limit);
+            assert!(e.message.contains("serve.stream_queue = 1"), "{e:?}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0 && refused < sent, "{refused} of {sent} refused");
+
+    // serve.max_message_bytes = 4096: the stream ends with a status naming the limit.
+    tx.send(hidden_msg(encode_f32(&vec![0.0; 2048]))).await.unwrap();
+    let e = rx.message().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("serve.max_message_bytes = 4096"), "{e}");
+    drop(tx);
+    server.drain().await;
+}
+
+/// Waits until `check` holds, for up to 10 s.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: not within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_stream_frees_its_session() {
+    let f = fixture();
+    let server = serve(&f, &realtime(""), true, None).await;
+    let rt = server.state().runtime.clone();
+    let baseline = rt.step_stats().await.unwrap();
+    for unix in [false, true] {
+        let mut client = if unix { unix_client(server.unix_path().unwrap()).await } else { tcp_client(&server).await };
+        let mut s = open(&mut client, Default::default()).await;
+        for t in 0..10 {
+            s.send(encode_f32(f.traces[1].row(t))).await;
+        }
+        s.result().await;
+        assert_eq!(server.state().open_sessions(), 1);
+        // Gone mid-stream: answers unread, hidden states unanswered.
+        drop(s);
+        drop(client);
+        eventually("the session is closed", || server.state().open_sessions() == 0).await;
+        eventually("the runtime forgets it", || rt.sessions().is_empty()).await;
+    }
+    let mut stats = rt.step_stats().await.unwrap();
+    for _ in 0..100 {
+        if stats.sessions == baseline.sessions {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        stats = rt.step_stats().await.unwrap();
+    }
+    assert_eq!((stats.sessions, stats.held_refs), (baseline.sessions, baseline.held_refs), "slots freed");
+    server.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_answers_everything_in_flight_then_refuses() {
+    let f = fixture();
+    let server = serve(&f, &realtime("[serve]\nstream_queue = 256\n"), false, None).await;
+    let mut client = tcp_client(&server).await;
+    let mut s = open(&mut client, Default::default()).await;
+    let sent = 200;
+    for t in 0..sent {
+        s.send(encode_f32(f.traces[3].row(t % TOKENS))).await;
+    }
+    let first = s.result().await;
+    assert_eq!(first.seq, 0);
+    let state = server.state().clone();
+    let drain = tokio::spawn(server.drain());
+    // Every hidden state the server read is answered, in order; then UNAVAILABLE names how
+    // many were answered.
+    let mut answered = 1u64;
+    let end = loop {
+        match s.rx.message().await {
+            Ok(Some(pb::SessionResponse { kind: Some(pb::session_response::Kind::Result(r)) })) => {
+                assert_eq!(r.seq, answered);
+                report(&r);
+                answered += 1;
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end}");
+    assert!(end.message().contains(&format!("answering its first {answered} hidden states")), "{end}");
+    let drained = drain.await.unwrap();
+    assert!(drained.in_time);
+    assert!(state.draining());
+    assert_eq!(state.open_sessions(), 0);
+    assert!(client.info(pb::InfoRequest {}).await.is_err(), "the listener is closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_live_keys_from_the_next_token_and_keeps_out_bad_files() {
+    let f = fixture();
+    let config = realtime("");
+    let server = serve(&f, &config, false, None).await;
+    let mut client = tcp_client(&server).await;
+    let mut s = open(&mut client, Default::default()).await;
+    s.send(encode_f32(f.traces[0].row(0))).await;
+    assert_eq!(report(&s.result().await).top.len(), 10);
+
+    std::fs::write(f.dir.path().join("config.toml"), config.replace("report_top_k = 10", "report_top_k = 3")).unwrap();
+    let outcome = server.reload().await;
+    assert_eq!(outcome, ReloadOutcome::Applied { changed: vec!["cascade.report_top_k"], sessions: 1 });
+    s.send(encode_f32(f.traces[0].row(1))).await;
+    assert_eq!(report(&s.result().await).top.len(), 3);
+    // A new session gets the new file too.
+    let mut s2 = open(&mut client, Default::default()).await;
+    s2.send(encode_f32(f.traces[0].row(0))).await;
+    assert_eq!(report(&s2.result().await).top.len(), 3);
+
+    // Not a config: kept out.
+    std::fs::write(f.dir.path().join("config.toml"), "[cascade\nreport_top_k = 5").unwrap();
+    assert!(matches!(server.reload().await, ReloadOutcome::Invalid { .. }));
+    // A key that cannot change live: refused by name, nothing applied.
+    let fixed = config
+        .replace("report_top_k = 10", "report_top_k = 5")
+        .replace("cache_bytes = 1073741824", "cache_bytes = 2000000000");
+    std::fs::write(f.dir.path().join("config.toml"), fixed).unwrap();
+    assert_eq!(server.reload().await, ReloadOutcome::Refused { keys: vec!["runtime.cache_bytes"] });
+    s.send(encode_f32(f.traces[0].row(2))).await;
+    assert_eq!(report(&s.result().await).top.len(), 3);
+    let (_, metrics) = http_get(&server, "/metrics", None).await;
+    for result in ["applied", "invalid", "refused"] {
+        assert!(metrics.contains(&format!("probe_cascade_config_reloads_total{{result=\"{result}\"}}")), "{metrics}");
+    }
+    server.drain().await;
+}
+
+/// One Prometheus text-format sample line: `name{labels} value`.
+fn parse_sample(line: &str) -> Option<(String, f64)> {
+    let (key, value) = line.rsplit_once(' ')?;
+    let name_end = key.find('{').unwrap_or(key.len());
+    let name = &key[..name_end];
+    let valid = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        && (name_end == key.len() || key.ends_with('}'));
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    valid.then(|| (key.to_string(), value))
+}
+
+fn samples(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(comment) = line.strip_prefix('#') {
+            let words: Vec<&str> = comment.split_whitespace().collect();
+            assert!(matches!(words.first(), Some(&"HELP") | Some(&"TYPE")), "bad comment line {line:?}");
+            if words[0] == "TYPE" {
+                assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&words[2]), "{line}");
+            }
+            continue;
+        }
+        let (key, value) = parse_sample(line).unwrap_or_else(|| panic!("not a Prometheus sample: {line:?}"));
+        assert!(key.starts_with("probe_cascade_"), "unprefixed metric {key}");
+        out.insert(key, value);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_move_when_tokens_are_served() {
+    let f = fixture();
+    let server = serve(&f, &realtime(""), false, None).await;
+    let mut client = tcp_client(&server).await;
+    let before = samples(&http_get(&server, "/metrics", None).await.1);
+    let mut s = open(&mut client, Default::default()).await;
+    for t in 0..TOKENS {
+        s.send(encode_f32(f.traces[1].row(t))).await;
+    }
+    for _ in 0..TOKENS {
+        report(&s.result().await);
+    }
+    let (status, text) = http_get(&server, "/metrics", None).await;
+    assert_eq!(status, 200);
+    let after = samples(&text);
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
+    // Other tests in this process share the recorder: at least this test's tokens.
+    assert!(delta("probe_cascade_tokens_total") >= TOKENS as f64, "{text}");
+    assert!(delta("probe_cascade_stage_seconds_count{stage=\"total\"}") >= TOKENS as f64, "{text}");
+    assert!(after["probe_cascade_cache_misses_total"] > 0.0);
+    assert!(after["probe_cascade_step_size_count"] >= TOKENS as f64);
+    assert!(after["probe_cascade_step_size_bucket{le=\"+Inf\"}"] >= after["probe_cascade_step_size_bucket{le=\"1\"}"]);
+    assert_eq!(after["probe_cascade_sessions_open"], 1.0);
+    assert!(after.contains_key("probe_cascade_cache_resident_bytes"));
+    assert!(after.contains_key("probe_cascade_reads_in_flight"));
+    assert!(after.contains_key("probe_cascade_slots_held_probes"));
+    let (status, body) = http_get(&server, "/v1/pack", None).await;
+    assert_eq!(status, 200);
+    let pack: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(pack["concepts"], 300);
+    assert_eq!(pack["hierarchy"].as_array().unwrap().len(), 300);
+    assert_eq!(http_get(&server, "/readyz", None).await.0, 200);
+    server.drain().await;
+}
