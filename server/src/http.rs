@@ -53,10 +53,11 @@ async fn readyz(AxumState(h): AxumState<Http>) -> Response {
     healthz(AxumState(h)).await
 }
 
-fn authorized(h: &Http, headers: &HeaderMap) -> Result<(), Response> {
-    h.token
-        .check(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()))
-        .map_err(|why| (StatusCode::UNAUTHORIZED, format!("{why}\n")).into_response())
+/// The 401 answer, unless the request carries the bearer token (or none is set).
+fn unauthorized(h: &Http, headers: &HeaderMap) -> Option<Response> {
+    let why = h.token.check(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes())).err()?;
+    crate::metrics::error("unauthenticated");
+    Some((StatusCode::UNAUTHORIZED, format!("{why}\n")).into_response())
 }
 
 #[derive(Serialize)]
@@ -85,7 +86,7 @@ struct PackView<'a> {
 }
 
 async fn pack(AxumState(h): AxumState<Http>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&h, &headers) {
+    if let Some(r) = unauthorized(&h, &headers) {
         return r;
     }
     let pack = h.state.runtime.pack().clone();
@@ -114,7 +115,7 @@ async fn pack(AxumState(h): AxumState<Http>, headers: HeaderMap) -> Response {
 }
 
 async fn sessions(AxumState(h): AxumState<Http>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&h, &headers) {
+    if let Some(r) = unauthorized(&h, &headers) {
         return r;
     }
     Json(h.state.session_views()).into_response()

@@ -71,6 +71,7 @@ async fn streams_over_tcp_and_unix_match_the_in_process_runtime_bit_for_bit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::needless_range_loop)] // `t` indexes a trace row and each session's answers
 async fn batched_steps_match_separate_in_process_sessions() {
     let f = fixture();
     let config = realtime("");
