@@ -9,7 +9,8 @@
 
 The runtime is Rust (actors on their own threads, a CPU kernel that scores probes where they
 lie in the cache); calls block without holding the GIL. See `probe_cascade.hf` for a
-transformers `generate` hook and `probe_cascade.pack` for pack tools.
+transformers `generate` hook, `probe_cascade.pack` for pack tools, and `probe_cascade.Client`
+for a `probe-cascade serve` in another process (same calls, over gRPC).
 """
 
 # torch first: the native module binds the libtorch that `import torch` loads (one libtorch
@@ -52,13 +53,16 @@ __all__ = [
     "cpu_info",
     "pack",
     "hf",
+    "Client",
 ]
 
 
 def __getattr__(name):
-    # `probe_cascade.hf` needs transformers; import it only when asked for.
-    if name == "hf":
-        import importlib
+    # `probe_cascade.hf` needs transformers, and `Client` grpcio: imported only when asked for.
+    import importlib
 
+    if name == "hf":
         return importlib.import_module(__name__ + ".hf")
+    if name in ("Client", "RemoteSession", "RemoteReport", "RemoteDetection"):
+        return getattr(importlib.import_module(__name__ + ".client"), name)
     raise AttributeError(f"module 'probe_cascade' has no attribute {name!r}")

@@ -14,6 +14,9 @@ position of each sequence: the hidden state that produces the next token. So rep
 sequence belongs to its k-th generated token. A batch gets one session per sequence and one
 `Runtime.observe_batch` per decode step; a sequence that has produced an end-of-sequence token
 is no longer observed (generate keeps padding it), so its reports stop with that token.
+
+`runtime` may also be a `probe_cascade.Client` of a `probe-cascade serve` in another process:
+each decode step is then one ObserveBatch call.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class Monitor:
     def __init__(
         self,
         model: Any,
-        runtime: Runtime,
+        runtime: Union[Runtime, Any],
         layer: Layer = -1,
         *,
         observe_prompt: bool = False,
@@ -256,7 +259,7 @@ class Monitor:
 @contextmanager
 def monitor(
     model: Any,
-    runtime: Runtime,
+    runtime: Union[Runtime, Any],
     layer: Layer = -1,
     *,
     observe_prompt: bool = False,
@@ -265,7 +268,8 @@ def monitor(
     """Observes `model`'s hidden states at every decode step of `generate` inside the block.
 
     layer: a decoder layer index (-1: the last decoder layer's output) or "last" for the final
-    norm's output, which is what HatCat's probes read. observe_prompt: also score every prompt
+    norm's output, which is what HatCat's probes read. runtime: an in-process Runtime, or a
+    `probe_cascade.Client` (the same calls, over gRPC). observe_prompt: also score every prompt
     position (padding skipped) into `prompt_reports`. session_options: keyword overrides for
     each sequence's session (see `Runtime.session`). Hooks are removed and sessions closed
     when the block ends.

@@ -64,3 +64,41 @@ def assert_same(py_reports, rust_tokens) -> None:
         assert got == exp, f"token {r.token}"
         for key in ("children", "loaded", "unloaded", "scored", "active", "skipped_by_cap"):
             assert getattr(r, key) == want[key], f"token {r.token}: {key}"
+
+
+class Served:
+    """`probe-cascade serve` in a child process, on loopback ports and a Unix socket."""
+
+    def __init__(self, pack: Path, work: Path, config: Path = EXACT, token: str | None = None) -> None:
+        import signal  # noqa: F401  (used in stop)
+
+        self.unix = work / "serve.sock"
+        args = [str(binary()), "serve", "--pack", str(pack), "--config", str(config)]
+        args += ["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--unix", str(self.unix)]
+        if token is not None:
+            (work / "token").write_text(token + "\n")
+            args += ["--token-file", str(work / "token")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("serving "):
+            self.proc.kill()
+            raise AssertionError(f"serve did not start: {line!r}\n{self.proc.stderr.read()}")
+        fields = dict(w.split("=", 1) for w in line.split()[1:])
+        self.grpc, self.http = fields["grpc"], fields["http"]
+
+    def stop(self) -> int:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def served(tiny, tmp_path_factory):
+    s = Served(tiny["pack"], tmp_path_factory.mktemp("serve"))
+    yield s
+    assert s.stop() == 0, "serve exits 0 after SIGTERM"

@@ -126,3 +126,23 @@ def test_monitor_refuses_a_bad_layer(model_tok, trained):
             with torch.no_grad():
                 model.generate(**tok(PROMPTS[:1], return_tensors="pt"), max_new_tokens=2, do_sample=False)
         assert len(mon.reports[0]) == 2
+
+
+def test_monitor_takes_a_client_of_a_server_with_the_same_reports(model_tok, trained, tmp_path):
+    from conftest import Served
+
+    model, tok = model_tok
+    rt = pc.Runtime(trained, config=str(EXACT))
+    _, out, local, _ = generate(model, tok, rt)
+    rt.close()
+    served = Served(trained, tmp_path)
+    try:
+        with pc.Client(served.grpc) as client:
+            _, out_remote, remote, _ = generate(model, tok, client)
+    finally:
+        assert served.stop() == 0
+    assert torch.equal(out, out_remote)
+    assert [len(r) for r in remote.reports] == [len(r) for r in local.reports]
+    for seq_l, seq_r in zip(local.reports, remote.reports):
+        for a, b in zip(seq_l, seq_r):
+            assert [(d.name, d.path, d.logit) for d in a.top] == [(d.name, d.path, d.logit) for d in b.top]

@@ -1,0 +1,141 @@
+"""probe_cascade.Client against a real `probe-cascade serve` child process: the same answers as
+the Rust runtime, over TCP and a Unix socket, batches, errors, auth, and generated stubs that
+match the proto."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+import probe_cascade as pc
+from conftest import EXACT, REPO, Served, assert_same, rust_reports
+
+grpc = pytest.importorskip("grpc")
+
+
+def test_reports_match_the_rust_runtime_over_tcp_and_unix(tiny, served, tmp_path):
+    want = rust_reports(tiny["pack"], tiny["trace"], tmp_path, "client")
+    for address in (served.grpc, f"unix:{served.unix}"):
+        with pc.Client(address) as client:
+            assert client.hidden_dim == tiny["trace"].shape[1]
+            with client.session() as s:
+                got = [s.observe(row) for row in tiny["trace"]]
+            assert_same(got, want)
+            # Torch f32 and f64 inputs give the same answers too.
+            with client.session() as s:
+                got = [s.observe(torch.from_numpy(row.astype(np.float64))) for row in tiny["trace"]]
+            assert_same(got, want)
+
+
+def test_paths_stages_and_dicts_match_the_in_process_report(tiny, served):
+    rt = pc.Runtime(tiny["pack"], config=str(EXACT))
+    row = tiny["trace"][0]
+    with pc.Client(served.grpc) as client, client.session() as remote, rt.session() as local:
+        r, l = remote.observe(row), local.observe(row)
+        assert [d.path for d in r.top] == [d.path for d in l.top]
+        assert set(r.stages) == set(l.stages)
+        d = r.to_dict()
+        assert d["top"][0] == l.to_dict()["top"][0] and d["token"] == 0
+    rt.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_match_the_in_process_runtime(tiny, served, dtype):
+    rt = pc.Runtime(tiny["pack"], config=str(EXACT))
+    rows = torch.from_numpy(tiny["trace"][:20]).to(dtype)
+    with pc.Client(served.grpc) as client, client.session() as remote, rt.session() as local:
+        for row in rows:
+            r, l = remote.observe(row), local.observe(row)
+            assert [(d.name, np.float32(d.logit)) for d in r.top] == [(d.name, np.float32(d.logit)) for d in l.top]
+    rt.close()
+
+
+def test_observe_batch_matches_the_in_process_runtime(tiny, served):
+    rt = pc.Runtime(tiny["pack"], config=str(EXACT))
+    trace = tiny["trace"]
+    with pc.Client(served.grpc) as client:
+        remote = [client.session(), client.session(report_top_k=3), client.session()]
+        local = [rt.session(), rt.session(report_top_k=3), rt.session()]
+        for t in range(0, len(trace) - 3):
+            batch = torch.from_numpy(np.stack([trace[t], trace[t + 1], trace[t + 2]]))
+            got = client.observe_batch(remote, batch)
+            exp = rt.observe_batch(local, batch)
+            for g, e in zip(got, exp):
+                assert [(d.name, np.float32(d.logit)) for d in g.top] == [(d.name, np.float32(d.logit)) for d in e.top]
+                assert (g.token, g.scored, g.active) == (e.token, e.scored, e.active)
+        assert len(got[1].top) == 3
+        for s in remote:
+            s.close()
+    rt.close()
+
+
+def test_errors_are_the_package_exceptions_and_name_the_thing(tiny, served):
+    d = tiny["trace"].shape[1]
+    with pc.Client(served.grpc) as client:
+        with client.session() as s:
+            with pytest.raises(pc.BadHiddenState, match=f"{d}") as e:
+                s.observe(np.zeros(d + 1, np.float32))
+            bad = np.zeros(d, np.float32)
+            bad[3] = np.nan
+            with pytest.raises(pc.BadHiddenState, match="3") as e:
+                s.observe(bad)
+            assert e.value.token is not None
+            with pytest.raises(pc.BadHiddenState, match="1-D"):
+                s.observe(np.zeros((2, d), np.float32))
+            # The session goes on after bad input.
+            assert s.observe(tiny["trace"][0]).top
+            out = client.observe_batch([s, s], [np.zeros(3, np.float32), tiny["trace"][1]], errors="return")
+            assert isinstance(out[0], pc.BadHiddenState) and out[0].position == 0
+            assert out[1].top
+        with pytest.raises(pc.ConfigError, match="cascade.report_top_k"):
+            client.session(report_top_k="many")
+        with pytest.raises(pc.ConfigError, match="mode"):
+            client.session(mode="fast")
+        s = client.session()
+        s.close()
+        with pytest.raises(pc.ProbeCascadeError, match="closed"):
+            s.observe(tiny["trace"][0])
+    with pytest.raises(pc.ProbeCascadeError, match="127.0.0.1:1"):
+        pc.Client("127.0.0.1:1", timeout=2)
+
+
+def test_a_bearer_token_is_required_when_set(tiny, tmp_path):
+    served = Served(tiny["pack"], tmp_path, token="py-secret")
+    try:
+        with pytest.raises(pc.ProbeCascadeError, match="bearer token"):
+            pc.Client(served.grpc)
+        with pytest.raises(pc.ProbeCascadeError, match="wrong"):
+            pc.Client(served.grpc, token="nope")
+        with pc.Client(served.grpc, token="py-secret") as client, client.session() as s:
+            assert s.observe(tiny["trace"][0]).top
+        metrics = urllib.request.urlopen(f"http://{served.http}/metrics").read().decode()
+        assert 'probe_cascade_errors_total{kind="unauthenticated"}' in metrics
+    finally:
+        assert served.stop() == 0
+
+
+def test_sessions_are_listed_and_closed(tiny, served):
+    import json
+
+    with pc.Client(served.grpc) as client:
+        s = client.session(label="py-test")
+        views = json.loads(urllib.request.urlopen(f"http://{served.http}/v1/sessions").read())
+        assert any(v["label"] == "py-test" and v["kind"] == "unary" for v in views)
+        s.close()
+        views = json.loads(urllib.request.urlopen(f"http://{served.http}/v1/sessions").read())
+        assert not any(v["label"] == "py-test" for v in views)
+
+
+def test_generated_stubs_match_the_proto(tmp_path):
+    """python/probe_cascade/v1/ is what scripts/gen-python-proto.sh makes from proto/ now."""
+    subprocess.run(["bash", str(REPO / "scripts" / "gen-python-proto.sh"), str(tmp_path)], check=True,
+                   env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    for name in ("probe_cascade_pb2.py", "probe_cascade_pb2.pyi", "probe_cascade_pb2_grpc.py"):
+        fresh = (tmp_path / "probe_cascade" / "v1" / name).read_text()
+        committed = (REPO / "python" / "probe_cascade" / "v1" / name).read_text()
+        assert fresh == committed, f"{name} is stale: run scripts/gen-python-proto.sh"
