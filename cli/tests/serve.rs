@@ -243,3 +243,51 @@ fn start_up_errors_name_the_file_the_key_and_the_address() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("/nonexistent/pack"), "{e}");
 }
+
+/// Connects, sends `request`, and resets the connection (SO_LINGER 0) without reading.
+fn send_and_reset(addr: &str, request: &[u8]) {
+    use std::os::fd::AsRawFd;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on a socket we own, with a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    let _ = s.write_all(request);
+}
+
+/// Writing to a peer that has reset its connection must fail that write, not raise SIGPIPE
+/// in the server (the command line gives other commands SIGPIPE's default action).
+#[test]
+fn peers_that_reset_their_connections_do_not_kill_the_server() {
+    let f = fixture();
+    let config = f.dir.path().join("serve.toml");
+    std::fs::write(&config, realtime()).unwrap();
+    let token = f.dir.path().join("token");
+    std::fs::write(&token, "tok-123").unwrap();
+    let mut served = serve(&f, &config, &token);
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    for i in 0..100 {
+        send_and_reset(&served.grpc, preface);
+        send_and_reset(&served.http, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n");
+        // A plain close (FIN) too: the server's first write draws a reset, its next one EPIPE.
+        let mut s = std::net::TcpStream::connect(&served.grpc).unwrap();
+        let _ = s.write_all(preface);
+        if i % 2 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(served.child.try_wait().unwrap().is_none(), "serve died: {}", served.stderr.lock().unwrap());
+    assert!(http_get(&served.http, "/healthz").contains("200 OK"));
+    signal(&served.child, libc::SIGTERM);
+    assert!(served.child.wait().unwrap().success());
+}

@@ -186,10 +186,12 @@ class Client:
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
-        )
+        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        if address.startswith("unix:"):
+            # gRPC would send the socket path as :authority, which is not a valid authority
+            # (the server's HTTP/2 stack resets such streams).
+            options.append(("grpc.default_authority", "localhost"))
+        self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.ProbeCascadeStub(self._channel)
         self.closed = False
         info = self._call("Info", pb.InfoRequest())

@@ -101,4 +101,5 @@ class Served:
 def served(tiny, tmp_path_factory):
     s = Served(tiny["pack"], tmp_path_factory.mktemp("serve"))
     yield s
-    assert s.stop() == 0, "serve exits 0 after SIGTERM"
+    rc = s.stop()
+    assert rc == 0, f"serve exited {rc} after SIGTERM:\n{s.proc.stderr.read()}"

@@ -247,14 +247,18 @@ pub async fn run(options: ServeOptions) -> Result<Drained, ServeError> {
     );
     let server = start(options).await?;
     let show = |a: Option<String>| a.unwrap_or_else(|| "-".into());
-    println!(
+    // Not println!: with stdout gone (a closed pipe) that would panic; the server goes on.
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
         "serving grpc={} unix={} http={}",
         show(server.grpc_addr().map(|a| a.to_string())),
         show(server.unix_path().map(|p| p.display().to_string())),
         show(server.http_addr().map(|a| a.to_string())),
     );
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    let _ = out.flush();
+    drop(out);
     loop {
         tokio::select! {
             _ = hup.recv() => {

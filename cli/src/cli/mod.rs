@@ -37,14 +37,18 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    let cli = Cli::parse();
     // Like other Unix tools, end quietly when the reader of stdout goes away (`| head`):
-    // Rust ignores SIGPIPE, and `println!` would then panic on the broken pipe.
-    // SAFETY: restoring the default disposition of a signal, before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    // Rust ignores SIGPIPE, and `println!` would then panic on the broken pipe. Not `serve`:
+    // there a write to a socket whose peer has gone must fail that write (EPIPE), not kill
+    // the server.
+    if !matches!(cli.command, Command::Serve(_)) {
+        // SAFETY: restoring the default disposition of a signal, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
     init_tracing();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Pack(cmd) => pack::run(cmd),
         Command::Trace(cmd) => trace::run(cmd),
