@@ -1,0 +1,236 @@
+//! What the network adds: one session's tokens back to back, in-process against a session
+//! stream over loopback TCP and over a Unix socket (and one-item ObserveBatch calls), for a
+//! D=2560 f32 hidden state; then throughput with 1, 8 and 32 concurrent client streams.
+//!
+//! The server runs in this process on its own tokio runtime (its own threads), the clients on
+//! another; the bytes cross the kernel's loopback or Unix socket as they would between two
+//! processes. Modes alternate in blocks (ABAB...) so that drift hits all alike; medians.
+//!
+//!     cargo bench -p probe-cascade-server --bench serve [-- --tokens N --blocks B --out FILE]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use probe_cascade::config::Config;
+use probe_cascade::kernel::CpuInfo;
+use probe_cascade::npy::Matrix;
+use probe_cascade::pack::{DType, Pack};
+use probe_cascade::synth::{concept_geometry, synth_trace, write_synth_pack, SynthParams, TraceParams};
+use probe_cascade_server::convert::encode_f32;
+use probe_cascade_server::proto::v1 as pb;
+use probe_cascade_server::proto::v1::probe_cascade_client::ProbeCascadeClient;
+use probe_cascade_server::ServeOptions;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+struct Args {
+    tokens: usize,
+    blocks: usize,
+    out: Option<PathBuf>,
+}
+
+fn args() -> Args {
+    let mut a = Args { tokens: 200, blocks: 6, out: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        match k.as_str() {
+            "--tokens" => a.tokens = it.next().and_then(|v| v.parse().ok()).expect("--tokens N"),
+            "--blocks" => a.blocks = it.next().and_then(|v| v.parse().ok()).expect("--blocks B"),
+            "--out" => a.out = it.next().map(PathBuf::from),
+            _ => {} // cargo bench passes --bench
+        }
+    }
+    a
+}
+
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+async fn unix_channel(path: PathBuf) -> Channel {
+    Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
+        }))
+        .await
+        .unwrap()
+}
+
+struct Stream {
+    tx: mpsc::Sender<pb::SessionRequest>,
+    rx: tonic::Streaming<pb::SessionResponse>,
+}
+
+async fn open(client: &mut ProbeCascadeClient<Channel>) -> Stream {
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(pb::SessionRequest { kind: Some(pb::session_request::Kind::Open(Default::default())) }).await.unwrap();
+    let mut rx = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    rx.message().await.unwrap().unwrap();
+    Stream { tx, rx }
+}
+
+impl Stream {
+    /// One token: send, wait for its answer.
+    async fn observe(&mut self, row: &[f32]) {
+        let msg = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(encode_f32(row))) };
+        self.tx.send(msg).await.unwrap();
+        match self.rx.message().await.unwrap().and_then(|m| m.kind) {
+            Some(pb::session_response::Kind::Result(pb::TokenResult {
+                outcome: Some(pb::token_result::Outcome::Report(_)),
+                ..
+            })) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+fn main() {
+    let a = args();
+    let dir = tempfile::tempdir().unwrap();
+    let pack_dir = dir.path().join("pack");
+    // D = 2560 (the width the target names); 300 concepts keep the pack small to write.
+    let params = SynthParams { concepts: 300, hidden_dim: 2560, dtype: DType::Bf16, ..SynthParams::demo() };
+    eprintln!("writing a {}-concept D=2560 bf16 pack...", params.concepts);
+    write_synth_pack(&pack_dir, &params, |_| {}).unwrap();
+    let pack = Arc::new(Pack::open(&pack_dir).unwrap());
+    let geometry = concept_geometry(&pack, |_| {}).unwrap();
+    let trace: Matrix = synth_trace(&pack, &geometry, &TraceParams { tokens: 256, seed: 7, ..TraceParams::default() });
+    let config_text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/realtime.toml"))
+        .unwrap()
+        .replace("threads = 0", "threads = 1");
+    let config_path = dir.path().join("bench.toml");
+    std::fs::write(&config_path, &config_text).unwrap();
+    let _ = Config::load(&config_path).unwrap();
+
+    let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let options = ServeOptions {
+        pack: pack_dir.clone(),
+        config: Some(config_path),
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        unix: Some(dir.path().join("bench.sock")),
+        http: None,
+        token: Default::default(),
+    };
+    let server = server_rt.block_on(probe_cascade_server::start(options)).unwrap();
+    let runtime = server.state().runtime.clone();
+    let (tcp_addr, unix_path) = (server.grpc_addr().unwrap(), server.unix_path().unwrap().to_path_buf());
+
+    let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut out = String::new();
+    out.push_str(&format!("cpu: {}\n\n", CpuInfo::detect()));
+    client_rt.block_on(async {
+        let tcp = Channel::from_shared(format!("http://{tcp_addr}")).unwrap().tcp_nodelay(true).connect().await.unwrap();
+        let unix = unix_channel(unix_path.clone()).await;
+        let mut tcp_client = ProbeCascadeClient::new(tcp);
+        let mut unix_client = ProbeCascadeClient::new(unix);
+        let local = runtime.open_session(Default::default()).await.unwrap();
+        let mut tcp_stream = open(&mut tcp_client).await;
+        let mut unix_stream = open(&mut unix_client).await;
+        let batch_id = tcp_client.open_session(pb::SessionOptions::default()).await.unwrap().into_inner().session_id;
+        let modes = ["in-process", "stream over TCP", "stream over Unix socket", "ObserveBatch (1 item) over TCP"];
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+        let mut wall: Vec<f64> = vec![0.0; modes.len()];
+        let mut counts = vec![0usize; modes.len()];
+        // Warm up every path (caches, connections).
+        for t in 0..32 {
+            let row = trace.row(t % trace.rows);
+            local.observe(row.to_vec()).await.unwrap();
+            tcp_stream.observe(row).await;
+            unix_stream.observe(row).await;
+        }
+        let mut t = 0usize;
+        for block in 0..a.blocks {
+            for m in 0..modes.len() {
+                // Alternate the order of modes from block to block (AB, BA, ...).
+                let m = if block % 2 == 0 { m } else { modes.len() - 1 - m };
+                let start_block = Instant::now();
+                for _ in 0..a.tokens {
+                    let row = trace.row(t % trace.rows);
+                    t += 1;
+                    let s = Instant::now();
+                    match m {
+                        0 => {
+                            local.observe(row.to_vec()).await.unwrap();
+                        }
+                        1 => tcp_stream.observe(row).await,
+                        2 => unix_stream.observe(row).await,
+                        _ => {
+                            let item = pb::BatchItem { session_id: batch_id, hidden: Some(encode_f32(row)) };
+                            let r = tcp_client.observe_batch(pb::BatchRequest { items: vec![item] }).await.unwrap();
+                            assert!(matches!(r.get_ref().results[0].outcome, Some(pb::token_result::Outcome::Report(_))));
+                        }
+                    }
+                    samples[m].push(s.elapsed().as_secs_f64() * 1e6);
+                }
+                wall[m] += start_block.elapsed().as_secs_f64();
+                counts[m] += a.tokens;
+            }
+        }
+        let base_p50 = quantile(&mut samples[0].clone(), 0.5);
+        out.push_str(&format!(
+            "## One session, back-to-back tokens (D=2560 f32 on the wire, {} tokens × {} blocks per mode)\n\n",
+            a.tokens, a.blocks
+        ));
+        out.push_str("| path | p50 µs | p95 µs | added p50 µs | tokens/s |\n|---|---:|---:|---:|---:|\n");
+        for (m, name) in modes.iter().enumerate() {
+            let p50 = quantile(&mut samples[m], 0.5);
+            let p95 = quantile(&mut samples[m], 0.95);
+            let added = if m == 0 { "—".to_string() } else { format!("{:+.0}", p50 - base_p50) };
+            out.push_str(&format!(
+                "| {name} | {p50:.0} | {p95:.0} | {added} | {:.0} |\n",
+                counts[m] as f64 / wall[m]
+            ));
+        }
+        local.close().await;
+
+        // Throughput: N streams, each closed-loop (next token after its answer).
+        out.push_str("\n## Concurrent client streams over TCP (closed loop, each stream its own session)\n\n");
+        out.push_str("| streams | tokens | tokens/s | p50 µs | p99 µs | mean step size |\n|---|---:|---:|---:|---:|---:|\n");
+        for streams in [1usize, 8, 32] {
+            let per_stream = (a.tokens * 4 / streams).max(20);
+            let before = runtime.step_stats().await.unwrap();
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for k in 0..streams {
+                let mut client = tcp_client.clone();
+                let trace = trace.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut s = open(&mut client).await;
+                    let mut lat = Vec::with_capacity(per_stream);
+                    for i in 0..per_stream {
+                        let t0 = Instant::now();
+                        s.observe(trace.row((k * 37 + i) % trace.rows)).await;
+                        lat.push(t0.elapsed().as_secs_f64() * 1e6);
+                    }
+                    lat
+                }));
+            }
+            let mut lat = Vec::new();
+            for task in tasks {
+                lat.extend(task.await.unwrap());
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let after = runtime.step_stats().await.unwrap();
+            let steps = (after.steps - before.steps).max(1) as f64;
+            let requests = (after.requests - before.requests) as f64;
+            let n = lat.len();
+            out.push_str(&format!(
+                "| {streams} | {n} | {:.0} | {:.0} | {:.0} | {:.2} |\n",
+                n as f64 / secs,
+                quantile(&mut lat, 0.5),
+                quantile(&mut lat, 0.99),
+                requests / steps
+            ));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    print!("{out}");
+    if let Some(path) = a.out {
+        std::fs::write(path, &out).unwrap();
+    }
+    server_rt.block_on(server.drain());
+}
