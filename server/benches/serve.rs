@@ -74,6 +74,21 @@ async fn open(client: &mut ProbeCascadeClient<Channel>) -> Stream {
 }
 
 impl Stream {
+    /// The transport's floor: the same 10 KB message with no dtype, answered by an error
+    /// before the runtime is asked.
+    async fn rejected(&mut self, row: &[f32]) {
+        let mut h = encode_f32(row);
+        h.dtype = 0;
+        self.tx.send(pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(h)) }).await.unwrap();
+        match self.rx.message().await.unwrap().and_then(|m| m.kind) {
+            Some(pb::session_response::Kind::Result(pb::TokenResult {
+                outcome: Some(pb::token_result::Outcome::Error(_)),
+                ..
+            })) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// One token: send, wait for its answer.
     async fn observe(&mut self, row: &[f32]) {
         let msg = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(encode_f32(row))) };
@@ -131,7 +146,13 @@ fn main() {
         let mut tcp_stream = open(&mut tcp_client).await;
         let mut unix_stream = open(&mut unix_client).await;
         let batch_id = tcp_client.open_session(pb::SessionOptions::default()).await.unwrap().into_inner().session_id;
-        let modes = ["in-process", "stream over TCP", "stream over Unix socket", "ObserveBatch (1 item) over TCP"];
+        let modes = [
+            "in-process",
+            "stream over TCP",
+            "stream over Unix socket",
+            "ObserveBatch (1 item) over TCP",
+            "stream over TCP, rejected before the runtime (transport floor)",
+        ];
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
         let mut wall: Vec<f64> = vec![0.0; modes.len()];
         let mut counts = vec![0usize; modes.len()];
@@ -158,6 +179,7 @@ fn main() {
                         }
                         1 => tcp_stream.observe(row).await,
                         2 => unix_stream.observe(row).await,
+                        4 => tcp_stream.rejected(row).await,
                         _ => {
                             let item = pb::BatchItem { session_id: batch_id, hidden: Some(encode_f32(row)) };
                             let r = tcp_client.observe_batch(pb::BatchRequest { items: vec![item] }).await.unwrap();
@@ -179,7 +201,10 @@ fn main() {
         for (m, name) in modes.iter().enumerate() {
             let p50 = quantile(&mut samples[m], 0.5);
             let p95 = quantile(&mut samples[m], 0.95);
-            let added = if m == 0 { "—".to_string() } else { format!("{:+.0}", p50 - base_p50) };
+            let added = match m {
+                0 | 4 => "—".to_string(),
+                _ => format!("{:+.0}", p50 - base_p50),
+            };
             out.push_str(&format!(
                 "| {name} | {p50:.0} | {p95:.0} | {added} | {:.0} |\n",
                 counts[m] as f64 / wall[m]
