@@ -138,7 +138,8 @@ fn main() {
     let mut out = String::new();
     out.push_str(&format!("cpu: {}\n\n", CpuInfo::detect()));
     client_rt.block_on(async {
-        let tcp = Channel::from_shared(format!("http://{tcp_addr}")).unwrap().tcp_nodelay(true).connect().await.unwrap();
+        let tcp =
+            Channel::from_shared(format!("http://{tcp_addr}")).unwrap().tcp_nodelay(true).connect().await.unwrap();
         let unix = unix_channel(unix_path.clone()).await;
         let mut tcp_client = ProbeCascadeClient::new(tcp);
         let mut unix_client = ProbeCascadeClient::new(unix);
@@ -183,7 +184,10 @@ fn main() {
                         _ => {
                             let item = pb::BatchItem { session_id: batch_id, hidden: Some(encode_f32(row)) };
                             let r = tcp_client.observe_batch(pb::BatchRequest { items: vec![item] }).await.unwrap();
-                            assert!(matches!(r.get_ref().results[0].outcome, Some(pb::token_result::Outcome::Report(_))));
+                            assert!(matches!(
+                                r.get_ref().results[0].outcome,
+                                Some(pb::token_result::Outcome::Report(_))
+                            ));
                         }
                     }
                     samples[m].push(s.elapsed().as_secs_f64() * 1e6);
@@ -205,16 +209,15 @@ fn main() {
                 0 | 4 => "—".to_string(),
                 _ => format!("{:+.0}", p50 - base_p50),
             };
-            out.push_str(&format!(
-                "| {name} | {p50:.0} | {p95:.0} | {added} | {:.0} |\n",
-                counts[m] as f64 / wall[m]
-            ));
+            out.push_str(&format!("| {name} | {p50:.0} | {p95:.0} | {added} | {:.0} |\n", counts[m] as f64 / wall[m]));
         }
         local.close().await;
 
         // Throughput: N streams, each closed-loop (next token after its answer).
         out.push_str("\n## Concurrent client streams over TCP (closed loop, each stream its own session)\n\n");
-        out.push_str("| streams | tokens | tokens/s | p50 µs | p99 µs | mean step size |\n|---|---:|---:|---:|---:|---:|\n");
+        out.push_str(
+            "| streams | tokens | tokens/s | p50 µs | p99 µs | mean step size |\n|---|---:|---:|---:|---:|---:|\n",
+        );
         for streams in [1usize, 8, 32] {
             let per_stream = (a.tokens * 4 / streams).max(20);
             let before = runtime.step_stats().await.unwrap();

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use probe_cascade::pack::Pack;
 use probe_cascade::runtime::Runtime;
-use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -123,7 +123,9 @@ pub async fn start(options: ServeOptions) -> Result<Server, ServeError> {
                 let _ = c.set_nodelay(true);
             })
         });
-        let server = tonic::transport::Server::builder().add_routes(routes.clone());
+        let server = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(name_the_size_limit(limit)))
+            .add_routes(routes.clone());
         let shutdown = stopped(&stop);
         tasks.push(tokio::spawn(async move {
             server.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(ServeError::from)
@@ -134,7 +136,9 @@ pub async fn start(options: ServeOptions) -> Result<Server, ServeError> {
         let listener =
             tokio::net::UnixListener::bind(path).map_err(bind_error("gRPC on the Unix socket", path.display()))?;
         let incoming = UnixListenerStream::new(listener);
-        let server = tonic::transport::Server::builder().add_routes(routes.clone());
+        let server = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(name_the_size_limit(limit)))
+            .add_routes(routes.clone());
         let shutdown = stopped(&stop);
         tasks.push(tokio::spawn(async move {
             server.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(ServeError::from)
@@ -160,6 +164,29 @@ pub async fn start(options: ServeOptions) -> Result<Server, ServeError> {
     }
     tasks.push(tokio::spawn(reap_idle_sessions(state.clone(), stopped(&stop))));
     Ok(Server { state, grpc_addr, unix: options.unix.clone(), http_addr, stop, tasks, health })
+}
+
+/// tonic refuses an oversized request itself, before any handler, with OUT_OF_RANGE and a
+/// message that gives the byte limit but not its key. This rewrites that refusal (a
+/// headers-only response) into RESOURCE_EXHAUSTED naming `serve.max_message_bytes`, as every
+/// other limit is named; streams map the same error themselves (service.rs).
+fn name_the_size_limit<B>(limit: usize) -> impl Fn(http::Response<B>) -> http::Response<B> + Clone {
+    move |mut response| {
+        let headers = response.headers_mut();
+        let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+            && headers.get("grpc-message").is_some_and(|m| {
+                String::from_utf8_lossy(m.as_bytes()).replace("%20", " ").contains("message length too large")
+            });
+        if too_large {
+            let found = String::from_utf8_lossy(headers["grpc-message"].as_bytes()).replace("%20", " ");
+            let message = format!("serve.max_message_bytes = {limit}: {found}").replace('%', "%25");
+            if let Ok(value) = http::HeaderValue::from_str(&message) {
+                headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+                headers.insert("grpc-message", value);
+            }
+        }
+        response
+    }
 }
 
 /// A socket file left by an earlier run is removed; any other file at the path is an error.

@@ -252,7 +252,12 @@ async fn every_limit_is_refused_by_name() {
     }
     assert!(refused > 0 && refused < sent, "{refused} of {sent} refused");
 
-    // serve.max_message_bytes = 4096: the stream ends with a status naming the limit.
+    // serve.max_message_bytes = 4096: a unary call is refused naming the limit...
+    let big = pb::BatchItem { session_id: a, hidden: Some(encode_f32(&vec![0.0; 2048])) };
+    let e = client.observe_batch(pb::BatchRequest { items: vec![big] }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("serve.max_message_bytes = 4096"), "{e}");
+    // ...and a stream ends with a status naming it.
     tx.send(hidden_msg(encode_f32(&vec![0.0; 2048]))).await.unwrap();
     let e = rx.message().await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
