@@ -82,6 +82,7 @@ pub async fn start(options: ServeOptions) -> Result<Server, ServeError> {
     health.set_serving::<ProbeCascadeServer<Service>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Setup(format!("gRPC reflection: {e}")))?;
     let service = ProbeCascadeServer::new(Service { state: state.clone() })

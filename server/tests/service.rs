@@ -453,3 +453,42 @@ async fn metrics_parse_as_prometheus_text_and_move_when_tokens_are_served() {
     assert_eq!(http_get(&server, "/readyz", None).await.0, 200);
     server.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let f = fixture();
+    let server = serve(&f, &realtime(""), false, Some("tok")).await;
+    let channel = tonic::transport::Endpoint::try_from(format!("http://{}", server.grpc_addr().unwrap()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Open without the token, as orchestrators expect.
+    let mut health = HealthClient::new(channel.clone());
+    let service = "probe_cascade.v1.ProbeCascade".to_string();
+    let status = health.check(HealthCheckRequest { service: service.clone() }).await.unwrap().into_inner();
+    assert_eq!(status.status(), ServingStatus::Serving);
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("{answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&service) && names.iter().any(|n| n.contains("grpc.health")), "{names:?}");
+
+    server.drain().await;
+}
