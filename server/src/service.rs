@@ -366,3 +366,28 @@ async fn drive(
         let _ = tx.send(Err(status)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_token_past_the_deadline_gets_an_error_naming_the_key() {
+        let late = within(Duration::from_millis(5), futures::future::pending::<Result<TokenReport, RuntimeError>>());
+        let r = answered(3, Instant::now(), late.await);
+        assert_eq!(r.seq, 3);
+        let Some(pb::token_result::Outcome::Error(e)) = r.outcome else { panic!("{r:?}") };
+        assert_eq!(e.kind(), pb::ErrorKind::Deadline);
+        assert!(e.message.contains("serve.request_deadline_ms = 5"), "{}", e.message);
+        // Zero: no deadline.
+        assert_eq!(within(Duration::ZERO, async { 7 }).await, Ok(7));
+    }
+
+    #[test]
+    fn oversized_messages_are_named_after_their_key() {
+        let s = inbound_status(Status::out_of_range("Error, decoded message length too large: found 9 bytes"), 8);
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert!(s.message().starts_with("serve.max_message_bytes = 8: "), "{}", s.message());
+        assert_eq!(inbound_status(Status::cancelled("gone"), 8).code(), tonic::Code::Cancelled);
+    }
+}
