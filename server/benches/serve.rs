@@ -28,16 +28,19 @@ struct Args {
     tokens: usize,
     blocks: usize,
     out: Option<PathBuf>,
+    /// serve.request_deadline_ms (None: the default).
+    deadline_ms: Option<u64>,
 }
 
 fn args() -> Args {
-    let mut a = Args { tokens: 200, blocks: 6, out: None };
+    let mut a = Args { tokens: 200, blocks: 6, out: None, deadline_ms: None };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         match k.as_str() {
             "--tokens" => a.tokens = it.next().and_then(|v| v.parse().ok()).expect("--tokens N"),
             "--blocks" => a.blocks = it.next().and_then(|v| v.parse().ok()).expect("--blocks B"),
             "--out" => a.out = it.next().map(PathBuf::from),
+            "--deadline-ms" => a.deadline_ms = it.next().and_then(|v| v.parse().ok()),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -114,9 +117,12 @@ fn main() {
     let pack = Arc::new(Pack::open(&pack_dir).unwrap());
     let geometry = concept_geometry(&pack, |_| {}).unwrap();
     let trace: Matrix = synth_trace(&pack, &geometry, &TraceParams { tokens: 256, seed: 7, ..TraceParams::default() });
-    let config_text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/realtime.toml"))
+    let mut config_text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/realtime.toml"))
         .unwrap()
         .replace("threads = 0", "threads = 1");
+    if let Some(ms) = a.deadline_ms {
+        config_text.push_str(&format!("\n[serve]\nrequest_deadline_ms = {ms}\n"));
+    }
     let config_path = dir.path().join("bench.toml");
     std::fs::write(&config_path, &config_text).unwrap();
     let _ = Config::load(&config_path).unwrap();

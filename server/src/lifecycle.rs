@@ -164,6 +164,7 @@ pub async fn start(options: ServeOptions) -> Result<Server, ServeError> {
         }
     }
     tasks.push(tokio::spawn(reap_idle_sessions(state.clone(), stopped(&stop))));
+    tasks.push(tokio::spawn(tick_deadlines(state.clone(), stopped(&stop))));
     Ok(Server { state, grpc_addr, unix: options.unix.clone(), http_addr, stop, tasks, health })
 }
 
@@ -214,6 +215,19 @@ async fn reap_idle_sessions(state: Arc<State>, stop: impl std::future::Future<Ou
         for id in state.idle_sessions() {
             tracing::info!("{id}: closed after serve.idle_session_ms without a call");
             state.close(id, None).await;
+        }
+    }
+}
+
+/// The one timer behind every token's deadline (see `State::deadline_ticks`).
+async fn tick_deadlines(state: Arc<State>, stop: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
+    tokio::pin!(stop);
+    let mut interval = tokio::time::interval(crate::state::DEADLINE_TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = interval.tick() => state.deadline_ticks.notify_waiters(),
         }
     }
 }

@@ -144,7 +144,13 @@ pub struct State {
     busy_changed: tokio::sync::Notify,
     /// The reload lock: one reload at a time.
     reloading: tokio::sync::Mutex<()>,
+    /// Ticks every [`DEADLINE_TICK`]: tokens in flight check their deadline on it, so that
+    /// none registers a timer of its own (see `service::within`).
+    pub deadline_ticks: tokio::sync::Notify,
 }
+
+/// How often deadlines are checked: a token is refused at most this much after its deadline.
+pub const DEADLINE_TICK: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl State {
     pub fn new(runtime: Runtime, live: Live, config_path: Option<PathBuf>) -> Self {
@@ -159,6 +165,7 @@ impl State {
             busy: AtomicUsize::new(0),
             busy_changed: tokio::sync::Notify::new(),
             reloading: tokio::sync::Mutex::new(()),
+            deadline_ticks: tokio::sync::Notify::new(),
         }
     }
 
