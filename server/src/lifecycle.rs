@@ -124,26 +124,13 @@ pub async fn start(options: ServeOptions) -> Result<Server, ServeError> {
                 let _ = c.set_nodelay(true);
             })
         });
-        let server = tonic::transport::Server::builder()
-            .layer(tower::util::MapResponseLayer::new(name_the_size_limit(limit)))
-            .add_routes(routes.clone());
-        let shutdown = stopped(&stop);
-        tasks.push(tokio::spawn(async move {
-            server.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(ServeError::from)
-        }));
+        tasks.push(spawn_grpc(incoming, routes.clone(), limit, stopped(&stop)));
     }
     if let Some(path) = &options.unix {
         remove_stale_socket(path)?;
         let listener =
             tokio::net::UnixListener::bind(path).map_err(bind_error("gRPC on the Unix socket", path.display()))?;
-        let incoming = UnixListenerStream::new(listener);
-        let server = tonic::transport::Server::builder()
-            .layer(tower::util::MapResponseLayer::new(name_the_size_limit(limit)))
-            .add_routes(routes.clone());
-        let shutdown = stopped(&stop);
-        tasks.push(tokio::spawn(async move {
-            server.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(ServeError::from)
-        }));
+        tasks.push(spawn_grpc(UnixListenerStream::new(listener), routes.clone(), limit, stopped(&stop)));
     }
     let mut http_addr = None;
     if let Some(addr) = options.http {
@@ -166,6 +153,24 @@ pub async fn start(options: ServeOptions) -> Result<Server, ServeError> {
     tasks.push(tokio::spawn(reap_idle_sessions(state.clone(), stopped(&stop))));
     tasks.push(tokio::spawn(tick_deadlines(state.clone(), stopped(&stop))));
     Ok(Server { state, grpc_addr, unix: options.unix.clone(), http_addr, stop, tasks, health })
+}
+
+/// Serves the gRPC routes on one listener (TCP or Unix) until `shutdown`.
+fn spawn_grpc<I, IO, IE>(
+    incoming: I,
+    routes: Routes,
+    limit: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> JoinHandle<Result<(), ServeError>>
+where
+    I: futures::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let server = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(name_the_size_limit(limit)))
+        .add_routes(routes);
+    tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(ServeError::from) })
 }
 
 /// tonic refuses an oversized request itself, before any handler, with OUT_OF_RANGE and a

@@ -309,6 +309,8 @@ async fn drive(
     let mut seq = 0u64;
     let mut reading = true;
     let mut end: Option<Status> = None;
+    // An answer known at once (a refusal) waits in line behind the observes before it.
+    let ready = |r: pb::TokenResult| futures::future::Either::Left(futures::future::ready(r));
     let send = |r: pb::TokenResult| {
         let tx = tx.clone();
         async move { tx.send(Ok(pb::SessionResponse { kind: Some(pb::session_response::Kind::Result(r)) })).await.is_ok() }
@@ -339,27 +341,27 @@ async fn drive(
                 Ok(Some(pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(h)) })) => {
                     let this = seq;
                     seq += 1;
-                    let queue = state.live().config.serve.stream_queue;
+                    // One read of the live config per message: its queue limit and deadline.
+                    let live = state.live();
+                    let queue = live.config.serve.stream_queue;
                     if pending.len() >= queue {
                         let message = format!(
                             "serve.stream_queue = {queue}: this stream has {} hidden states unanswered",
                             pending.len()
                         );
-                        let r = failed(this, convert::error(pb::ErrorKind::Limit, message, None));
-                        pending.push_back(futures::future::Either::Left(futures::future::ready(r)));
+                        pending.push_back(ready(failed(this, convert::error(pb::ErrorKind::Limit, message, None))));
                         continue;
                     }
                     match convert::decode_hidden(&h) {
                         Ok(values) => {
                             let started = Instant::now();
-                            let d = deadline(state);
+                            let d = Duration::from_millis(live.config.serve.request_deadline_ms);
                             pending.push_back(futures::future::Either::Right(async move {
                                 answered(this, started, within(d, &state.deadline_ticks, session.observe(values)).await)
                             }));
                         }
                         Err(message) => {
-                            let r = failed(this, convert::error(pb::ErrorKind::BadHidden, message, None));
-                            pending.push_back(futures::future::Either::Left(futures::future::ready(r)));
+                            pending.push_back(ready(failed(this, convert::error(pb::ErrorKind::BadHidden, message, None))))
                         }
                     }
                 }
@@ -367,8 +369,7 @@ async fn drive(
                     let this = seq;
                     seq += 1;
                     let message = "after `open`, every message of a Session stream must be `hidden`".to_string();
-                    let r = failed(this, convert::error(pb::ErrorKind::BadHidden, message, None));
-                    pending.push_back(futures::future::Either::Left(futures::future::ready(r)));
+                    pending.push_back(ready(failed(this, convert::error(pb::ErrorKind::BadHidden, message, None))));
                 }
                 Ok(None) => reading = false,
                 Err(status) => {
