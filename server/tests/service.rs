@@ -322,7 +322,26 @@ async fn drain_answers_everything_in_flight_then_refuses() {
     let first = s.result().await;
     assert_eq!(first.seq, 0);
     let state = server.state().clone();
+    // A second connection, made before the drain, to watch health while the stream drains:
+    // the ~200 hidden states still to score keep the server up for ~200 ms.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Endpoint::try_from(format!("http://{}", server.grpc_addr().unwrap()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
     let drain = tokio::spawn(server.drain());
+    let service = "probe_cascade.v1.ProbeCascade".to_string();
+    let status = loop {
+        let request = tonic_health::pb::HealthCheckRequest { service: service.clone() };
+        let status = health.check(request).await.expect("health answers during the drain").into_inner().status();
+        if status != tonic_health::pb::health_check_response::ServingStatus::Serving {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::NotServing);
     // Every hidden state the server read is answered, in order; then UNAVAILABLE names how
     // many were answered.
     let mut answered = 1u64;
