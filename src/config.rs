@@ -172,6 +172,9 @@ pub enum Expansion {
         #[serde(default = "default_max_depth")]
         max_depth: usize,
     },
+    /// Every probe of the pack, every token: the cascade becomes the exhaustive oracle (with
+    /// `pruning = "none"`). Sensible for small packs; `max_loaded` must cover the pack.
+    Exhaustive,
 }
 
 fn default_max_depth() -> usize {

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod fidelity;
 pub mod import;
 pub mod kernel;
 pub mod npy;
@@ -10,3 +11,4 @@ pub mod pack;
 pub mod policy;
 pub mod runtime;
 pub mod synth;
+pub mod tune;

@@ -82,7 +82,7 @@ impl<B: ProbeBackend> CascadeEngine<B> {
             children: token.children,
             skipped_by_cap: token.skipped_by_cap,
             unloaded: dropped.len(),
-            scored: token.scored().len(),
+            scored_ids: policy::scored_ids(token.scored()),
         })
     }
 }
@@ -105,7 +105,7 @@ struct TokenOutcome {
     children: usize,
     skipped_by_cap: usize,
     unloaded: usize,
-    scored: usize,
+    scored_ids: Vec<ConceptId>,
 }
 
 impl<B: ProbeBackend> Engine for CascadeEngine<B> {
@@ -127,7 +127,8 @@ impl<B: ProbeBackend> Engine for CascadeEngine<B> {
                 loaded: loaded.len(),
                 unloaded: o.unloaded,
                 skipped_by_cap: o.skipped_by_cap,
-                scored: o.scored,
+                scored: o.scored_ids.len(),
+                scored_ids: o.scored_ids,
                 active: self.active.len(),
                 stages,
                 elapsed: start.elapsed(),

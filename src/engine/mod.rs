@@ -5,6 +5,7 @@
 mod cascade;
 pub mod hidden;
 pub mod naive;
+pub mod oracle;
 pub mod reference;
 pub mod tensors;
 
@@ -121,6 +122,9 @@ pub struct TokenReport {
     pub skipped_by_cap: usize,
     /// Probes scored this token.
     pub scored: usize,
+    /// Which probes were scored this token, ascending: what a fidelity check against the
+    /// exhaustive oracle needs (a concept the cascade never scored is one it missed).
+    pub scored_ids: Vec<ConceptId>,
     /// Active probes after pruning.
     pub active: usize,
     pub stages: StageTimings,
@@ -149,6 +153,8 @@ pub enum EngineKind {
     Naive,
     /// The actor runtime (`runtime.mode` picks exact or pipelined).
     Runtime,
+    /// Every probe of the pack on every token (the CPU kernel): the ground truth.
+    Oracle,
 }
 
 /// Builds an engine for `pack` from `config`, loading the base layer.
@@ -166,6 +172,7 @@ pub fn build_engine(kind: EngineKind, pack: Arc<Pack>, config: &Config) -> Resul
             &config.cascade,
             naive::NaiveBackend::new(pack, device, compute),
         )?),
+        EngineKind::Oracle => Box::new(oracle::OracleEngine::new(pack, config)?),
         EngineKind::Runtime => Box::new(
             crate::runtime::BlockingCascade::start(pack, config)
                 .map_err(|e| EngineError::Setup(format!("starting the runtime: {e}")))?,

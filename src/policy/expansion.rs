@@ -53,6 +53,15 @@ pub fn decompose_round(
     Some(plan_children(h, parents, active, room))
 }
 
+/// The exhaustive mode: every inactive concept of the pack, in id order (no parent is
+/// decomposed, so none is hidden from the report).
+pub fn exhaustive_expansion(h: &Hierarchy, active: &ConceptSet, room: usize) -> ExpansionPlan {
+    let mut wanted: Vec<ConceptId> = (0..h.len() as u32).map(ConceptId).filter(|&c| !active.contains(c)).collect();
+    let requested = wanted.len();
+    wanted.truncate(room);
+    ExpansionPlan { decomposed: Vec::new(), requested, skipped_by_cap: requested - wanted.len(), activate: wanted }
+}
+
 fn plan_children(h: &Hierarchy, parents: Vec<ConceptId>, active: &ConceptSet, room: usize) -> ExpansionPlan {
     let mut seen = ConceptSet::with_capacity(h.len());
     let mut wanted = Vec::new();
@@ -145,6 +154,18 @@ mod tests {
         assert_eq!(ids(&plan.activate), vec![2]);
         // Nothing left to consider: stop.
         assert_eq!(decompose_round(&h, &[], &none, &active(&[]), 3, 100), None);
+    }
+
+    #[test]
+    fn exhaustive_asks_for_every_inactive_concept_within_room() {
+        let h = hierarchy();
+        let plan = exhaustive_expansion(&h, &active(&[0, 1, 5]), 100);
+        assert_eq!(ids(&plan.activate), vec![2, 3, 4, 6]);
+        assert_eq!((plan.requested, plan.skipped_by_cap), (4, 0));
+        assert!(plan.decomposed.is_empty());
+        let plan = exhaustive_expansion(&h, &active(&[0, 1]), 2);
+        assert_eq!(ids(&plan.activate), vec![2, 3]);
+        assert_eq!((plan.requested, plan.skipped_by_cap), (5, 3));
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod token;
 
 use std::cmp::Ordering;
 
-pub use expansion::{decompose_round, threshold_expansion, ExpansionPlan};
+pub use expansion::{decompose_round, exhaustive_expansion, threshold_expansion, ExpansionPlan};
 pub use pruning::prune;
 pub use report::report;
 pub use token::TokenCascade;
@@ -40,6 +40,13 @@ pub fn rank(a: &Scored, b: &Scored) -> Ordering {
     b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
 }
 
+/// The ids of a token's scores, ascending.
+pub fn scored_ids(scored: &[Scored]) -> Vec<ConceptId> {
+    let mut ids: Vec<ConceptId> = scored.iter().map(|s| s.id).collect();
+    ids.sort_unstable();
+    ids
+}
+
 /// The always-active probes: every concept of `config.base_layers`. Errors (naming the config
 /// key) when the layers select nothing or hold more probes than `max_loaded`.
 pub fn base_set(hierarchy: &Hierarchy, config: &CascadeConfig) -> Result<ConceptSet, String> {
@@ -54,6 +61,14 @@ pub fn base_set(hierarchy: &Hierarchy, config: &CascadeConfig) -> Result<Concept
             "cascade.base_layers = {:?} selects no concept of the pack ({} layers)",
             config.base_layers,
             hierarchy.layer_count()
+        ));
+    }
+    if config.expansion == crate::config::Expansion::Exhaustive && config.max_loaded < hierarchy.len() {
+        return Err(format!(
+            "cascade.expansion = \"exhaustive\" scores all {} probes of the pack, but cascade.max_loaded = {} \
+             caps the active set below that",
+            hierarchy.len(),
+            config.max_loaded
         ));
     }
     if base.len() > config.max_loaded {

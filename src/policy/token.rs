@@ -21,7 +21,7 @@ impl<'a> TokenCascade<'a> {
     /// Starts a token from the scores of the active set (step 1).
     pub fn new(hierarchy: &'a Hierarchy, config: &'a CascadeConfig, initial: Vec<Scored>) -> Self {
         let rounds_left = match config.expansion {
-            Expansion::Threshold { .. } => 1,
+            Expansion::Threshold { .. } | Expansion::Exhaustive => 1,
             Expansion::Decompose { max_depth, .. } => max_depth,
         };
         Self {
@@ -48,6 +48,7 @@ impl<'a> TokenCascade<'a> {
                 Expansion::Decompose { top_k, .. } => {
                     super::decompose_round(self.hierarchy, &self.scored, &self.decomposed, active, top_k, room)
                 }
+                Expansion::Exhaustive => Some(super::exhaustive_expansion(self.hierarchy, active, room)),
             };
             let Some(plan) = plan else {
                 self.rounds_left = 0;

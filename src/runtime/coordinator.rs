@@ -371,6 +371,7 @@ impl Coordinator {
             unloaded: dropped.len(),
             skipped_by_cap: tc.skipped_by_cap,
             scored: tc.scored().len(),
+            scored_ids: crate::policy::scored_ids(tc.scored()),
             active: self.active.len(),
             stages,
             elapsed: start.elapsed(),
