@@ -4,6 +4,8 @@
 //! Per token, with the oracle's ranking of all concepts (best first, ties to the lower id, as
 //! every engine ranks):
 //! - **top-10 recall**: the share of the oracle's 10 best concepts that the cascade reported;
+//! - **top-10 scored recall**: the share of them the cascade scored at all (it differs from the
+//!   first when the report hides decomposed parents, or is shorter than 10);
 //! - **fired recall**: of the concepts with p > 0.5 anywhere in the pack, the share the cascade
 //!   scored (summed over tokens before dividing, so tokens where many fire weigh more; tokens
 //!   where none fires count for nothing);
@@ -64,6 +66,8 @@ pub struct FidelityTotals {
     pub top_found: usize,
     /// Oracle top-10 slots, all tokens (10 per token on a pack of 10 or more).
     pub top_slots: usize,
+    /// Oracle top-10 concepts the cascade scored, all tokens.
+    pub top_scored: usize,
     pub fired_found: usize,
     pub fired_total: usize,
     pub displacement_sum: f64,
@@ -75,6 +79,7 @@ pub struct FidelityTotals {
 pub struct Fidelity {
     pub tokens: usize,
     pub recall_top10: f64,
+    pub recall_top10_scored: f64,
     /// `None` when nothing fired on any token.
     pub recall_fired: Option<f64>,
     pub fired_per_token: f64,
@@ -88,9 +93,11 @@ impl FidelityTotals {
         let top = oracle.top(RECALL_AT);
         self.top_slots += top.len();
         self.top_found += top.iter().filter(|c| reported.contains(c)).count();
-        self.fired_total += oracle.fired().len();
         // `scored` is ascending (TokenReport::scored_ids).
-        self.fired_found += oracle.fired().iter().filter(|c| scored.binary_search(c).is_ok()).count();
+        let was_scored = |c: &&ConceptId| scored.binary_search(c).is_ok();
+        self.top_scored += top.iter().filter(was_scored).count();
+        self.fired_total += oracle.fired().len();
+        self.fired_found += oracle.fired().iter().filter(was_scored).count();
         for (place, &c) in reported.iter().enumerate() {
             self.displacement_sum += oracle.rank(c).abs_diff(place) as f64;
         }
@@ -102,6 +109,7 @@ impl FidelityTotals {
         Fidelity {
             tokens: self.tokens,
             recall_top10: ratio(self.top_found, self.top_slots),
+            recall_top10_scored: ratio(self.top_scored, self.top_slots),
             recall_fired: (self.fired_total > 0).then(|| ratio(self.fired_found, self.fired_total)),
             fired_per_token: ratio(self.fired_total, self.tokens),
             rank_displacement: if self.reported == 0 { 0.0 } else { self.displacement_sum / self.reported as f64 },
@@ -116,6 +124,31 @@ pub fn overlap(want: &[ConceptId], got: &[ConceptId]) -> f64 {
         return 1.0;
     }
     want.iter().filter(|c| got.contains(c)).count() as f64 / want.len() as f64
+}
+
+/// The oracle's view of trace rows `0..rows` (every probe on each, batched on the kernel).
+pub fn oracle_rows(
+    oracle: &crate::engine::oracle::OracleEngine,
+    trace: &crate::npy::Matrix,
+    rows: usize,
+) -> Result<Vec<OracleToken>, crate::engine::EngineError> {
+    let rows = rows.min(trace.rows);
+    let hidden: Vec<&[f32]> = (0..rows).map(|r| trace.row(r)).collect();
+    Ok(oracle.score_all(0, &hidden)?.iter().map(|l| OracleToken::new(l)).collect())
+}
+
+/// The figures of reports made on a trace replayed from its start: report `t` (its `index`)
+/// saw row `t % oracle.len()`.
+pub fn of_reports(oracle: &[OracleToken], reports: &[crate::engine::TokenReport]) -> Fidelity {
+    let mut totals = FidelityTotals::default();
+    if oracle.is_empty() {
+        return totals.summary();
+    }
+    for r in reports {
+        let reported: Vec<ConceptId> = r.top.iter().map(|e| e.id).collect();
+        totals.add(&oracle[r.index % oracle.len()], &reported, &r.scored_ids);
+    }
+    totals.summary()
 }
 
 #[cfg(test)]
@@ -157,6 +190,7 @@ mod tests {
         t.add(&o, &ids(&[0, 3, 4]), &ids(&[0, 3, 4, 5]));
         let f = t.summary();
         assert_eq!(f.recall_top10, 3.0 / 10.0);
+        assert_eq!(f.recall_top10_scored, 4.0 / 10.0);
         assert_eq!(f.recall_fired, Some(2.0 / 4.0));
         // |0−0| + |3−1| + |4−2| over 3 entries.
         assert!((f.rank_displacement - 4.0 / 3.0).abs() < 1e-12);

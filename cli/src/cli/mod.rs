@@ -1,6 +1,7 @@
 //! Command-line front end. Library errors become anyhow reports here, and only here.
 
 mod bench;
+mod measure;
 mod pack;
 mod progress;
 mod run;

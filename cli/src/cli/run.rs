@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// evenly over the trace).
     #[arg(long, requires = "sessions")]
     offset_stride: Option<usize>,
+    /// Also score every probe on every token (the exhaustive oracle) and print the cascade's
+    /// recall against it: top-10 recall, recall of concepts with p > 0.5, rank displacement.
+    #[arg(long, conflicts_with = "sessions")]
+    oracle: bool,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -89,6 +93,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             Err(e) => return Err(e).with_context(|| format!("trace {}", args.trace.display())),
         }
     }
+    let engine_name = engine.name();
     let mut summary = summary_json(&reports, engine.active().len(), tokens - reports.len());
     if let Some(t) = engine.weight_traffic() {
         // The counters that show where weights were copied (the CPU kernel copies none).
@@ -98,10 +103,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         summary["weight_traffic"] = serde_json::to_value(&t)?;
     }
+    drop(engine);
+    if args.oracle {
+        let oracle = probe_cascade::engine::oracle::OracleEngine::new(pack.clone(), &config)?;
+        let rows = probe_cascade::fidelity::oracle_rows(&oracle, &trace, tokens)?;
+        summary["fidelity"] = serde_json::to_value(probe_cascade::fidelity::of_reports(&rows, &reports))?;
+    }
     print_summary(&summary);
     if let Some(path) = &args.json {
         let doc = json!({
-            "engine": engine.name(),
+            "engine": engine_name,
             "config": args.config.display().to_string(),
             "pack": args.pack.display().to_string(),
             "trace": args.trace.display().to_string(),
@@ -304,4 +315,15 @@ fn print_summary(s: &serde_json::Value) {
         .map(|k| format!("{k} {:.0}%", 100.0 * st[*k].as_f64().unwrap_or(0.0) / total))
         .collect();
     println!("time by stage: {}", parts.join(", "));
+    if let Some(f) = s.get("fidelity").filter(|f| !f.is_null()) {
+        let pct = |k: &str| f[k].as_f64().map_or("-".to_string(), |v| format!("{:.1}%", v * 100.0));
+        println!(
+            "against the oracle (every probe, every token): top-10 recall {} (scored: {}), recall of concepts with p > 0.5 {} ({:.1} per token), mean rank displacement {:.2}",
+            pct("recall_top10"),
+            pct("recall_top10_scored"),
+            pct("recall_fired"),
+            f["fired_per_token"].as_f64().unwrap_or(0.0),
+            f["rank_displacement"].as_f64().unwrap_or(0.0)
+        );
+    }
 }

@@ -12,9 +12,9 @@ use probe_cascade::config::{Config, Mode, Pruning};
 use probe_cascade::engine::{build_engine, percentile, EngineKind, TokenReport};
 use probe_cascade::npy::Matrix;
 use probe_cascade::pack::Pack;
-use probe_cascade::runtime::BlockingCascade;
 use serde_json::json;
 
+use super::measure::{back_to_back, drop_page_cache, runtime_run, warm_page_cache, BackToBack};
 use super::progress::bar;
 
 mod sessions;
@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Drop the pack from the page cache before each engine (posix_fadvise DONTNEED).
     #[arg(long)]
     cold: bool,
+    /// Score every probe on every token (the exhaustive oracle) and add each row's recall
+    /// against it: top-10 recall, recall of the concepts with p > 0.5, rank displacement.
+    #[arg(long)]
+    oracle: bool,
     /// Engines to run (default: all four).
     #[arg(long, value_delimiter = ',')]
     engines: Option<Vec<String>>,
@@ -94,50 +98,7 @@ struct Row {
     bytes_read: u64,
     in_flight: usize,
     b2b: BackToBack,
-}
-
-/// Tokens one after another with no untimed gap. On a CPU the gap between tokens is the
-/// language model computing on the same cores, so work an engine defers to it is not free:
-/// here it lands inside the next token's time (and the last token's deferred work is waited
-/// for and counted). `ms`: each token's wall time from the end of the one before; `cpu_ms`:
-/// the whole process's CPU time (user + system) per token.
-struct BackToBack {
-    ms: Vec<f64>,
-    cpu_ms: f64,
-}
-
-fn process_cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the struct we pass and nothing else.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    secs(u.ru_utime) + secs(u.ru_stime)
-}
-
-fn back_to_back(
-    warmup: usize,
-    tokens: usize,
-    mut observe: impl FnMut(usize) -> anyhow::Result<()>,
-    mut finish: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<BackToBack> {
-    for t in 0..warmup {
-        observe(t)?;
-    }
-    finish()?;
-    let cpu = process_cpu_seconds();
-    let mut ms = Vec::with_capacity(tokens);
-    let mut last = Instant::now();
-    for t in warmup..warmup + tokens {
-        observe(t)?;
-        let now = Instant::now();
-        ms.push((now - last).as_secs_f64() * 1e3);
-        last = now;
-    }
-    finish()?;
-    if let Some(end) = ms.last_mut() {
-        *end += last.elapsed().as_secs_f64() * 1e3;
-    }
-    Ok(BackToBack { ms, cpu_ms: (process_cpu_seconds() - cpu) * 1e3 / tokens.max(1) as f64 })
+    fidelity: Option<probe_cascade::fidelity::Fidelity>,
 }
 
 fn b2b_sync(
@@ -150,40 +111,6 @@ fn b2b_sync(
 ) -> anyhow::Result<BackToBack> {
     let mut engine = build_engine(kind, pack.clone(), config)?;
     back_to_back(warmup, tokens, |t| Ok(engine.observe(t, trace.row(t % trace.rows)).map(|_| ())?), || Ok(()))
-}
-
-fn b2b_runtime(
-    pack: &Arc<Pack>,
-    config: &Config,
-    trace: &Matrix,
-    warmup: usize,
-    tokens: usize,
-) -> anyhow::Result<BackToBack> {
-    let engine = BlockingCascade::start(pack.clone(), config)?;
-    let cascade = engine.cascade().clone();
-    back_to_back(
-        warmup,
-        tokens,
-        |t| Ok(engine.block_on(cascade.observe(trace.row(t % trace.rows).to_vec())).map(|_| ())?),
-        || Ok(engine.block_on(cascade.settle())?),
-    )
-}
-
-fn drop_page_cache(pack: &Pack) {
-    for shard in pack.shards() {
-        if let Ok(f) = std::fs::File::open(&shard.path) {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid open fd; DONTNEED only drops clean cached pages.
-            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        }
-    }
-}
-
-fn warm_page_cache(pack: &Pack) -> std::io::Result<()> {
-    for shard in pack.shards() {
-        std::io::copy(&mut std::fs::File::open(&shard.path)?, &mut std::io::sink())?;
-    }
-    Ok(())
 }
 
 fn run_sync(
@@ -203,36 +130,6 @@ fn run_sync(
         }
     }
     Ok(out)
-}
-
-fn run_runtime(
-    pack: &Arc<Pack>,
-    config: &Config,
-    trace: &Matrix,
-    warmup: usize,
-    tokens: usize,
-) -> anyhow::Result<(Vec<TokenReport>, f64, u64)> {
-    let engine = BlockingCascade::start(pack.clone(), config)?;
-    let cascade = engine.cascade().clone();
-    let mut out = Vec::with_capacity(tokens);
-    let mut before = None;
-    for t in 0..warmup + tokens {
-        if t == warmup {
-            before = Some(engine.block_on(cascade.cache_stats())?);
-        }
-        let r = engine.block_on(cascade.observe(trace.row(t % trace.rows).to_vec()))?;
-        // The caller generating the next token: loads land meanwhile (not timed).
-        engine.block_on(cascade.settle())?;
-        if t >= warmup {
-            out.push(r);
-        }
-    }
-    let after = engine.block_on(cascade.cache_stats())?;
-    let before = before.unwrap_or_default();
-    let lookups = (after.hits + after.misses).saturating_sub(before.hits + before.misses);
-    let hits = after.hits.saturating_sub(before.hits);
-    let hit_rate = if lookups == 0 { 1.0 } else { hits as f64 / lookups as f64 };
-    Ok((out, hit_rate, after.bytes_read.saturating_sub(before.bytes_read)))
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -283,6 +180,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let engines = if args.sessions.is_some() && args.engines.is_none() { Vec::new() } else { engines };
+    // The oracle's scores depend on the input normalization only: one pass per normalization.
+    let mut oracles: Vec<(probe_cascade::config::Normalization, Vec<probe_cascade::fidelity::OracleToken>)> =
+        Vec::new();
+    if args.oracle && !engines.is_empty() {
+        for (_, config) in &wanted {
+            let n = config.cascade.normalization_for(pack.input_normalization());
+            if !oracles.iter().any(|(m, _)| *m == n) {
+                let oracle = probe_cascade::engine::oracle::OracleEngine::new(pack.clone(), config)?;
+                let rows = probe_cascade::fidelity::oracle_rows(&oracle, &trace, args.warmup + args.tokens)?;
+                oracles.push((n, rows));
+            }
+        }
+    }
     let progress = bar(wanted.len() * engines.len(), "bench");
     for (name, config) in &wanted {
         for engine in &engines {
@@ -306,8 +216,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     if runtime == "runtime-arena" {
                         c.device.cpu_kernel = probe_cascade::config::CpuKernel::Torch;
                     }
-                    let (r, hit, bytes) = run_runtime(&pack, &c, &trace, args.warmup, args.tokens)?;
-                    let b2b = b2b_runtime(&pack, &c, &trace, args.warmup, args.tokens)?;
+                    let settled = runtime_run(&pack, &c, &trace, args.warmup, args.tokens, true)?;
+                    let b = runtime_run(&pack, &c, &trace, args.warmup, args.tokens, false)?;
+                    let b2b = BackToBack { ms: b.ms, cpu_ms: b.cpu_ms };
+                    let (r, hit, bytes) = (settled.reports, settled.cache_hit_rate, settled.bytes_read);
                     let mode = match runtime {
                         "runtime-arena" => "exact, tch arena",
                         _ if c.runtime.mode == Mode::Exact => "exact",
@@ -317,6 +229,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 }
             };
             tracing::info!("{name} / {engine}: {:.1} s", started.elapsed().as_secs_f64());
+            let normalization = config.cascade.normalization_for(pack.input_normalization());
+            let fidelity = oracles
+                .iter()
+                .find(|(n, _)| *n == normalization)
+                .map(|(_, o)| probe_cascade::fidelity::of_reports(o, &reports));
             rows.push(Row {
                 config: name.to_string(),
                 engine: engine.split('-').next().unwrap_or(engine).to_string(),
@@ -329,6 +246,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 bytes_read: bytes,
                 in_flight: reports.iter().map(|r| r.in_flight.len()).sum(),
                 b2b,
+                fidelity,
             });
             progress.inc(1);
         }
@@ -337,6 +255,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     write_outputs(&args, &pack, &rows, &session_rows)?;
     println!("wrote {} and {}", args.out.join("bench.md").display(), args.out.join("bench.json").display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// ` recall | recall | displacement |` and a newline, for a row's oracle columns.
+fn fidelity_cells(f: Option<&probe_cascade::fidelity::Fidelity>) -> String {
+    match f {
+        None => " - | - | - |\n".into(),
+        Some(f) => format!(
+            " {:.0}% | {} | {:.2} |\n",
+            f.recall_top10 * 100.0,
+            f.recall_fired.map_or("-".into(), |r| format!("{:.0}%", r * 100.0)),
+            f.rank_displacement
+        ),
+    }
 }
 
 fn machine() -> serde_json::Value {
@@ -393,8 +324,11 @@ fn write_outputs(
     }
     let mut json_rows = Vec::new();
     if !rows.is_empty() {
-        md.push_str("| config | engine | mode | avg ms | p50 ms | p95 ms | max ms | b2b p50 ms | b2b avg ms | b2b CPU ms | children/token | final active | loads/token | cache hit | MB read |\n");
-        md.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        let oracle = rows.iter().any(|r| r.fidelity.is_some());
+        md.push_str("| config | engine | mode | avg ms | p50 ms | p95 ms | max ms | b2b p50 ms | b2b avg ms | b2b CPU ms | children/token | final active | loads/token | cache hit | MB read |");
+        md.push_str(if oracle { " top-10 recall | fired recall | rank displacement |\n" } else { "\n" });
+        md.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        md.push_str(if oracle { "---:|---:|---:|\n" } else { "\n" });
         for r in rows {
             let mut v = r.ms.clone();
             v.sort_by(f64::total_cmp);
@@ -417,6 +351,10 @@ fn write_outputs(
             r.cache_hit_rate.map_or("-".to_string(), |h| format!("{:.0}%", h * 100.0)),
             r.bytes_read as f64 / 1e6,
         ));
+            if oracle {
+                md.truncate(md.len() - 1);
+                md.push_str(&fidelity_cells(r.fidelity.as_ref()));
+            }
             json_rows.push(json!({
                 "config": r.config, "engine": r.engine, "mode": r.mode,
                 "avg_ms": avg, "p50_ms": p50v, "p95_ms": p95, "max_ms": max,
@@ -428,10 +366,14 @@ fn write_outputs(
                 "b2b_p50_ms": b2b_p50, "b2b_avg_ms": b2b_avg, "b2b_cpu_ms": r.b2b.cpu_ms,
                 "per_token_ms": r.ms,
                 "b2b_per_token_ms": r.b2b.ms,
+                "fidelity": r.fidelity,
             }));
         }
     }
     if !rows.is_empty() {
+        if rows.iter().any(|r| r.fidelity.is_some()) {
+            md.push_str("\nRecall is against the exhaustive oracle (every probe scored on every token, settled reports): top-10 recall is the share of the oracle's 10 best concepts each report holds; fired recall the share of the concepts with p > 0.5 anywhere in the pack that the cascade scored; rank displacement the mean |oracle rank − report place| of the reported concepts.\n");
+        }
         md.push_str("\nThe first latency columns (avg to max) are settled: runtime rows wait between tokens until loads and pruning's deferred work are done (`Cascade::settle`), untimed. The b2b columns run the same tokens back to back with no untimed gap (a fresh engine), the cost a generation loop on the same CPU pays: each token's wall time from the end of the one before, and the process's CPU time per token. Naive and reference read every load from the pack, so their \"MB read\" is loads × probe size.\n");
     }
     std::fs::write(args.out.join("bench.md"), md)?;
