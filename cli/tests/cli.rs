@@ -1,50 +1,13 @@
 //! The command line end to end: `pack synth/inspect/verify`, `trace synth` and `run`, with the
 //! bad inputs a user will hit (wrong width, NaN, missing or corrupt probe files, bad configs).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
 use probe_cascade::npy::{self, Matrix};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_probe-cascade"))
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?} failed:\n{}{}", text(&out.stdout), text(&out.stderr));
-    text(&out.stdout)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn failed(out: &Output) -> String {
-    assert!(!out.status.success(), "expected failure, got:\n{}", text(&out.stdout));
-    format!("{}{}", text(&out.stdout), text(&out.stderr))
-}
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    pack: PathBuf,
-    trace: PathBuf,
-    root: PathBuf,
-}
-
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let pack = root.join("pack");
-    let trace = root.join("trace.npy");
-    run_ok(bin().args(["pack", "synth", "--preset", "tiny", "--out"]).arg(&pack));
-    run_ok(bin().args(["trace", "synth", "--tokens", "12", "--pack"]).arg(&pack).arg("--out").arg(&trace));
-    Fixture { _dir: dir, pack, trace, root }
-}
-
-fn config() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/realtime.toml")
-}
 
 fn run_cmd(f: &Fixture, trace: &Path) -> Command {
     let mut c = bin();
@@ -222,7 +185,7 @@ fn bench_writes_every_row() {
     let out = f.root.join("bench");
     run_ok(
         bin()
-            .args(["bench", "--tokens", "6", "--warmup", "2", "--pack"])
+            .args(["bench", "--oracle", "--tokens", "6", "--warmup", "2", "--pack"])
             .arg(&f.pack)
             .arg("--trace")
             .arg(&f.trace)
@@ -263,6 +226,27 @@ fn bench_writes_every_row() {
     }
     // Naive rows are the baseline.
     assert!(rows.iter().filter(|r| r["engine"] == "naive").all(|r| r["ratio_to_naive_p50"] == 1.0));
+    // --oracle: every row's recall against the exhaustive oracle; engines in exact mode agree.
+    assert!(md.contains("top-10 recall"), "{md}");
+    for r in rows {
+        let recall = r["fidelity"]["recall_top10"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&recall), "{r}");
+    }
+    for config in ["seed-top-30", "decompose"] {
+        let recalls: Vec<f64> = rows
+            .iter()
+            .filter(|r| r["config"] == config && r["mode"] != "pipelined")
+            .map(|r| r["fidelity"]["recall_top10"].as_f64().unwrap())
+            .collect();
+        assert!(recalls.windows(2).all(|w| w[0] == w[1]), "{config}: {recalls:?}");
+    }
+    // Without pruning the seed's cascade scores more, so it misses no more than with top-30.
+    let of = |c: &str| {
+        rows.iter().find(|r| r["config"] == c && r["engine"] == "reference").unwrap()["fidelity"]["recall_fired"]
+            .as_f64()
+            .unwrap_or(1.0)
+    };
+    assert!(of("seed-no-pruning") >= of("seed-top-30"));
 }
 
 #[test]

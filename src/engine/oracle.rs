@@ -41,7 +41,9 @@ impl OracleEngine {
         let mut ranges = Vec::with_capacity(pack.len());
         for i in 0..pack.len() {
             let id = ConceptId(i as u32);
-            probes.push(pack.read_probe(id).map_err(|e| EngineError::Setup(format!("the oracle reads every probe: {e}")))?);
+            probes.push(
+                pack.read_probe(id).map_err(|e| EngineError::Setup(format!("the oracle reads every probe: {e}")))?,
+            );
             ranges.push(layout.ranges(&pack.tensor_offsets(id)));
         }
         let normalization = config.cascade.normalization_for(pack.input_normalization());

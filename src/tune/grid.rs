@@ -177,10 +177,9 @@ mod tests {
 
     #[test]
     fn a_product_of_keys_with_typed_values() {
-        let keys = parse_grid(
-            "cascade.expansion.threshold.load_threshold=0.1,0.3; cascade.pruning.top_k.keep_top_k=20,30,50",
-        )
-        .unwrap();
+        let keys =
+            parse_grid("cascade.expansion.threshold.load_threshold=0.1,0.3; cascade.pruning.top_k.keep_top_k=20,30,50")
+                .unwrap();
         assert_eq!(keys[1].values, vec![toml::Value::Integer(20), 30.into(), 50.into()]);
         let pts = points(&keys).unwrap();
         assert_eq!(pts.len(), 6);

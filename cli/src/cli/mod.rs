@@ -7,6 +7,7 @@ mod progress;
 mod run;
 mod serve;
 mod trace;
+mod tune;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,9 @@ enum Command {
     Run(run::RunArgs),
     /// Run every engine on the same pack and trace; write bench.md and bench.json.
     Bench(bench::BenchArgs),
+    /// Sweep a grid of configs on a trace: latency against what each misses (vs the exhaustive
+    /// oracle), a Pareto plot, and the config an objective picks.
+    Tune(tune::TuneArgs),
     /// Serve sessions over gRPC (TCP or a Unix socket), with metrics and health over HTTP.
     Serve(serve::ServeArgs),
     /// This CPU's model and features, and the CPU kernel paths it can run.
@@ -55,6 +59,7 @@ pub fn main() -> ExitCode {
         Command::Trace(cmd) => trace::run(cmd),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Tune(args) => tune::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Cpu => {
             println!("cpu: {}", probe_cascade::kernel::CpuInfo::detect());
