@@ -130,9 +130,13 @@ pub fn runtime_run(
     })
 }
 
-/// Starts a new peak for [`peak_rss_bytes`] (Linux: `clear_refs` 5). False where the kernel
+/// Starts a new peak for [`peak_rss_bytes`] (Linux: `clear_refs` 5) from the memory in use now. False where the kernel
 /// does not allow it: the peak is then the process's since it started.
 pub fn reset_peak_rss() -> bool {
+    // Free heap memory that earlier runs left with the allocator would otherwise count as
+    // this run's resident memory.
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe { libc::malloc_trim(0) };
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
