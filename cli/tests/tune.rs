@@ -47,6 +47,7 @@ fn a_tiny_grid_runs_end_to_end() {
         }
         assert_eq!(p["exact"]["agreement_with_exact"], 1.0);
     }
+    assert!(points.iter().all(|p| p["pipelined"]["agreement_with_exact"].as_f64().unwrap() <= 1.0));
     // The exhaustive mode scores every probe on every token: in exact mode it finds the
     // oracle's top 10 every time, whatever the pruning.
     let exhaustive: Vec<_> = points.iter().filter(|p| p["settings"]["cascade.expansion"] == "exhaustive").collect();
@@ -106,16 +107,21 @@ fn bad_grids_and_objectives_are_named_before_anything_runs() {
     let e =
         failed(&tune(&f, "cascade.expansion.threshold.load_threshold=2", "max recall_top10", &out).output().unwrap());
     assert!(e.contains("cascade.expansion.threshold.load_threshold") && e.contains("[0, 1)"), "{e}");
-    let e = failed(&tune(&f, "runtime.mode=pipelined", "max recall_top10", &out).output().unwrap());
-    assert!(e.contains("runtime.mode"), "{e}");
+    let e = failed(&tune(&f, "runtime.mode=fast", "max recall_top10", &out).output().unwrap());
+    assert!(e.contains("runtime.mode") && e.contains("`fast`"), "{e}");
     let e = failed(&tune(&f, "cascade.report_top_k=5", "max recal", &out).output().unwrap());
     assert!(e.contains("unknown figure `recal`"), "{e}");
     assert!(!out.exists(), "nothing is written for a bad grid or objective");
 
-    // A condition no candidate meets: the tables are written, chosen.toml is not.
+    // A condition no candidate meets: the tables are written, chosen.toml is not. Only the
+    // modes the grid names are measured.
     let out = f.root.join("none");
-    let mut cmd = tune(&f, "cascade.report_top_k=5", "max recall_top10 where p50_ms < 0", &out);
+    let mut cmd = tune(&f, "cascade.report_top_k=5;runtime.mode=pipelined", "max recall_top10 where p50_ms < 0", &out);
     let e = failed(&cmd.arg("--no-presets").output().unwrap());
     assert!(e.contains("no candidate meets") && e.contains("p50_ms < 0"), "{e}");
     assert!(out.join("tune.md").exists() && !out.join("chosen.toml").exists());
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("tune.json")).unwrap()).unwrap();
+    let points = doc["points"].as_array().unwrap();
+    assert_eq!(points.len(), 1);
+    assert!(points[0].get("exact").is_none() && points[0]["pipelined"]["agreement_with_exact"].is_null());
 }

@@ -13,10 +13,6 @@ pub const MAX_POINTS: usize = 4096;
 /// Tables that hold one of several policy kinds (serde's externally tagged enums).
 const POLICIES: [&str; 2] = ["cascade.expansion", "cascade.pruning"];
 
-/// Every point is measured in both modes, so the mode is not a grid key.
-const NOT_SWEPT: [(&str, &str); 1] =
-    [("runtime.mode", "every point is measured in exact and pipelined mode already; the objective chooses")];
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct GridKey {
     pub key: String,
@@ -42,9 +38,6 @@ pub fn parse_grid(spec: &str) -> Result<Vec<GridKey>, TuneError> {
         let bad = |message: String| TuneError::Key { key: key.clone(), message };
         if key.is_empty() || key.split('.').any(str::is_empty) {
             return Err(bad("is not a dotted config key like cascade.max_loaded".into()));
-        }
-        if let Some((_, why)) = NOT_SWEPT.iter().find(|(k, _)| *k == key) {
-            return Err(bad((*why).into()));
         }
         if keys.iter().any(|k| k.key == key) {
             return Err(bad("appears twice".into()));
@@ -221,8 +214,6 @@ mod tests {
         assert!(e.contains("cascade.expansion.threshold.load_threshold") && e.contains("1.5"), "{e}");
         let e = err("cascade.report_top_k=many").unwrap_err().to_string();
         assert!(e.contains("cascade.report_top_k"), "{e}");
-        let e = err("runtime.mode=exact,pipelined").unwrap_err().to_string();
-        assert!(e.contains("runtime.mode"), "{e}");
         assert!(err("cascade.max_loaded").unwrap_err().to_string().contains("key=value"));
         assert!(err("cascade.max_loaded=").unwrap_err().to_string().contains("no values"));
         assert!(err("a=1;a=2").unwrap_err().to_string().contains("twice"));

@@ -77,8 +77,8 @@ struct Figures {
     fired_per_token: f64,
     rank_displacement: f64,
     /// Mean share of the exact report's concepts the report of this mode also has (1 in exact
-    /// mode).
-    agreement_with_exact: f64,
+    /// mode; none when exact mode was not measured).
+    agreement_with_exact: Option<f64>,
 }
 
 impl Figures {
@@ -99,11 +99,9 @@ struct Point {
     config: Config,
     doc: toml::Table,
     notes: Vec<String>,
-    /// Exact, then pipelined.
+    /// One per measured mode, in the order of `modes` (exact first).
     modes: Vec<Figures>,
 }
-
-const MODES: [Mode; 2] = [Mode::Exact, Mode::Pipelined];
 
 fn mode_name(m: Mode) -> &'static str {
     match m {
@@ -132,10 +130,16 @@ pub fn run(args: TuneArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(trace.rows > 0, "the trace {} has no tokens", args.trace.display());
 
     // Every point is checked before anything is measured: a bad key fails at once.
+    let mut keys = parse_grid(&args.grid)?;
+    let modes = modes_of(&mut keys)?;
     let mut pts = Vec::new();
-    for settings in points(&parse_grid(&args.grid)?)? {
+    for settings in points(&keys)? {
         let (config, doc) = apply(&base, &settings)?;
-        let label = settings.iter().map(|(k, v)| format!("{}={}", short_key(k), show(v))).collect::<Vec<_>>().join(" ");
+        let mut label =
+            settings.iter().map(|(k, v)| format!("{}={}", short_key(k), show(v))).collect::<Vec<_>>().join(" ");
+        if label.is_empty() {
+            label = "base".into();
+        }
         pts.push(Point { label, preset: false, settings, config, doc, notes: Vec::new(), modes: Vec::new() });
     }
     if !args.no_presets {
@@ -179,24 +183,26 @@ pub fn run(args: TuneArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    let progress = bar(pts.len() * MODES.len(), "tune");
+    let progress = bar(pts.len() * modes.len(), "tune");
     for p in &mut pts {
         let n = p.config.cascade.normalization_for(pack.input_normalization());
         let oracle = &oracles.iter().find(|(m, _)| *m == n).expect("scored above").1;
         progress.set_message(p.label.chars().take(40).collect::<String>());
         let mut exact_reports: Option<Vec<TokenReport>> = None;
-        for mode in MODES {
+        for &mode in &modes {
             let (figures, reports) = measure(&pack, &p.config, mode, &trace, &args, oracle, exact_reports.as_deref())
                 .with_context(|| format!("point `{}`, {} mode", p.label, mode_name(mode)))?;
             p.modes.push(figures);
-            exact_reports.get_or_insert(reports);
+            if mode == Mode::Exact {
+                exact_reports = Some(reports);
+            }
             progress.inc(1);
         }
     }
     progress.finish_and_clear();
 
     // Candidates: every point in each mode.
-    let candidates: Vec<(usize, usize)> = (0..pts.len()).flat_map(|p| (0..MODES.len()).map(move |m| (p, m))).collect();
+    let candidates: Vec<(usize, usize)> = (0..pts.len()).flat_map(|p| (0..modes.len()).map(move |m| (p, m))).collect();
     let figures_of = |&(p, m): &(usize, usize)| &pts[p].modes[m];
     let xy: Vec<(f64, f64)> = candidates.iter().map(|c| (figures_of(c).p50_ms, figures_of(c).recall_top10)).collect();
     let front = pareto_front(&xy);
@@ -208,7 +214,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<ExitCode> {
         .map(|&(p, m)| plot::PlotPoint {
             p50_ms: pts[p].modes[m].p50_ms,
             recall: pts[p].modes[m].recall_top10,
-            pipelined: MODES[m] == Mode::Pipelined,
+            pipelined: modes[m] == Mode::Pipelined,
             label: pts[p].preset.then(|| pts[p].label.trim_start_matches("preset ").to_string()),
         })
         .collect();
@@ -220,7 +226,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<ExitCode> {
         let mut doc = pts[p].doc.clone();
         let runtime = doc.entry("runtime").or_insert_with(|| toml::Value::Table(Default::default()));
         if let Some(t) = runtime.as_table_mut() {
-            t.insert("mode".into(), toml::Value::String(mode_name(MODES[m]).into()));
+            t.insert("mode".into(), toml::Value::String(mode_name(modes[m]).into()));
         }
         doc
     });
@@ -233,7 +239,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<ExitCode> {
              # on pack {} and trace {} ({} tokens).\n\n",
             objective.text,
             candidates.len(),
-            mode_name(MODES[m]),
+            mode_name(modes[m]),
             pts[p].label,
             f.p50_ms,
             f.p95_ms,
@@ -247,7 +253,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(&path, header + &toml::to_string(doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    write_reports(&args, &pack, &pts, &candidates, &front, chosen, &objective)?;
+    write_reports(&args, &pack, &pts, &modes, &candidates, &front, chosen, &objective)?;
     println!(
         "wrote {} candidates to {} (tune.md, tune.json, pareto.png, pareto.svg{})",
         candidates.len(),
@@ -257,7 +263,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<ExitCode> {
     match chosen {
         Some(c) => {
             let (p, m) = candidates[c];
-            println!("chosen: {} in {} mode", pts[p].label, mode_name(MODES[m]));
+            println!("chosen: {} in {} mode", pts[p].label, mode_name(modes[m]));
             Ok(ExitCode::SUCCESS)
         }
         None => {
@@ -269,6 +275,29 @@ pub fn run(args: TuneArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// The modes to measure: both, or those `runtime.mode` lists in the grid (taken out of it:
+/// the mode is a way to run every point, not a factor of the config).
+fn modes_of(keys: &mut Vec<probe_cascade::tune::GridKey>) -> anyhow::Result<Vec<Mode>> {
+    let Some(i) = keys.iter().position(|k| k.key == "runtime.mode") else {
+        return Ok(vec![Mode::Exact, Mode::Pipelined]);
+    };
+    let key = keys.remove(i);
+    let mut modes = Vec::new();
+    for v in &key.values {
+        let mode = match v.as_str() {
+            Some("exact") => Mode::Exact,
+            Some("pipelined") => Mode::Pipelined,
+            _ => anyhow::bail!("--grid key `runtime.mode`: `{}` is not `exact` or `pipelined`", show(v)),
+        };
+        if !modes.contains(&mode) {
+            modes.push(mode);
+        }
+    }
+    // Exact first, so that pipelined reports can be compared with it.
+    modes.sort_by_key(|m| *m != Mode::Exact);
+    Ok(modes)
 }
 
 /// `cascade.expansion.threshold.load_threshold` → `load_threshold`.
@@ -342,9 +371,10 @@ fn measure(
     // Fidelity of what a generation loop gets: the back-to-back run's reports.
     let fidelity = of_reports(oracle, &b2b.reports);
     let ids = |r: &TokenReport| r.top.iter().map(|e| e.id).collect::<Vec<ConceptId>>();
-    let agreement = match exact {
-        None => 1.0,
-        Some(e) => e.iter().zip(&b2b.reports).map(|(a, b)| overlap(&ids(a), &ids(b))).sum::<f64>() / n,
+    let agreement = match (mode, exact) {
+        (Mode::Exact, _) => Some(1.0),
+        (_, None) => None,
+        (_, Some(e)) => Some(e.iter().zip(&b2b.reports).map(|(a, b)| overlap(&ids(a), &ids(b))).sum::<f64>() / n),
     };
     let figures = Figures {
         p50_ms: p50,
@@ -367,10 +397,12 @@ fn measure(
     Ok((figures, b2b.reports))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_reports(
     args: &TuneArgs,
     pack: &Pack,
     pts: &[Point],
+    modes: &[Mode],
     candidates: &[(usize, usize)],
     front: &[usize],
     chosen: Option<usize>,
@@ -389,21 +421,25 @@ fn write_reports(
                 .iter()
                 .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or(serde_json::Value::Null)))
                 .collect();
-            json!({
+            let mut point = json!({
                 "index": i,
                 "label": p.label,
                 "preset": p.preset,
                 "settings": settings,
                 "notes": p.notes,
-                "exact": p.modes[0],
-                "pipelined": p.modes[1],
-                "on_front": {"exact": on_front(i, 0), "pipelined": on_front(i, 1)},
-            })
+            });
+            let mut front = serde_json::Map::new();
+            for (m, &mode) in modes.iter().enumerate() {
+                point[mode_name(mode)] = serde_json::to_value(&p.modes[m]).unwrap_or_default();
+                front.insert(mode_name(mode).into(), on_front(i, m).into());
+            }
+            point["on_front"] = front.into();
+            point
         })
         .collect();
     let chosen_json = chosen.map(|c| {
         let (p, m) = candidates[c];
-        json!({"point": p, "label": pts[p].label, "mode": mode_name(MODES[m]), "figures": pts[p].modes[m], "file": "chosen.toml"})
+        json!({"point": p, "label": pts[p].label, "mode": mode_name(modes[m]), "figures": pts[p].modes[m], "file": "chosen.toml"})
     });
     let doc = json!({
         "machine": {"cpu": cpu.to_string(), "cores": cores},
@@ -443,9 +479,9 @@ fn write_reports(
             _ => "",
         };
         md.push_str(&format!(
-            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.2} | {} | {:.1}% | {:.1}% | {} | {:.2} | {:.0}% | {mark} |\n",
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.2} | {} | {:.1}% | {:.1}% | {} | {:.2} | {} | {mark} |\n",
             pts[p].label,
-            mode_name(MODES[m]),
+            mode_name(modes[m]),
             f.p50_ms,
             f.p95_ms,
             f.settled_p50_ms,
@@ -457,7 +493,7 @@ fn write_reports(
             f.recall_top10_scored * 100.0,
             f.recall_fired.map_or("-".into(), |v| format!("{:.1}%", v * 100.0)),
             f.rank_displacement,
-            f.agreement_with_exact * 100.0,
+            f.agreement_with_exact.map_or("-".into(), |v| format!("{:.0}%", v * 100.0)),
         ));
     }
     let notes: Vec<String> =
@@ -472,7 +508,7 @@ fn write_reports(
                 "\n**Chosen** for `{}`: {} in {} mode, written as chosen.toml.\n",
                 objective.text,
                 pts[p].label,
-                mode_name(MODES[m])
+                mode_name(modes[m])
             )
         }
         None => format!("\n**No candidate meets** `{}`: nothing was chosen.\n", objective.text),

@@ -71,7 +71,8 @@ fn draw<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .x_desc("p50 ms per token, back to back (log scale)")
-        .x_label_formatter(&|v| format!("{v:.2}"))
+        .x_labels(12)
+        .x_label_formatter(&|v| if *v < 1.0 { format!("{v:.2}") } else { format!("{v:.0}") })
         .y_desc("top-10 recall against the exhaustive oracle")
         .y_label_formatter(&|v| format!("{:.0}%", v * 100.0))
         .label_style(("sans-serif", 15))
