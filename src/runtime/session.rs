@@ -195,6 +195,8 @@ impl Runtime {
     /// `open_session` checks them; `options.mode` is ignored (a session keeps its mode).
     pub async fn reconfigure(&self, id: SessionId, options: &SessionOptions) -> Result<(), RuntimeError> {
         let config = session_config(&self.shared.config, options)?;
+        // What the pack itself rules out (the exhaustive mode under a smaller max_loaded).
+        crate::policy::base_set(self.shared.pack.hierarchy(), &config.cascade).map_err(RuntimeError::Options)?;
         let coordinator = self.shared.sessions.lock().expect("sessions lock").get(&id).and_then(WeakActorRef::upgrade);
         let coordinator = coordinator.ok_or(RuntimeError::UnknownSession(id))?;
         let reconfigure = Reconfigure {
