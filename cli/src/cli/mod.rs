@@ -3,9 +3,11 @@
 mod bench;
 mod measure;
 mod pack;
+mod plot;
 mod progress;
 mod run;
 mod serve;
+mod soak;
 mod trace;
 mod tune;
 
@@ -35,6 +37,9 @@ enum Command {
     /// Sweep a grid of configs on a trace: latency against what each misses (vs the exhaustive
     /// oracle), a Pareto plot, and the config an objective picks.
     Tune(tune::TuneArgs),
+    /// Many sessions on one runtime for a long run, sampling memory, descriptors, threads and
+    /// cache and slot occupancy: soak.csv, soak.md and a plot.
+    Soak(soak::SoakArgs),
     /// Serve sessions over gRPC (TCP or a Unix socket), with metrics and health over HTTP.
     Serve(serve::ServeArgs),
     /// This CPU's model and features, and the CPU kernel paths it can run.
@@ -60,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Tune(args) => tune::run(args),
+        Command::Soak(args) => soak::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Cpu => {
             println!("cpu: {}", probe_cascade::kernel::CpuInfo::detect());

@@ -25,7 +25,7 @@ pub fn write(
     front: &[usize],
     chosen: Option<usize>,
 ) -> anyhow::Result<()> {
-    register_font()?;
+    super::super::plot::register_font()?;
     let png = stem.with_extension("png");
     {
         let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
@@ -38,15 +38,6 @@ pub fn write(
         draw(&root, title, points, front, chosen).map_err(|e| anyhow::anyhow!("drawing {}: {e}", svg.display()))?;
         root.present().map_err(|e| anyhow::anyhow!("writing {}: {e}", svg.display()))?;
     }
-    Ok(())
-}
-
-fn register_font() -> anyhow::Result<()> {
-    static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let ok = *DONE.get_or_init(|| {
-        plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular()).is_ok()
-    });
-    anyhow::ensure!(ok, "the embedded DejaVu Sans font did not load");
     Ok(())
 }
 
