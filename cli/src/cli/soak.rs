@@ -434,7 +434,18 @@ fn draw<DB: DrawingBackend>(
             .x_label_area_size(30)
             .y_label_area_size(60)
             .build_cartesian_2d(0.0..max_tokens, 0.0..top)?;
-        chart.configure_mesh().label_style(("sans-serif", 12)).x_desc("tokens").draw()?;
+        chart
+            .configure_mesh()
+            .label_style(("sans-serif", 12))
+            .x_desc("tokens")
+            .x_labels(6)
+            .x_label_formatter(&|v| match *v {
+                v if v >= 1e6 => format!("{}M", v / 1e6),
+                v if v >= 1e3 => format!("{}k", v / 1e3),
+                v => format!("{v}"),
+            })
+            .y_label_formatter(&|v| format!("{v}"))
+            .draw()?;
         chart.draw_series(std::iter::once(Rectangle::new(
             [(0.0, 0.0), (max_tokens * warmup, top)],
             RGBColor(230, 230, 230).filled(),
