@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use probe_cascade::config::Config;
+use probe_cascade::config::{Config, Normalization};
 use probe_cascade::engine::TokenReport;
+use probe_cascade::fidelity::OracleToken;
 use probe_cascade::npy::Matrix;
 use probe_cascade::pack::Pack;
 use probe_cascade::runtime::BlockingCascade;
@@ -146,4 +147,41 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// The exhaustive oracle's view of a trace for each input normalization among some configs:
+/// the oracle's scores depend on nothing else in a config, so each is scored once (its weights
+/// freed as soon as it is).
+pub struct Oracles(Vec<(Normalization, Vec<OracleToken>)>);
+
+impl Oracles {
+    /// Scores trace rows `0..rows` once per distinct normalization of `configs`.
+    pub fn score<'a>(
+        pack: &Arc<Pack>,
+        configs: impl IntoIterator<Item = &'a Config>,
+        trace: &Matrix,
+        rows: usize,
+    ) -> anyhow::Result<Self> {
+        let mut by_input: Vec<(Normalization, Vec<OracleToken>)> = Vec::new();
+        for config in configs {
+            let n = config.cascade.normalization_for(pack.input_normalization());
+            if !by_input.iter().any(|(m, _)| *m == n) {
+                tracing::info!("the oracle: every probe of the pack on {} tokens ({n:?} input)", rows.min(trace.rows));
+                let oracle = probe_cascade::engine::oracle::OracleEngine::new(pack.clone(), config)?;
+                by_input.push((n, probe_cascade::fidelity::oracle_rows(&oracle, trace, rows)?));
+            }
+        }
+        Ok(Self(by_input))
+    }
+
+    /// None scored (`--oracle` not given).
+    pub fn none() -> Self {
+        Self(Vec::new())
+    }
+
+    /// The rows for `config`'s input normalization, if it was among those scored.
+    pub fn of(&self, pack: &Pack, config: &Config) -> Option<&[OracleToken]> {
+        let n = config.cascade.normalization_for(pack.input_normalization());
+        self.0.iter().find(|(m, _)| *m == n).map(|(_, rows)| &rows[..])
+    }
 }

@@ -48,6 +48,9 @@ pub struct SoakArgs {
     check: bool,
 }
 
+/// Per-token latencies kept between two samples, for the interval's p50 and p99.
+const LATENCIES_PER_INTERVAL: usize = 100_000;
+
 /// One sample: the process and the runtime after `tokens` tokens.
 #[derive(Debug, Clone, Default)]
 struct Sample {
@@ -260,7 +263,12 @@ async fn soak(
                         tracing::error!("session {i}, token {t}: {e}");
                     }
                 }
-                latencies.lock().expect("latency lock").push(t0.elapsed().as_secs_f64() * 1e3);
+                let mut lat = latencies.lock().expect("latency lock");
+                // Bounded however long the interval: its first LATENCIES_PER_INTERVAL tokens.
+                if lat.len() < LATENCIES_PER_INTERVAL {
+                    lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+                drop(lat);
                 done.fetch_add(1, Ordering::Relaxed);
             }
             let _ = released.wait_for(|go| *go).await;
@@ -397,16 +405,7 @@ fn write_outputs(
 }
 
 fn plot(stem: &std::path::Path, samples: &[Sample], warmup: f64) -> anyhow::Result<()> {
-    super::plot::register_font()?;
-    let png = stem.with_extension("png");
-    let root = BitMapBackend::new(&png, (1200, 800)).into_drawing_area();
-    draw(&root, samples, warmup).map_err(|e| anyhow::anyhow!("drawing {}: {e}", png.display()))?;
-    root.present().map_err(|e| anyhow::anyhow!("writing {}: {e}", png.display()))?;
-    let svg = stem.with_extension("svg");
-    let root = SVGBackend::new(&svg, (1200, 800)).into_drawing_area();
-    draw(&root, samples, warmup).map_err(|e| anyhow::anyhow!("drawing {}: {e}", svg.display()))?;
-    root.present().map_err(|e| anyhow::anyhow!("writing {}: {e}", svg.display()))?;
-    Ok(())
+    super::plot::png_and_svg!(stem, (1200, 800), |root| draw(&root, samples, warmup))
 }
 
 /// Six panels against tokens done, the warm-up shaded.

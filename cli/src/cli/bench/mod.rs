@@ -14,7 +14,7 @@ use probe_cascade::npy::Matrix;
 use probe_cascade::pack::Pack;
 use serde_json::json;
 
-use super::measure::{back_to_back, drop_page_cache, runtime_run, warm_page_cache, BackToBack};
+use super::measure::{back_to_back, drop_page_cache, runtime_run, warm_page_cache, BackToBack, Oracles};
 use super::progress::bar;
 
 mod sessions;
@@ -180,19 +180,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let engines = if args.sessions.is_some() && args.engines.is_none() { Vec::new() } else { engines };
-    // The oracle's scores depend on the input normalization only: one pass per normalization.
-    let mut oracles: Vec<(probe_cascade::config::Normalization, Vec<probe_cascade::fidelity::OracleToken>)> =
-        Vec::new();
-    if args.oracle && !engines.is_empty() {
-        for (_, config) in &wanted {
-            let n = config.cascade.normalization_for(pack.input_normalization());
-            if !oracles.iter().any(|(m, _)| *m == n) {
-                let oracle = probe_cascade::engine::oracle::OracleEngine::new(pack.clone(), config)?;
-                let rows = probe_cascade::fidelity::oracle_rows(&oracle, &trace, args.warmup + args.tokens)?;
-                oracles.push((n, rows));
-            }
-        }
-    }
+    let oracles = if args.oracle && !engines.is_empty() {
+        Oracles::score(&pack, wanted.iter().map(|(_, c)| c), &trace, args.warmup + args.tokens)?
+    } else {
+        Oracles::none()
+    };
     let progress = bar(wanted.len() * engines.len(), "bench");
     for (name, config) in &wanted {
         for engine in &engines {
@@ -229,11 +221,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 }
             };
             tracing::info!("{name} / {engine}: {:.1} s", started.elapsed().as_secs_f64());
-            let normalization = config.cascade.normalization_for(pack.input_normalization());
-            let fidelity = oracles
-                .iter()
-                .find(|(n, _)| *n == normalization)
-                .map(|(_, o)| probe_cascade::fidelity::of_reports(o, &reports));
+            let fidelity = oracles.of(&pack, config).map(|o| probe_cascade::fidelity::of_reports(o, &reports));
             rows.push(Row {
                 config: name.to_string(),
                 engine: engine.split('-').next().unwrap_or(engine).to_string(),

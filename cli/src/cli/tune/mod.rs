@@ -10,16 +10,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use probe_cascade::config::{Config, Expansion, Mode, Normalization};
-use probe_cascade::engine::oracle::OracleEngine;
+use probe_cascade::config::{Config, Expansion, Mode};
 use probe_cascade::engine::{percentile, TokenReport};
-use probe_cascade::fidelity::{of_reports, oracle_rows, overlap, OracleToken};
+use probe_cascade::fidelity::{of_reports, overlap, OracleToken};
 use probe_cascade::npy::Matrix;
 use probe_cascade::pack::{ConceptId, Pack};
 use probe_cascade::tune::{apply, pareto_front, parse_grid, points, Objective, Setting};
 use serde_json::json;
 
-use super::measure::{peak_rss_bytes, reset_peak_rss, runtime_run, warm_page_cache};
+use super::measure::{peak_rss_bytes, reset_peak_rss, runtime_run, warm_page_cache, Oracles};
 use super::progress::bar;
 
 #[derive(clap::Args)]
@@ -171,22 +170,13 @@ pub fn run(args: TuneArgs) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
 
-    // The oracle depends on the input normalization only; its weights are freed once scored.
-    let rows = (args.warmup + args.tokens).min(trace.rows);
-    let mut oracles: Vec<(Normalization, Vec<OracleToken>)> = Vec::new();
-    for p in &pts {
-        let n = p.config.cascade.normalization_for(pack.input_normalization());
-        if !oracles.iter().any(|(m, _)| *m == n) {
-            eprintln!("scoring every probe of the pack on {rows} tokens (the oracle, {n:?} input)...");
-            let oracle = OracleEngine::new(pack.clone(), &p.config)?;
-            oracles.push((n, oracle_rows(&oracle, &trace, rows)?));
-        }
-    }
+    let oracles = Oracles::score(&pack, pts.iter().map(|p| &p.config), &trace, args.warmup + args.tokens)?;
+    // Read once: every run then finds the pack in the page cache.
+    warm_page_cache(&pack)?;
 
     let progress = bar(pts.len() * modes.len(), "tune");
     for p in &mut pts {
-        let n = p.config.cascade.normalization_for(pack.input_normalization());
-        let oracle = &oracles.iter().find(|(m, _)| *m == n).expect("scored above").1;
+        let oracle = oracles.of(&pack, &p.config).expect("every point's input was scored");
         progress.set_message(p.label.chars().take(40).collect::<String>());
         let mut exact_reports: Option<Vec<TokenReport>> = None;
         for &mode in &modes {
@@ -355,7 +345,6 @@ fn measure(
 ) -> anyhow::Result<(Figures, Vec<TokenReport>)> {
     let mut c = config.clone();
     c.runtime.mode = mode;
-    warm_page_cache(pack)?;
     let fresh_peak = reset_peak_rss();
     let settled = runtime_run(pack, &c, trace, args.warmup, args.tokens, true)?;
     let b2b = runtime_run(pack, &c, trace, args.warmup, args.tokens, false)?;

@@ -25,20 +25,7 @@ pub fn write(
     front: &[usize],
     chosen: Option<usize>,
 ) -> anyhow::Result<()> {
-    super::super::plot::register_font()?;
-    let png = stem.with_extension("png");
-    {
-        let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
-        draw(&root, title, points, front, chosen).map_err(|e| anyhow::anyhow!("drawing {}: {e}", png.display()))?;
-        root.present().map_err(|e| anyhow::anyhow!("writing {}: {e}", png.display()))?;
-    }
-    let svg = stem.with_extension("svg");
-    {
-        let root = SVGBackend::new(&svg, SIZE).into_drawing_area();
-        draw(&root, title, points, front, chosen).map_err(|e| anyhow::anyhow!("drawing {}: {e}", svg.display()))?;
-        root.present().map_err(|e| anyhow::anyhow!("writing {}: {e}", svg.display()))?;
-    }
-    Ok(())
+    super::super::plot::png_and_svg!(stem, SIZE, |root| draw(&root, title, points, front, chosen))
 }
 
 fn draw<DB: DrawingBackend>(
