@@ -160,8 +160,13 @@ fn cache_and_reader(c: &mut Criterion) {
     let mut group = c.benchmark_group("cache");
     group.sample_size(20).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
     group.throughput(Throughput::Bytes(probe));
-    let settings =
-        |budget| CacheSettings { budget_bytes: budget, queue_depth: 32, reader: ReaderKind::Auto, fallback_threads: 2 };
+    let settings = |budget| CacheSettings {
+        budget_bytes: budget,
+        queue_depth: 32,
+        reader: ReaderKind::Auto,
+        fallback_threads: 2,
+        faults: probe_cascade::runtime::faults::Faults::none(),
+    };
     let cache = rt.block_on(async { WeightCache::spawn(WeightCache::new(pack.clone(), &settings(1 << 31)).unwrap()) });
     rt.block_on(async { cache.ask(Get(vec![ConceptId(0)])).await }).unwrap();
     group

@@ -12,6 +12,7 @@ use probe_cascade::engine::{build_engine, EngineKind, TokenReport};
 use probe_cascade::npy::Matrix;
 use probe_cascade::pack::{ConceptId, Pack};
 use probe_cascade::runtime::cache::{CacheSettings, Get, Stats, WeightCache};
+use probe_cascade::runtime::faults::Faults;
 use probe_cascade::runtime::reader::{start_reader, ReadRequest, ReaderKind};
 use probe_cascade::runtime::{Cascade, RuntimeError};
 use probe_cascade::synth::{concept_geometry, synth_trace, TraceParams};
@@ -175,8 +176,13 @@ async fn io_uring_and_thread_readers_give_identical_bytes_and_reports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_on_one_probe_issue_one_read() {
     let (_dir, pack, _) = tiny();
-    let settings =
-        CacheSettings { budget_bytes: 1 << 30, queue_depth: 8, reader: ReaderKind::Auto, fallback_threads: 2 };
+    let settings = CacheSettings {
+        budget_bytes: 1 << 30,
+        queue_depth: 8,
+        reader: ReaderKind::Auto,
+        fallback_threads: 2,
+        faults: Faults::none(),
+    };
     let cache = WeightCache::spawn(WeightCache::new(pack.clone(), &settings).unwrap());
     let id = ConceptId(7);
     // Both requests are in the mailbox before the read can complete.

@@ -363,3 +363,22 @@ async fn sessions_on_the_shared_arena_match_each_stream_and_reserve_their_slots(
     drop(fourth);
     runtime.shutdown().await;
 }
+
+/// Regression: `close().await` returned before the step scheduler freed the session's slots
+/// (kameo reports an actor stopped before it drops its state, and the slots went with the
+/// state), so stats read right after a close still counted the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_session_holds_nothing_once_close_returns() {
+    let f = fixture();
+    let rt = Runtime::start(f.pack.clone(), &config("realtime")).await.unwrap();
+    for round in 0..20 {
+        let session = rt.open_session(SessionOptions::default()).await.unwrap();
+        for t in 0..3 {
+            session.observe(row(&f.traces[round % 4], round, t)).await.unwrap();
+        }
+        session.close().await;
+        let stats = rt.step_stats().await.unwrap();
+        assert_eq!((stats.sessions, stats.held_probes), (0, 0), "round {round}: nothing held after close");
+    }
+    rt.shutdown().await;
+}

@@ -30,6 +30,8 @@ pub enum PackError {
     BadTensor { path: PathBuf, concept: String, tensor: String, reason: String },
     #[error("{path}: concept {concept}: weights at bytes {start}..{end} but the file has {size} bytes (truncated)")]
     Truncated { path: PathBuf, concept: String, start: u64, end: u64, size: u64 },
+    #[error("{path}: concept {concept}: a read at byte {offset} returned {got} of {want} bytes")]
+    ShortRead { path: PathBuf, concept: String, offset: u64, got: usize, want: u64 },
     #[error("{path}: concept {concept}: checksum mismatch (manifest crc32 {expected:08x}, data {actual:08x})")]
     Checksum { path: PathBuf, concept: String, expected: u32, actual: u32 },
     #[error("{path}: concept {concept}: weight {tensor}[{index}] is {value}, not finite")]

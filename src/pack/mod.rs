@@ -214,6 +214,18 @@ impl Pack {
         Ok(())
     }
 
+    /// The error for a read that returned `got` bytes of a probe's length.
+    pub fn short_read_error(&self, id: ConceptId, got: usize) -> PackError {
+        let loc = self.location(id);
+        PackError::ShortRead {
+            path: self.shards[loc.shard as usize].path.clone(),
+            concept: self.hierarchy.label(id),
+            offset: loc.offset,
+            got,
+            want: loc.length,
+        }
+    }
+
     /// The error for a failed read of a probe's bytes: truncation when the file ended early.
     pub fn read_error(&self, id: ConceptId, e: std::io::Error) -> PackError {
         let loc = self.location(id);

@@ -16,6 +16,7 @@ use kameo::message::{Context, Message};
 use kameo::prelude::{Actor, ActorRef, DelegatedReply, ReplySender};
 use lru::LruCache;
 
+use super::faults::{Faults, PanicSite};
 use super::reader::{ProbeReader, ReadCompletion, ReadRequest, ReaderKind};
 use crate::pack::{ConceptId, Pack, PackError};
 
@@ -68,6 +69,8 @@ pub struct CacheStats {
     pub bytes_read: u64,
     pub read_errors: u64,
     pub evictions: u64,
+    /// Handler panics survived (the message that panicked got an error; see `on_panic`).
+    pub panics: u64,
     pub resident_bytes: u64,
     pub entries: u64,
     /// Reads issued and not completed, and reads waiting for a queue slot.
@@ -101,6 +104,7 @@ pub struct WeightCache {
     requests: HashMap<u64, GetRequest>,
     next_request: u64,
     stats: CacheStats,
+    faults: Faults,
 }
 
 /// How the cache is sized and fed.
@@ -110,14 +114,22 @@ pub struct CacheSettings {
     pub queue_depth: usize,
     pub reader: ReaderKind,
     pub fallback_threads: usize,
+    /// Injected faults (tests only).
+    pub faults: Faults,
 }
 
 impl WeightCache {
     pub fn new(pack: Arc<Pack>, settings: &CacheSettings) -> std::io::Result<Self> {
         let (tx, completions) = flume::unbounded();
         let shards = pack.shards().iter().map(|s| s.path.clone()).collect();
-        let reader =
-            super::reader::start_reader(settings.reader, shards, settings.queue_depth, settings.fallback_threads, tx)?;
+        let reader = super::reader::start_reader_with_faults(
+            settings.reader,
+            shards,
+            settings.queue_depth,
+            settings.fallback_threads,
+            tx,
+            &settings.faults,
+        )?;
         let probe = pack.layout().byte_len().max(1) as u64;
         // Enough spare buffers to refill the whole budget plus every read in flight.
         let spares = (settings.budget_bytes / probe) as usize + settings.queue_depth + 1;
@@ -138,6 +150,7 @@ impl WeightCache {
             requests: HashMap::new(),
             next_request: 0,
             stats: CacheStats::default(),
+            faults: settings.faults.clone(),
         })
     }
 
@@ -178,7 +191,15 @@ impl WeightCache {
 
     fn on_completion(&mut self, c: ReadCompletion) {
         self.in_flight -= 1;
+        let want = self.pack.location(c.id).length as usize;
         let outcome = match c.result {
+            // A reader that hands back fewer bytes than asked is caught here, by length, not
+            // left to the CRC (the kernel reads a probe's full length).
+            Ok(bytes) if bytes.len() != want => {
+                let e = self.pack.short_read_error(c.id, bytes.len());
+                let _ = self.spare_tx.try_send(bytes);
+                Err(ReadError(Arc::new(e)))
+            }
             Ok(bytes) => match self.pack.check_crc(c.id, &bytes) {
                 Ok(()) => {
                     self.stats.bytes_read += bytes.len() as u64;
@@ -269,6 +290,21 @@ impl Actor for WeightCache {
         });
         Ok(state)
     }
+
+    /// The cache is shared by every session: a panic while handling one message must not take
+    /// it away from all of them, so it goes on. The panicking message's sender gets an error
+    /// (kameo drops its reply). What a handler can leave half done is one request's
+    /// bookkeeping: waiters for a request that is gone are skipped by `deliver`, and a read
+    /// still in flight completes into the cache as usual.
+    async fn on_panic(
+        &mut self,
+        _: kameo::prelude::WeakActorRef<Self>,
+        err: kameo::error::PanicError,
+    ) -> Result<std::ops::ControlFlow<kameo::error::ActorStopReason>, Self::Error> {
+        self.stats.panics += 1;
+        tracing::error!("the weight cache survived a panic in a handler: {err}");
+        Ok(std::ops::ControlFlow::Continue(()))
+    }
 }
 
 /// Fetch probes' bytes: hits at once, misses when their reads land. One result per id, in order.
@@ -278,6 +314,7 @@ impl Message<Get> for WeightCache {
     type Reply = DelegatedReply<Vec<Fetched>>;
 
     async fn handle(&mut self, Get(ids): Get, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        self.faults.maybe_panic(PanicSite::Cache, ids.iter().copied());
         let mut results: Vec<Option<Fetched>> = Vec::with_capacity(ids.len());
         let mut misses = Vec::new();
         for (index, &id) in ids.iter().enumerate() {
@@ -321,6 +358,7 @@ impl Message<Peek> for WeightCache {
     type Reply = Vec<(ConceptId, Arc<ProbeBytes>)>;
 
     async fn handle(&mut self, Peek(ids): Peek, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        self.faults.maybe_panic(PanicSite::Cache, ids.iter().copied());
         let hits: Vec<_> = ids.into_iter().filter_map(|id| self.lru.get(&id).map(|b| (id, b.clone()))).collect();
         self.stats.hits += hits.len() as u64;
         hits
@@ -334,6 +372,7 @@ impl Message<Prefetch> for WeightCache {
     type Reply = ();
 
     async fn handle(&mut self, Prefetch(ids): Prefetch, _: &mut Context<Self, Self::Reply>) {
+        self.faults.maybe_panic(PanicSite::Cache, ids.iter().copied());
         for id in ids {
             if !self.lru.contains(&id) && !self.pending.contains_key(&id) {
                 self.stats.hint_reads += 1;

@@ -16,6 +16,7 @@ use kameo::Actor;
 use tracing::{debug_span, Instrument};
 
 use super::cache::{Fetched, Get, Peek, Prefetch, ProbeBytes, WeightCache};
+use super::faults::{Faults, PanicSite};
 use super::inference::{ApplyAndScore, Inference, Rearrange, Scores};
 use super::pool::{ModelPool, Residency, SlotOp};
 use super::steps::Lane;
@@ -46,6 +47,8 @@ pub struct Coordinator {
     pub(super) failed_late: Vec<String>,
     /// Time the inference thread spent scoring (as opposed to installing), summed.
     pub(super) scoring_time: Duration,
+    /// Injected faults (tests only).
+    pub(super) faults: Faults,
 }
 
 /// Where a stream's scoring goes.
@@ -137,6 +140,7 @@ impl Coordinator {
         bytes: HashMap<ConceptId, Arc<ProbeBytes>>,
         hidden: Arc<Vec<f32>>,
     ) -> Result<Vec<f32>, RuntimeError> {
+        self.faults.maybe_panic(PanicSite::Coordinator, ids.iter().copied());
         let start = self.pool.active_len();
         let mut ops = Vec::new();
         // Warm probes first: activating an absent probe may evict a warm one, which must not be
@@ -150,7 +154,11 @@ impl Coordinator {
         let by_slot = match self.apply_and_score(token, ops, bytes, start, ids.len(), hidden).await {
             Ok(logits) => logits,
             Err(e) => {
-                self.broken = Some(e.to_string());
+                // A failed scoring leaves the slots as planned (the caller rolls the token
+                // back); anything else leaves them unknown, and the stream stops here.
+                if !matches!(&e, RuntimeError::Inference { source, .. } if source.leaves_slots_intact()) {
+                    self.broken = Some(e.to_string());
+                }
                 return Err(e);
             }
         };
@@ -239,7 +247,16 @@ impl Coordinator {
         let mut bytes = HashMap::new();
         if !absent.is_empty() {
             // Bytes already in RAM count as resident: installing them takes microseconds.
-            let hits = self.cache.ask(Peek(absent.clone())).await.map_err(stopped("cache"))?;
+            let hits = match self.cache.ask(Peek(absent.clone())).await {
+                Ok(hits) => hits,
+                Err(e) => {
+                    // Nothing was asked for: none of them is in flight.
+                    absent.iter().for_each(|&id| {
+                        self.pending.remove(id);
+                    });
+                    return Err(stopped("cache")(e));
+                }
+            };
             for (id, b) in hits {
                 self.pending.remove(id);
                 bytes.insert(id, b);
@@ -249,9 +266,15 @@ impl Coordinator {
         let absent: Vec<ConceptId> = absent.into_iter().filter(|id| !bytes.contains_key(id)).collect();
         if !absent.is_empty() {
             for (id, fetched) in self.fetch_within_budget(absent, me).await {
-                let b = fetched.map_err(|source| RuntimeError::Probe { token, source })?;
-                bytes.insert(id, b);
-                ready.push(id);
+                match fetched {
+                    Ok(b) => {
+                        bytes.insert(id, b);
+                        ready.push(id);
+                    }
+                    // As for a child that lands late and fails: the report names it in
+                    // `failed_loads`, and the token goes on without it.
+                    Err(e) => self.failed_late.push(e.to_string()),
+                }
             }
         }
         if ready.is_empty() {
@@ -387,6 +410,21 @@ impl Actor for Coordinator {
         Ok(state)
     }
 
+    /// A panic mid-token leaves the active set, the pool and the slots out of step, so the
+    /// stream is marked broken: every later request is answered with the reason, and closing
+    /// the session frees what it holds. The actor itself goes on, so that its handle keeps
+    /// answering (a stopped actor would read as "shut down").
+    async fn on_panic(
+        &mut self,
+        _: kameo::prelude::WeakActorRef<Self>,
+        err: kameo::error::PanicError,
+    ) -> Result<std::ops::ControlFlow<kameo::error::ActorStopReason>, Self::Error> {
+        let token = self.next_token.saturating_sub(1);
+        tracing::error!("a stream's coordinator panicked at token {token}: {err}");
+        self.broken.get_or_insert_with(|| format!("its coordinator panicked at token {token} ({err})"));
+        Ok(std::ops::ControlFlow::Continue(()))
+    }
+
     async fn on_stop(
         &mut self,
         _: kameo::prelude::WeakActorRef<Self>,
@@ -394,9 +432,14 @@ impl Actor for Coordinator {
     ) -> Result<(), Self::Error> {
         // A cascade's downstream actors go when their only user does; a session's belong to
         // its runtime (its lane closes when this state is dropped).
-        if let Scorer::Own(inference) = &self.scorer {
-            let _ = inference.stop_gracefully().await;
-            let _ = self.cache.stop_gracefully().await;
+        match &self.scorer {
+            Scorer::Own(inference) => {
+                let _ = inference.stop_gracefully().await;
+                let _ = self.cache.stop_gracefully().await;
+            }
+            // Now, not when the state is dropped: kameo reports the actor stopped before it
+            // drops the state, and `Session::close` promises the slots are free when it returns.
+            Scorer::Shared(lane) => lane.close(),
         }
         Ok(())
     }

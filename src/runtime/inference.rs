@@ -26,6 +26,7 @@ use kameo::Actor;
 use tch::{Device, Kind, Tensor};
 
 use super::cache::ProbeBytes;
+use super::faults::{Faults, PanicSite};
 use super::pool::SlotOp;
 use crate::config::CpuKernel;
 use crate::engine::tensors::{batched_logits, hidden_column, kind_of, to_host_f32, RowSplit};
@@ -120,6 +121,7 @@ pub struct Inference {
     pack: Arc<Pack>,
     backend: Backend,
     traffic: WeightTraffic,
+    faults: Faults,
 }
 
 enum Backend {
@@ -187,7 +189,13 @@ impl Inference {
                 let kernel = Kernel::new(&pack.layout(), isa, s.math_threads)
                     .map_err(|e| InferenceError::Setup(format!("device.cpu_kernel = \"{kernel}\": {e}")))?;
                 let backend = Backend::Kernel(KernelSlots { kernel, slots: SlotRefs::new(s.slots) });
-                Ok(Self { failed: None, pack, backend, traffic: WeightTraffic::new(isa.name()) })
+                Ok(Self {
+                    failed: None,
+                    pack,
+                    backend,
+                    traffic: WeightTraffic::new(isa.name()),
+                    faults: Faults::none(),
+                })
             }
             _ => Ok(Self::with_uploads(pack, s.slots, s.device, s.compute, Some(s.staging_bytes), RowSplit::none())?),
         }
@@ -205,7 +213,19 @@ impl Inference {
     ) -> Result<Self, tch::TchError> {
         let torch = TorchArena::new(&pack, slots, device, compute, staging_bytes, split)?;
         let path = torch.path();
-        Ok(Self { failed: None, pack, backend: Backend::Torch(torch), traffic: WeightTraffic::new(path) })
+        Ok(Self {
+            failed: None,
+            pack,
+            backend: Backend::Torch(torch),
+            traffic: WeightTraffic::new(path),
+            faults: Faults::none(),
+        })
+    }
+
+    /// Injects `faults` (tests only).
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
     }
 
     /// Weight bytes copied so far, and the scoring path.
@@ -557,8 +577,20 @@ pub enum InferenceError {
     EmptySlot(usize),
     #[error("the CPU kernel: {0}")]
     Kernel(#[from] KernelError),
+    /// The step's scoring failed (or panicked); the slots were applied before it and are
+    /// intact, so the next token may go on.
+    #[error("the scoring step failed: {0}")]
+    StepFailed(String),
     #[error("{0}")]
     Setup(String),
+}
+
+impl InferenceError {
+    /// Whether the slots are as the coordinator believes after this error: the scoring failed,
+    /// not a rearrangement. Otherwise the stream's slots can't be trusted any more.
+    pub fn leaves_slots_intact(&self) -> bool {
+        matches!(self, InferenceError::Kernel(_) | InferenceError::StepFailed(_))
+    }
 }
 
 impl From<tch::TchError> for InferenceError {
@@ -578,6 +610,19 @@ impl Actor for Inference {
             RowSplit::single_threaded_torch();
         }
         Ok(state)
+    }
+
+    /// A panic may have left the slots half rearranged: the actor goes on, but refuses every
+    /// later request with the reason, as after a failed rearrangement (the coordinator then
+    /// reports its stream broken, by name, instead of scoring against slots it can't trust).
+    async fn on_panic(
+        &mut self,
+        _: kameo::prelude::WeakActorRef<Self>,
+        err: kameo::error::PanicError,
+    ) -> Result<std::ops::ControlFlow<kameo::error::ActorStopReason>, Self::Error> {
+        tracing::error!("the inference actor panicked: {err}");
+        self.failed.get_or_insert_with(|| format!("the inference actor panicked ({err})"));
+        Ok(std::ops::ControlFlow::Continue(()))
     }
 }
 
@@ -605,7 +650,11 @@ impl Message<ApplyAndScore> for Inference {
         if let Some(why) = &self.failed {
             return Err(InferenceError::EarlierRearrange(why.clone()));
         }
+        self.faults.maybe_panic(PanicSite::Scoring, m.ops.iter().filter_map(SlotOp::installed));
         self.apply(&m.ops, &m.bytes)?;
+        if let Some(p) = self.faults.step_fails(m.ops.iter().filter_map(SlotOp::installed)) {
+            return Err(InferenceError::StepFailed(format!("injected fault at probe {}", p.0)));
+        }
         // Drop the byte references now: the cache may evict (and recycle) them from here on.
         drop(m.bytes);
         let t = std::time::Instant::now();

@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod coordinator;
+pub mod faults;
 pub mod inference;
 pub mod pool;
 pub mod reader;
@@ -29,6 +30,7 @@ use crate::pack::{ConceptId, Pack};
 use crate::policy::ConceptSet;
 use cache::{CacheSettings, CacheStats, ReadError, WeightCache};
 use coordinator::{ActiveSet, Coordinator, Drain, Observe, PendingLoads, Scorer};
+use faults::Faults;
 use inference::{Inference, InferenceError, InferenceSettings, WeightTraffic};
 use pool::ModelPool;
 use reader::ReaderKind;
@@ -89,12 +91,17 @@ pub struct Cascade {
 impl Cascade {
     /// Starts the actors and loads the base layers. Needs a multi-threaded tokio runtime.
     pub async fn start(pack: Arc<Pack>, config: &Config) -> Result<Self, RuntimeError> {
+        Self::start_with_faults(pack, config, Faults::none()).await
+    }
+
+    /// [`Cascade::start`] with faults injected (tests only; see [`faults`]).
+    pub async fn start_with_faults(pack: Arc<Pack>, config: &Config, faults: Faults) -> Result<Self, RuntimeError> {
         // Check the configuration against the pack before starting anything.
         let base = crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(RuntimeError::Setup)?;
         let device = tensors::open_device(&config.device)?;
         let compute = tensors::kind_of(config.device.compute_dtype);
         let rt = &config.runtime;
-        let (cache, reader) = spawn_cache(&pack, rt)?;
+        let (cache, reader) = spawn_cache(&pack, rt, &faults)?;
         let cpu_kernel = config.device.cpu_kernel;
         if device == tch::Device::Cpu && cpu_kernel != CpuKernel::Torch {
             check_cache_holds_the_cap(&pack, config)?;
@@ -108,12 +115,14 @@ impl Cascade {
             cpu_kernel,
         };
         let inference = Inference::new(pack.clone(), &settings)
-            .map_err(|e| RuntimeError::Setup(format!("setting up inference: {e}")))?;
+            .map_err(|e| RuntimeError::Setup(format!("setting up inference: {e}")))?
+            .with_faults(faults.clone());
         let inference = Inference::spawn_in_thread_with_mailbox(inference, mailbox::bounded(16));
 
         let scorer = Scorer::Own(inference.clone());
         let mut coordinator =
             new_coordinator(pack, &config.cascade, rt, base, cache.clone(), scorer, device != tch::Device::Cpu);
+        coordinator.faults = faults;
         coordinator.load_base().await?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
         Ok(Self { coordinator, cache, inference: inference.downgrade(), reader, stopping: Default::default() })
@@ -157,18 +166,23 @@ impl Cascade {
     pub async fn shutdown(&self) {
         self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.coordinator.stop_gracefully().await;
-        self.coordinator.wait_for_shutdown().await;
-        self.cache.wait_for_shutdown().await;
+        let _ = self.coordinator.wait_for_shutdown_result().await;
+        let _ = self.cache.wait_for_shutdown_result().await;
     }
 }
 
 /// Starts the weight cache (and its reader) under the configured budget.
-fn spawn_cache(pack: &Arc<Pack>, rt: &RuntimeConfig) -> Result<(ActorRef<WeightCache>, ReaderKind), RuntimeError> {
+fn spawn_cache(
+    pack: &Arc<Pack>,
+    rt: &RuntimeConfig,
+    faults: &Faults,
+) -> Result<(ActorRef<WeightCache>, ReaderKind), RuntimeError> {
     let settings = CacheSettings {
         budget_bytes: rt.cache_bytes,
         queue_depth: rt.prefetch_queue_depth,
         reader: rt.reader,
         fallback_threads: rt.fallback_io_threads,
+        faults: faults.clone(),
     };
     let cache = WeightCache::new(pack.clone(), &settings).map_err(RuntimeError::Reader)?;
     let reader = cache.reader_kind();
@@ -202,6 +216,7 @@ fn new_coordinator(
         pending: ConceptSet::default(),
         failed_late: Vec::new(),
         scoring_time: std::time::Duration::ZERO,
+        faults: Faults::none(),
     }
 }
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use tokio_uring::buf::BoundedBuf;
 
+use super::faults::Faults;
 use crate::pack::{ConceptId, Pack};
 
 /// Which reader to use.
@@ -71,9 +72,41 @@ pub fn start_reader(
     threads: usize,
     completions: flume::Sender<ReadCompletion>,
 ) -> std::io::Result<Box<dyn ProbeReader>> {
-    let shards = Arc::new(shards);
+    start_reader_with_faults(kind, shards, queue_depth, threads, completions, &Faults::none())
+}
+
+/// [`start_reader`], with `faults` (tests only) that may refuse io_uring and tamper with
+/// completions.
+pub fn start_reader_with_faults(
+    kind: ReaderKind,
+    shards: Vec<PathBuf>,
+    queue_depth: usize,
+    threads: usize,
+    completions: flume::Sender<ReadCompletion>,
+    faults: &Faults,
+) -> std::io::Result<Box<dyn ProbeReader>> {
+    let refuse = faults.refuses_io_uring();
+    faults.wrap_reader(
+        |completions| start_backend(kind, Arc::new(shards), queue_depth, threads, completions, refuse),
+        completions,
+    )
+}
+
+fn start_backend(
+    kind: ReaderKind,
+    shards: Arc<Vec<PathBuf>>,
+    queue_depth: usize,
+    threads: usize,
+    completions: flume::Sender<ReadCompletion>,
+    refuse_io_uring: bool,
+) -> std::io::Result<Box<dyn ProbeReader>> {
     if kind != ReaderKind::Threads {
-        match UringReader::start(shards.clone(), queue_depth, completions.clone()) {
+        let uring = if refuse_io_uring {
+            Err(std::io::Error::from_raw_os_error(38)) // ENOSYS, as an old kernel or seccomp says
+        } else {
+            UringReader::start(shards.clone(), queue_depth, completions.clone())
+        };
+        match uring {
             Ok(r) => return Ok(Box::new(r)),
             Err(e) if kind == ReaderKind::IoUring => return Err(e),
             Err(e) => tracing::warn!("io_uring is unavailable ({e}); reading probes with {threads} threads instead"),

@@ -31,6 +31,7 @@ use kameo::prelude::{ActorRef, Spawn, WeakActorRef};
 use super::cache::{self, CacheStats, WeightCache};
 pub use super::coordinator::FIXED_CASCADE_KEYS;
 use super::coordinator::{ActiveSet, Coordinator, Reconfigure, Scorer};
+use super::faults::Faults;
 use super::inference::TorchArena;
 use super::reader::ReaderKind;
 use super::steps::{self, Lane, Scoring, SessionId, SharedArena, StepMsg, StepStats, Steps};
@@ -66,6 +67,7 @@ struct Shared {
     reserved: AtomicUsize,
     next_id: AtomicU64,
     stopping: AtomicBool,
+    faults: Faults,
 }
 
 /// One shared runtime for many streams. Cheap to clone.
@@ -80,6 +82,11 @@ impl Runtime {
     /// `device.cpu_kernel = "torch"`) on one tch arena of `runtime.pool_slots` slots shared by
     /// all sessions, each of which reserves its cap of them when it opens.
     pub async fn start(pack: Arc<Pack>, config: &Config) -> Result<Self, RuntimeError> {
+        Self::start_with_faults(pack, config, Faults::none()).await
+    }
+
+    /// [`Runtime::start`] with faults injected (tests only; see [`super::faults`]).
+    pub async fn start_with_faults(pack: Arc<Pack>, config: &Config, faults: Faults) -> Result<Self, RuntimeError> {
         crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(RuntimeError::Setup)?;
         let device = tensors::open_device(&config.device)?;
         let window = std::time::Duration::from_micros(config.runtime.batch_window_us);
@@ -101,9 +108,9 @@ impl Runtime {
             })?;
             (Scoring::Kernel(kernel), isa.name())
         };
-        let tx = steps::spawn(Steps::new(pack.clone(), scoring, window, path))
+        let tx = steps::spawn(Steps::new(pack.clone(), scoring, window, path, faults.clone()))
             .map_err(|e| RuntimeError::Setup(format!("starting the step scheduler: {e}")))?;
-        let (cache, reader) = spawn_cache(&pack, &config.runtime)?;
+        let (cache, reader) = spawn_cache(&pack, &config.runtime, &faults)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 pack,
@@ -117,6 +124,7 @@ impl Runtime {
                 open: AtomicUsize::new(0),
                 next_id: AtomicU64::new(0),
                 stopping: AtomicBool::new(false),
+                faults,
             }),
         })
     }
@@ -162,6 +170,7 @@ impl Runtime {
         let scorer = Scorer::Shared(lane);
         let mut coordinator =
             new_coordinator(shared.pack.clone(), &config.cascade, rt, base, shared.cache.clone(), scorer, false);
+        coordinator.faults = shared.faults.clone();
         coordinator.load_base().await?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
         shared.sessions.lock().expect("sessions lock").insert(id, coordinator.downgrade());
@@ -243,10 +252,10 @@ impl Runtime {
         let sessions: Vec<_> = shared.sessions.lock().expect("sessions lock").drain().map(|(_, c)| c).collect();
         for c in sessions.iter().filter_map(WeakActorRef::upgrade) {
             let _ = c.stop_gracefully().await;
-            c.wait_for_shutdown().await;
+            let _ = c.wait_for_shutdown_result().await;
         }
         let _ = shared.cache.stop_gracefully().await;
-        shared.cache.wait_for_shutdown().await;
+        let _ = shared.cache.wait_for_shutdown_result().await;
     }
 }
 
@@ -311,12 +320,13 @@ impl Session {
     }
 
     /// Answers every request already queued, then frees the session's slots (its references
-    /// to cache entries) and its place under `runtime.max_sessions`.
+    /// to cache entries) and its place under `runtime.max_sessions`. When it returns, the
+    /// step scheduler has been told to free them, ahead of anything sent after.
     pub async fn close(mut self) {
         self.closed = true;
         self.unregister();
         let _ = self.coordinator.stop_gracefully().await;
-        self.coordinator.wait_for_shutdown().await;
+        let _ = self.coordinator.wait_for_shutdown_result().await;
     }
 
     fn unregister(&self) {

@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::cache::ProbeBytes;
-use super::inference::{InferenceError, Scores, SlotRefs, TorchArena, WeightTraffic};
+use super::faults::{Faults, PanicSite};
+use super::inference::{Held, InferenceError, Scores, SlotRefs, TorchArena, WeightTraffic};
 use super::pool::SlotOp;
 use crate::kernel::{Kernel, ProbeRef, MAX_BATCH};
 use crate::pack::{ConceptId, Pack};
@@ -157,6 +158,7 @@ pub(super) struct Steps {
     window: Duration,
     sessions: HashMap<SessionId, SessionSlots>,
     stats: StepStats,
+    faults: Faults,
 }
 
 /// Upper bounds of the step-size buckets (a Prometheus histogram's `le`), and one more
@@ -271,9 +273,9 @@ fn closed(session: SessionId) -> InferenceError {
 }
 
 impl Steps {
-    pub(super) fn new(pack: Arc<Pack>, scoring: Scoring, window: Duration, path: &str) -> Self {
+    pub(super) fn new(pack: Arc<Pack>, scoring: Scoring, window: Duration, path: &str, faults: Faults) -> Self {
         let stats = StepStats { traffic: WeightTraffic::new(path), ..Default::default() };
-        Self { pack, scoring, window, sessions: HashMap::new(), stats }
+        Self { pack, scoring, window, sessions: HashMap::new(), stats, faults }
     }
 
     /// Serves until every sender is gone.
@@ -382,7 +384,9 @@ impl Steps {
         }
     }
 
-    /// The CPU kernel: one `score_sets` call over the cache's bytes.
+    /// The CPU kernel: one `score_sets` call over the cache's bytes. If it fails (or panics),
+    /// each request is scored again alone, so that only the ones that fail by themselves get
+    /// the error: one session's bad probe does not fail the other sessions of its step.
     fn score_in_place(&mut self, step: Vec<Work>) {
         let Scoring::Kernel(kernel) = &self.scoring else { unreachable!("kernel scoring") };
         let t = Instant::now();
@@ -393,50 +397,31 @@ impl Steps {
         if admitted.is_empty() {
             return;
         }
-        // The union, keyed by probe: its bytes (any session's reference: the same entry, or
-        // the same file bytes), the hidden states that need it, and where each request's
-        // logits will be.
-        let mut index: HashMap<ConceptId, usize> = HashMap::new();
-        let mut probes: Vec<ProbeRef> = Vec::new();
-        let mut sets: Vec<Vec<usize>> = Vec::new();
-        let mut wants: Vec<Vec<(usize, usize)>> = Vec::with_capacity(admitted.len());
-        for (b, a) in admitted.iter().enumerate() {
-            let mut mine = Vec::with_capacity(a.held.len());
-            for h in &a.held {
-                let u = *index.entry(h.bytes.id).or_insert_with(|| {
-                    probes.push(h.probe());
-                    sets.push(Vec::new());
-                    probes.len() - 1
-                });
-                sets[u].push(b);
-                mine.push((u, sets[u].len() - 1));
+        let (answers, union, logits) = match kernel_step(kernel, &self.faults, &admitted) {
+            Ok((answers, union, logits)) => (answers.into_iter().map(Ok).collect(), union, logits),
+            Err(e) if admitted.len() == 1 => (vec![Err(e)], 0, 0),
+            Err(e) => {
+                tracing::warn!("a step of {} requests failed ({e}); scoring each alone", admitted.len());
+                let (mut union, mut logits) = (0, 0);
+                let answers: Vec<_> = admitted
+                    .iter()
+                    .map(|a| {
+                        let (mut one, u, l) = kernel_step(kernel, &self.faults, std::slice::from_ref(a))?;
+                        (union, logits) = (union + u, logits + l);
+                        Ok(one.pop().expect("one request, one answer"))
+                    })
+                    .collect();
+                (answers, union, logits)
             }
-            wants.push(mine);
-        }
-        let mut offsets = Vec::with_capacity(sets.len());
-        let mut total = 0;
-        for s in &sets {
-            offsets.push(total);
-            total += s.len();
-        }
-        let hidden: Vec<&[f32]> = admitted.iter().map(|a| &a.hidden[..]).collect();
-        let set_refs: Vec<&[usize]> = sets.iter().map(|s| &s[..]).collect();
-        let mut out = vec![0f32; total];
-        let result = tracing::debug_span!("step", requests = admitted.len(), union = probes.len())
-            .in_scope(|| kernel.score_sets(&probes, &set_refs, &hidden, &mut out));
+        };
         let scoring = t.elapsed();
-        let bytes = (probes.len() * self.pack.layout().byte_len()) as u64;
-        self.stats.count_step(admitted.len(), probes.len(), total, scoring, bytes);
-        for (a, mine) in admitted.into_iter().zip(wants) {
+        if union > 0 {
+            let bytes = (union * self.pack.layout().byte_len()) as u64;
+            self.stats.count_step(admitted.len(), union, logits, scoring, bytes);
+        }
+        for (a, answer) in admitted.into_iter().zip(answers) {
             let _e = a.span.enter();
-            let reply = match &result {
-                Ok(()) => {
-                    let logits = mine.iter().map(|&(u, pos)| out[offsets[u] + pos]).collect();
-                    Ok(Scores { logits, scoring })
-                }
-                Err(e) => Err(InferenceError::Kernel(e.clone())),
-            };
-            let _ = a.reply.send(reply);
+            let _ = a.reply.send(answer.map(|logits| Scores { logits, scoring }));
         }
     }
 
@@ -511,6 +496,75 @@ impl Steps {
     }
 }
 
+/// Scores the union of `admitted`'s probes in one kernel call, each against the hidden states
+/// that need it. Returns each request's logits in its slot order, the union's size and the
+/// logits computed. A panic in the kernel is caught and returned as the step's error: the
+/// kernel only reads its inputs and writes `out`, which is dropped, so nothing is left half
+/// done.
+fn kernel_step(
+    kernel: &Kernel,
+    faults: &Faults,
+    admitted: &[Admitted<&Held>],
+) -> Result<(Vec<Vec<f32>>, usize, usize), InferenceError> {
+    // The union, keyed by probe: its bytes (any session's reference: the same entry, or the
+    // same file bytes), the hidden states that need it, and where each request's logits will
+    // be.
+    let mut index: HashMap<ConceptId, usize> = HashMap::new();
+    let mut ids: Vec<ConceptId> = Vec::new();
+    let mut probes: Vec<ProbeRef> = Vec::new();
+    let mut sets: Vec<Vec<usize>> = Vec::new();
+    let mut wants: Vec<Vec<(usize, usize)>> = Vec::with_capacity(admitted.len());
+    for (b, a) in admitted.iter().enumerate() {
+        let mut mine = Vec::with_capacity(a.held.len());
+        for h in &a.held {
+            let u = *index.entry(h.bytes.id).or_insert_with(|| {
+                ids.push(h.bytes.id);
+                probes.push(h.probe());
+                sets.push(Vec::new());
+                probes.len() - 1
+            });
+            sets[u].push(b);
+            mine.push((u, sets[u].len() - 1));
+        }
+        wants.push(mine);
+    }
+    if let Some(p) = faults.step_fails(ids.iter().copied()) {
+        return Err(InferenceError::StepFailed(format!("injected fault at probe {}", p.0)));
+    }
+    let mut offsets = Vec::with_capacity(sets.len());
+    let mut total = 0;
+    for s in &sets {
+        offsets.push(total);
+        total += s.len();
+    }
+    let hidden: Vec<&[f32]> = admitted.iter().map(|a| &a.hidden[..]).collect();
+    let set_refs: Vec<&[usize]> = sets.iter().map(|s| &s[..]).collect();
+    let mut out = vec![0f32; total];
+    let span = tracing::debug_span!("step", requests = admitted.len(), union = probes.len());
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        span.in_scope(|| {
+            faults.maybe_panic(PanicSite::Scoring, ids.iter().copied());
+            kernel.score_sets(&probes, &set_refs, &hidden, &mut out)
+        })
+    }));
+    match ran {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(InferenceError::Kernel(e)),
+        Err(panic) => return Err(InferenceError::StepFailed(format!("the kernel panicked: {}", panic_text(&panic)))),
+    }
+    let answers = wants.iter().map(|mine| mine.iter().map(|&(u, pos)| out[offsets[u] + pos]).collect()).collect();
+    Ok((answers, probes.len(), total))
+}
+
+/// A caught panic's message, where it has one.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// A session's way into the step scheduler. The channel is unbounded, but what is in it is
 /// bounded by construction: a session has at most one scoring request and one rearrangement
 /// outstanding (its coordinator waits for each score), and `runtime.max_sessions` bounds the
@@ -559,9 +613,16 @@ impl Lane {
     }
 }
 
+impl Lane {
+    /// Frees the session's slots, after everything it sent. Closing twice is harmless.
+    pub(super) fn close(&self) {
+        let _ = self.tx.send(StepMsg::Close(self.session));
+    }
+}
+
 impl Drop for Lane {
     fn drop(&mut self) {
-        let _ = self.tx.send(StepMsg::Close(self.session));
+        self.close();
     }
 }
 
@@ -643,7 +704,7 @@ mod tests {
         let (stats_tx, stats) = oneshot::channel();
         tx.send(StepMsg::Stats(stats_tx)).unwrap();
         drop(tx);
-        Steps::new(pack.clone(), Scoring::Kernel(kernel), Duration::ZERO, "test").run(rx);
+        Steps::new(pack.clone(), Scoring::Kernel(kernel), Duration::ZERO, "test", Faults::none()).run(rx);
         stats.blocking_recv().unwrap()
     }
 
@@ -722,7 +783,8 @@ mod tests {
         let setup = setup();
         let pack = setup.pack.clone();
         let torch = TorchArena::new(&pack, 4, tch::Device::Cpu, tch::Kind::Float, None, RowSplit::none()).unwrap();
-        let mut steps = Steps::new(pack.clone(), Scoring::Arena(SharedArena::new(torch, 4)), Duration::ZERO, "t");
+        let mut steps =
+            Steps::new(pack.clone(), Scoring::Arena(SharedArena::new(torch, 4)), Duration::ZERO, "t", Faults::none());
         let h = |seed: f32| hidden(&pack, seed);
         let bytes = |ids: &[u32]| bytes(&pack, ids);
         let want = |id: u32, x: &[f32]| f32::from_bits(want(&pack, id, x));
