@@ -334,6 +334,7 @@ fn check_cell(f: &Fixture, row: &Row, run: Run, x: ConceptId, clean: &Answers, g
                     cell_figures.reports += 1;
                     cell_figures.failed_loads += r.failed_loads.len();
                     for why in &r.failed_loads {
+                        println!("{cell}: session {s} token {t}: failed load: {why}");
                         assert!(why.contains(&label), "{cell}: a failed load names {label}: {why}");
                     }
                 }
@@ -341,6 +342,9 @@ fn check_cell(f: &Fixture, row: &Row, run: Run, x: ConceptId, clean: &Answers, g
                     cell_figures.errors += 1;
                     first_error.get_or_insert(t);
                     let text = e.to_string();
+                    if cell_figures.errors <= 2 {
+                        println!("{cell}: session {s} token {t}: {text}");
+                    }
                     let named = text.contains(&label) || row.names.iter().any(|n| text.contains(n));
                     assert!(named, "{cell}: session {s} token {t}: the error names {label} or the fault: {text}");
                     assert!(
@@ -494,7 +498,7 @@ async fn closed_in_flight(f: &Fixture, run: Run) -> (usize, usize, usize, After)
     let mode = if run == Run::Pipelined { Mode::Pipelined } else { Mode::Exact };
     let cfg = config(mode);
     let mut after = After { threads_before, cache_budget: cfg.runtime.cache_bytes, ..Default::default() };
-    let gone = ["has shut down", "is not open", "not running"];
+    let gone = ["has shut down", "is not open", "did not answer"];
     let named = |e: &RuntimeError| gone.iter().any(|g| e.to_string().contains(g));
     let (mut requests, mut reports, mut errors) = (0, 0, 0);
     let mut tally = |r: Result<TokenReport, RuntimeError>, what: &str| {

@@ -52,7 +52,7 @@ pub enum RuntimeError {
         #[source]
         source: InferenceError,
     },
-    #[error("the {actor} actor is not running ({detail})")]
+    #[error("the {actor} actor did not answer ({detail})")]
     ActorStopped { actor: &'static str, detail: String },
     #[error("the runtime stopped serving after an earlier failure: {0}")]
     Broken(String),
