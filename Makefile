@@ -6,7 +6,7 @@ DEMO_DIR ?= demo
 DEMO_TOKENS ?= 200
 BIN := target/release/probe-cascade
 
-.PHONY: all libtorch pyenv python build build-gpu test test-python demo bench clean
+.PHONY: all libtorch pyenv python build build-gpu test test-python demo bench fuzz clean
 
 all: build
 
@@ -52,6 +52,13 @@ demo: build $(DEMO_DIR)/pack/manifest.json $(DEMO_DIR)/trace.npy
 
 bench: build
 	$(CARGO) bench
+
+# Coverage-guided fuzzing of every parser of untrusted bytes (fuzz/, scripts/fuzz.sh), with
+# AFL++ through cargo-afl: FUZZ_SECONDS per target, FUZZ_JOBS targets at a time.
+FUZZ_SECONDS ?= 60
+FUZZ_JOBS ?= 1
+fuzz:
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_JOBS=$(FUZZ_JOBS) bash scripts/fuzz.sh
 
 clean:
 	$(CARGO) clean

@@ -1,0 +1,116 @@
+//! Writes the seed corpora (fuzz/corpus/<target>/) from the project's fixtures and its own
+//! writers. Not a fuzz target: run once, `cargo run --release --bin make_corpus`, and commit.
+use std::path::{Path, PathBuf};
+
+use probe_cascade::import::stored_zip::StoredZip;
+use probe_cascade_server::convert::encode_f32;
+use probe_cascade_server::proto::v1 as pb;
+use prost::Message;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn put(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+fn main() {
+    let fixtures = root().join("tests/fixtures/hatcat");
+
+    // The tiny pack's manifest and shard, as the manifest and safetensors targets use them.
+    let pack = tempfile_dir();
+    probe_cascade_fuzz::tiny_pack(&pack);
+    for entry in std::fs::read_dir(&pack).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("json") => put("manifest", "tiny.json", &bytes),
+            Some("safetensors") => put("safetensors", "tiny.safetensors", &bytes),
+            _ => {}
+        }
+    }
+    std::fs::remove_dir_all(&pack).unwrap();
+
+    // torch.save files, good and bad, and the pickles inside the good ones.
+    for (dir, name) in [
+        ("lenses", "Entity_classifier.pt"),
+        ("bad", "not_state_dict.pt"),
+        ("bad", "tensor.pt"),
+        ("bad", "wrong_shape.pt"),
+        ("bad", "legacy.pt"),
+        ("bad", "truncated.pt"),
+    ] {
+        let bytes = std::fs::read(fixtures.join(dir).join(name)).unwrap();
+        put("torch_zip", name, &bytes);
+        if let Ok(zip) = StoredZip::parse(&bytes) {
+            let names: Vec<String> = zip.names().map(str::to_string).collect();
+            for n in names.iter().filter(|n| n.ends_with(".pkl")) {
+                put("pickle", &format!("{}.pkl", name.trim_end_matches(".pt")), zip.read(n).unwrap());
+            }
+        }
+    }
+
+    // HatCat hierarchy files of both schemas; the old one with its hierarchy.json after a NUL.
+    for (dir, file) in [
+        ("hierarchy", "layer0.json"),
+        ("hierarchy", "layer1.json"),
+        ("hierarchy_ln", "layer0.json"),
+        ("hierarchy_bad", "layer1.json"),
+    ] {
+        put("hatcat_json", &format!("{dir}-{file}"), &std::fs::read(fixtures.join(dir).join(file)).unwrap());
+    }
+    let mut old = std::fs::read(fixtures.join("hierarchy_old/layer0.json")).unwrap();
+    old.push(0);
+    old.extend(std::fs::read(fixtures.join("hierarchy_old/hierarchy.json")).unwrap());
+    put("hatcat_json", "hierarchy_old-layer0-and-hierarchy.json", &old);
+
+    // A small trace, as `trace synth` writes them.
+    let m = probe_cascade::npy::Matrix { rows: 3, cols: 4, data: (0..12).map(|i| i as f32 * 0.5 - 2.0).collect() };
+    let npy = tempfile_dir().join("t.npy");
+    probe_cascade::npy::write(&npy, &m).unwrap();
+    put("npy", "3x4.npy", &std::fs::read(&npy).unwrap());
+    std::fs::remove_dir_all(npy.parent().unwrap()).unwrap();
+
+    // The shipped configs.
+    for name in ["realtime", "offline", "decompose"] {
+        put(
+            "config_toml",
+            &format!("{name}.toml"),
+            &std::fs::read(root().join(format!("config/{name}.toml"))).unwrap(),
+        );
+    }
+
+    // Service messages: the kind byte, then the encoding.
+    let options = pb::SessionOptions {
+        mode: Some("pipelined".into()),
+        latency_budget_us: Some(500),
+        cascade_json: r#"{"pruning": {"top_k": {"keep_top_k": 20}}}"#.into(),
+        label: "seed".into(),
+    };
+    let hidden = encode_f32(&[0.5, -1.0, 2.0, 0.0]);
+    let bf16 = pb::HiddenState { dtype: pb::Dtype::Bf16 as i32, len: 2, data: vec![0x80, 0x3f, 0x00, 0xc0].into() };
+    let with_kind = |kind: u8, m: Vec<u8>| [vec![kind], m].concat();
+    let open = pb::SessionRequest { kind: Some(pb::session_request::Kind::Open(options.clone())) };
+    put("service", "open.bin", &with_kind(0, open.encode_to_vec()));
+    let h = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(hidden.clone())) };
+    put("service", "hidden-f32.bin", &with_kind(0, h.encode_to_vec()));
+    let h = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(bf16.clone())) };
+    put("service", "hidden-bf16.bin", &with_kind(0, h.encode_to_vec()));
+    let batch = pb::BatchRequest {
+        items: vec![
+            pb::BatchItem { session_id: 1, hidden: Some(hidden) },
+            pb::BatchItem { session_id: 2, hidden: Some(bf16) },
+        ],
+    };
+    put("service", "batch.bin", &with_kind(1, batch.encode_to_vec()));
+    put("service", "options.bin", &with_kind(2, options.encode_to_vec()));
+}
+
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("probe-cascade-corpus-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
