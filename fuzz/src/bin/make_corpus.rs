@@ -22,7 +22,7 @@ fn main() {
 
     // The tiny pack's manifest and shard, as the manifest and safetensors targets use them.
     let pack = tempfile_dir();
-    probe_cascade_fuzz::tiny_pack(&pack);
+    probe_cascade_fuzz::targets::tiny_pack(&pack);
     for entry in std::fs::read_dir(&pack).unwrap() {
         let path = entry.unwrap().path();
         let bytes = std::fs::read(&path).unwrap();

@@ -1,14 +1,2 @@
-//! `.npy` traces: the preamble, the header dict, the shape and the data, through `npy::read`.
-use probe_cascade_fuzz::scratch;
-
-fn main() {
-    let path = scratch("npy").join("trace.npy");
-    afl::fuzz!(|data: &[u8]| {
-        std::fs::write(&path, data).expect("writing the input");
-        if let Ok(m) = probe_cascade::npy::read(&path) {
-            if m.rows > 0 {
-                let _ = m.row(m.rows - 1);
-            }
-        }
-    });
-}
+//! The `npy` fuzz target (its body: `targets::run`, in src/targets.rs).
+probe_cascade_fuzz::fuzz_target!("npy");
