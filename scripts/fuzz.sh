@@ -40,6 +40,8 @@ run_one() {
     # 1 s per execution is a hang; the 1 GiB allocation limit is the targets' own allocator.
     timeout $((SECONDS_EACH + 120)) cargo afl fuzz -i "fuzz/corpus/$t" -o "$dir" -V "$SECONDS_EACH" -t 1000 -m none \
         -- "fuzz/target/release/$t" >"$dir/afl.log" 2>&1 || echo "fuzz: $t: afl-fuzz exited $? (see $dir/afl.log)" >&2
+    # AFL++ carries execs_done over a resume: the ledger keeps it after each run, so that the
+    # table can tell this run's executions from the campaign's.
     local stats=$dir/default/fuzzer_stats
     [ -f "$stats" ] && awk -F' *: *' '$1=="execs_done"{print $2}' "$stats" >>"$dir/ledger"
 }
@@ -58,8 +60,10 @@ for t in $TARGETS; do
         continue
     fi
     get() { awk -F' *: *' -v k="$1" '$1==k{print $2}' "$stats"; }
-    total=$(awk '{s+=$1} END {print s+0}' "$out/$t/ledger")
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$t" "$(get execs_done)" "$total" "$(get execs_per_sec)" \
+    total=$(get execs_done)
+    before=$(tail -n 2 "$out/$t/ledger" | head -n 1)
+    [ "$(wc -l <"$out/$t/ledger")" -ge 2 ] || before=0
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$t" "$((total - before))" "$total" "$(get execs_per_sec)" \
         "$(get edges_found)" "$(get total_edges)" "$(get corpus_count)" "$(get saved_crashes)" "$(get saved_hangs)"
     if [ "$(get saved_crashes)" != "0" ] || [ "$(get saved_hangs)" != "0" ]; then status=1; fi
 done
