@@ -431,7 +431,7 @@ impl Actor for Coordinator {
         _: kameo::prelude::ActorStopReason,
     ) -> Result<(), Self::Error> {
         // A cascade's downstream actors go when their only user does; a session's belong to
-        // its runtime (its lane closes when this state is dropped).
+        // its runtime, and only its lane into the step scheduler closes.
         match &self.scorer {
             Scorer::Own(inference) => {
                 let _ = inference.stop_gracefully().await;
