@@ -13,43 +13,28 @@
 //! One `#[test]` runs the whole matrix, in order, so that the thread counts are the runtime's
 //! own. `FAULT_MATRIX=path` writes the matrix as markdown.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use probe_cascade::config::{Config, Mode};
 use probe_cascade::engine::TokenReport;
-use probe_cascade::npy::Matrix;
-use probe_cascade::pack::{ConceptId, DType, Pack};
+use probe_cascade::pack::ConceptId;
 use probe_cascade::runtime::faults::{FaultPlan, Faults, PanicSite, ReadFault};
 use probe_cascade::runtime::reader::ReaderKind;
 use probe_cascade::runtime::{Cascade, Runtime, RuntimeError, SessionOptions};
-use probe_cascade::synth::{concept_geometry, synth_trace, write_synth_pack, SynthParams, TraceParams};
 
 const TOKENS: usize = 40;
 const SESSIONS: usize = 8;
 /// Longer than any answer may take here (the slowest cell reads every probe 1–50 ms late).
 const DEADLINE: Duration = Duration::from_secs(30);
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    pack: Arc<Pack>,
-    traces: Vec<Matrix>,
-}
+use common::Streams as Fixture;
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let params = SynthParams { concepts: 400, hidden_dim: 128, dtype: DType::Bf16, ..SynthParams::demo() };
-    write_synth_pack(dir.path(), &params, |_| {}).unwrap();
-    let pack = Arc::new(Pack::open(dir.path()).unwrap());
-    let geometry = concept_geometry(&pack, |_| {}).unwrap();
-    let traces = (0..4)
-        .map(|seed| {
-            let base = if seed % 2 == 0 { TraceParams::default() } else { TraceParams::busy() };
-            synth_trace(&pack, &geometry, &TraceParams { tokens: TOKENS, seed, ..base })
-        })
-        .collect();
-    Fixture { _dir: dir, pack, traces }
+    common::streams(TOKENS)
 }
 
 fn config(mode: Mode) -> Config {

@@ -4,6 +4,8 @@
 //! closing mid-run, and their configs. A dedicated test checks that no hidden state is ever
 //! scored into another session's report.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -11,33 +13,16 @@ use probe_cascade::config::{Config, Mode};
 use probe_cascade::engine::{prepare_hidden, TokenReport};
 use probe_cascade::kernel::{reference_logit, ProbeRef};
 use probe_cascade::npy::Matrix;
-use probe_cascade::pack::{ConceptId, DType, Pack};
+use probe_cascade::pack::{ConceptId, Pack};
 use probe_cascade::runtime::{Cascade, Runtime, RuntimeError, SessionOptions};
-use probe_cascade::synth::{concept_geometry, synth_trace, write_synth_pack, SynthParams, TraceParams};
 use rand::{Rng, SeedableRng};
 
 const TOKENS: usize = 48;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    pack: Arc<Pack>,
-    /// Distinct traces (different seeds and busy-ness).
-    traces: Vec<Matrix>,
-}
+use common::Streams as Fixture;
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let params = SynthParams { concepts: 400, hidden_dim: 128, dtype: DType::Bf16, ..SynthParams::demo() };
-    write_synth_pack(dir.path(), &params, |_| {}).unwrap();
-    let pack = Arc::new(Pack::open(dir.path()).unwrap());
-    let geometry = concept_geometry(&pack, |_| {}).unwrap();
-    let traces = (0..4)
-        .map(|seed| {
-            let base = if seed % 2 == 0 { TraceParams::default() } else { TraceParams::busy() };
-            synth_trace(&pack, &geometry, &TraceParams { tokens: TOKENS, seed, ..base })
-        })
-        .collect();
-    Fixture { _dir: dir, pack, traces }
+    common::streams(TOKENS)
 }
 
 fn config(name: &str) -> Config {

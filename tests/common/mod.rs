@@ -28,3 +28,28 @@ pub fn tiny_pack_with(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::Te
     write_manifest(dir.path(), &v);
     dir
 }
+
+/// A 400-concept pack (D=128, bf16) and four traces of `tokens` tokens each (different seeds;
+/// the odd ones busy).
+pub struct Streams {
+    pub _dir: tempfile::TempDir,
+    pub pack: std::sync::Arc<probe_cascade::pack::Pack>,
+    pub traces: Vec<probe_cascade::npy::Matrix>,
+}
+
+pub fn streams(tokens: usize) -> Streams {
+    use probe_cascade::synth::{concept_geometry, synth_trace, TraceParams};
+    let dir = tempfile::tempdir().unwrap();
+    let params =
+        SynthParams { concepts: 400, hidden_dim: 128, dtype: probe_cascade::pack::DType::Bf16, ..SynthParams::demo() };
+    write_synth_pack(dir.path(), &params, |_| {}).unwrap();
+    let pack = std::sync::Arc::new(probe_cascade::pack::Pack::open(dir.path()).unwrap());
+    let geometry = concept_geometry(&pack, |_| {}).unwrap();
+    let traces = (0..4)
+        .map(|seed| {
+            let base = if seed % 2 == 0 { TraceParams::default() } else { TraceParams::busy() };
+            synth_trace(&pack, &geometry, &TraceParams { tokens, seed, ..base })
+        })
+        .collect();
+    Streams { _dir: dir, pack, traces }
+}
