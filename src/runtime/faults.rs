@@ -8,8 +8,8 @@
 //! transient (the runtime must recover) or permanent (it must keep failing, by name, only
 //! what needs that probe).
 //!
-//! - Read faults act where the real reader hands back a completion ([`FaultyReader`]), so
-//!   they go through the io_uring or thread reader, the cache's checks and its waiters exactly
+//! - Read faults act where the real reader hands back a completion (a thread between its
+//!   completion channel and the cache's: [`inject`]), so they go through the io_uring or thread reader, the cache's checks and its waiters exactly
 //!   as a failing disk would: EIO, a short read (fewer bytes than asked), a slow read, and
 //!   corrupted bytes (a CRC mismatch).
 //! - `refuse_io_uring` makes the kernel "say no" to io_uring, as seccomp does.
@@ -22,7 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::reader::{ProbeReader, ReadCompletion, ReadRequest, ReaderKind};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::reader::{ProbeReader, ReadCompletion};
 use crate::pack::ConceptId;
 
 /// What a faulty read does.
@@ -153,25 +156,23 @@ impl Faults {
     }
 
     pub(super) fn refuses_io_uring(&self) -> bool {
-        let refuse = self.0.as_ref().is_some_and(|p| p.refuse_io_uring);
-        if let (true, Some(p)) = (refuse, &self.0) {
-            p.refused.fetch_add(1, Ordering::SeqCst);
+        match &self.0 {
+            Some(p) if p.refuse_io_uring => {
+                p.refused.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            _ => false,
         }
-        refuse
     }
 
     fn read_fault(&self, probe: ConceptId) -> Option<ReadFault> {
         let plan = self.0.as_ref()?;
         plan.reads.iter().find_map(|a| a.fire(probe)).or_else(|| {
             let (min, max) = plan.slow_all?;
-            // splitmix64 of the read's number: spread over the range, the same for every run.
+            // Seeded by the read's number: spread over the range, the same for every run.
             let n = plan.slowed.fetch_add(1, Ordering::SeqCst);
-            let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            let span = (max - min).as_micros() as u64 + 1;
-            Some(ReadFault::Slow(min + Duration::from_micros(z % span)))
+            let us = ChaCha8Rng::seed_from_u64(n).random_range(0..=(max - min).as_micros() as u64);
+            Some(ReadFault::Slow(min + Duration::from_micros(us)))
         })
     }
 
@@ -205,25 +206,12 @@ impl Faults {
         if !self.has_read_faults() {
             return start(completions);
         }
+        // The reader itself is unchanged; only its completions take the detour.
         let (tx, rx) = flume::unbounded();
-        let inner = start(tx)?;
+        let reader = start(tx)?;
         let faults = self.clone();
         std::thread::Builder::new().name("probe-faults".into()).spawn(move || inject(faults, rx, completions))?;
-        Ok(Box::new(FaultyReader { inner }))
-    }
-}
-
-/// The real reader, whose completions go through [`inject`] on their way to the cache.
-struct FaultyReader {
-    inner: Box<dyn ProbeReader>,
-}
-
-impl ProbeReader for FaultyReader {
-    fn submit(&self, req: ReadRequest) -> Result<(), ReadRequest> {
-        self.inner.submit(req)
-    }
-    fn kind(&self) -> ReaderKind {
-        self.inner.kind()
+        Ok(reader)
     }
 }
 
@@ -284,7 +272,7 @@ fn inject(faults: Faults, rx: flume::Receiver<ReadCompletion>, out: flume::Sende
         let fault = if c.result.is_ok() { faults.read_fault(c.id) } else { None };
         match (fault, c.result) {
             (Some(ReadFault::Eio), Ok(buf)) => {
-                c.result = Err((std::io::Error::from_raw_os_error(libc_eio()), buf));
+                c.result = Err((std::io::Error::from_raw_os_error(libc::EIO), buf));
             }
             (Some(ReadFault::Short), Ok(mut buf)) => {
                 buf.truncate(buf.len() / 2);
@@ -308,11 +296,6 @@ fn inject(faults: Faults, rx: flume::Receiver<ReadCompletion>, out: flume::Sende
             return;
         }
     }
-}
-
-/// EIO's number (5 on Linux), without a libc dependency for one constant.
-const fn libc_eio() -> i32 {
-    5
 }
 
 #[cfg(test)]

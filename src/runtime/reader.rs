@@ -102,7 +102,7 @@ fn start_backend(
 ) -> std::io::Result<Box<dyn ProbeReader>> {
     if kind != ReaderKind::Threads {
         let uring = if refuse_io_uring {
-            Err(std::io::Error::from_raw_os_error(38)) // ENOSYS, as an old kernel or seccomp says
+            Err(std::io::Error::from_raw_os_error(libc::ENOSYS)) // as an old kernel or seccomp says
         } else {
             UringReader::start(shards.clone(), queue_depth, completions.clone())
         };

@@ -510,7 +510,6 @@ fn kernel_step(
     // same file bytes), the hidden states that need it, and where each request's logits will
     // be.
     let mut index: HashMap<ConceptId, usize> = HashMap::new();
-    let mut ids: Vec<ConceptId> = Vec::new();
     let mut probes: Vec<ProbeRef> = Vec::new();
     let mut sets: Vec<Vec<usize>> = Vec::new();
     let mut wants: Vec<Vec<(usize, usize)>> = Vec::with_capacity(admitted.len());
@@ -518,7 +517,6 @@ fn kernel_step(
         let mut mine = Vec::with_capacity(a.held.len());
         for h in &a.held {
             let u = *index.entry(h.bytes.id).or_insert_with(|| {
-                ids.push(h.bytes.id);
                 probes.push(h.probe());
                 sets.push(Vec::new());
                 probes.len() - 1
@@ -528,7 +526,8 @@ fn kernel_step(
         }
         wants.push(mine);
     }
-    if let Some(p) = faults.step_fails(ids.iter().copied()) {
+    // The union's ids are `index`'s keys (read only when a fault plan is set).
+    if let Some(p) = faults.step_fails(index.keys().copied()) {
         return Err(InferenceError::StepFailed(format!("injected fault at probe {}", p.0)));
     }
     let mut offsets = Vec::with_capacity(sets.len());
@@ -543,7 +542,7 @@ fn kernel_step(
     let span = tracing::debug_span!("step", requests = admitted.len(), union = probes.len());
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         span.in_scope(|| {
-            faults.maybe_panic(PanicSite::Scoring, ids.iter().copied());
+            faults.maybe_panic(PanicSite::Scoring, index.keys().copied());
             kernel.score_sets(&probes, &set_refs, &hidden, &mut out)
         })
     }));
