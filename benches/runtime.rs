@@ -11,10 +11,14 @@ use kameo::prelude::Spawn;
 use probe_cascade::config::Config;
 use probe_cascade::engine::tensors::{batched_logits, RowSplit};
 use probe_cascade::pack::{write_pack, ConceptDef, ConceptId, DType, Pack, PackSpec, ProbeWeights};
+use probe_cascade::runtime::cache::ProbeBytes;
 use probe_cascade::runtime::cache::{CacheSettings, Get, WeightCache};
-use probe_cascade::runtime::inference::Inference;
+use probe_cascade::runtime::pool::SlotOp;
 use probe_cascade::runtime::reader::{start_reader, ReadRequest, ReaderKind};
+use probe_cascade::runtime::scoring::torch::TorchBackend;
+use probe_cascade::runtime::scoring::ScoringBackend;
 use probe_cascade::runtime::Cascade;
+use probe_cascade::runtime::SessionId;
 use tch::{Device, Kind, Tensor};
 
 const D: i64 = 2560;
@@ -98,22 +102,24 @@ fn big_pack(n: usize, dtype: DType) -> (tempfile::TempDir, Arc<Pack>) {
 fn install(c: &mut Criterion) {
     let mut group = c.benchmark_group("install");
     group.sample_size(30).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
-    // As the runtime's inference thread does: copies in row blocks over the cores, libtorch
-    // single-threaded beside them.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads > 1 {
-        RowSplit::single_threaded_torch();
-    }
+    // As the runtime's step scheduler does with the tch arena (accelerators, or
+    // `device.cpu_kernel = "torch"`): each install copies the probe into a free slot of the
+    // shared arena (the CPU kernel copies nothing on install). The session is opened and
+    // closed around each install, so that the probe is never already resident.
     for dtype in [DType::Bf16, DType::F32] {
         let (_dir, pack) = big_pack(2, dtype);
-        let bytes = pack.read_probe(ConceptId(0)).unwrap();
-        // The tch arena (accelerators, or `device.cpu_kernel = "torch"`); the CPU kernel copies
-        // nothing on install.
-        let mut inf =
-            Inference::with_uploads(pack.clone(), 8, Device::Cpu, Kind::Float, None, RowSplit::new(threads)).unwrap();
-        group.throughput(Throughput::Bytes(bytes.len() as u64));
+        let id = ConceptId(0);
+        let bytes =
+            std::collections::HashMap::from([(id, Arc::new(ProbeBytes::detached(id, pack.read_probe(id).unwrap())))]);
+        let mut arena = TorchBackend::new(pack.clone(), 8, Device::Cpu, Kind::Float, None).unwrap();
+        let op = [SlotOp::Install { slot: 0, id }];
+        group.throughput(Throughput::Bytes(bytes[&id].len() as u64));
         group.bench_function(format!("{dtype}_to_f32_slot"), |b| {
-            b.iter(|| tch::no_grad(|| inf.install(3, ConceptId(0), &bytes).unwrap()))
+            b.iter(|| {
+                arena.open(SessionId(0), 1);
+                arena.apply(SessionId(0), &op, &bytes).unwrap();
+                arena.close(SessionId(0));
+            })
         });
     }
     group.finish();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::pack::{DType, InputNormalization};
-use crate::runtime::reader::ReaderKind;
+use crate::types::ReaderKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -20,6 +20,9 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{path}: `{key}` {message}")]
     Invalid { path: PathBuf, key: &'static str, message: String },
+    /// The config is valid on its own but does not fit the pack (the message names the key).
+    #[error("{message}")]
+    AgainstPack { key: &'static str, message: String },
 }
 
 /// A value that does not fit its key, found in a JSON document (a dict config, session

@@ -12,3 +12,4 @@ pub mod policy;
 pub mod runtime;
 pub mod synth;
 pub mod tune;
+pub mod types;

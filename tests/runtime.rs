@@ -14,7 +14,7 @@ use probe_cascade::pack::{ConceptId, Pack};
 use probe_cascade::runtime::cache::{CacheSettings, Get, Stats, WeightCache};
 use probe_cascade::runtime::faults::Faults;
 use probe_cascade::runtime::reader::{start_reader, ReadRequest, ReaderKind};
-use probe_cascade::runtime::{Cascade, RuntimeError};
+use probe_cascade::runtime::{Cascade, RuntimeError, StartError};
 use probe_cascade::synth::{concept_geometry, synth_trace, TraceParams};
 
 fn tiny() -> (tempfile::TempDir, Arc<Pack>, Matrix) {
@@ -101,12 +101,15 @@ async fn a_cache_smaller_than_the_working_set_still_gives_correct_reports() {
     // twelve that may be active is refused, naming the key and the size it needs.
     c.runtime.cache_bytes = 3 * probe;
     match Cascade::start(pack.clone(), &c).await {
-        Err(RuntimeError::Setup(m)) => assert!(
-            m.contains("runtime.cache_bytes")
-                && m.contains("cascade.max_loaded")
-                && m.contains(&(12 * probe).to_string()),
-            "{m}"
-        ),
+        Err(e @ RuntimeError::Start(StartError::CacheTooSmall { .. })) => {
+            let m = e.to_string();
+            assert!(
+                m.contains("runtime.cache_bytes")
+                    && m.contains("cascade.max_loaded")
+                    && m.contains(&(12 * probe).to_string()),
+                "{m}"
+            )
+        }
         Err(other) => panic!("{other}"),
         Ok(_) => panic!("a cache of 3 probes with max_loaded = 12 was accepted"),
     }

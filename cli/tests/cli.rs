@@ -390,3 +390,14 @@ fn a_closed_stdout_ends_the_command_quietly_not_with_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
 }
+
+#[test]
+fn a_missing_config_file_is_named_once_with_its_cause() {
+    let f = fixture();
+    let missing = f.root.join("missing.toml");
+    let mut c = bin();
+    c.arg("run").arg("--config").arg(&missing).arg("--pack").arg(&f.pack).arg("--trace").arg(&f.trace);
+    let out = failed(&c.output().unwrap());
+    assert!(out.contains("missing.toml") && out.contains("os error 2"), "{out}");
+    assert_eq!(out.matches("No such file or directory").count(), 1, "the cause is said once: {out}");
+}

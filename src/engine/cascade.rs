@@ -22,7 +22,7 @@ pub struct CascadeEngine<B> {
 
 impl<B: ProbeBackend> CascadeEngine<B> {
     pub fn new(pack: Arc<Pack>, config: &CascadeConfig, mut backend: B) -> Result<Self, EngineError> {
-        let base = policy::base_set(pack.hierarchy(), config).map_err(EngineError::Setup)?;
+        let base = policy::base_set(pack.hierarchy(), config)?;
         let ids: Vec<ConceptId> = base.iter().collect();
         backend.load(&ids).map_err(EngineError::BaseLoad)?;
         let normalization = config.normalization_for(pack.input_normalization());

@@ -3,17 +3,15 @@
 //! scored.
 
 mod cascade;
-pub mod hidden;
 pub mod naive;
 pub mod oracle;
 pub mod reference;
 pub mod tensors;
 
 use std::sync::Arc;
-use std::time::Duration;
 
+pub use crate::types::{hidden, Hidden, HiddenSource, HiddenValues, ReportEntry, StageTimings, TokenReport};
 pub use cascade::{layer_norm, layer_norm_f64, prepare_hidden, report_entries, CascadeEngine, LAYER_NORM_EPS};
-pub use hidden::{Hidden, HiddenSource, HiddenValues};
 
 use crate::config::Config;
 use crate::pack::{ConceptId, Pack, PackError};
@@ -57,9 +55,19 @@ pub enum EngineError {
     Device(String),
     #[error("{0}")]
     Setup(String),
-    /// From the actor runtime (already names the token where there is one).
-    #[error("{message}")]
-    Runtime { token: Option<usize>, message: String },
+    #[error("token {token}: the oracle's kernel: {source}")]
+    Kernel {
+        token: usize,
+        #[source]
+        source: crate::kernel::KernelError,
+    },
+    /// The config does not fit the pack: names the key.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// From an engine built on something else (the actor runtime): names the token where
+    /// there is one.
+    #[error("{error}")]
+    Other { token: Option<usize>, error: Box<dyn std::error::Error + Send + Sync> },
 }
 
 impl EngineError {
@@ -68,71 +76,12 @@ impl EngineError {
         match self {
             EngineError::Width { token, .. }
             | EngineError::NonFinite { token, .. }
-            | EngineError::Backend { token, .. } => Some(*token),
-            EngineError::Runtime { token, .. } => *token,
+            | EngineError::Backend { token, .. }
+            | EngineError::Kernel { token, .. } => Some(*token),
+            EngineError::Other { token, .. } => *token,
             _ => None,
         }
     }
-}
-
-/// One reported concept.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct ReportEntry {
-    #[serde(skip)]
-    pub id: ConceptId,
-    pub name: String,
-    pub layer: u16,
-    pub prob: f32,
-    pub logit: f32,
-}
-
-/// Wall time of each stage of one token, as the seed's profile split it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
-pub struct StageTimings {
-    #[serde(serialize_with = "ms")]
-    pub initial_scoring: Duration,
-    #[serde(serialize_with = "ms")]
-    pub expansion_lookup: Duration,
-    #[serde(serialize_with = "ms")]
-    pub loading: Duration,
-    #[serde(serialize_with = "ms")]
-    pub new_scoring: Duration,
-    #[serde(serialize_with = "ms")]
-    pub pruning: Duration,
-    #[serde(serialize_with = "ms")]
-    pub sorting: Duration,
-}
-
-fn ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1e3)
-}
-
-/// What one token did and found.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenReport {
-    pub index: usize,
-    pub top: Vec<ReportEntry>,
-    /// Distinct inactive children the expansion asked for.
-    pub children: usize,
-    /// Probes loaded (activated) this token.
-    pub loaded: usize,
-    /// Probes unloaded (deactivated) by pruning this token.
-    pub unloaded: usize,
-    /// Children left out because the active set would pass max_loaded.
-    pub skipped_by_cap: usize,
-    /// Probes scored this token.
-    pub scored: usize,
-    /// Which probes were scored this token, ascending: what a fidelity check against the
-    /// exhaustive oracle needs (a concept the cascade never scored is one it missed).
-    pub scored_ids: Vec<ConceptId>,
-    /// Active probes after pruning.
-    pub active: usize,
-    pub stages: StageTimings,
-    pub elapsed: Duration,
-    /// Pipelined runtime: requested children still loading when the report was made.
-    pub in_flight: Vec<String>,
-    /// Pipelined runtime: children of earlier tokens whose late loads failed.
-    pub failed_loads: Vec<String>,
 }
 
 /// A cascade engine: one hidden state in, one report out.
@@ -142,17 +91,17 @@ pub trait Engine {
     /// Active probes, ascending.
     fn active(&self) -> Vec<ConceptId>;
     /// Weight bytes copied into scoring buffers so far, where the engine counts them.
-    fn weight_traffic(&self) -> Option<crate::runtime::inference::WeightTraffic> {
+    fn weight_traffic(&self) -> Option<crate::types::WeightTraffic> {
         None
     }
 }
 
+/// The engines of this module. The actor runtime is an engine too (`runtime::BlockingCascade`),
+/// but the engines do not name the runtime: the command line offers it beside these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
     Reference,
     Naive,
-    /// The actor runtime (`runtime.mode` picks exact or pipelined).
-    Runtime,
     /// Every probe of the pack on every token (the CPU kernel): the ground truth.
     Oracle,
 }
@@ -173,10 +122,6 @@ pub fn build_engine(kind: EngineKind, pack: Arc<Pack>, config: &Config) -> Resul
             naive::NaiveBackend::new(pack, device, compute),
         )?),
         EngineKind::Oracle => Box::new(oracle::OracleEngine::new(pack, config)?),
-        EngineKind::Runtime => Box::new(
-            crate::runtime::BlockingCascade::start(pack, config)
-                .map_err(|e| EngineError::Setup(format!("starting the runtime: {e}")))?,
-        ),
     })
 }
 

@@ -77,7 +77,7 @@ impl OracleEngine {
             let mut logits = vec![0f32; refs.len() * views.len()];
             self.kernel
                 .score(&refs, &views, &mut logits)
-                .map_err(|e| EngineError::Runtime { token: Some(first), message: format!("oracle kernel: {e}") })?;
+                .map_err(|source| EngineError::Kernel { token: first, source })?;
             // The kernel writes probe-major (`logits[p * B + b]`); callers want token-major.
             for b in 0..views.len() {
                 out.push((0..refs.len()).map(|p| logits[p * views.len() + b]).collect());

@@ -13,7 +13,7 @@ pub use pruning::prune;
 pub use report::report;
 pub use token::TokenCascade;
 
-use crate::config::CascadeConfig;
+use crate::config::{CascadeConfig, ConfigError};
 use crate::pack::{ConceptId, Hierarchy};
 
 /// One probe's score on the current token.
@@ -49,7 +49,8 @@ pub fn scored_ids(scored: &[Scored]) -> Vec<ConceptId> {
 
 /// The always-active probes: every concept of `config.base_layers`. Errors (naming the config
 /// key) when the layers select nothing or hold more probes than `max_loaded`.
-pub fn base_set(hierarchy: &Hierarchy, config: &CascadeConfig) -> Result<ConceptSet, String> {
+pub fn base_set(hierarchy: &Hierarchy, config: &CascadeConfig) -> Result<ConceptSet, ConfigError> {
+    let bad = |key, message| Err(ConfigError::AgainstPack { key, message });
     let mut base = ConceptSet::with_capacity(hierarchy.len());
     for &layer in &config.base_layers {
         hierarchy.layer_members(layer).iter().for_each(|&c| {
@@ -57,26 +58,32 @@ pub fn base_set(hierarchy: &Hierarchy, config: &CascadeConfig) -> Result<Concept
         });
     }
     if base.is_empty() {
-        return Err(format!(
-            "cascade.base_layers = {:?} selects no concept of the pack ({} layers)",
-            config.base_layers,
-            hierarchy.layer_count()
-        ));
+        let layers = hierarchy.layer_count();
+        return bad(
+            "cascade.base_layers",
+            format!("cascade.base_layers = {:?} selects no concept of the pack ({layers} layers)", config.base_layers),
+        );
     }
     if config.expansion == crate::config::Expansion::Exhaustive && config.max_loaded < hierarchy.len() {
-        return Err(format!(
-            "cascade.expansion = \"exhaustive\" scores all {} probes of the pack, but cascade.max_loaded = {} \
-             caps the active set below that",
-            hierarchy.len(),
-            config.max_loaded
-        ));
+        return bad(
+            "cascade.max_loaded",
+            format!(
+                "cascade.expansion = \"exhaustive\" scores all {} probes of the pack, but cascade.max_loaded = {} \
+                 caps the active set below that",
+                hierarchy.len(),
+                config.max_loaded
+            ),
+        );
     }
     if base.len() > config.max_loaded {
-        return Err(format!(
-            "cascade.max_loaded = {} is smaller than the base layers' {} probes",
-            config.max_loaded,
-            base.len()
-        ));
+        return bad(
+            "cascade.max_loaded",
+            format!(
+                "cascade.max_loaded = {} is smaller than the base layers' {} probes",
+                config.max_loaded,
+                base.len()
+            ),
+        );
     }
     Ok(base)
 }

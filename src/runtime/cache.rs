@@ -29,9 +29,9 @@ pub struct ProbeBytes {
 }
 
 impl ProbeBytes {
-    /// Bytes that belong to no cache (their buffer is freed, not recycled, on drop).
-    #[cfg(test)]
-    pub(crate) fn detached(id: ConceptId, bytes: Vec<u8>) -> Self {
+    /// Bytes that belong to no cache (their buffer is freed, not recycled, on drop): for tests
+    /// and benchmarks that drive a scoring backend without a cache.
+    pub fn detached(id: ConceptId, bytes: Vec<u8>) -> Self {
         Self { id, bytes, recycle: flume::bounded(0).0 }
     }
 }

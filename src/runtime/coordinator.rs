@@ -1,7 +1,8 @@
-//! The coordinator: owns the cascade state (active set, model pool) and runs each token's
-//! decisions (the pure `TokenCascade`), asking the cache for bytes and the inference thread
-//! for scores. It also acts as the pruner: evictions and speculative prefetch hints go out
-//! from here. Asks only go downstream (to the cache and inference), never back.
+//! The coordinator: one per session. It owns the stream's cascade state (the model pool, which
+//! owns the active set; pending loads; the token counter) and runs each token's decisions (the
+//! pure `TokenCascade`), asking the cache for bytes and the step scheduler, through the
+//! session's lane, for scores. It also acts as the pruner: evictions and speculative prefetch
+//! hints go out from here. Asks only go downstream (to the cache and the scheduler), never back.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,10 +16,9 @@ use kameo::prelude::ActorRef;
 use kameo::Actor;
 use tracing::{debug_span, Instrument};
 
-use super::cache::{Fetched, Get, Peek, Prefetch, ProbeBytes, WeightCache};
+use super::cache::{Get, Peek, Prefetch, ProbeBytes, ReadError, WeightCache};
 use super::faults::{Faults, PanicSite};
-use super::inference::{ApplyAndScore, Inference, Rearrange, Scores};
-use super::pool::{ModelPool, Residency, SlotOp};
+use super::pool::{ModelPool, SlotOp};
 use super::steps::Lane;
 use super::RuntimeError;
 use crate::config::{CascadeConfig, Mode, Normalization};
@@ -32,13 +32,14 @@ pub struct Coordinator {
     pub(super) normalization: Normalization,
     pub(super) hint_margin: f32,
     pub(super) base: ConceptSet,
-    pub(super) active: ConceptSet,
     pub(super) pool: ModelPool,
     pub(super) cache: ActorRef<WeightCache>,
-    pub(super) scorer: Scorer,
+    pub(super) lane: Lane,
     pub(super) next_token: usize,
-    /// Set when the arena can no longer be trusted (a tensor op failed mid-rearrangement).
-    pub(super) broken: Option<String>,
+    /// Set when the coordinator panicked mid-token: its pool and the session's slots may be
+    /// out of step, so every later request is refused with this (the slots' own poisoned
+    /// state is the step scheduler's).
+    pub(super) broken: Option<Broken>,
     pub(super) mode: Mode,
     pub(super) latency_budget: Duration,
     /// Pipelined mode: children requested but not landed yet.
@@ -51,43 +52,20 @@ pub struct Coordinator {
     pub(super) faults: Faults,
 }
 
-/// Where a stream's scoring goes.
-pub(super) enum Scorer {
-    /// The `Cascade`'s own inference thread (the tch arena or the CPU kernel), which stops
-    /// with the coordinator, as does the cache.
-    Own(ActorRef<Inference>),
-    /// A session's lane into its runtime's shared step scheduler; the runtime owns the cache.
-    Shared(Lane),
-}
-
-impl Scorer {
-    async fn apply_and_score(&self, token: usize, m: ApplyAndScore) -> Result<Scores, RuntimeError> {
-        match self {
-            Scorer::Own(inference) => inference.ask(m).await.map_err(|e| match e {
-                SendError::HandlerError(source) => RuntimeError::Inference { token, source },
-                other => stopped("inference")(other),
-            }),
-            Scorer::Shared(lane) => match lane.apply_and_score(m).await {
-                Ok(scores) => scores.map_err(|source| RuntimeError::Inference { token, source }),
-                Err(_) => Err(steps_gone()),
-            },
-        }
-    }
-
-    async fn rearrange(&self, ops: Vec<SlotOp>) -> Result<(), RuntimeError> {
-        match self {
-            Scorer::Own(inference) => inference.tell(Rearrange(ops)).await.map_err(stopped("inference")),
-            Scorer::Shared(lane) => lane.rearrange(ops).map_err(|_| steps_gone()),
-        }
-    }
+/// Why a stream stopped serving: its coordinator panicked at a token.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("its coordinator panicked at token {token} ({panic})")]
+pub struct Broken {
+    pub token: usize,
+    pub panic: String,
 }
 
 fn steps_gone() -> RuntimeError {
-    RuntimeError::ActorStopped { actor: "step scheduler", detail: "it stopped before replying".into() }
+    RuntimeError::ActorStopped { actor: "step scheduler", detail: "it stopped before replying" }
 }
 
 fn stopped<M, E>(actor: &'static str) -> impl FnOnce(SendError<M, E>) -> RuntimeError {
-    move |e| RuntimeError::ActorStopped { actor, detail: super::describe(&e).into() }
+    move |e| RuntimeError::ActorStopped { actor, detail: super::describe(&e) }
 }
 
 impl Coordinator {
@@ -107,7 +85,10 @@ impl Coordinator {
         len: usize,
         hidden: Arc<Vec<f32>>,
     ) -> Result<Vec<f32>, RuntimeError> {
-        let scores = self.scorer.apply_and_score(token, ApplyAndScore { ops, bytes, start, len, hidden }).await?;
+        let scores = match self.lane.apply_and_score(ops, bytes, start, len, hidden).await {
+            Ok(scores) => scores.map_err(|source| RuntimeError::Scoring { token, source })?,
+            Err(_) => return Err(steps_gone()),
+        };
         self.scoring_time += scores.scoring;
         Ok(scores.logits)
     }
@@ -119,8 +100,7 @@ impl Coordinator {
         ids: &[ConceptId],
         hidden: Arc<Vec<f32>>,
     ) -> Result<Vec<f32>, RuntimeError> {
-        let absent: Vec<ConceptId> =
-            ids.iter().copied().filter(|&id| self.pool.residency(id) == Residency::Absent).collect();
+        let absent: Vec<ConceptId> = ids.iter().copied().filter(|&id| !self.pool.is_active(id)).collect();
         let mut bytes = HashMap::with_capacity(absent.len());
         if !absent.is_empty() {
             let fetched = self.cache.ask(Get(absent.clone())).await.map_err(stopped("cache"))?;
@@ -143,49 +123,29 @@ impl Coordinator {
         self.faults.maybe_panic(PanicSite::Coordinator, ids.iter().copied());
         let start = self.pool.active_len();
         let mut ops = Vec::new();
-        // Warm probes first: activating an absent probe may evict a warm one, which must not be
-        // one we are about to reactivate.
-        let (warm, cold): (Vec<ConceptId>, Vec<ConceptId>) =
-            ids.iter().partition(|&&id| matches!(self.pool.residency(id), Residency::Warm(_)));
-        for &id in warm.iter().chain(&cold) {
-            self.pool.activate(id, &mut ops).map_err(|e| RuntimeError::Setup(e.to_string()))?;
-            self.active.insert(id);
+        for &id in ids {
+            self.pool.activate(id, &mut ops).map_err(|source| RuntimeError::Pool { token, source })?;
         }
-        let by_slot = match self.apply_and_score(token, ops, bytes, start, ids.len(), hidden).await {
-            Ok(logits) => logits,
-            Err(e) => {
-                // A failed scoring leaves the slots as planned (the caller rolls the token
-                // back); anything else leaves them unknown, and the stream stops here.
-                if !matches!(&e, RuntimeError::Inference { source, .. } if source.leaves_slots_intact()) {
-                    self.broken = Some(e.to_string());
-                }
-                return Err(e);
-            }
-        };
-        // Back to the caller's order.
-        Ok(ids
-            .iter()
-            .map(|&id| match self.pool.residency(id) {
-                Residency::Active(slot) => by_slot[slot - start],
-                other => unreachable!("{id:?} was just activated but is {other:?}"),
-            })
-            .collect())
+        // A failed scoring leaves the slots as planned (the caller rolls the token back); a
+        // failed slot operation poisons the session's slots at the scheduler, which then
+        // refuses its later requests with the cause.
+        let by_slot = self.apply_and_score(token, ops, bytes, start, ids.len(), hidden).await?;
+        // Back to the caller's order: `ids` took slots `start..` in order.
+        Ok(by_slot)
     }
 
     /// Pipelined mode: asks for the bytes of `absent` probes and waits at most the latency
     /// budget. Returns what landed in time; the rest land later as `Landed` messages.
-    async fn fetch_within_budget(&mut self, absent: Vec<ConceptId>, me: &ActorRef<Self>) -> Vec<(ConceptId, Fetched)> {
+    async fn fetch_within_budget(&mut self, absent: Vec<ConceptId>, me: &ActorRef<Self>) -> Vec<(ConceptId, LateLoad)> {
         let mut reads: FuturesUnordered<_> = absent
             .into_iter()
             .map(|id| {
                 let cache = self.cache.clone();
+                let concept = self.pack.hierarchy().label(id);
                 async move {
                     let fetched = match cache.ask(Get(vec![id])).await {
-                        Ok(mut v) => v.pop().expect("one result per id"),
-                        Err(e) => Err(super::cache::ReadError(Arc::new(crate::pack::PackError::Unsupported {
-                            path: "cache".into(),
-                            reason: format!("the cache actor did not answer: {}", super::describe(&e)),
-                        }))),
+                        Ok(mut v) => v.pop().expect("one result per id").map_err(LoadError::Read),
+                        Err(e) => Err(LoadError::CacheStopped { concept, detail: super::describe(&e) }),
                     };
                     (id, fetched)
                 }
@@ -240,7 +200,7 @@ impl Coordinator {
         me: &ActorRef<Self>,
     ) -> Result<(Vec<ConceptId>, Vec<f32>), RuntimeError> {
         let (mut ready, absent): (Vec<ConceptId>, Vec<ConceptId>) =
-            ids.iter().partition(|&&id| self.pool.residency(id) != Residency::Absent);
+            ids.iter().partition(|&&id| self.pool.is_active(id));
         absent.iter().for_each(|&id| {
             self.pending.insert(id);
         });
@@ -291,11 +251,10 @@ impl Coordinator {
         let mut ops = Vec::new();
         for &id in ids {
             self.pool.deactivate(id, &mut ops);
-            self.active.remove(id);
         }
-        // The copies run after the report, in the generation gap (see `Rearrange`); if they
-        // fail, the inference thread refuses every later request with the reason.
-        self.scorer.rearrange(ops).await
+        // The moves run after the report, in the generation gap; if they fail, the step
+        // scheduler poisons the session's slots and refuses its later requests with the cause.
+        self.lane.rearrange(ops).map_err(|_| steps_gone())
     }
 
     async fn observe(
@@ -330,7 +289,8 @@ impl Coordinator {
         loop {
             let t = Instant::now();
             // Children in flight count as active: not asked for twice, and they take room.
-            let wanted = if self.pending.is_empty() { self.active.clone() } else { self.active.union(&self.pending) };
+            let active = self.pool.active_set();
+            let wanted = if self.pending.is_empty() { active.clone() } else { active.union(&self.pending) };
             let next = tc.next_expansion(&wanted);
             stages.expansion_lookup += t.elapsed();
             let Some(ids) = next else { break };
@@ -350,9 +310,9 @@ impl Coordinator {
             let logits = match result {
                 Ok(l) => l,
                 Err(e) => {
-                    // Leave the active set as it was before the token (installed probes stay warm).
+                    // Leave the active set as it was before the token.
                     let mut undo = activated.clone();
-                    undo.extend(ids.iter().copied().filter(|&id| self.active.contains(id)));
+                    undo.extend(ids.iter().copied().filter(|&id| self.pool.is_active(id)));
                     let _ = self.deactivate(&undo).await;
                     return Err(e);
                 }
@@ -371,7 +331,7 @@ impl Coordinator {
         let dropped = tc.prune(|id| self.base.contains(id));
         self.deactivate(&dropped).instrument(debug_span!("pruning", token, dropped = dropped.len())).await?;
         if self.hint_margin > 0.0 {
-            let hints = tc.near_misses(self.hint_margin, |c| self.pool.residency(c) != Residency::Absent);
+            let hints = tc.near_misses(self.hint_margin, |c| self.pool.is_active(c));
             if !hints.is_empty() {
                 // A tell: hints must never hold up the token.
                 let _ = self.cache.tell(Prefetch(hints)).try_send();
@@ -395,7 +355,7 @@ impl Coordinator {
             skipped_by_cap: tc.skipped_by_cap,
             scored: tc.scored().len(),
             scored_ids: crate::policy::scored_ids(tc.scored()),
-            active: self.active.len(),
+            active: self.pool.active_len(),
             stages,
             elapsed: start.elapsed(),
         })
@@ -421,7 +381,7 @@ impl Actor for Coordinator {
     ) -> Result<std::ops::ControlFlow<kameo::error::ActorStopReason>, Self::Error> {
         let token = self.next_token.saturating_sub(1);
         tracing::error!("a stream's coordinator panicked at token {token}: {err}");
-        self.broken.get_or_insert_with(|| format!("its coordinator panicked at token {token} ({err})"));
+        self.broken.get_or_insert_with(|| Broken { token, panic: err.to_string() });
         Ok(std::ops::ControlFlow::Continue(()))
     }
 
@@ -430,17 +390,10 @@ impl Actor for Coordinator {
         _: kameo::prelude::WeakActorRef<Self>,
         _: kameo::prelude::ActorStopReason,
     ) -> Result<(), Self::Error> {
-        // A cascade's downstream actors go when their only user does; a session's belong to
-        // its runtime, and only its lane into the step scheduler closes.
-        match &self.scorer {
-            Scorer::Own(inference) => {
-                let _ = inference.stop_gracefully().await;
-                let _ = self.cache.stop_gracefully().await;
-            }
-            // Now, not when the state is dropped: kameo reports the actor stopped before it
-            // drops the state, and `Session::close` promises the slots are free when it returns.
-            Scorer::Shared(lane) => lane.close(),
-        }
+        // The cache and the scheduler belong to the runtime; only the session's lane closes.
+        // Now, not when the state is dropped: kameo reports the actor stopped before it drops
+        // the state, and `Session::close` promises the slots are freed when it returns.
+        self.lane.close();
         Ok(())
     }
 }
@@ -459,12 +412,23 @@ impl Message<Observe> for Coordinator {
     }
 }
 
+/// A child's bytes, or why a pipelined load failed (reported in `failed_loads`).
+type LateLoad = Result<Arc<ProbeBytes>, LoadError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Read(ReadError),
+    #[error("{concept}: the cache actor did not answer ({detail})")]
+    CacheStopped { concept: String, detail: &'static str },
+}
+
 /// Most late reads delivered in one `Landed` (and installed in one round).
 const LANDED_BATCH: usize = 64;
 
 /// Pipelined mode: children asked for by earlier tokens have landed (or failed to).
 pub struct Landed {
-    items: Vec<(ConceptId, Fetched)>,
+    items: Vec<(ConceptId, LateLoad)>,
 }
 
 impl Message<Landed> for Coordinator {
@@ -479,7 +443,7 @@ impl Message<Landed> for Coordinator {
             }
             match fetched {
                 Err(e) => self.failed_late.push(e.to_string()),
-                Ok(b) if !self.active.contains(id) && self.active.len() + ids.len() < self.config.max_loaded => {
+                Ok(b) if !self.pool.is_active(id) && self.pool.active_len() + ids.len() < self.config.max_loaded => {
                     ids.push(id);
                     bytes.insert(id, b);
                 }
@@ -497,8 +461,8 @@ impl Message<Landed> for Coordinator {
     }
 }
 
-/// Waits until the inference thread has done everything sent to it so far (pruning's slot
-/// copies are told, not asked).
+/// Waits until the step scheduler has done everything this session sent it so far (pruning's
+/// slot moves are told, not asked).
 pub struct Drain;
 
 impl Message<Drain> for Coordinator {
@@ -509,11 +473,7 @@ impl Message<Drain> for Coordinator {
             return Ok(());
         }
         let hidden = Arc::new(Vec::new());
-        if let Err(e) = self.apply_and_score(usize::MAX, Vec::new(), HashMap::new(), 0, 0, hidden).await {
-            self.broken = Some(e.to_string());
-            return Err(e);
-        }
-        Ok(())
+        self.apply_and_score(usize::MAX, Vec::new(), HashMap::new(), 0, 0, hidden).await.map(|_| ())
     }
 }
 
@@ -535,7 +495,7 @@ impl Message<ActiveSet> for Coordinator {
     type Reply = Vec<ConceptId>;
 
     async fn handle(&mut self, _: ActiveSet, _: &mut Context<Self, Self::Reply>) -> Vec<ConceptId> {
-        self.active.iter().collect()
+        self.pool.active_set().iter().collect()
     }
 }
 
@@ -561,7 +521,7 @@ impl Message<Reconfigure> for Coordinator {
             old.max_loaded == new.max_loaded,
         ];
         if let Some(i) = same.iter().position(|s| !s) {
-            return Err(RuntimeError::Options(format!("`{}` cannot change on an open session", FIXED_CASCADE_KEYS[i])));
+            return Err(RuntimeError::FixedKey { key: FIXED_CASCADE_KEYS[i] });
         }
         self.config = Arc::new(m.cascade);
         self.latency_budget = m.latency_budget;

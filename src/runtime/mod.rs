@@ -1,39 +1,76 @@
-//! The actor runtime: reads on io_uring, a byte-budgeted RAM cache, slots in a device arena,
-//! batched inference on its own thread, and the cascade policies on top (docs/architecture.md).
+//! The actor runtime: every stream is a [`Session`] on a shared [`Runtime`]; reads on
+//! io_uring, a byte-budgeted RAM cache, and one step scheduler that scores every session's
+//! tokens together through a scoring backend (docs/architecture.md follows one token).
 //!
 //! ```text
-//!  caller ──Observe──▶ Coordinator ──Get/Prefetch──▶ WeightCache ──ReadRequest──▶ reader thread
-//!   (Cascade handle)   (policies,      ──ApplyAndScore──▶ Inference      ◀──ReadDone── (io_uring
-//!                       model pool)                      (own thread)                   or threads)
+//!  Session ──Observe──▶ Coordinator ──Get/Peek/Prefetch──▶ WeightCache ──ReadRequest──▶ reader thread
+//!  (one per stream)     (policies,   ──Work (lane)──▶ step scheduler ◀──ReadDone──      (io_uring
+//!                        model pool)                 (own thread,                        or threads)
+//!                                                     ScoringBackend)
 //! ```
+//!
+//! [`Cascade`] is one session on a runtime of its own, for callers with one stream; it runs
+//! the same code as every other session, so what `bench` and `tune` measure is what `serve`
+//! and the Python package run.
 
 pub mod cache;
 pub mod coordinator;
 pub mod faults;
-pub mod inference;
 pub mod pool;
 pub mod reader;
+pub mod scoring;
 pub mod session;
 pub mod steps;
 
+pub use crate::types::{SessionId, WeightTraffic};
 pub use session::{Runtime, Session, SessionOptions};
-pub use steps::{SessionId, StepStats};
+pub use steps::StepStats;
 
 use std::sync::Arc;
 
-use kameo::mailbox;
-use kameo::prelude::{ActorRef, Spawn};
-
-use crate::config::{CascadeConfig, Config, CpuKernel, RuntimeConfig};
-use crate::engine::{tensors, EngineError, Hidden, TokenReport};
+use crate::config::{Config, ConfigError};
+use crate::engine::EngineError;
+use crate::kernel::KernelError;
 use crate::pack::{ConceptId, Pack};
-use crate::policy::ConceptSet;
-use cache::{CacheSettings, CacheStats, ReadError, WeightCache};
-use coordinator::{ActiveSet, Coordinator, Drain, Observe, PendingLoads, Scorer};
+use crate::types::{Hidden, ReaderKind, TokenReport};
+use cache::{CacheStats, ReadError};
+use coordinator::Broken;
 use faults::Faults;
-use inference::{Inference, InferenceError, InferenceSettings, WeightTraffic};
-use pool::ModelPool;
-use reader::ReaderKind;
+use pool::PoolFull;
+use scoring::ScoringError;
+
+/// Why a runtime (or a session) could not start. Nothing was left running.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config does not fit the pack (base layers, the exhaustive mode under a cap), or a
+    /// session's options are not a valid config: names the key.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(
+        "runtime.cache_bytes = {budget} holds {} probes of this pack ({probe} bytes each), but up to {cap} \
+         can be active (cascade.max_loaded): the CPU kernel scores active probes in place in the cache, \
+         so set runtime.cache_bytes to at least {} (or device.cpu_kernel = \"torch\" to copy them into an \
+         arena instead)",
+        budget / probe,
+        cap * probe
+    )]
+    CacheTooSmall { budget: u64, probe: u64, cap: u64 },
+    /// `device.device` names no device libtorch can use.
+    #[error(transparent)]
+    Device(EngineError),
+    #[error("allocating the shared arena (runtime.pool_slots): {0}")]
+    Arena(#[source] tch::TchError),
+    #[error("device.cpu_kernel = \"{name}\": {source}")]
+    Kernel {
+        name: &'static str,
+        #[source]
+        source: KernelError,
+    },
+    #[error("starting the probe reader: {0}")]
+    Reader(#[source] std::io::Error),
+    #[error("starting the step scheduler's thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -46,22 +83,26 @@ pub enum RuntimeError {
         #[source]
         source: ReadError,
     },
-    #[error("token {token}: inference failed: {source}")]
-    Inference {
+    #[error("token {token}: {source}")]
+    Scoring {
         token: usize,
         #[source]
-        source: InferenceError,
+        source: ScoringError,
+    },
+    #[error("token {token}: {source}")]
+    Pool {
+        token: usize,
+        #[source]
+        source: PoolFull,
     },
     #[error("the {actor} actor did not answer ({detail})")]
-    ActorStopped { actor: &'static str, detail: String },
-    #[error("the runtime stopped serving after an earlier failure: {0}")]
-    Broken(String),
+    ActorStopped { actor: &'static str, detail: &'static str },
+    #[error("the stream stopped serving after an earlier failure: {0}")]
+    Broken(#[source] Broken),
     #[error("the cascade has shut down")]
     ShutDown,
-    #[error("{0}")]
-    Setup(String),
-    #[error("starting the probe reader: {0}")]
-    Reader(#[source] std::io::Error),
+    #[error(transparent)]
+    Start(#[from] StartError),
     #[error("runtime.max_sessions = {limit}: that many sessions are open already")]
     SessionLimit { limit: usize },
     #[error(
@@ -71,202 +112,12 @@ pub enum RuntimeError {
     )]
     ArenaLimit { slots: usize, reserved: usize, need: usize },
     #[error("{0} is not open on this runtime")]
-    UnknownSession(steps::SessionId),
+    UnknownSession(SessionId),
+    /// A session's options (at open or reconfigure) are not valid: names the key.
     #[error("session options: {0}")]
-    Options(String),
-}
-
-/// A running cascade: a cheap handle onto the coordinator actor.
-#[derive(Clone)]
-pub struct Cascade {
-    coordinator: ActorRef<Coordinator>,
-    cache: ActorRef<WeightCache>,
-    /// Weak: the coordinator owns the inference actor, which stops with it.
-    inference: kameo::prelude::WeakActorRef<Inference>,
-    reader: ReaderKind,
-    /// Set by `shutdown`, so that a request caught by the stop is told so, not "panicked".
-    stopping: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Cascade {
-    /// Starts the actors and loads the base layers. Needs a multi-threaded tokio runtime.
-    pub async fn start(pack: Arc<Pack>, config: &Config) -> Result<Self, RuntimeError> {
-        Self::start_with_faults(pack, config, Faults::none()).await
-    }
-
-    /// [`Cascade::start`] with faults injected (tests only; see [`faults`]).
-    pub async fn start_with_faults(pack: Arc<Pack>, config: &Config, faults: Faults) -> Result<Self, RuntimeError> {
-        // Check the configuration against the pack before starting anything.
-        let base = crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(RuntimeError::Setup)?;
-        let device = tensors::open_device(&config.device)?;
-        let compute = tensors::kind_of(config.device.compute_dtype);
-        let rt = &config.runtime;
-        let (cache, reader) = spawn_cache(&pack, rt, &faults)?;
-        let cpu_kernel = config.device.cpu_kernel;
-        if device == tch::Device::Cpu && cpu_kernel != CpuKernel::Torch {
-            check_cache_holds_the_cap(&pack, config)?;
-        }
-        let settings = InferenceSettings {
-            slots: rt.pool_slots,
-            device,
-            compute,
-            staging_bytes: rt.staging_bytes,
-            math_threads: tensors::math_threads(&config.device),
-            cpu_kernel,
-        };
-        let inference = Inference::new(pack.clone(), &settings)
-            .map_err(|e| RuntimeError::Setup(format!("setting up inference: {e}")))?
-            .with_faults(faults.clone());
-        let inference = Inference::spawn_in_thread_with_mailbox(inference, mailbox::bounded(16));
-
-        let scorer = Scorer::Own(inference.clone());
-        let mut coordinator =
-            new_coordinator(pack, &config.cascade, rt, base, cache.clone(), scorer, device != tch::Device::Cpu);
-        coordinator.faults = faults;
-        coordinator.load_base().await?;
-        let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
-        Ok(Self { coordinator, cache, inference: inference.downgrade(), reader, stopping: Default::default() })
-    }
-
-    /// Weight bytes the scoring backend has copied (none with the CPU kernel), and its path.
-    pub async fn weight_traffic(&self) -> Result<WeightTraffic, RuntimeError> {
-        let inference = self.inference.upgrade().ok_or(RuntimeError::ShutDown)?;
-        inference.ask(inference::Traffic).await.map_err(|_| RuntimeError::ShutDown)
-    }
-
-    /// Scores one hidden state; tokens are numbered in the order their requests arrive.
-    pub async fn observe(&self, hidden: impl Into<Hidden>) -> Result<TokenReport, RuntimeError> {
-        observe_on(&self.coordinator, hidden.into(), &self.stopping).await
-    }
-
-    /// The active probes, ascending.
-    pub async fn active(&self) -> Result<Vec<ConceptId>, RuntimeError> {
-        self.coordinator.ask(ActiveSet).await.map_err(|_| RuntimeError::ShutDown)
-    }
-
-    /// Waits until no load is in flight: no child pending in the coordinator (pipelined mode),
-    /// no read outstanding in the cache (hints included), and no slot rearrangement (pruning's
-    /// copies) queued on the inference thread. A generation loop gets this for free while it
-    /// computes the next token; tests and benchmarks call it to model that gap.
-    pub async fn settle(&self) -> Result<(), RuntimeError> {
-        settle_on(&self.coordinator, &self.cache).await
-    }
-
-    pub async fn cache_stats(&self) -> Result<CacheStats, RuntimeError> {
-        self.cache.ask(cache::Stats).await.map_err(|_| RuntimeError::ShutDown)
-    }
-
-    /// The reader actually in use (io_uring, or threads after a fallback).
-    pub fn reader(&self) -> ReaderKind {
-        self.reader
-    }
-
-    /// Finishes every request already queued, then stops the actors. Requests sent after this
-    /// get `RuntimeError::ShutDown`.
-    pub async fn shutdown(&self) {
-        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = self.coordinator.stop_gracefully().await;
-        let _ = self.coordinator.wait_for_shutdown_result().await;
-        let _ = self.cache.wait_for_shutdown_result().await;
-    }
-}
-
-/// Starts the weight cache (and its reader) under the configured budget.
-fn spawn_cache(
-    pack: &Arc<Pack>,
-    rt: &RuntimeConfig,
-    faults: &Faults,
-) -> Result<(ActorRef<WeightCache>, ReaderKind), RuntimeError> {
-    let settings = CacheSettings {
-        budget_bytes: rt.cache_bytes,
-        queue_depth: rt.prefetch_queue_depth,
-        reader: rt.reader,
-        fallback_threads: rt.fallback_io_threads,
-        faults: faults.clone(),
-    };
-    let cache = WeightCache::new(pack.clone(), &settings).map_err(RuntimeError::Reader)?;
-    let reader = cache.reader_kind();
-    Ok((WeightCache::spawn_with_mailbox(cache, mailbox::bounded(rt.request_queue.max(16) * 4)), reader))
-}
-
-/// One stream's coordinator (not started; the caller loads its base layers).
-fn new_coordinator(
-    pack: Arc<Pack>,
-    cascade: &CascadeConfig,
-    rt: &RuntimeConfig,
-    base: ConceptSet,
-    cache: ActorRef<WeightCache>,
-    scorer: Scorer,
-    keep_warm: bool,
-) -> Coordinator {
-    Coordinator {
-        active: ConceptSet::with_capacity(pack.len()),
-        pool: ModelPool::new(rt.pool_slots, keep_warm),
-        normalization: cascade.normalization_for(pack.input_normalization()),
-        pack,
-        config: Arc::new(cascade.clone()),
-        hint_margin: rt.prefetch_hint_margin,
-        base,
-        cache,
-        scorer,
-        next_token: 0,
-        broken: None,
-        mode: rt.mode,
-        latency_budget: std::time::Duration::from_micros(rt.latency_budget_us),
-        pending: ConceptSet::default(),
-        failed_late: Vec::new(),
-        scoring_time: std::time::Duration::ZERO,
-        faults: Faults::none(),
-    }
-}
-
-/// Asks a coordinator to score a hidden state, naming why if it cannot.
-async fn observe_on(
-    coordinator: &ActorRef<Coordinator>,
-    hidden: Hidden,
-    stopping: &std::sync::atomic::AtomicBool,
-) -> Result<TokenReport, RuntimeError> {
-    coordinator.ask(Observe(hidden)).await.map_err(|e| match e {
-        kameo::error::SendError::HandlerError(e) => e,
-        kameo::error::SendError::ActorNotRunning(_) => RuntimeError::ShutDown,
-        _ if stopping.load(std::sync::atomic::Ordering::SeqCst) => RuntimeError::ShutDown,
-        other => RuntimeError::ActorStopped { actor: "coordinator", detail: describe(&other).into() },
-    })
-}
-
-/// Waits until a stream has no load in flight (see [`Cascade::settle`]).
-async fn settle_on(coordinator: &ActorRef<Coordinator>, cache: &ActorRef<WeightCache>) -> Result<(), RuntimeError> {
-    loop {
-        let pending = coordinator.ask(PendingLoads).await.map_err(|_| RuntimeError::ShutDown)?;
-        let stats = cache.ask(cache::Stats).await.map_err(|_| RuntimeError::ShutDown)?;
-        if pending == 0 && stats.in_flight == 0 {
-            return match coordinator.ask(Drain).await {
-                Ok(()) => Ok(()),
-                Err(kameo::error::SendError::HandlerError(e)) => Err(e),
-                Err(_) => Err(RuntimeError::ShutDown),
-            };
-        }
-        tokio::time::sleep(std::time::Duration::from_micros(200)).await;
-    }
-}
-
-/// The CPU kernel scores active probes where they lie in the weight cache, which keeps them
-/// pinned while they are active: the cache must hold as many as can be active at once.
-fn check_cache_holds_the_cap(pack: &Pack, config: &Config) -> Result<(), RuntimeError> {
-    let probe = pack.layout().byte_len() as u64;
-    let cap = config.cascade.max_loaded.min(config.runtime.pool_slots) as u64;
-    let budget = config.runtime.cache_bytes;
-    if budget < cap * probe {
-        return Err(RuntimeError::Setup(format!(
-            "runtime.cache_bytes = {budget} holds {} probes of this pack ({probe} bytes each), but up to {cap} \
-             can be active (cascade.max_loaded): the CPU kernel scores active probes in place in the cache, \
-             so set runtime.cache_bytes to at least {} (or device.cpu_kernel = \"torch\" to copy them into an \
-             arena instead)",
-            budget / probe,
-            cap * probe
-        )));
-    }
-    Ok(())
+    Options(#[source] StartError),
+    #[error("session options: `{key}` cannot change on an open session")]
+    FixedKey { key: &'static str },
 }
 
 impl RuntimeError {
@@ -274,13 +125,80 @@ impl RuntimeError {
     pub fn token(&self) -> Option<usize> {
         match self {
             RuntimeError::Hidden(e) => e.token(),
-            RuntimeError::Probe { token, .. } | RuntimeError::Inference { token, .. } => Some(*token),
+            RuntimeError::Probe { token, .. }
+            | RuntimeError::Scoring { token, .. }
+            | RuntimeError::Pool { token, .. } => Some(*token),
             _ => None,
         }
     }
 }
 
-/// The runtime behind the synchronous [`Engine`](crate::engine::Engine) interface, for the
+/// One stream: a session on a runtime of its own. The same code as every session of a
+/// shared runtime (there is no other way to stream); cheap to clone.
+#[derive(Clone)]
+pub struct Cascade {
+    runtime: Runtime,
+    session: Arc<Session>,
+}
+
+impl Cascade {
+    /// Starts a runtime and opens its one session. Needs a multi-threaded tokio runtime.
+    pub async fn start(pack: Arc<Pack>, config: &Config) -> Result<Self, RuntimeError> {
+        Self::start_with_faults(pack, config, Faults::none()).await
+    }
+
+    /// [`Cascade::start`] with faults injected (tests only; see [`faults`]).
+    pub async fn start_with_faults(pack: Arc<Pack>, config: &Config, faults: Faults) -> Result<Self, RuntimeError> {
+        let runtime = Runtime::start_with_faults(pack, config, faults).await?;
+        let session = Arc::new(runtime.open_session(SessionOptions::default()).await?);
+        Ok(Self { runtime, session })
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Scores one hidden state; tokens are numbered in the order their requests arrive.
+    pub async fn observe(&self, hidden: impl Into<Hidden>) -> Result<TokenReport, RuntimeError> {
+        self.session.observe(hidden).await
+    }
+
+    /// The active probes, ascending.
+    pub async fn active(&self) -> Result<Vec<ConceptId>, RuntimeError> {
+        self.session.active().await
+    }
+
+    /// See [`Session::settle`].
+    pub async fn settle(&self) -> Result<(), RuntimeError> {
+        self.session.settle().await
+    }
+
+    /// Weight bytes the scoring backend has copied (none with the CPU kernel), and its path.
+    pub async fn weight_traffic(&self) -> Result<WeightTraffic, RuntimeError> {
+        Ok(self.runtime.step_stats().await?.traffic)
+    }
+
+    pub async fn cache_stats(&self) -> Result<CacheStats, RuntimeError> {
+        self.runtime.cache_stats().await
+    }
+
+    /// The reader actually in use (io_uring, or threads after a fallback).
+    pub fn reader(&self) -> ReaderKind {
+        self.runtime.reader()
+    }
+
+    /// Finishes every request already queued, then stops the runtime. Requests sent after
+    /// this get `RuntimeError::ShutDown`.
+    pub async fn shutdown(&self) {
+        self.runtime.shutdown().await;
+    }
+}
+
+/// A [`Cascade`] behind the synchronous [`Engine`](crate::engine::Engine) interface, for the
 /// command line and benchmarks: it owns a tokio runtime and blocks on each request.
 pub struct BlockingCascade {
     rt: tokio::runtime::Runtime,
@@ -294,7 +212,7 @@ impl BlockingCascade {
             .thread_name("probe-cascade-rt")
             .enable_all()
             .build()
-            .map_err(|e| RuntimeError::Setup(format!("starting tokio: {e}")))?;
+            .map_err(StartError::Thread)?;
         let cascade = rt.block_on(Cascade::start(pack, config))?;
         Ok(Self { rt, cascade })
     }
@@ -316,7 +234,7 @@ impl crate::engine::Engine for BlockingCascade {
     fn observe(&mut self, _token: usize, hidden: &[f32]) -> Result<TokenReport, EngineError> {
         self.rt.block_on(self.cascade.observe(hidden.to_vec())).map_err(|e| match e {
             RuntimeError::Hidden(e) => e,
-            other => EngineError::Runtime { token: other.token(), message: other.to_string() },
+            other => EngineError::Other { token: other.token(), error: Box::new(other) },
         })
     }
 

@@ -1,23 +1,22 @@
-//! ModelPool: which probe lives in which slot of the device arena.
+//! ModelPool: a stream's active set, and which of its slots holds which active probe.
 //!
-//! Slots `[0, active_len)` hold the active probes, contiguously, so inference runs on one
-//! `narrow()` view. Behind them sit warm probes (resident but inactive) and free slots. A warm
-//! probe is reactivated by swapping it to the end of the active block: no bytes from the host.
-//! Deactivating moves the probe to a free slot and the last active one into its hole. Pure bookkeeping: the plan comes back
-//! as [`SlotOp`]s that the inference thread carries out in order.
+//! Slots `[0, active_len)` hold the active probes, contiguously, so scoring them is one slot
+//! range. Activating puts a probe at the end of the block; deactivating moves the last active
+//! probe into its hole. It is the one owner of the active set: the coordinator asks it, and the
+//! plan of each change comes back as [`SlotOp`]s that the scoring backend carries out in
+//! order, on the session's slot table. Pure bookkeeping, unit-tested without a runtime.
 
 use std::collections::HashMap;
 
-use lru::LruCache;
-
 use crate::pack::ConceptId;
+use crate::policy::ConceptSet;
 
-/// One step of rearranging the arena.
+/// One step of rearranging a session's slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotOp {
-    /// Copy the probe's bytes from the host into the slot.
+    /// Put the probe (whose bytes travel with the op) into the slot.
     Install { slot: usize, id: ConceptId },
-    /// Copy slot `from` into slot `to` (the old content of `to` is gone).
+    /// Move slot `from` into slot `to` (the old content of `to` is gone, `from` is empty).
     Move { from: usize, to: usize },
     /// Exchange two slots.
     Swap { a: usize, b: usize },
@@ -33,39 +32,20 @@ impl SlotOp {
     }
 }
 
-/// Where a probe is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Residency {
-    Active(usize),
-    Warm(usize),
-    Absent,
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("all {0} slots of the model pool are active (raise runtime.pool_slots)")]
 pub struct PoolFull(pub usize);
 
 pub struct ModelPool {
-    /// Keep deactivated probes resident (worth it on a GPU, where a slot copy is far cheaper
-    /// than a host-to-device transfer; on a CPU a reinstall from RAM costs the same as the
-    /// copy that keeping it warm takes, so there deactivation just fills the hole).
-    keep_warm: bool,
     occupant: Vec<Option<ConceptId>>,
     slot_of: HashMap<ConceptId, usize>,
-    active_len: usize,
-    /// Warm probes, most recently deactivated first out of eviction.
-    warm: LruCache<ConceptId, ()>,
+    active: ConceptSet,
 }
 
 impl ModelPool {
-    pub fn new(slots: usize, keep_warm: bool) -> Self {
-        Self {
-            keep_warm,
-            occupant: vec![None; slots],
-            slot_of: HashMap::new(),
-            active_len: 0,
-            warm: LruCache::unbounded(),
-        }
+    /// `slots` slots, for a pack of `concepts` concepts.
+    pub fn new(slots: usize, concepts: usize) -> Self {
+        Self { occupant: vec![None; slots], slot_of: HashMap::new(), active: ConceptSet::with_capacity(concepts) }
     }
 
     pub fn slots(&self) -> usize {
@@ -73,147 +53,57 @@ impl ModelPool {
     }
 
     pub fn active_len(&self) -> usize {
-        self.active_len
+        self.slot_of.len()
     }
 
     /// Active probes in slot order.
     pub fn active(&self) -> Vec<ConceptId> {
-        self.occupant[..self.active_len].iter().map(|o| o.expect("active slots are occupied")).collect()
+        self.occupant[..self.active_len()].iter().map(|o| o.expect("active slots are occupied")).collect()
     }
 
-    pub fn residency(&self, id: ConceptId) -> Residency {
-        match self.slot_of.get(&id) {
-            Some(&s) if s < self.active_len => Residency::Active(s),
-            Some(&s) => Residency::Warm(s),
-            None => Residency::Absent,
-        }
+    /// The active set.
+    pub fn active_set(&self) -> &ConceptSet {
+        &self.active
     }
 
-    fn place(&mut self, slot: usize, id: Option<ConceptId>) {
-        if let Some(old) = self.occupant[slot] {
-            if self.slot_of.get(&old) == Some(&slot) {
-                self.slot_of.remove(&old);
-            }
-        }
-        self.occupant[slot] = id;
-        if let Some(id) = id {
-            self.slot_of.insert(id, slot);
-        }
+    /// The slot of an active probe.
+    pub fn slot(&self, id: ConceptId) -> Option<usize> {
+        self.slot_of.get(&id).copied()
     }
 
-    fn swap(&mut self, a: usize, b: usize, ops: &mut Vec<SlotOp>) {
-        if a == b {
-            return;
-        }
-        let (x, y) = (self.occupant[a], self.occupant[b]);
-        self.occupant[a] = y;
-        self.occupant[b] = x;
-        if let Some(x) = x {
-            self.slot_of.insert(x, b);
-        }
-        if let Some(y) = y {
-            self.slot_of.insert(y, a);
-        }
-        match (x, y) {
-            (Some(_), Some(_)) => ops.push(SlotOp::Swap { a, b }),
-            (Some(_), None) => ops.push(SlotOp::Move { from: a, to: b }),
-            (None, Some(_)) => ops.push(SlotOp::Move { from: b, to: a }),
-            (None, None) => {}
-        }
+    pub fn is_active(&self, id: ConceptId) -> bool {
+        self.active.contains(id)
     }
 
-    /// Makes `id` active at slot `active_len`. Absent probes get an `Install` (the caller must
-    /// supply their bytes); warm ones just move.
+    /// Makes `id` active at slot `active_len` with an `Install` (the caller supplies its bytes).
     pub fn activate(&mut self, id: ConceptId, ops: &mut Vec<SlotOp>) -> Result<(), PoolFull> {
-        match self.residency(id) {
-            Residency::Active(_) => return Ok(()),
-            Residency::Warm(w) => {
-                self.warm.pop(&id);
-                let a = self.active_len;
-                self.swap(w, a, ops);
-            }
-            Residency::Absent => {
-                let a = self.active_len;
-                if a == self.slots() {
-                    return Err(PoolFull(self.slots()));
-                }
-                if let Some(resident) = self.occupant[a] {
-                    // Slot a holds a warm probe: keep it warm elsewhere if a slot is free,
-                    // else evict the least recently used warm probe to make room.
-                    let free = (a + 1..self.slots()).rev().find(|&s| self.occupant[s].is_none());
-                    let target = match free {
-                        Some(f) => Some(f),
-                        None => {
-                            let (victim, ()) = self.warm.pop_lru().expect("a warm probe occupies slot a");
-                            let vs = self.slot_of[&victim];
-                            self.place(vs, None);
-                            (vs != a).then_some(vs)
-                        }
-                    };
-                    if let Some(t) = target {
-                        if self.occupant[a] == Some(resident) {
-                            self.swap(a, t, ops);
-                        }
-                    }
-                }
-                self.place(a, Some(id));
-                ops.push(SlotOp::Install { slot: a, id });
-            }
+        if self.is_active(id) {
+            return Ok(());
         }
-        self.active_len += 1;
+        let a = self.active_len();
+        if a == self.slots() {
+            return Err(PoolFull(self.slots()));
+        }
+        self.occupant[a] = Some(id);
+        self.slot_of.insert(id, a);
+        self.active.insert(id);
+        ops.push(SlotOp::Install { slot: a, id });
         Ok(())
     }
 
-    /// Makes an active probe warm: it moves to a free slot behind the active block (evicting the
-    /// coldest warm probe if none is free) and the last active probe fills its hole. Two slot
-    /// copies, against three for a swap through scratch; none when it was the last active one.
+    /// Deactivates an active probe: the last active probe moves into its hole (one `Move`;
+    /// none when it was the last one), and the last slot becomes free.
     pub fn deactivate(&mut self, id: ConceptId, ops: &mut Vec<SlotOp>) {
-        let Residency::Active(s) = self.residency(id) else { return };
-        let last = self.active_len - 1;
-        if !self.keep_warm {
-            if s != last {
-                let tail = self.occupant[last];
-                ops.push(SlotOp::Move { from: last, to: s });
-                self.place(s, tail);
-            }
-            self.place(last, None);
-            self.slot_of.remove(&id);
-            self.active_len -= 1;
-            return;
-        }
+        let Some(s) = self.slot_of.remove(&id) else { return };
+        self.active.remove(id);
+        let last = self.active_len();
         if s != last {
-            // Warm probes live at the far end, so the slot after the active block stays free
-            // for the next activation.
-            let free = (self.active_len..self.slots()).rev().find(|&x| self.occupant[x].is_none()).or_else(|| {
-                let (victim, ()) = self.warm.pop_lru()?;
-                let slot = self.slot_of[&victim];
-                self.place(slot, None);
-                Some(slot)
-            });
-            match free {
-                Some(f) => {
-                    ops.push(SlotOp::Move { from: s, to: f });
-                    self.place(f, Some(id));
-                    let tail = self.occupant[last];
-                    ops.push(SlotOp::Move { from: last, to: s });
-                    self.place(s, tail);
-                    self.place(last, None);
-                }
-                // Every slot is active: swap through scratch.
-                None => self.swap(s, last, ops),
-            }
+            let tail = self.occupant[last].expect("the last active slot is occupied");
+            ops.push(SlotOp::Move { from: last, to: s });
+            self.occupant[s] = Some(tail);
+            self.slot_of.insert(tail, s);
         }
-        self.active_len -= 1;
-        self.warm.put(id, ());
-    }
-
-    /// Forgets an active probe entirely (its slot becomes free), e.g. after a failed install.
-    pub fn discard(&mut self, id: ConceptId, ops: &mut Vec<SlotOp>) {
-        self.deactivate(id, ops);
-        self.warm.pop(&id);
-        if let Some(&s) = self.slot_of.get(&id) {
-            self.place(s, None);
-        }
+        self.occupant[last] = None;
     }
 }
 
@@ -225,105 +115,67 @@ mod tests {
         ConceptId(i)
     }
 
-    /// Replays ops on a model of the arena and checks it matches the pool's bookkeeping.
-    fn replay(arena: &mut [Option<ConceptId>], ops: &[SlotOp]) {
+    /// Replays ops on a model of the slots and checks it matches the pool's bookkeeping.
+    fn replay(slots: &mut [Option<ConceptId>], ops: &[SlotOp]) {
         for op in ops {
             match *op {
-                SlotOp::Install { slot, id } => arena[slot] = Some(id),
-                SlotOp::Move { from, to } => arena[to] = arena[from],
-                SlotOp::Swap { a, b } => arena.swap(a, b),
+                SlotOp::Install { slot, id } => slots[slot] = Some(id),
+                SlotOp::Move { from, to } => slots[to] = slots[from].take(),
+                SlotOp::Swap { a, b } => slots.swap(a, b),
             }
         }
     }
 
-    fn check(pool: &ModelPool, arena: &[Option<ConceptId>]) {
-        for (slot, occ) in pool.occupant.iter().enumerate() {
-            if let Some(id) = occ {
-                assert_eq!(arena[slot], Some(*id), "slot {slot}");
-                assert_eq!(pool.slot_of.get(id), Some(&slot), "slot {slot} is {id:?}'s");
-            }
+    fn check(pool: &ModelPool, slots: &[Option<ConceptId>]) {
+        let active = pool.active();
+        assert_eq!(&slots[..active.len()], &active.iter().map(|&c| Some(c)).collect::<Vec<_>>()[..]);
+        let mut sorted = active.clone();
+        sorted.sort();
+        assert_eq!(pool.active_set().iter().collect::<Vec<_>>(), sorted, "the set and the slots agree");
+        for (i, id) in active.iter().enumerate() {
+            assert_eq!(pool.slot(*id), Some(i));
         }
-        assert_eq!(pool.slot_of.len(), pool.occupant.iter().flatten().count());
     }
 
     #[test]
-    fn activation_is_contiguous_and_warm_probes_come_back_without_bytes() {
-        let mut pool = ModelPool::new(4, true);
-        let mut arena = vec![None; 4];
-        let mut ops = Vec::new();
-        for i in 0..3 {
-            pool.activate(c(i), &mut ops).unwrap();
-        }
-        replay(&mut arena, &ops);
-        assert_eq!(pool.active(), vec![c(0), c(1), c(2)]);
-        ops.clear();
-        pool.deactivate(c(0), &mut ops);
-        replay(&mut arena, &ops);
-        check(&pool, &arena);
-        assert_eq!(pool.active(), vec![c(2), c(1)]);
-        assert_eq!(pool.residency(c(0)), Residency::Warm(3), "moved to the free slot");
-        ops.clear();
-        pool.activate(c(0), &mut ops).unwrap();
-        assert!(ops.iter().all(|op| !matches!(op, SlotOp::Install { .. })), "{ops:?}");
-        replay(&mut arena, &ops);
-        check(&pool, &arena);
-        assert_eq!(pool.residency(c(0)), Residency::Active(2));
-    }
-
-    #[test]
-    fn a_new_probe_keeps_warm_ones_in_free_slots_then_evicts_the_coldest() {
-        let mut pool = ModelPool::new(4, true);
-        let mut arena = vec![None; 4];
+    fn activation_is_contiguous_and_deactivation_fills_the_hole_with_the_last() {
+        let mut pool = ModelPool::new(4, 10);
+        let mut slots = vec![None; 4];
         let mut ops = Vec::new();
         for i in 0..4 {
             pool.activate(c(i), &mut ops).unwrap();
         }
         assert_eq!(pool.activate(c(9), &mut ops), Err(PoolFull(4)));
-        pool.deactivate(c(1), &mut ops);
+        replay(&mut slots, &ops);
+        ops.clear();
+        pool.deactivate(c(0), &mut ops);
+        assert_eq!(ops, [SlotOp::Move { from: 3, to: 0 }]);
+        replay(&mut slots, &ops);
+        check(&pool, &slots);
+        assert_eq!(pool.active(), vec![c(3), c(1), c(2)]);
+        ops.clear();
         pool.deactivate(c(2), &mut ops);
-        replay(&mut arena, &ops);
-        check(&pool, &arena);
-        // Two warm probes, no free slot: activating 5 evicts the colder warm probe (1).
-        ops.clear();
-        pool.activate(c(5), &mut ops).unwrap();
-        replay(&mut arena, &ops);
-        check(&pool, &arena);
-        assert_eq!(pool.residency(c(1)), Residency::Absent);
-        assert!(matches!(pool.residency(c(2)), Residency::Warm(_)));
-        assert_eq!(pool.active_len(), 3);
-        // Discarding frees the slot.
-        ops.clear();
-        pool.discard(c(5), &mut ops);
-        assert_eq!(pool.residency(c(5)), Residency::Absent);
-        assert_eq!(pool.active_len(), 2);
+        assert!(ops.is_empty(), "the last active probe leaves no hole");
+        pool.activate(c(0), &mut ops).unwrap();
+        assert_eq!(ops, [SlotOp::Install { slot: 2, id: c(0) }]);
     }
 
     #[test]
-    fn random_churn_keeps_bookkeeping_and_arena_in_step() {
+    fn random_churn_keeps_bookkeeping_and_slots_in_step() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for keep_warm in [true, false] {
-            let mut pool = ModelPool::new(12, keep_warm);
-            let mut arena = vec![None; 12];
-            for _ in 0..2000 {
-                let mut ops = Vec::new();
-                let id = c(rng.random_range(0..20));
-                match pool.residency(id) {
-                    Residency::Active(_) => pool.deactivate(id, &mut ops),
-                    _ => {
-                        if pool.active_len() < 10 {
-                            pool.activate(id, &mut ops).unwrap();
-                        }
-                    }
-                }
-                replay(&mut arena, &ops);
-                check(&pool, &arena);
-                let active = pool.active();
-                let mut sorted = active.clone();
-                sorted.sort();
-                sorted.dedup();
-                assert_eq!(sorted.len(), active.len(), "no probe twice");
+        let mut pool = ModelPool::new(12, 20);
+        let mut slots = vec![None; 12];
+        for _ in 0..2000 {
+            let mut ops = Vec::new();
+            let id = c(rng.random_range(0..20));
+            if pool.is_active(id) {
+                pool.deactivate(id, &mut ops);
+            } else if pool.active_len() < 10 {
+                pool.activate(id, &mut ops).unwrap();
             }
+            replay(&mut slots, &ops);
+            check(&pool, &slots);
         }
     }
 }

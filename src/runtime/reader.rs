@@ -18,17 +18,7 @@ use tokio_uring::buf::BoundedBuf;
 
 use super::faults::Faults;
 use crate::pack::{ConceptId, Pack};
-
-/// Which reader to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum ReaderKind {
-    /// io_uring, falling back to threads where the kernel refuses it.
-    #[default]
-    Auto,
-    IoUring,
-    Threads,
-}
+pub use crate::types::ReaderKind;
 
 /// Read `len` bytes at `offset` of shard `shard` into `buf` (whose capacity is reused).
 #[derive(Debug)]

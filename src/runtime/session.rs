@@ -22,25 +22,28 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kameo::mailbox;
 use kameo::prelude::{ActorRef, Spawn, WeakActorRef};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
-use super::cache::{self, CacheStats, WeightCache};
+use super::cache::{self, CacheSettings, CacheStats, WeightCache};
 pub use super::coordinator::FIXED_CASCADE_KEYS;
-use super::coordinator::{ActiveSet, Coordinator, Reconfigure, Scorer};
+use super::coordinator::{ActiveSet, Coordinator, Drain, Observe, PendingLoads, Reconfigure};
 use super::faults::Faults;
-use super::inference::TorchArena;
-use super::reader::ReaderKind;
-use super::steps::{self, Lane, Scoring, SessionId, SharedArena, StepMsg, StepStats, Steps};
-use super::{check_cache_holds_the_cap, new_coordinator, observe_on, settle_on, spawn_cache, RuntimeError};
+use super::pool::ModelPool;
+use super::scoring::kernel::KernelBackend;
+use super::scoring::torch::TorchBackend;
+use super::scoring::ScoringBackend;
+use super::steps::{self, Lane, StepMsg, StepStats, Steps};
+use super::{RuntimeError, StartError};
 use crate::config::{CascadeConfig, Config, CpuKernel, Mode};
-use crate::engine::tensors::{self, RowSplit};
-use crate::engine::{Hidden, TokenReport};
+use crate::engine::tensors;
 use crate::kernel::{Isa, Kernel};
 use crate::pack::{ConceptId, Pack};
+use crate::types::{Hidden, ReaderKind, SessionId, TokenReport};
 
 /// A session's own settings; what is `None` comes from the runtime's config. Checked like a
 /// config file's (errors name the key), and against the runtime's limits.
@@ -59,12 +62,13 @@ struct Shared {
     reader: ReaderKind,
     /// None once shut down: no new sessions.
     steps: Mutex<Option<flume::Sender<StepMsg>>>,
+    /// The registry of open sessions: the one place that knows which are open.
     sessions: Mutex<HashMap<SessionId, WeakActorRef<Coordinator>>>,
-    open: AtomicUsize,
-    /// The shared arena's slots, when sessions score on one (an accelerator, or
-    /// `device.cpu_kernel = "torch"`); `reserved` of them are promised to open sessions.
-    arena: Option<usize>,
-    reserved: AtomicUsize,
+    /// Admission: one permit per open session, `runtime.max_sessions` in all.
+    session_permits: Arc<Semaphore>,
+    /// On a shared arena (an accelerator, or `device.cpu_kernel = "torch"`): one permit per
+    /// slot, `runtime.pool_slots` in all; a session holds its cap of them while open.
+    slot_permits: Option<Arc<Semaphore>>,
     next_id: AtomicU64,
     stopping: AtomicBool,
     faults: Faults,
@@ -87,29 +91,24 @@ impl Runtime {
 
     /// [`Runtime::start`] with faults injected (tests only; see [`super::faults`]).
     pub async fn start_with_faults(pack: Arc<Pack>, config: &Config, faults: Faults) -> Result<Self, RuntimeError> {
-        crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(RuntimeError::Setup)?;
-        let device = tensors::open_device(&config.device)?;
+        crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(StartError::Config)?;
+        let device = tensors::open_device(&config.device).map_err(StartError::Device)?;
         let window = std::time::Duration::from_micros(config.runtime.batch_window_us);
         let on_arena = device != tch::Device::Cpu || config.device.cpu_kernel == CpuKernel::Torch;
-        let (scoring, path) = if on_arena {
-            // One arena for all sessions, `runtime.pool_slots` slots; each session reserves
-            // its cap of them when it opens (see `open_session`).
+        let backend: Box<dyn ScoringBackend> = if on_arena {
+            // Staged uploads on an accelerator; on the CPU `copy_` reads the cache's bytes directly.
             let staging = (device != tch::Device::Cpu).then_some(config.runtime.staging_bytes);
             let compute = tensors::kind_of(config.device.compute_dtype);
-            let torch = TorchArena::new(&pack, config.runtime.pool_slots, device, compute, staging, RowSplit::none())
-                .map_err(|e| RuntimeError::Setup(format!("allocating the shared arena: {e}")))?;
-            let path = torch.path();
-            (Scoring::Arena(SharedArena::new(torch, config.runtime.pool_slots)), path)
+            let slots = config.runtime.pool_slots;
+            Box::new(TorchBackend::new(pack.clone(), slots, device, compute, staging).map_err(StartError::Arena)?)
         } else {
             check_cache_holds_the_cap(&pack, config)?;
             let isa = config.device.cpu_kernel.isa().unwrap_or_else(Isa::best);
-            let kernel = Kernel::new(&pack.layout(), isa, tensors::math_threads(&config.device)).map_err(|e| {
-                RuntimeError::Setup(format!("device.cpu_kernel = \"{}\": {e}", config.device.cpu_kernel.name()))
-            })?;
-            (Scoring::Kernel(kernel), isa.name())
+            let kernel = Kernel::new(&pack.layout(), isa, tensors::math_threads(&config.device))
+                .map_err(|source| StartError::Kernel { name: config.device.cpu_kernel.name(), source })?;
+            Box::new(KernelBackend::new(pack.clone(), kernel, isa.name()))
         };
-        let tx = steps::spawn(Steps::new(pack.clone(), scoring, window, path, faults.clone()))
-            .map_err(|e| RuntimeError::Setup(format!("starting the step scheduler: {e}")))?;
+        let tx = steps::spawn(Steps::new(pack.clone(), backend, window, faults.clone())).map_err(StartError::Thread)?;
         let (cache, reader) = spawn_cache(&pack, &config.runtime, &faults)?;
         Ok(Self {
             shared: Arc::new(Shared {
@@ -118,10 +117,9 @@ impl Runtime {
                 cache,
                 reader,
                 steps: Mutex::new(Some(tx)),
-                arena: on_arena.then_some(config.runtime.pool_slots),
-                reserved: AtomicUsize::new(0),
                 sessions: Mutex::new(HashMap::new()),
-                open: AtomicUsize::new(0),
+                session_permits: Arc::new(Semaphore::new(config.runtime.max_sessions)),
+                slot_permits: on_arena.then(|| Arc::new(Semaphore::new(config.runtime.pool_slots))),
                 next_id: AtomicU64::new(0),
                 stopping: AtomicBool::new(false),
                 faults,
@@ -142,41 +140,44 @@ impl Runtime {
     pub async fn open_session(&self, options: SessionOptions) -> Result<Session, RuntimeError> {
         let shared = &self.shared;
         let config = session_config(&shared.config, &options)?;
-        if shared.arena.is_none() {
-            check_cache_holds_the_cap(&shared.pack, &config).map_err(|e| RuntimeError::Options(e.to_string()))?;
+        if shared.slot_permits.is_none() {
+            check_cache_holds_the_cap(&shared.pack, &config).map_err(RuntimeError::Options)?;
         }
-        let base = crate::policy::base_set(shared.pack.hierarchy(), &config.cascade).map_err(RuntimeError::Options)?;
+        let base = crate::policy::base_set(shared.pack.hierarchy(), &config.cascade)
+            .map_err(|e| RuntimeError::Options(e.into()))?;
+        // Permits first, so that concurrent opens cannot pass the limits together; held by the
+        // session, they go back when it does (or now, if the open fails below).
         let limit = config.runtime.max_sessions;
-        // Reserve a place first, so that concurrent opens cannot pass the limit together.
-        if shared.open.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1)).is_err() {
-            return Err(RuntimeError::SessionLimit { limit });
-        }
-        let mut reservation = Reservation { shared, slots: 0 };
-        if let Some(slots) = shared.arena {
-            // The arena holds what every open session may need: its cap of active probes.
-            let need = config.cascade.max_loaded.min(config.runtime.pool_slots);
-            let taken = shared
-                .reserved
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| (r + need <= slots).then_some(r + need));
-            match taken {
-                Ok(_) => reservation.slots = need,
-                Err(reserved) => return Err(RuntimeError::ArenaLimit { slots, reserved, need }),
+        let session_permit = match shared.session_permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::NoPermits) => return Err(RuntimeError::SessionLimit { limit }),
+            Err(TryAcquireError::Closed) => return Err(RuntimeError::ShutDown),
+        };
+        let slot_permits = match &shared.slot_permits {
+            None => None,
+            Some(slots) => {
+                // The arena holds what every open session may need: its cap of active probes.
+                let need = config.cascade.max_loaded.min(config.runtime.pool_slots);
+                match slots.clone().try_acquire_many_owned(need as u32) {
+                    Ok(p) => Some(p),
+                    Err(TryAcquireError::NoPermits) => {
+                        let total = config.runtime.pool_slots;
+                        let reserved = total - slots.available_permits();
+                        return Err(RuntimeError::ArenaLimit { slots: total, reserved, need });
+                    }
+                    Err(TryAcquireError::Closed) => return Err(RuntimeError::ShutDown),
+                }
             }
-        }
+        };
         let id = SessionId(shared.next_id.fetch_add(1, Ordering::SeqCst));
         let tx = shared.steps.lock().expect("steps lock").clone().ok_or(RuntimeError::ShutDown)?;
         let lane = Lane::open(id, config.runtime.pool_slots, tx).map_err(|_| RuntimeError::ShutDown)?;
-        let rt = &config.runtime;
-        let scorer = Scorer::Shared(lane);
-        let mut coordinator =
-            new_coordinator(shared.pack.clone(), &config.cascade, rt, base, shared.cache.clone(), scorer, false);
-        coordinator.faults = shared.faults.clone();
+        let mut coordinator = new_coordinator(shared, &config, base, lane);
         coordinator.load_base().await?;
-        let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(rt.request_queue));
+        let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(config.runtime.request_queue));
         shared.sessions.lock().expect("sessions lock").insert(id, coordinator.downgrade());
-        let arena_slots = std::mem::replace(&mut reservation.slots, 0);
-        std::mem::forget(reservation);
-        Ok(Session { id, coordinator, shared: shared.clone(), closed: false, arena_slots })
+        let permits = (session_permit, slot_permits);
+        Ok(Session { id, coordinator, shared: shared.clone(), closed: false, _permits: permits })
     }
 
     /// One decode step of many sessions: each `(session, hidden)` is observed, all at once,
@@ -205,7 +206,8 @@ impl Runtime {
     pub async fn reconfigure(&self, id: SessionId, options: &SessionOptions) -> Result<(), RuntimeError> {
         let config = session_config(&self.shared.config, options)?;
         // What the pack itself rules out (the exhaustive mode under a smaller max_loaded).
-        crate::policy::base_set(self.shared.pack.hierarchy(), &config.cascade).map_err(RuntimeError::Options)?;
+        crate::policy::base_set(self.shared.pack.hierarchy(), &config.cascade)
+            .map_err(|e| RuntimeError::Options(e.into()))?;
         let coordinator = self.shared.sessions.lock().expect("sessions lock").get(&id).and_then(WeakActorRef::upgrade);
         let coordinator = coordinator.ok_or(RuntimeError::UnknownSession(id))?;
         let reconfigure = Reconfigure {
@@ -248,6 +250,7 @@ impl Runtime {
     pub async fn shutdown(&self) {
         let shared = &self.shared;
         shared.stopping.store(true, Ordering::SeqCst);
+        shared.session_permits.close();
         shared.steps.lock().expect("steps lock").take();
         let sessions: Vec<_> = shared.sessions.lock().expect("sessions lock").drain().map(|(_, c)| c).collect();
         for c in sessions.iter().filter_map(WeakActorRef::upgrade) {
@@ -259,17 +262,57 @@ impl Runtime {
     }
 }
 
-/// Gives back a reserved session place (and arena slots) unless the open completed.
-struct Reservation<'a> {
-    shared: &'a Shared,
-    slots: usize,
+/// Starts the weight cache (and its reader) under the configured budget.
+fn spawn_cache(
+    pack: &Arc<Pack>,
+    rt: &crate::config::RuntimeConfig,
+    faults: &Faults,
+) -> Result<(ActorRef<WeightCache>, ReaderKind), StartError> {
+    let settings = CacheSettings {
+        budget_bytes: rt.cache_bytes,
+        queue_depth: rt.prefetch_queue_depth,
+        reader: rt.reader,
+        fallback_threads: rt.fallback_io_threads,
+        faults: faults.clone(),
+    };
+    let cache = WeightCache::new(pack.clone(), &settings).map_err(StartError::Reader)?;
+    let reader = cache.reader_kind();
+    Ok((WeightCache::spawn_with_mailbox(cache, mailbox::bounded(rt.request_queue.max(16) * 4)), reader))
 }
 
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        self.shared.open.fetch_sub(1, Ordering::SeqCst);
-        self.shared.reserved.fetch_sub(self.slots, Ordering::SeqCst);
+/// A session's coordinator (not started; the caller loads its base layers).
+fn new_coordinator(shared: &Shared, config: &Config, base: crate::policy::ConceptSet, lane: Lane) -> Coordinator {
+    let (pack, cascade, rt) = (&shared.pack, &config.cascade, &config.runtime);
+    Coordinator {
+        pool: ModelPool::new(rt.pool_slots, pack.len()),
+        normalization: cascade.normalization_for(pack.input_normalization()),
+        pack: pack.clone(),
+        config: Arc::new(cascade.clone()),
+        hint_margin: rt.prefetch_hint_margin,
+        base,
+        cache: shared.cache.clone(),
+        lane,
+        next_token: 0,
+        broken: None,
+        mode: rt.mode,
+        latency_budget: std::time::Duration::from_micros(rt.latency_budget_us),
+        pending: crate::policy::ConceptSet::default(),
+        failed_late: Vec::new(),
+        scoring_time: std::time::Duration::ZERO,
+        faults: shared.faults.clone(),
     }
+}
+
+/// The CPU kernel scores active probes where they lie in the weight cache, which keeps them
+/// pinned while they are active: the cache must hold as many as can be active at once.
+fn check_cache_holds_the_cap(pack: &Pack, config: &Config) -> Result<(), StartError> {
+    let probe = pack.layout().byte_len() as u64;
+    let cap = config.cascade.max_loaded.min(config.runtime.pool_slots) as u64;
+    let budget = config.runtime.cache_bytes;
+    if budget < cap * probe {
+        return Err(StartError::CacheTooSmall { budget, probe, cap });
+    }
+    Ok(())
 }
 
 /// The runtime's config with a session's options applied, validated.
@@ -284,19 +327,33 @@ fn session_config(base: &Config, options: &SessionOptions) -> Result<Config, Run
     if let Some(us) = options.latency_budget_us {
         config.runtime.latency_budget_us = us;
     }
-    config.validate(Path::new("session options")).map_err(|e| RuntimeError::Options(e.to_string()))?;
+    config.validate(Path::new("session options")).map_err(|e| RuntimeError::Options(e.into()))?;
     Ok(config)
 }
 
+/// Asks a coordinator to score a hidden state, naming why if it cannot.
+async fn observe_on(
+    coordinator: &ActorRef<Coordinator>,
+    hidden: Hidden,
+    stopping: &AtomicBool,
+) -> Result<TokenReport, RuntimeError> {
+    coordinator.ask(Observe(hidden)).await.map_err(|e| match e {
+        kameo::error::SendError::HandlerError(e) => e,
+        kameo::error::SendError::ActorNotRunning(_) => RuntimeError::ShutDown,
+        _ if stopping.load(Ordering::SeqCst) => RuntimeError::ShutDown,
+        other => RuntimeError::ActorStopped { actor: "coordinator", detail: super::describe(&other) },
+    })
+}
+
 /// One stream on a [`Runtime`]. Closing it (or dropping it) answers what it has queued and
-/// frees what only it used.
+/// frees what only it used. It holds its admission permits: a place under
+/// `runtime.max_sessions`, and on a shared arena its cap of `runtime.pool_slots`.
 pub struct Session {
     id: SessionId,
     coordinator: ActorRef<Coordinator>,
     shared: Arc<Shared>,
     closed: bool,
-    /// Slots of the shared arena reserved for this session (0 on the CPU kernel).
-    arena_slots: usize,
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
 
 impl Session {
@@ -314,14 +371,28 @@ impl Session {
         self.coordinator.ask(ActiveSet).await.map_err(|_| RuntimeError::ShutDown)
     }
 
-    /// Waits until this session has no load in flight (see `Cascade::settle`).
+    /// Waits until no load is in flight: no child pending in the coordinator (pipelined mode),
+    /// no read outstanding in the cache (hints included), and no slot rearrangement (pruning's
+    /// moves) queued at the step scheduler. A generation loop gets this for free while it
+    /// computes the next token; tests and benchmarks call it to model that gap.
     pub async fn settle(&self) -> Result<(), RuntimeError> {
-        settle_on(&self.coordinator, &self.shared.cache).await
+        loop {
+            let pending = self.coordinator.ask(PendingLoads).await.map_err(|_| RuntimeError::ShutDown)?;
+            let stats = self.shared.cache.ask(cache::Stats).await.map_err(|_| RuntimeError::ShutDown)?;
+            if pending == 0 && stats.in_flight == 0 {
+                return match self.coordinator.ask(Drain).await {
+                    Ok(()) => Ok(()),
+                    Err(kameo::error::SendError::HandlerError(e)) => Err(e),
+                    Err(_) => Err(RuntimeError::ShutDown),
+                };
+            }
+            tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+        }
     }
 
-    /// Answers every request already queued, then frees the session's slots (its references
-    /// to cache entries) and its place under `runtime.max_sessions`. When it returns, the
-    /// step scheduler has been told to free them, ahead of anything sent after.
+    /// Answers every request already queued, then frees the session's slots and its permits.
+    /// When it returns, the step scheduler has been told to free the slots, ahead of anything
+    /// sent after.
     pub async fn close(mut self) {
         self.closed = true;
         self.unregister();
@@ -330,10 +401,7 @@ impl Session {
     }
 
     fn unregister(&self) {
-        if self.shared.sessions.lock().expect("sessions lock").remove(&self.id).is_some() {
-            self.shared.open.fetch_sub(1, Ordering::SeqCst);
-            self.shared.reserved.fetch_sub(self.arena_slots, Ordering::SeqCst);
-        }
+        self.shared.sessions.lock().expect("sessions lock").remove(&self.id);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Command-line front end. Library errors become anyhow reports here, and only here.
 
 mod bench;
+mod engines;
 mod measure;
 mod pack;
 mod plot;
@@ -75,10 +76,25 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, joined by ": ", leaving out a cause whose text is already there:
+/// the library's errors name their source in their own message where a caller that prints only
+/// the top (Python, gRPC) needs it, and the chain would say it twice.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 /// Quiet by default: INFO carries only start/finish lines; RUST_LOG=debug shows per-stage spans.

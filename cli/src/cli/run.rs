@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use probe_cascade::config::{Config, Mode};
-use probe_cascade::engine::{build_engine, percentile, EngineKind, StageTimings, TokenReport};
+use probe_cascade::engine::{percentile, StageTimings, TokenReport};
+
+use super::engines::{self, EngineKind};
 use probe_cascade::pack::Pack;
 use serde_json::json;
 
@@ -63,7 +65,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         return run_sessions(&args, pack, &config, &trace, tokens, n as usize);
     }
-    let mut engine = build_engine(args.engine, pack.clone(), &config)?;
+    let mut engine = engines::build(args.engine, pack.clone(), &config)?;
     println!("{} engine, {} tokens, config {}", engine.name(), tokens, args.config.display());
     println!("{:>6} {:>9} {:>9} {:>7} {:>9} {:>7}  top", "token", "ms", "children", "loaded", "unloaded", "active");
     let mut reports: Vec<TokenReport> = Vec::with_capacity(tokens);

@@ -26,7 +26,7 @@ async fn all_at_once<F, Fut>(
     from: usize,
     tokens: usize,
     observe: F,
-) -> Result<(Vec<Times>, Duration), RuntimeError>
+) -> anyhow::Result<(Vec<Times>, Duration)>
 where
     F: Fn(usize, Vec<f32>) -> Fut,
     Fut: std::future::Future<Output = Result<TokenReport, RuntimeError>> + Send + 'static,
@@ -52,7 +52,7 @@ where
         .collect();
     let mut out = Vec::with_capacity(streams);
     for t in tasks {
-        out.push(t.await.map_err(|e| RuntimeError::Setup(format!("a stream's task failed: {e}")))??);
+        out.push(t.await.map_err(|e| anyhow::anyhow!("a stream's task failed: {e}"))??);
     }
     Ok((out, start.elapsed()))
 }
@@ -151,7 +151,7 @@ pub fn bench(
             let ram = runtime.cache_stats().await?.resident_bytes;
             drop(sessions);
             runtime.shutdown().await;
-            Ok::<_, RuntimeError>(row(
+            Ok::<_, anyhow::Error>(row(
                 name,
                 "runtime-sessions",
                 n,
@@ -190,7 +190,7 @@ pub fn bench(
         for c in &cascades {
             c.shutdown().await;
         }
-        Ok::<_, RuntimeError>(row(
+        Ok::<_, anyhow::Error>(row(
             name,
             "separate-cascades",
             n,
@@ -211,7 +211,7 @@ pub fn table(rows: &[serde_json::Value]) -> String {
     let mut md = String::from(
         "## Sessions: many streams on one runtime\n\n\
          Every stream runs its tokens back to back, all streams at once; session i starts at token i·(T/N) of the trace. \
-         `separate-cascades` is N `Cascade`s (a cache and an inference thread each) in the same process.\n\n\
+         `separate-cascades` is N `Cascade`s (a cache and a step scheduler each) in the same process.\n\n\
          | config | engine | sessions | tokens/s | p50 ms | p95 ms | union probes/step | requests/step | logits/step | kernel ms/step | kernel share | kernel GB/s | weights in RAM MB | RSS MB |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );

@@ -1,6 +1,6 @@
 //! A hidden state as callers hand it over: an owned `Vec<f32>`, or a view of memory someone
 //! else owns (a torch tensor, a numpy array) in f32, bf16 or f16. The runtime reads it once,
-//! in [`prepare_hidden`](super::prepare_hidden), which checks it, widens it to f32 and
+//! in `engine::prepare_hidden`, which checks it, widens it to f32 and
 //! normalizes it into the runtime's own working copy; a view is never copied before that.
 
 use half::{bf16, f16};

@@ -1,0 +1,120 @@
+//! The types every layer shares: what a token reports, how long its stages took, a hidden
+//! state as a caller hands it over, weight traffic, and which reader the runtime uses.
+//!
+//! Why a leaf: the engines, the runtime, the config and the bindings all name these, and a
+//! type that lived in one of them made the others depend on it (the engines on the runtime,
+//! the config on the reader). This module depends only on `pack` (a concept's id), so no
+//! cycle can form through it; `tests/layering.rs` keeps it that way.
+
+pub mod hidden;
+
+use std::time::Duration;
+
+pub use hidden::{Hidden, HiddenSource, HiddenValues};
+
+use crate::pack::ConceptId;
+
+/// One reported concept.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ReportEntry {
+    #[serde(skip)]
+    pub id: ConceptId,
+    pub name: String,
+    pub layer: u16,
+    pub prob: f32,
+    pub logit: f32,
+}
+
+/// Wall time of each stage of one token, as the seed's profile split it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StageTimings {
+    #[serde(serialize_with = "ms")]
+    pub initial_scoring: Duration,
+    #[serde(serialize_with = "ms")]
+    pub expansion_lookup: Duration,
+    #[serde(serialize_with = "ms")]
+    pub loading: Duration,
+    #[serde(serialize_with = "ms")]
+    pub new_scoring: Duration,
+    #[serde(serialize_with = "ms")]
+    pub pruning: Duration,
+    #[serde(serialize_with = "ms")]
+    pub sorting: Duration,
+}
+
+fn ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+/// What one token did and found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenReport {
+    pub index: usize,
+    pub top: Vec<ReportEntry>,
+    /// Distinct inactive children the expansion asked for.
+    pub children: usize,
+    /// Probes loaded (activated) this token.
+    pub loaded: usize,
+    /// Probes unloaded (deactivated) by pruning this token.
+    pub unloaded: usize,
+    /// Children left out because the active set would pass max_loaded.
+    pub skipped_by_cap: usize,
+    /// Probes scored this token.
+    pub scored: usize,
+    /// Which probes were scored this token, ascending: what a fidelity check against the
+    /// exhaustive oracle needs (a concept the cascade never scored is one it missed).
+    pub scored_ids: Vec<ConceptId>,
+    /// Active probes after pruning.
+    pub active: usize,
+    pub stages: StageTimings,
+    pub elapsed: Duration,
+    /// Pipelined runtime: requested children still loading when the report was made.
+    pub in_flight: Vec<String>,
+    /// Pipelined runtime: children of earlier tokens whose late loads failed.
+    pub failed_loads: Vec<String>,
+}
+
+/// Weight bytes copied by installs and slot moves, and how many of each: the CPU kernel's
+/// stay at zero bytes (its slots are references to the cache's entries).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WeightTraffic {
+    /// Which backend scores: the kernel's instruction-set path, or the tch arena.
+    pub path: String,
+    pub installs: u64,
+    pub install_bytes_copied: u64,
+    pub moves: u64,
+    pub move_bytes_copied: u64,
+}
+
+impl WeightTraffic {
+    pub fn new(path: &str) -> Self {
+        Self { path: path.into(), ..Default::default() }
+    }
+
+    /// An install that copied `bytes`.
+    pub fn copied(&mut self, bytes: usize) {
+        self.installs += 1;
+        self.install_bytes_copied += bytes as u64;
+    }
+}
+
+/// Which reader to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ReaderKind {
+    /// io_uring, falling back to threads where the kernel refuses it.
+    #[default]
+    Auto,
+    IoUring,
+    Threads,
+}
+
+/// A session's number on its runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct SessionId(pub u64);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "session {}", self.0)
+    }
+}
