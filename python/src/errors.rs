@@ -100,7 +100,7 @@ pub fn from_runtime(e: &RuntimeError, position: Option<usize>) -> PyErr {
         RuntimeError::Probe { source, .. } => {
             raise::<ProbeLoadError>(message, Facts { path: pack_path(&source.0), ..facts })
         }
-        RuntimeError::Options(_) => raise::<ConfigError>(message, facts),
+        RuntimeError::Options(_) | RuntimeError::FixedKey { .. } => raise::<ConfigError>(message, facts),
         _ => raise::<ProbeCascadeError>(message, facts),
     }
 }

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use probe_cascade::config::Mode;
 use probe_cascade::pack::Pack;
-use probe_cascade::runtime::{Runtime as CoreRuntime, RuntimeError, Session as CoreSession, SessionOptions};
+use probe_cascade::runtime::{
+    Runtime as CoreRuntime, RuntimeError, Session as CoreSession, SessionOptions, StartError,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use serde_json::Value;
@@ -141,7 +143,13 @@ impl Runtime {
         let started = py.detach(|| {
             let pack = Pack::open(&dir).map_err(|e| from_pack(&e))?;
             tokio.block_on(CoreRuntime::start(Arc::new(pack), &cfg)).map_err(|e| match e {
-                RuntimeError::Setup(m) => config_error(format!("{}: {m}", resolved.source), None),
+                // The config does not fit the pack or the machine: a config error, by variant.
+                RuntimeError::Start(
+                    e @ (StartError::Config(_)
+                    | StartError::CacheTooSmall { .. }
+                    | StartError::Device(_)
+                    | StartError::Kernel { .. }),
+                ) => config_error(format!("{}: {e}", resolved.source), None),
                 other => from_runtime(&other, None),
             })
         });
