@@ -2,7 +2,7 @@
 //!
 //! The `lru` crate counts entries, not bytes, so the actor keeps its own byte total and evicts
 //! from the cold end until a new entry fits. An entry is *pinned* while anyone else holds its
-//! `Arc` (the inference thread installing it into a slot): pinned entries are skipped by
+//! `Arc` (a session's slot on the CPU kernel, or an install in flight): pinned entries are skipped by
 //! eviction, and their bytes stay valid whatever the cache does. Concurrent misses on one probe
 //! share one read. Buffers come back through a bounded channel when the last `Arc` drops, so
 //! steady-state reads land in recycled, already-faulted memory.

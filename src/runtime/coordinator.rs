@@ -46,7 +46,7 @@ pub struct Coordinator {
     pub(super) pending: ConceptSet,
     /// Pipelined mode: late loads that failed, reported with the next token.
     pub(super) failed_late: Vec<String>,
-    /// Time the inference thread spent scoring (as opposed to installing), summed.
+    /// Time the step scheduler spent scoring (as opposed to installing), summed.
     pub(super) scoring_time: Duration,
     /// Injected faults (tests only).
     pub(super) faults: Faults,

@@ -15,7 +15,7 @@
 //! - `refuse_io_uring` makes the kernel "say no" to io_uring, as seccomp does.
 //! - Panics fire in the named actor while it handles a message involving the probe.
 //! - `fail_step` makes the scoring thread fail mid-step: the step scheduler's kernel call for
-//!   a step scoring the probe, or a `Cascade`'s inference actor after it installed the probe.
+//!   a step scoring the probe (a `Cascade` is one session, so it is the same scheduler).
 
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,7 +49,7 @@ pub enum PanicSite {
     /// The weight cache, handling a fetch, a look-up or a prefetch hint of the probe.
     Cache,
     /// The scoring thread: a runtime's step scheduler, scoring a step that holds the probe,
-    /// or a `Cascade`'s own inference actor, installing it.
+    /// (every stream's, a `Cascade`'s included).
     Scoring,
 }
 
