@@ -367,3 +367,41 @@ async fn a_closed_session_holds_nothing_once_close_returns() {
     }
     rt.shutdown().await;
 }
+
+/// What an embedder attaches to a session (the server's per-session facts) lives in the
+/// runtime's registry, the one list of open sessions: found while the session is open, gone
+/// when it closes; an attachment that owns its own `Session` is dropped at shutdown without
+/// deadlocking on the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_live_in_the_runtimes_registry_while_their_session_is_open() {
+    struct Facts {
+        label: String,
+        owned: std::sync::Mutex<Option<probe_cascade::runtime::Session>>,
+    }
+    let f = fixture();
+    let rt = Runtime::start(f.pack.clone(), &config("realtime")).await.unwrap();
+    let facts = |label: &str| {
+        let label = label.to_string();
+        move |id: probe_cascade::runtime::SessionId| {
+            Arc::new(Facts { label: format!("{label} {}", id.0), owned: std::sync::Mutex::new(None) })
+        }
+    };
+    let a = rt.open_session_with(SessionOptions::default(), facts("a")).await.unwrap();
+    let b = rt.open_session_with(SessionOptions::default(), facts("b")).await.unwrap();
+    let plain = rt.open_session(SessionOptions::default()).await.unwrap();
+    assert_eq!(rt.attached::<Facts>(a.id()).unwrap().label, format!("a {}", a.id().0));
+    assert!(rt.attached::<String>(a.id()).is_none(), "an attachment is found only as its own type");
+    assert!(rt.attached::<Facts>(plain.id()).is_none());
+    let listed: Vec<_> = rt.attachments::<Facts>().into_iter().map(|(id, f)| (id, f.label.clone())).collect();
+    assert_eq!(listed, [(a.id(), format!("a {}", a.id().0)), (b.id(), format!("b {}", b.id().0))]);
+    let a_id = a.id();
+    a.close().await;
+    assert!(rt.attached::<Facts>(a_id).is_none(), "gone with its session");
+    assert_eq!(rt.sessions(), vec![b.id(), plain.id()]);
+    // b's attachment owns b, as the server's entry owns an `OpenSession` session.
+    let b_id = b.id();
+    *rt.attached::<Facts>(b_id).unwrap().owned.lock().unwrap() = Some(b);
+    tokio::time::timeout(std::time::Duration::from_secs(30), rt.shutdown()).await.expect("shutdown does not deadlock");
+    assert!(rt.sessions().is_empty());
+    assert!(matches!(plain.observe(row(&f.traces[0], 0, 0)).await, Err(RuntimeError::ShutDown)));
+}

@@ -1,8 +1,9 @@
-//! The server's state, one owner for each piece: the [`Runtime`] (pack, cache, scheduler),
-//! the live config (swapped whole by a reload), and the registry of open sessions with the
-//! options each was opened with, so that a reload can reapply them on the new file.
+//! The server's state, one owner for each piece: the [`Runtime`] (pack, cache, scheduler, and
+//! the registry of open sessions), and the live config (swapped whole by a reload). What the
+//! server knows of a session (how it was opened, so that a reload can reapply its options on
+//! the new file; its peer, label and token count) is a [`SessionEntry`] attached to the
+//! session's entry in the runtime's registry: one list of open sessions, the runtime's.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -134,7 +135,6 @@ pub struct State {
     pub runtime: Runtime,
     pub config_path: Option<PathBuf>,
     live: RwLock<Arc<Live>>,
-    sessions: Mutex<HashMap<SessionId, Arc<SessionEntry>>>,
     started: Instant,
     draining: AtomicBool,
     /// Set when draining starts: stream tasks stop reading and finish what they hold.
@@ -158,7 +158,6 @@ impl State {
             runtime,
             config_path,
             live: RwLock::new(Arc::new(live)),
-            sessions: Mutex::new(HashMap::new()),
             started: Instant::now(),
             draining: AtomicBool::new(false),
             drain_tx: watch::channel(false).0,
@@ -202,17 +201,23 @@ impl State {
             return Err(OpenError::Draining);
         }
         let options = requested.options(&self.live()).map_err(OpenError::Options)?;
-        let session = self.runtime.open_session(options).await.map_err(OpenError::Runtime)?;
-        let entry = Arc::new(SessionEntry {
-            id: session.id(),
-            kind,
-            requested,
-            opened: SystemTime::now(),
-            peer,
-            tokens: AtomicU64::new(0),
-            last_used_ms: AtomicU64::new(self.now_ms()),
-            owned: Mutex::new(None),
-        });
+        let mut made = None;
+        let attach = |id| {
+            let entry = Arc::new(SessionEntry {
+                id,
+                kind,
+                requested,
+                opened: SystemTime::now(),
+                peer,
+                tokens: AtomicU64::new(0),
+                last_used_ms: AtomicU64::new(self.now_ms()),
+                owned: Mutex::new(None),
+            });
+            made = Some(entry.clone());
+            entry
+        };
+        let session = self.runtime.open_session_with(options, attach).await.map_err(OpenError::Runtime)?;
+        let entry = made.expect("the runtime attaches the entry when the session opens");
         let session = match kind {
             SessionKind::Stream => Some(session),
             SessionKind::Unary => {
@@ -220,36 +225,35 @@ impl State {
                 None
             }
         };
-        self.sessions.lock().expect("sessions lock").insert(entry.id, entry.clone());
         metrics::counter!(crate::metrics::SESSIONS_OPENED).increment(1);
         Ok((entry, session))
     }
 
     pub fn session(&self, id: SessionId) -> Option<Arc<SessionEntry>> {
-        self.sessions.lock().expect("sessions lock").get(&id).cloned()
+        self.runtime.attached(id)
     }
 
-    /// Forgets a session and closes it (answering what it has queued). `session` is the
-    /// stream's own; an `OpenSession` one is taken from its entry.
+    fn entries(&self) -> Vec<Arc<SessionEntry>> {
+        self.runtime.attachments::<SessionEntry>().into_iter().map(|(_, e)| e).collect()
+    }
+
+    /// Closes a session (answering what it has queued), which takes it out of the runtime's
+    /// registry. `session` is the stream's own; an `OpenSession` one is taken from its entry,
+    /// once: of two concurrent closes, one closes it and the other is told it was not open.
     pub async fn close(&self, id: SessionId, session: Option<Session>) -> bool {
-        let entry = self.sessions.lock().expect("sessions lock").remove(&id);
-        let owned = entry.as_ref().and_then(|e| e.owned.lock().expect("session lock").take());
-        if let Some(s) = session.or(owned) {
-            s.close().await;
-        }
-        if entry.is_some() {
-            metrics::counter!(crate::metrics::SESSIONS_CLOSED).increment(1);
-        }
-        entry.is_some()
+        let owned = self.session(id).and_then(|e| e.owned.lock().expect("session lock").take());
+        let Some(session) = session.or(owned) else { return false };
+        session.close().await;
+        metrics::counter!(crate::metrics::SESSIONS_CLOSED).increment(1);
+        true
     }
 
     /// `OpenSession` sessions idle for longer than `serve.idle_session_ms`.
     pub fn idle_sessions(&self) -> Vec<SessionId> {
         let limit = self.live().config.serve.idle_session_ms;
         let now = self.now_ms();
-        let sessions = self.sessions.lock().expect("sessions lock");
-        sessions
-            .values()
+        self.entries()
+            .into_iter()
             .filter(|e| e.kind == SessionKind::Unary)
             .filter(|e| now.saturating_sub(e.last_used_ms.load(Ordering::Relaxed)) > limit)
             .map(|e| e.id)
@@ -257,15 +261,15 @@ impl State {
     }
 
     pub fn open_sessions(&self) -> usize {
-        self.sessions.lock().expect("sessions lock").len()
+        self.runtime.sessions().len()
     }
 
     pub fn session_views(&self) -> Vec<SessionView> {
         let now = self.now_ms();
         let live = self.live();
-        let sessions = self.sessions.lock().expect("sessions lock");
-        let mut views: Vec<SessionView> = sessions
-            .values()
+        let mut views: Vec<SessionView> = self
+            .entries()
+            .iter()
             .map(|e| SessionView {
                 id: e.id.0,
                 kind: e.kind,
@@ -336,7 +340,7 @@ impl State {
             return ReloadOutcome::Unchanged;
         }
         // Check every open session's options against the new file before applying any.
-        let entries: Vec<Arc<SessionEntry>> = self.sessions.lock().expect("sessions lock").values().cloned().collect();
+        let entries = self.entries();
         let mut planned = Vec::with_capacity(entries.len());
         for e in &entries {
             match e.requested.options(&new) {
@@ -385,8 +389,7 @@ impl State {
 
     /// Closes every session (drain's last step).
     pub async fn close_all(&self) {
-        let ids: Vec<SessionId> = self.sessions.lock().expect("sessions lock").keys().copied().collect();
-        for id in ids {
+        for id in self.runtime.sessions() {
             self.close(id, None).await;
         }
     }

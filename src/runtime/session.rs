@@ -20,6 +20,7 @@
 //! arena each session reserves its cap of `runtime.pool_slots` slots when it opens, so no
 //! token fails for want of a slot (docs/architecture.md, "Sessions").
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,7 +64,7 @@ struct Shared {
     /// None once shut down: no new sessions.
     steps: Mutex<Option<flume::Sender<StepMsg>>>,
     /// The registry of open sessions: the one place that knows which are open.
-    sessions: Mutex<HashMap<SessionId, WeakActorRef<Coordinator>>>,
+    sessions: Mutex<HashMap<SessionId, Registered>>,
     /// Admission: one permit per open session, `runtime.max_sessions` in all.
     session_permits: Arc<Semaphore>,
     /// On a shared arena (an accelerator, or `device.cpu_kernel = "torch"`): one permit per
@@ -72,6 +73,13 @@ struct Shared {
     next_id: AtomicU64,
     stopping: AtomicBool,
     faults: Faults,
+}
+
+/// What the registry keeps of an open session: its coordinator, and what the embedder (the
+/// server) attached to it when it opened.
+struct Registered {
+    coordinator: WeakActorRef<Coordinator>,
+    attached: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 /// One shared runtime for many streams. Cheap to clone.
@@ -138,6 +146,41 @@ impl Runtime {
     /// Opens a session: its own cascade settings (checked), its base layers loaded (shared
     /// with other sessions in the cache).
     pub async fn open_session(&self, options: SessionOptions) -> Result<Session, RuntimeError> {
+        self.open(options, |_| None).await
+    }
+
+    /// [`Runtime::open_session`], attaching what `attach` makes of the new session's id to its
+    /// registry entry, where [`Runtime::attached`] finds it until the session closes: the
+    /// server keeps its per-session facts (peer, label, token count) there, so that the
+    /// runtime's registry is the one list of open sessions.
+    pub async fn open_session_with<T: Any + Send + Sync>(
+        &self,
+        options: SessionOptions,
+        attach: impl FnOnce(SessionId) -> Arc<T>,
+    ) -> Result<Session, RuntimeError> {
+        self.open(options, |id| Some(attach(id) as Arc<dyn Any + Send + Sync>)).await
+    }
+
+    /// What was attached to open session `id`, if it is open and holds a `T`.
+    pub fn attached<T: Any + Send + Sync>(&self, id: SessionId) -> Option<Arc<T>> {
+        let sessions = self.shared.sessions.lock().expect("sessions lock");
+        sessions.get(&id)?.attached.clone()?.downcast().ok()
+    }
+
+    /// Every open session's attachment of type `T`, by session id.
+    pub fn attachments<T: Any + Send + Sync>(&self) -> Vec<(SessionId, Arc<T>)> {
+        let sessions = self.shared.sessions.lock().expect("sessions lock");
+        let mut all: Vec<(SessionId, Arc<T>)> =
+            sessions.iter().filter_map(|(&id, r)| Some((id, r.attached.clone()?.downcast().ok()?))).collect();
+        all.sort_by_key(|(id, _)| *id);
+        all
+    }
+
+    async fn open(
+        &self,
+        options: SessionOptions,
+        attach: impl FnOnce(SessionId) -> Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Result<Session, RuntimeError> {
         let shared = &self.shared;
         let config = session_config(&shared.config, &options)?;
         if shared.slot_permits.is_none() {
@@ -175,7 +218,8 @@ impl Runtime {
         let mut coordinator = new_coordinator(shared, &config, base, lane);
         coordinator.load_base().await?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(config.runtime.request_queue));
-        shared.sessions.lock().expect("sessions lock").insert(id, coordinator.downgrade());
+        let registered = Registered { coordinator: coordinator.downgrade(), attached: attach(id) };
+        shared.sessions.lock().expect("sessions lock").insert(id, registered);
         let permits = (session_permit, slot_permits);
         Ok(Session { id, coordinator, shared: shared.clone(), closed: false, _permits: permits })
     }
@@ -189,7 +233,7 @@ impl Runtime {
     ) -> Vec<Result<TokenReport, RuntimeError>> {
         let coordinators: Vec<_> = {
             let sessions = self.shared.sessions.lock().expect("sessions lock");
-            items.iter().map(|(id, _)| sessions.get(id).and_then(WeakActorRef::upgrade)).collect()
+            items.iter().map(|(id, _)| sessions.get(id).and_then(|r| r.coordinator.upgrade())).collect()
         };
         let asks = items.into_iter().zip(coordinators).map(|((id, hidden), c)| async move {
             match c {
@@ -208,7 +252,8 @@ impl Runtime {
         // What the pack itself rules out (the exhaustive mode under a smaller max_loaded).
         crate::policy::base_set(self.shared.pack.hierarchy(), &config.cascade)
             .map_err(|e| RuntimeError::Options(e.into()))?;
-        let coordinator = self.shared.sessions.lock().expect("sessions lock").get(&id).and_then(WeakActorRef::upgrade);
+        let coordinator =
+            self.shared.sessions.lock().expect("sessions lock").get(&id).and_then(|r| r.coordinator.upgrade());
         let coordinator = coordinator.ok_or(RuntimeError::UnknownSession(id))?;
         let reconfigure = Reconfigure {
             cascade: config.cascade,
@@ -252,11 +297,15 @@ impl Runtime {
         shared.stopping.store(true, Ordering::SeqCst);
         shared.session_permits.close();
         shared.steps.lock().expect("steps lock").take();
-        let sessions: Vec<_> = shared.sessions.lock().expect("sessions lock").drain().map(|(_, c)| c).collect();
-        for c in sessions.iter().filter_map(WeakActorRef::upgrade) {
+        // Taken out under the lock, dropped after it: an attachment may own a `Session`,
+        // whose drop takes the lock again.
+        let registered: Vec<Registered> =
+            shared.sessions.lock().expect("sessions lock").drain().map(|(_, r)| r).collect();
+        for c in registered.iter().filter_map(|r| r.coordinator.upgrade()) {
             let _ = c.stop_gracefully().await;
             let _ = c.wait_for_shutdown_result().await;
         }
+        drop(registered);
         let _ = shared.cache.stop_gracefully().await;
         let _ = shared.cache.wait_for_shutdown_result().await;
     }
@@ -401,7 +450,9 @@ impl Session {
     }
 
     fn unregister(&self) {
-        self.shared.sessions.lock().expect("sessions lock").remove(&self.id);
+        // Dropped after the lock is released (see `Runtime::shutdown`).
+        let registered = self.shared.sessions.lock().expect("sessions lock").remove(&self.id);
+        drop(registered);
     }
 }
 
