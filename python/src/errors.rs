@@ -5,7 +5,7 @@
 use probe_cascade::config::ConfigError as CoreConfigError;
 use probe_cascade::engine::EngineError;
 use probe_cascade::pack::PackError;
-use probe_cascade::runtime::RuntimeError;
+use probe_cascade::runtime::{RuntimeError, StartError};
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
@@ -69,6 +69,7 @@ pub fn from_config(e: &CoreConfigError) -> PyErr {
         CoreConfigError::Io { path, .. } | CoreConfigError::Parse { path, .. } => {
             (None, Some(path.display().to_string()))
         }
+        CoreConfigError::AgainstPack { key, .. } => (Some(key.to_string()), None),
     };
     raise::<ConfigError>(e.to_string(), Facts { key, path, ..Facts::default() })
 }
@@ -100,7 +101,12 @@ pub fn from_runtime(e: &RuntimeError, position: Option<usize>) -> PyErr {
         RuntimeError::Probe { source, .. } => {
             raise::<ProbeLoadError>(message, Facts { path: pack_path(&source.0), ..facts })
         }
-        RuntimeError::Options(_) | RuntimeError::FixedKey { .. } => raise::<ConfigError>(message, facts),
+        // The exception's class and its key come from the variant, not from the message.
+        RuntimeError::Options(StartError::Config(
+            CoreConfigError::Invalid { key, .. } | CoreConfigError::AgainstPack { key, .. },
+        ))
+        | RuntimeError::FixedKey { key } => raise::<ConfigError>(message, Facts { key: Some(key.to_string()), ..facts }),
+        RuntimeError::Options(_) => raise::<ConfigError>(message, facts),
         _ => raise::<ProbeCascadeError>(message, facts),
     }
 }
