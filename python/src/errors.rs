@@ -105,7 +105,9 @@ pub fn from_runtime(e: &RuntimeError, position: Option<usize>) -> PyErr {
         RuntimeError::Options(StartError::Config(
             CoreConfigError::Invalid { key, .. } | CoreConfigError::AgainstPack { key, .. },
         ))
-        | RuntimeError::FixedKey { key } => raise::<ConfigError>(message, Facts { key: Some(key.to_string()), ..facts }),
+        | RuntimeError::FixedKey { key } => {
+            raise::<ConfigError>(message, Facts { key: Some(key.to_string()), ..facts })
+        }
         RuntimeError::Options(_) => raise::<ConfigError>(message, facts),
         _ => raise::<ProbeCascadeError>(message, facts),
     }
