@@ -3,9 +3,8 @@
 //! same facts are attributes: `token`, `position`, `key`, `path`, where known.
 
 use probe_cascade::config::ConfigError as CoreConfigError;
-use probe_cascade::engine::EngineError;
 use probe_cascade::pack::PackError;
-use probe_cascade::runtime::{RuntimeError, StartError};
+use probe_cascade::runtime::{RuntimeError, StartError, TokenError, TokenErrorKind};
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
@@ -95,10 +94,10 @@ pub fn from_runtime(e: &RuntimeError, position: Option<usize>) -> PyErr {
     let message = format!("{at}{e}");
     let facts = Facts { token, position, ..Facts::default() };
     match e {
-        RuntimeError::Hidden(EngineError::Width { .. } | EngineError::NonFinite { .. }) => {
+        RuntimeError::Token(TokenError { kind: TokenErrorKind::Hidden(_), .. }) => {
             raise::<BadHiddenState>(message, facts)
         }
-        RuntimeError::Probe { source, .. } => {
+        RuntimeError::Token(TokenError { kind: TokenErrorKind::Probe(source), .. }) => {
             raise::<ProbeLoadError>(message, Facts { path: pack_path(&source.0), ..facts })
         }
         // The exception's class and its key come from the variant, not from the message.

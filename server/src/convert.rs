@@ -1,8 +1,8 @@
 //! Between the wire and the runtime: hidden states from raw little-endian bytes, reports and
 //! errors into messages. Pure functions, unit-tested.
 
-use probe_cascade::engine::{EngineError, TokenReport};
-use probe_cascade::runtime::RuntimeError;
+use probe_cascade::engine::TokenReport;
+use probe_cascade::runtime::{RuntimeError, TokenError, TokenErrorKind};
 
 use crate::proto::v1 as pb;
 
@@ -95,8 +95,8 @@ pub fn report(r: &TokenReport) -> pb::Report {
 /// The kind of a runtime error, for the wire and for `probe_cascade_errors_total{kind}`.
 pub fn kind_of(e: &RuntimeError) -> pb::ErrorKind {
     match e {
-        RuntimeError::Hidden(EngineError::Width { .. } | EngineError::NonFinite { .. }) => pb::ErrorKind::BadHidden,
-        RuntimeError::Probe { .. } => pb::ErrorKind::ProbeLoad,
+        RuntimeError::Token(TokenError { kind: TokenErrorKind::Hidden(_), .. }) => pb::ErrorKind::BadHidden,
+        RuntimeError::Token(TokenError { kind: TokenErrorKind::Probe(_), .. }) => pb::ErrorKind::ProbeLoad,
         RuntimeError::SessionLimit { .. } | RuntimeError::ArenaLimit { .. } => pb::ErrorKind::Limit,
         RuntimeError::ShutDown => pb::ErrorKind::ShuttingDown,
         RuntimeError::UnknownSession(_) => pb::ErrorKind::UnknownSession,

@@ -10,6 +10,7 @@ use super::{BackendError, Engine, EngineError, HiddenValues, ProbeBackend, Repor
 use crate::config::{CascadeConfig, Normalization};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::{self, ConceptSet, Scored, TokenCascade};
+use crate::types::HiddenError;
 
 pub struct CascadeEngine<B> {
     pack: Arc<Pack>,
@@ -151,21 +152,30 @@ impl<B: ProbeBackend> Engine for CascadeEngine<B> {
     }
 }
 
-/// Step 0: rejects a hidden state of the wrong width or with NaN/infinity, then normalizes.
+/// Step 0 for token `token`: [`check_hidden`], its error naming the token.
 pub fn prepare_hidden<'a>(
     token: usize,
     hidden: impl Into<HiddenValues<'a>>,
     expected: usize,
     normalization: Normalization,
 ) -> Result<Vec<f32>, EngineError> {
+    check_hidden(hidden, expected, normalization).map_err(|source| EngineError::Hidden { token, source })
+}
+
+/// Rejects a hidden state of the wrong width or with NaN/infinity, then normalizes it into a
+/// working copy (one pass over the caller's memory, widened exactly).
+pub fn check_hidden<'a>(
+    hidden: impl Into<HiddenValues<'a>>,
+    expected: usize,
+    normalization: Normalization,
+) -> Result<Vec<f32>, HiddenError> {
     let hidden = hidden.into();
     if hidden.len() != expected {
-        return Err(EngineError::Width { token, got: hidden.len(), expected });
+        return Err(HiddenError::Width { got: hidden.len(), expected });
     }
-    // One pass over the caller's memory: widened (exactly) into the working copy.
     let x = hidden.to_f32();
     if let Some((index, &value)) = x.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(EngineError::NonFinite { token, index, value });
+        return Err(HiddenError::NonFinite { index, value });
     }
     Ok(match normalization {
         Normalization::None => x,

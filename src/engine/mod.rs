@@ -11,7 +11,9 @@ pub mod tensors;
 use std::sync::Arc;
 
 pub use crate::types::{hidden, Hidden, HiddenSource, HiddenValues, ReportEntry, StageTimings, TokenReport};
-pub use cascade::{layer_norm, layer_norm_f64, prepare_hidden, report_entries, CascadeEngine, LAYER_NORM_EPS};
+pub use cascade::{
+    check_hidden, layer_norm, layer_norm_f64, prepare_hidden, report_entries, CascadeEngine, LAYER_NORM_EPS,
+};
 
 use crate::config::Config;
 use crate::pack::{ConceptId, Pack, PackError};
@@ -39,10 +41,13 @@ pub enum BackendError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("token {token}: the hidden state has {got} values but the pack's probes read D={expected}")]
-    Width { token: usize, got: usize, expected: usize },
-    #[error("token {token}: hidden state value [{index}] is {value}")]
-    NonFinite { token: usize, index: usize, value: f32 },
+    /// A bad hidden state (wrong width, NaN).
+    #[error("token {token}: {source}")]
+    Hidden {
+        token: usize,
+        #[source]
+        source: crate::types::HiddenError,
+    },
     #[error("token {token}: {source}")]
     Backend {
         token: usize,
@@ -74,8 +79,7 @@ impl EngineError {
     /// The token the error belongs to, if it is about one token.
     pub fn token(&self) -> Option<usize> {
         match self {
-            EngineError::Width { token, .. }
-            | EngineError::NonFinite { token, .. }
+            EngineError::Hidden { token, .. }
             | EngineError::Backend { token, .. }
             | EngineError::Kernel { token, .. } => Some(*token),
             EngineError::Other { token, .. } => *token,

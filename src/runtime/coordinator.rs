@@ -20,9 +20,9 @@ use super::cache::{Get, Peek, Prefetch, ProbeBytes, ReadError, WeightCache};
 use super::faults::{Faults, PanicSite};
 use super::pool::{ModelPool, SlotOp};
 use super::steps::Lane;
-use super::RuntimeError;
+use super::{RuntimeError, TokenErrorKind};
 use crate::config::{CascadeConfig, Mode, Normalization};
-use crate::engine::{prepare_hidden, report_entries, Hidden, StageTimings, TokenReport};
+use crate::engine::{check_hidden, report_entries, Hidden, StageTimings, TokenReport};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::{ConceptSet, Scored, TokenCascade};
 
@@ -86,7 +86,7 @@ impl Coordinator {
         hidden: Arc<Vec<f32>>,
     ) -> Result<Vec<f32>, RuntimeError> {
         let scores = match self.lane.apply_and_score(ops, bytes, start, len, hidden).await {
-            Ok(scores) => scores.map_err(|source| RuntimeError::Scoring { token, source })?,
+            Ok(scores) => scores.map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Scoring(e)))?,
             Err(_) => return Err(steps_gone()),
         };
         self.scoring_time += scores.scoring;
@@ -105,7 +105,7 @@ impl Coordinator {
         if !absent.is_empty() {
             let fetched = self.cache.ask(Get(absent.clone())).await.map_err(stopped("cache"))?;
             for (id, f) in absent.iter().zip(fetched) {
-                let b = f.map_err(|source| RuntimeError::Probe { token, source })?;
+                let b = f.map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Probe(e)))?;
                 bytes.insert(*id, b);
             }
         }
@@ -124,7 +124,7 @@ impl Coordinator {
         let start = self.pool.active_len();
         let mut ops = Vec::new();
         for &id in ids {
-            self.pool.activate(id, &mut ops).map_err(|source| RuntimeError::Pool { token, source })?;
+            self.pool.activate(id, &mut ops).map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Pool(e)))?;
         }
         // A failed scoring leaves the slots as planned (the caller rolls the token back); a
         // failed slot operation poisons the session's slots at the scheduler, which then
@@ -267,7 +267,9 @@ impl Coordinator {
             return Err(RuntimeError::Broken(why.clone()));
         }
         let start = Instant::now();
-        let h = Arc::new(prepare_hidden(token, hidden.values(), self.pack.hidden_dim(), self.normalization)?);
+        let h = check_hidden(hidden.values(), self.pack.hidden_dim(), self.normalization)
+            .map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Hidden(e)))?;
+        let h = Arc::new(h);
         // The caller's memory (a tensor or an array it lent) is released as soon as it is read.
         drop(hidden);
         let mut stages = StageTimings::default();

@@ -32,7 +32,7 @@ use crate::config::{Config, ConfigError};
 use crate::engine::EngineError;
 use crate::kernel::KernelError;
 use crate::pack::{ConceptId, Pack};
-use crate::types::{Hidden, ReaderKind, TokenReport};
+use crate::types::{Hidden, HiddenError, ReaderKind, TokenReport};
 use cache::{CacheStats, ReadError};
 use coordinator::Broken;
 use faults::Faults;
@@ -72,29 +72,34 @@ pub enum StartError {
     Thread(#[source] std::io::Error),
 }
 
+/// What went wrong with one token, and which token it was.
+#[derive(Debug, thiserror::Error)]
+#[error("token {token}: {kind}")]
+pub struct TokenError {
+    pub token: usize,
+    #[source]
+    pub kind: TokenErrorKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenErrorKind {
+    /// A bad hidden state (wrong width, NaN).
+    #[error(transparent)]
+    Hidden(HiddenError),
+    /// A probe the token needed could not be read (names the concept and the file).
+    #[error(transparent)]
+    Probe(ReadError),
+    #[error(transparent)]
+    Scoring(ScoringError),
+    #[error(transparent)]
+    Pool(PoolFull),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    /// A bad hidden state (wrong width, NaN): names the token.
+    /// One token failed; the stream goes on from the state before it.
     #[error(transparent)]
-    Hidden(#[from] EngineError),
-    #[error("token {token}: {source}")]
-    Probe {
-        token: usize,
-        #[source]
-        source: ReadError,
-    },
-    #[error("token {token}: {source}")]
-    Scoring {
-        token: usize,
-        #[source]
-        source: ScoringError,
-    },
-    #[error("token {token}: {source}")]
-    Pool {
-        token: usize,
-        #[source]
-        source: PoolFull,
-    },
+    Token(#[from] TokenError),
     #[error("the {actor} actor did not answer ({detail})")]
     ActorStopped { actor: &'static str, detail: &'static str },
     #[error("the stream stopped serving after an earlier failure: {0}")]
@@ -124,12 +129,14 @@ impl RuntimeError {
     /// The token the error belongs to, if it is about one token.
     pub fn token(&self) -> Option<usize> {
         match self {
-            RuntimeError::Hidden(e) => e.token(),
-            RuntimeError::Probe { token, .. }
-            | RuntimeError::Scoring { token, .. }
-            | RuntimeError::Pool { token, .. } => Some(*token),
+            RuntimeError::Token(e) => Some(e.token),
             _ => None,
         }
+    }
+
+    /// A token's error of this kind.
+    pub(crate) fn token_error(token: usize, kind: TokenErrorKind) -> Self {
+        RuntimeError::Token(TokenError { token, kind })
     }
 }
 
@@ -233,7 +240,9 @@ impl crate::engine::Engine for BlockingCascade {
 
     fn observe(&mut self, _token: usize, hidden: &[f32]) -> Result<TokenReport, EngineError> {
         self.rt.block_on(self.cascade.observe(hidden.to_vec())).map_err(|e| match e {
-            RuntimeError::Hidden(e) => e,
+            RuntimeError::Token(TokenError { token, kind: TokenErrorKind::Hidden(source) }) => {
+                EngineError::Hidden { token, source }
+            }
             other => EngineError::Other { token: other.token(), error: Box::new(other) },
         })
     }

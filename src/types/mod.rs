@@ -74,6 +74,15 @@ pub struct TokenReport {
     pub failed_loads: Vec<String>,
 }
 
+/// Why a hidden state was refused (the caller adds which token it was).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HiddenError {
+    #[error("the hidden state has {got} values but the pack's probes read D={expected}")]
+    Width { got: usize, expected: usize },
+    #[error("hidden state value [{index}] is {value}")]
+    NonFinite { index: usize, value: f32 },
+}
+
 /// Weight bytes copied by installs and slot moves, and how many of each: the CPU kernel's
 /// stay at zero bytes (its slots are references to the cache's entries).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
