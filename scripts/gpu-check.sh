@@ -12,7 +12,8 @@
 #   2. the same in pipelined mode with a long budget, and 8 sessions at once (`run --sessions`);
 #   3. `bench` of the runtime on the device, OLD and NEW alternately, exact and pipelined, at
 #      seed top-30 and decompose (bench-*/bench.md).
-# DEVICE=cpu runs the same on the CPU (to test the script where there is no GPU).
+# DEVICE=cpu runs the same on the CPU (to test the script where there is no GPU); BENCH=0
+# stops after the checks.
 set -euo pipefail
 NEW=${NEW:?the binary to check}
 DEVICE=${DEVICE:-cuda:0}
@@ -20,9 +21,10 @@ OUT=${OUT:?where results go}
 TOKENS=${TOKENS:-200}
 work=${WORK:-/tmp/pc-gpu-check}
 mkdir -p "$OUT" "$work"
-if [ "$DEVICE" != cpu ] && [ -z "${LD_LIBRARY_PATH:-}" ]; then
-  LD_LIBRARY_PATH=$(python3 -c 'import os,torch;print(os.path.dirname(torch.__file__))')/lib
-  export LD_LIBRARY_PATH
+if [ "$DEVICE" != cpu ]; then
+  # The binary's rpath names the build machine's torch: this machine's comes first.
+  torch_lib=$(python3 -c 'import os,torch;print(os.path.dirname(torch.__file__))')/lib
+  export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1 || true
 "$NEW" cpu >"$OUT/cpu.txt" 2>&1 || true
@@ -36,6 +38,8 @@ config() { # $1: device, $2: mode, $3: latency budget
 config "$DEVICE" exact 0 >"$work/dev-exact.toml"
 config "$DEVICE" pipelined 5000000 >"$work/dev-pipelined.toml"
 config cpu exact 0 >"$work/cpu.toml"
+# On a shared arena each session reserves its cap (max_loaded = 500) of runtime.pool_slots.
+sed -e 's/^pool_slots = 512/pool_slots = 4096/' "$work/dev-exact.toml" >"$work/dev-sessions.toml"
 
 run() { # $1: name, then run's arguments
   local name=$1
@@ -51,7 +55,7 @@ run() { # $1: name, then run's arguments
 run reference --engine reference --config "$work/cpu.toml" --json "$OUT/reference.json"
 run device-exact --engine runtime --config "$work/dev-exact.toml" --json "$OUT/device-exact.json"
 run device-pipelined --engine runtime --config "$work/dev-pipelined.toml" --json "$OUT/device-pipelined.json"
-run device-sessions --engine runtime --config "$work/dev-exact.toml" --sessions 8 --json "$OUT/device-sessions.json"
+run device-sessions --engine runtime --config "$work/dev-sessions.toml" --sessions 8 --json "$OUT/device-sessions.json"
 
 python3 - "$OUT" <<'PY'
 import json, sys
@@ -87,6 +91,8 @@ bench() { # $1: label, $2: binary
     --engines runtime-exact,runtime-pipelined --configs seed-top-30,decompose --tokens "$TOKENS" --warmup 10 \
     >"$OUT/bench-$1.log" 2>&1 && echo "bench $1: ok ($((SECONDS - t0)) s)" || { echo "bench $1: FAILED"; tail -5 "$OUT/bench-$1.log"; }
 }
+# BENCH=0: the checks only.
+[ "${BENCH:-1}" = 0 ] && exit 0
 for round in 1 2; do
   [ -n "${OLD:-}" ] && bench "old-$round" "$OLD"
   bench "new-$round" "$NEW"
