@@ -1,24 +1,24 @@
-//! Many streams on one runtime: a [`Runtime`] owns the pack, the weight cache and its reader,
-//! and the step scheduler (the CPU kernel, or one shared tch arena, on its own thread); each
-//! stream is a cheap
-//! [`Session`] with its own coordinator (active set, token counter, pending loads, cascade
-//! settings). Tokens of different sessions that wait at the same time are scored in one step
-//! (see [`super::steps`]).
+//! The one way to stream: a [`Runtime`] owns the pack, the weight cache and its reader, the
+//! step scheduler (with its scoring backend, on its own thread), the registry of open sessions
+//! and the admission semaphores; each stream is a cheap [`Session`] with its own coordinator
+//! (model pool and active set, token counter, pending loads, cascade settings). Tokens of
+//! different sessions that wait at the same time are scored in one step (see [`super::steps`]).
 //!
 //! ```text
 //!  Session ──Observe──▶ Coordinator (per session) ──Get/Peek/Prefetch──▶ WeightCache (shared)
 //!  Session ──Observe──▶ Coordinator (per session) ──Work──▶ step scheduler (shared thread)
 //! ```
 //!
-//! Admission: `runtime.max_sessions` bounds open sessions, and each session's mailbox holds
-//! `runtime.request_queue` requests. On the CPU a session reserves nothing: its active probes
-//! are references to cache entries, so what is resident is the union of the sessions' active
-//! sets, each probe once. The cache must hold one session's cap (`cascade.max_loaded` probes,
-//! checked at start and for each session's options); beyond its budget, active probes stay
-//! pinned while used, so RAM is bounded by `runtime.cache_bytes` plus, at worst,
-//! `max_sessions × max_loaded` probes that are active at once and did not fit. On a shared
-//! arena each session reserves its cap of `runtime.pool_slots` slots when it opens, so no
-//! token fails for want of a slot (docs/architecture.md, "Sessions").
+//! Admission is by semaphore permits that the `Session` holds and gives back when it goes:
+//! one of `runtime.max_sessions` for each session, and on a shared arena its cap,
+//! `min(cascade.max_loaded, runtime.pool_slots)`, of the arena's `runtime.pool_slots`, so no
+//! token fails for want of a slot. Each session's mailbox holds `runtime.request_queue`
+//! requests. On the CPU kernel a session takes no slots: its active probes are references to
+//! cache entries, so what is resident is the union of the sessions' active sets, each probe
+//! once. The cache must hold one session's cap (checked at start and for each session's
+//! options); beyond its budget, active probes stay pinned while used, so RAM is bounded by
+//! `runtime.cache_bytes` plus, at worst, `max_sessions × max_loaded` probes that are active at
+//! once and did not fit (docs/architecture.md, "Sessions").
 
 use std::any::Any;
 use std::collections::HashMap;
