@@ -100,8 +100,8 @@ impl Staging {
         for (row, bytes) in probes.iter().enumerate() {
             assert_eq!(bytes.len(), self.probe_bytes, "cache bytes are one probe long");
             // SAFETY: `host` is a contiguous [rows, probe_bytes] u8 tensor that this struct owns,
-            // `row < rows`, and `bytes` (a cache entry) cannot overlap it. The previous round's
-            // transfer has completed: it was followed by scoring, whose result was read back.
+            // `row < rows`, and `bytes` (a cache entry) cannot overlap it. The previous transfer
+            // has completed: `copy_` without `non_blocking` returns once the data is across.
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.add(row * self.probe_bytes), bytes.len()) };
         }
         let n = probes.len() as i64;
@@ -195,82 +195,81 @@ impl TorchArena {
     ) -> Result<(), ScoringError> {
         let bytes_of = |id| bytes.get(&id).map(|b| &b[..]).ok_or(ScoringError::MissingBytes(id));
         tch::no_grad(|| {
-            let rows = match &self.uploads {
+            let staging = match &mut self.uploads {
                 Uploads::Direct => {
                     for &(slot, id) in installs {
                         let b = bytes_of(id)?;
-                        self.install(pack, slot, id, b)?;
+                        install(&self.arena, pack, slot, id, b)?;
                         traffic.copied(b.len());
                     }
                     return Ok(());
                 }
-                Uploads::Staged(s) => s.rows,
+                Uploads::Staged(staging) => staging,
             };
-            for chunk in installs.chunks(rows) {
+            for chunk in installs.chunks(staging.rows) {
                 let probes = chunk.iter().map(|&(_, id)| bytes_of(id)).collect::<Result<Vec<_>, _>>()?;
-                let Uploads::Staged(staging) = &mut self.uploads else { unreachable!("matched above") };
                 staging.upload(&probes)?;
-                let device_rows = staging.device.shallow_clone();
                 for (row, &(slot, id)) in chunk.iter().enumerate() {
-                    self.install_staged(pack, slot, id, &device_rows, row)?;
+                    install_staged(&self.arena, pack, slot, id, &staging.device, row)?;
                     traffic.copied(probes[row].len());
                 }
             }
             Ok(())
         })
     }
+}
 
-    /// Copies a probe's bytes into a slot (converting to the compute dtype).
-    fn install(&self, pack: &Pack, slot: usize, id: ConceptId, bytes: &[u8]) -> Result<(), tch::TchError> {
-        let storage = kind_of(pack.layout().dtype);
-        self.install_with(pack, slot, id, |range, shape| {
-            let src = &bytes[range];
-            // A borrowed view of the cache's bytes: no allocation and no copy before `copy_`,
-            // which converts the dtype and moves the data to the device in one pass.
-            // SAFETY: `src` holds exactly numel(shape) elements of `storage` (the pack checked
-            // lengths at open and the CRC at read), it outlives the view, which `install_with`
-            // only reads until its copy returns, and the probe's tensor offsets are multiples
-            // of the element size within an allocation aligned for it.
-            debug_assert_eq!(src.len() as i64, shape.iter().product::<i64>() * storage.elt_size_in_bytes() as i64);
-            unsafe { Tensor::f_from_blob(src.as_ptr(), shape, &[], storage, Device::Cpu) }
-        })
-    }
+/// Copies a probe's bytes into a slot of `arena` (converting to the compute dtype).
+fn install(arena: &Arena, pack: &Pack, slot: usize, id: ConceptId, bytes: &[u8]) -> Result<(), tch::TchError> {
+    let storage = kind_of(pack.layout().dtype);
+    install_with(arena, pack, slot, id, |range, shape| {
+        let src = &bytes[range];
+        // A borrowed view of the cache's bytes: no allocation and no copy before `copy_`,
+        // which converts the dtype and moves the data to the device in one pass.
+        // SAFETY: `src` holds exactly numel(shape) elements of `storage` (the pack checked
+        // lengths at open and the CRC at read), it outlives the view, which `install_with`
+        // only reads until its copy returns, and the probe's tensor offsets are multiples of
+        // the element size within an allocation aligned for it.
+        debug_assert_eq!(src.len() as i64, shape.iter().product::<i64>() * storage.elt_size_in_bytes() as i64);
+        unsafe { Tensor::f_from_blob(src.as_ptr(), shape, &[], storage, Device::Cpu) }
+    })
+}
 
-    /// Copies row `row` of the device staging buffer into a slot (converting to the compute dtype).
-    fn install_staged(
-        &self,
-        pack: &Pack,
-        slot: usize,
-        id: ConceptId,
-        staged: &Tensor,
-        row: usize,
-    ) -> Result<(), tch::TchError> {
-        let storage = kind_of(pack.layout().dtype);
-        let row = staged.f_get(row as i64)?;
-        self.install_with(pack, slot, id, |range, shape| {
-            // Reinterpreting bytes needs an element-aligned offset: probe rows are whole probes
-            // and tensor offsets are multiples of the element size (checked at pack open).
-            row.f_narrow(0, range.start as i64, range.len() as i64)?.f_view_dtype(storage)?.f_view(shape)
-        })
-    }
+/// Copies row `row` of the device staging buffer into a slot of `arena` (converting to the
+/// compute dtype).
+fn install_staged(
+    arena: &Arena,
+    pack: &Pack,
+    slot: usize,
+    id: ConceptId,
+    staged: &Tensor,
+    row: usize,
+) -> Result<(), tch::TchError> {
+    let storage = kind_of(pack.layout().dtype);
+    let row = staged.f_get(row as i64)?;
+    install_with(arena, pack, slot, id, |range, shape| {
+        // Reinterpreting bytes needs an element-aligned offset: probe rows are whole probes
+        // and tensor offsets are multiples of the element size (checked at pack open).
+        row.f_narrow(0, range.start as i64, range.len() as i64)?.f_view_dtype(storage)?.f_view(shape)
+    })
+}
 
-    /// Copies each of probe `id`'s six tensors into `slot`; `source(byte range, shape)` gives
-    /// a view of one tensor's stored bytes.
-    fn install_with(
-        &self,
-        pack: &Pack,
-        slot: usize,
-        id: ConceptId,
-        source: impl Fn(std::ops::Range<usize>, &[i64]) -> Result<Tensor, tch::TchError>,
-    ) -> Result<(), tch::TchError> {
-        let ranges = pack.layout().ranges(&pack.tensor_offsets(id));
-        for (part, range) in self.arena.parts().into_iter().zip(ranges) {
-            let mut dst = part.f_get(slot as i64)?;
-            let src = source(range, &dst.size())?;
-            dst.f_copy_(&src)?;
-        }
-        Ok(())
+/// Copies each of probe `id`'s six tensors into `slot` of `arena`; `source(byte range, shape)`
+/// gives a view of one tensor's stored bytes.
+fn install_with(
+    arena: &Arena,
+    pack: &Pack,
+    slot: usize,
+    id: ConceptId,
+    source: impl Fn(std::ops::Range<usize>, &[i64]) -> Result<Tensor, tch::TchError>,
+) -> Result<(), tch::TchError> {
+    let ranges = pack.layout().ranges(&pack.tensor_offsets(id));
+    for (part, range) in arena.parts().into_iter().zip(ranges) {
+        let mut dst = part.f_get(slot as i64)?;
+        let src = source(range, &dst.size())?;
+        dst.f_copy_(&src)?;
     }
+    Ok(())
 }
 
 /// A physical arena slot holding a probe; back on the free list when the last session lets go.
