@@ -231,10 +231,7 @@ impl Runtime {
         &self,
         items: Vec<(SessionId, H)>,
     ) -> Vec<Result<TokenReport, RuntimeError>> {
-        let coordinators: Vec<_> = {
-            let sessions = self.shared.sessions.lock().expect("sessions lock");
-            items.iter().map(|(id, _)| sessions.get(id).and_then(|r| r.coordinator.upgrade())).collect()
-        };
+        let coordinators: Vec<_> = items.iter().map(|(id, _)| self.coordinator(*id)).collect();
         let asks = items.into_iter().zip(coordinators).map(|((id, hidden), c)| async move {
             match c {
                 Some(c) => observe_on(&c, hidden.into(), &self.shared.stopping).await,
@@ -252,9 +249,7 @@ impl Runtime {
         // What the pack itself rules out (the exhaustive mode under a smaller max_loaded).
         crate::policy::base_set(self.shared.pack.hierarchy(), &config.cascade)
             .map_err(|e| RuntimeError::Options(e.into()))?;
-        let coordinator =
-            self.shared.sessions.lock().expect("sessions lock").get(&id).and_then(|r| r.coordinator.upgrade());
-        let coordinator = coordinator.ok_or(RuntimeError::UnknownSession(id))?;
+        let coordinator = self.coordinator(id).ok_or(RuntimeError::UnknownSession(id))?;
         let reconfigure = Reconfigure {
             cascade: config.cascade,
             latency_budget: std::time::Duration::from_micros(config.runtime.latency_budget_us),
@@ -264,6 +259,11 @@ impl Runtime {
             Err(kameo::error::SendError::HandlerError(e)) => Err(e),
             Err(_) => Err(RuntimeError::UnknownSession(id)),
         }
+    }
+
+    /// Open session `id`'s coordinator, from the registry.
+    fn coordinator(&self, id: SessionId) -> Option<ActorRef<Coordinator>> {
+        self.shared.sessions.lock().expect("sessions lock").get(&id)?.coordinator.upgrade()
     }
 
     /// Open sessions.

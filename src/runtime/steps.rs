@@ -210,7 +210,8 @@ impl Steps {
             }
             return None;
         };
-        if poisoned.is_none() {
+        // Most requests (a token's first scoring) carry no slot operations: nothing to apply.
+        if poisoned.is_none() && !w.ops.is_empty() {
             if let Err(e) = self.backend.apply(w.session, &w.ops, &w.bytes) {
                 *poisoned = Some(Arc::new(e));
             }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{check_faults, holdings, Holdings, Request, ScoringBackend, ScoringError, SlotTable, StepScores};
+use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, StepScores, Tables};
 use crate::kernel::{Kernel, ProbeRef};
 use crate::pack::{ConceptId, Pack};
 use crate::runtime::cache::ProbeBytes;
@@ -31,13 +31,13 @@ pub struct KernelBackend {
     pack: Arc<Pack>,
     kernel: Kernel,
     path: &'static str,
-    sessions: HashMap<SessionId, SlotTable<Held>>,
+    sessions: Tables<Held>,
     traffic: WeightTraffic,
 }
 
 impl KernelBackend {
     pub fn new(pack: Arc<Pack>, kernel: Kernel, path: &'static str) -> Self {
-        Self { pack, kernel, path, sessions: HashMap::new(), traffic: WeightTraffic::new(path) }
+        Self { pack, kernel, path, sessions: Tables::default(), traffic: WeightTraffic::new(path) }
     }
 }
 
@@ -47,11 +47,11 @@ impl ScoringBackend for KernelBackend {
     }
 
     fn open(&mut self, session: SessionId, slots: usize) {
-        self.sessions.insert(session, SlotTable::new(slots));
+        self.sessions.open(session, slots);
     }
 
     fn close(&mut self, session: SessionId) {
-        self.sessions.remove(&session);
+        self.sessions.close(session);
     }
 
     fn apply(
@@ -60,7 +60,7 @@ impl ScoringBackend for KernelBackend {
         ops: &[SlotOp],
         bytes: &HashMap<ConceptId, Arc<ProbeBytes>>,
     ) -> Result<(), ScoringError> {
-        let table = self.sessions.get_mut(&session).ok_or(ScoringError::Closed(session))?;
+        let table = self.sessions.get_mut(session)?;
         let pack = &self.pack;
         let mut installs = 0;
         let applied = table.apply(ops, &mut self.traffic, |id| {
@@ -85,11 +85,7 @@ impl ScoringBackend for KernelBackend {
         // Per request: (union index, position in that probe's set) for each of its slots.
         let mut wants: Vec<Option<Vec<(usize, usize)>>> = Vec::with_capacity(step.len());
         for r in step {
-            let held = match self.sessions.get(&r.session) {
-                None => Err(ScoringError::Closed(r.session)),
-                Some(table) => table.held(r.start, r.len),
-            };
-            let held = match held {
+            let held = match self.sessions.held(r) {
                 Ok(h) => h,
                 Err(e) => {
                     answers.push(Err(e));
@@ -135,7 +131,7 @@ impl ScoringBackend for KernelBackend {
     }
 
     fn holdings(&self) -> Holdings {
-        holdings(self.sessions.len(), self.sessions.values().flat_map(|t| t.iter().map(|h| h.bytes.id)))
+        self.sessions.holdings(|h| h.bytes.id)
     }
 
     fn traffic(&self) -> &WeightTraffic {

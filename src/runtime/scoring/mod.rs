@@ -202,13 +202,45 @@ impl<H> SlotTable<H> {
     }
 }
 
-/// Distinct keys and references over every session's held items.
-fn holdings<'a, K: std::hash::Hash + Eq + 'a>(sessions: usize, keys: impl Iterator<Item = K>) -> Holdings {
-    let mut held: HashMap<K, usize> = HashMap::new();
-    for k in keys {
-        *held.entry(k).or_default() += 1;
+/// A backend's open sessions and their slot tables: what both backends keep per session, and
+/// the look-ups a step makes in them.
+pub struct Tables<H> {
+    sessions: HashMap<SessionId, SlotTable<H>>,
+}
+
+impl<H> Default for Tables<H> {
+    fn default() -> Self {
+        Self { sessions: HashMap::new() }
     }
-    Holdings { sessions, probes: held.len(), refs: held.values().sum() }
+}
+
+impl<H> Tables<H> {
+    pub fn open(&mut self, session: SessionId, slots: usize) {
+        self.sessions.insert(session, SlotTable::new(slots));
+    }
+
+    pub fn close(&mut self, session: SessionId) {
+        self.sessions.remove(&session);
+    }
+
+    /// The session's table, to apply its slot operations to.
+    pub fn get_mut(&mut self, session: SessionId) -> Result<&mut SlotTable<H>, ScoringError> {
+        self.sessions.get_mut(&session).ok_or(ScoringError::Closed(session))
+    }
+
+    /// What the request's slots hold: its own error if the session is closed or a slot empty.
+    pub fn held(&self, r: &Request) -> Result<Vec<&H>, ScoringError> {
+        self.sessions.get(&r.session).ok_or(ScoringError::Closed(r.session))?.held(r.start, r.len)
+    }
+
+    /// Distinct probes held (keyed by `key`: a cache entry's id, a physical slot) and references.
+    pub fn holdings<K: std::hash::Hash + Eq>(&self, key: impl Fn(&H) -> K) -> Holdings {
+        let mut held: HashMap<K, usize> = HashMap::new();
+        for k in self.sessions.values().flat_map(|t| t.iter().map(&key)) {
+            *held.entry(k).or_default() += 1;
+        }
+        Holdings { sessions: self.sessions.len(), probes: held.len(), refs: held.values().sum() }
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{check_faults, holdings, Holdings, Request, ScoringBackend, ScoringError, SlotTable, StepScores};
+use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, StepScores, Tables};
 use crate::engine::tensors::{kind_of, to_host_f32};
 use crate::pack::layout::{HIDDEN1, HIDDEN2};
 use crate::pack::{ConceptId, Pack};
@@ -292,7 +292,7 @@ pub struct TorchBackend {
     /// Which physical slot holds a probe, while any session holds it.
     resident: HashMap<ConceptId, Weak<Physical>>,
     free: Arc<Mutex<Vec<usize>>>,
-    sessions: HashMap<SessionId, SlotTable<Arc<Physical>>>,
+    sessions: Tables<Arc<Physical>>,
     traffic: WeightTraffic,
 }
 
@@ -308,7 +308,7 @@ impl TorchBackend {
         let torch = TorchArena::new(&pack, slots, device, compute, staging_bytes)?;
         let traffic = WeightTraffic::new(torch.path());
         let free = Arc::new(Mutex::new((0..slots).rev().collect()));
-        Ok(Self { pack, torch, slots, resident: HashMap::new(), free, sessions: HashMap::new(), traffic })
+        Ok(Self { pack, torch, slots, resident: HashMap::new(), free, sessions: Tables::default(), traffic })
     }
 }
 
@@ -318,11 +318,11 @@ impl ScoringBackend for TorchBackend {
     }
 
     fn open(&mut self, session: SessionId, slots: usize) {
-        self.sessions.insert(session, SlotTable::new(slots));
+        self.sessions.open(session, slots);
     }
 
     fn close(&mut self, session: SessionId) {
-        self.sessions.remove(&session);
+        self.sessions.close(session);
         self.resident.retain(|_, p| p.strong_count() > 0);
     }
 
@@ -334,7 +334,7 @@ impl ScoringBackend for TorchBackend {
         ops: &[SlotOp],
         bytes: &HashMap<ConceptId, Arc<ProbeBytes>>,
     ) -> Result<(), ScoringError> {
-        let table = self.sessions.get_mut(&session).ok_or(ScoringError::Closed(session))?;
+        let table = self.sessions.get_mut(session)?;
         let mut uploads = Vec::new();
         let (resident, free, slots) = (&mut self.resident, &self.free, self.slots);
         let mut shared = 0;
@@ -368,11 +368,7 @@ impl ScoringBackend for TorchBackend {
         let mut hidden: Vec<&[f32]> = Vec::new();
         let mut wants: Vec<Option<(usize, Vec<usize>)>> = Vec::with_capacity(step.len());
         for r in step {
-            let held = match self.sessions.get(&r.session) {
-                None => Err(ScoringError::Closed(r.session)),
-                Some(table) => table.held(r.start, r.len),
-            };
-            match held {
+            match self.sessions.held(r) {
                 Err(e) => {
                     answers.push(Err(e));
                     wants.push(None);
@@ -406,7 +402,7 @@ impl ScoringBackend for TorchBackend {
     }
 
     fn holdings(&self) -> Holdings {
-        holdings(self.sessions.len(), self.sessions.values().flat_map(|t| t.iter().map(|p| p.slot)))
+        self.sessions.holdings(|p| p.slot)
     }
 
     fn traffic(&self) -> &WeightTraffic {
