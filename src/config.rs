@@ -215,11 +215,22 @@ pub struct DeviceConfig {
     /// has), `scalar`, `avx2` or `avx512` (the kernel on that path), or `torch` (libtorch on
     /// an arena the probes are copied into).
     pub cpu_kernel: CpuKernel,
+    /// Bytes of the tch backend's resident store (an accelerator, or `cpu_kernel = "torch"`):
+    /// probes are copied into it once, in the compute dtype, and stay until their room is
+    /// needed. 0: the whole pack where it fits in half the free memory of the device (RAM
+    /// for the CPU), else that half.
+    pub store_bytes: u64,
 }
 
 impl Default for DeviceConfig {
     fn default() -> Self {
-        Self { device: "cpu".into(), compute_dtype: DType::F32, threads: 0, cpu_kernel: CpuKernel::Auto }
+        Self {
+            device: "cpu".into(),
+            compute_dtype: DType::F32,
+            threads: 0,
+            cpu_kernel: CpuKernel::Auto,
+            store_bytes: 0,
+        }
     }
 }
 

@@ -293,12 +293,13 @@ async fn limits_options_and_shutdown_give_named_errors_and_answer_everything_que
     assert!(runtime.open_session(SessionOptions::default()).await.is_err());
 }
 
-/// Sessions on the shared tch arena (an accelerator's path, here on the CPU with
+/// Sessions on the tch backend's resident store (an accelerator's path, here on the CPU with
 /// `device.cpu_kernel = "torch"`): each session's reports match its stream run alone (within
 /// rounding: libtorch's sums are not batch-invariant), a probe several sessions use is copied
-/// into the arena once, and the arena's slots are reserved per session, naming the limit.
+/// into the store once and a probe activated again is not copied again, pruning moves no
+/// bytes, and sessions reserve nothing: 32 open at once with the shipped limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_on_the_shared_arena_match_each_stream_and_reserve_their_slots() {
+async fn sessions_on_the_resident_store_match_each_stream_and_copy_each_probe_once() {
     let f = fixture();
     let mut config = config("realtime");
     config.device.cpu_kernel = probe_cascade::config::CpuKernel::Torch;
@@ -338,14 +339,69 @@ async fn sessions_on_the_shared_arena_match_each_stream_and_reserve_their_slots(
     }
     let stats = runtime.step_stats().await.unwrap();
     assert!(stats.held_probes < stats.held_refs, "shared probes are resident once: {stats:?}");
-    assert!(stats.traffic.path.contains("torch arena"));
-    assert_eq!(stats.traffic.move_bytes_copied, 0, "pruning moves references on the shared arena");
-    // 3 sessions reserve 3 × 60 of the 200 slots: a fourth is refused, naming the key.
-    let err = runtime.open_session(SessionOptions::default()).await.err().unwrap();
-    assert!(err.to_string().contains("runtime.pool_slots = 200"), "{err}");
-    sessions.pop().unwrap().close().await;
-    let fourth = runtime.open_session(SessionOptions::default()).await.unwrap();
-    drop(fourth);
+    assert!(stats.traffic.path.contains("torch store"));
+    assert_eq!(stats.traffic.move_bytes_copied, 0, "pruning moves pins, never bytes");
+    // The default store holds the whole pack: each probe was copied in at most once, however
+    // often the sessions activated it, and nothing was evicted.
+    let store = stats.store.expect("the tch backend reports its store");
+    assert_eq!(store.rows, f.pack.len());
+    assert!(store.uploads as usize <= f.pack.len() && store.evictions == 0, "{store:?}");
+    assert!(store.hits > store.uploads, "activations mostly found their probe resident: {store:?}");
+    assert_eq!(stats.traffic.install_bytes_copied, store.uploads * f.pack.layout().byte_len() as u64);
+    // No reservation: 29 more sessions (32 in all) open under the shipped limits.
+    for _ in 0..29 {
+        sessions.push(runtime.open_session(SessionOptions::default()).await.unwrap());
+    }
+    assert_eq!(runtime.step_stats().await.unwrap().sessions, 32);
+    drop(sessions);
+    runtime.shutdown().await;
+}
+
+/// A resident store too small for what a token needs fails that token, naming
+/// `device.store_bytes` and what is left, and the session goes on from where it was; a session
+/// whose base layers cannot be pinned is refused the same way; a store that cannot even hold
+/// the runtime's base layers does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_resident_store_fails_only_what_does_not_fit_and_names_device_store_bytes() {
+    let f = fixture();
+    let mut config = config("realtime");
+    config.device.cpu_kernel = probe_cascade::config::CpuKernel::Torch;
+    let base = probe_cascade::policy::base_set(f.pack.hierarchy(), &config.cascade).unwrap();
+    let row_bytes = probe_cascade::runtime::scoring::torch::row_bytes(f.pack.hidden_dim(), tch::Kind::Float) as u64;
+    config.device.store_bytes = (base.len() as u64 - 1) * row_bytes;
+    let err = Runtime::start(f.pack.clone(), &config).await.err().unwrap();
+    assert!(err.to_string().contains("device.store_bytes"), "{err}");
+    // Room for the base layers and two more probes.
+    config.device.store_bytes = (base.len() as u64 + 2) * row_bytes;
+    let runtime = Runtime::start(f.pack.clone(), &config).await.unwrap();
+    let session = runtime.open_session(SessionOptions::default()).await.unwrap();
+    let mut failed = 0;
+    for t in 0..TOKENS {
+        match session.observe(row(&f.traces[0], 0, t)).await {
+            Ok(_) => {}
+            Err(e) => {
+                assert!(e.to_string().contains("device.store_bytes"), "token {t}: {e}");
+                failed += 1;
+            }
+        }
+        let active = session.active().await.unwrap();
+        assert!(active.len() <= base.len() + 2, "token {t}: the store bounds the active set");
+    }
+    assert!(failed > 0, "some token needed more than two children");
+    let store = runtime.step_stats().await.unwrap().store.unwrap();
+    assert!(store.resident <= store.rows && store.rows == base.len() + 2, "{store:?}");
+    // A session with one more base layer cannot pin it: refused, naming the key.
+    let mut cascade = config.cascade.clone();
+    cascade.base_layers.push(1);
+    let options = SessionOptions { cascade: Some(cascade), ..Default::default() };
+    let err = runtime.open_session(options).await.err().unwrap();
+    assert!(matches!(err, RuntimeError::StoreLimit(_)), "{err}");
+    assert!(err.to_string().contains("device.store_bytes"), "{err}");
+    // The first session still serves.
+    session.observe(row(&f.traces[1], 0, 0)).await.map(|_| ()).or_else(|e| {
+        if e.to_string().contains("device.store_bytes") { Ok(()) } else { Err(e) }
+    }).unwrap();
+    drop(session);
     runtime.shutdown().await;
 }
 

@@ -97,7 +97,7 @@ pub fn kind_of(e: &RuntimeError) -> pb::ErrorKind {
     match e {
         RuntimeError::Token(TokenError { kind: TokenErrorKind::Hidden(_), .. }) => pb::ErrorKind::BadHidden,
         RuntimeError::Token(TokenError { kind: TokenErrorKind::Probe(_), .. }) => pb::ErrorKind::ProbeLoad,
-        RuntimeError::SessionLimit { .. } | RuntimeError::ArenaLimit { .. } => pb::ErrorKind::Limit,
+        RuntimeError::SessionLimit { .. } | RuntimeError::StoreLimit(_) => pb::ErrorKind::Limit,
         RuntimeError::ShutDown => pb::ErrorKind::ShuttingDown,
         RuntimeError::UnknownSession(_) => pb::ErrorKind::UnknownSession,
         _ => pb::ErrorKind::Internal,

@@ -35,7 +35,7 @@ fn open_status(e: OpenError) -> Status {
             m::error("bad_request");
             Status::invalid_argument(message)
         }
-        OpenError::Runtime(e @ (RuntimeError::SessionLimit { .. } | RuntimeError::ArenaLimit { .. })) => {
+        OpenError::Runtime(e @ (RuntimeError::SessionLimit { .. } | RuntimeError::StoreLimit(_))) => {
             m::error("limit");
             Status::resource_exhausted(e.to_string())
         }

@@ -435,6 +435,7 @@ pub fn changed_keys(old: &Config, new: &Config) -> (Vec<&'static str>, Vec<&'sta
     check("device.compute_dtype", a.compute_dtype != b.compute_dtype, false);
     check("device.threads", a.threads != b.threads, false);
     check("device.cpu_kernel", a.cpu_kernel != b.cpu_kernel, false);
+    check("device.store_bytes", a.store_bytes != b.store_bytes, false);
     let (a, b) = (&old.runtime, &new.runtime);
     check("runtime.cache_bytes", a.cache_bytes != b.cache_bytes, false);
     check("runtime.pool_slots", a.pool_slots != b.pool_slots, false);

@@ -19,6 +19,8 @@ use tracing::{debug_span, Instrument};
 use super::cache::{Get, Peek, Prefetch, ProbeBytes, ReadError, WeightCache};
 use super::faults::{Faults, PanicSite};
 use super::pool::{ModelPool, SlotOp};
+use super::scoring::store::ResidentView;
+use super::scoring::ScoringError;
 use super::steps::Lane;
 use super::{RuntimeError, TokenErrorKind};
 use crate::config::{CascadeConfig, Mode, Normalization};
@@ -35,6 +37,9 @@ pub struct Coordinator {
     pub(super) pool: ModelPool,
     pub(super) cache: ActorRef<WeightCache>,
     pub(super) lane: Lane,
+    /// On the tch backend: what its resident store holds. A probe in it needs no bytes to be
+    /// installed, so none are fetched from the cache.
+    pub(super) resident: Option<Arc<ResidentView>>,
     pub(super) next_token: usize,
     /// Set when the coordinator panicked mid-token: its pool and the session's slots may be
     /// out of step, so every later request is refused with this (the slots' own poisoned
@@ -85,12 +90,28 @@ impl Coordinator {
         len: usize,
         hidden: Arc<Vec<f32>>,
     ) -> Result<Vec<f32>, RuntimeError> {
-        let scores = match self.lane.apply_and_score(ops, bytes, start, len, hidden).await {
+        let retry = (!ops.is_empty() && self.resident.is_some()).then(|| (ops.clone(), bytes.clone()));
+        let mut answer = self.lane.apply_and_score(ops, bytes, start, len, hidden.clone()).await;
+        // Probes seen resident were evicted before the install (another session needed the
+        // room): nothing was applied, so the same operations go again with their bytes.
+        if let (Some((ops, mut bytes)), Ok(Err(ScoringError::Evicted(ids)))) = (retry, &answer) {
+            let fetched = self.cache.ask(Get(ids.clone())).await.map_err(stopped("cache"))?;
+            for (id, f) in ids.iter().zip(fetched) {
+                bytes.insert(*id, f.map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Probe(e)))?);
+            }
+            answer = self.lane.apply_and_score(ops, bytes, start, len, hidden).await;
+        }
+        let scores = match answer {
             Ok(scores) => scores.map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Scoring(e)))?,
             Err(_) => return Err(steps_gone()),
         };
         self.scoring_time += scores.scoring;
         Ok(scores.logits)
+    }
+
+    /// Whether installing `id` needs its bytes: not if the resident store holds it.
+    fn needs_bytes(&self, id: ConceptId) -> bool {
+        !self.resident.as_ref().is_some_and(|r| r.contains(id))
     }
 
     /// Activates `ids` (fetching bytes for absent ones) and returns their logits, in order.
@@ -100,7 +121,8 @@ impl Coordinator {
         ids: &[ConceptId],
         hidden: Arc<Vec<f32>>,
     ) -> Result<Vec<f32>, RuntimeError> {
-        let absent: Vec<ConceptId> = ids.iter().copied().filter(|&id| !self.pool.is_active(id)).collect();
+        let absent: Vec<ConceptId> =
+            ids.iter().copied().filter(|&id| !self.pool.is_active(id) && self.needs_bytes(id)).collect();
         let mut bytes = HashMap::with_capacity(absent.len());
         if !absent.is_empty() {
             let fetched = self.cache.ask(Get(absent.clone())).await.map_err(stopped("cache"))?;
@@ -199,8 +221,9 @@ impl Coordinator {
         hidden: Arc<Vec<f32>>,
         me: &ActorRef<Self>,
     ) -> Result<(Vec<ConceptId>, Vec<f32>), RuntimeError> {
+        // Active, or in the resident store: ready without any bytes.
         let (mut ready, absent): (Vec<ConceptId>, Vec<ConceptId>) =
-            ids.iter().partition(|&&id| self.pool.is_active(id));
+            ids.iter().partition(|&&id| self.pool.is_active(id) || !self.needs_bytes(id));
         absent.iter().for_each(|&id| {
             self.pending.insert(id);
         });

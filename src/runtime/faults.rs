@@ -16,6 +16,8 @@
 //! - Panics fire in the named actor while it handles a message involving the probe.
 //! - `fail_step` makes the scoring thread fail mid-step: the step scheduler's kernel call for
 //!   a step scoring the probe (a `Cascade` is one session, so it is the same scheduler).
+//! - `fail_upload` makes copying the probe into the tch backend's resident store fail (a
+//!   failed transfer, an exhausted device), before any session's slots change.
 
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,6 +83,7 @@ pub struct FaultPlan {
     reads: Vec<Armed<ReadFault>>,
     panics: Vec<Armed<PanicSite>>,
     steps: Vec<Armed<()>>,
+    uploads: Vec<Armed<()>>,
     refuse_io_uring: bool,
     /// Every read delayed by a pseudo-random time in this range.
     slow_all: Option<(Duration, Duration)>,
@@ -111,6 +114,13 @@ impl FaultPlan {
         self
     }
 
+    /// Copying `probe` into the resident store (a device's memory) fails, `times` times, as a
+    /// failed host-to-device transfer or an exhausted device would.
+    pub fn fail_upload(mut self, probe: ConceptId, times: Option<u64>) -> Self {
+        self.uploads.push(Armed { fault: (), probe, times, fired: AtomicU64::new(0) });
+        self
+    }
+
     /// Every read completes correctly after a delay drawn from `min..=max` (a busy or
     /// networked disk), where no other read fault applies.
     pub fn slow_reads(mut self, min: Duration, max: Duration) -> Self {
@@ -137,6 +147,7 @@ impl FaultPlan {
         count(&self.reads)
             + count(&self.panics)
             + count(&self.steps)
+            + count(&self.uploads)
             + self.slowed.load(Ordering::SeqCst)
             + self.refused.load(Ordering::SeqCst)
     }
@@ -194,6 +205,12 @@ impl Faults {
     pub(super) fn step_fails(&self, probes: impl IntoIterator<Item = ConceptId>) -> Option<ConceptId> {
         let plan = self.0.as_ref()?;
         probes.into_iter().find(|&p| plan.steps.iter().any(|a| a.fire(p).is_some()))
+    }
+
+    /// Whether copying `probes` into the resident store fails.
+    pub(super) fn upload_fails(&self, probes: impl IntoIterator<Item = ConceptId>) -> Option<ConceptId> {
+        let plan = self.0.as_ref()?;
+        probes.into_iter().find(|&p| plan.uploads.iter().any(|a| a.fire(p).is_some()))
     }
 
     /// Wraps a reader so that its completions pass through the plan's read faults (the reader

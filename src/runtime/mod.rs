@@ -58,8 +58,19 @@ pub enum StartError {
     /// `device.device` names no device libtorch can use.
     #[error(transparent)]
     Device(EngineError),
-    #[error("allocating the shared arena (runtime.pool_slots): {0}")]
-    Arena(#[source] tch::TchError),
+    #[error("allocating the resident store ({rows} probes of {row_bytes} bytes; device.store_bytes): {source}")]
+    Store {
+        rows: usize,
+        row_bytes: usize,
+        #[source]
+        source: tch::TchError,
+    },
+    #[error(
+        "device.store_bytes = {store_bytes} holds {} probes of {row_bytes} bytes, fewer than the {base} base \
+         probes every session pins (raise device.store_bytes, or 0 for the default)",
+        store_bytes / *row_bytes as u64
+    )]
+    StoreTooSmall { store_bytes: u64, row_bytes: usize, base: usize },
     #[error("device.cpu_kernel = \"{name}\": {source}")]
     Kernel {
         name: &'static str,
@@ -110,12 +121,10 @@ pub enum RuntimeError {
     Start(#[from] StartError),
     #[error("runtime.max_sessions = {limit}: that many sessions are open already")]
     SessionLimit { limit: usize },
-    #[error(
-        "runtime.pool_slots = {slots}: the shared arena has {} slots left unreserved, and a session reserves \
-         cascade.max_loaded = {need} (close a session, or raise runtime.pool_slots)",
-        slots - reserved
-    )]
-    ArenaLimit { slots: usize, reserved: usize, need: usize },
+    /// The resident store cannot pin even the session's base layers (other sessions pin the
+    /// rest): names `device.store_bytes` and what is left.
+    #[error("a new session's base layers do not fit: {0}")]
+    StoreLimit(#[source] scoring::store::StoreFull),
     #[error("{0} is not open on this runtime")]
     UnknownSession(SessionId),
     /// A session's options (at open or reconfigure) are not valid: names the key.

@@ -10,15 +10,16 @@
 //! ```
 //!
 //! Admission is by semaphore permits that the `Session` holds and gives back when it goes:
-//! one of `runtime.max_sessions` for each session, and on a shared arena its cap,
-//! `min(cascade.max_loaded, runtime.pool_slots)`, of the arena's `runtime.pool_slots`, so no
-//! token fails for want of a slot. Each session's mailbox holds `runtime.request_queue`
-//! requests. On the CPU kernel a session takes no slots: its active probes are references to
-//! cache entries, so what is resident is the union of the sessions' active sets, each probe
-//! once. The cache must hold one session's cap (checked at start and for each session's
-//! options); beyond its budget, active probes stay pinned while used, so RAM is bounded by
-//! `runtime.cache_bytes` plus, at worst, `max_sessions × max_loaded` probes that are active at
-//! once and did not fit (docs/architecture.md, "Sessions").
+//! one of `runtime.max_sessions` for each session. Each session's mailbox holds
+//! `runtime.request_queue` requests. On the CPU kernel a session's active probes are
+//! references to cache entries, so what is resident is the union of the sessions' active
+//! sets, each probe once. The cache must hold one session's cap (checked at start and for each
+//! session's options); beyond its budget, active probes stay pinned while used, so RAM is
+//! bounded by `runtime.cache_bytes` plus, at worst, `max_sessions × max_loaded` probes that are
+//! active at once and did not fit (docs/architecture.md, "Sessions"). On the tch backend (an
+//! accelerator, or `device.cpu_kernel = "torch"`) residency is the resident store's, shared by
+//! every session under `device.store_bytes` and nothing else: a session reserves no rows, and
+//! is refused only when its base layers cannot be pinned ([`RuntimeError::StoreLimit`]).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -36,10 +37,11 @@ use super::coordinator::{ActiveSet, Coordinator, Drain, Observe, PendingLoads, R
 use super::faults::Faults;
 use super::pool::ModelPool;
 use super::scoring::kernel::KernelBackend;
-use super::scoring::torch::TorchBackend;
-use super::scoring::ScoringBackend;
+use super::scoring::store::ResidentView;
+use super::scoring::torch::{free_memory, row_bytes, TorchBackend};
+use super::scoring::{ScoringBackend, ScoringError};
 use super::steps::{self, Lane, StepMsg, StepStats, Steps};
-use super::{RuntimeError, StartError};
+use super::{RuntimeError, StartError, TokenError, TokenErrorKind};
 use crate::config::{CascadeConfig, Config, CpuKernel, Mode};
 use crate::engine::tensors;
 use crate::kernel::{Isa, Kernel};
@@ -67,9 +69,9 @@ struct Shared {
     sessions: Mutex<HashMap<SessionId, Registered>>,
     /// Admission: one permit per open session, `runtime.max_sessions` in all.
     session_permits: Arc<Semaphore>,
-    /// On a shared arena (an accelerator, or `device.cpu_kernel = "torch"`): one permit per
-    /// slot, `runtime.pool_slots` in all; a session holds its cap of them while open.
-    slot_permits: Option<Arc<Semaphore>>,
+    /// On the tch backend: which probes its resident store holds, so that coordinators fetch
+    /// no bytes for those (None on the CPU kernel, which scores in the cache).
+    resident: Option<Arc<ResidentView>>,
     next_id: AtomicU64,
     stopping: AtomicBool,
     faults: Faults,
@@ -91,24 +93,29 @@ pub struct Runtime {
 impl Runtime {
     /// Starts the cache and the step scheduler. Needs a multi-threaded tokio runtime. On the
     /// CPU sessions score on the kernel, in place in the cache; on an accelerator (or with
-    /// `device.cpu_kernel = "torch"`) on one tch arena of `runtime.pool_slots` slots shared by
-    /// all sessions, each of which reserves its cap of them when it opens.
+    /// `device.cpu_kernel = "torch"`) on the tch backend's resident store, shared by every
+    /// session (`device.store_bytes`).
     pub async fn start(pack: Arc<Pack>, config: &Config) -> Result<Self, RuntimeError> {
         Self::start_with_faults(pack, config, Faults::none()).await
     }
 
     /// [`Runtime::start`] with faults injected (tests only; see [`super::faults`]).
     pub async fn start_with_faults(pack: Arc<Pack>, config: &Config, faults: Faults) -> Result<Self, RuntimeError> {
-        crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(StartError::Config)?;
+        let base = crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(StartError::Config)?;
         let device = tensors::open_device(&config.device).map_err(StartError::Device)?;
         let window = std::time::Duration::from_micros(config.runtime.batch_window_us);
-        let on_arena = device != tch::Device::Cpu || config.device.cpu_kernel == CpuKernel::Torch;
-        let backend: Box<dyn ScoringBackend> = if on_arena {
+        let on_store = device != tch::Device::Cpu || config.device.cpu_kernel == CpuKernel::Torch;
+        let mut resident = None;
+        let backend: Box<dyn ScoringBackend> = if on_store {
             // Staged uploads on an accelerator; on the CPU `copy_` reads the cache's bytes directly.
             let staging = (device != tch::Device::Cpu).then_some(config.runtime.staging_bytes);
             let compute = tensors::kind_of(config.device.compute_dtype);
-            let slots = config.runtime.pool_slots;
-            Box::new(TorchBackend::new(pack.clone(), slots, device, compute, staging).map_err(StartError::Arena)?)
+            let row_bytes = row_bytes(pack.hidden_dim(), compute);
+            let rows = store_rows(&pack, config.device.store_bytes, row_bytes, device, base.len())?;
+            let backend = TorchBackend::new(pack.clone(), rows, device, compute, staging, base, faults.clone())
+                .map_err(|source| StartError::Store { rows, row_bytes, source })?;
+            resident = Some(backend.view());
+            Box::new(backend)
         } else {
             check_cache_holds_the_cap(&pack, config)?;
             let isa = config.device.cpu_kernel.isa().unwrap_or_else(Isa::best);
@@ -127,7 +134,7 @@ impl Runtime {
                 steps: Mutex::new(Some(tx)),
                 sessions: Mutex::new(HashMap::new()),
                 session_permits: Arc::new(Semaphore::new(config.runtime.max_sessions)),
-                slot_permits: on_arena.then(|| Arc::new(Semaphore::new(config.runtime.pool_slots))),
+                resident,
                 next_id: AtomicU64::new(0),
                 stopping: AtomicBool::new(false),
                 faults,
@@ -183,7 +190,7 @@ impl Runtime {
     ) -> Result<Session, RuntimeError> {
         let shared = &self.shared;
         let config = session_config(&shared.config, &options)?;
-        if shared.slot_permits.is_none() {
+        if shared.resident.is_none() {
             check_cache_holds_the_cap(&shared.pack, &config).map_err(RuntimeError::Options)?;
         }
         let base = crate::policy::base_set(shared.pack.hierarchy(), &config.cascade)
@@ -196,32 +203,20 @@ impl Runtime {
             Err(TryAcquireError::NoPermits) => return Err(RuntimeError::SessionLimit { limit }),
             Err(TryAcquireError::Closed) => return Err(RuntimeError::ShutDown),
         };
-        let slot_permits = match &shared.slot_permits {
-            None => None,
-            Some(slots) => {
-                // The arena holds what every open session may need: its cap of active probes.
-                let need = config.cascade.max_loaded.min(config.runtime.pool_slots);
-                match slots.clone().try_acquire_many_owned(need as u32) {
-                    Ok(p) => Some(p),
-                    Err(TryAcquireError::NoPermits) => {
-                        let total = config.runtime.pool_slots;
-                        let reserved = total - slots.available_permits();
-                        return Err(RuntimeError::ArenaLimit { slots: total, reserved, need });
-                    }
-                    Err(TryAcquireError::Closed) => return Err(RuntimeError::ShutDown),
-                }
-            }
-        };
         let id = SessionId(shared.next_id.fetch_add(1, Ordering::SeqCst));
         let tx = shared.steps.lock().expect("steps lock").clone().ok_or(RuntimeError::ShutDown)?;
         let lane = Lane::open(id, config.runtime.pool_slots, tx).map_err(|_| RuntimeError::ShutDown)?;
         let mut coordinator = new_coordinator(shared, &config, base, lane);
-        coordinator.load_base().await?;
+        coordinator.load_base().await.map_err(|e| match e {
+            RuntimeError::Token(TokenError { kind: TokenErrorKind::Scoring(ScoringError::StoreFull(full)), .. }) => {
+                RuntimeError::StoreLimit(full)
+            }
+            e => e,
+        })?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(config.runtime.request_queue));
         let registered = Registered { coordinator: coordinator.downgrade(), attached: attach(id) };
         shared.sessions.lock().expect("sessions lock").insert(id, registered);
-        let permits = (session_permit, slot_permits);
-        Ok(Session { id, coordinator, shared: shared.clone(), closed: false, _permits: permits })
+        Ok(Session { id, coordinator, shared: shared.clone(), closed: false, _permit: session_permit })
     }
 
     /// One decode step of many sessions: each `(session, hidden)` is observed, all at once,
@@ -341,6 +336,7 @@ fn new_coordinator(shared: &Shared, config: &Config, base: crate::policy::Concep
         base,
         cache: shared.cache.clone(),
         lane,
+        resident: shared.resident.clone(),
         next_token: 0,
         broken: None,
         mode: rt.mode,
@@ -350,6 +346,34 @@ fn new_coordinator(shared: &Shared, config: &Config, base: crate::policy::Concep
         scoring_time: std::time::Duration::ZERO,
         faults: shared.faults.clone(),
     }
+}
+
+/// Share of the free memory (of the device, or of RAM for the CPU store) that the default
+/// resident store (`device.store_bytes = 0`) may take: the rest is the model's, and its
+/// activations'.
+pub const STORE_SHARE_OF_FREE: f64 = 0.5;
+
+/// Rows of the resident store: `device.store_bytes` of them, or by default the whole pack
+/// where it fits in [`STORE_SHARE_OF_FREE`] of free memory (as much of it as does otherwise;
+/// the whole pack where free memory cannot be read). Never more rows than the pack has
+/// probes, and never fewer than the base layers need.
+fn store_rows(
+    pack: &Pack,
+    store_bytes: u64,
+    row_bytes: usize,
+    device: tch::Device,
+    base: usize,
+) -> Result<usize, StartError> {
+    let budget = match store_bytes {
+        0 => free_memory(device).map_or(u64::MAX, |free| (free as f64 * STORE_SHARE_OF_FREE) as u64),
+        b => b,
+    };
+    let rows = (budget / row_bytes as u64).min(pack.len() as u64) as usize;
+    if rows < base.max(1) {
+        let store_bytes = if store_bytes == 0 { budget } else { store_bytes };
+        return Err(StartError::StoreTooSmall { store_bytes, row_bytes, base });
+    }
+    Ok(rows)
 }
 
 /// The CPU kernel scores active probes where they lie in the weight cache, which keeps them
@@ -395,14 +419,14 @@ async fn observe_on(
 }
 
 /// One stream on a [`Runtime`]. Closing it (or dropping it) answers what it has queued and
-/// frees what only it used. It holds its admission permits: a place under
-/// `runtime.max_sessions`, and on a shared arena its cap of `runtime.pool_slots`.
+/// frees what only it used. It holds its admission permit: a place under
+/// `runtime.max_sessions`.
 pub struct Session {
     id: SessionId,
     coordinator: ActorRef<Coordinator>,
     shared: Arc<Shared>,
     closed: bool,
-    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Session {

@@ -40,6 +40,7 @@ use tokio::sync::oneshot;
 use super::cache::ProbeBytes;
 use super::faults::Faults;
 use super::pool::SlotOp;
+use super::scoring::store::StoreStats;
 use super::scoring::{Request, ScoringBackend, ScoringError, StepScores};
 use crate::kernel::MAX_BATCH;
 use crate::pack::{ConceptId, Pack};
@@ -104,8 +105,13 @@ pub struct StepStats {
     pub held_probes: usize,
     /// References the sessions hold to them (a probe in k sessions counts k times).
     pub held_refs: usize,
-    /// Installs and moves: references only, no weight bytes copied.
+    /// Installs and moves, and the weight bytes they copied (the kernel: none; the tch store:
+    /// each probe once, as it becomes resident).
     pub traffic: WeightTraffic,
+    /// The tch backend's resident store: its rows, what is resident and pinned, hits, copies
+    /// and evictions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreStats>,
 }
 
 /// Upper bounds of the step-size buckets (a Prometheus histogram's `le`), and one more
@@ -212,8 +218,17 @@ impl Steps {
         };
         // Most requests (a token's first scoring) carry no slot operations: nothing to apply.
         if poisoned.is_none() && !w.ops.is_empty() {
-            if let Err(e) = self.backend.apply(w.session, &w.ops, &w.bytes) {
-                *poisoned = Some(Arc::new(e));
+            match self.backend.apply(w.session, &w.ops, &w.bytes) {
+                Ok(()) => {}
+                // Refused as a whole (a full store, a failed copy, an evicted probe): the slots
+                // are as they were, so only this request fails, with the cause.
+                Err(e) if e.refused_before_applying() => {
+                    if let Some(reply) = w.reply.take() {
+                        let _ = reply.send(Err(e));
+                    }
+                    return None;
+                }
+                Err(e) => *poisoned = Some(Arc::new(e)),
             }
         }
         // Installed: the request's own references go now, the slots keep theirs.
@@ -294,6 +309,7 @@ impl Steps {
             held_probes: held.probes,
             held_refs: held.refs,
             traffic: self.backend.traffic().clone(),
+            store: self.backend.store(),
             ..self.stats.clone()
         }
     }

@@ -13,6 +13,7 @@
 //! apply its slot operations, score a step, and say what it holds.
 
 pub mod kernel;
+pub mod store;
 pub mod torch;
 
 use std::collections::HashMap;
@@ -77,6 +78,10 @@ pub trait ScoringBackend: Send {
     fn holdings(&self) -> Holdings;
     /// Installs and moves so far, and the weight bytes they copied.
     fn traffic(&self) -> &WeightTraffic;
+    /// The resident store's rows and what it has done, for a backend that keeps one.
+    fn store(&self) -> Option<store::StoreStats> {
+        None
+    }
 }
 
 /// Why a step or a session's slots could not be scored.
@@ -92,8 +97,15 @@ pub enum ScoringError {
     Poisoned(#[source] Arc<ScoringError>),
     #[error("slot {slot} does not exist (the pool has {slots})")]
     NoSlot { slot: usize, slots: usize },
-    #[error("the shared arena's {slots} slots (runtime.pool_slots) are all in use by open sessions")]
-    ArenaFull { slots: usize },
+    /// Probes the coordinator saw resident (and sent no bytes for) were evicted before its
+    /// request arrived; nothing was applied, and it asks again with their bytes.
+    #[error("probes {0:?} were evicted from the resident store before their install")]
+    Evicted(Vec<ConceptId>),
+    #[error(transparent)]
+    StoreFull(#[from] store::StoreFull),
+    /// Copying probes into the resident store failed; none of them became resident.
+    #[error("copying probes into the resident store failed")]
+    Upload(#[source] Box<ScoringError>),
     #[error("slot {0} holds no probe but was asked to score")]
     EmptySlot(usize),
     #[error("the CPU kernel: {0}")]
@@ -104,15 +116,18 @@ pub enum ScoringError {
     /// A failure injected by a fault plan (tests only).
     #[error("the scoring step failed: injected fault at probe {}", .0 .0)]
     Injected(ConceptId),
+    /// A failed copy into the resident store, injected by a fault plan (tests only).
+    #[error("injected fault: the copy of probe {} to the device failed", .0 .0)]
+    InjectedUpload(ConceptId),
     #[error("{0} is closed")]
     Closed(SessionId),
 }
 
 impl ScoringError {
-    /// Whether the session's slots are as its coordinator believes after this error: the
-    /// scoring failed, not an operation on the slots.
-    pub fn leaves_slots_intact(&self) -> bool {
-        matches!(self, ScoringError::Kernel(_) | ScoringError::Panicked(_) | ScoringError::Injected(_))
+    /// Whether a request's slot operations were refused as a whole, before the session's slots
+    /// changed: they are still what its coordinator had before the request.
+    pub fn refused_before_applying(&self) -> bool {
+        matches!(self, ScoringError::Evicted(_) | ScoringError::StoreFull(_) | ScoringError::Upload(_))
     }
 }
 

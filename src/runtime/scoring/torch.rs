@@ -18,14 +18,16 @@
 //! pay the launch and synchronization cost six times a probe.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use tch::{Device, Kind, Tensor};
 
+use super::store::{Book, Pin, ResidentView, StoreStats};
 use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, StepScores, Tables};
 use crate::engine::tensors::{kind_of, to_host_f32};
 use crate::pack::layout::{HIDDEN1, HIDDEN2};
 use crate::pack::{ConceptId, Pack};
+use crate::policy::ConceptSet;
 use crate::runtime::cache::ProbeBytes;
 use crate::runtime::faults::Faults;
 use crate::runtime::pool::SlotOp;
@@ -145,9 +147,9 @@ impl TorchArena {
 
     pub fn path(&self) -> &'static str {
         if self.device == Device::Cpu {
-            "torch arena (cpu)"
+            "torch store (cpu)"
         } else {
-            "torch arena (device)"
+            "torch store (device)"
         }
     }
 
@@ -272,44 +274,117 @@ fn install_with(
     Ok(())
 }
 
-/// A physical arena slot holding a probe; back on the free list when the last session lets go.
-pub struct Physical {
-    slot: usize,
-    id: ConceptId,
-    free: Arc<Mutex<Vec<usize>>>,
-}
-
-impl Drop for Physical {
-    fn drop(&mut self) {
-        self.free.lock().expect("free list").push(self.slot);
-    }
-}
-
 pub struct TorchBackend {
     pack: Arc<Pack>,
     torch: TorchArena,
-    slots: usize,
-    /// Which physical slot holds a probe, while any session holds it.
-    resident: HashMap<ConceptId, Weak<Physical>>,
-    free: Arc<Mutex<Vec<usize>>>,
-    sessions: Tables<Arc<Physical>>,
+    book: Arc<Mutex<Book>>,
+    sessions: Tables<Pin>,
     traffic: WeightTraffic,
+    faults: Faults,
 }
 
 impl TorchBackend {
-    /// `slots` physical slots (`runtime.pool_slots`) on `device`; see [`TorchArena::new`].
+    /// A store of `rows` rows on `device` (see [`TorchArena::new`]); `forever` are the base
+    /// probes, never evicted once resident.
     pub fn new(
         pack: Arc<Pack>,
-        slots: usize,
+        rows: usize,
         device: Device,
         compute: Kind,
         staging_bytes: Option<u64>,
+        forever: ConceptSet,
+        faults: Faults,
     ) -> Result<Self, tch::TchError> {
-        let torch = TorchArena::new(&pack, slots, device, compute, staging_bytes)?;
+        let torch = TorchArena::new(&pack, rows, device, compute, staging_bytes)?;
         let traffic = WeightTraffic::new(torch.path());
-        let free = Arc::new(Mutex::new((0..slots).rev().collect()));
-        Ok(Self { pack, torch, slots, resident: HashMap::new(), free, sessions: Tables::default(), traffic })
+        let row_bytes = row_bytes(pack.hidden_dim(), compute);
+        let book = Arc::new(Mutex::new(Book::new(rows, row_bytes, pack.len(), forever)));
+        Ok(Self { pack, torch, book, sessions: Tables::default(), traffic, faults })
     }
+
+    /// Which probes the store holds, for the coordinators to skip fetching their bytes.
+    pub fn view(&self) -> Arc<ResidentView> {
+        self.book.lock().expect("store book").view()
+    }
+
+    /// Copies the probes of `new` that are not resident into rows of their own, each once.
+    /// All or nothing: if the store has no room, or a copy fails, no row changes hands and no
+    /// probe becomes resident.
+    fn copy_in(
+        &mut self,
+        new: &[ConceptId],
+        bytes: &HashMap<ConceptId, Arc<ProbeBytes>>,
+    ) -> Result<(), ScoringError> {
+        let rows = {
+            let mut book = self.book.lock().expect("store book");
+            book.check_room(new.len())?;
+            new.iter().map(|&id| book.take_row(id).map(|row| (row, id))).collect::<Result<Vec<_>, _>>()?
+        };
+        let copied = match self.faults.upload_fails(new.iter().copied()) {
+            Some(id) => Err(ScoringError::InjectedUpload(id)),
+            None => self.torch.upload(&self.pack, &rows, bytes, &mut self.traffic),
+        };
+        let mut book = self.book.lock().expect("store book");
+        for &(row, _) in &rows {
+            match copied {
+                Ok(()) => book.filled(row),
+                Err(_) => book.unfilled(row),
+            }
+        }
+        copied.map_err(|e| ScoringError::Upload(Box::new(e)))
+    }
+}
+
+/// Free memory where the store would live: RAM that Linux can hand out (`MemAvailable`) for
+/// the CPU, the device's free memory (`cudaMemGetInfo`) for CUDA. `None` where it cannot be
+/// read.
+pub fn free_memory(device: Device) -> Option<u64> {
+    match device {
+        Device::Cpu => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        }
+        Device::Cuda(index) => cuda_free_memory(index),
+        _ => None,
+    }
+}
+
+/// The CUDA runtime's `cudaMemGetInfo` for device `index`, looked up among the libraries
+/// already loaded (libtorch_cuda loads libcudart, in the binary and under Python's torch
+/// alike): tch exposes no memory figures, and linking libcudart ourselves would tie the build
+/// to one CUDA install. `None` if the symbols are not there or a call fails.
+fn cuda_free_memory(index: usize) -> Option<u64> {
+    type GetDevice = unsafe extern "C" fn(*mut i32) -> i32;
+    type SetDevice = unsafe extern "C" fn(i32) -> i32;
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    // SAFETY: the symbols, when present, are the CUDA runtime's, with these C signatures
+    // (cuda_runtime_api.h); each call gets valid pointers to locals; the current device is put
+    // back as it was.
+    unsafe {
+        let sym = |name: &std::ffi::CStr| {
+            let p = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr());
+            (!p.is_null()).then_some(p)
+        };
+        let get: GetDevice = std::mem::transmute(sym(c"cudaGetDevice")?);
+        let set: SetDevice = std::mem::transmute(sym(c"cudaSetDevice")?);
+        let info: MemGetInfo = std::mem::transmute(sym(c"cudaMemGetInfo")?);
+        let mut current = 0i32;
+        if get(&mut current) != 0 || set(index as i32) != 0 {
+            return None;
+        }
+        let (mut free, mut total) = (0usize, 0usize);
+        let ok = info(&mut free, &mut total) == 0;
+        set(current);
+        ok.then_some(free as u64)
+    }
+}
+
+/// Bytes of one probe in the compute dtype: what a row of the store costs.
+pub fn row_bytes(hidden_dim: usize, compute: Kind) -> usize {
+    let elements = HIDDEN1 * hidden_dim + HIDDEN1 + HIDDEN2 * HIDDEN1 + HIDDEN2 + HIDDEN2 + 1;
+    elements * compute.elt_size_in_bytes()
 }
 
 impl ScoringBackend for TorchBackend {
@@ -323,47 +398,59 @@ impl ScoringBackend for TorchBackend {
 
     fn close(&mut self, session: SessionId) {
         self.sessions.close(session);
-        self.resident.retain(|_, p| p.strong_count() > 0);
     }
 
-    /// An install takes the probe's physical slot if a session has it resident, else a free
-    /// one, and copies the probe in (all of a request's copies in one upload round).
+    /// All or nothing, before the session's slots change: every probe installed is resident,
+    /// or has its bytes here ([`ScoringError::Evicted`] names those that have neither), and
+    /// the ones to copy fit. Then they are copied in (all of a request's copies in one upload
+    /// round), and the slot operations only take and move pins.
     fn apply(
         &mut self,
         session: SessionId,
         ops: &[SlotOp],
         bytes: &HashMap<ConceptId, Arc<ProbeBytes>>,
     ) -> Result<(), ScoringError> {
-        let table = self.sessions.get_mut(session)?;
-        let mut uploads = Vec::new();
-        let (resident, free, slots) = (&mut self.resident, &self.free, self.slots);
-        let mut shared = 0;
-        let walked = table.apply(ops, &mut self.traffic, |id| {
-            if let Some(p) = resident.get(&id).and_then(Weak::upgrade) {
-                shared += 1; // a reference, no copy
-                return Ok(p);
+        self.sessions.get_mut(session)?;
+        let mut installed: Vec<ConceptId> = ops.iter().filter_map(SlotOp::installed).collect();
+        installed.sort_unstable();
+        installed.dedup();
+        // Resident probes are pinned first, so that copying the others in cannot evict them.
+        let mut held = Vec::new();
+        let (mut new, mut missing) = (Vec::new(), Vec::new());
+        for &id in &installed {
+            match Book::pin(&self.book, id) {
+                Some(pin) => held.push(pin),
+                None if bytes.contains_key(&id) => new.push(id),
+                None => missing.push(id),
             }
-            let slot = free.lock().expect("free list").pop().ok_or(ScoringError::ArenaFull { slots })?;
-            let p = Arc::new(Physical { slot, id, free: free.clone() });
-            resident.insert(id, Arc::downgrade(&p));
-            uploads.push((slot, id));
-            Ok(p)
+        }
+        if !missing.is_empty() {
+            return Err(ScoringError::Evicted(missing));
+        }
+        self.copy_in(&new, bytes)?;
+        let hits = installed.len() - new.len();
+        let (book, traffic) = (&self.book, &mut self.traffic);
+        let table = self.sessions.get_mut(session)?;
+        let mut pins = 0;
+        let applied = table.apply(ops, traffic, |id| {
+            pins += 1;
+            Book::pin(book, id).ok_or(ScoringError::Evicted(vec![id]))
         });
-        self.traffic.installs += shared;
-        // Every slot taken is filled, even when a later op failed: a resident slot must hold
-        // its probe for whichever session takes it next. A physical slot freed and taken again
-        // in this request holds its last install.
-        let uploaded = self.torch.upload(&self.pack, &uploads, bytes, &mut self.traffic);
-        self.resident.retain(|_, p| p.strong_count() > 0);
-        walked.and(uploaded)
+        // Copies count in the traffic as they happen; every other install is a reference.
+        self.traffic.installs += pins - new.len() as u64;
+        let mut b = self.book.lock().expect("store book");
+        (0..hits).for_each(|_| b.count_hit());
+        drop(b);
+        drop(held);
+        applied
     }
 
-    /// The union of physical slots, scored against every hidden state of the step in one pass
+    /// The union of store rows, scored against every hidden state of the step in one pass
     /// (on an accelerator the extra probe × state pairs cost less than a launch per subset).
     fn score(&mut self, step: &[Request], faults: &Faults) -> Result<StepScores, ScoringError> {
         let mut answers: Vec<Result<Vec<f32>, ScoringError>> = Vec::with_capacity(step.len());
         let mut index: HashMap<usize, usize> = HashMap::new();
-        let mut physical: Vec<usize> = Vec::new();
+        let mut rows: Vec<usize> = Vec::new();
         let mut ids: Vec<ConceptId> = Vec::new();
         let mut hidden: Vec<&[f32]> = Vec::new();
         let mut wants: Vec<Option<(usize, Vec<usize>)>> = Vec::with_capacity(step.len());
@@ -377,10 +464,10 @@ impl ScoringBackend for TorchBackend {
                     let mine = held
                         .iter()
                         .map(|p| {
-                            *index.entry(p.slot).or_insert_with(|| {
-                                physical.push(p.slot);
-                                ids.push(p.id);
-                                physical.len() - 1
+                            *index.entry(p.row()).or_insert_with(|| {
+                                rows.push(p.row());
+                                ids.push(p.id());
+                                rows.len() - 1
                             })
                         })
                         .collect();
@@ -392,21 +479,25 @@ impl ScoringBackend for TorchBackend {
         }
         check_faults(faults, ids.iter().copied())?;
         let batch = hidden.len();
-        let out = if physical.is_empty() { Vec::new() } else { self.torch.score_slots(&physical, &hidden)? };
+        let out = if rows.is_empty() { Vec::new() } else { self.torch.score_slots(&rows, &hidden)? };
         for (answer, want) in answers.iter_mut().zip(wants) {
             if let Some((b, mine)) = want {
                 *answer = Ok(mine.iter().map(|&u| out[u * batch + b]).collect());
             }
         }
-        Ok(StepScores { answers, union: physical.len(), logits: physical.len() * batch })
+        Ok(StepScores { answers, union: rows.len(), logits: rows.len() * batch })
     }
 
     fn holdings(&self) -> Holdings {
-        self.sessions.holdings(|p| p.slot)
+        self.sessions.holdings(|p| p.row())
     }
 
     fn traffic(&self) -> &WeightTraffic {
         &self.traffic
+    }
+
+    fn store(&self) -> Option<StoreStats> {
+        Some(self.book.lock().expect("store book").stats())
     }
 }
 
@@ -415,6 +506,7 @@ mod tests {
     use super::*;
     use crate::kernel::{reference_logit, ProbeRef};
     use crate::pack::DType;
+    use crate::runtime::faults::FaultPlan;
     use crate::runtime::scoring::tests::{bytes_for, ops, synth_pack};
 
     fn close(a: f32, b: f32) -> bool {
@@ -427,10 +519,32 @@ mod tests {
         reference_logit(&ProbeRef { bytes: &b, ranges: &ranges }, pack.layout().dtype, h)
     }
 
+    fn store(pack: &Arc<Pack>, rows: usize, staging_bytes: Option<u64>, faults: Faults) -> TorchBackend {
+        TorchBackend::new(pack.clone(), rows, Device::Cpu, Kind::Float, staging_bytes, ConceptSet::default(), faults)
+            .unwrap()
+    }
+
+    fn install(ids: &[u32]) -> Vec<SlotOp> {
+        ids.iter().enumerate().map(|(slot, &id)| SlotOp::Install { slot, id: ConceptId(id) }).collect()
+    }
+
+    fn hidden(pack: &Pack, seed: f32) -> Vec<f32> {
+        (0..pack.hidden_dim()).map(|i| (i as f32 * seed).sin()).collect()
+    }
+
+    /// Scores slots `0..len` of session `s` and checks them against the reference.
+    fn check_scores(backend: &mut TorchBackend, pack: &Pack, s: u64, ids: &[u32], h: &[f32]) {
+        let step = [Request { session: SessionId(s), start: 0, len: ids.len(), hidden: h }];
+        let got = backend.score(&step, &Faults::none()).unwrap().answers.pop().unwrap().unwrap();
+        for (g, &id) in got.iter().zip(ids) {
+            assert!(close(*g, want(pack, id, h)), "session {s}: probe {id}");
+        }
+    }
+
     /// Installs, moves and swaps in one round, through both upload paths; returns the logits
     /// of slots 0..6 and the transfers made.
     fn replay(pack: &Arc<Pack>, staging_bytes: Option<u64>, hidden: &[f32]) -> (Vec<f32>, u64) {
-        let mut backend = TorchBackend::new(pack.clone(), 8, Device::Cpu, Kind::Float, staging_bytes).unwrap();
+        let mut backend = store(pack, 8, staging_bytes, Faults::none());
         let s = SessionId(1);
         backend.open(s, 8);
         let ops = ops();
@@ -462,17 +576,13 @@ mod tests {
     }
 
     #[test]
-    fn sessions_share_physical_slots_and_get_their_own_logits() {
+    fn sessions_share_resident_rows_and_get_their_own_logits() {
         let (_dir, pack) = synth_pack(DType::F32);
-        let mut backend = TorchBackend::new(pack.clone(), 4, Device::Cpu, Kind::Float, None).unwrap();
-        let h = |seed: f32| -> Vec<f32> { (0..pack.hidden_dim()).map(|i| (i as f32 * seed).sin()).collect() };
-        let install = |ids: &[u32]| -> Vec<SlotOp> {
-            ids.iter().enumerate().map(|(slot, &id)| SlotOp::Install { slot, id: ConceptId(id) }).collect()
-        };
-        for s in [1, 2, 3] {
+        let mut backend = store(&pack, 4, None, Faults::none());
+        for s in [1, 2] {
             backend.open(SessionId(s), 4);
         }
-        let (h1, h2) = (h(0.3), h(0.7));
+        let (h1, h2) = (hidden(&pack, 0.3), hidden(&pack, 0.7));
         for (s, ids) in [(1, vec![3, 7]), (2, vec![7, 9, 3])] {
             let ops = install(&ids);
             backend.apply(SessionId(s), &ops, &bytes_for(&pack, &ops)).unwrap();
@@ -489,24 +599,79 @@ mod tests {
         for (g, id) in got[1].iter().zip([7, 9, 3]) {
             assert!(close(*g, want(&pack, id, &h2)), "session 2: probe {id}");
         }
-        // Probes 3 and 7 are resident once: 3 physical slots for 5 references, 3 copies.
+        // Probes 3 and 7 are resident once: 3 rows for 5 references, 3 copies.
         let held = backend.holdings();
         assert_eq!((held.probes, held.refs), (3, 5));
         assert_eq!(backend.traffic().installs, 5);
         assert_eq!(backend.traffic().install_bytes_copied, 3 * pack.layout().byte_len() as u64);
-        // Session 1 lets go of probe 3 (moved over), session 2 still holds it.
-        backend.apply(SessionId(1), &[SlotOp::Move { from: 1, to: 0 }], &HashMap::new()).unwrap();
-        let step = [Request { session: SessionId(1), start: 0, len: 1, hidden: &h1 }];
-        let got = backend.score(&step, &Faults::none()).unwrap().answers.pop().unwrap().unwrap();
-        assert!(close(got[0], want(&pack, 7, &h1)));
-        assert_eq!(backend.holdings().probes, 3, "probe 3 stays: session 2 holds it");
-        // A session asking for more probes than there are free slots fails, naming the key.
-        let ops = install(&[11, 13]);
-        let e = backend.apply(SessionId(3), &ops, &bytes_for(&pack, &ops)).unwrap_err();
-        assert!(e.to_string().contains("runtime.pool_slots"), "{e}");
-        // Closing session 2 frees probes 9 and 3; 7 stays with session 1.
-        backend.close(SessionId(2));
-        backend.close(SessionId(3));
-        assert_eq!(backend.holdings(), Holdings { sessions: 1, probes: 1, refs: 1 });
+        let st = backend.store().unwrap();
+        assert_eq!((st.uploads, st.hits, st.resident, st.pinned), (3, 2, 3, 3));
+    }
+
+    #[test]
+    fn a_probe_released_and_activated_again_is_not_copied_again_and_keeps_its_row() {
+        let (_dir, pack) = synth_pack(DType::F32);
+        let mut backend = store(&pack, 4, None, Faults::none());
+        let s = SessionId(1);
+        backend.open(s, 4);
+        let h = hidden(&pack, 0.3);
+        let ops = install(&[3, 7]);
+        backend.apply(s, &ops, &bytes_for(&pack, &ops)).unwrap();
+        let row_of_7 = backend.sessions.held(&Request { session: s, start: 1, len: 1, hidden: &h }).unwrap()[0].row();
+        // Pruning drops 7 (slot 1 is the last: no move), then 3 (its slot is overwritten).
+        backend.apply(s, &[SlotOp::Move { from: 1, to: 0 }], &HashMap::new()).unwrap();
+        assert_eq!(backend.holdings().probes, 1);
+        let st = backend.store().unwrap();
+        assert_eq!((st.resident, st.pinned), (2, 1), "3 is warm, still resident");
+        // Both come back with no bytes at all: they are resident.
+        let copied = backend.traffic().install_bytes_copied;
+        backend.apply(s, &[SlotOp::Install { slot: 1, id: ConceptId(3) }], &HashMap::new()).unwrap();
+        check_scores(&mut backend, &pack, 1, &[7, 3], &h);
+        assert_eq!(backend.traffic().install_bytes_copied, copied, "no bytes copied");
+        assert_eq!(
+            backend.sessions.held(&Request { session: s, start: 0, len: 1, hidden: &h }).unwrap()[0].row(),
+            row_of_7,
+            "moves move pins, never rows"
+        );
+        assert_eq!(backend.traffic().move_bytes_copied, 0);
+        assert!(backend.view().contains(ConceptId(3)) && !backend.view().contains(ConceptId(9)));
+    }
+
+    #[test]
+    fn a_request_the_store_cannot_take_is_refused_whole_and_the_slots_stay_as_they_were() {
+        let (_dir, pack) = synth_pack(DType::F32);
+        let mut backend = store(&pack, 3, None, Faults::plan(Arc::new(FaultPlan::new().fail_upload(ConceptId(13), Some(1)))));
+        let (a, b) = (SessionId(1), SessionId(2));
+        backend.open(a, 4);
+        backend.open(b, 4);
+        let h = hidden(&pack, 0.5);
+        let ops = install(&[3, 7]);
+        backend.apply(a, &ops, &bytes_for(&pack, &ops)).unwrap();
+        // Three new probes for one free row: refused, naming the budget; a's slots intact.
+        let ops = install(&[9, 11, 13]);
+        let e = backend.apply(b, &ops, &bytes_for(&pack, &ops)).unwrap_err();
+        assert!(e.refused_before_applying(), "{e}");
+        assert!(e.to_string().contains("device.store_bytes"), "{e}");
+        assert_eq!(backend.holdings().refs, 2);
+        check_scores(&mut backend, &pack, 1, &[3, 7], &h);
+        // A probe seen resident but evicted since, sent without bytes: refused, naming it.
+        let e = backend.apply(b, &install(&[42]), &HashMap::new()).unwrap_err();
+        assert!(matches!(&e, ScoringError::Evicted(ids) if ids == &[ConceptId(42)]), "{e}");
+        // A failed copy: nothing becomes resident, the row is free again, and the next try works.
+        let ops = install(&[13]);
+        let e = backend.apply(b, &ops, &bytes_for(&pack, &ops)).unwrap_err();
+        assert!(e.refused_before_applying());
+        assert!(format!("{:?}", e).contains("InjectedUpload"), "{e:?}");
+        assert!(!backend.view().contains(ConceptId(13)));
+        assert_eq!(backend.store().unwrap().resident, 2);
+        backend.apply(b, &ops, &bytes_for(&pack, &ops)).unwrap();
+        check_scores(&mut backend, &pack, 2, &[13], &h);
+        // Session a closes: its probes go warm, and b's new probes evict them, oldest first.
+        backend.close(a);
+        let ops: Vec<SlotOp> = [(1, 9), (2, 11)].iter().map(|&(slot, id)| SlotOp::Install { slot, id: ConceptId(id) }).collect();
+        backend.apply(b, &ops, &bytes_for(&pack, &ops)).unwrap();
+        check_scores(&mut backend, &pack, 2, &[13, 9, 11], &h);
+        let st = backend.store().unwrap();
+        assert_eq!((st.rows, st.resident, st.pinned, st.evictions), (3, 3, 3, 2));
     }
 }
