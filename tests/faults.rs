@@ -83,6 +83,16 @@ fn outcome(r: &TokenReport) -> Outcome {
     (r.top.iter().map(|e| (e.name.clone(), e.logit.to_bits())).collect(), r.scored_ids.clone())
 }
 
+/// Whether two answers are the same report: bit for bit on the kernel; on the tch store the
+/// same concepts, with logits within rounding (libtorch's sums depend on the step's batch).
+fn same(a: &TokenReport, b: &TokenReport, store: bool) -> bool {
+    if !store {
+        return outcome(a) == outcome(b);
+    }
+    let close = a.top.iter().zip(&b.top).all(|(x, y)| x.name == y.name && (x.logit - y.logit).abs() < 1e-3);
+    close && a.top.len() == b.top.len() && a.scored_ids == b.scored_ids
+}
+
 /// Each stream's answers, token by token.
 type Answers = Vec<Vec<Result<TokenReport, RuntimeError>>>;
 
@@ -124,11 +134,20 @@ async fn answer<F: std::future::Future<Output = Result<TokenReport, RuntimeError
 
 /// Runs `run` with `faults`, every stream back to back (8 sessions: each token of all of them
 /// in one `observe_batch`), then closes everything and reads what is left.
-async fn drive(f: &Fixture, run: Run, faults: Faults, reader: ReaderKind) -> Result<(Answers, After), RuntimeError> {
+async fn drive(
+    f: &Fixture,
+    run: Run,
+    faults: Faults,
+    reader: ReaderKind,
+    store: bool,
+) -> Result<(Answers, After), RuntimeError> {
     let threads_before = threads();
     let mode = if run == Run::Pipelined { Mode::Pipelined } else { Mode::Exact };
     let mut cfg = config(mode);
     cfg.runtime.reader = reader;
+    if store {
+        cfg.device.cpu_kernel = probe_cascade::config::CpuKernel::Torch;
+    }
     let mut answers: Answers = (0..run.streams()).map(|_| Vec::new()).collect();
     let mut after = After { threads_before, cache_budget: cfg.runtime.cache_bytes, ..Default::default() };
     if run == Run::Sessions {
@@ -193,6 +212,9 @@ struct Row {
     /// It fires once: a speculative read (a prefetch hint) may absorb it unseen.
     once: bool,
     reader: ReaderKind,
+    /// Runs on the tch backend's resident store (`device.cpu_kernel = "torch"`, an
+    /// accelerator's path on the CPU), against clean runs on it.
+    store: bool,
 }
 
 fn rows() -> Vec<Row> {
@@ -204,6 +226,7 @@ fn rows() -> Vec<Row> {
             breaks: &[],
             once: false,
             reader: ReaderKind::Auto,
+            store: false,
         },
         Row {
             name: "EIO, once",
@@ -212,6 +235,7 @@ fn rows() -> Vec<Row> {
             breaks: &[],
             once: true,
             reader: ReaderKind::Auto,
+            store: false,
         },
         Row {
             name: "short read",
@@ -220,6 +244,7 @@ fn rows() -> Vec<Row> {
             breaks: &[],
             once: false,
             reader: ReaderKind::Auto,
+            store: false,
         },
         Row {
             name: "CRC corruption",
@@ -228,6 +253,7 @@ fn rows() -> Vec<Row> {
             breaks: &[],
             once: false,
             reader: ReaderKind::Auto,
+            store: false,
         },
         Row {
             name: "every read 1–50 ms late",
@@ -236,6 +262,7 @@ fn rows() -> Vec<Row> {
             breaks: &[],
             once: false,
             reader: ReaderKind::Auto,
+            store: false,
         },
         Row {
             name: "io_uring refused",
@@ -244,6 +271,7 @@ fn rows() -> Vec<Row> {
             breaks: &[],
             once: false,
             reader: ReaderKind::Auto,
+            store: false,
         },
         Row {
             name: "panic in the coordinator",
@@ -252,6 +280,7 @@ fn rows() -> Vec<Row> {
             breaks: &[Run::Exact, Run::Pipelined, Run::Sessions],
             once: true,
             reader: ReaderKind::Auto,
+            store: false,
         },
         Row {
             name: "panic in the cache",
@@ -260,6 +289,7 @@ fn rows() -> Vec<Row> {
             breaks: &[],
             once: false,
             reader: ReaderKind::Auto,
+            store: false,
         },
         Row {
             name: "panic in the scoring thread",
@@ -270,6 +300,7 @@ fn rows() -> Vec<Row> {
             breaks: &[],
             once: false,
             reader: ReaderKind::Auto,
+            store: false,
         },
         Row {
             name: "scoring fails mid-step",
@@ -278,6 +309,25 @@ fn rows() -> Vec<Row> {
             breaks: &[],
             once: false,
             reader: ReaderKind::Auto,
+            store: false,
+        },
+        Row {
+            name: "copy into the device store fails",
+            plan: |x| FaultPlan::new().fail_upload(x, None),
+            names: &["resident store"],
+            breaks: &[],
+            once: false,
+            reader: ReaderKind::Auto,
+            store: true,
+        },
+        Row {
+            name: "copy into the device store fails, once",
+            plan: |x| FaultPlan::new().fail_upload(x, Some(1)),
+            names: &["resident store"],
+            breaks: &[],
+            once: true,
+            reader: ReaderKind::Auto,
+            store: true,
         },
     ]
 }
@@ -342,7 +392,7 @@ fn check_cell(f: &Fixture, row: &Row, run: Run, x: ConceptId, clean: &Answers, g
         if run == Run::Sessions && !needs {
             cell_figures.others.0 += 1;
             let same =
-                stream.iter().zip(&clean[s]).all(|(a, b)| outcome(a.as_ref().unwrap()) == outcome(b.as_ref().unwrap()));
+                stream.iter().zip(&clean[s]).all(|(a, b)| same(a.as_ref().unwrap(), b.as_ref().unwrap(), row.store));
             assert!(same, "{cell}: session {s}, which never needed {label}, gets the clean run's reports");
             cell_figures.others.1 += same as usize;
         }
@@ -373,9 +423,10 @@ async fn the_fault_matrix() {
     let f = fixture();
     io_uring_refused_when_asked_for_by_name_is_a_named_error(&f).await;
     let runs = [Run::Exact, Run::Pipelined, Run::Sessions];
-    let mut clean = Vec::new();
+    let (mut clean, mut clean_store) = (Vec::new(), Vec::new());
     for run in runs {
-        clean.push(drive(&f, run, Faults::none(), ReaderKind::Auto).await.unwrap());
+        clean.push(drive(&f, run, Faults::none(), ReaderKind::Auto, false).await.unwrap());
+        clean_store.push(drive(&f, run, Faults::none(), ReaderKind::Auto, true).await.unwrap());
     }
     let x = target(&f, &clean[2].0);
     let label = f.pack.hierarchy().label(x);
@@ -391,7 +442,8 @@ async fn the_fault_matrix() {
     for row in rows() {
         for (i, run) in runs.into_iter().enumerate() {
             let plan = Arc::new((row.plan)(x));
-            let (got, after) = drive(&f, run, Faults::plan(plan.clone()), row.reader).await.unwrap();
+            let (got, after) = drive(&f, run, Faults::plan(plan.clone()), row.reader, row.store).await.unwrap();
+            let clean = if row.store { &clean_store } else { &clean };
             let fired = plan.fired();
             // Pipelined mode's path through the hierarchy depends on what lands in time, so
             // whether it meets the probe at all depends on the machine's load: its cells check

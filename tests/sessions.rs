@@ -398,9 +398,12 @@ async fn a_full_resident_store_fails_only_what_does_not_fit_and_names_device_sto
     assert!(matches!(err, RuntimeError::StoreLimit(_)), "{err}");
     assert!(err.to_string().contains("device.store_bytes"), "{err}");
     // The first session still serves.
-    session.observe(row(&f.traces[1], 0, 0)).await.map(|_| ()).or_else(|e| {
-        if e.to_string().contains("device.store_bytes") { Ok(()) } else { Err(e) }
-    }).unwrap();
+    session
+        .observe(row(&f.traces[1], 0, 0))
+        .await
+        .map(|_| ())
+        .or_else(|e| if e.to_string().contains("device.store_bytes") { Ok(()) } else { Err(e) })
+        .unwrap();
     drop(session);
     runtime.shutdown().await;
 }

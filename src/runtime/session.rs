@@ -208,9 +208,9 @@ impl Runtime {
         let lane = Lane::open(id, config.runtime.pool_slots, tx).map_err(|_| RuntimeError::ShutDown)?;
         let mut coordinator = new_coordinator(shared, &config, base, lane);
         coordinator.load_base().await.map_err(|e| match e {
-            RuntimeError::Token(TokenError { kind: TokenErrorKind::Scoring(ScoringError::StoreFull(full)), .. }) => {
-                RuntimeError::StoreLimit(full)
-            }
+            RuntimeError::Token(TokenError {
+                kind: TokenErrorKind::Scoring(ScoringError::StoreFull(full)), ..
+            }) => RuntimeError::StoreLimit(full),
             e => e,
         })?;
         let coordinator = Coordinator::spawn_with_mailbox(coordinator, mailbox::bounded(config.runtime.request_queue));

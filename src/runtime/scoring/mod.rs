@@ -104,8 +104,13 @@ pub enum ScoringError {
     #[error(transparent)]
     StoreFull(#[from] store::StoreFull),
     /// Copying probes into the resident store failed; none of them became resident.
-    #[error("copying probes into the resident store failed")]
-    Upload(#[source] Box<ScoringError>),
+    #[error("copying {} into the resident store failed", .concepts.join(", "))]
+    Upload {
+        /// The probes' concepts (`name@layer`).
+        concepts: Vec<String>,
+        #[source]
+        source: Box<ScoringError>,
+    },
     #[error("slot {0} holds no probe but was asked to score")]
     EmptySlot(usize),
     #[error("the CPU kernel: {0}")]
@@ -127,7 +132,7 @@ impl ScoringError {
     /// Whether a request's slot operations were refused as a whole, before the session's slots
     /// changed: they are still what its coordinator had before the request.
     pub fn refused_before_applying(&self) -> bool {
-        matches!(self, ScoringError::Evicted(_) | ScoringError::StoreFull(_) | ScoringError::Upload(_))
+        matches!(self, ScoringError::Evicted(_) | ScoringError::StoreFull(_) | ScoringError::Upload { .. })
     }
 }
 

@@ -310,11 +310,7 @@ impl TorchBackend {
     /// Copies the probes of `new` that are not resident into rows of their own, each once.
     /// All or nothing: if the store has no room, or a copy fails, no row changes hands and no
     /// probe becomes resident.
-    fn copy_in(
-        &mut self,
-        new: &[ConceptId],
-        bytes: &HashMap<ConceptId, Arc<ProbeBytes>>,
-    ) -> Result<(), ScoringError> {
+    fn copy_in(&mut self, new: &[ConceptId], bytes: &HashMap<ConceptId, Arc<ProbeBytes>>) -> Result<(), ScoringError> {
         let rows = {
             let mut book = self.book.lock().expect("store book");
             book.check_room(new.len())?;
@@ -331,7 +327,10 @@ impl TorchBackend {
                 Err(_) => book.unfilled(row),
             }
         }
-        copied.map_err(|e| ScoringError::Upload(Box::new(e)))
+        copied.map_err(|e| {
+            let concepts = new.iter().map(|&id| self.pack.hierarchy().label(id)).collect();
+            ScoringError::Upload { concepts, source: Box::new(e) }
+        })
     }
 }
 
@@ -640,7 +639,8 @@ mod tests {
     #[test]
     fn a_request_the_store_cannot_take_is_refused_whole_and_the_slots_stay_as_they_were() {
         let (_dir, pack) = synth_pack(DType::F32);
-        let mut backend = store(&pack, 3, None, Faults::plan(Arc::new(FaultPlan::new().fail_upload(ConceptId(13), Some(1)))));
+        let mut backend =
+            store(&pack, 3, None, Faults::plan(Arc::new(FaultPlan::new().fail_upload(ConceptId(13), Some(1)))));
         let (a, b) = (SessionId(1), SessionId(2));
         backend.open(a, 4);
         backend.open(b, 4);
@@ -668,7 +668,8 @@ mod tests {
         check_scores(&mut backend, &pack, 2, &[13], &h);
         // Session a closes: its probes go warm, and b's new probes evict them, oldest first.
         backend.close(a);
-        let ops: Vec<SlotOp> = [(1, 9), (2, 11)].iter().map(|&(slot, id)| SlotOp::Install { slot, id: ConceptId(id) }).collect();
+        let ops: Vec<SlotOp> =
+            [(1, 9), (2, 11)].iter().map(|&(slot, id)| SlotOp::Install { slot, id: ConceptId(id) }).collect();
         backend.apply(b, &ops, &bytes_for(&pack, &ops)).unwrap();
         check_scores(&mut backend, &pack, 2, &[13, 9, 11], &h);
         let st = backend.store().unwrap();
