@@ -13,6 +13,7 @@ use probe_cascade::engine::tensors::{batched_logits, RowSplit};
 use probe_cascade::pack::{write_pack, ConceptDef, ConceptId, DType, Pack, PackSpec, ProbeWeights};
 use probe_cascade::runtime::cache::ProbeBytes;
 use probe_cascade::runtime::cache::{CacheSettings, Get, WeightCache};
+use probe_cascade::runtime::faults::Faults;
 use probe_cascade::runtime::pool::SlotOp;
 use probe_cascade::runtime::reader::{start_reader, ReadRequest, ReaderKind};
 use probe_cascade::runtime::scoring::torch::TorchBackend;
@@ -102,23 +103,33 @@ fn big_pack(n: usize, dtype: DType) -> (tempfile::TempDir, Arc<Pack>) {
 fn install(c: &mut Criterion) {
     let mut group = c.benchmark_group("install");
     group.sample_size(30).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
-    // As the runtime's step scheduler does with the tch arena (accelerators, or
-    // `device.cpu_kernel = "torch"`): each install copies the probe into a free slot of the
-    // shared arena (the CPU kernel copies nothing on install). The session is opened and
-    // closed around each install, so that the probe is never already resident.
+    // As the runtime's step scheduler does with the tch backend's resident store
+    // (accelerators, or `device.cpu_kernel = "torch"`): an install of a probe the store does
+    // not hold copies it into a row (the CPU kernel copies nothing on install), and an install
+    // of a resident probe only pins its row. `copy`: a one-row store, installing its two
+    // probes in turn, so that each evicts the other; `resident`: the same probe every time.
     for dtype in [DType::Bf16, DType::F32] {
         let (_dir, pack) = big_pack(2, dtype);
-        let id = ConceptId(0);
-        let bytes =
-            std::collections::HashMap::from([(id, Arc::new(ProbeBytes::detached(id, pack.read_probe(id).unwrap())))]);
-        let mut arena = TorchBackend::new(pack.clone(), 8, Device::Cpu, Kind::Float, None).unwrap();
-        let op = [SlotOp::Install { slot: 0, id }];
-        group.throughput(Throughput::Bytes(bytes[&id].len() as u64));
-        group.bench_function(format!("{dtype}_to_f32_slot"), |b| {
+        let ids = [ConceptId(0), ConceptId(1)];
+        let bytes: std::collections::HashMap<_, _> =
+            ids.iter().map(|&id| (id, Arc::new(ProbeBytes::detached(id, pack.read_probe(id).unwrap())))).collect();
+        let (none, faults) = (probe_cascade::policy::ConceptSet::default(), Faults::none());
+        let mut store = TorchBackend::new(pack.clone(), 1, Device::Cpu, Kind::Float, None, none, faults).unwrap();
+        group.throughput(Throughput::Bytes(bytes[&ids[0]].len() as u64));
+        let mut n = 0;
+        group.bench_function(format!("{dtype}_to_f32_copy"), |b| {
             b.iter(|| {
-                arena.open(SessionId(0), 1);
-                arena.apply(SessionId(0), &op, &bytes).unwrap();
-                arena.close(SessionId(0));
+                n += 1;
+                store.open(SessionId(0), 1);
+                store.apply(SessionId(0), &[SlotOp::Install { slot: 0, id: ids[n % 2] }], &bytes).unwrap();
+                store.close(SessionId(0));
+            })
+        });
+        group.bench_function(format!("{dtype}_to_f32_resident"), |b| {
+            b.iter(|| {
+                store.open(SessionId(0), 1);
+                store.apply(SessionId(0), &[SlotOp::Install { slot: 0, id: ids[0] }], &bytes).unwrap();
+                store.close(SessionId(0));
             })
         });
     }
@@ -171,7 +182,7 @@ fn cache_and_reader(c: &mut Criterion) {
         queue_depth: 32,
         reader: ReaderKind::Auto,
         fallback_threads: 2,
-        faults: probe_cascade::runtime::faults::Faults::none(),
+        faults: Faults::none(),
     };
     let cache = rt.block_on(async { WeightCache::spawn(WeightCache::new(pack.clone(), &settings(1 << 31)).unwrap()) });
     rt.block_on(async { cache.ask(Get(vec![ConceptId(0)])).await }).unwrap();

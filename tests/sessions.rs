@@ -343,7 +343,7 @@ async fn sessions_on_the_resident_store_match_each_stream_and_copy_each_probe_on
     assert_eq!(stats.traffic.move_bytes_copied, 0, "pruning moves pins, never bytes");
     // The default store holds the whole pack: each probe was copied in at most once, however
     // often the sessions activated it, and nothing was evicted.
-    let store = stats.store.expect("the tch backend reports its store");
+    let store = stats.traffic.store.expect("the tch backend reports its store");
     assert_eq!(store.rows, f.pack.len());
     assert!(store.uploads as usize <= f.pack.len() && store.evictions == 0, "{store:?}");
     assert!(store.hits > store.uploads, "activations mostly found their probe resident: {store:?}");
@@ -388,7 +388,7 @@ async fn a_full_resident_store_fails_only_what_does_not_fit_and_names_device_sto
         assert!(active.len() <= base.len() + 2, "token {t}: the store bounds the active set");
     }
     assert!(failed > 0, "some token needed more than two children");
-    let store = runtime.step_stats().await.unwrap().store.unwrap();
+    let store = runtime.step_stats().await.unwrap().traffic.store.unwrap();
     assert!(store.resident <= store.rows && store.rows == base.len() + 2, "{store:?}");
     // A session with one more base layer cannot pin it: refused, naming the key.
     let mut cascade = config.cascade.clone();

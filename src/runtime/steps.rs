@@ -40,7 +40,6 @@ use tokio::sync::oneshot;
 use super::cache::ProbeBytes;
 use super::faults::Faults;
 use super::pool::SlotOp;
-use super::scoring::store::StoreStats;
 use super::scoring::{Request, ScoringBackend, ScoringError, StepScores};
 use crate::kernel::MAX_BATCH;
 use crate::pack::{ConceptId, Pack};
@@ -106,12 +105,8 @@ pub struct StepStats {
     /// References the sessions hold to them (a probe in k sessions counts k times).
     pub held_refs: usize,
     /// Installs and moves, and the weight bytes they copied (the kernel: none; the tch store:
-    /// each probe once, as it becomes resident).
+    /// each probe once, as it becomes resident), with the resident store's figures.
     pub traffic: WeightTraffic,
-    /// The tch backend's resident store: its rows, what is resident and pinned, hits, copies
-    /// and evictions.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub store: Option<StoreStats>,
 }
 
 /// Upper bounds of the step-size buckets (a Prometheus histogram's `le`), and one more
@@ -308,8 +303,7 @@ impl Steps {
             sessions: self.sessions.len(),
             held_probes: held.probes,
             held_refs: held.refs,
-            traffic: self.backend.traffic().clone(),
-            store: self.backend.store(),
+            traffic: self.backend.traffic(),
             ..self.stats.clone()
         }
     }

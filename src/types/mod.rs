@@ -93,7 +93,30 @@ pub struct WeightTraffic {
     pub install_bytes_copied: u64,
     pub moves: u64,
     pub move_bytes_copied: u64,
+    /// The tch backend's resident store (none for the CPU kernel, which scores in the cache).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreStats>,
 }
+
+/// What the tch backend's resident store holds and has done (`WeightTraffic::store`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreStats {
+    /// Rows in the store (its budget, in probes).
+    pub rows: usize,
+    /// Bytes of one row in the compute dtype.
+    pub row_bytes: usize,
+    /// Rows holding a probe.
+    pub resident: usize,
+    /// Of those, rows pinned (held by a session, or a base probe).
+    pub pinned: usize,
+    /// Installs that found their probe resident: a reference, no copy.
+    pub hits: u64,
+    /// Probes copied in.
+    pub uploads: u64,
+    /// Warm probes evicted to make room.
+    pub evictions: u64,
+}
+
 
 impl WeightTraffic {
     pub fn new(path: &str) -> Self {

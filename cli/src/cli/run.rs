@@ -103,6 +103,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "\nscoring path: {}; weight bytes copied: {} by {} installs, {} by {} slot moves",
             t.path, t.install_bytes_copied, t.installs, t.move_bytes_copied, t.moves
         );
+        if let Some(st) = &t.store {
+            // Copies into the store are the weight bytes that cross to the device (PCIe on a GPU).
+            println!(
+                "resident store: {} rows of {} bytes, {} resident ({} pinned); {} copies in, {} resident hits, \
+                 {} evictions; {:.0} weight bytes copied per token",
+                st.rows,
+                st.row_bytes,
+                st.resident,
+                st.pinned,
+                st.uploads,
+                st.hits,
+                st.evictions,
+                t.install_bytes_copied as f64 / tokens.max(1) as f64
+            );
+        }
         summary["weight_traffic"] = serde_json::to_value(&t)?;
     }
     drop(engine);

@@ -134,8 +134,8 @@ impl ScoringBackend for KernelBackend {
         self.sessions.holdings(|h| h.bytes.id)
     }
 
-    fn traffic(&self) -> &WeightTraffic {
-        &self.traffic
+    fn traffic(&self) -> WeightTraffic {
+        self.traffic.clone()
     }
 }
 

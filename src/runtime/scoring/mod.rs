@@ -76,12 +76,9 @@ pub trait ScoringBackend: Send {
     /// a whole (the slots are untouched by scoring, so the requests may be tried again alone).
     fn score(&mut self, step: &[Request], faults: &Faults) -> Result<StepScores, ScoringError>;
     fn holdings(&self) -> Holdings;
-    /// Installs and moves so far, and the weight bytes they copied.
-    fn traffic(&self) -> &WeightTraffic;
-    /// The resident store's rows and what it has done, for a backend that keeps one.
-    fn store(&self) -> Option<store::StoreStats> {
-        None
-    }
+    /// Installs and moves so far, the weight bytes they copied, and the resident store's
+    /// figures where the backend keeps one.
+    fn traffic(&self) -> WeightTraffic;
 }
 
 /// Why a step or a session's slots could not be scored.

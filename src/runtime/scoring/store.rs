@@ -29,6 +29,7 @@ use lru::LruCache;
 
 use crate::pack::ConceptId;
 use crate::policy::ConceptSet;
+pub use crate::types::StoreStats;
 
 /// Which probes the store holds now, readable from any thread.
 #[derive(Debug)]
@@ -51,25 +52,6 @@ impl ResidentView {
             r.store(resident, Ordering::Release);
         }
     }
-}
-
-/// What the store holds and has done, for stats (`StepStats::store`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct StoreStats {
-    /// Rows in the store (its budget, in probes).
-    pub rows: usize,
-    /// Bytes of one row in the compute dtype.
-    pub row_bytes: usize,
-    /// Rows holding a probe.
-    pub resident: usize,
-    /// Of those, rows pinned (held by a session, or a base probe).
-    pub pinned: usize,
-    /// Installs that found their probe resident: a reference, no copy.
-    pub hits: u64,
-    /// Probes copied in.
-    pub uploads: u64,
-    /// Warm probes evicted to make room.
-    pub evictions: u64,
 }
 
 /// Why the store cannot take a request's probes.

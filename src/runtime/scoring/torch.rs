@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use tch::{Device, Kind, Tensor};
 
-use super::store::{Book, Pin, ResidentView, StoreStats};
+use super::store::{Book, Pin, ResidentView};
 use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, StepScores, Tables};
 use crate::engine::tensors::{kind_of, to_host_f32};
 use crate::pack::layout::{HIDDEN1, HIDDEN2};
@@ -491,12 +491,8 @@ impl ScoringBackend for TorchBackend {
         self.sessions.holdings(|p| p.row())
     }
 
-    fn traffic(&self) -> &WeightTraffic {
-        &self.traffic
-    }
-
-    fn store(&self) -> Option<StoreStats> {
-        Some(self.book.lock().expect("store book").stats())
+    fn traffic(&self) -> WeightTraffic {
+        WeightTraffic { store: Some(self.book.lock().expect("store book").stats()), ..self.traffic.clone() }
     }
 }
 
@@ -603,7 +599,7 @@ mod tests {
         assert_eq!((held.probes, held.refs), (3, 5));
         assert_eq!(backend.traffic().installs, 5);
         assert_eq!(backend.traffic().install_bytes_copied, 3 * pack.layout().byte_len() as u64);
-        let st = backend.store().unwrap();
+        let st = backend.traffic().store.unwrap();
         assert_eq!((st.uploads, st.hits, st.resident, st.pinned), (3, 2, 3, 3));
     }
 
@@ -620,7 +616,7 @@ mod tests {
         // Pruning drops 7 (slot 1 is the last: no move), then 3 (its slot is overwritten).
         backend.apply(s, &[SlotOp::Move { from: 1, to: 0 }], &HashMap::new()).unwrap();
         assert_eq!(backend.holdings().probes, 1);
-        let st = backend.store().unwrap();
+        let st = backend.traffic().store.unwrap();
         assert_eq!((st.resident, st.pinned), (2, 1), "3 is warm, still resident");
         // Both come back with no bytes at all: they are resident.
         let copied = backend.traffic().install_bytes_copied;
@@ -663,7 +659,7 @@ mod tests {
         assert!(e.refused_before_applying());
         assert!(format!("{:?}", e).contains("InjectedUpload"), "{e:?}");
         assert!(!backend.view().contains(ConceptId(13)));
-        assert_eq!(backend.store().unwrap().resident, 2);
+        assert_eq!(backend.traffic().store.unwrap().resident, 2);
         backend.apply(b, &ops, &bytes_for(&pack, &ops)).unwrap();
         check_scores(&mut backend, &pack, 2, &[13], &h);
         // Session a closes: its probes go warm, and b's new probes evict them, oldest first.
@@ -672,7 +668,7 @@ mod tests {
             [(1, 9), (2, 11)].iter().map(|&(slot, id)| SlotOp::Install { slot, id: ConceptId(id) }).collect();
         backend.apply(b, &ops, &bytes_for(&pack, &ops)).unwrap();
         check_scores(&mut backend, &pack, 2, &[13, 9, 11], &h);
-        let st = backend.store().unwrap();
+        let st = backend.traffic().store.unwrap();
         assert_eq!((st.rows, st.resident, st.pinned, st.evictions), (3, 3, 3, 2));
     }
 }

@@ -63,10 +63,10 @@ pub struct BenchArgs {
     batch_window_us: Option<u64>,
 }
 
-/// The default engines; `runtime-arena` (exact mode on the tch arena, `device.cpu_kernel =
-/// "torch"`: what the CPU runtime did before its kernel) can be asked for with --engines.
+/// The default engines; `runtime-store` (exact mode on the tch backend's resident store,
+/// `device.cpu_kernel = "torch"`: a GPU's path, on the CPU) can be asked for with --engines.
 const ENGINES: [&str; 4] = ["naive", "reference", "runtime-exact", "runtime-pipelined"];
-const OPTIONAL_ENGINES: [&str; 1] = ["runtime-arena"];
+const OPTIONAL_ENGINES: [&str; 1] = ["runtime-store"];
 
 /// The seed's comparison table (base [0], threshold 0.3) and the decompose variant.
 fn configs() -> anyhow::Result<Vec<(&'static str, Config)>> {
@@ -205,7 +205,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 runtime => {
                     let mut c = config.clone();
                     c.runtime.mode = if runtime == "runtime-pipelined" { Mode::Pipelined } else { Mode::Exact };
-                    if runtime == "runtime-arena" {
+                    if runtime == "runtime-store" {
                         c.device.cpu_kernel = probe_cascade::config::CpuKernel::Torch;
                     }
                     let settled = runtime_run(&pack, &c, &trace, args.warmup, args.tokens, true)?;
@@ -213,7 +213,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     let b2b = BackToBack { ms: b.ms, cpu_ms: b.cpu_ms };
                     let (r, hit, bytes) = (settled.reports, settled.cache_hit_rate, settled.bytes_read);
                     let mode = match runtime {
-                        "runtime-arena" => "exact, tch arena",
+                        "runtime-store" => "exact, tch resident store",
                         _ if c.runtime.mode == Mode::Exact => "exact",
                         _ => "pipelined",
                     };
