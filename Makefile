@@ -6,7 +6,7 @@ DEMO_DIR ?= demo
 DEMO_TOKENS ?= 200
 BIN := target/release/probe-cascade
 
-.PHONY: all libtorch pyenv python build build-gpu test test-python demo bench fuzz clean
+.PHONY: all libtorch pyenv python build build-gpu gpu-bundle test test-python demo bench fuzz clean
 
 all: build
 
@@ -27,6 +27,11 @@ python: pyenv
 # Against a full CUDA torch 2.11.0 (TORCH_DIR=... or a cached venv); see the script.
 build-gpu:
 	@bash scripts/build-gpu.sh
+
+# What a GPU machine needs for scripts/gpu-check.sh (the CUDA binary, the CUDA test binaries,
+# the script), in target/gpu-bundle, under 64 MiB; see scripts/gpu-bundle.sh.
+gpu-bundle:
+	@bash scripts/gpu-bundle.sh
 
 test: libtorch pyenv
 	$(CARGO) test --release

@@ -42,4 +42,6 @@ cd "$repo"
 cargo build --release --bin probe-cascade --target-dir target/gpu \
   --config "env.LIBTORCH.value=\"$TORCH_DIR\"" --config 'env.LIBTORCH.force=true'
 objcopy --strip-debug target/gpu/release/probe-cascade target/gpu/probe-cascade-gpu
+# For scripts/gpu-bundle.sh, which builds the CUDA test binaries against the same torch.
+echo "$TORCH_DIR" >target/gpu/torch-dir
 echo "built target/gpu/probe-cascade-gpu against $TORCH_DIR"

@@ -1,102 +1,184 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine (the device tool): is the session path right on the
-# device, and what does it cost, beside an older binary when one is given.
+# One prepared run on a GPU machine: is the device path right, and every figure of the
+# resident-store targets (docs/benchmarks.md "On a GPU") in one table.
 #
-#   NEW=target/gpu/probe-cascade-gpu [OLD=path/to/older/probe-cascade-gpu] \
-#     DEVICE=cuda:0 OUT=dir scripts/gpu-check.sh
+#   make gpu-bundle                  # on the build machine: target/gpu-bundle (< 64 MiB)
+#   bash target/gpu-bundle/gpu-check.sh OUT=dir    # on the GPU machine, from the repo root
 #
-# It synthesizes the demo pack (1,000 concepts, D=2560, bf16) and a busy trace there (nothing
-# is carried but the binaries), then:
-#   1. `run` on the device, exact, against the reference engine on the CPU: top-10 lists and
-#      logits compared token by token (check.json);
-#   2. the same in pipelined mode with a long budget, and 8 sessions at once (`run --sessions`);
-#   3. `bench` of the runtime on the device, OLD and NEW alternately, exact and pipelined, at
-#      seed top-30 and decompose (bench-*/bench.md).
-# DEVICE=cpu runs the same on the CPU (to test the script where there is no GPU); BENCH=0
-# stops after the checks.
-set -euo pipefail
-NEW=${NEW:?the binary to check}
+# Environment: BIN (default: the bundle's probe-cascade-gpu), DEVICE (cuda:0; `cpu` runs the
+# same on the CPU with device.cpu_kernel = "torch", to test the script where there is no GPU),
+# OUT (where results go), TOKENS (200), BIG (concepts of the large pack, 8000), WORK (scratch).
+# Nothing is downloaded: the packs and traces are synthesized there.
+#
+# It runs, in order (each step's output in OUT/<step>.txt, the table in OUT/table.md):
+#   1. the bundle's CUDA tests (the test binaries in tests/, each filtered to `cuda`);
+#   2. `run` of the demo pack (1,000 concepts, D=2560, bf16) on DEVICE against the reference
+#      engine on the CPU: top-10 lists and logits token by token;
+#   3. seed top-30 and decompose, back to back; host-to-device weight bytes per token;
+#   4. 1, 8 and 32 sessions at seed top-30 (tokens/s);
+#   5. a BIG-concept bf16 pack with a 2,000-probe store, base [0], threshold 0.3, top-100;
+#   6. exhaustive on both packs.
+set -uo pipefail
+for kv in "$@"; do export "${kv?}"; done
+here=$(cd "$(dirname "$0")" && pwd)
+BIN=${BIN:-$here/probe-cascade-gpu}
 DEVICE=${DEVICE:-cuda:0}
-OUT=${OUT:?where results go}
+OUT=${OUT:?where results go: OUT=dir}
 TOKENS=${TOKENS:-200}
+BIG=${BIG:-8000}
 work=${WORK:-/tmp/pc-gpu-check}
 mkdir -p "$OUT" "$work"
+start=$SECONDS
 if [ "$DEVICE" != cpu ]; then
   # The binary's rpath names the build machine's torch: this machine's comes first.
   torch_lib=$(python3 -c 'import os,torch;print(os.path.dirname(torch.__file__))')/lib
   export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1 || true
-"$NEW" cpu >"$OUT/cpu.txt" 2>&1 || true
-[ -f "$work/pack/manifest.json" ] || "$NEW" pack synth --preset demo --out "$work/pack" >/dev/null
-[ -f "$work/busy.npy" ] || "$NEW" trace synth --pack "$work/pack" --preset busy --tokens 210 --out "$work/busy.npy" >/dev/null
+"$BIN" cpu >"$OUT/cpu.txt" 2>&1 || true
 
-config() { # $1: device, $2: mode, $3: latency budget
-  sed -e "s/^device = \"cpu\"/device = \"$1\"/" -e "s/^mode = \"exact\"/mode = \"$2\"/" \
-    -e "s/^latency_budget_us = 0/latency_budget_us = $3/" config/realtime.toml
-}
-config "$DEVICE" exact 0 >"$work/dev-exact.toml"
-config "$DEVICE" pipelined 5000000 >"$work/dev-pipelined.toml"
-config cpu exact 0 >"$work/cpu.toml"
-# On a shared arena each session reserves its cap (max_loaded = 500) of runtime.pool_slots.
-sed -e 's/^pool_slots = 512/pool_slots = 4096/' "$work/dev-exact.toml" >"$work/dev-sessions.toml"
-
-run() { # $1: name, then run's arguments
-  local name=$1
+step() { # $1: name, then a command; prints ok/FAILED with the time
+  local name=$1 t0=$SECONDS
   shift
-  local t0=$SECONDS
-  if "$NEW" run --pack "$work/pack" --trace "$work/busy.npy" --tokens "$TOKENS" "$@" >"$OUT/$name.txt" 2>&1; then
+  if "$@" >"$OUT/$name.txt" 2>&1; then
     echo "$name: ok ($((SECONDS - t0)) s)"
   else
     echo "$name: FAILED ($((SECONDS - t0)) s)"
     tail -5 "$OUT/$name.txt"
   fi
 }
-run reference --engine reference --config "$work/cpu.toml" --json "$OUT/reference.json"
-run device-exact --engine runtime --config "$work/dev-exact.toml" --json "$OUT/device-exact.json"
-run device-pipelined --engine runtime --config "$work/dev-pipelined.toml" --json "$OUT/device-pipelined.json"
-run device-sessions --engine runtime --config "$work/dev-sessions.toml" --sessions 8 --json "$OUT/device-sessions.json"
 
-python3 - "$OUT" <<'PY'
+# 1. The CUDA tests, where the bundle has them.
+for t in "$here"/tests/*; do
+  [ -x "$t" ] && step "test-$(basename "$t")" "$t" cuda --test-threads 1
+done
+
+# Packs and traces.
+[ -f "$work/demo/manifest.json" ] || step pack-demo "$BIN" pack synth --preset demo --out "$work/demo"
+[ -f "$work/demo.npy" ] || step trace-demo "$BIN" trace synth --pack "$work/demo" --preset busy --tokens 210 --out "$work/demo.npy"
+[ -f "$work/big/manifest.json" ] || step pack-big "$BIN" pack synth --preset demo --concepts "$BIG" --out "$work/big"
+[ -f "$work/big.npy" ] || step trace-big "$BIN" trace synth --pack "$work/big" --preset busy --tokens 210 --out "$work/big.npy"
+
+# Configs: a shipped one with keys set (python: tomllib reads, a small writer writes).
+cfg() { # $1: out name, $2: shipped config, then key=value (TOML values)
+  python3 - "$@" <<'PY'
+import sys, tomllib
+name, base, *sets = sys.argv[1:]
+c = tomllib.load(open(f"config/{base}.toml", "rb"))
+for kv in sets:
+    key, value = kv.split("=", 1)
+    *path, last = key.split(".")
+    d = c
+    for p in path:
+        d = d.setdefault(p, {})
+    if value == "{}":
+        d[last] = {}
+    else:
+        d[last] = tomllib.loads(f"v = {value}")["v"]
+def dump(d, prefix=""):
+    plain = {k: v for k, v in d.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+    out = [f"[{prefix}]"] if prefix and (plain or not tables) else []
+    for k, v in plain.items():
+        out.append(f"{k} = {v!r}".replace("'", '"').replace("True", "true").replace("False", "false"))
+    for k, v in tables.items():
+        out += dump(v, f"{prefix}.{k}" if prefix else k)
+    return out
+import os
+open(f"{os.environ['work']}/{name}.toml", "w").write("\n".join(dump(c)) + "\n")
+PY
+}
+export work
+dev=("device.device=\"$DEVICE\"")
+[ "$DEVICE" = cpu ] && dev+=('device.cpu_kernel="torch"')
+cfg cpu realtime
+cfg seed realtime "${dev[@]}"
+cfg decompose decompose "${dev[@]}"
+cfg exhaustive realtime "${dev[@]}" 'cascade.expansion="exhaustive"' 'cascade.pruning="none"' \
+  cascade.max_loaded=1000 runtime.pool_slots=1000
+row_bytes=$(( (128 * 2560 + 128 + 64 * 128 + 64 + 64 + 1) * 4 ))
+cfg big offline "${dev[@]}" 'cascade.base_layers=[0]' 'cascade.expansion={}' \
+  'cascade.expansion.threshold.load_threshold=0.3' 'cascade.pruning={}' 'cascade.pruning.top_k.keep_top_k=100' \
+  cascade.max_loaded=2000 runtime.pool_slots=2000 'runtime.mode="exact"' "device.store_bytes=$((2000 * row_bytes))"
+cfg exhaustive-big realtime "${dev[@]}" 'cascade.expansion="exhaustive"' 'cascade.pruning="none"' \
+  "cascade.max_loaded=$BIG" "runtime.pool_slots=$BIG"
+
+run() { # $1: name, $2: pack, then run's arguments
+  local name=$1 pack=$2
+  shift 2
+  step "$name" "$BIN" run --pack "$work/$pack" --trace "$work/$pack.npy" --tokens "$TOKENS" --json "$OUT/$name.json" "$@"
+}
+# 2–3. Correctness and single-stream latency (run scores tokens back to back).
+run reference demo --engine reference --config "$work/cpu.toml"
+run seed demo --engine runtime --config "$work/seed.toml"
+run decompose demo --engine runtime --config "$work/decompose.toml"
+run exhaustive demo --engine runtime --config "$work/exhaustive.toml"
+# 4. Sessions.
+for n in 1 8 32; do
+  run "sessions-$n" demo --engine runtime --config "$work/seed.toml" --sessions "$n"
+done
+# 5–6. The large pack.
+run big big --engine runtime --config "$work/big.toml" --skip-bad-tokens
+run exhaustive-big big --engine runtime --config "$work/exhaustive-big.toml"
+
+python3 - "$OUT" "$DEVICE" "$TOKENS" "$BIG" <<'PY' | tee "$OUT/table.md"
 import json, sys
-out = sys.argv[1]
-def tokens(name):
+out, device, tokens, big = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+def doc(name):
     try:
-        return json.load(open(f"{out}/{name}.json"))["tokens"]
-    except Exception as e:
+        return json.load(open(f"{out}/{name}.json"))
+    except Exception:
         return None
-ref = tokens("reference")
-result = {}
-for name in ["device-exact", "device-pipelined"]:
-    got = tokens(name)
-    if ref is None or got is None:
-        result[name] = "missing"
-        continue
+def pct(v, p):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))] if v else float("nan")
+WARM = 20  # tokens left out of the percentiles: the store fills as the first tokens run
+def lat(name):
+    d = doc(name)
+    if d is None:
+        return "missing"
+    ms = [t["ms"] for t in d["tokens"] if "ms" in t and t["index"] >= WARM]
+    errors = sum("error" in t for t in d["tokens"])
+    return f"p50 {pct(ms, 50):.3f} ms, p99 {pct(ms, 99):.3f} ms" + (f", {errors} token errors" if errors else "")
+def traffic(name):
+    d = doc(name)
+    t = d and d["summary"].get("weight_traffic")
+    if not t:
+        return "missing"
+    st = t.get("store") or {}
+    n = len(d["tokens"])
+    return (f"{t['install_bytes_copied'] / n / 1e6:.2f} MB/token over {n} tokens "
+            f"({st.get('uploads')} probes copied in once each, {st.get('hits')} resident hits, "
+            f"{st.get('evictions')} evictions, {st.get('rows')} rows)")
+def tps(name):
+    d = doc(name)
+    return f"{d['summary']['tokens_per_s']:,.0f} tokens/s" if d else "missing"
+def check():
+    ref, got = doc("reference"), doc("seed")
+    if not ref or not got:
+        return "missing"
     same, worst = 0, 0.0
-    for a, b in zip(got, ref):
-        na = [e["name"] for e in a.get("top", [])]
-        nb = [e["name"] for e in b.get("top", [])]
+    for a, b in zip(got["tokens"], ref["tokens"]):
+        na, nb = [e["name"] for e in a.get("top", [])], [e["name"] for e in b.get("top", [])]
         same += na == nb
         for x, y in zip(a.get("top", []), b.get("top", [])):
             if x["name"] == y["name"]:
                 worst = max(worst, abs(x["logit"] - y["logit"]))
-    result[name] = {"tokens": len(got), "same_top10": same, "max_logit_diff": worst}
-json.dump(result, open(f"{out}/check.json", "w"), indent=1)
-print(json.dumps(result))
+    return f"{same} of {len(got['tokens'])} tokens' top-10 as the CPU reference; largest logit difference {worst:.1e}"
+rows = [
+    ("device run vs CPU reference (demo pack, seed top-30)", check()),
+    ("seed top-30, demo pack (1,000 bf16), back to back", lat("seed")),
+    ("decompose, demo pack, back to back", lat("decompose")),
+    ("weight bytes host-to-device, seed top-30", traffic("seed")),
+    ("1 / 8 / 32 sessions, seed top-30", " / ".join(tps(f"sessions-{n}") for n in (1, 8, 32))),
+    (f"{big}-concept bf16 pack, 2,000-probe store, base [0], threshold 0.3, top-100", lat("big")),
+    (f"  its weight traffic", traffic("big")),
+    ("exhaustive, demo pack", lat("exhaustive")),
+    (f"exhaustive, {big}-concept pack", lat("exhaustive-big")),
+]
+print(f"| figure ({device}, {tokens} tokens, percentiles from token {WARM}) | measured |")
+print("|---|---|")
+for k, v in rows:
+    print(f"| {k} | {v} |")
 PY
-
-bench() { # $1: label, $2: binary
-  local t0=$SECONDS
-  "$2" bench --pack "$work/pack" --trace "$work/busy.npy" --out "$OUT/bench-$1" --device "$DEVICE" \
-    --engines runtime-exact,runtime-pipelined --configs seed-top-30,decompose --tokens "$TOKENS" --warmup 10 \
-    >"$OUT/bench-$1.log" 2>&1 && echo "bench $1: ok ($((SECONDS - t0)) s)" || { echo "bench $1: FAILED"; tail -5 "$OUT/bench-$1.log"; }
-}
-# BENCH=0: the checks only.
-[ "${BENCH:-1}" = 0 ] && exit 0
-for round in 1 2; do
-  [ -n "${OLD:-}" ] && bench "old-$round" "$OLD"
-  bench "new-$round" "$NEW"
-done
-for f in "$OUT"/bench-*/bench.md; do
-  grep "^| seed\|^| decomp" "$f" | sed "s/^/$(basename "$(dirname "$f")") /" || true
-done
+echo "gpu-check: $((SECONDS - start)) s"

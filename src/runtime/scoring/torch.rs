@@ -161,17 +161,30 @@ impl TorchArena {
         }
     }
 
-    /// Logits of the probes in `slots` (any slots, in any order) for each of `hidden`:
-    /// `out[i * B + b]`. The slots' weights are gathered on the device (one `index_select`
-    /// per tensor) and scored against all B hidden states as one `[D, B]` matrix.
-    pub(super) fn score_slots(&self, slots: &[usize], hidden: &[&[f32]]) -> Result<Vec<f32>, tch::TchError> {
+    /// Logits of the probes in `rows` (any rows, in any order) for each of `hidden`:
+    /// `out[i * B + b]`, scored against all B hidden states as one `[D, B]` matrix. A sparse
+    /// set of rows is gathered first (one `index_select` per tensor, which copies them); a
+    /// dense one (at least half of the rows below its highest, as in the exhaustive mode,
+    /// since rows are handed out from the lowest) is scored in place over that whole range,
+    /// with no copy: the extra rows cost less compute than the gather costs memory traffic.
+    pub(super) fn score_slots(&self, rows: &[usize], hidden: &[&[f32]]) -> Result<Vec<f32>, tch::TchError> {
         tch::no_grad(|| {
             let a = &self.arena;
-            let (n, b) = (slots.len() as i64, hidden.len() as i64);
+            let b = hidden.len() as i64;
             let d = a.w1.size()[2];
-            let idx: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
-            let idx = Tensor::f_from_slice(&idx)?.f_to_device(self.device)?;
-            let g = |t: &Tensor| t.f_index_select(0, &idx);
+            let hi = rows.iter().max().map_or(0, |&r| r + 1);
+            let dense = rows.len() * 2 >= hi;
+            let idx = if dense {
+                None
+            } else {
+                let idx: Vec<i64> = rows.iter().map(|&s| s as i64).collect();
+                Some(Tensor::f_from_slice(&idx)?.f_to_device(self.device)?)
+            };
+            let g = |t: &Tensor| match &idx {
+                Some(idx) => t.f_index_select(0, idx),
+                None => t.f_narrow(0, 0, hi as i64),
+            };
+            let n = if dense { hi as i64 } else { rows.len() as i64 };
             let flat: Vec<f32> = hidden.iter().flat_map(|h| h.iter().copied()).collect();
             let x = Tensor::f_from_slice(&flat)?
                 .f_view([b, d])?
@@ -182,7 +195,12 @@ impl TorchArena {
             let a1 = (a1 + g(&a.b1)?.f_view([n * HIDDEN1 as i64, 1])?).f_relu()?.f_view([n, HIDDEN1 as i64, b])?;
             let a2 = g(&a.b2)?.f_baddbmm(&g(&a.w2)?, &a1, 1, 1)?.f_relu()?;
             let logits = g(&a.b3)?.f_baddbmm(&g(&a.w3)?, &a2, 1, 1)?.f_view([-1])?;
-            to_host_f32(&logits)
+            let all = to_host_f32(&logits)?;
+            if !dense {
+                return Ok(all);
+            }
+            let batch = hidden.len();
+            Ok(rows.iter().flat_map(|&r| all[r * batch..(r + 1) * batch].iter().copied()).collect())
         })
     }
 
@@ -670,5 +688,27 @@ mod tests {
         check_scores(&mut backend, &pack, 2, &[13, 9, 11], &h);
         let st = backend.traffic().store.unwrap();
         assert_eq!((st.rows, st.resident, st.pinned, st.evictions), (3, 3, 3, 2));
+    }
+
+    #[test]
+    fn a_dense_union_is_scored_in_place_and_a_sparse_one_gathered_and_both_agree_with_the_reference() {
+        let (_dir, pack) = synth_pack(DType::Bf16);
+        let mut backend = store(&pack, 16, None, Faults::none());
+        let s = SessionId(1);
+        backend.open(s, 8);
+        let ids = [5, 17, 2, 40, 33, 9, 21, 12];
+        let ops = install(&ids);
+        backend.apply(s, &ops, &bytes_for(&pack, &ops)).unwrap();
+        let h = hidden(&pack, 0.21);
+        // All 8 (rows 0..8: dense, no gather), then the last two alone (rows 6 and 7 of 8:
+        // gathered), then one in the middle.
+        check_scores(&mut backend, &pack, 1, &ids, &h);
+        for (start, len) in [(6, 2), (3, 1)] {
+            let step = [Request { session: s, start, len, hidden: &h }];
+            let got = backend.score(&step, &Faults::none()).unwrap().answers.pop().unwrap().unwrap();
+            for (g, &id) in got.iter().zip(&ids[start..start + len]) {
+                assert!(close(*g, want(&pack, id, &h)), "probe {id}");
+            }
+        }
     }
 }
