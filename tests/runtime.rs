@@ -126,6 +126,14 @@ async fn a_cache_smaller_than_the_working_set_still_gives_correct_reports() {
     // And a budget below a single probe: nothing is cached, everything still works.
     c.runtime.cache_bytes = pack.layout().byte_len() as u64 / 2;
     assert_matches_reference(&pack, &c, &trace, "tiny cache").await;
+    // A resident store of 14 rows for the 60-probe pack (12 can be active): warm probes are
+    // evicted and copied in again from a small cache, and the reports stay right.
+    let row = probe_cascade::runtime::scoring::torch::row_bytes(pack.hidden_dim(), tch::Kind::Float) as u64;
+    c.device.store_bytes = 14 * row;
+    c.runtime.cache_bytes = 3 * probe;
+    let reports = assert_matches_reference(&pack, &c, &trace, "small store").await;
+    let distinct: std::collections::HashSet<_> = reports.iter().flat_map(|r| r.scored_ids.iter().copied()).collect();
+    assert!(distinct.len() > 14, "the trace needs more probes than the store holds: {}", distinct.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

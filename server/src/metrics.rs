@@ -72,6 +72,13 @@ fn describe() {
     describe_counter!("probe_cascade_requests_skipped_closed_total", "Scoring requests whose caller had gone.");
     describe_gauge!("probe_cascade_slots_held_probes", "Distinct probes held in the sessions' slots.");
     describe_gauge!("probe_cascade_slots_held_refs", "Slot references the sessions hold.");
+    describe_gauge!("probe_cascade_store_rows", "Rows of the resident store (the tch backend; device.store_bytes).");
+    describe_gauge!("probe_cascade_store_resident", "Probes resident in the store.");
+    describe_gauge!("probe_cascade_store_pinned", "Resident probes pinned by sessions or base layers.");
+    describe_counter!("probe_cascade_store_uploads_total", "Probes copied into the store.");
+    describe_counter!("probe_cascade_store_hits_total", "Installs that found their probe resident.");
+    describe_counter!("probe_cascade_store_evictions_total", "Warm probes evicted from the store.");
+    describe_counter!("probe_cascade_weight_bytes_copied_total", Unit::Bytes, "Weight bytes copied by installs.");
 }
 
 /// One answered token: its report's stage times and its time in the server.
@@ -116,6 +123,15 @@ pub fn render(cache: Option<&CacheStats>, steps: Option<&StepStats>, open_sessio
         counter!("probe_cascade_requests_skipped_closed_total").absolute(s.skipped_closed);
         gauge!("probe_cascade_slots_held_probes").set(s.held_probes as f64);
         gauge!("probe_cascade_slots_held_refs").set(s.held_refs as f64);
+        counter!("probe_cascade_weight_bytes_copied_total").absolute(s.traffic.install_bytes_copied);
+        if let Some(st) = &s.traffic.store {
+            gauge!("probe_cascade_store_rows").set(st.rows as f64);
+            gauge!("probe_cascade_store_resident").set(st.resident as f64);
+            gauge!("probe_cascade_store_pinned").set(st.pinned as f64);
+            counter!("probe_cascade_store_uploads_total").absolute(st.uploads);
+            counter!("probe_cascade_store_hits_total").absolute(st.hits);
+            counter!("probe_cascade_store_evictions_total").absolute(st.evictions);
+        }
     }
     let mut text = match handle() {
         Ok(h) => h.render(),

@@ -473,6 +473,31 @@ async fn metrics_parse_as_prometheus_text_and_move_when_tokens_are_served() {
     server.drain().await;
 }
 
+/// On the tch backend (a GPU's path; here `device.cpu_kernel = "torch"`) the metrics show the
+/// resident store: its rows (the whole 300-probe pack by default), what was copied in, and
+/// activations that found their probe resident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_resident_store_on_the_tch_backend() {
+    let f = fixture();
+    let config = realtime("").replace("cpu_kernel = \"auto\"", "cpu_kernel = \"torch\"");
+    let server = serve(&f, &config, false, None).await;
+    let mut client = tcp_client(&server).await;
+    let mut s = open(&mut client, Default::default()).await;
+    for t in 0..TOKENS {
+        s.send(encode_f32(f.traces[2].row(t))).await;
+    }
+    for _ in 0..TOKENS {
+        report(&s.result().await);
+    }
+    let after = samples(&http_get(&server, "/metrics", None).await.1);
+    assert_eq!(after["probe_cascade_store_rows"], 300.0);
+    let uploads = after["probe_cascade_store_uploads_total"];
+    assert!(uploads > 0.0 && uploads <= after["probe_cascade_store_resident"], "each probe copied once: {after:?}");
+    assert!(after["probe_cascade_store_hits_total"] > 0.0, "{after:?}");
+    assert!(after["probe_cascade_weight_bytes_copied_total"] > 0.0);
+    server.drain().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_are_served() {
     use tonic_health::pb::health_check_response::ServingStatus;

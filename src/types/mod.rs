@@ -117,7 +117,6 @@ pub struct StoreStats {
     pub evictions: u64,
 }
 
-
 impl WeightTraffic {
     pub fn new(path: &str) -> Self {
         Self { path: path.into(), ..Default::default() }
