@@ -25,6 +25,7 @@ use tch::{Device, Kind, Tensor};
 use super::store::{Book, Pin, ResidentView};
 use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, StepScores, Tables};
 use crate::engine::tensors::{kind_of, to_host_f32};
+use crate::kernel::MAX_BATCH;
 use crate::pack::layout::{HIDDEN1, HIDDEN2};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::ConceptSet;
@@ -119,6 +120,54 @@ pub struct TorchArena {
     compute: Kind,
     arena: Arena,
     uploads: Uploads,
+    /// Staged (an accelerator): where a round's inputs wait for their non-blocking copy.
+    inputs: Option<Inputs>,
+}
+
+/// Host buffers for a round's row indices and hidden states (page-locked on a GPU), sent with
+/// non-blocking copies, so that a round synchronises with the device once: at the readback of
+/// its logits. A buffer is refilled only in the next round, after that readback, by which
+/// time its copy (earlier on the same stream) has completed.
+struct Inputs {
+    rows: Tensor,
+    hidden: Tensor,
+}
+
+impl Inputs {
+    fn new(rows: usize, d: usize, device: Device) -> Result<Self, tch::TchError> {
+        let pin = |t: Tensor| if device.is_cuda() { t.f_pin_memory(device) } else { Ok(t) };
+        Ok(Self {
+            rows: pin(Tensor::f_empty([rows as i64], (Kind::Int64, Device::Cpu))?)?,
+            hidden: pin(Tensor::f_empty([(MAX_BATCH * d) as i64], (Kind::Float, Device::Cpu))?)?,
+        })
+    }
+
+    /// The round's rows and hidden states on `device` (`[n]`, `[B, D]` in f32): copied into the
+    /// host buffers, then sent without waiting. `None` if they do not fit the buffers.
+    fn send(
+        &mut self,
+        rows: &[usize],
+        hidden: &[&[f32]],
+        device: Device,
+    ) -> Result<Option<(Tensor, Tensor)>, tch::TchError> {
+        let d = hidden.first().map_or(0, |h| h.len());
+        if rows.len() > self.rows.size()[0] as usize || hidden.len() * d > self.hidden.size()[0] as usize {
+            return Ok(None);
+        }
+        // SAFETY: both buffers are contiguous host tensors this struct owns, of the kinds
+        // written (i64, f32), and long enough (checked above); no copy from them is in flight
+        // (see the type's doc).
+        unsafe {
+            let idx = std::slice::from_raw_parts_mut(self.rows.data_ptr() as *mut i64, rows.len());
+            idx.iter_mut().zip(rows).for_each(|(o, &r)| *o = r as i64);
+            let x = std::slice::from_raw_parts_mut(self.hidden.data_ptr() as *mut f32, hidden.len() * d);
+            x.chunks_exact_mut(d.max(1)).zip(hidden).for_each(|(o, h)| o.copy_from_slice(h));
+        }
+        let send = |t: &Tensor, n: usize, kind| t.f_narrow(0, 0, n as i64)?.f_to_device_(device, kind, true, false);
+        let idx = send(&self.rows, rows.len(), Kind::Int64)?;
+        let x = send(&self.hidden, hidden.len() * d, Kind::Float)?.f_view([hidden.len() as i64, d as i64])?;
+        Ok(Some((idx, x)))
+    }
 }
 
 impl TorchArena {
@@ -141,7 +190,11 @@ impl TorchArena {
                     Uploads::Staged(Staging::new(rows, probe_bytes, device)?)
                 }
             };
-            Ok(TorchArena { device, compute, arena, uploads })
+            let inputs = match &uploads {
+                Uploads::Staged(_) => Some(Inputs::new(slots, pack.hidden_dim(), device)?),
+                Uploads::Direct => None,
+            };
+            Ok(TorchArena { device, compute, arena, uploads, inputs })
         })
     }
 
@@ -167,30 +220,33 @@ impl TorchArena {
     /// dense one (at least half of the rows below its highest, as in the exhaustive mode,
     /// since rows are handed out from the lowest) is scored in place over that whole range,
     /// with no copy: the extra rows cost less compute than the gather costs memory traffic.
-    pub(super) fn score_slots(&self, rows: &[usize], hidden: &[&[f32]]) -> Result<Vec<f32>, tch::TchError> {
+    pub(super) fn score_slots(&mut self, rows: &[usize], hidden: &[&[f32]]) -> Result<Vec<f32>, tch::TchError> {
         tch::no_grad(|| {
             let a = &self.arena;
             let b = hidden.len() as i64;
             let d = a.w1.size()[2];
             let hi = rows.iter().max().map_or(0, |&r| r + 1);
             let dense = rows.len() * 2 >= hi;
-            let idx = if dense {
-                None
-            } else {
-                let idx: Vec<i64> = rows.iter().map(|&s| s as i64).collect();
-                Some(Tensor::f_from_slice(&idx)?.f_to_device(self.device)?)
+            let sent = match &mut self.inputs {
+                Some(inputs) => inputs.send(rows, hidden, self.device)?,
+                None => None,
             };
+            let (idx, x) = match sent {
+                Some((idx, x)) => (idx, x),
+                None => {
+                    let idx: Vec<i64> = rows.iter().map(|&s| s as i64).collect();
+                    let flat: Vec<f32> = hidden.iter().flat_map(|h| h.iter().copied()).collect();
+                    let idx = Tensor::f_from_slice(&idx)?.f_to_device(self.device)?;
+                    (idx, Tensor::f_from_slice(&flat)?.f_view([b, d])?.f_to_device(self.device)?)
+                }
+            };
+            let idx = (!dense).then_some(idx);
             let g = |t: &Tensor| match &idx {
                 Some(idx) => t.f_index_select(0, idx),
                 None => t.f_narrow(0, 0, hi as i64),
             };
             let n = if dense { hi as i64 } else { rows.len() as i64 };
-            let flat: Vec<f32> = hidden.iter().flat_map(|h| h.iter().copied()).collect();
-            let x = Tensor::f_from_slice(&flat)?
-                .f_view([b, d])?
-                .f_to_kind(self.compute)?
-                .f_to_device(self.device)?
-                .f_transpose(0, 1)?;
+            let x = x.f_to_kind(self.compute)?.f_transpose(0, 1)?;
             let a1 = g(&a.w1)?.f_view([n * HIDDEN1 as i64, d])?.f_matmul(&x)?;
             let a1 = (a1 + g(&a.b1)?.f_view([n * HIDDEN1 as i64, 1])?).f_relu()?.f_view([n, HIDDEN1 as i64, b])?;
             let a2 = g(&a.b2)?.f_baddbmm(&g(&a.w2)?, &a1, 1, 1)?.f_relu()?;
