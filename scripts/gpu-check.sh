@@ -148,7 +148,8 @@ def traffic(name):
     st = t.get("store") or {}
     n = len(d["tokens"])
     return (f"{t['install_bytes_copied'] / n / 1e6:.2f} MB/token over {n} tokens "
-            f"({st.get('uploads')} probes copied in once each, {st.get('hits')} resident hits, "
+            f"({st.get('uploads')} probes copied in, {st.get('prefetched')} of them prefetched and "
+            f"{st.get('prefetch_used')} of those used, {st.get('hits')} resident hits, "
             f"{st.get('evictions')} evictions, {st.get('rows')} rows)")
 def tps(name):
     d = doc(name)

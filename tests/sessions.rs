@@ -347,6 +347,7 @@ async fn sessions_on_the_resident_store_match_each_stream_and_copy_each_probe_on
     assert_eq!(store.rows, f.pack.len());
     assert!(store.uploads as usize <= f.pack.len() && store.evictions == 0, "{store:?}");
     assert!(store.hits > store.uploads, "activations mostly found their probe resident: {store:?}");
+    assert!(store.prefetched > 0, "near-threshold children were copied in ahead: {store:?}");
     assert_eq!(stats.traffic.install_bytes_copied, store.uploads * f.pack.layout().byte_len() as u64);
     // No reservation: 29 more sessions (32 in all) open under the shipped limits.
     for _ in 0..29 {

@@ -109,6 +109,29 @@ impl Coordinator {
         Ok(scores.logits)
     }
 
+    /// Speculative prefetch of probes the next token may activate. Never holds up the token.
+    /// On the CPU kernel: into the cache (RAM). On the tch store: fetched in a task of its own,
+    /// then copied into the store by the scheduler between steps (`Lane::warm`), so that their
+    /// activation finds them resident.
+    fn hint(&self, hints: Vec<ConceptId>) {
+        if self.resident.is_none() {
+            // A tell: hints must never hold up the token.
+            let _ = self.cache.tell(Prefetch(hints)).try_send();
+            return;
+        }
+        let hints: Vec<ConceptId> = hints.into_iter().filter(|&id| self.needs_bytes(id)).collect();
+        if hints.is_empty() {
+            return;
+        }
+        let (cache, warm) = (self.cache.clone(), self.lane.warmer());
+        tokio::spawn(async move {
+            let Ok(fetched) = cache.ask(Get(hints.clone())).await else { return };
+            // A hint that cannot be read is no error: its activation will say why.
+            let bytes = hints.into_iter().zip(fetched).filter_map(|(id, b)| Some((id, b.ok()?))).collect();
+            warm.send(bytes);
+        });
+    }
+
     /// Whether installing `id` needs its bytes: not if the resident store holds it.
     fn needs_bytes(&self, id: ConceptId) -> bool {
         !self.resident.as_ref().is_some_and(|r| r.contains(id))
@@ -358,8 +381,7 @@ impl Coordinator {
         if self.hint_margin > 0.0 {
             let hints = tc.near_misses(self.hint_margin, |c| self.pool.is_active(c));
             if !hints.is_empty() {
-                // A tell: hints must never hold up the token.
-                let _ = self.cache.tell(Prefetch(hints)).try_send();
+                self.hint(hints);
             }
         }
         stages.pruning += t.elapsed();

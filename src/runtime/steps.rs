@@ -70,8 +70,13 @@ pub(super) struct Work {
 }
 
 pub(super) enum StepMsg {
-    Open { session: SessionId, slots: usize },
+    Open {
+        session: SessionId,
+        slots: usize,
+    },
     Work(Work),
+    /// Probes to copy into a resident store ahead of their activation (prefetch hints).
+    Warm(HashMap<ConceptId, Arc<ProbeBytes>>),
     Close(SessionId),
     Stats(oneshot::Sender<StepStats>),
 }
@@ -176,6 +181,9 @@ impl Steps {
                         self.sessions.remove(&session);
                         self.backend.close(session);
                     }
+                    // Between steps, where the thread would otherwise wait (hints are sent
+                    // after a token's report).
+                    StepMsg::Warm(bytes) => self.backend.warm(&bytes),
                     StepMsg::Stats(reply) if !step.is_empty() => {
                         // Answered after this step, so the stats count everything sent before.
                         carried = Some(StepMsg::Stats(reply));
@@ -370,9 +378,26 @@ impl Lane {
         self.tx.send(StepMsg::Work(self.work(ops, HashMap::new()))).map_err(|_| StepsGone)
     }
 
+    /// A handle that sends prefetched probes to the resident store, for a task of its own.
+    pub(super) fn warmer(&self) -> Warmer {
+        Warmer(self.tx.clone())
+    }
+
     /// Frees the session's slots, after everything it sent. Closing twice is harmless.
     pub(super) fn close(&self) {
         let _ = self.tx.send(StepMsg::Close(self.session));
+    }
+}
+
+/// Sends prefetched probes to the scheduler ([`Lane::warmer`]).
+pub(super) struct Warmer(flume::Sender<StepMsg>);
+
+impl Warmer {
+    /// Fire and forget: a scheduler that has stopped has no store to warm.
+    pub(super) fn send(&self, bytes: HashMap<ConceptId, Arc<ProbeBytes>>) {
+        if !bytes.is_empty() {
+            let _ = self.0.send(StepMsg::Warm(bytes));
+        }
     }
 }
 

@@ -115,6 +115,10 @@ pub struct StoreStats {
     pub uploads: u64,
     /// Warm probes evicted to make room.
     pub evictions: u64,
+    /// Probes copied in ahead of their activation (prefetch hints), and of those, how many a
+    /// session then activated.
+    pub prefetched: u64,
+    pub prefetch_used: u64,
 }
 
 impl WeightTraffic {

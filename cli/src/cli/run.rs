@@ -106,13 +106,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         if let Some(st) = &t.store {
             // Copies into the store are the weight bytes that cross to the device (PCIe on a GPU).
             println!(
-                "resident store: {} rows of {} bytes, {} resident ({} pinned); {} copies in, {} resident hits, \
-                 {} evictions; {:.0} weight bytes copied per token",
+                "resident store: {} rows of {} bytes, {} resident ({} pinned); {} copies in ({} prefetched, {} of \
+                 them used), {} resident hits, {} evictions; {:.0} weight bytes copied per token",
                 st.rows,
                 st.row_bytes,
                 st.resident,
                 st.pinned,
                 st.uploads,
+                st.prefetched,
+                st.prefetch_used,
                 st.hits,
                 st.evictions,
                 t.install_bytes_copied as f64 / tokens.max(1) as f64

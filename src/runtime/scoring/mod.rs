@@ -76,6 +76,10 @@ pub trait ScoringBackend: Send {
     /// a whole (the slots are untouched by scoring, so the requests may be tried again alone).
     fn score(&mut self, step: &[Request], faults: &Faults) -> Result<StepScores, ScoringError>;
     fn holdings(&self) -> Holdings;
+    /// Copies probes that may be activated soon into a resident store, where it has one and
+    /// there is room that no pinned probe holds (free rows, or warm ones evicted). Best effort:
+    /// a failure only leaves them out.
+    fn warm(&mut self, _bytes: &HashMap<ConceptId, Arc<ProbeBytes>>) {}
     /// Installs and moves so far, the weight bytes they copied, and the resident store's
     /// figures where the backend keeps one.
     fn traffic(&self) -> WeightTraffic;

@@ -113,6 +113,8 @@ pub struct Book {
     free: Vec<usize>,
     /// Base probes: pinned for good once resident.
     forever: ConceptSet,
+    /// Prefetched probes not activated yet.
+    hinted: ConceptSet,
     view: Arc<ResidentView>,
     stats: StoreStats,
 }
@@ -129,6 +131,7 @@ impl Book {
             warm: LruCache::unbounded(),
             free: (0..rows).rev().collect(),
             forever,
+            hinted: ConceptSet::with_capacity(concepts),
             view: Arc::new(ResidentView::new(concepts)),
             stats: StoreStats { rows, row_bytes, ..Default::default() },
         }
@@ -180,6 +183,7 @@ impl Book {
                 let (old, ()) = self.warm.pop_lru().ok_or_else(|| self.check_room(1).unwrap_err())?;
                 let row = self.row_of.remove(&old).expect("a warm probe has a row");
                 self.view.set(old, false);
+                self.hinted.remove(old);
                 self.id_of[row] = None;
                 self.stats.evictions += 1;
                 row
@@ -221,9 +225,21 @@ impl Book {
         Some(Pin { row, id, book: book.clone() })
     }
 
-    /// Counts an install that found its probe resident.
-    pub fn count_hit(&mut self) {
+    /// Counts an install that found its probe resident (and, the first time, a prefetched
+    /// probe that was used).
+    pub fn count_hit(&mut self, id: ConceptId) {
         self.stats.hits += 1;
+        if self.hinted.remove(id) {
+            self.stats.prefetch_used += 1;
+        }
+    }
+
+    /// `ids` were copied in ahead of their activation (prefetch hints).
+    pub fn count_prefetched(&mut self, ids: &[ConceptId]) {
+        self.stats.prefetched += ids.len() as u64;
+        ids.iter().for_each(|&id| {
+            self.hinted.insert(id);
+        });
     }
 
     fn release(&mut self, row: usize) {
@@ -272,7 +288,7 @@ mod tests {
     /// Copies `id` in (as the backend does) and pins it.
     fn load(b: &Arc<Mutex<Book>>, id: u32) -> Result<Pin, StoreFull> {
         if let Some(p) = Book::pin(b, c(id)) {
-            b.lock().unwrap().count_hit();
+            b.lock().unwrap().count_hit(c(id));
             return Ok(p);
         }
         let row = b.lock().unwrap().take_row(c(id))?;

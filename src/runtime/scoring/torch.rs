@@ -454,6 +454,10 @@ fn cuda_free_memory(index: usize) -> Option<u64> {
     }
 }
 
+/// Most probes one prefetch copies into the store: it runs between steps, and a token's next
+/// request waits behind it.
+const MAX_WARM: usize = 64;
+
 /// Bytes of one probe in the compute dtype: what a row of the store costs.
 pub fn row_bytes(hidden_dim: usize, compute: Kind) -> usize {
     let elements = HIDDEN1 * hidden_dim + HIDDEN1 + HIDDEN2 * HIDDEN1 + HIDDEN2 + HIDDEN2 + 1;
@@ -501,7 +505,6 @@ impl ScoringBackend for TorchBackend {
             return Err(ScoringError::Evicted(missing));
         }
         self.copy_in(&new, bytes)?;
-        let hits = installed.len() - new.len();
         let (book, traffic) = (&self.book, &mut self.traffic);
         let table = self.sessions.get_mut(session)?;
         let mut pins = 0;
@@ -512,7 +515,7 @@ impl ScoringBackend for TorchBackend {
         // Copies count in the traffic as they happen; every other install is a reference.
         self.traffic.installs += pins - new.len() as u64;
         let mut b = self.book.lock().expect("store book");
-        (0..hits).for_each(|_| b.count_hit());
+        held.iter().for_each(|p| b.count_hit(p.id()));
         drop(b);
         drop(held);
         applied
@@ -563,6 +566,25 @@ impl ScoringBackend for TorchBackend {
 
     fn holdings(&self) -> Holdings {
         self.sessions.holdings(|p| p.row())
+    }
+
+    fn warm(&mut self, bytes: &HashMap<ConceptId, Arc<ProbeBytes>>) {
+        let new: Vec<ConceptId> = {
+            let book = self.book.lock().expect("store book");
+            let mut new: Vec<ConceptId> = bytes.keys().copied().filter(|&id| !book.is_resident(id)).collect();
+            new.sort_unstable();
+            new.truncate(book.room().min(MAX_WARM));
+            new
+        };
+        if new.is_empty() {
+            return;
+        }
+        let n = new.len() as u64;
+        if self.copy_in(&new, bytes).is_ok() {
+            self.book.lock().expect("store book").count_prefetched(&new);
+        } else {
+            tracing::debug!("prefetching {n} probes into the store failed; they are left out");
+        }
     }
 
     fn traffic(&self) -> WeightTraffic {
@@ -766,5 +788,30 @@ mod tests {
                 assert!(close(*g, want(&pack, id, &h)), "probe {id}");
             }
         }
+    }
+
+    #[test]
+    fn prefetched_probes_are_copied_between_steps_and_their_activation_copies_nothing() {
+        let (_dir, pack) = synth_pack(DType::F32);
+        let mut backend = store(&pack, 4, None, Faults::none());
+        let s = SessionId(1);
+        backend.open(s, 4);
+        let ops = install(&[3, 7]);
+        backend.apply(s, &ops, &bytes_for(&pack, &ops)).unwrap();
+        // Hints for three probes, one already resident; two rows are free.
+        let hinted = install(&[7, 9, 11, 13]);
+        backend.warm(&bytes_for(&pack, &hinted));
+        let st = backend.traffic().store.unwrap();
+        assert_eq!((st.prefetched, st.resident, st.pinned), (2, 4, 2), "two copied, into the free rows");
+        assert!(backend.view().contains(ConceptId(9)) && backend.view().contains(ConceptId(11)));
+        assert!(!backend.view().contains(ConceptId(13)), "no room left for the third: pinned rows stay");
+        // The activation of a prefetched probe needs no bytes and copies nothing.
+        let copied = backend.traffic().install_bytes_copied;
+        let ops = [SlotOp::Install { slot: 2, id: ConceptId(9) }];
+        backend.apply(s, &ops, &HashMap::new()).unwrap();
+        check_scores(&mut backend, &pack, 1, &[3, 7, 9], &hidden(&pack, 0.4));
+        let st = backend.traffic().store.unwrap();
+        assert_eq!(backend.traffic().install_bytes_copied, copied);
+        assert_eq!(st.prefetch_used, 1);
     }
 }
