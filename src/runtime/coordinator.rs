@@ -111,7 +111,7 @@ impl Coordinator {
 
     /// Speculative prefetch of probes the next token may activate. Never holds up the token.
     /// On the CPU kernel: into the cache (RAM). On the tch store: fetched in a task of its own,
-    /// then copied into the store by the scheduler between steps (`Lane::warm`), so that their
+    /// then copied into the store by the scheduler between steps (`Lane::warmer`), so that their
     /// activation finds them resident.
     fn hint(&self, hints: Vec<ConceptId>) {
         if self.resident.is_none() {
