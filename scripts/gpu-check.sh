@@ -17,7 +17,8 @@
 #   3. seed top-30 and decompose, back to back; host-to-device weight bytes per token;
 #   4. 1, 8 and 32 sessions at seed top-30 (tokens/s);
 #   5. a BIG-concept bf16 pack with a 2,000-probe store, base [0], threshold 0.3, top-100;
-#   6. exhaustive on both packs.
+#   6. exhaustive on both packs;
+#   7. `tune`: exhaustive beside the cascade, latency against recall (OUT/tune/tune.md).
 set -uo pipefail
 for kv in "$@"; do export "${kv?}"; done
 here=$(cd "$(dirname "$0")" && pwd)
@@ -120,6 +121,11 @@ done
 # 5–6. The large pack.
 run big big --engine runtime --config "$work/big.toml" --skip-bad-tokens
 run exhaustive-big big --engine runtime --config "$work/exhaustive-big.toml"
+# 7. Where exhaustive beats the cascade, at what recall: `tune` on the demo pack, exhaustive
+# beside two thresholds, in both modes (OUT/tune/tune.md).
+step tune "$BIN" tune --pack "$work/demo" --trace "$work/demo.npy" --base "$work/seed.toml" --no-presets \
+  --grid 'cascade.expansion.threshold.load_threshold=0.1,0.3;cascade.expansion=exhaustive' \
+  --tokens "$((TOKENS / 2))" --warmup 5 --out "$OUT/tune"
 
 python3 - "$OUT" "$DEVICE" "$TOKENS" "$BIG" <<'PY' | tee "$OUT/table.md"
 import json, sys
