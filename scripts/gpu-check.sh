@@ -103,6 +103,10 @@ cfg big offline "${dev[@]}" 'cascade.base_layers=[0]' 'cascade.expansion={}' \
   cascade.max_loaded=2000 runtime.pool_slots=2000 'runtime.mode="exact"' "device.store_bytes=$((2000 * row_bytes))"
 cfg exhaustive-big realtime "${dev[@]}" 'cascade.expansion="exhaustive"' 'cascade.pruning="none"' \
   "cascade.max_loaded=$BIG" "runtime.pool_slots=$BIG"
+# Exhaustive reads every row each token: in bf16 the store is half the bytes (HBM-bound).
+for c in exhaustive exhaustive-big; do
+  sed 's/^compute_dtype = .*/compute_dtype = "bf16"/' "$work/$c.toml" >"$work/$c-bf16.toml"
+done
 
 run() { # $1: name, $2: pack, then run's arguments
   local name=$1 pack=$2
@@ -121,6 +125,8 @@ done
 # 5–6. The large pack.
 run big big --engine runtime --config "$work/big.toml" --skip-bad-tokens
 run exhaustive-big big --engine runtime --config "$work/exhaustive-big.toml"
+run exhaustive-bf16 demo --engine runtime --config "$work/exhaustive-bf16.toml"
+run exhaustive-big-bf16 big --engine runtime --config "$work/exhaustive-big-bf16.toml"
 # 7. Where exhaustive beats the cascade, at what recall: `tune` on the demo pack, exhaustive
 # beside two thresholds, in both modes (OUT/tune/tune.md).
 step tune "$BIN" tune --pack "$work/demo" --trace "$work/demo.npy" --base "$work/seed.toml" --no-presets \
@@ -180,8 +186,8 @@ rows = [
     ("1 / 8 / 32 sessions, seed top-30", " / ".join(tps(f"sessions-{n}") for n in (1, 8, 32))),
     (f"{big}-concept bf16 pack, 2,000-probe store, base [0], threshold 0.3, top-100", lat("big")),
     (f"  its weight traffic", traffic("big")),
-    ("exhaustive, demo pack", lat("exhaustive")),
-    (f"exhaustive, {big}-concept pack", lat("exhaustive-big")),
+    ("exhaustive, demo pack, f32 / bf16 compute", lat("exhaustive") + " / " + lat("exhaustive-bf16")),
+    (f"exhaustive, {big}-concept pack, f32 / bf16 compute", lat("exhaustive-big") + " / " + lat("exhaustive-big-bf16")),
 ]
 print(f"| figure ({device}, {tokens} tokens, percentiles from token {WARM}) | measured |")
 print("|---|---|")
