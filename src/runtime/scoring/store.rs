@@ -200,7 +200,7 @@ impl Book {
         self.stats.uploads += 1;
         self.view.set(id, true);
         if self.refs[row] == 0 {
-            self.park(row, id);
+            self.park(id);
         }
     }
 
@@ -246,13 +246,13 @@ impl Book {
         self.refs[row] = self.refs[row].saturating_sub(1);
         if self.refs[row] == 0 {
             if let Some(id) = self.id_of[row] {
-                self.park(row, id);
+                self.park(id);
             }
         }
     }
 
     /// A row nobody holds: warm, or pinned for good if it is a base probe.
-    fn park(&mut self, _row: usize, id: ConceptId) {
+    fn park(&mut self, id: ConceptId) {
         if !self.forever.contains(id) {
             self.warm.put(id, ());
         }
