@@ -513,7 +513,7 @@ impl ScoringBackend for TorchBackend {
             Book::pin(book, id).ok_or(ScoringError::Evicted(vec![id]))
         });
         // Copies count in the traffic as they happen; every other install is a reference.
-        self.traffic.installs += pins - new.len() as u64;
+        self.traffic.installs += pins.saturating_sub(new.len() as u64);
         let mut b = self.book.lock().expect("store book");
         held.iter().for_each(|p| b.count_hit(p.id()));
         drop(b);
