@@ -507,7 +507,7 @@ impl ScoringBackend for TorchBackend {
         self.copy_in(&new, bytes)?;
         let (book, traffic) = (&self.book, &mut self.traffic);
         let table = self.sessions.get_mut(session)?;
-        let mut pins = 0;
+        let mut pins: u64 = 0;
         let applied = table.apply(ops, traffic, |id| {
             pins += 1;
             Book::pin(book, id).ok_or(ScoringError::Evicted(vec![id]))
