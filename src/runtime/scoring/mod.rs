@@ -3,8 +3,9 @@
 //!
 //! - [`kernel`]: the CPU kernel, scoring probes where they lie in the weight cache (a slot is
 //!   a reference to a cache entry; nothing is copied);
-//! - [`torch`]: one tch arena shared by every session (an accelerator's memory, or the CPU
-//!   with `device.cpu_kernel = "torch"`), a probe used by several sessions in one physical slot.
+//! - [`torch`]: one tch resident store shared by every session (an accelerator's memory, or
+//!   the CPU with `device.cpu_kernel = "torch"`): a probe is copied into a row once and a slot
+//!   pins its row; [`store`] keeps the rows' books (pins, warm LRU, the budget).
 //!
 //! Why a trait: the scheduler's batching, fairness and close ordering are the same whatever
 //! scores, and before this trait they were interleaved with five two-variant enums that could
@@ -57,7 +58,7 @@ pub struct Holdings {
 
 /// A scoring backend. It runs on the step scheduler's thread, which owns it.
 pub trait ScoringBackend: Send {
-    /// The scoring path, for stats and `run`'s summary (`avx512f`, `torch arena (device)`).
+    /// The scoring path, for stats and `run`'s summary (`avx512f`, `torch store (device)`).
     fn path(&self) -> &'static str;
     /// Gives a session an empty table of `slots` slots.
     fn open(&mut self, session: SessionId, slots: usize);
@@ -166,7 +167,7 @@ fn range(start: usize, len: usize, slots: usize) -> Result<std::ops::Range<usize
     Ok(start..start + len)
 }
 
-/// A session's slot table: what each slot holds (`H`: a cache entry, a physical arena slot).
+/// A session's slot table: what each slot holds (`H`: a cache entry, a pin of a store row).
 /// Installs are the backend's own; moves and swaps only move references, here, for both.
 pub struct SlotTable<H> {
     slots: Vec<Option<H>>,

@@ -1,19 +1,20 @@
-//! The tch arena backend: one arena on the device (an accelerator's memory, or the CPU with
+//! The tch backend: one resident store on the device (an accelerator's memory, or the CPU with
 //! `device.cpu_kernel = "torch"`) shared by every session. It owns every tensor (a `Tensor` is
 //! `Send` but not `Sync`), so it lives on the step scheduler's thread.
 //!
-//! The arena is allocated once: stacked weights `[S,128,D]`, `[S,64,128]`, `[S,1,64]` and
-//! biases `[S,128,1]`, `[S,64,1]`, `[S,1,1]` in the compute dtype. A probe used by several
-//! sessions sits in one physical slot, reference-counted: a session's slot table holds `Arc`s
-//! of physical slots; an install takes the probe's physical slot if any session has it
-//! resident, else a free one into which the probe is copied; the slot goes back to the free
-//! list when the last session lets go. Moves and swaps (pruning) move references, never
-//! weights. A step gathers the union's physical slots (`index_select`) and scores them against
-//! all of the step's hidden states as one `[D, B]` matrix.
+//! The store is allocated once: stacked weights `[R,128,D]`, `[R,64,128]`, `[R,1,64]` and
+//! biases `[R,128,1]`, `[R,64,1]`, `[R,1,1]` in the compute dtype, `R` rows from
+//! `device.store_bytes`. A probe is copied into a row once and stays there until its row is
+//! needed for another; which row holds which probe, what is pinned and what is warm is the
+//! [`Book`]'s (`store.rs`). A session's slot table holds [`Pin`]s: an install pins the probe's
+//! row (copying the probe in only if it is not resident), and moves and swaps (pruning) move
+//! pins, never weights. A request's slot operations are all or nothing (see
+//! [`TorchBackend::apply`]). A step gathers the union's rows (`index_select`), or scores a
+//! dense range in place, against all of the step's hidden states as one `[D, B]` matrix.
 //!
-//! How installs reach the arena depends on the device ([`Uploads`]): on the CPU each tensor is
+//! How copies reach the store depends on the device ([`Uploads`]): on the CPU each tensor is
 //! copied straight from the cache's bytes (`copy_` converts bf16 to the compute dtype); on an
-//! accelerator a request's installs are packed into one pinned host buffer and sent in one
+//! accelerator a request's copies are packed into one pinned host buffer and sent in one
 //! host-to-device transfer, then scattered on the device, because per-tensor transfers would
 //! pay the launch and synchronization cost six times a probe.
 
@@ -114,7 +115,8 @@ impl Staging {
     }
 }
 
-/// The arena's tensors and how installs reach them.
+/// The store's tensors (the "arena": one allocation per tensor, rows of probes) and how
+/// copies reach them.
 pub struct TorchArena {
     device: Device,
     compute: Kind,
