@@ -90,14 +90,17 @@ impl Coordinator {
         len: usize,
         hidden: Arc<Vec<f32>>,
     ) -> Result<Vec<f32>, RuntimeError> {
-        let retry = (!ops.is_empty() && self.resident.is_some()).then(|| (ops.clone(), bytes.clone()));
+        let retry = (!ops.is_empty() && self.resident.is_some()).then(|| ops.clone());
         let mut answer = self.lane.apply_and_score(ops, bytes, start, len, hidden.clone()).await;
         // Probes seen resident were evicted before the install (another session needed the
-        // room): nothing was applied, so the same operations go again with their bytes.
-        if let (Some((ops, mut bytes)), Ok(Err(ScoringError::Evicted(ids)))) = (retry, &answer) {
+        // room): nothing was applied, so the same operations go again, with the bytes of
+        // every probe they install (a rare path: the cache has most of them in RAM).
+        if let (Some(ops), Ok(Err(ScoringError::Evicted(_)))) = (retry, &answer) {
+            let ids: Vec<ConceptId> = ops.iter().filter_map(SlotOp::installed).collect();
             let fetched = self.cache.ask(Get(ids.clone())).await.map_err(stopped("cache"))?;
-            for (id, f) in ids.iter().zip(fetched) {
-                bytes.insert(*id, f.map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Probe(e)))?);
+            let mut bytes = HashMap::with_capacity(ids.len());
+            for (id, f) in ids.into_iter().zip(fetched) {
+                bytes.insert(id, f.map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Probe(e)))?);
             }
             answer = self.lane.apply_and_score(ops, bytes, start, len, hidden).await;
         }

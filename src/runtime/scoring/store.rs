@@ -133,7 +133,7 @@ impl Book {
             forever,
             hinted: ConceptSet::with_capacity(concepts),
             view: Arc::new(ResidentView::new(concepts)),
-            stats: StoreStats { rows, row_bytes, ..Default::default() },
+            stats: StoreStats::default(),
         }
     }
 
@@ -259,13 +259,13 @@ impl Book {
     }
 
     pub fn stats(&self) -> StoreStats {
-        StoreStats { resident: self.row_of.len(), pinned: self.pinned(), ..self.stats }
-    }
-
-    /// Slot holders of each pinned row (for holdings): (distinct rows held, references).
-    pub fn held(&self) -> (usize, usize) {
-        let held = self.refs.iter().filter(|&&r| r > 0).count();
-        (held, self.refs.iter().map(|&r| r as usize).sum())
+        StoreStats {
+            rows: self.rows(),
+            row_bytes: self.row_bytes,
+            resident: self.row_of.len(),
+            pinned: self.pinned(),
+            ..self.stats
+        }
     }
 }
 
@@ -283,6 +283,11 @@ mod tests {
             set.insert(c(i));
         });
         Arc::new(Mutex::new(Book::new(rows, 100, 64, set)))
+    }
+
+    /// Rows held by slots, and the slots' references to them.
+    fn held(b: &Book) -> (usize, usize) {
+        (b.refs.iter().filter(|&&r| r > 0).count(), b.refs.iter().map(|&r| r as usize).sum())
     }
 
     /// Copies `id` in (as the backend does) and pins it.
@@ -365,7 +370,7 @@ mod tests {
                 assert_eq!(bk.row_of.get(&p.id()), Some(&p.row()), "a pinned probe keeps its row");
                 assert!(bk.view.contains(p.id()));
             }
-            let (held, refs) = bk.held();
+            let (held, refs) = held(&bk);
             assert!(held <= s.pinned && refs == pins.len());
         }
     }

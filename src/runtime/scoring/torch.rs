@@ -27,7 +27,7 @@ use super::store::{Book, Pin, ResidentView};
 use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, StepScores, Tables};
 use crate::engine::tensors::{kind_of, to_host_f32};
 use crate::kernel::MAX_BATCH;
-use crate::pack::layout::{HIDDEN1, HIDDEN2};
+use crate::pack::layout::{ProbeLayout, HIDDEN1, HIDDEN2};
 use crate::pack::{ConceptId, Pack};
 use crate::policy::ConceptSet;
 use crate::runtime::cache::ProbeBytes;
@@ -229,14 +229,16 @@ impl TorchArena {
             let d = a.w1.size()[2];
             let hi = rows.iter().max().map_or(0, |&r| r + 1);
             let dense = rows.len() * 2 >= hi;
+            // A dense range needs no indices on the device.
+            let wanted: &[usize] = if dense { &[] } else { rows };
             let sent = match &mut self.inputs {
-                Some(inputs) => inputs.send(rows, hidden, self.device)?,
+                Some(inputs) => inputs.send(wanted, hidden, self.device)?,
                 None => None,
             };
             let (idx, x) = match sent {
                 Some((idx, x)) => (idx, x),
                 None => {
-                    let idx: Vec<i64> = rows.iter().map(|&s| s as i64).collect();
+                    let idx: Vec<i64> = wanted.iter().map(|&s| s as i64).collect();
                     let flat: Vec<f32> = hidden.iter().flat_map(|h| h.iter().copied()).collect();
                     let idx = Tensor::f_from_slice(&idx)?.f_to_device(self.device)?;
                     (idx, Tensor::f_from_slice(&flat)?.f_view([b, d])?.f_to_device(self.device)?)
@@ -462,8 +464,8 @@ const MAX_WARM: usize = 64;
 
 /// Bytes of one probe in the compute dtype: what a row of the store costs.
 pub fn row_bytes(hidden_dim: usize, compute: Kind) -> usize {
-    let elements = HIDDEN1 * hidden_dim + HIDDEN1 + HIDDEN2 * HIDDEN1 + HIDDEN2 + HIDDEN2 + 1;
-    elements * compute.elt_size_in_bytes()
+    // The element count does not depend on the stored dtype.
+    ProbeLayout::new(hidden_dim, crate::pack::DType::F32).numel() * compute.elt_size_in_bytes()
 }
 
 impl ScoringBackend for TorchBackend {
