@@ -22,6 +22,7 @@ use std::time::Duration;
 use probe_cascade::config::{Config, Mode};
 use probe_cascade::engine::TokenReport;
 use probe_cascade::pack::ConceptId;
+use probe_cascade::runtime::cache::CacheStats;
 use probe_cascade::runtime::faults::{FaultPlan, Faults, PanicSite, ReadFault};
 use probe_cascade::runtime::reader::ReaderKind;
 use probe_cascade::runtime::{Cascade, Runtime, RuntimeError, SessionOptions};
@@ -132,6 +133,18 @@ async fn answer<F: std::future::Future<Output = Result<TokenReport, RuntimeError
     tokio::time::timeout(DEADLINE, f).await.unwrap_or_else(|_| panic!("{what} was not answered within {DEADLINE:?}"))
 }
 
+/// The cache's figures once the speculative reads (prefetch hints) still landing after the
+/// sessions closed have finished, as they must (within the deadline).
+async fn reads_landed(rt: &Runtime) -> Result<CacheStats, RuntimeError> {
+    let mut cache = rt.cache_stats().await?;
+    let t0 = std::time::Instant::now();
+    while cache.in_flight > 0 && t0.elapsed() < DEADLINE {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        cache = rt.cache_stats().await?;
+    }
+    Ok(cache)
+}
+
 /// Runs `run` with `faults`, every stream back to back (8 sessions: each token of all of them
 /// in one `observe_batch`), then closes everything and reads what is left.
 async fn drive(
@@ -170,13 +183,7 @@ async fn drive(
             s.close().await;
         }
         let steps = rt.step_stats().await?;
-        // Speculative reads (prefetch hints) may still be landing: they must finish.
-        let mut cache = rt.cache_stats().await?;
-        let t0 = std::time::Instant::now();
-        while cache.in_flight > 0 && t0.elapsed() < DEADLINE {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            cache = rt.cache_stats().await?;
-        }
+        let cache = reads_landed(&rt).await?;
         (after.sessions, after.held) = (steps.sessions, steps.held_probes);
         (after.in_flight, after.cache_bytes) = (cache.in_flight, cache.resident_bytes);
         rt.shutdown().await;
@@ -584,7 +591,7 @@ async fn closed_in_flight(f: &Fixture, run: Run) -> (usize, usize, usize, After)
             s.close().await;
         }
         let steps = rt.step_stats().await.unwrap();
-        let cache = rt.cache_stats().await.unwrap();
+        let cache = reads_landed(&rt).await.unwrap();
         (after.sessions, after.held) = (steps.sessions, steps.held_probes);
         (after.in_flight, after.cache_bytes) = (cache.in_flight, cache.resident_bytes);
         rt.shutdown().await;

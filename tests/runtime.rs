@@ -365,6 +365,35 @@ async fn pipelined_mode_reports_in_flight_children_and_catches_up() {
     pipelined.shutdown().await;
 }
 
+/// `settle` promises that no load is in flight when it returns. On the resident store a
+/// hint is read from the cache by a task of its own and then copied in: settle waits for it,
+/// so nothing is read or copied in after it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_waits_for_hints_on_their_way_to_the_resident_store() {
+    let (_dir, pack, trace) = tiny();
+    let mut c = config(tight());
+    c.device.cpu_kernel = CpuKernel::Torch;
+    // Every hint is a read: nothing stays in RAM.
+    c.runtime.cache_bytes = 0;
+    c.runtime.prefetch_hint_margin = 1.0;
+    let cascade = Cascade::start(pack.clone(), &c).await.unwrap();
+    for t in 0..trace.rows {
+        cascade.observe(trace.row(t).to_vec()).await.unwrap();
+        cascade.settle().await.unwrap();
+        let (cache, store) = (cascade.cache_stats().await.unwrap(), cascade.weight_traffic().await.unwrap().store);
+        assert_eq!(cache.in_flight, 0, "token {t}: a read is in flight after settle");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let (later, store_later) =
+            (cascade.cache_stats().await.unwrap(), cascade.weight_traffic().await.unwrap().store);
+        assert_eq!(later.reads, cache.reads, "token {t}: the cache read after settle returned");
+        let prefetched = |s: &Option<probe_cascade::types::StoreStats>| s.as_ref().unwrap().prefetched;
+        assert_eq!(prefetched(&store_later), prefetched(&store), "token {t}: a hint was copied in after settle");
+    }
+    let store = cascade.weight_traffic().await.unwrap().store.unwrap();
+    assert!(store.prefetched > 0, "the trace hints probes into the store: {store:?}");
+    cascade.shutdown().await;
+}
+
 /// The CUDA path: the same cascade with `device = "cuda:0"` must report what the CPU
 /// reference reports. Skips (saying so) where libtorch sees no GPU, which includes every build
 /// against the CPU-only libtorch that `make` provisions.

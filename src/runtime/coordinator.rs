@@ -5,6 +5,7 @@
 //! hints go out from here. Asks only go downstream (to the cache and the scheduler), never back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,9 @@ pub struct Coordinator {
     pub(super) pending: ConceptSet,
     /// Pipelined mode: late loads that failed, reported with the next token.
     pub(super) failed_late: Vec<String>,
+    /// Hints on their way to the resident store (read from the cache, not yet sent to be
+    /// warmed): `settle` waits for them as it does for pending loads.
+    pub(super) warming: Arc<AtomicUsize>,
     /// Time the step scheduler spent scoring (as opposed to installing), summed.
     pub(super) scoring_time: Duration,
     /// Injected faults (tests only).
@@ -126,12 +130,15 @@ impl Coordinator {
         if hints.is_empty() {
             return;
         }
-        let (cache, warm) = (self.cache.clone(), self.lane.warmer());
+        let (cache, warm, warming) = (self.cache.clone(), self.lane.warmer(), self.warming.clone());
+        warming.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
-            let Ok(fetched) = cache.ask(Get(hints.clone())).await else { return };
-            // A hint that cannot be read is no error: its activation will say why.
-            let bytes = hints.into_iter().zip(fetched).filter_map(|(id, b)| Some((id, b.ok()?))).collect();
-            warm.send(bytes);
+            if let Ok(fetched) = cache.ask(Get(hints.clone())).await {
+                // A hint that cannot be read is no error: its activation will say why.
+                let bytes = hints.into_iter().zip(fetched).filter_map(|(id, b)| Some((id, b.ok()?))).collect();
+                warm.send(bytes);
+            }
+            warming.fetch_sub(1, Ordering::SeqCst);
         });
     }
 
@@ -527,14 +534,15 @@ impl Message<Drain> for Coordinator {
     }
 }
 
-/// Pipelined mode: how many requested children have not landed yet.
+/// How many loads have not landed yet: requested children (pipelined mode) and hints on
+/// their way to the resident store.
 pub struct PendingLoads;
 
 impl Message<PendingLoads> for Coordinator {
     type Reply = usize;
 
     async fn handle(&mut self, _: PendingLoads, _: &mut Context<Self, Self::Reply>) -> usize {
-        self.pending.len()
+        self.pending.len() + self.warming.load(Ordering::SeqCst)
     }
 }
 

@@ -343,6 +343,7 @@ fn new_coordinator(shared: &Shared, config: &Config, base: crate::policy::Concep
         latency_budget: std::time::Duration::from_micros(rt.latency_budget_us),
         pending: crate::policy::ConceptSet::default(),
         failed_late: Vec::new(),
+        warming: Default::default(),
         scoring_time: std::time::Duration::ZERO,
         faults: shared.faults.clone(),
     }
@@ -445,7 +446,8 @@ impl Session {
     }
 
     /// Waits until no load is in flight: no child pending in the coordinator (pipelined mode),
-    /// no read outstanding in the cache (hints included), and no slot rearrangement (pruning's
+    /// no hint on its way to the resident store, no read outstanding in the cache (hints
+    /// included), and no slot rearrangement (pruning's
     /// moves) queued at the step scheduler. A generation loop gets this for free while it
     /// computes the next token; tests and benchmarks call it to model that gap.
     pub async fn settle(&self) -> Result<(), RuntimeError> {
