@@ -124,6 +124,52 @@ pub struct CascadeConfig {
     pub report_top_k: usize,
     /// Drop from the report any parent decomposed this token.
     pub hide_decomposed_parents: bool,
+    /// Watch profiles (`[[cascade.watch]]`): each token's report carries an alert for every
+    /// concept scored that token, in a watched subtree, at or above the profile's threshold.
+    pub watch: Vec<WatchProfile>,
+}
+
+/// The most watch profiles one cascade may carry.
+pub const MAX_WATCH_PROFILES: usize = 256;
+
+/// Concepts to alert on (docs/cascade-semantics.md, "Alerts"). Watching a concept watches
+/// every concept beneath it in the hierarchy.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchProfile {
+    /// Names the profile in alerts and metrics.
+    pub name: String,
+    /// Concept names (every layer's concept of that name).
+    #[serde(default)]
+    pub concepts: Vec<String>,
+    /// A file of concept names in headspace's profile format: one per line; blank lines and
+    /// lines starting with `#` are skipped. Relative to the config file's directory (the
+    /// working directory for session options). Adds to `concepts`.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Alert at or above this score; when absent, the pack's default (0.5 on a pack of raw
+    /// probes).
+    #[serde(default)]
+    pub threshold: Option<f32>,
+}
+
+impl WatchProfile {
+    /// Every concept name the profile lists, its file's included.
+    pub fn all_concepts(&self) -> Result<Vec<String>, ConfigError> {
+        let mut out = self.concepts.clone();
+        if let Some(path) = &self.file {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.clone(), source })?;
+            out.extend(parse_profile_text(&text));
+        }
+        Ok(out)
+    }
+}
+
+/// headspace's profile text format: one concept name per line, blank lines and `#` comments
+/// skipped, surrounding whitespace trimmed.
+pub fn parse_profile_text(text: &str) -> Vec<String> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect()
 }
 
 impl Default for CascadeConfig {
@@ -137,6 +183,7 @@ impl Default for CascadeConfig {
             max_loaded: 500,
             report_top_k: 10,
             hide_decomposed_parents: false,
+            watch: Vec::new(),
         }
     }
 }
@@ -357,10 +404,41 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// A watch list's own checks (the pack's are `policy::Watch::compile`'s): names, thresholds,
+/// and something to watch.
+pub fn check_watch(watch: &[WatchProfile]) -> Result<(), String> {
+    if watch.len() > MAX_WATCH_PROFILES {
+        return Err(format!("has {} profiles; at most {MAX_WATCH_PROFILES}", watch.len()));
+    }
+    for (i, w) in watch.iter().enumerate() {
+        if w.name.trim().is_empty() {
+            return Err(format!("profile {i} has no name"));
+        }
+        if watch[..i].iter().any(|o| o.name == w.name) {
+            return Err(format!("two profiles are named {:?}", w.name));
+        }
+        if let Some(t) = w.threshold.filter(|t| !(0.0..=1.0).contains(t)) {
+            return Err(format!("profile {:?}: threshold = {t} is outside [0, 1]", w.name));
+        }
+        if w.concepts.is_empty() && w.file.is_none() {
+            return Err(format!("profile {:?} lists no concepts and no file", w.name));
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        // A watch profile's file is relative to the config file.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for w in &mut config.cascade.watch {
+            if let Some(f) = w.file.as_mut().filter(|f| f.is_relative()) {
+                *f = dir.join(&*f);
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates; `path` only names the source in errors.
@@ -406,6 +484,9 @@ impl Config {
         }
         if c.report_top_k == 0 {
             return bad("cascade.report_top_k", "must be at least 1".into());
+        }
+        if let Err(message) = check_watch(&c.watch) {
+            return bad("cascade.watch", message);
         }
         if let Err(message) = self.device.kind() {
             return bad("device.device", message);

@@ -9,12 +9,14 @@ use tracing::debug_span;
 use super::{BackendError, Engine, EngineError, HiddenValues, ProbeBackend, ReportEntry, StageTimings, TokenReport};
 use crate::config::{CascadeConfig, Normalization};
 use crate::pack::{ConceptId, Pack};
-use crate::policy::{self, ConceptSet, Scored, TokenCascade};
+use crate::policy::{self, ConceptSet, Scored, TokenCascade, Watch};
+use crate::types::Alert;
 use crate::types::HiddenError;
 
 pub struct CascadeEngine<B> {
     pack: Arc<Pack>,
     config: CascadeConfig,
+    watch: Watch,
     normalization: Normalization,
     backend: B,
     active: ConceptSet,
@@ -24,10 +26,11 @@ pub struct CascadeEngine<B> {
 impl<B: ProbeBackend> CascadeEngine<B> {
     pub fn new(pack: Arc<Pack>, config: &CascadeConfig, mut backend: B) -> Result<Self, EngineError> {
         let base = policy::base_set(pack.hierarchy(), config)?;
+        let watch = Watch::compile(pack.hierarchy(), &config.watch)?;
         let ids: Vec<ConceptId> = base.iter().collect();
         backend.load(&ids).map_err(EngineError::BaseLoad)?;
         let normalization = config.normalization_for(pack.input_normalization());
-        Ok(Self { config: config.clone(), normalization, backend, active: base.clone(), base, pack })
+        Ok(Self { config: config.clone(), watch, normalization, backend, active: base.clone(), base, pack })
     }
 
     fn prepare_hidden(&self, token: usize, hidden: &[f32]) -> Result<Vec<f32>, EngineError> {
@@ -77,9 +80,11 @@ impl<B: ProbeBackend> CascadeEngine<B> {
 
         let t = Instant::now();
         let top = report_entries(hierarchy, &token.report());
+        let alerts = alert_entries(hierarchy, &self.watch, token.scored());
         stages.sorting += t.elapsed();
         Ok(TokenOutcome {
             top,
+            alerts,
             children: token.children,
             skipped_by_cap: token.skipped_by_cap,
             unloaded: dropped.len(),
@@ -101,8 +106,30 @@ pub fn report_entries(hierarchy: &crate::pack::Hierarchy, top: &[Scored]) -> Vec
         .collect()
 }
 
+/// Names for a token's alerts: every alert of `watch` over `scored` (everything scored this
+/// token, not the report).
+pub fn alert_entries(hierarchy: &crate::pack::Hierarchy, watch: &Watch, scored: &[Scored]) -> Vec<Alert> {
+    if watch.is_empty() {
+        return Vec::new();
+    }
+    watch
+        .alerts(scored)
+        .into_iter()
+        .map(|a| Alert {
+            profile: watch.name(a.profile).to_string(),
+            id: a.scored.id,
+            concept: hierarchy.name(a.scored.id).to_string(),
+            layer: hierarchy.layer(a.scored.id),
+            watched: hierarchy.name(a.watched).to_string(),
+            score: a.scored.prob(),
+            logit: a.scored.logit,
+        })
+        .collect()
+}
+
 struct TokenOutcome {
     top: Vec<ReportEntry>,
+    alerts: Vec<Alert>,
     children: usize,
     skipped_by_cap: usize,
     unloaded: usize,
@@ -135,6 +162,7 @@ impl<B: ProbeBackend> Engine for CascadeEngine<B> {
                 elapsed: start.elapsed(),
                 in_flight: Vec::new(),
                 failed_loads: Vec::new(),
+                alerts: o.alerts,
             }),
             Err(source) => {
                 // Leave the active set as it was before the token, so the next one starts clean.

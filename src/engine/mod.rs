@@ -10,9 +10,10 @@ pub mod tensors;
 
 use std::sync::Arc;
 
-pub use crate::types::{hidden, Hidden, HiddenSource, HiddenValues, ReportEntry, StageTimings, TokenReport};
+pub use crate::types::{hidden, Alert, Hidden, HiddenSource, HiddenValues, ReportEntry, StageTimings, TokenReport};
 pub use cascade::{
-    check_hidden, layer_norm, layer_norm_f64, prepare_hidden, report_entries, CascadeEngine, LAYER_NORM_EPS,
+    alert_entries, check_hidden, layer_norm, layer_norm_f64, prepare_hidden, report_entries, CascadeEngine,
+    LAYER_NORM_EPS,
 };
 
 use crate::config::Config;

@@ -10,11 +10,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{prepare_hidden, report_entries, Engine, EngineError, StageTimings, TokenReport};
+use super::{alert_entries, prepare_hidden, report_entries, Engine, EngineError, StageTimings, TokenReport};
 use crate::config::{Config, Normalization};
 use crate::kernel::{Isa, Kernel, ProbeRef, MAX_BATCH};
 use crate::pack::{ConceptId, Pack};
-use crate::policy::{rank, Scored};
+use crate::policy::{rank, Scored, Watch};
 
 pub struct OracleEngine {
     pack: Arc<Pack>,
@@ -22,6 +22,7 @@ pub struct OracleEngine {
     isa: Isa,
     normalization: Normalization,
     report_top_k: usize,
+    watch: Watch,
     /// Every probe's bytes, by concept id.
     probes: Vec<Vec<u8>>,
     ranges: Vec<[std::ops::Range<usize>; 6]>,
@@ -47,7 +48,9 @@ impl OracleEngine {
             ranges.push(layout.ranges(&pack.tensor_offsets(id)));
         }
         let normalization = config.cascade.normalization_for(pack.input_normalization());
-        Ok(Self { pack, kernel, isa, normalization, report_top_k: config.cascade.report_top_k, probes, ranges })
+        let watch = Watch::compile(pack.hierarchy(), &config.cascade.watch)?;
+        let report_top_k = config.cascade.report_top_k;
+        Ok(Self { pack, kernel, isa, normalization, report_top_k, watch, probes, ranges })
     }
 
     /// The kernel path it scores on.
@@ -99,6 +102,7 @@ impl Engine for OracleEngine {
         let t = Instant::now();
         let mut scored: Vec<Scored> =
             logits.iter().enumerate().map(|(i, &logit)| Scored { id: ConceptId(i as u32), logit }).collect();
+        let alerts = alert_entries(self.pack.hierarchy(), &self.watch, &scored);
         scored.sort_by(rank);
         scored.truncate(self.report_top_k);
         let top = report_entries(self.pack.hierarchy(), &scored);
@@ -118,6 +122,7 @@ impl Engine for OracleEngine {
             elapsed: start.elapsed(),
             in_flight: Vec::new(),
             failed_loads: Vec::new(),
+            alerts,
         })
     }
 

@@ -199,6 +199,12 @@ impl Hierarchy {
             .map(|i| ConceptId(self.by_key[i]))
     }
 
+    /// Every concept named `name`, whatever its layer, by ascending layer.
+    pub fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = ConceptId> + 'a {
+        let start = self.by_key.partition_point(|&id| self.name(ConceptId(id)) < name);
+        self.by_key[start..].iter().map(|&id| ConceptId(id)).take_while(move |&id| self.name(id) == name)
+    }
+
     /// Approximate heap bytes held by the index.
     pub fn heap_bytes(&self) -> usize {
         self.names.capacity()

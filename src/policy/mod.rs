@@ -5,6 +5,7 @@ mod expansion;
 mod pruning;
 mod report;
 mod token;
+mod watch;
 
 use std::cmp::Ordering;
 
@@ -12,6 +13,7 @@ pub use expansion::{decompose_round, exhaustive_expansion, threshold_expansion, 
 pub use pruning::prune;
 pub use report::report;
 pub use token::TokenCascade;
+pub use watch::{AlertHit, Watch, RAW_ALERT_THRESHOLD};
 
 use crate::config::{CascadeConfig, ConfigError};
 use crate::pack::{ConceptId, Hierarchy};

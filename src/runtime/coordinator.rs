@@ -25,13 +25,15 @@ use super::scoring::ScoringError;
 use super::steps::Lane;
 use super::{RuntimeError, TokenErrorKind};
 use crate::config::{CascadeConfig, Mode, Normalization};
-use crate::engine::{check_hidden, report_entries, Hidden, StageTimings, TokenReport};
+use crate::engine::{alert_entries, check_hidden, report_entries, Hidden, StageTimings, TokenReport};
 use crate::pack::{ConceptId, Pack};
-use crate::policy::{ConceptSet, Scored, TokenCascade};
+use crate::policy::{ConceptSet, Scored, TokenCascade, Watch};
 
 pub struct Coordinator {
     pub(super) pack: Arc<Pack>,
     pub(super) config: Arc<CascadeConfig>,
+    /// `config.watch`, compiled against the pack.
+    pub(super) watch: Arc<Watch>,
     pub(super) normalization: Normalization,
     pub(super) hint_margin: f32,
     pub(super) base: ConceptSet,
@@ -398,12 +400,14 @@ impl Coordinator {
 
         let t = Instant::now();
         let top = report_entries(pack.hierarchy(), &tc.report());
+        let alerts = alert_entries(pack.hierarchy(), &self.watch, tc.scored());
         stages.sorting += t.elapsed();
         let in_flight = self.pending.iter().map(|c| pack.hierarchy().label(c)).collect();
         let failed_loads = std::mem::take(&mut self.failed_late);
         Ok(TokenReport {
             in_flight,
             failed_loads,
+            alerts,
             index: token,
             top,
             children: tc.children,
@@ -561,6 +565,8 @@ impl Message<ActiveSet> for Coordinator {
 /// so every token queued before this one is scored under the old settings.
 pub struct Reconfigure {
     pub cascade: CascadeConfig,
+    /// `cascade.watch`, compiled against the pack.
+    pub watch: Arc<Watch>,
     pub latency_budget: Duration,
 }
 
@@ -582,6 +588,7 @@ impl Message<Reconfigure> for Coordinator {
             return Err(RuntimeError::FixedKey { key: FIXED_CASCADE_KEYS[i] });
         }
         self.config = Arc::new(m.cascade);
+        self.watch = m.watch;
         self.latency_budget = m.latency_budget;
         Ok(())
     }

@@ -46,6 +46,7 @@ use crate::config::{CascadeConfig, Config, CpuKernel, Mode};
 use crate::engine::tensors;
 use crate::kernel::{Isa, Kernel};
 use crate::pack::{ConceptId, Pack};
+use crate::policy::Watch;
 use crate::types::{Hidden, ReaderKind, SessionId, TokenReport};
 
 /// A session's own settings; what is `None` comes from the runtime's config. Checked like a
@@ -102,6 +103,7 @@ impl Runtime {
     /// [`Runtime::start`] with faults injected (tests only; see [`super::faults`]).
     pub async fn start_with_faults(pack: Arc<Pack>, config: &Config, faults: Faults) -> Result<Self, RuntimeError> {
         let base = crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(StartError::Config)?;
+        Watch::compile(pack.hierarchy(), &config.cascade.watch).map_err(StartError::Config)?;
         let device = tensors::open_device(&config.device).map_err(StartError::Device)?;
         let window = std::time::Duration::from_micros(config.runtime.batch_window_us);
         let on_store = device != tch::Device::Cpu || config.device.cpu_kernel == CpuKernel::Torch;
@@ -195,6 +197,8 @@ impl Runtime {
         }
         let base = crate::policy::base_set(shared.pack.hierarchy(), &config.cascade)
             .map_err(|e| RuntimeError::Options(e.into()))?;
+        let watch = Watch::compile(shared.pack.hierarchy(), &config.cascade.watch)
+            .map_err(|e| RuntimeError::Options(e.into()))?;
         // Permits first, so that concurrent opens cannot pass the limits together; held by the
         // session, they go back when it does (or now, if the open fails below).
         let limit = config.runtime.max_sessions;
@@ -206,7 +210,7 @@ impl Runtime {
         let id = SessionId(shared.next_id.fetch_add(1, Ordering::SeqCst));
         let tx = shared.steps.lock().expect("steps lock").clone().ok_or(RuntimeError::ShutDown)?;
         let lane = Lane::open(id, config.runtime.pool_slots, tx).map_err(|_| RuntimeError::ShutDown)?;
-        let mut coordinator = new_coordinator(shared, &config, base, lane);
+        let mut coordinator = new_coordinator(shared, &config, base, watch, lane);
         coordinator.load_base().await.map_err(|e| match e {
             RuntimeError::Token(TokenError {
                 kind: TokenErrorKind::Scoring(ScoringError::StoreFull(full)), ..
@@ -244,8 +248,11 @@ impl Runtime {
         // What the pack itself rules out (the exhaustive mode under a smaller max_loaded).
         crate::policy::base_set(self.shared.pack.hierarchy(), &config.cascade)
             .map_err(|e| RuntimeError::Options(e.into()))?;
+        let watch = Watch::compile(self.shared.pack.hierarchy(), &config.cascade.watch)
+            .map_err(|e| RuntimeError::Options(e.into()))?;
         let coordinator = self.coordinator(id).ok_or(RuntimeError::UnknownSession(id))?;
         let reconfigure = Reconfigure {
+            watch: Arc::new(watch),
             cascade: config.cascade,
             latency_budget: std::time::Duration::from_micros(config.runtime.latency_budget_us),
         };
@@ -325,13 +332,20 @@ fn spawn_cache(
 }
 
 /// A session's coordinator (not started; the caller loads its base layers).
-fn new_coordinator(shared: &Shared, config: &Config, base: crate::policy::ConceptSet, lane: Lane) -> Coordinator {
+fn new_coordinator(
+    shared: &Shared,
+    config: &Config,
+    base: crate::policy::ConceptSet,
+    watch: Watch,
+    lane: Lane,
+) -> Coordinator {
     let (pack, cascade, rt) = (&shared.pack, &config.cascade, &config.runtime);
     Coordinator {
         pool: ModelPool::new(rt.pool_slots, pack.len()),
         normalization: cascade.normalization_for(pack.input_normalization()),
         pack: pack.clone(),
         config: Arc::new(cascade.clone()),
+        watch: Arc::new(watch),
         hint_margin: rt.prefetch_hint_margin,
         base,
         cache: shared.cache.clone(),

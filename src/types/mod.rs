@@ -25,6 +25,24 @@ pub struct ReportEntry {
     pub logit: f32,
 }
 
+/// A watch profile's alert: a concept scored this token, in a watched subtree, at or above
+/// the profile's threshold (docs/cascade-semantics.md, "Alerts").
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Alert {
+    /// The profile's name.
+    pub profile: String,
+    #[serde(skip)]
+    pub id: ConceptId,
+    pub concept: String,
+    pub layer: u16,
+    /// The watched concept whose subtree holds `concept` (itself, or its nearest watched
+    /// ancestor).
+    pub watched: String,
+    /// The score compared with the threshold: the probe's probability.
+    pub score: f32,
+    pub logit: f32,
+}
+
 /// Wall time of each stage of one token, as the seed's profile split it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct StageTimings {
@@ -72,6 +90,9 @@ pub struct TokenReport {
     pub in_flight: Vec<String>,
     /// Pipelined runtime: children of earlier tokens whose late loads failed.
     pub failed_loads: Vec<String>,
+    /// The watch profiles' alerts over everything scored this token, whatever the report's
+    /// size: profiles in config order, each best first.
+    pub alerts: Vec<Alert>,
 }
 
 /// Why a hidden state was refused (the caller adds which token it was).
