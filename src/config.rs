@@ -143,8 +143,8 @@ pub struct WatchProfile {
     #[serde(default)]
     pub concepts: Vec<String>,
     /// A file of concept names in headspace's profile format: one per line; blank lines and
-    /// lines starting with `#` are skipped. Relative to the config file's directory (the
-    /// working directory for session options). Adds to `concepts`.
+    /// lines starting with `#` are skipped. A relative path is relative to the working
+    /// directory, as on headspace's command line. Adds to `concepts`.
     #[serde(default)]
     pub file: Option<PathBuf>,
     /// Alert at or above this score; when absent, the pack's default (0.5 on a pack of raw
@@ -430,15 +430,7 @@ pub fn check_watch(watch: &[WatchProfile]) -> Result<(), String> {
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
-        let mut config = Self::parse(&text, path)?;
-        // A watch profile's file is relative to the config file.
-        let dir = path.parent().unwrap_or(Path::new("."));
-        for w in &mut config.cascade.watch {
-            if let Some(f) = w.file.as_mut().filter(|f| f.is_relative()) {
-                *f = dir.join(&*f);
-            }
-        }
-        Ok(config)
+        Self::parse(&text, path)
     }
 
     /// Parses and validates; `path` only names the source in errors.

@@ -89,6 +89,19 @@ pub fn report(r: &TokenReport) -> pb::Report {
         elapsed_ns: ns(r.elapsed),
         in_flight: r.in_flight.clone(),
         failed_loads: r.failed_loads.clone(),
+        alerts: r
+            .alerts
+            .iter()
+            .map(|a| pb::Alert {
+                profile: a.profile.clone(),
+                concept_id: a.id.0,
+                concept: a.concept.clone(),
+                layer: a.layer as u32,
+                watched: a.watched.clone(),
+                score: a.score,
+                logit: a.logit,
+            })
+            .collect(),
     }
 }
 

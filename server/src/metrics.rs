@@ -23,6 +23,12 @@ pub const BATCH_ITEMS: &str = "probe_cascade_batch_items";
 pub const REPLIES_DROPPED: &str = "probe_cascade_replies_dropped_total";
 pub const RELOADS: &str = "probe_cascade_config_reloads_total";
 pub const STEP_SIZE: &str = "probe_cascade_step_size";
+pub const ALERTS: &str = "probe_cascade_alerts_total";
+
+/// Distinct profile names that get a series of their own; alerts of later names are counted
+/// under `profile="(other)"`, so clients naming profiles freely cannot grow the metrics.
+pub const MAX_ALERT_SERIES: usize = probe_cascade::config::MAX_WATCH_PROFILES;
+static ALERT_SERIES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 /// Seconds buckets for latencies: 10 µs to 10 s.
 const SECONDS_BUCKETS: [f64; 13] = [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 1e-1, 1.0, 10.0];
@@ -50,6 +56,7 @@ pub fn handle() -> Result<&'static PrometheusHandle, String> {
 fn describe() {
     describe_counter!(TOKENS, "Hidden states answered with a report.");
     describe_counter!(ERRORS, "Requests answered with an error, by kind.");
+    describe_counter!(ALERTS, "Watch profile alerts raised, by profile.");
     describe_counter!(SESSIONS_OPENED, "Sessions opened.");
     describe_counter!(SESSIONS_CLOSED, "Sessions closed (by the client, a disconnect, idleness or drain).");
     describe_gauge!(SESSIONS_OPEN, "Sessions open now.");
@@ -97,6 +104,23 @@ pub fn token(report: &TokenReport, in_server: Duration) {
         histogram!(STAGE_SECONDS, "stage" => stage).record(d.as_secs_f64());
     }
     histogram!(REQUEST_SECONDS).record(in_server.as_secs_f64());
+    for a in &report.alerts {
+        counter!(ALERTS, "profile" => alert_series(&a.profile)).increment(1);
+    }
+}
+
+/// The `profile` label for alerts of `profile`: its own name among the first
+/// [`MAX_ALERT_SERIES`] names seen, `(other)` after.
+fn alert_series(profile: &str) -> String {
+    let mut seen = ALERT_SERIES.lock().expect("alert series lock");
+    if seen.iter().any(|p| p == profile) {
+        return profile.to_string();
+    }
+    if seen.len() < MAX_ALERT_SERIES {
+        seen.push(profile.to_string());
+        return profile.to_string();
+    }
+    "(other)".to_string()
 }
 
 pub fn error(kind: &'static str) {

@@ -324,6 +324,14 @@ impl State {
                 return ReloadOutcome::Invalid { message };
             }
         };
+        // Profiles must name the pack's concepts before the file replaces the running one.
+        if let Err(e) =
+            probe_cascade::policy::Watch::compile(self.runtime.pack().hierarchy(), &new.config.cascade.watch)
+        {
+            let message = format!("{}: {e}", path.display());
+            tracing::error!("config reload: {message}; keeping the running config");
+            return ReloadOutcome::Invalid { message };
+        }
         let old = self.live();
         let (live_keys, fixed_keys) = changed_keys(&old.config, &new.config);
         if !fixed_keys.is_empty() {
@@ -430,6 +438,7 @@ pub fn changed_keys(old: &Config, new: &Config) -> (Vec<&'static str>, Vec<&'sta
     check("cascade.pruning", a.pruning != b.pruning, true);
     check("cascade.report_top_k", a.report_top_k != b.report_top_k, true);
     check("cascade.hide_decomposed_parents", a.hide_decomposed_parents != b.hide_decomposed_parents, true);
+    check("cascade.watch", a.watch != b.watch, true);
     let (a, b) = (&old.device, &new.device);
     check("device.device", a.device != b.device, false);
     check("device.compute_dtype", a.compute_dtype != b.compute_dtype, false);

@@ -499,6 +499,44 @@ async fn metrics_show_the_resident_store_on_the_tch_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_watch_profile_raises_alerts_in_reports_and_metrics() {
+    let f = fixture();
+    let server = serve(&f, &realtime(""), false, None).await;
+    let mut client = tcp_client(&server).await;
+    let h = f.pack.hierarchy();
+    let watched = h.name(probe_cascade::pack::ConceptId(h.layer_members(0)[0])).to_string();
+    let cascade_json = format!(
+        r#"{{"report_top_k": 1, "watch": [{{"name": "svc-test", "concepts": ["{watched}"], "threshold": 0.0}}]}}"#
+    );
+    let mut s = open(&mut client, pb::SessionOptions { cascade_json, ..Default::default() }).await;
+    for t in 0..TOKENS {
+        s.send(encode_f32(f.traces[1].row(t))).await;
+    }
+    let mut raised = 0.0;
+    for _ in 0..TOKENS {
+        let r = report(&s.result().await).clone();
+        for a in &r.alerts {
+            assert_eq!(a.profile, "svc-test");
+            let id = probe_cascade::pack::ConceptId(a.concept_id);
+            assert_eq!((h.name(id), h.layer(id) as u32), (a.concept.as_str(), a.layer));
+            assert_eq!(a.watched, watched, "one watched concept");
+        }
+        // Threshold 0: every scored concept in the subtree alerts, though the report shows one.
+        assert!(r.alerts.iter().any(|a| a.concept == watched), "the watched base concept is scored every token");
+        raised += r.alerts.len() as f64;
+    }
+    assert!(raised > TOKENS as f64, "alerts beyond the one-concept report: {raised}");
+    let after = samples(&http_get(&server, "/metrics", None).await.1);
+    assert_eq!(after[r#"probe_cascade_alerts_total{profile="svc-test"}"#], raised, "{after:?}");
+    // A profile naming no concept of the pack is refused, naming it.
+    let bad = r#"{"watch": [{"name": "x", "concepts": ["NoSuchConcept"]}]}"#;
+    let e =
+        client.open_session(pb::SessionOptions { cascade_json: bad.into(), ..Default::default() }).await.unwrap_err();
+    assert!(e.message().contains("NoSuchConcept"), "{}", e.message());
+    server.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_are_served() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
