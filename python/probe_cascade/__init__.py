@@ -26,6 +26,7 @@ if _torch.__version__.split("+")[0] != _TORCH:
 
 from ._native import (  # noqa: E402
     CONFIG_PRESETS,
+    Alert,
     BadHiddenState,
     ConfigError,
     Detection,
@@ -41,6 +42,7 @@ from . import pack  # noqa: E402
 
 __all__ = [
     "CONFIG_PRESETS",
+    "Alert",
     "BadHiddenState",
     "ConfigError",
     "Detection",
@@ -63,6 +65,6 @@ def __getattr__(name):
 
     if name == "hf":
         return importlib.import_module(__name__ + ".hf")
-    if name in ("Client", "RemoteSession", "RemoteReport", "RemoteDetection"):
+    if name in ("Client", "RemoteSession", "RemoteReport", "RemoteDetection", "RemoteAlert"):
         return getattr(importlib.import_module(__name__ + ".client"), name)
     raise AttributeError(f"module 'probe_cascade' has no attribute {name!r}")

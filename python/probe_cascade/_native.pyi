@@ -31,6 +31,16 @@ class Detection:
     path: List[str]
     def to_dict(self) -> Dict[str, Any]: ...
 
+class Alert:
+    profile: str
+    concept: str
+    layer: int
+    watched: str
+    score: float
+    logit: float
+    path: List[str]
+    def to_dict(self) -> Dict[str, Any]: ...
+
 class Report:
     token: int
     top: List[Detection]
@@ -44,6 +54,7 @@ class Report:
     elapsed_us: float
     in_flight: List[str]
     failed_loads: List[str]
+    alerts: List[Alert]
     def to_dict(self) -> Dict[str, Any]: ...
 
 class Session:

@@ -27,7 +27,7 @@ from ._native import BadHiddenState, ConfigError, ProbeCascadeError, ProbeLoadEr
 from .v1 import probe_cascade_pb2 as pb
 from .v1 import probe_cascade_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "RemoteSession", "RemoteReport", "RemoteDetection"]
+__all__ = ["Client", "RemoteSession", "RemoteReport", "RemoteDetection", "RemoteAlert"]
 
 _STAGES = ("initial_scoring", "expansion_lookup", "loading", "new_scoring", "pruning", "sorting")
 
@@ -48,6 +48,31 @@ class RemoteDetection:
 
 
 @dataclass(frozen=True)
+class RemoteAlert:
+    """A watch profile's alert from the server (as `probe_cascade.Alert`)."""
+
+    profile: str
+    concept: str
+    layer: int
+    watched: str
+    score: float
+    logit: float
+    path: List[str]
+    concept_id: int
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "concept": self.concept,
+            "layer": self.layer,
+            "watched": self.watched,
+            "score": self.score,
+            "logit": self.logit,
+            "path": self.path,
+        }
+
+
+@dataclass(frozen=True)
 class RemoteReport:
     """What the server's cascade found for one token (as `probe_cascade.Report`)."""
 
@@ -63,6 +88,7 @@ class RemoteReport:
     elapsed_us: float
     in_flight: List[str] = field(default_factory=list)
     failed_loads: List[str] = field(default_factory=list)
+    alerts: List[RemoteAlert] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -78,6 +104,7 @@ class RemoteReport:
             "elapsed_us": self.elapsed_us,
             "in_flight": list(self.in_flight),
             "failed_loads": list(self.failed_loads),
+            "alerts": [a.to_dict() for a in self.alerts],
         }
 
 
@@ -254,6 +281,11 @@ class Client:
             elapsed_us=r.elapsed_ns / 1e3,
             in_flight=list(r.in_flight),
             failed_loads=list(r.failed_loads),
+            alerts=[
+                RemoteAlert(a.profile, a.concept, a.layer, a.watched, a.score, a.logit, self._path(a.concept_id),
+                            a.concept_id)
+                for a in r.alerts
+            ],
         )
 
     @staticmethod

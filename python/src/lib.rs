@@ -29,6 +29,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<runtime::Session>()?;
     m.add_class::<report::Report>()?;
     m.add_class::<report::Detection>()?;
+    m.add_class::<report::Alert>()?;
     m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
     m.add_function(wrap_pyfunction!(pack::inspect, m)?)?;
     m.add_function(wrap_pyfunction!(pack::concepts, m)?)?;

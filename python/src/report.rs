@@ -39,6 +39,47 @@ impl Detection {
     }
 }
 
+/// A watch profile's alert: a concept scored this token, under a watched concept, at or above
+/// the profile's threshold.
+#[pyclass(module = "probe_cascade", frozen, get_all)]
+pub struct Alert {
+    /// The profile's name.
+    pub profile: String,
+    /// The concept that scored.
+    pub concept: String,
+    pub layer: u16,
+    /// The watched concept whose subtree holds `concept` (itself, or its nearest watched
+    /// ancestor).
+    pub watched: String,
+    /// The probability compared with the threshold.
+    pub score: f32,
+    pub logit: f32,
+    /// Names from a root down to `concept` (first parents).
+    pub path: Vec<String>,
+}
+
+#[pymethods]
+impl Alert {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("profile", &self.profile)?;
+        d.set_item("concept", &self.concept)?;
+        d.set_item("layer", self.layer)?;
+        d.set_item("watched", &self.watched)?;
+        d.set_item("score", self.score)?;
+        d.set_item("logit", self.logit)?;
+        d.set_item("path", &self.path)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Alert({:?}, {:?} under {:?}, layer={}, score={:.4})",
+            self.profile, self.concept, self.watched, self.layer, self.score
+        )
+    }
+}
+
 /// What the cascade found for one token, and what it cost. Built lazily: the Python objects
 /// for `top` and `stages` are made on first access, so `observe` itself stays cheap.
 #[pyclass(module = "probe_cascade", frozen)]
@@ -179,6 +220,26 @@ impl Report {
         self.report.failed_loads.clone()
     }
 
+    /// Every watch profile's alerts over everything scored this token (not only `top`):
+    /// profiles in config order, each best first.
+    #[getter]
+    fn alerts(&self) -> Vec<Alert> {
+        let h = self.pack.hierarchy();
+        self.report
+            .alerts
+            .iter()
+            .map(|a| Alert {
+                profile: a.profile.clone(),
+                concept: a.concept.clone(),
+                layer: a.layer,
+                watched: a.watched.clone(),
+                score: a.score,
+                logit: a.logit,
+                path: path_from_root(h, a.id),
+            })
+            .collect()
+    }
+
     /// Plain data (lists, dicts, numbers): for json.dumps and logging.
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -198,6 +259,11 @@ impl Report {
         d.set_item("elapsed_us", self.elapsed_us())?;
         d.set_item("in_flight", self.in_flight())?;
         d.set_item("failed_loads", self.failed_loads())?;
+        let alerts = PyList::empty(py);
+        for a in self.alerts() {
+            alerts.append(a.to_dict(py)?)?;
+        }
+        d.set_item("alerts", alerts)?;
         Ok(d)
     }
 

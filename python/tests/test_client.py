@@ -44,6 +44,20 @@ def test_paths_stages_and_dicts_match_the_in_process_report(tiny, served):
     rt.close()
 
 
+def test_alerts_match_the_in_process_runtime(tiny, served):
+    rt = pc.Runtime(tiny["pack"], config=str(EXACT))
+    root = next(c for c in pc.pack.open(tiny["pack"]).concepts if c.layer == 0).name
+    watch = [{"name": "remote", "concepts": [root], "threshold": 0.1}]
+    raised = 0
+    with pc.Client(served.grpc) as client, client.session(watch=watch) as remote, rt.session(watch=watch) as local:
+        for row in tiny["trace"]:
+            r, l = remote.observe(row), local.observe(row)
+            assert [a.to_dict() for a in r.alerts] == [a.to_dict() for a in l.alerts]
+            raised += len(r.alerts)
+    assert raised > 0
+    rt.close()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_match_the_in_process_runtime(tiny, served, dtype):
     rt = pc.Runtime(tiny["pack"], config=str(EXACT))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import probe_cascade as pc
-from conftest import EXACT, assert_same, rust_reports
+from conftest import EXACT, assert_same, cli, rust_reports
 
 
 def observe_all(rt, rows):
@@ -78,6 +79,38 @@ def test_report_fields_and_dict(tiny):
     assert root.layer == 0 and root.parents == ()
     for parent, child in zip(top.path, top.path[1:]):
         assert info.concept(child).parents[0] == parent
+
+
+def test_watch_profiles_raise_the_alerts_rust_raises_whatever_the_report_size(tiny, tmp_path):
+    # headspace's profile format: two base concepts, a comment, a blank line.
+    manifest = json.loads((tiny["pack"] / "manifest.json").read_text())
+    roots = [c["name"] for c in manifest["concepts"] if c["layer"] == 0][:2]
+    profile = tmp_path / "watched.txt"
+    profile.write_text(f"# two subtrees\n{roots[0]}\n\n{roots[1]}\n")
+    out = tmp_path / "watched.json"
+    np.save(tmp_path / "t.npy", tiny["trace"])
+    cli("run", "--engine", "runtime", "--config", EXACT, "--pack", tiny["pack"], "--trace", tmp_path / "t.npy",
+        "--watch", profile, "--watch-threshold", "0.2", "--json", out)
+    want = [[(a["profile"], a["concept"], a["layer"], a["watched"], np.float32(a["score"])) for a in t["alerts"]]
+            for t in json.loads(out.read_text())["tokens"]]
+    watch = [{"name": "watched", "file": str(profile), "threshold": 0.2}]
+    with pc.Runtime(tiny["pack"], config=EXACT) as rt, rt.session(watch=watch) as s, \
+            rt.session(watch=watch, report_top_k=1) as one:
+        got, outside = [], 0
+        for row in tiny["trace"]:
+            r, small = s.observe(row), one.observe(row)
+            got.append([(a.profile, a.concept, a.layer, a.watched, np.float32(a.score)) for a in r.alerts])
+            assert [a.to_dict() for a in small.alerts] == [a.to_dict() for a in r.alerts], "the report size changes no alert"
+            outside += sum(a.concept not in {d.name for d in small.top} for a in small.alerts)
+            for a in r.alerts:
+                assert a.watched in roots and a.path[-1] == a.concept and a.score >= 0.2
+    assert got == want
+    assert sum(map(len, got)) > 0 and outside > 0
+    alerted = next(a for alerts in got for a in alerts)
+    assert alerted[0] == "watched"
+    # A profile naming no concept of the pack is a ConfigError naming the concept.
+    with pc.Runtime(tiny["pack"], config=EXACT) as rt, pytest.raises(pc.ConfigError, match="NoSuchConcept"):
+        rt.session(watch=[{"name": "x", "concepts": ["NoSuchConcept"]}])
 
 
 def test_observe_batch_matches_separate_runs(tiny):

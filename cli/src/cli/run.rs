@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use probe_cascade::config::{Config, Mode};
+use probe_cascade::config::{Config, Mode, WatchProfile};
 use probe_cascade::engine::{percentile, StageTimings, TokenReport};
 
 use super::engines::{self, EngineKind};
@@ -48,6 +48,13 @@ pub struct RunArgs {
     /// recall against it: top-10 recall, recall of concepts with p > 0.5, rank displacement.
     #[arg(long, conflicts_with = "sessions")]
     oracle: bool,
+    /// A watch profile in headspace's text format (one concept per line, `#` comments),
+    /// added to the config's `[[cascade.watch]]` and named after the file; repeatable.
+    #[arg(long = "watch", value_name = "FILE")]
+    watch: Vec<PathBuf>,
+    /// The threshold of the `--watch` profiles (default: the pack's, 0.5 on raw probes).
+    #[arg(long, requires = "watch")]
+    watch_threshold: Option<f32>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -55,6 +62,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(mode) = args.mode {
         config.runtime.mode = mode;
     }
+    for file in &args.watch {
+        let name = file.file_stem().map_or_else(|| file.display().to_string(), |s| s.to_string_lossy().into_owned());
+        config.cascade.watch.push(WatchProfile {
+            name,
+            concepts: Vec::new(),
+            file: Some(file.clone()),
+            threshold: args.watch_threshold,
+        });
+    }
+    probe_cascade::config::check_watch(&config.cascade.watch).map_err(|m| anyhow::anyhow!("--watch: {m}"))?;
     let pack = Arc::new(Pack::open(&args.pack).with_context(|| format!("opening pack {}", args.pack.display()))?);
     let trace = probe_cascade::npy::read(&args.trace)?;
     let tokens = args.tokens.unwrap_or(trace.rows).min(trace.rows);
@@ -85,6 +102,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     r.active,
                     top.join(", ")
                 );
+                for a in r.alerts.iter().take(args.show_top) {
+                    println!(
+                        "{:>6}   alert [{}] {}@{} {:.2} under {}",
+                        "", a.profile, a.concept, a.layer, a.score, a.watched
+                    );
+                }
+                if r.alerts.len() > args.show_top {
+                    println!("{:>6}   ... {} more alerts", "", r.alerts.len() - args.show_top);
+                }
                 entries.push(token_json(&r));
                 reports.push(r);
             }
@@ -270,6 +296,7 @@ fn token_json(r: &TokenReport) -> serde_json::Value {
         "top": r.top,
         "in_flight": r.in_flight,
         "failed_loads": r.failed_loads,
+        "alerts": r.alerts,
     })
 }
 
@@ -301,7 +328,28 @@ fn summary_json(reports: &[TokenReport], final_active: usize, errors: usize) -> 
         "total_unloaded": reports.iter().map(|r| r.unloaded).sum::<usize>(),
         "skipped_by_cap": reports.iter().map(|r| r.skipped_by_cap).sum::<usize>(),
         "stage_totals_ms": stages,
+        "alerts": alert_totals(reports),
     })
+}
+
+/// Per profile: alerts raised, and tokens with at least one.
+fn alert_totals(reports: &[TokenReport]) -> serde_json::Value {
+    let mut totals: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for r in reports {
+        let mut seen: Vec<&str> = Vec::new();
+        for a in &r.alerts {
+            let t = totals.entry(&a.profile).or_default();
+            t.0 += 1;
+            if !seen.contains(&a.profile.as_str()) {
+                seen.push(&a.profile);
+                t.1 += 1;
+            }
+        }
+    }
+    totals
+        .into_iter()
+        .map(|(p, (alerts, tokens))| (p.to_string(), json!({"alerts": alerts, "tokens": tokens})))
+        .collect()
 }
 
 fn print_summary(s: &serde_json::Value) {
@@ -334,6 +382,11 @@ fn print_summary(s: &serde_json::Value) {
         .map(|k| format!("{k} {:.0}%", 100.0 * st[*k].as_f64().unwrap_or(0.0) / total))
         .collect();
     println!("time by stage: {}", parts.join(", "));
+    if let Some(alerts) = s["alerts"].as_object().filter(|a| !a.is_empty()) {
+        let parts: Vec<String> =
+            alerts.iter().map(|(p, a)| format!("{p}: {} alerts on {} tokens", a["alerts"], a["tokens"])).collect();
+        println!("watch profiles: {}", parts.join("; "));
+    }
     if let Some(f) = s.get("fidelity").filter(|f| !f.is_null()) {
         let pct = |k: &str| f[k].as_f64().map_or("-".to_string(), |v| format!("{:.1}%", v * 100.0));
         println!(

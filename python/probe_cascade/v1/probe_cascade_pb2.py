@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$probe_cascade/v1/probe_cascade.proto\x12\x10probe_cascade.v1\"\x87\x01\n\x0eSessionOptions\x12\x11\n\x04mode\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1e\n\x11latency_budget_us\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12\x14\n\x0c\x63\x61scade_json\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\tB\x07\n\x05_modeB\x14\n\x12_latency_budget_us\"7\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x12\n\nhidden_dim\x18\x02 \x01(\r\"P\n\x0bHiddenState\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.probe_cascade.v1.Dtype\x12\x0b\n\x03len\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"{\n\x0eSessionRequest\x12\x30\n\x04open\x18\x01 \x01(\x0b\x32 .probe_cascade.v1.SessionOptionsH\x00\x12/\n\x06hidden\x18\x02 \x01(\x0b\x32\x1d.probe_cascade.v1.HiddenStateH\x00\x42\x06\n\x04kind\"}\n\x0fSessionResponse\x12\x31\n\x06opened\x18\x01 \x01(\x0b\x32\x1f.probe_cascade.v1.SessionOpenedH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.probe_cascade.v1.TokenResultH\x00\x42\x06\n\x04kind\"{\n\x0bTokenResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12*\n\x06report\x18\x02 \x01(\x0b\x32\x18.probe_cascade.v1.ReportH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.probe_cascade.v1.ErrorH\x00\x42\t\n\x07outcome\"a\n\x05\x45rror\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.probe_cascade.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\x05token\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x08\n\x06_token\"Y\n\tDetection\x12\x12\n\nconcept_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0c\n\x04prob\x18\x04 \x01(\x02\x12\r\n\x05logit\x18\x05 \x01(\x02\"\x95\x01\n\x06Stages\x12\x1a\n\x12initial_scoring_ns\x18\x01 \x01(\x04\x12\x1b\n\x13\x65xpansion_lookup_ns\x18\x02 \x01(\x04\x12\x12\n\nloading_ns\x18\x03 \x01(\x04\x12\x16\n\x0enew_scoring_ns\x18\x04 \x01(\x04\x12\x12\n\npruning_ns\x18\x05 \x01(\x04\x12\x12\n\nsorting_ns\x18\x06 \x01(\x04\"\x94\x02\n\x06Report\x12\r\n\x05token\x18\x01 \x01(\x04\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.probe_cascade.v1.Detection\x12\x10\n\x08\x63hildren\x18\x03 \x01(\r\x12\x0e\n\x06loaded\x18\x04 \x01(\r\x12\x10\n\x08unloaded\x18\x05 \x01(\r\x12\x16\n\x0eskipped_by_cap\x18\x06 \x01(\r\x12\x0e\n\x06scored\x18\x07 \x01(\r\x12\x0e\n\x06\x61\x63tive\x18\x08 \x01(\r\x12(\n\x06stages\x18\t \x01(\x0b\x32\x18.probe_cascade.v1.Stages\x12\x12\n\nelapsed_ns\x18\n \x01(\x04\x12\x11\n\tin_flight\x18\x0b \x03(\t\x12\x14\n\x0c\x66\x61iled_loads\x18\x0c \x03(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\"\x16\n\x14\x43loseSessionResponse\"N\n\tBatchItem\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12-\n\x06hidden\x18\x02 \x01(\x0b\x32\x1d.probe_cascade.v1.HiddenState\":\n\x0c\x42\x61tchRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.probe_cascade.v1.BatchItem\"?\n\rBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.probe_cascade.v1.TokenResult\"\r\n\x0bInfoRequest\"C\n\x07\x43oncept\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0f\n\x07parents\x18\x04 \x03(\r\"\xdd\x01\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nhidden_dim\x18\x02 \x01(\r\x12+\n\x08\x63oncepts\x18\x03 \x03(\x0b\x32\x19.probe_cascade.v1.Concept\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cmax_sessions\x18\x05 \x01(\r\x12\x14\n\x0cstream_queue\x18\x06 \x01(\r\x12\x1b\n\x13request_deadline_ms\x18\x07 \x01(\x04\x12\x17\n\x0fmax_batch_items\x18\x08 \x01(\r*L\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\x0e\n\nDTYPE_BF16\x10\x02\x12\r\n\tDTYPE_F16\x10\x03*\xe3\x01\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45RROR_KIND_BAD_HIDDEN\x10\x01\x12\x19\n\x15\x45RROR_KIND_PROBE_LOAD\x10\x02\x12\x14\n\x10\x45RROR_KIND_LIMIT\x10\x03\x12\x17\n\x13\x45RROR_KIND_DEADLINE\x10\x04\x12\x1c\n\x18\x45RROR_KIND_SHUTTING_DOWN\x10\x05\x12\x1e\n\x1a\x45RROR_KIND_UNKNOWN_SESSION\x10\x06\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\x07\x32\xab\x03\n\x0cProbeCascade\x12R\n\x07Session\x12 .probe_cascade.v1.SessionRequest\x1a!.probe_cascade.v1.SessionResponse(\x01\x30\x01\x12P\n\x0bOpenSession\x12 .probe_cascade.v1.SessionOptions\x1a\x1f.probe_cascade.v1.SessionOpened\x12]\n\x0c\x43loseSession\x12%.probe_cascade.v1.CloseSessionRequest\x1a&.probe_cascade.v1.CloseSessionResponse\x12O\n\x0cObserveBatch\x12\x1e.probe_cascade.v1.BatchRequest\x1a\x1f.probe_cascade.v1.BatchResponse\x12\x45\n\x04Info\x12\x1d.probe_cascade.v1.InfoRequest\x1a\x1e.probe_cascade.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$probe_cascade/v1/probe_cascade.proto\x12\x10probe_cascade.v1\"\x87\x01\n\x0eSessionOptions\x12\x11\n\x04mode\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1e\n\x11latency_budget_us\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12\x14\n\x0c\x63\x61scade_json\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\tB\x07\n\x05_modeB\x14\n\x12_latency_budget_us\"7\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x12\n\nhidden_dim\x18\x02 \x01(\r\"P\n\x0bHiddenState\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.probe_cascade.v1.Dtype\x12\x0b\n\x03len\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"{\n\x0eSessionRequest\x12\x30\n\x04open\x18\x01 \x01(\x0b\x32 .probe_cascade.v1.SessionOptionsH\x00\x12/\n\x06hidden\x18\x02 \x01(\x0b\x32\x1d.probe_cascade.v1.HiddenStateH\x00\x42\x06\n\x04kind\"}\n\x0fSessionResponse\x12\x31\n\x06opened\x18\x01 \x01(\x0b\x32\x1f.probe_cascade.v1.SessionOpenedH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.probe_cascade.v1.TokenResultH\x00\x42\x06\n\x04kind\"{\n\x0bTokenResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12*\n\x06report\x18\x02 \x01(\x0b\x32\x18.probe_cascade.v1.ReportH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.probe_cascade.v1.ErrorH\x00\x42\t\n\x07outcome\"a\n\x05\x45rror\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.probe_cascade.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\x05token\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x08\n\x06_token\"Y\n\tDetection\x12\x12\n\nconcept_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0c\n\x04prob\x18\x04 \x01(\x02\x12\r\n\x05logit\x18\x05 \x01(\x02\"{\n\x05\x41lert\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x12\n\nconcept_id\x18\x02 \x01(\r\x12\x0f\n\x07\x63oncept\x18\x03 \x01(\t\x12\r\n\x05layer\x18\x04 \x01(\r\x12\x0f\n\x07watched\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x02\x12\r\n\x05logit\x18\x07 \x01(\x02\"\x95\x01\n\x06Stages\x12\x1a\n\x12initial_scoring_ns\x18\x01 \x01(\x04\x12\x1b\n\x13\x65xpansion_lookup_ns\x18\x02 \x01(\x04\x12\x12\n\nloading_ns\x18\x03 \x01(\x04\x12\x16\n\x0enew_scoring_ns\x18\x04 \x01(\x04\x12\x12\n\npruning_ns\x18\x05 \x01(\x04\x12\x12\n\nsorting_ns\x18\x06 \x01(\x04\"\xbd\x02\n\x06Report\x12\r\n\x05token\x18\x01 \x01(\x04\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.probe_cascade.v1.Detection\x12\x10\n\x08\x63hildren\x18\x03 \x01(\r\x12\x0e\n\x06loaded\x18\x04 \x01(\r\x12\x10\n\x08unloaded\x18\x05 \x01(\r\x12\x16\n\x0eskipped_by_cap\x18\x06 \x01(\r\x12\x0e\n\x06scored\x18\x07 \x01(\r\x12\x0e\n\x06\x61\x63tive\x18\x08 \x01(\r\x12(\n\x06stages\x18\t \x01(\x0b\x32\x18.probe_cascade.v1.Stages\x12\x12\n\nelapsed_ns\x18\n \x01(\x04\x12\x11\n\tin_flight\x18\x0b \x03(\t\x12\x14\n\x0c\x66\x61iled_loads\x18\x0c \x03(\t\x12\'\n\x06\x61lerts\x18\r \x03(\x0b\x32\x17.probe_cascade.v1.Alert\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\"\x16\n\x14\x43loseSessionResponse\"N\n\tBatchItem\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12-\n\x06hidden\x18\x02 \x01(\x0b\x32\x1d.probe_cascade.v1.HiddenState\":\n\x0c\x42\x61tchRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.probe_cascade.v1.BatchItem\"?\n\rBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.probe_cascade.v1.TokenResult\"\r\n\x0bInfoRequest\"C\n\x07\x43oncept\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0f\n\x07parents\x18\x04 \x03(\r\"\xdd\x01\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nhidden_dim\x18\x02 \x01(\r\x12+\n\x08\x63oncepts\x18\x03 \x03(\x0b\x32\x19.probe_cascade.v1.Concept\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cmax_sessions\x18\x05 \x01(\r\x12\x14\n\x0cstream_queue\x18\x06 \x01(\r\x12\x1b\n\x13request_deadline_ms\x18\x07 \x01(\x04\x12\x17\n\x0fmax_batch_items\x18\x08 \x01(\r*L\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\x0e\n\nDTYPE_BF16\x10\x02\x12\r\n\tDTYPE_F16\x10\x03*\xe3\x01\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45RROR_KIND_BAD_HIDDEN\x10\x01\x12\x19\n\x15\x45RROR_KIND_PROBE_LOAD\x10\x02\x12\x14\n\x10\x45RROR_KIND_LIMIT\x10\x03\x12\x17\n\x13\x45RROR_KIND_DEADLINE\x10\x04\x12\x1c\n\x18\x45RROR_KIND_SHUTTING_DOWN\x10\x05\x12\x1e\n\x1a\x45RROR_KIND_UNKNOWN_SESSION\x10\x06\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\x07\x32\xab\x03\n\x0cProbeCascade\x12R\n\x07Session\x12 .probe_cascade.v1.SessionRequest\x1a!.probe_cascade.v1.SessionResponse(\x01\x30\x01\x12P\n\x0bOpenSession\x12 .probe_cascade.v1.SessionOptions\x1a\x1f.probe_cascade.v1.SessionOpened\x12]\n\x0c\x43loseSession\x12%.probe_cascade.v1.CloseSessionRequest\x1a&.probe_cascade.v1.CloseSessionResponse\x12O\n\x0cObserveBatch\x12\x1e.probe_cascade.v1.BatchRequest\x1a\x1f.probe_cascade.v1.BatchResponse\x12\x45\n\x04Info\x12\x1d.probe_cascade.v1.InfoRequest\x1a\x1e.probe_cascade.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'probe_cascade.v1.probe_cascade_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1913
-  _globals['_DTYPE']._serialized_end=1989
-  _globals['_ERRORKIND']._serialized_start=1992
-  _globals['_ERRORKIND']._serialized_end=2219
+  _globals['_DTYPE']._serialized_start=2079
+  _globals['_DTYPE']._serialized_end=2155
+  _globals['_ERRORKIND']._serialized_start=2158
+  _globals['_ERRORKIND']._serialized_end=2385
   _globals['_SESSIONOPTIONS']._serialized_start=59
   _globals['_SESSIONOPTIONS']._serialized_end=194
   _globals['_SESSIONOPENED']._serialized_start=196
@@ -51,26 +51,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROR']._serialized_end=809
   _globals['_DETECTION']._serialized_start=811
   _globals['_DETECTION']._serialized_end=900
-  _globals['_STAGES']._serialized_start=903
-  _globals['_STAGES']._serialized_end=1052
-  _globals['_REPORT']._serialized_start=1055
-  _globals['_REPORT']._serialized_end=1331
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1333
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1374
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1376
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1398
-  _globals['_BATCHITEM']._serialized_start=1400
-  _globals['_BATCHITEM']._serialized_end=1478
-  _globals['_BATCHREQUEST']._serialized_start=1480
-  _globals['_BATCHREQUEST']._serialized_end=1538
-  _globals['_BATCHRESPONSE']._serialized_start=1540
-  _globals['_BATCHRESPONSE']._serialized_end=1603
-  _globals['_INFOREQUEST']._serialized_start=1605
-  _globals['_INFOREQUEST']._serialized_end=1618
-  _globals['_CONCEPT']._serialized_start=1620
-  _globals['_CONCEPT']._serialized_end=1687
-  _globals['_INFORESPONSE']._serialized_start=1690
-  _globals['_INFORESPONSE']._serialized_end=1911
-  _globals['_PROBECASCADE']._serialized_start=2222
-  _globals['_PROBECASCADE']._serialized_end=2649
+  _globals['_ALERT']._serialized_start=902
+  _globals['_ALERT']._serialized_end=1025
+  _globals['_STAGES']._serialized_start=1028
+  _globals['_STAGES']._serialized_end=1177
+  _globals['_REPORT']._serialized_start=1180
+  _globals['_REPORT']._serialized_end=1497
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1499
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1540
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1542
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1564
+  _globals['_BATCHITEM']._serialized_start=1566
+  _globals['_BATCHITEM']._serialized_end=1644
+  _globals['_BATCHREQUEST']._serialized_start=1646
+  _globals['_BATCHREQUEST']._serialized_end=1704
+  _globals['_BATCHRESPONSE']._serialized_start=1706
+  _globals['_BATCHRESPONSE']._serialized_end=1769
+  _globals['_INFOREQUEST']._serialized_start=1771
+  _globals['_INFOREQUEST']._serialized_end=1784
+  _globals['_CONCEPT']._serialized_start=1786
+  _globals['_CONCEPT']._serialized_end=1853
+  _globals['_INFORESPONSE']._serialized_start=1856
+  _globals['_INFORESPONSE']._serialized_end=2077
+  _globals['_PROBECASCADE']._serialized_start=2388
+  _globals['_PROBECASCADE']._serialized_end=2815
 # @@protoc_insertion_point(module_scope)

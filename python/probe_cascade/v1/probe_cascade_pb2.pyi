@@ -117,6 +117,24 @@ class Detection(_message.Message):
     logit: float
     def __init__(self, concept_id: _Optional[int] = ..., name: _Optional[str] = ..., layer: _Optional[int] = ..., prob: _Optional[float] = ..., logit: _Optional[float] = ...) -> None: ...
 
+class Alert(_message.Message):
+    __slots__ = ("profile", "concept_id", "concept", "layer", "watched", "score", "logit")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    WATCHED_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_FIELD_NUMBER: _ClassVar[int]
+    profile: str
+    concept_id: int
+    concept: str
+    layer: int
+    watched: str
+    score: float
+    logit: float
+    def __init__(self, profile: _Optional[str] = ..., concept_id: _Optional[int] = ..., concept: _Optional[str] = ..., layer: _Optional[int] = ..., watched: _Optional[str] = ..., score: _Optional[float] = ..., logit: _Optional[float] = ...) -> None: ...
+
 class Stages(_message.Message):
     __slots__ = ("initial_scoring_ns", "expansion_lookup_ns", "loading_ns", "new_scoring_ns", "pruning_ns", "sorting_ns")
     INITIAL_SCORING_NS_FIELD_NUMBER: _ClassVar[int]
@@ -134,7 +152,7 @@ class Stages(_message.Message):
     def __init__(self, initial_scoring_ns: _Optional[int] = ..., expansion_lookup_ns: _Optional[int] = ..., loading_ns: _Optional[int] = ..., new_scoring_ns: _Optional[int] = ..., pruning_ns: _Optional[int] = ..., sorting_ns: _Optional[int] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("token", "top", "children", "loaded", "unloaded", "skipped_by_cap", "scored", "active", "stages", "elapsed_ns", "in_flight", "failed_loads")
+    __slots__ = ("token", "top", "children", "loaded", "unloaded", "skipped_by_cap", "scored", "active", "stages", "elapsed_ns", "in_flight", "failed_loads", "alerts")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
     CHILDREN_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +165,7 @@ class Report(_message.Message):
     ELAPSED_NS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     FAILED_LOADS_FIELD_NUMBER: _ClassVar[int]
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
     token: int
     top: _containers.RepeatedCompositeFieldContainer[Detection]
     children: int
@@ -159,7 +178,8 @@ class Report(_message.Message):
     elapsed_ns: int
     in_flight: _containers.RepeatedScalarFieldContainer[str]
     failed_loads: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, token: _Optional[int] = ..., top: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., children: _Optional[int] = ..., loaded: _Optional[int] = ..., unloaded: _Optional[int] = ..., skipped_by_cap: _Optional[int] = ..., scored: _Optional[int] = ..., active: _Optional[int] = ..., stages: _Optional[_Union[Stages, _Mapping]] = ..., elapsed_ns: _Optional[int] = ..., in_flight: _Optional[_Iterable[str]] = ..., failed_loads: _Optional[_Iterable[str]] = ...) -> None: ...
+    alerts: _containers.RepeatedCompositeFieldContainer[Alert]
+    def __init__(self, token: _Optional[int] = ..., top: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., children: _Optional[int] = ..., loaded: _Optional[int] = ..., unloaded: _Optional[int] = ..., skipped_by_cap: _Optional[int] = ..., scored: _Optional[int] = ..., active: _Optional[int] = ..., stages: _Optional[_Union[Stages, _Mapping]] = ..., elapsed_ns: _Optional[int] = ..., in_flight: _Optional[_Iterable[str]] = ..., failed_loads: _Optional[_Iterable[str]] = ..., alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
