@@ -4,6 +4,7 @@
 pub mod config;
 pub mod engine;
 pub mod fidelity;
+pub mod headspace_trace;
 pub mod import;
 pub mod kernel;
 pub mod npy;

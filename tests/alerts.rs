@@ -78,6 +78,10 @@ async fn every_engine_raises_the_alerts_the_rules_give_whatever_the_report_size(
             let got = runtime.observe(trace.row(t).to_vec()).await.unwrap();
             let logits = oracle.score_all(t, &[trace.row(t)]).unwrap().pop().unwrap();
             let rules = expected(&f.pack, &config, &want, &logits);
+            assert_eq!(got.scored_ids.len(), got.scored_logits.len());
+            for (&c, &l) in got.scored_ids.iter().zip(&got.scored_logits) {
+                assert!((l - logits[c.index()]).abs() < 1e-3, "token {t}: the report's logit of {c:?} is the oracle's");
+            }
             assert_eq!(alerts_of(&want), rules, "token {t}: the reference's alerts are the rules'");
             assert_eq!(alerts_of(&got), rules, "token {t}: the runtime's alerts are the reference's");
             for (a, b) in got.alerts.iter().zip(&want.alerts) {

@@ -38,7 +38,7 @@ from ._native import (  # noqa: E402
     __version__,
     cpu_info,
 )
-from . import pack  # noqa: E402
+from . import pack, trace  # noqa: E402
 
 __all__ = [
     "CONFIG_PRESETS",
@@ -54,6 +54,7 @@ __all__ = [
     "__version__",
     "cpu_info",
     "pack",
+    "trace",
     "hf",
     "Client",
 ]

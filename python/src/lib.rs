@@ -9,6 +9,7 @@ mod hidden;
 mod pack;
 mod report;
 mod runtime;
+mod trace;
 
 use pyo3::prelude::*;
 
@@ -36,6 +37,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pack::verify, m)?)?;
     m.add_function(wrap_pyfunction!(pack::import_hatcat, m)?)?;
     m.add_function(wrap_pyfunction!(pack::write, m)?)?;
+    m.add_function(wrap_pyfunction!(trace::headspace_trace, m)?)?;
     let presets: Vec<&str> = config::PRESETS.iter().map(|(n, _)| *n).collect();
     m.add("CONFIG_PRESETS", presets)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -115,6 +115,14 @@ impl Report {
     pub fn new(report: TokenReport, pack: Arc<Pack>) -> Self {
         Self { report, pack, top: PyOnceLock::new() }
     }
+
+    pub fn token_report(&self) -> &TokenReport {
+        &self.report
+    }
+
+    pub fn pack(&self) -> &Arc<Pack> {
+        &self.pack
+    }
 }
 
 #[pymethods]

@@ -113,6 +113,29 @@ def test_watch_profiles_raise_the_alerts_rust_raises_whatever_the_report_size(ti
         rt.session(watch=[{"name": "x", "concepts": ["NoSuchConcept"]}])
 
 
+def test_a_headspace_trace_from_python_is_the_one_run_writes(tiny, tmp_path):
+    np.save(tmp_path / "t.npy", tiny["trace"])
+    out = tmp_path / "rust.json"
+    cli("run", "--engine", "runtime", "--config", EXACT, "--pack", tiny["pack"], "--trace", tmp_path / "t.npy",
+        "--trace-json", out)
+    want = json.loads(out.read_text())
+    with pc.Runtime(tiny["pack"], config=EXACT) as rt, rt.session() as s:
+        tokens = [(f"{i} ", s.observe(row)) for i, row in enumerate(tiny["trace"])]
+    path = tmp_path / "py.json"
+    pc.trace.write(path, [{"prompt": "p", "title": "t", "tokens": tokens}], model="m")
+    got = json.loads(path.read_text())
+    for key in ("pack", "total_lenses", "calibrated", "fields", "concepts"):
+        assert got[key] == want[key], key
+    assert got["model"] == "m" and got["runs"][0]["title"] == "t"
+    strip = lambda toks: [{k: v for k, v in t.items() if k != "ms"} for t in toks]  # noqa: E731
+    assert strip(got["runs"][0]["tokens"]) == strip(want["runs"][0]["tokens"])
+    # Bad input names what is wrong.
+    with pytest.raises(TypeError, match=r"runs\[0\]\[\"tokens\"\]\[1\]"):
+        pc.trace.dumps([{"prompt": "p", "tokens": [tokens[0], ("x", 3)]}])
+    with pytest.raises(ValueError, match="no \"prompt\""):
+        pc.trace.dumps([{"tokens": tokens}])
+
+
 def test_observe_batch_matches_separate_runs(tiny):
     trace = tiny["trace"]
     half = len(trace) // 2

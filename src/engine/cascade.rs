@@ -88,7 +88,7 @@ impl<B: ProbeBackend> CascadeEngine<B> {
             children: token.children,
             skipped_by_cap: token.skipped_by_cap,
             unloaded: dropped.len(),
-            scored_ids: policy::scored_ids(token.scored()),
+            scored: policy::scored_by_id(token.scored()),
         })
     }
 }
@@ -133,7 +133,8 @@ struct TokenOutcome {
     children: usize,
     skipped_by_cap: usize,
     unloaded: usize,
-    scored_ids: Vec<ConceptId>,
+    /// Ids ascending, and their logits.
+    scored: (Vec<ConceptId>, Vec<f32>),
 }
 
 impl<B: ProbeBackend> Engine for CascadeEngine<B> {
@@ -155,8 +156,9 @@ impl<B: ProbeBackend> Engine for CascadeEngine<B> {
                 loaded: loaded.len(),
                 unloaded: o.unloaded,
                 skipped_by_cap: o.skipped_by_cap,
-                scored: o.scored_ids.len(),
-                scored_ids: o.scored_ids,
+                scored: o.scored.0.len(),
+                scored_ids: o.scored.0,
+                scored_logits: o.scored.1,
                 active: self.active.len(),
                 stages,
                 elapsed: start.elapsed(),

@@ -117,6 +117,7 @@ impl Engine for OracleEngine {
             skipped_by_cap: 0,
             scored: n,
             scored_ids: (0..n as u32).map(ConceptId).collect(),
+            scored_logits: logits,
             active: n,
             stages,
             elapsed: start.elapsed(),

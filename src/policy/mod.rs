@@ -42,11 +42,11 @@ pub fn rank(a: &Scored, b: &Scored) -> Ordering {
     b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
 }
 
-/// The ids of a token's scores, ascending.
-pub fn scored_ids(scored: &[Scored]) -> Vec<ConceptId> {
-    let mut ids: Vec<ConceptId> = scored.iter().map(|s| s.id).collect();
-    ids.sort_unstable();
-    ids
+/// The ids of a token's scores, ascending, and their logits in the same order.
+pub fn scored_by_id(scored: &[Scored]) -> (Vec<ConceptId>, Vec<f32>) {
+    let mut v = scored.to_vec();
+    v.sort_unstable_by_key(|s| s.id);
+    v.into_iter().map(|s| (s.id, s.logit)).unzip()
 }
 
 /// The always-active probes: every concept of `config.base_layers`. Errors (naming the config

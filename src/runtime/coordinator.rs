@@ -404,6 +404,7 @@ impl Coordinator {
         stages.sorting += t.elapsed();
         let in_flight = self.pending.iter().map(|c| pack.hierarchy().label(c)).collect();
         let failed_loads = std::mem::take(&mut self.failed_late);
+        let (scored_ids, scored_logits) = crate::policy::scored_by_id(tc.scored());
         Ok(TokenReport {
             in_flight,
             failed_loads,
@@ -415,7 +416,8 @@ impl Coordinator {
             unloaded: dropped.len(),
             skipped_by_cap: tc.skipped_by_cap,
             scored: tc.scored().len(),
-            scored_ids: crate::policy::scored_ids(tc.scored()),
+            scored_ids,
+            scored_logits,
             active: self.pool.active_len(),
             stages,
             elapsed: start.elapsed(),

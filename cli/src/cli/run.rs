@@ -55,6 +55,10 @@ pub struct RunArgs {
     /// The threshold of the `--watch` profiles (default: the pack's, 0.5 on raw probes).
     #[arg(long, requires = "watch")]
     watch_threshold: Option<f32>,
+    /// Also write the run in headspace's JSON trace format (its viewer opens it): one run
+    /// named after the trace file, token i shown as "i ". Not with --sessions.
+    #[arg(long, value_name = "OUT", conflicts_with = "sessions")]
+    trace_json: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -155,6 +159,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         summary["fidelity"] = serde_json::to_value(probe_cascade::fidelity::of_reports(&rows, &reports))?;
     }
     print_summary(&summary);
+    if let Some(path) = &args.trace_json {
+        write_trace_json(path, &args, &pack, &reports)?;
+    }
     if let Some(path) = &args.json {
         let doc = json!({
             "engine": engine_name,
@@ -280,6 +287,31 @@ fn run_sessions(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The run as headspace's trace document (`probe_cascade::headspace_trace`).
+fn write_trace_json(
+    path: &std::path::Path,
+    args: &RunArgs,
+    pack: &Pack,
+    reports: &[TokenReport],
+) -> anyhow::Result<()> {
+    use probe_cascade::headspace_trace::{document, TraceRun, TraceToken, DEFAULT_TOP};
+    let texts: Vec<String> = reports.iter().map(|r| format!("{} ", r.index)).collect();
+    let stem = |p: &std::path::Path| p.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let run = TraceRun {
+        prompt: args.trace.display().to_string(),
+        title: Some(stem(&args.trace)),
+        note: Some(format!("hidden states from {}, config {}", args.trace.display(), args.config.display())),
+        seconds: Some(reports.iter().map(|r| r.elapsed.as_secs_f64()).sum()),
+        tokens: reports.iter().zip(&texts).map(|(report, text)| TraceToken { text, report }).collect(),
+    };
+    let dir = args.pack.canonicalize().unwrap_or_else(|_| args.pack.clone());
+    let name = dir.file_name().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let doc = document(pack, &name, None, &[run], DEFAULT_TOP);
+    std::fs::write(path, serde_json::to_vec(&doc)?).with_context(|| format!("writing {}", path.display()))?;
+    println!("headspace trace: {}", path.display());
+    Ok(())
 }
 
 fn token_json(r: &TokenReport) -> serde_json::Value {
