@@ -4,7 +4,7 @@
 pub mod config;
 pub mod engine;
 pub mod fidelity;
-pub mod headspace_trace;
+pub mod headspace;
 pub mod import;
 pub mod kernel;
 pub mod npy;

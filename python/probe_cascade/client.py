@@ -296,6 +296,24 @@ class Client:
         )
         return _raise(cls(e.message), token=token, position=position)
 
+    def pack_info(self) -> Dict[str, Any]:
+        """The pack as headspace's `GET /v1/pack` describes it, as `Runtime.pack_info` gives it."""
+        r = self._call("PackInfo", pb.PackInfoRequest())
+        return {
+            "model": r.model if r.HasField("model") else None,
+            "pack": r.pack,
+            "total_lenses": r.total_lenses,
+            "calibrated": r.calibrated,
+            "alert_threshold": r.alert_threshold,
+            "fields": list(r.fields),
+            "concepts": {
+                name: {"label": c.label, "level": c.level, "parent": c.parent if c.HasField("parent") else None,
+                       "description": c.description}
+                for name, c in sorted(r.concepts.items())
+            },
+            "watch": [{"name": w.name, "threshold": w.threshold} for w in r.watch],
+        }
+
     def session(
         self,
         *,

@@ -361,6 +361,15 @@ impl Runtime {
         self.inner.pack_dir.clone()
     }
 
+    /// The pack as headspace's `GET /v1/pack` describes it: `{model, pack, total_lenses,
+    /// calibrated, alert_threshold, fields, concepts, watch}` (docs/headspace.md).
+    fn pack_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let rt = &self.inner.rt;
+        let info = probe_cascade::headspace::pack_info(rt.pack(), None, &rt.config().cascade.watch);
+        let value = serde_json::to_value(&info).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+        to_py(py, &value)
+    }
+
     /// The config as given (a dict), and where it came from.
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {

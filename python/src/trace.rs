@@ -1,9 +1,9 @@
 //! headspace's JSON trace from Python reports: the same writer as `run --trace-json`
-//! (`probe_cascade::headspace_trace`), so the two cannot disagree.
+//! (`probe_cascade::headspace`), so the two cannot disagree.
 
 use std::sync::Arc;
 
-use probe_cascade::headspace_trace::{document, TraceRun, TraceToken};
+use probe_cascade::headspace::{document, pack_name, TraceRun, TraceToken};
 use probe_cascade::pack::Pack;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -82,7 +82,6 @@ pub fn headspace_trace(runs: &Bound<'_, PyList>, model: Option<String>, top: usi
             tokens: r.tokens.iter().map(|(text, rep)| TraceToken { text, report: rep.token_report() }).collect(),
         })
         .collect();
-    let name = pack.dir().file_name().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
-    let doc = document(&pack, &name, model.as_deref(), &traced, top);
+    let doc = document(&pack, &pack_name(&pack), model.as_deref(), &traced, top);
     serde_json::to_string(&doc).map_err(|e| PyValueError::new_err(e.to_string()))
 }

@@ -58,6 +58,21 @@ def test_alerts_match_the_in_process_runtime(tiny, served):
     rt.close()
 
 
+def test_pack_info_is_the_same_in_process_and_over_grpc(tiny, served):
+    with pc.Runtime(tiny["pack"], config=str(EXACT)) as rt, pc.Client(served.grpc) as client:
+        local, remote = rt.pack_info(), client.pack_info()
+        assert local == remote
+        assert set(local) == {"model", "pack", "total_lenses", "calibrated", "alert_threshold", "fields", "concepts",
+                              "watch"}
+        info = pc.pack.open(tiny["pack"])
+        assert local["total_lenses"] == len(info) and local["alert_threshold"] == 0.5 and not local["calibrated"]
+        assert local["fields"] == sorted(c.name for c in info.concepts if c.layer == 0)
+        # The trace's header is the same metadata.
+        with rt.session() as s:
+            doc = pc.trace.document([{"prompt": "p", "tokens": [("a", s.observe(tiny["trace"][0]))]}])
+        assert doc["fields"] == local["fields"] and doc["concepts"] == local["concepts"]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_match_the_in_process_runtime(tiny, served, dtype):
     rt = pc.Runtime(tiny["pack"], config=str(EXACT))

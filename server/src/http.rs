@@ -26,6 +26,7 @@ pub fn router(state: Arc<State>, token: BearerToken) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/pack", get(pack))
+        .route("/v1/pack/headspace", get(headspace_pack))
         .route("/v1/sessions", get(sessions))
         .with_state(Http { state, token })
 }
@@ -112,6 +113,15 @@ async fn pack(AxumState(h): AxumState<Http>, headers: HeaderMap) -> Response {
             .collect(),
     };
     Json(view).into_response()
+}
+
+/// The pack as headspace's own `GET /v1/pack` gives it (`probe_cascade::headspace::pack_info`).
+async fn headspace_pack(AxumState(h): AxumState<Http>, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&h, &headers) {
+        return r;
+    }
+    let live = h.state.live();
+    Json(probe_cascade::headspace::pack_info(h.state.runtime.pack(), None, &live.config.cascade.watch)).into_response()
 }
 
 async fn sessions(AxumState(h): AxumState<Http>, headers: HeaderMap) -> Response {

@@ -264,6 +264,33 @@ impl ProbeCascade for Service {
         Ok(Response::new(pb::BatchResponse { results: results.into_iter().flatten().collect() }))
     }
 
+    async fn pack_info(&self, _: Request<pb::PackInfoRequest>) -> Result<Response<pb::PackInfoResponse>, Status> {
+        let live = self.state.live();
+        let info = probe_cascade::headspace::pack_info(self.state.runtime.pack(), None, &live.config.cascade.watch);
+        Ok(Response::new(pb::PackInfoResponse {
+            model: info.model,
+            pack: info.pack,
+            total_lenses: info.total_lenses as u32,
+            calibrated: info.calibrated,
+            alert_threshold: info.alert_threshold,
+            fields: info.fields,
+            concepts: info
+                .concepts
+                .into_iter()
+                .map(|(name, c)| {
+                    let concept = pb::PackConcept {
+                        label: c.label,
+                        level: c.level as u32,
+                        parent: c.parent,
+                        description: c.description,
+                    };
+                    (name, concept)
+                })
+                .collect(),
+            watch: info.watch.into_iter().map(|w| pb::WatchInfo { name: w.name, threshold: w.threshold }).collect(),
+        }))
+    }
+
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         let state = &self.state;
         let pack = state.runtime.pack();

@@ -537,6 +537,43 @@ async fn a_sessions_watch_profile_raises_alerts_in_reports_and_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pack_info_over_grpc_is_headspaces_v1_pack_over_http() {
+    let f = fixture();
+    let config = format!("{}\n[[cascade.watch]]\nname = \"w\"\nconcepts = [\"{}\"]\n", realtime(""), {
+        let h = f.pack.hierarchy();
+        h.name(probe_cascade::pack::ConceptId(h.layer_members(0)[0])).to_string()
+    });
+    let server = serve(&f, &config, false, None).await;
+    let mut client = tcp_client(&server).await;
+    let info = client.pack_info(pb::PackInfoRequest {}).await.unwrap().into_inner();
+    let (status, body) = http_get(&server, "/v1/pack/headspace", None).await;
+    assert_eq!(status, 200);
+    let http: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let h = f.pack.hierarchy();
+    let mut roots: Vec<String> =
+        h.layer_members(0).iter().map(|&c| h.name(probe_cascade::pack::ConceptId(c)).into()).collect();
+    roots.sort();
+    assert_eq!(info.fields, roots, "fields: the layer-0 names, sorted");
+    assert_eq!(http["fields"], serde_json::json!(roots));
+    assert_eq!((info.total_lenses, info.calibrated, info.alert_threshold), (300, false, 0.5));
+    assert_eq!((http["total_lenses"].as_u64(), http["calibrated"].as_bool()), (Some(300), Some(false)));
+    assert_eq!(info.concepts.len(), http["concepts"].as_object().unwrap().len());
+    for (name, c) in &info.concepts {
+        let j = &http["concepts"][name];
+        assert_eq!(
+            (j["label"].as_str(), j["level"].as_u64()),
+            (Some(c.label.as_str()), Some(c.level as u64)),
+            "{name}"
+        );
+        assert_eq!(j["parent"].as_str(), c.parent.as_deref(), "{name}");
+    }
+    assert_eq!(info.watch.len(), 1);
+    assert_eq!((info.watch[0].name.as_str(), info.watch[0].threshold), ("w", 0.5));
+    assert_eq!(http["pack"].as_str(), Some(info.pack.as_str()));
+    server.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_are_served() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;

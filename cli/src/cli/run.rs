@@ -289,14 +289,14 @@ fn run_sessions(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The run as headspace's trace document (`probe_cascade::headspace_trace`).
+/// The run as headspace's trace document (`probe_cascade::headspace`).
 fn write_trace_json(
     path: &std::path::Path,
     args: &RunArgs,
     pack: &Pack,
     reports: &[TokenReport],
 ) -> anyhow::Result<()> {
-    use probe_cascade::headspace_trace::{document, TraceRun, TraceToken, DEFAULT_TOP};
+    use probe_cascade::headspace::{document, pack_name, TraceRun, TraceToken, DEFAULT_TOP};
     let texts: Vec<String> = reports.iter().map(|r| format!("{} ", r.index)).collect();
     let stem = |p: &std::path::Path| p.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
     let run = TraceRun {
@@ -306,9 +306,7 @@ fn write_trace_json(
         seconds: Some(reports.iter().map(|r| r.elapsed.as_secs_f64()).sum()),
         tokens: reports.iter().zip(&texts).map(|(report, text)| TraceToken { text, report }).collect(),
     };
-    let dir = args.pack.canonicalize().unwrap_or_else(|_| args.pack.clone());
-    let name = dir.file_name().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
-    let doc = document(pack, &name, None, &[run], DEFAULT_TOP);
+    let doc = document(pack, &pack_name(pack), None, &[run], DEFAULT_TOP);
     std::fs::write(path, serde_json::to_vec(&doc)?).with_context(|| format!("writing {}", path.display()))?;
     println!("headspace trace: {}", path.display());
     Ok(())

@@ -227,6 +227,57 @@ class Concept(_message.Message):
     parents: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., layer: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class PackInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PackConcept(_message.Message):
+    __slots__ = ("label", "level", "parent", "description")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    level: int
+    parent: str
+    description: str
+    def __init__(self, label: _Optional[str] = ..., level: _Optional[int] = ..., parent: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class WatchInfo(_message.Message):
+    __slots__ = ("name", "threshold")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    threshold: float
+    def __init__(self, name: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class PackInfoResponse(_message.Message):
+    __slots__ = ("model", "pack", "total_lenses", "calibrated", "alert_threshold", "fields", "concepts", "watch")
+    class ConceptsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: PackConcept
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[PackConcept, _Mapping]] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PACK_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LENSES_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    ALERT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    WATCH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    pack: str
+    total_lenses: int
+    calibrated: bool
+    alert_threshold: float
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    concepts: _containers.MessageMap[str, PackConcept]
+    watch: _containers.RepeatedCompositeFieldContainer[WatchInfo]
+    def __init__(self, model: _Optional[str] = ..., pack: _Optional[str] = ..., total_lenses: _Optional[int] = ..., calibrated: _Optional[bool] = ..., alert_threshold: _Optional[float] = ..., fields: _Optional[_Iterable[str]] = ..., concepts: _Optional[_Mapping[str, PackConcept]] = ..., watch: _Optional[_Iterable[_Union[WatchInfo, _Mapping]]] = ...) -> None: ...
+
 class InfoResponse(_message.Message):
     __slots__ = ("version", "hidden_dim", "concepts", "max_message_bytes", "max_sessions", "stream_queue", "request_deadline_ms", "max_batch_items")
     VERSION_FIELD_NUMBER: _ClassVar[int]

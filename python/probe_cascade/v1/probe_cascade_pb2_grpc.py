@@ -59,6 +59,11 @@ class ProbeCascadeStub:
                 request_serializer=probe__cascade_dot_v1_dot_probe__cascade__pb2.InfoRequest.SerializeToString,
                 response_deserializer=probe__cascade_dot_v1_dot_probe__cascade__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.PackInfo = channel.unary_unary(
+                '/probe_cascade.v1.ProbeCascade/PackInfo',
+                request_serializer=probe__cascade_dot_v1_dot_probe__cascade__pb2.PackInfoRequest.SerializeToString,
+                response_deserializer=probe__cascade_dot_v1_dot_probe__cascade__pb2.PackInfoResponse.FromString,
+                _registered_method=True)
 
 
 class ProbeCascadeServicer:
@@ -102,6 +107,14 @@ class ProbeCascadeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PackInfo(self, request, context):
+        """The pack as headspace's GET /v1/pack describes it (labels, levels, parents, fields, the
+        alert threshold), plus the config's watch profiles.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProbeCascadeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +142,11 @@ def add_ProbeCascadeServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=probe__cascade_dot_v1_dot_probe__cascade__pb2.InfoRequest.FromString,
                     response_serializer=probe__cascade_dot_v1_dot_probe__cascade__pb2.InfoResponse.SerializeToString,
+            ),
+            'PackInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.PackInfo,
+                    request_deserializer=probe__cascade_dot_v1_dot_probe__cascade__pb2.PackInfoRequest.FromString,
+                    response_serializer=probe__cascade_dot_v1_dot_probe__cascade__pb2.PackInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class ProbeCascade:
             '/probe_cascade.v1.ProbeCascade/Info',
             probe__cascade_dot_v1_dot_probe__cascade__pb2.InfoRequest.SerializeToString,
             probe__cascade_dot_v1_dot_probe__cascade__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PackInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/probe_cascade.v1.ProbeCascade/PackInfo',
+            probe__cascade_dot_v1_dot_probe__cascade__pb2.PackInfoRequest.SerializeToString,
+            probe__cascade_dot_v1_dot_probe__cascade__pb2.PackInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,8 +1,9 @@
-//! headspace's JSON trace format, written from our reports, so that headspace's viewer opens
-//! our runs (docs/headspace.md).
+//! headspace's documents, written from our packs and reports: its JSON trace (so that its
+//! viewer opens our runs) and its pack metadata (`GET /v1/pack`). See docs/headspace.md.
 //!
-//! Why here, once: `run --trace-json` and Python's `probe_cascade.trace` write the same
-//! document from the same reports; one writer keeps them from drifting apart.
+//! Why here, once: `run --trace-json` and Python's `probe_cascade.trace` write the same trace,
+//! and `serve`'s `/v1/pack`, its `PackInfo` call and Python's `Runtime.pack_info` the same
+//! metadata; one writer each keeps the doors from drifting apart.
 //!
 //! The document, as headspace's `trace.record` makes it: `{created, model, pack, total_lenses,
 //! calibrated, fields, concepts, runs}`. `fields` are the pack's top-level (layer 0) concepts,
@@ -11,10 +12,12 @@
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::config::WatchProfile;
 use crate::pack::{ConceptId, Pack};
-use crate::policy::sigmoid;
+use crate::policy::{sigmoid, RAW_ALERT_THRESHOLD};
 use crate::types::TokenReport;
 
 /// Detections per token when the caller sets none (headspace's `top`).
@@ -51,6 +54,17 @@ pub fn fields(pack: &Pack) -> Vec<(String, ConceptId)> {
     out
 }
 
+/// One concept of headspace's `concepts` table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConceptInfo {
+    pub label: String,
+    pub level: u16,
+    /// The first parent's name, when it sits on a lower level (see [`concepts`]).
+    pub parent: Option<String>,
+    /// Our packs hold no descriptions: always empty.
+    pub description: String,
+}
+
 /// The `concepts` table: by name, a label, the level, the first parent and a description.
 ///
 /// headspace keys it by name and its viewer walks `parent` links by name up to a root. A name
@@ -58,23 +72,29 @@ pub fn fields(pack: &Pack) -> Vec<(String, ConceptId)> {
 /// lower level, so every walk ends (headspace's own packs have one concept per name; a pack
 /// with repeated names could otherwise link two names to each other, and its viewer would
 /// never return).
-fn concepts(pack: &Pack) -> Map<String, Value> {
+pub fn concepts(pack: &Pack) -> BTreeMap<String, ConceptInfo> {
     let h = pack.hierarchy();
     let mut level: BTreeMap<&str, u16> = BTreeMap::new();
     for c in h.ids() {
         let l = level.entry(h.name(c)).or_insert(h.layer(c));
         *l = (*l).min(h.layer(c));
     }
-    let mut by_name: BTreeMap<String, Value> = BTreeMap::new();
+    let mut by_name = BTreeMap::new();
     for c in h.ids() {
         let (name, layer) = (h.name(c), h.layer(c));
         if level[name] != layer || by_name.contains_key(name) {
             continue;
         }
         let parent = h.parents(c).first().map(|&p| h.name(ConceptId(p))).filter(|p| level[p] < layer);
-        by_name.insert(name.to_string(), json!({"label": name, "level": layer, "parent": parent, "description": ""}));
+        let info = ConceptInfo {
+            label: name.to_string(),
+            level: layer,
+            parent: parent.map(str::to_string),
+            description: String::new(),
+        };
+        by_name.insert(name.to_string(), info);
     }
-    by_name.into_iter().collect()
+    by_name
 }
 
 /// The token's entry: fields from everything scored, the report's best `top`.
@@ -129,6 +149,51 @@ pub fn document(pack: &Pack, pack_name: &str, model: Option<&str>, runs: &[Trace
         "concepts": concepts(pack),
         "runs": runs,
     })
+}
+
+/// A watch profile as [`PackInfo`] lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WatchInfo {
+    pub name: String,
+    pub threshold: f32,
+}
+
+/// What headspace's `GET /v1/pack` gives: `{model, pack, total_lenses, calibrated,
+/// alert_threshold, fields, concepts}`, plus `watch`: the config's profiles (name and
+/// threshold), since a cascade here may carry several.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PackInfo {
+    pub model: Option<String>,
+    pub pack: String,
+    pub total_lenses: usize,
+    pub calibrated: bool,
+    /// The threshold of a profile that sets none.
+    pub alert_threshold: f32,
+    pub fields: Vec<String>,
+    pub concepts: BTreeMap<String, ConceptInfo>,
+    pub watch: Vec<WatchInfo>,
+}
+
+pub fn pack_info(pack: &Pack, model: Option<&str>, watch: &[WatchProfile]) -> PackInfo {
+    PackInfo {
+        model: model.map(str::to_string),
+        pack: pack_name(pack),
+        total_lenses: pack.len(),
+        calibrated: false,
+        alert_threshold: RAW_ALERT_THRESHOLD,
+        fields: fields(pack).into_iter().map(|(n, _)| n).collect(),
+        concepts: concepts(pack),
+        watch: watch
+            .iter()
+            .map(|w| WatchInfo { name: w.name.clone(), threshold: w.threshold.unwrap_or(RAW_ALERT_THRESHOLD) })
+            .collect(),
+    }
+}
+
+/// The name headspace gives a pack: its directory's.
+pub fn pack_name(pack: &Pack) -> String {
+    let dir = pack.dir().canonicalize().unwrap_or_else(|_| pack.dir().to_path_buf());
+    dir.file_name().map_or_else(String::new, |s| s.to_string_lossy().into_owned())
 }
 
 /// `YYYY-MM-DDTHH:MM:SS+00:00`, as Python's `isoformat(timespec="seconds")` writes UTC.

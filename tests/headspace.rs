@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use probe_cascade::config::Config;
 use probe_cascade::engine::{build_engine, EngineKind};
-use probe_cascade::headspace_trace::{document, fields, TraceRun, TraceToken};
+use probe_cascade::headspace::{document, fields, TraceRun, TraceToken};
 
 #[test]
 fn a_trace_document_has_headspaces_shape_and_the_reports_scores() {
