@@ -79,6 +79,16 @@ impl Requested {
     /// The runtime's options for this session under `live`.
     pub fn options(&self, live: &Live) -> Result<SessionOptions, String> {
         let cascade = cascade_with(&live.raw, &self.cascade).map_err(|e| format!("session options: {e}"))?;
+        // A profile file is read on the server, and its lines would come back in errors: a
+        // client lists its concepts instead.
+        if self.cascade.contains_key("watch") {
+            if let Some(i) = cascade.watch.iter().position(|w| w.file.is_some()) {
+                return Err(format!(
+                    "session options: `cascade.watch[{i}].file`: a session opened over the network lists its \
+                     concepts in `concepts`; it cannot name a file on the server"
+                ));
+            }
+        }
         Ok(SessionOptions {
             cascade: Some(cascade),
             mode: Some(self.mode.unwrap_or(live.config.runtime.mode)),

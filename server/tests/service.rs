@@ -533,6 +533,11 @@ async fn a_sessions_watch_profile_raises_alerts_in_reports_and_metrics() {
     let e =
         client.open_session(pb::SessionOptions { cascade_json: bad.into(), ..Default::default() }).await.unwrap_err();
     assert!(e.message().contains("NoSuchConcept"), "{}", e.message());
+    // Nor may a client make the server read one of its files.
+    let file = r#"{"watch": [{"name": "x", "file": "/etc/passwd"}]}"#;
+    let e =
+        client.open_session(pb::SessionOptions { cascade_json: file.into(), ..Default::default() }).await.unwrap_err();
+    assert!(e.message().contains("cascade.watch[0].file") && !e.message().contains("root"), "{}", e.message());
     server.drain().await;
 }
 
