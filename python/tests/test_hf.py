@@ -3,6 +3,7 @@ pack trained on it by examples/train_pack.py."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -76,6 +77,25 @@ def test_monitor_reports_align_with_tokens(model_tok, trained):
                 assert [(d.name, d.logit) for d in again.top] == [(d.name, d.logit) for d in r.top]
     # Sessions are closed when the block ends.
     assert rt.open_sessions == 0
+    rt.close()
+
+
+def test_a_generation_is_recorded_in_headspaces_trace_format(model_tok, trained, tmp_path):
+    model, tok = model_tok
+    rt = pc.Runtime(trained, config=EXACT)
+    enc, out, mon, seen = generate(model, tok, rt)
+    steps = mon.steps(out, tok)
+    runs = [{"prompt": p, "title": f"prompt {i}", "tokens": [(text, r) for _, text, r in steps[i]]}
+            for i, p in enumerate(PROMPTS)]
+    path = tmp_path / "trace.json"
+    pc.trace.write(path, runs, model="SmolLM2-135M-Instruct")
+    doc = json.loads(path.read_text())
+    assert doc["model"] == "SmolLM2-135M-Instruct" and doc["total_lenses"] == rt.concepts
+    assert [r["prompt"] for r in doc["runs"]] == PROMPTS
+    for i, run in enumerate(doc["runs"]):
+        assert [t["t"] for t in run["tokens"]] == [text for _, text, _ in steps[i]]
+        assert [[row[0] for row in t["top"]] for t in run["tokens"]] == [[d.name for d in r.top[:8]] for _, _, r in steps[i]]
+        assert all(len(t["fields"]) == len(doc["fields"]) for t in run["tokens"])
     rt.close()
 
 
