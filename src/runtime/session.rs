@@ -73,9 +73,24 @@ struct Shared {
     /// On the tch backend: which probes its resident store holds, so that coordinators fetch
     /// no bytes for those (None on the CPU kernel, which scores in the cache).
     resident: Option<Arc<ResidentView>>,
+    /// The config's watch profiles, compiled once: sessions that keep them share it.
+    watch: Arc<Watch>,
     next_id: AtomicU64,
     stopping: AtomicBool,
     faults: Faults,
+}
+
+impl Shared {
+    /// A session's compiled watch profiles: the runtime's own when it keeps the config's
+    /// (compiled once, shared), else its own, checked against the pack.
+    fn watch_for(&self, config: &Config) -> Result<Arc<Watch>, RuntimeError> {
+        if config.cascade.watch == self.config.cascade.watch {
+            return Ok(self.watch.clone());
+        }
+        let watch = Watch::compile(self.pack.hierarchy(), &config.cascade.watch)
+            .map_err(|e| RuntimeError::Options(e.into()))?;
+        Ok(Arc::new(watch))
+    }
 }
 
 /// What the registry keeps of an open session: its coordinator, and what the embedder (the
@@ -103,7 +118,7 @@ impl Runtime {
     /// [`Runtime::start`] with faults injected (tests only; see [`super::faults`]).
     pub async fn start_with_faults(pack: Arc<Pack>, config: &Config, faults: Faults) -> Result<Self, RuntimeError> {
         let base = crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(StartError::Config)?;
-        Watch::compile(pack.hierarchy(), &config.cascade.watch).map_err(StartError::Config)?;
+        let watch = Arc::new(Watch::compile(pack.hierarchy(), &config.cascade.watch).map_err(StartError::Config)?);
         let device = tensors::open_device(&config.device).map_err(StartError::Device)?;
         let window = std::time::Duration::from_micros(config.runtime.batch_window_us);
         let on_store = device != tch::Device::Cpu || config.device.cpu_kernel == CpuKernel::Torch;
@@ -137,6 +152,7 @@ impl Runtime {
                 sessions: Mutex::new(HashMap::new()),
                 session_permits: Arc::new(Semaphore::new(config.runtime.max_sessions)),
                 resident,
+                watch,
                 next_id: AtomicU64::new(0),
                 stopping: AtomicBool::new(false),
                 faults,
@@ -197,8 +213,7 @@ impl Runtime {
         }
         let base = crate::policy::base_set(shared.pack.hierarchy(), &config.cascade)
             .map_err(|e| RuntimeError::Options(e.into()))?;
-        let watch = Watch::compile(shared.pack.hierarchy(), &config.cascade.watch)
-            .map_err(|e| RuntimeError::Options(e.into()))?;
+        let watch = shared.watch_for(&config)?;
         // Permits first, so that concurrent opens cannot pass the limits together; held by the
         // session, they go back when it does (or now, if the open fails below).
         let limit = config.runtime.max_sessions;
@@ -248,11 +263,10 @@ impl Runtime {
         // What the pack itself rules out (the exhaustive mode under a smaller max_loaded).
         crate::policy::base_set(self.shared.pack.hierarchy(), &config.cascade)
             .map_err(|e| RuntimeError::Options(e.into()))?;
-        let watch = Watch::compile(self.shared.pack.hierarchy(), &config.cascade.watch)
-            .map_err(|e| RuntimeError::Options(e.into()))?;
+        let watch = self.shared.watch_for(&config)?;
         let coordinator = self.coordinator(id).ok_or(RuntimeError::UnknownSession(id))?;
         let reconfigure = Reconfigure {
-            watch: Arc::new(watch),
+            watch,
             cascade: config.cascade,
             latency_budget: std::time::Duration::from_micros(config.runtime.latency_budget_us),
         };
@@ -336,7 +350,7 @@ fn new_coordinator(
     shared: &Shared,
     config: &Config,
     base: crate::policy::ConceptSet,
-    watch: Watch,
+    watch: Arc<Watch>,
     lane: Lane,
 ) -> Coordinator {
     let (pack, cascade, rt) = (&shared.pack, &config.cascade, &config.runtime);
@@ -345,7 +359,7 @@ fn new_coordinator(
         normalization: cascade.normalization_for(pack.input_normalization()),
         pack: pack.clone(),
         config: Arc::new(cascade.clone()),
-        watch: Arc::new(watch),
+        watch,
         hint_margin: rt.prefetch_hint_margin,
         base,
         cache: shared.cache.clone(),
