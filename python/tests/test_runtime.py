@@ -115,12 +115,14 @@ def test_watch_profiles_raise_the_alerts_rust_raises_whatever_the_report_size(ti
 
 def test_a_headspace_trace_from_python_is_the_one_run_writes(tiny, tmp_path):
     np.save(tmp_path / "t.npy", tiny["trace"])
+    texts = [f" word{i}" for i in range(len(tiny["trace"]))]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
     out = tmp_path / "rust.json"
     cli("run", "--engine", "runtime", "--config", EXACT, "--pack", tiny["pack"], "--trace", tmp_path / "t.npy",
-        "--trace-json", out)
+        "--trace-json", out, "--token-text", tmp_path / "texts.json")
     want = json.loads(out.read_text())
     with pc.Runtime(tiny["pack"], config=EXACT) as rt, rt.session() as s:
-        tokens = [(f"{i} ", s.observe(row)) for i, row in enumerate(tiny["trace"])]
+        tokens = [(texts[i], s.observe(row)) for i, row in enumerate(tiny["trace"])]
     path = tmp_path / "py.json"
     pc.trace.write(path, [{"prompt": "p", "title": "t", "tokens": tokens}], model="m")
     got = json.loads(path.read_text())

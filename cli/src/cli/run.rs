@@ -56,9 +56,13 @@ pub struct RunArgs {
     #[arg(long, requires = "watch")]
     watch_threshold: Option<f32>,
     /// Also write the run in headspace's JSON trace format (its viewer opens it): one run
-    /// named after the trace file, token i shown as "i ". Not with --sessions.
+    /// named after the trace file, token i shown as "i " (or as --token-text gives it). Not
+    /// with --sessions.
     #[arg(long, value_name = "OUT", conflicts_with = "sessions")]
     trace_json: Option<PathBuf>,
+    /// The trace's token texts for --trace-json: a JSON list of strings, one per hidden state.
+    #[arg(long, value_name = "FILE.json", requires = "trace_json")]
+    token_text: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -86,6 +90,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         return run_sessions(&args, pack, &config, &trace, tokens, n as usize);
     }
+    let texts = args.token_text.as_deref().map(|f| token_texts(f, tokens)).transpose()?;
     let mut engine = engines::build(args.engine, pack.clone(), &config)?;
     println!("{} engine, {} tokens, config {}", engine.name(), tokens, args.config.display());
     println!("{:>6} {:>9} {:>9} {:>7} {:>9} {:>7}  top", "token", "ms", "children", "loaded", "unloaded", "active");
@@ -160,7 +165,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     print_summary(&summary);
     if let Some(path) = &args.trace_json {
-        write_trace_json(path, &args, &pack, &reports)?;
+        write_trace_json(path, &args, &pack, &reports, texts)?;
     }
     if let Some(path) = &args.json {
         let doc = json!({
@@ -290,14 +295,32 @@ fn run_sessions(
 }
 
 /// The run as headspace's trace document (`probe_cascade::headspace`).
+/// `--token-text`: a JSON list of at least `tokens` strings.
+fn token_texts(file: &std::path::Path, tokens: usize) -> anyhow::Result<Vec<String>> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading --token-text {}", file.display()))?;
+    let all: Vec<String> = serde_json::from_slice(&bytes)
+        .with_context(|| format!("--token-text {}: not a JSON list of strings", file.display()))?;
+    anyhow::ensure!(
+        all.len() >= tokens,
+        "--token-text {}: {} texts, but the run has {tokens} tokens",
+        file.display(),
+        all.len()
+    );
+    Ok(all)
+}
+
 fn write_trace_json(
     path: &std::path::Path,
     args: &RunArgs,
     pack: &Pack,
     reports: &[TokenReport],
+    texts: Option<Vec<String>>,
 ) -> anyhow::Result<()> {
     use probe_cascade::headspace::{document, pack_name, TraceRun, TraceToken, DEFAULT_TOP};
-    let texts: Vec<String> = reports.iter().map(|r| format!("{} ", r.index)).collect();
+    let texts: Vec<String> = match texts {
+        None => reports.iter().map(|r| format!("{} ", r.index)).collect(),
+        Some(all) => reports.iter().map(|r| all[r.index].clone()).collect(),
+    };
     let stem = |p: &std::path::Path| p.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
     let run = TraceRun {
         prompt: args.trace.display().to_string(),
