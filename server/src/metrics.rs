@@ -104,23 +104,24 @@ pub fn token(report: &TokenReport, in_server: Duration) {
         histogram!(STAGE_SECONDS, "stage" => stage).record(d.as_secs_f64());
     }
     histogram!(REQUEST_SECONDS).record(in_server.as_secs_f64());
-    for a in &report.alerts {
-        counter!(ALERTS, "profile" => alert_series(&a.profile)).increment(1);
+    if !report.alerts.is_empty() {
+        let mut seen = ALERT_SERIES.lock().expect("alert series lock");
+        for a in &report.alerts {
+            counter!(ALERTS, "profile" => alert_series(&mut seen, &a.profile)).increment(1);
+        }
     }
 }
 
 /// The `profile` label for alerts of `profile`: its own name among the first
 /// [`MAX_ALERT_SERIES`] names seen, `(other)` after.
-fn alert_series(profile: &str) -> String {
-    let mut seen = ALERT_SERIES.lock().expect("alert series lock");
-    if seen.iter().any(|p| p == profile) {
-        return profile.to_string();
-    }
-    if seen.len() < MAX_ALERT_SERIES {
+fn alert_series(seen: &mut Vec<String>, profile: &str) -> String {
+    if !seen.iter().any(|p| p == profile) {
+        if seen.len() >= MAX_ALERT_SERIES {
+            return "(other)".to_string();
+        }
         seen.push(profile.to_string());
-        return profile.to_string();
     }
-    "(other)".to_string()
+    profile.to_string()
 }
 
 pub fn error(kind: &'static str) {

@@ -80,11 +80,7 @@ impl Watch {
         self.profiles.is_empty()
     }
 
-    /// The profiles' names, in config order (an `AlertHit::profile` indexes this).
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.profiles.iter().map(|p| p.name.as_str())
-    }
-
+    /// The name of profile `profile` (an `AlertHit::profile`), in config order.
     pub fn name(&self, profile: usize) -> &str {
         &self.profiles[profile].name
     }
@@ -172,7 +168,7 @@ mod tests {
         assert_eq!(hits[0], AlertHit { profile: 0, scored: s(5, 3.0), watched: ConceptId(2) });
         // Profile 1 alerts at any score, on X only (under B through B1).
         assert_eq!(hits[1..], [AlertHit { profile: 1, scored: s(6, -4.0), watched: ConceptId(1) }]);
-        assert_eq!(w.names().collect::<Vec<_>>(), vec!["wide", "all"]);
+        assert_eq!([w.name(0), w.name(1)], ["wide", "all"]);
     }
 
     #[test]

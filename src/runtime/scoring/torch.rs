@@ -619,6 +619,16 @@ mod tests {
             .unwrap()
     }
 
+    /// A four-row store with one session (4 slots) that has installed `ids`, in order, from slot 0.
+    fn four_rows_holding(pack: &Arc<Pack>, ids: &[u32]) -> (TorchBackend, SessionId) {
+        let mut backend = store(pack, 4, None, Faults::none());
+        let s = SessionId(1);
+        backend.open(s, 4);
+        let ops = install(ids);
+        backend.apply(s, &ops, &bytes_for(pack, &ops)).unwrap();
+        (backend, s)
+    }
+
     fn install(ids: &[u32]) -> Vec<SlotOp> {
         ids.iter().enumerate().map(|(slot, &id)| SlotOp::Install { slot, id: ConceptId(id) }).collect()
     }
@@ -706,12 +716,8 @@ mod tests {
     #[test]
     fn a_probe_released_and_activated_again_is_not_copied_again_and_keeps_its_row() {
         let (_dir, pack) = synth_pack(DType::F32);
-        let mut backend = store(&pack, 4, None, Faults::none());
-        let s = SessionId(1);
-        backend.open(s, 4);
+        let (mut backend, s) = four_rows_holding(&pack, &[3, 7]);
         let h = hidden(&pack, 0.3);
-        let ops = install(&[3, 7]);
-        backend.apply(s, &ops, &bytes_for(&pack, &ops)).unwrap();
         let row_of_7 = backend.sessions.held(&Request { session: s, start: 1, len: 1, hidden: &h }).unwrap()[0].row();
         // Pruning drops 7 (slot 1 is the last: no move), then 3 (its slot is overwritten).
         backend.apply(s, &[SlotOp::Move { from: 1, to: 0 }], &HashMap::new()).unwrap();
@@ -797,11 +803,7 @@ mod tests {
     #[test]
     fn prefetched_probes_are_copied_between_steps_and_their_activation_copies_nothing() {
         let (_dir, pack) = synth_pack(DType::F32);
-        let mut backend = store(&pack, 4, None, Faults::none());
-        let s = SessionId(1);
-        backend.open(s, 4);
-        let ops = install(&[3, 7]);
-        backend.apply(s, &ops, &bytes_for(&pack, &ops)).unwrap();
+        let (mut backend, s) = four_rows_holding(&pack, &[3, 7]);
         // Hints for three probes, one already resident; two rows are free.
         let hinted = install(&[7, 9, 11, 13]);
         backend.warm(&bytes_for(&pack, &hinted));
