@@ -28,6 +28,7 @@ fn spec(concepts: usize) -> PackSpec {
         input_normalization: InputNormalization::None,
         probes_per_shard: 256,
         concepts,
+        lenses: None,
     }
 }
 

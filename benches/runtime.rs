@@ -10,6 +10,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use kameo::prelude::Spawn;
 use probe_cascade::config::Config;
 use probe_cascade::engine::tensors::{batched_logits, RowSplit};
+use probe_cascade::pack::ProbeId;
 use probe_cascade::pack::{write_pack, ConceptDef, ConceptId, DType, Pack, PackSpec, ProbeWeights};
 use probe_cascade::runtime::cache::ProbeBytes;
 use probe_cascade::runtime::cache::{CacheSettings, Get, WeightCache};
@@ -86,6 +87,7 @@ fn big_pack(n: usize, dtype: DType) -> (tempfile::TempDir, Arc<Pack>) {
         input_normalization: Default::default(),
         probes_per_shard: 256,
         concepts: (0..n).map(|i| ConceptDef { name: format!("C{i}"), layer: 0, parents: vec![] }).collect(),
+        lenses: None,
     };
     let w = ProbeWeights {
         w1: (0..128 * D as usize).map(|i| (i % 97) as f32 * 1e-3).collect(),
@@ -111,8 +113,10 @@ fn install(c: &mut Criterion) {
     for dtype in [DType::Bf16, DType::F32] {
         let (_dir, pack) = big_pack(2, dtype);
         let ids = [ConceptId(0), ConceptId(1)];
-        let bytes: std::collections::HashMap<_, _> =
-            ids.iter().map(|&id| (id, Arc::new(ProbeBytes::detached(id, pack.read_probe(id).unwrap())))).collect();
+        let bytes: std::collections::HashMap<_, _> = ids
+            .iter()
+            .map(|&id| (id, Arc::new(ProbeBytes::detached(id, pack.read_probe(ProbeId::sole(id)).unwrap()))))
+            .collect();
         let (none, faults) = (probe_cascade::policy::ConceptSet::default(), Faults::none());
         let mut store = TorchBackend::new(pack.clone(), 1, Device::Cpu, Kind::Float, None, none, faults).unwrap();
         group.throughput(Throughput::Bytes(bytes[&ids[0]].len() as u64));

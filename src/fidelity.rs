@@ -33,7 +33,7 @@ impl OracleToken {
     /// From every concept's logit, by id.
     pub fn new(logits: &[f32]) -> Self {
         let mut scored: Vec<Scored> =
-            logits.iter().enumerate().map(|(i, &logit)| Scored { id: ConceptId(i as u32), logit }).collect();
+            logits.iter().enumerate().map(|(i, &logit)| Scored::raw(ConceptId(i as u32), logit)).collect();
         scored.sort_by(rank);
         let mut rank_of = vec![0u32; logits.len()];
         for (r, s) in scored.iter().enumerate() {

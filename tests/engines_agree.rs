@@ -11,6 +11,7 @@ use probe_cascade::config::Config;
 use probe_cascade::engine::{build_engine, prepare_hidden, EngineKind, TokenReport};
 use probe_cascade::kernel::{reference_logit, ProbeRef};
 use probe_cascade::npy::Matrix;
+use probe_cascade::pack::ProbeId;
 use probe_cascade::pack::{ConceptId, Pack};
 use probe_cascade::runtime::Cascade;
 use probe_cascade::synth::{concept_geometry, synth_trace, write_synth_pack, SynthParams, TraceParams};
@@ -94,8 +95,8 @@ fn assert_kernel_bits(pack: &Arc<Pack>, config: &Config, trace: &Matrix, runtime
     for (t, (report, _)) in runtime.iter().enumerate() {
         let x = prepare_hidden(t, trace.row(t), pack.hidden_dim(), normalization).unwrap();
         for e in &report.top {
-            let b = bytes.entry(e.id).or_insert_with(|| pack.read_probe(e.id).unwrap());
-            let ranges = layout.ranges(&pack.tensor_offsets(e.id));
+            let b = bytes.entry(e.id).or_insert_with(|| pack.read_probe(ProbeId::sole(e.id)).unwrap());
+            let ranges = layout.ranges(&pack.tensor_offsets(ProbeId::sole(e.id)));
             let want = reference_logit(&ProbeRef { bytes: b, ranges: &ranges }, layout.dtype, &x);
             assert_eq!(e.logit.to_bits(), want.to_bits(), "token {t} {}: runtime {} vs model {want}", e.name, e.logit);
         }

@@ -43,6 +43,7 @@ fn golden_pack(dir: &std::path::Path) -> Arc<Pack> {
             .iter()
             .map(|&(name, layer, parents, _, _)| ConceptDef { name: name.into(), layer, parents: parents.to_vec() })
             .collect(),
+        lenses: None,
     };
     // Unit 0 of each layer passes relu(h[coord]) straight through; everything else is zero.
     let probe = |coord: usize, bias: f32| {

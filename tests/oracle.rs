@@ -10,6 +10,7 @@ use probe_cascade::engine::oracle::OracleEngine;
 use probe_cascade::engine::{build_engine, EngineKind, TokenReport};
 use probe_cascade::fidelity::{of_reports, oracle_rows};
 use probe_cascade::kernel::{reference_logit, ProbeRef};
+use probe_cascade::pack::ProbeId;
 use probe_cascade::pack::{ConceptId, Pack};
 use probe_cascade::runtime::Cascade;
 use probe_cascade::synth::{concept_geometry, synth_trace, TraceParams};
@@ -49,7 +50,7 @@ async fn the_oracle_is_the_reference_with_every_probe_active() {
     let mut oracle = build_engine(EngineKind::Oracle, pack.clone(), &config).unwrap();
     let mut reference = build_engine(EngineKind::Reference, pack.clone(), &config).unwrap();
     let layout = pack.layout();
-    let bytes: Vec<Vec<u8>> = (0..n).map(|i| pack.read_probe(ConceptId(i as u32)).unwrap()).collect();
+    let bytes: Vec<Vec<u8>> = (0..n).map(|i| pack.read_probe(ProbeId(i as u32)).unwrap()).collect();
     let mut oracle_reports = Vec::new();
     for t in 0..trace.rows {
         let o = oracle.observe(t, trace.row(t)).unwrap();
@@ -73,7 +74,7 @@ async fn the_oracle_is_the_reference_with_every_probe_active() {
         )
         .unwrap();
         for e in o.top.iter().step_by(7) {
-            let ranges = layout.ranges(&pack.tensor_offsets(e.id));
+            let ranges = layout.ranges(&pack.tensor_offsets(ProbeId::sole(e.id)));
             let want = reference_logit(&ProbeRef { bytes: &bytes[e.id.index()], ranges: &ranges }, layout.dtype, &x);
             assert_eq!(e.logit.to_bits(), want.to_bits(), "token {t} {}", e.name);
         }

@@ -7,6 +7,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
 use common::{read_manifest, tiny_pack, tiny_pack_with};
+use probe_cascade::pack::ProbeId;
 use probe_cascade::pack::{ConceptId, DType, Pack, PackError, PackSpec, ProbeWeights};
 use probe_cascade::synth::{synth_hierarchy, synth_probe, SynthParams};
 use serde_json::json;
@@ -41,8 +42,8 @@ fn round_trip_preserves_hierarchy_and_weights() {
             assert!(h.children(ConceptId(p)).contains(&id.0));
         }
         assert_eq!(h.lookup(&def.name, def.layer), Some(id));
-        let bytes = pack.read_probe(id).unwrap();
-        let back = pack.decode_probe(id, &bytes).unwrap();
+        let bytes = pack.read_probe(ProbeId::sole(id)).unwrap();
+        let back = pack.decode_probe(ProbeId::sole(id), &bytes).unwrap();
         let want = synth_probe(params.seed, i as u32, &synth.directions[i], synth.thresholds[i]);
         assert_eq!(back, want, "f32 weights of concept {i} must round-trip exactly");
     }
@@ -64,7 +65,7 @@ fn shards_are_valid_safetensors_with_pytorch_keys() {
     assert_eq!(w1.dtype(), safetensors::Dtype::F32);
     assert_eq!(st.tensor("0/net.6.bias").unwrap().shape(), &[1]);
     // The manifest's byte range for probe 0 is exactly where its tensors sit.
-    let loc = pack.location(ConceptId(0));
+    let loc = pack.location(ProbeId(0));
     let probe = &bytes[loc.offset as usize..(loc.offset + loc.length) as usize];
     let w1_start = probe.len() - pack.layout().byte_len() + pack.layout().byte_ranges()[1].start;
     assert_eq!(&probe[w1_start..w1_start + w1.data().len()], w1.data());
@@ -78,7 +79,7 @@ fn bf16_packs_round_trip_to_rounded_values() {
     let synth = synth_hierarchy(&params);
     let pack = Pack::open(dir.path()).unwrap();
     assert_eq!(pack.layout().byte_len(), pack.layout().numel() * 2);
-    let w = pack.decode_probe(ConceptId(3), &pack.read_probe(ConceptId(3)).unwrap()).unwrap();
+    let w = pack.decode_probe(ProbeId(3), &pack.read_probe(ProbeId(3)).unwrap()).unwrap();
     let want = synth_probe(params.seed, 3, &synth.directions[3], synth.thresholds[3]);
     for (a, b) in w.w1.iter().zip(&want.w1) {
         assert_eq!(*a, half::bf16::from_f32(*b).to_f32());
@@ -153,7 +154,7 @@ fn rejects_a_truncated_shard_naming_the_probe() {
     tiny_pack(dir.path());
     let pack = Pack::open(dir.path()).unwrap();
     let last = ConceptId(pack.len() as u32 - 1);
-    let path = pack.shard_of(last).path.clone();
+    let path = pack.shard_of(ProbeId::sole(last)).path.clone();
     let label = pack.hierarchy().label(last);
     let f = OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(f.metadata().unwrap().len() - 10).unwrap();
@@ -179,8 +180,8 @@ fn a_flipped_byte_fails_the_checksum_and_names_the_probe() {
     tiny_pack(dir.path());
     let pack = Pack::open(dir.path()).unwrap();
     let victim = ConceptId(20);
-    let loc = pack.location(victim);
-    let path = &pack.shard_of(victim).path;
+    let loc = pack.location(ProbeId::sole(victim));
+    let path = &pack.shard_of(ProbeId::sole(victim)).path;
     let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, loc.offset + 100).unwrap();
@@ -189,7 +190,7 @@ fn a_flipped_byte_fails_the_checksum_and_names_the_probe() {
     // Opening reads metadata only, so it succeeds; reading and verifying catch the flip.
     let pack = Pack::open(dir.path()).unwrap();
     let label = pack.hierarchy().label(victim);
-    let e = pack.read_probe(victim).unwrap_err();
+    let e = pack.read_probe(ProbeId::sole(victim)).unwrap_err();
     assert!(matches!(e, PackError::Checksum { .. }), "{e}");
     let defects = pack.verify(|_| {});
     assert_eq!(defects.len(), 1, "{defects:?}");
@@ -206,6 +207,7 @@ fn rejects_non_finite_weights_in_verify() {
         input_normalization: Default::default(),
         probes_per_shard: 8,
         concepts: vec![probe_cascade::pack::ConceptDef { name: "Only".into(), layer: 0, parents: vec![] }],
+        lenses: None,
     };
     let layout = spec.layout();
     let mut w = ProbeWeights {
@@ -314,11 +316,11 @@ fn tensors_within_a_probe_may_come_in_any_order() {
     let pack = Pack::open(dir.path()).unwrap();
     for (i, want) in probes.iter().enumerate() {
         let id = ConceptId(i as u32);
-        let got = pack.decode_probe(id, &pack.read_probe(id).unwrap()).unwrap();
+        let got = pack.decode_probe(ProbeId::sole(id), &pack.read_probe(ProbeId::sole(id)).unwrap()).unwrap();
         assert_eq!(&got, want, "probe {i} decodes from its own tensor order");
     }
-    assert_ne!(pack.tensor_offsets(ConceptId(0)), pack.layout().canonical_offsets());
-    assert_eq!(pack.tensor_offsets(ConceptId(1)), pack.layout().canonical_offsets());
+    assert_ne!(pack.tensor_offsets(ProbeId(0)), pack.layout().canonical_offsets());
+    assert_eq!(pack.tensor_offsets(ProbeId(1)), pack.layout().canonical_offsets());
 }
 
 #[test]

@@ -26,6 +26,7 @@ fn a_100k_concept_pack_opens_within_100_mb() {
         input_normalization: InputNormalization::None,
         probes_per_shard: 256,
         concepts,
+        lenses: None,
     };
     write_sparse_pack(dir.path(), &spec).unwrap();
     drop(spec);

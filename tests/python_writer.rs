@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use probe_cascade::pack::ProbeId;
 use probe_cascade::pack::{ConceptId, Pack};
 
 #[test]
@@ -30,6 +31,6 @@ fn a_pack_written_by_python_opens_and_scores() {
     assert_eq!(h.parents(dog), &[1, 2]);
     assert_eq!(h.children(ConceptId(0)), &[1, 2]);
     assert!(pack.verify(|_| {}).is_empty());
-    let w = pack.decode_probe(dog, &pack.read_probe(dog).unwrap()).unwrap();
+    let w = pack.decode_probe(ProbeId::sole(dog), &pack.read_probe(ProbeId::sole(dog)).unwrap()).unwrap();
     assert!(w.logit(&[0.5; 24]).is_finite());
 }

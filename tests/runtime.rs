@@ -10,6 +10,7 @@ use kameo::prelude::Spawn;
 use probe_cascade::config::{CascadeConfig, Config, CpuKernel, Expansion, Pruning};
 use probe_cascade::engine::{build_engine, EngineKind, TokenReport};
 use probe_cascade::npy::Matrix;
+use probe_cascade::pack::ProbeId;
 use probe_cascade::pack::{ConceptId, Pack};
 use probe_cascade::runtime::cache::{CacheSettings, Get, Stats, WeightCache};
 use probe_cascade::runtime::faults::Faults;
@@ -159,14 +160,14 @@ async fn io_uring_and_thread_readers_give_identical_bytes_and_reports() {
         for _ in 0..pack.len() {
             let c = rx.recv_async().await.unwrap();
             let bytes = c.result.unwrap();
-            pack.check_crc(c.id, &bytes).unwrap();
+            pack.check_crc(ProbeId::sole(c.id), &bytes).unwrap();
             got[c.id.index()] = bytes;
         }
         all.push(got);
     }
     assert_eq!(all[0], all[1]);
     for (i, bytes) in all[0].iter().enumerate() {
-        assert_eq!(bytes, &pack.read_probe(ConceptId(i as u32)).unwrap(), "probe {i}");
+        assert_eq!(bytes, &pack.read_probe(ProbeId(i as u32)).unwrap(), "probe {i}");
     }
     let mut reports = Vec::new();
     for kind in [ReaderKind::IoUring, ReaderKind::Threads] {
@@ -206,11 +207,11 @@ async fn concurrent_misses_on_one_probe_issue_one_read() {
     assert_eq!(stats.reads, 2, "one read for probe 7, one for probe 8: {stats:?}");
     assert_eq!(stats.merged + stats.hits, 2, "{stats:?}");
     assert!(stats.merged >= 1, "the repeat inside one request joins the read: {stats:?}");
-    let want = pack.read_probe(id).unwrap();
+    let want = pack.read_probe(ProbeId::sole(id)).unwrap();
     for got in [&a[0], &b[0], &b[1]] {
         assert_eq!(&got.as_ref().unwrap()[..], &want[..]);
     }
-    assert_eq!(&c[0].as_ref().unwrap()[..], &pack.read_probe(ConceptId(8)).unwrap()[..]);
+    assert_eq!(&c[0].as_ref().unwrap()[..], &pack.read_probe(ProbeId(8)).unwrap()[..]);
     // Now cached: a hit, no read.
     let hits = stats.hits;
     cache.ask(Get(vec![id])).await.unwrap();
@@ -266,8 +267,8 @@ async fn a_corrupt_probe_fails_its_token_and_the_rest_keep_working() {
     }
     let victim = victim.expect("the trace activates some layer-1 probe");
     let label = clean.hierarchy().label(victim);
-    let loc = clean.location(victim);
-    let path = clean.shard_of(victim).path.clone();
+    let loc = clean.location(ProbeId::sole(victim));
+    let path = clean.shard_of(ProbeId::sole(victim)).path.clone();
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[loc.offset as usize + 10] ^= 0x55;
     std::fs::write(&path, bytes).unwrap();

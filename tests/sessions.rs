@@ -13,6 +13,7 @@ use probe_cascade::config::{Config, Mode};
 use probe_cascade::engine::{prepare_hidden, TokenReport};
 use probe_cascade::kernel::{reference_logit, ProbeRef};
 use probe_cascade::npy::Matrix;
+use probe_cascade::pack::ProbeId;
 use probe_cascade::pack::{ConceptId, Pack};
 use probe_cascade::runtime::{Cascade, Runtime, RuntimeError, SessionOptions};
 use rand::{Rng, SeedableRng};
@@ -227,8 +228,8 @@ async fn no_hidden_state_is_scored_into_another_sessions_report() {
             for (t, (hidden, report)) in task.await.unwrap().into_iter().enumerate() {
                 let x = prepare_hidden(t, &hidden, f.pack.hidden_dim(), normalization).unwrap();
                 for e in &report.top {
-                    let bytes = f.pack.read_probe(e.id).unwrap();
-                    let ranges = layout.ranges(&f.pack.tensor_offsets(e.id));
+                    let bytes = f.pack.read_probe(ProbeId::sole(e.id)).unwrap();
+                    let ranges = layout.ranges(&f.pack.tensor_offsets(ProbeId::sole(e.id)));
                     let want = reference_logit(&ProbeRef { bytes: &bytes, ranges: &ranges }, layout.dtype, &x);
                     assert_eq!(e.logit.to_bits(), want.to_bits(), "{mode:?}: session {i} token {t} {}", e.name);
                     checked += 1;

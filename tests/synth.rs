@@ -3,6 +3,7 @@
 mod common;
 
 use probe_cascade::npy;
+use probe_cascade::pack::ProbeId;
 use probe_cascade::pack::{ConceptId, Pack};
 use probe_cascade::synth::{concept_geometry, synth_trace, write_synth_pack, SynthParams, TraceParams};
 
@@ -60,7 +61,10 @@ fn children_fire_with_their_parents() {
     let pack = Pack::open(dir.path()).unwrap();
     let geometry = concept_geometry(&pack, |_| {}).unwrap();
     let h = pack.hierarchy();
-    let weights: Vec<_> = h.ids().map(|id| pack.decode_probe(id, &pack.read_probe(id).unwrap()).unwrap()).collect();
+    let weights: Vec<_> = h
+        .ids()
+        .map(|id| pack.decode_probe(ProbeId::sole(id), &pack.read_probe(ProbeId::sole(id)).unwrap()).unwrap())
+        .collect();
     let (mut parent_fires, mut pairs, mut child_quiet, mut quiet_pairs) = (0, 0, 0, 0);
     for child in h.ids() {
         let g = &geometry[child.index()];

@@ -66,7 +66,7 @@ pub fn tiny_pack(dir: &Path) {
 fn open_and_read(dir: &Path) {
     if let Ok(pack) = probe_cascade::pack::Pack::open(dir) {
         for id in pack.hierarchy().ids() {
-            let _ = pack.read_probe(id);
+            let _ = pack.read_probe(probe_cascade::pack::ProbeId::sole(id));
         }
     }
 }

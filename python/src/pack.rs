@@ -185,6 +185,7 @@ pub fn write(
         input_normalization: norm,
         probes_per_shard: probes_per_shard.max(1),
         concepts: concepts.into_iter().map(|(name, layer, parents)| ConceptDef { name, layer, parents }).collect(),
+        lenses: None,
     };
     let slice = |v: &Vec<f32>, per: usize, i: usize| v[i * per..(i + 1) * per].to_vec();
     py.detach(|| {

@@ -335,9 +335,11 @@ impl State {
             }
         };
         // Profiles must name the pack's concepts before the file replaces the running one.
-        if let Err(e) =
-            probe_cascade::policy::Watch::compile(self.runtime.pack().hierarchy(), &new.config.cascade.watch)
-        {
+        if let Err(e) = probe_cascade::policy::Watch::compile(
+            self.runtime.pack().hierarchy(),
+            &new.config.cascade.watch,
+            probe_cascade::policy::default_alert_threshold(self.runtime.pack()),
+        ) {
             let message = format!("{}: {e}", path.display());
             tracing::error!("config reload: {message}; keeping the running config");
             return ReloadOutcome::Invalid { message };

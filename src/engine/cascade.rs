@@ -8,14 +8,14 @@ use tracing::debug_span;
 
 use super::{BackendError, Engine, EngineError, HiddenValues, ProbeBackend, ReportEntry, StageTimings, TokenReport};
 use crate::config::{CascadeConfig, Normalization};
-use crate::pack::{ConceptId, Pack};
-use crate::policy::{self, ConceptSet, Scored, TokenCascade, Watch};
+use crate::pack::{ConceptId, Pack, ProbeId};
+use crate::policy::{self, lens::score_lens, ConceptSet, Scored, TokenCascade, Watch};
 use crate::types::Alert;
 use crate::types::HiddenError;
 
 pub struct CascadeEngine<B> {
     pack: Arc<Pack>,
-    config: CascadeConfig,
+    config: Arc<CascadeConfig>,
     watch: Watch,
     normalization: Normalization,
     backend: B,
@@ -26,53 +26,84 @@ pub struct CascadeEngine<B> {
 impl<B: ProbeBackend> CascadeEngine<B> {
     pub fn new(pack: Arc<Pack>, config: &CascadeConfig, mut backend: B) -> Result<Self, EngineError> {
         let base = policy::base_set(pack.hierarchy(), config)?;
-        let watch = Watch::compile(pack.hierarchy(), &config.watch)?;
-        let ids: Vec<ConceptId> = base.iter().collect();
-        backend.load(&ids).map_err(EngineError::BaseLoad)?;
+        let watch = Watch::compile(pack.hierarchy(), &config.watch, policy::default_alert_threshold(&pack))?;
+        let probes: Vec<ProbeId> = base.iter().flat_map(|c| pack.probes_of(c)).collect();
+        backend.load(&probes).map_err(EngineError::BaseLoad)?;
         let normalization = config.normalization_for(pack.input_normalization());
-        Ok(Self { config: config.clone(), watch, normalization, backend, active: base.clone(), base, pack })
+        Ok(Self { config: Arc::new(config.clone()), watch, normalization, backend, active: base.clone(), base, pack })
     }
 
-    fn prepare_hidden(&self, token: usize, hidden: &[f32]) -> Result<Vec<f32>, EngineError> {
-        prepare_hidden(token, hidden, self.pack.hidden_dim(), self.normalization)
+    /// The probes of `concepts`, in order.
+    fn probes(&self, concepts: &[ConceptId]) -> Vec<ProbeId> {
+        concepts.iter().flat_map(|&c| self.pack.probes_of(c)).collect()
+    }
+
+    /// Scores lenses: each probe against the hidden state of its model layer (one backend call
+    /// per model layer), then each lens from its probes ([`score_lens`]).
+    fn score(&mut self, concepts: &[ConceptId], states: &[Vec<f32>]) -> Result<Vec<Scored>, BackendError> {
+        let probes = self.probes(concepts);
+        let mut logits = vec![0f32; probes.len()];
+        for (state, h) in states.iter().enumerate() {
+            let (at, ids): (Vec<usize>, Vec<ProbeId>) = probes
+                .iter()
+                .enumerate()
+                .filter(|(_, &p)| self.pack.probe(p).state as usize == state)
+                .map(|(i, &p)| (i, p))
+                .unzip();
+            if ids.is_empty() {
+                continue;
+            }
+            for (i, l) in at.into_iter().zip(self.backend.score(&ids, h)?) {
+                logits[i] = l;
+            }
+        }
+        let mut at = 0;
+        Ok(concepts
+            .iter()
+            .map(|&c| {
+                let n = self.pack.probes_of(c).len();
+                at += n;
+                score_lens(&self.pack, c, &logits[at - n..at])
+            })
+            .collect())
     }
 
     fn run_token(
         &mut self,
-        h: &[f32],
+        h: &[Vec<f32>],
         loaded: &mut Vec<ConceptId>,
         stages: &mut StageTimings,
     ) -> Result<TokenOutcome, BackendError> {
         let t = Instant::now();
         let initial: Vec<ConceptId> = self.active.iter().collect();
-        let logits = self.backend.score(&initial, h)?;
-        let initial = initial.iter().zip(logits).map(|(&id, logit)| Scored { id, logit }).collect();
+        let initial = self.score(&initial, h)?;
         stages.initial_scoring += t.elapsed();
 
-        let hierarchy = self.pack.hierarchy();
-        let mut token = TokenCascade::new(hierarchy, &self.config, initial);
+        let pack = self.pack.clone();
+        let config = self.config.clone();
+        let hierarchy = pack.hierarchy();
+        let mut token = TokenCascade::new(hierarchy, &config, initial);
         loop {
             let t = Instant::now();
             let next = token.next_expansion(&self.active);
             stages.expansion_lookup += t.elapsed();
             let Some(ids) = next else { break };
             let t = Instant::now();
-            self.backend.load(&ids)?;
+            self.backend.load(&self.probes(&ids))?;
             for &id in &ids {
                 self.active.insert(id);
                 loaded.push(id);
             }
             stages.loading += t.elapsed();
             let t = Instant::now();
-            let logits = self.backend.score(&ids, h)?;
-            token.add_scores(&ids, &logits);
+            token.add_scores(&self.score(&ids, h)?);
             stages.new_scoring += t.elapsed();
         }
 
         let t = Instant::now();
         debug_assert_eq!(token.scored().len(), self.active.len());
         let dropped = token.prune(|id| self.base.contains(id));
-        self.backend.unload(&dropped);
+        self.backend.unload(&self.probes(&dropped));
         dropped.iter().for_each(|&id| {
             self.active.remove(id);
         });
@@ -100,7 +131,7 @@ pub fn report_entries(hierarchy: &crate::pack::Hierarchy, top: &[Scored]) -> Vec
             id: s.id,
             name: hierarchy.name(s.id).to_string(),
             layer: hierarchy.layer(s.id),
-            prob: s.prob(),
+            prob: s.prob,
             logit: s.logit,
         })
         .collect()
@@ -121,7 +152,7 @@ pub fn alert_entries(hierarchy: &crate::pack::Hierarchy, watch: &Watch, scored: 
             concept: hierarchy.name(a.scored.id).to_string(),
             layer: hierarchy.layer(a.scored.id),
             watched: hierarchy.name(a.watched).to_string(),
-            score: a.scored.prob(),
+            score: a.scored.prob,
             logit: a.scored.logit,
         })
         .collect()
@@ -142,10 +173,10 @@ impl<B: ProbeBackend> Engine for CascadeEngine<B> {
         self.backend.name()
     }
 
-    fn observe(&mut self, token: usize, hidden: &[f32]) -> Result<TokenReport, EngineError> {
+    fn observe_states(&mut self, token: usize, states: &[&[f32]]) -> Result<TokenReport, EngineError> {
         let _span = debug_span!("token", index = token, engine = self.backend.name()).entered();
         let start = Instant::now();
-        let h = self.prepare_hidden(token, hidden)?;
+        let h = prepare_states(token, states, &self.pack, self.normalization)?;
         let mut loaded = Vec::new();
         let mut stages = StageTimings::default();
         match self.run_token(&h, &mut loaded, &mut stages) {
@@ -168,7 +199,7 @@ impl<B: ProbeBackend> Engine for CascadeEngine<B> {
             }),
             Err(source) => {
                 // Leave the active set as it was before the token, so the next one starts clean.
-                self.backend.unload(&loaded);
+                self.backend.unload(&self.probes(&loaded));
                 loaded.iter().for_each(|&id| {
                     self.active.remove(id);
                 });
@@ -190,6 +221,21 @@ pub fn prepare_hidden<'a>(
     normalization: Normalization,
 ) -> Result<Vec<f32>, EngineError> {
     check_hidden(hidden, expected, normalization).map_err(|source| EngineError::Hidden { token, source })
+}
+
+/// Step 0 for an observation of one hidden state per model layer of `pack`: their number
+/// first (an error naming the layers the pack reads), then each as [`prepare_hidden`].
+pub fn prepare_states(
+    token: usize,
+    states: &[&[f32]],
+    pack: &Pack,
+    normalization: Normalization,
+) -> Result<Vec<Vec<f32>>, EngineError> {
+    if states.len() != pack.hidden_states() {
+        let source = HiddenError::States { got: states.len(), layers: pack.model_layers().to_vec() };
+        return Err(EngineError::Hidden { token, source });
+    }
+    states.iter().map(|h| prepare_hidden(token, *h, pack.hidden_dim(), normalization)).collect()
 }
 
 /// Rejects a hidden state of the wrong width or with NaN/infinity, then normalizes it into a

@@ -12,22 +12,22 @@ use std::sync::Arc;
 
 pub use crate::types::{hidden, Alert, Hidden, HiddenSource, HiddenValues, ReportEntry, StageTimings, TokenReport};
 pub use cascade::{
-    alert_entries, check_hidden, layer_norm, layer_norm_f64, prepare_hidden, report_entries, CascadeEngine,
-    LAYER_NORM_EPS,
+    alert_entries, check_hidden, layer_norm, layer_norm_f64, prepare_hidden, prepare_states, report_entries,
+    CascadeEngine, LAYER_NORM_EPS,
 };
 
 use crate::config::Config;
-use crate::pack::{ConceptId, Pack, PackError};
+use crate::pack::{ConceptId, Pack, PackError, ProbeId};
 
 /// Loads and scores probes for the cascade driver.
 pub trait ProbeBackend {
     fn name(&self) -> &'static str;
     /// Makes inactive probes ready to score.
-    fn load(&mut self, ids: &[ConceptId]) -> Result<(), BackendError>;
+    fn load(&mut self, ids: &[ProbeId]) -> Result<(), BackendError>;
     /// Releases deactivated probes.
-    fn unload(&mut self, ids: &[ConceptId]);
-    /// Logits of loaded probes on an already normalized hidden state.
-    fn score(&mut self, ids: &[ConceptId], hidden: &[f32]) -> Result<Vec<f32>, BackendError>;
+    fn unload(&mut self, ids: &[ProbeId]);
+    /// Logits of loaded probes on an already normalized hidden state (the one they all read).
+    fn score(&mut self, ids: &[ProbeId], hidden: &[f32]) -> Result<Vec<f32>, BackendError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +37,7 @@ pub enum BackendError {
     #[error("tensor math failed: {0}")]
     Tch(#[from] tch::TchError),
     #[error("probe {0:?} was scored before it was loaded")]
-    NotLoaded(ConceptId),
+    NotLoaded(ProbeId),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +92,13 @@ impl EngineError {
 /// A cascade engine: one hidden state in, one report out.
 pub trait Engine {
     fn name(&self) -> &'static str;
-    fn observe(&mut self, token: usize, hidden: &[f32]) -> Result<TokenReport, EngineError>;
+    /// One token from one hidden state per model layer the pack reads, in
+    /// [`Pack::model_layers`] order (one state for a pack that names no model layer).
+    fn observe_states(&mut self, token: usize, states: &[&[f32]]) -> Result<TokenReport, EngineError>;
+    /// One token from one hidden state, on a pack whose probes read one model layer.
+    fn observe(&mut self, token: usize, hidden: &[f32]) -> Result<TokenReport, EngineError> {
+        self.observe_states(token, &[hidden])
+    }
     /// Active probes, ascending.
     fn active(&self) -> Vec<ConceptId>;
     /// Weight bytes copied into scoring buffers so far, where the engine counts them.

@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::tensors::{hidden_column, HeldProbes};
 use super::{BackendError, ProbeBackend};
-use crate::pack::{ConceptId, Pack};
+use crate::pack::{Pack, ProbeId};
 
 pub struct NaiveBackend(HeldProbes);
 
@@ -26,7 +26,7 @@ impl ProbeBackend for NaiveBackend {
         "naive"
     }
 
-    fn load(&mut self, ids: &[ConceptId]) -> Result<(), BackendError> {
+    fn load(&mut self, ids: &[ProbeId]) -> Result<(), BackendError> {
         let (device, compute) = (self.0.device, self.0.compute);
         for &id in ids {
             // torch.load: a fresh open and read, tensors built on the host.
@@ -39,11 +39,11 @@ impl ProbeBackend for NaiveBackend {
         Ok(())
     }
 
-    fn unload(&mut self, ids: &[ConceptId]) {
+    fn unload(&mut self, ids: &[ProbeId]) {
         self.0.remove(ids);
     }
 
-    fn score(&mut self, ids: &[ConceptId], hidden: &[f32]) -> Result<Vec<f32>, BackendError> {
+    fn score(&mut self, ids: &[ProbeId], hidden: &[f32]) -> Result<Vec<f32>, BackendError> {
         let x = hidden_column(hidden, self.0.device, self.0.compute)?;
         let mut logits = Vec::with_capacity(ids.len());
         for id in ids {

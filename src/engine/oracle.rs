@@ -13,7 +13,8 @@ use std::time::Instant;
 use super::{alert_entries, prepare_hidden, report_entries, Engine, EngineError, StageTimings, TokenReport};
 use crate::config::{Config, Normalization};
 use crate::kernel::{Isa, Kernel, ProbeRef, MAX_BATCH};
-use crate::pack::{ConceptId, Pack};
+use crate::pack::{ConceptId, Pack, ProbeId};
+use crate::policy::lens::score_lens;
 use crate::policy::{rank, Scored, Watch};
 
 pub struct OracleEngine {
@@ -38,17 +39,28 @@ impl OracleEngine {
         let layout = pack.layout();
         let kernel = Kernel::new(&layout, isa, threads)
             .map_err(|e| EngineError::Setup(format!("device.cpu_kernel = \"{}\": {e}", config.device.cpu_kernel)))?;
+        if !pack.one_probe_per_concept() || pack.hidden_states() > 1 {
+            return Err(EngineError::Setup(format!(
+                "{}: the oracle scores lenses of one probe at one model layer so far; this pack has {} probes for \
+                 {} lenses over model layers {:?} (use the reference engine)",
+                pack.dir().display(),
+                pack.probe_count(),
+                pack.len(),
+                pack.model_layers()
+            )));
+        }
         let mut probes = Vec::with_capacity(pack.len());
         let mut ranges = Vec::with_capacity(pack.len());
         for i in 0..pack.len() {
-            let id = ConceptId(i as u32);
+            let id = ProbeId(i as u32);
             probes.push(
                 pack.read_probe(id).map_err(|e| EngineError::Setup(format!("the oracle reads every probe: {e}")))?,
             );
             ranges.push(layout.ranges(&pack.tensor_offsets(id)));
         }
         let normalization = config.cascade.normalization_for(pack.input_normalization());
-        let watch = Watch::compile(pack.hierarchy(), &config.cascade.watch)?;
+        let watch =
+            Watch::compile(pack.hierarchy(), &config.cascade.watch, crate::policy::default_alert_threshold(&pack))?;
         let report_top_k = config.cascade.report_top_k;
         Ok(Self { pack, kernel, isa, normalization, report_top_k, watch, probes, ranges })
     }
@@ -95,13 +107,19 @@ impl Engine for OracleEngine {
         "oracle"
     }
 
-    fn observe(&mut self, token: usize, hidden: &[f32]) -> Result<TokenReport, EngineError> {
+    fn observe_states(&mut self, token: usize, states: &[&[f32]]) -> Result<TokenReport, EngineError> {
+        // The oracle starts only on packs that read one model layer.
+        let [hidden] = states else {
+            let source = crate::types::HiddenError::States { got: states.len(), layers: Vec::new() };
+            return Err(EngineError::Hidden { token, source });
+        };
         let start = Instant::now();
         let logits = self.score_all(token, &[hidden])?.pop().unwrap_or_default();
         let scoring = start.elapsed();
         let t = Instant::now();
+        let pack = &self.pack;
         let mut scored: Vec<Scored> =
-            logits.iter().enumerate().map(|(i, &logit)| Scored { id: ConceptId(i as u32), logit }).collect();
+            logits.iter().enumerate().map(|(i, &logit)| score_lens(pack, ConceptId(i as u32), &[logit])).collect();
         let alerts = alert_entries(self.pack.hierarchy(), &self.watch, &scored);
         scored.sort_by(rank);
         scored.truncate(self.report_top_k);

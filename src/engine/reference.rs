@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::tensors::{batched_logits, hidden_column, to_host_f32, HeldProbes, ProbeTensors, RowSplit};
 use super::{BackendError, ProbeBackend};
-use crate::pack::{ConceptId, Pack};
+use crate::pack::{Pack, ProbeId};
 
 pub struct ReferenceBackend(HeldProbes);
 
@@ -23,7 +23,7 @@ impl ProbeBackend for ReferenceBackend {
         "reference"
     }
 
-    fn load(&mut self, ids: &[ConceptId]) -> Result<(), BackendError> {
+    fn load(&mut self, ids: &[ProbeId]) -> Result<(), BackendError> {
         for &id in ids {
             let probe = self.0.read(id, self.0.device, self.0.compute)?;
             self.0.insert(id, probe);
@@ -31,11 +31,11 @@ impl ProbeBackend for ReferenceBackend {
         Ok(())
     }
 
-    fn unload(&mut self, ids: &[ConceptId]) {
+    fn unload(&mut self, ids: &[ProbeId]) {
         self.0.remove(ids);
     }
 
-    fn score(&mut self, ids: &[ConceptId], hidden: &[f32]) -> Result<Vec<f32>, BackendError> {
+    fn score(&mut self, ids: &[ProbeId], hidden: &[f32]) -> Result<Vec<f32>, BackendError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }

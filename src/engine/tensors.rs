@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{BackendError, EngineError};
 use crate::config::{DeviceConfig, DeviceKind};
-use crate::pack::{ConceptId, DType, Pack, ProbeLayout, TensorOffsets};
+use crate::pack::{DType, Pack, ProbeId, ProbeLayout, TensorOffsets};
 
 pub fn kind_of(dtype: DType) -> Kind {
     match dtype {
@@ -95,7 +95,7 @@ pub struct HeldProbes {
     pub pack: Arc<Pack>,
     pub device: Device,
     pub compute: Kind,
-    probes: HashMap<ConceptId, ProbeTensors>,
+    probes: HashMap<ProbeId, ProbeTensors>,
 }
 
 impl HeldProbes {
@@ -104,22 +104,22 @@ impl HeldProbes {
     }
 
     /// Reads a probe from the pack (a fresh open and read, CRC checked) into new tensors.
-    pub fn read(&self, id: ConceptId, device: Device, kind: Kind) -> Result<ProbeTensors, BackendError> {
+    pub fn read(&self, id: ProbeId, device: Device, kind: Kind) -> Result<ProbeTensors, BackendError> {
         let bytes = self.pack.read_probe(id)?;
         Ok(ProbeTensors::from_bytes(&self.pack.layout(), &self.pack.tensor_offsets(id), &bytes, device, kind)?)
     }
 
-    pub fn insert(&mut self, id: ConceptId, probe: ProbeTensors) {
+    pub fn insert(&mut self, id: ProbeId, probe: ProbeTensors) {
         self.probes.insert(id, probe);
     }
 
-    pub fn remove(&mut self, ids: &[ConceptId]) {
+    pub fn remove(&mut self, ids: &[ProbeId]) {
         for id in ids {
             self.probes.remove(id);
         }
     }
 
-    pub fn get(&self, id: ConceptId) -> Result<&ProbeTensors, BackendError> {
+    pub fn get(&self, id: ProbeId) -> Result<&ProbeTensors, BackendError> {
         self.probes.get(&id).ok_or(BackendError::NotLoaded(id))
     }
 }

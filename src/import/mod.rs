@@ -6,6 +6,7 @@
 //! streams them into the pack. Only one probe is in memory at a time.
 
 pub mod hatcat;
+pub mod headspace;
 pub mod pickle;
 pub mod stored_zip;
 pub mod torch_file;
@@ -40,6 +41,9 @@ pub enum ImportError {
     Nothing(String),
     #[error("{0}: already holds a pack; import into a new directory")]
     OutputExists(PathBuf),
+    /// A bad `probe_calibration.json` or `pack_info.json` of a headspace pack.
+    #[error("{path}: {reason}")]
+    Metadata { path: PathBuf, reason: String },
     #[error(transparent)]
     Pack(#[from] PackError),
 }
@@ -166,7 +170,7 @@ pub fn import_hatcat(
                     ));
                 }
             }
-            let err = check_logits(&p, options.dtype, &check_inputs(p.hidden_dim))?;
+            let err = check_logits(&p, options.dtype, &check_inputs(p.hidden_dim), false)?;
             if err > tol {
                 return Err(format!(
                     "imported logits differ from the original by {err:.2e} of the logit's scale (tolerance {tol:.0e})"
@@ -275,6 +279,7 @@ pub fn import_hatcat(
         input_normalization: summary.input_normalization,
         probes_per_shard: options.probes_per_shard,
         concepts: defs,
+        lenses: None,
     };
     // write_pack's source is infallible; a file that changed since pass 1 stops the write
     // through an io error, and the real reason is returned instead.
@@ -306,7 +311,7 @@ pub fn import_hatcat(
     Ok(summary)
 }
 
-fn read_probe(path: &Path) -> Result<TrainedProbe, String> {
+pub(crate) fn read_probe(path: &Path) -> Result<TrainedProbe, String> {
     let tensors = torch_file::read_state_dict(path).map_err(|e| strip_path(&e.to_string(), path))?;
     trained_probe(tensors)
 }
@@ -326,13 +331,13 @@ struct Checked {
 
 /// Filler for a probe that failed in pass 2: the write finishes, then its manifest is removed,
 /// so the directory never opens as a pack.
-fn zero_weights(layout: &ProbeLayout) -> ProbeWeights {
+pub(crate) fn zero_weights(layout: &ProbeLayout) -> ProbeWeights {
     let [b1, w1, b2, w2, b3, w3] = layout.tensors().map(|t| vec![0f32; t.numel()]);
     ProbeWeights { w1, b1, w2, b2, w3, b3 }
 }
 
 /// The check's inputs: fixed N(0, 2²) vectors of width `d`.
-fn check_inputs(d: usize) -> Vec<Vec<f32>> {
+pub(crate) fn check_inputs(d: usize) -> Vec<Vec<f32>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x1e5);
     (0..CHECK_INPUTS)
         .map(|_| (0..d).map(|_| 2.0 * Distribution::<f32>::sample(&StandardNormal, &mut rng)).collect())
@@ -341,7 +346,14 @@ fn check_inputs(d: usize) -> Vec<Vec<f32>> {
 
 /// Scores the original and the imported probe (as stored, in `dtype`, behind the pack's
 /// normalization) on `inputs`; returns the worst difference as a share of the logit's scale.
-fn check_logits(probe: &TrainedProbe, dtype: DType, inputs: &[Vec<f32>]) -> Result<f64, String> {
+/// `pre_norm`: the runtime that trained it layer-normalizes every hidden state before any probe
+/// (headspace), so the original sees `LayerNorm(x)` and the pack normalizes whatever the probe.
+pub(crate) fn check_logits(
+    probe: &TrainedProbe,
+    dtype: DType,
+    inputs: &[Vec<f32>],
+    pre_norm: bool,
+) -> Result<f64, String> {
     let layout = ProbeLayout::new(probe.hidden_dim, dtype);
     let mut bytes = Vec::new();
     probe.folded().encode_into(&layout, &mut bytes);
@@ -351,9 +363,13 @@ fn check_logits(probe: &TrainedProbe, dtype: DType, inputs: &[Vec<f32>]) -> Resu
     }
     let mut worst = 0f64;
     for x in inputs {
-        let (want, scale) = probe.logit(x);
-        let input: Vec<f64> =
-            if probe.layer_norm.is_some() { layer_norm_f64(x) } else { x.iter().map(|&v| v as f64).collect() };
+        let seen: Vec<f32> = if pre_norm { crate::engine::layer_norm(x) } else { x.clone() };
+        let (want, scale) = probe.logit(&seen);
+        let input: Vec<f64> = if probe.layer_norm.is_some() || pre_norm {
+            layer_norm_f64(x)
+        } else {
+            x.iter().map(|&v| v as f64).collect()
+        };
         let (got, _) = stored.logit_f64(&input);
         worst = worst.max((want - got).abs() / scale.max(f64::MIN_POSITIVE));
     }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::error::PackError;
-use super::manifest::{ConceptEntry, WeightsRef};
+use super::manifest::ConceptEntry;
 use super::writer::ConceptDef;
 
 /// Dense concept index: `ConceptId(i)` is the i-th concept of the manifest.
@@ -132,8 +132,9 @@ impl Hierarchy {
                 layer: d.layer,
                 parents: d.parents.clone(),
                 children,
-                weights: WeightsRef { shard: 0, offset: 0, length: 0 },
-                crc32: 0,
+                weights: None,
+                crc32: None,
+                probes: None,
             })
             .collect();
         Self::build(&entries, Path::new("<in memory>"))

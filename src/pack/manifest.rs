@@ -1,4 +1,8 @@
-//! The on-disk manifest (`manifest.json`) of pack format v1. See docs/pack-format.md.
+//! The on-disk manifest (`manifest.json`) of pack formats v1 and v2. See docs/pack-format.md.
+//!
+//! v2 differs from v1 in one place: a concept (a *lens*) lists its probes, each reading one
+//! model layer's hidden state and optionally carrying calibration quantiles, where v1 gives
+//! every concept exactly one probe (`weights` and `crc32` on the concept itself).
 
 use serde::{Deserialize, Serialize};
 
@@ -6,7 +10,11 @@ use super::layout::DType;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const FORMAT_NAME: &str = "probe-cascade-pack";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest version this build writes and reads; v1 is read too.
+pub const FORMAT_VERSION: u32 = 2;
+/// The one lens-score rule of v2: the max of calibrated probe scores when every probe of the
+/// lens has quantiles, else the mean of raw probabilities (docs/cascade-semantics.md).
+pub const LENS_SCORE_RULE: &str = "calibrated_max_else_raw_mean";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,6 +27,12 @@ pub struct Manifest {
     /// Normalization the probes expect on their input (`none` or `layer_norm`).
     #[serde(default)]
     pub input_normalization: InputNormalization,
+    /// v2: the model layers whose hidden states the probes read, ascending, distinct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_layers: Option<Vec<u32>>,
+    /// v2: how a lens combines its probes' scores ([`LENS_SCORE_RULE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lens_score: Option<String>,
     /// Weight files, relative to the pack directory. Concepts refer to them by index.
     pub shards: Vec<String>,
     pub concepts: Vec<ConceptEntry>,
@@ -62,9 +76,33 @@ pub struct ConceptEntry {
     pub layer: u16,
     pub parents: Vec<u32>,
     pub children: Vec<u32>,
+    /// v1: the concept's one probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<WeightsRef>,
+    /// v1: zlib CRC-32 of the probe's bytes `[offset, offset + length)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<u32>,
+    /// v2: the lens's probes, at most one per model layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<Vec<ProbeEntry>>,
+}
+
+/// One probe of a v2 lens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeEntry {
+    /// The probe's key in the shards (`"{id}/net.0.weight"`): probes are numbered densely in
+    /// concept order, then in the order each concept lists them.
+    pub id: u32,
+    /// The model layer whose hidden state it reads; one of the pack's `model_layers`.
+    pub model_layer: u32,
     pub weights: WeightsRef,
     /// zlib CRC-32 of the probe's bytes `[offset, offset + length)`.
     pub crc32: u32,
+    /// The probe's probabilities on background text at evenly spaced levels 0..=1 (at least
+    /// two values, non-decreasing): what calibrates its score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantiles: Option<Vec<f64>>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

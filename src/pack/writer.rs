@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use super::error::PackError;
 use super::layout::{DType, ProbeLayout, ProbeWeights};
 use super::manifest::{
-    Architecture, ConceptEntry, InputNormalization, Manifest, WeightsRef, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
+    Architecture, ConceptEntry, InputNormalization, Manifest, ProbeEntry, WeightsRef, FORMAT_NAME, LENS_SCORE_RULE,
+    MANIFEST_FILE,
 };
 use super::shard::write_header;
 
@@ -27,16 +28,46 @@ pub struct PackSpec {
     /// Probes per shard file. Each shard is one safetensors file; see docs/pack-format.md.
     pub probes_per_shard: usize,
     pub concepts: Vec<ConceptDef>,
+    /// `None`: a v1 pack, one probe per concept. `Some`: a v2 pack of lenses.
+    pub lenses: Option<LensSpec>,
+}
+
+/// The lenses of a v2 pack: each concept's probes.
+#[derive(Debug, Clone)]
+pub struct LensSpec {
+    /// Ascending, distinct.
+    pub model_layers: Vec<u32>,
+    /// `probes[c]` are concept c's probes, in the order the manifest lists them.
+    pub probes: Vec<Vec<ProbeDef>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeDef {
+    pub model_layer: u32,
+    pub quantiles: Option<Vec<f64>>,
 }
 
 impl PackSpec {
     pub fn layout(&self) -> ProbeLayout {
         ProbeLayout::new(self.hidden_dim, self.dtype)
     }
+
+    /// Probes in id order, each with its concept and its definition (`None` in v1).
+    fn probes(&self) -> Vec<(u32, Option<&ProbeDef>)> {
+        match &self.lenses {
+            None => (0..self.concepts.len() as u32).map(|c| (c, None)).collect(),
+            Some(l) => l
+                .probes
+                .iter()
+                .enumerate()
+                .flat_map(|(c, list)| list.iter().map(move |p| (c as u32, Some(p))))
+                .collect(),
+        }
+    }
 }
 
-/// Writes a pack into `dir` (created if missing). `weights(id)` is called once per concept, in
-/// id order; `progress(done)` after each probe.
+/// Writes a pack into `dir` (created if missing). `weights(id)` is called once per probe, in
+/// probe id order (in v1, concept order); `progress(done)` after each probe.
 pub fn write_pack(
     dir: &Path,
     spec: &PackSpec,
@@ -73,6 +104,12 @@ fn write_pack_with(
     fs::create_dir_all(dir).map_err(|e| PackError::io(dir, e))?;
     let layout = spec.layout();
     let n = spec.concepts.len();
+    if let Some(l) = &spec.lenses {
+        if l.probes.len() != n {
+            let reason = format!("{} concepts but probes for {}", n, l.probes.len());
+            return Err(PackError::Unsupported { path: dir.into(), reason });
+        }
+    }
     let mut children: Vec<Vec<u32>> = vec![Vec::new(); n];
     for (i, c) in spec.concepts.iter().enumerate() {
         for &p in &c.parents {
@@ -81,12 +118,31 @@ fn write_pack_with(
             }
         }
     }
+    let mut concepts: Vec<ConceptEntry> = spec
+        .concepts
+        .iter()
+        .enumerate()
+        .map(|(i, def)| {
+            let mut parents = def.parents.clone();
+            parents.sort_unstable();
+            ConceptEntry {
+                id: i as u32,
+                name: def.name.clone(),
+                layer: def.layer,
+                parents,
+                children: std::mem::take(&mut children[i]),
+                weights: None,
+                crc32: None,
+                probes: spec.lenses.as_ref().map(|_| Vec::new()),
+            }
+        })
+        .collect();
+    let probes = spec.probes();
     let per_shard = spec.probes_per_shard.max(1);
     let mut shards = Vec::new();
-    let mut concepts = Vec::with_capacity(n);
     let mut bytes = Vec::with_capacity(layout.byte_len());
-    for (shard_index, first) in (0..n).step_by(per_shard).enumerate() {
-        let ids: Vec<u32> = (first as u32..(first + per_shard).min(n) as u32).collect();
+    for (shard_index, first) in (0..probes.len()).step_by(per_shard).enumerate() {
+        let ids: Vec<u32> = (first as u32..(first + per_shard).min(probes.len()) as u32).collect();
         let file_name = format!("weights-{shard_index:05}.safetensors");
         let path: PathBuf = dir.join(&file_name);
         let io = |e| PackError::io(&path, e);
@@ -94,29 +150,35 @@ fn write_pack_with(
         let offsets = write_header(&mut out, &layout, &ids).map_err(io)?;
         for (&id, &offset) in ids.iter().zip(&offsets) {
             let crc32 = write_probe(id, &mut out, &mut bytes).map_err(io)?;
-            let def = &spec.concepts[id as usize];
-            let mut parents = def.parents.clone();
-            parents.sort_unstable();
-            concepts.push(ConceptEntry {
-                id,
-                name: def.name.clone(),
-                layer: def.layer,
-                parents,
-                children: std::mem::take(&mut children[id as usize]),
-                weights: WeightsRef { shard: shard_index as u32, offset, length: layout.byte_len() as u64 },
-                crc32,
-            });
+            let weights = WeightsRef { shard: shard_index as u32, offset, length: layout.byte_len() as u64 };
+            let (concept, def) = probes[id as usize];
+            let entry = &mut concepts[concept as usize];
+            match (def, &mut entry.probes) {
+                (Some(def), Some(list)) => list.push(ProbeEntry {
+                    id,
+                    model_layer: def.model_layer,
+                    weights,
+                    crc32,
+                    quantiles: def.quantiles.clone(),
+                }),
+                _ => {
+                    entry.weights = Some(weights);
+                    entry.crc32 = Some(crc32);
+                }
+            }
         }
         out.flush().map_err(io)?;
         shards.push(file_name);
     }
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
-        format_version: FORMAT_VERSION,
+        format_version: if spec.lenses.is_some() { 2 } else { 1 },
         hidden_dim: spec.hidden_dim,
         dtype: spec.dtype,
         architecture: Architecture::v1(),
         input_normalization: spec.input_normalization,
+        model_layers: spec.lenses.as_ref().map(|l| l.model_layers.clone()),
+        lens_score: spec.lenses.as_ref().map(|_| LENS_SCORE_RULE.to_string()),
         shards,
         concepts,
     };
@@ -136,8 +198,13 @@ pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), PackError> 
         "dtype": manifest.dtype,
         "architecture": manifest.architecture,
         "input_normalization": manifest.input_normalization,
-        "shards": manifest.shards,
     });
+    let mut head = head;
+    if let (Some(layers), Some(rule)) = (&manifest.model_layers, &manifest.lens_score) {
+        head["model_layers"] = serde_json::json!(layers);
+        head["lens_score"] = serde_json::json!(rule);
+    }
+    head["shards"] = serde_json::json!(manifest.shards);
     let head = serde_json::to_string(&head).expect("manifest header serializes");
     let mut text = String::with_capacity(manifest.concepts.len() * 160 + head.len());
     text.push_str(&head[..head.len() - 1]);

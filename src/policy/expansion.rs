@@ -25,7 +25,7 @@ pub fn threshold_expansion(
     load_threshold: f32,
     room: usize,
 ) -> ExpansionPlan {
-    let mut parents: Vec<Scored> = scored.iter().copied().filter(|s| s.prob() > load_threshold).collect();
+    let mut parents: Vec<Scored> = scored.iter().copied().filter(|s| s.prob > load_threshold).collect();
     parents.sort_by(rank);
     let parents: Vec<ConceptId> = parents.into_iter().map(|s| s.id).filter(|&id| !h.children(id).is_empty()).collect();
     plan_children(h, parents, active, room)

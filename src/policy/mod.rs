@@ -2,6 +2,7 @@
 //! probes to drop, what to report. No I/O, no tensors; see docs/cascade-semantics.md.
 
 mod expansion;
+pub mod lens;
 mod pruning;
 mod report;
 mod token;
@@ -13,21 +14,26 @@ pub use expansion::{decompose_round, exhaustive_expansion, threshold_expansion, 
 pub use pruning::prune;
 pub use report::report;
 pub use token::TokenCascade;
-pub use watch::{AlertHit, Watch, RAW_ALERT_THRESHOLD};
+pub use watch::{default_alert_threshold, AlertHit, Watch, CALIBRATED_ALERT_THRESHOLD, RAW_ALERT_THRESHOLD};
 
 use crate::config::{CascadeConfig, ConfigError};
 use crate::pack::{ConceptId, Hierarchy};
 
-/// One probe's score on the current token.
+/// One concept's (lens's) score on the current token.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scored {
     pub id: ConceptId,
+    /// The lens score ([`lens::combine`]): what thresholds compare and reports show. For a
+    /// concept of one uncalibrated probe, `sigmoid(logit)`.
+    pub prob: f32,
+    /// The largest logit among the lens's probes (its one probe's, in a v1 pack).
     pub logit: f32,
 }
 
 impl Scored {
-    pub fn prob(&self) -> f32 {
-        sigmoid(self.logit)
+    /// A concept of one uncalibrated probe (every concept of a v1 pack).
+    pub fn raw(id: ConceptId, logit: f32) -> Self {
+        Scored { id, prob: sigmoid(logit), logit }
     }
 }
 
@@ -36,10 +42,11 @@ pub fn sigmoid(logit: f32) -> f32 {
     1.0 / (1.0 + (-logit).exp())
 }
 
-/// Best first: higher score, then ascending concept id. Scores are compared as logits, which
-/// order exactly as probabilities do but do not saturate to equal values at 1.0.
+/// Best first: higher score, then higher logit, then ascending concept id. For concepts of one
+/// uncalibrated probe the score is a monotone function of the logit, so this is the order of
+/// logits, which do not saturate to equal values at 1.0 as probabilities do.
 pub fn rank(a: &Scored, b: &Scored) -> Ordering {
-    b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
+    b.prob.total_cmp(&a.prob).then(b.logit.total_cmp(&a.logit)).then(a.id.cmp(&b.id))
 }
 
 /// The ids of a token's scores, ascending, and their logits in the same order.
@@ -180,7 +187,7 @@ pub(crate) mod fixtures {
     }
 
     pub fn s(id: u32, logit: f32) -> Scored {
-        Scored { id: ConceptId(id), logit }
+        Scored::raw(ConceptId(id), logit)
     }
 
     pub fn ids(v: &[ConceptId]) -> Vec<u32> {

@@ -37,7 +37,7 @@ pub fn prune(
             if demand <= max_loaded {
                 return Vec::new();
             }
-            let mut cold: Vec<Scored> = others.into_iter().filter(|s| s.prob() < unload_threshold).collect();
+            let mut cold: Vec<Scored> = others.into_iter().filter(|s| s.prob < unload_threshold).collect();
             cold.sort_by(|a, b| rank(b, a));
             cold.into_iter().take(demand - max_loaded).map(|s| s.id).collect()
         }

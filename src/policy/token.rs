@@ -66,8 +66,8 @@ impl<'a> TokenCascade<'a> {
         None
     }
 
-    pub fn add_scores(&mut self, ids: &[ConceptId], logits: &[f32]) {
-        self.scored.extend(ids.iter().zip(logits).map(|(&id, &logit)| Scored { id, logit }));
+    pub fn add_scores(&mut self, scored: &[Scored]) {
+        self.scored.extend_from_slice(scored);
     }
 
     /// Everything scored this token.
@@ -94,7 +94,7 @@ impl<'a> TokenCascade<'a> {
             .scored
             .iter()
             .copied()
-            .filter(|s| s.prob() <= load_threshold && s.prob() > load_threshold - margin)
+            .filter(|s| s.prob <= load_threshold && s.prob > load_threshold - margin)
             .collect();
         parents.sort_by(rank);
         let mut seen = ConceptSet::with_capacity(self.hierarchy.len());
@@ -134,13 +134,13 @@ mod tests {
         first.iter().for_each(|&c| {
             active.insert(c);
         });
-        t.add_scores(&first, &[0.0, -1.0, -1.0]);
+        t.add_scores(&[s(2, 0.0), s(3, -1.0), s(4, -1.0)]);
         let second = t.next_expansion(&active).unwrap();
         assert_eq!(ids(&second), vec![5, 6]);
         second.iter().for_each(|&c| {
             active.insert(c);
         });
-        t.add_scores(&second, &[-2.0, -1.0]);
+        t.add_scores(&[s(5, -2.0), s(6, -1.0)]);
         assert_eq!(t.next_expansion(&active), None, "max_depth reached");
         assert_eq!(t.children, 5);
         assert_eq!(ids(&t.prune(|c| c.0 < 2)), vec![3, 4, 5, 6]);

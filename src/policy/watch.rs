@@ -12,6 +12,17 @@ use crate::pack::{ConceptId, Hierarchy};
 /// The alert threshold of a profile that sets none, on a pack of raw probes: the probe's
 /// probability, as headspace uses on uncalibrated packs.
 pub const RAW_ALERT_THRESHOLD: f32 = 0.5;
+/// The same on a calibrated pack: the lens exceeds 99% of its background, as in headspace.
+pub const CALIBRATED_ALERT_THRESHOLD: f32 = 0.99;
+
+/// The alert threshold of a profile that sets none, for `pack`.
+pub fn default_alert_threshold(pack: &crate::pack::Pack) -> f32 {
+    if pack.calibrated() {
+        CALIBRATED_ALERT_THRESHOLD
+    } else {
+        RAW_ALERT_THRESHOLD
+    }
+}
 
 /// Marks a concept no watched concept covers.
 const UNWATCHED: u32 = u32::MAX;
@@ -48,7 +59,12 @@ impl Watch {
     ///
     /// Coverage: a concept is covered by the watched concepts at or above it along any parent
     /// link. Its *watched* concept is the nearest (fewest links up), ties to the lower id.
-    pub fn compile(hierarchy: &Hierarchy, profiles: &[WatchProfile]) -> Result<Self, ConfigError> {
+    /// A profile without a threshold takes `default_threshold` ([`default_alert_threshold`]).
+    pub fn compile(
+        hierarchy: &Hierarchy,
+        profiles: &[WatchProfile],
+        default_threshold: f32,
+    ) -> Result<Self, ConfigError> {
         let mut out = Vec::with_capacity(profiles.len());
         for p in profiles {
             let mut roots: Vec<u32> = Vec::new();
@@ -69,7 +85,7 @@ impl Watch {
             roots.dedup();
             out.push(Compiled {
                 name: p.name.clone(),
-                threshold: p.threshold.unwrap_or(RAW_ALERT_THRESHOLD),
+                threshold: p.threshold.unwrap_or(default_threshold),
                 covered_by: cover(hierarchy, &roots),
             });
         }
@@ -94,7 +110,7 @@ impl Watch {
             let start = out.len();
             for s in scored {
                 let by = p.covered_by.get(s.id.index()).copied().unwrap_or(UNWATCHED);
-                if by != UNWATCHED && s.prob() >= p.threshold {
+                if by != UNWATCHED && s.prob >= p.threshold {
                     out.push(AlertHit { profile: i, scored: *s, watched: ConceptId(by) });
                 }
             }
@@ -148,7 +164,7 @@ mod tests {
     #[test]
     fn watching_a_concept_watches_its_whole_subtree_through_any_parent() {
         let h = hierarchy();
-        let w = Watch::compile(&h, &[profile("b", &["B"], None)]).unwrap();
+        let w = Watch::compile(&h, &[profile("b", &["B"], None)], RAW_ALERT_THRESHOLD).unwrap();
         // X's parents are A1 and B1: it is under B through B1.
         let scored = [s(0, 5.0), s(1, 0.0), s(4, 1.0), s(6, 2.0), s(5, 3.0)];
         let hits = w.alerts(&scored);
@@ -160,8 +176,12 @@ mod tests {
     #[test]
     fn the_watched_concept_is_the_nearest_and_thresholds_are_per_profile() {
         let h = hierarchy();
-        let w =
-            Watch::compile(&h, &[profile("wide", &["A", "A1"], Some(0.9)), profile("all", &["B"], Some(0.0))]).unwrap();
+        let w = Watch::compile(
+            &h,
+            &[profile("wide", &["A", "A1"], Some(0.9)), profile("all", &["B"], Some(0.0))],
+            RAW_ALERT_THRESHOLD,
+        )
+        .unwrap();
         let scored = [s(5, 3.0), s(2, 1.0), s(6, -4.0)];
         let hits = w.alerts(&scored);
         // Profile 0: A1x (p = 0.95) under A1, the nearer; A1 itself has p = 0.73 < 0.9.
@@ -173,7 +193,8 @@ mod tests {
 
     #[test]
     fn an_unknown_concept_is_an_error_naming_the_profile_and_the_name() {
-        let e = Watch::compile(&hierarchy(), &[profile("risk", &["A", "Deception"], None)]).unwrap_err();
+        let e = Watch::compile(&hierarchy(), &[profile("risk", &["A", "Deception"], None)], RAW_ALERT_THRESHOLD)
+            .unwrap_err();
         let m = e.to_string();
         assert!(m.contains("cascade.watch") && m.contains("\"risk\"") && m.contains("\"Deception\""), "{m}");
     }
@@ -185,11 +206,11 @@ mod tests {
         std::fs::write(&path, "# a comment\n\n  B1  \nA1x\n").unwrap();
         let mut p = profile("f", &[], Some(0.0));
         p.file = Some(path.clone());
-        let w = Watch::compile(&hierarchy(), &[p.clone()]).unwrap();
+        let w = Watch::compile(&hierarchy(), &[p.clone()], RAW_ALERT_THRESHOLD).unwrap();
         let ids: Vec<u32> = w.alerts(&[s(4, 0.0), s(5, 0.0), s(2, 0.0)]).iter().map(|a| a.scored.id.0).collect();
         assert_eq!(ids, vec![4, 5]);
         p.file = Some(dir.path().join("missing.txt"));
-        let m = Watch::compile(&hierarchy(), &[p]).unwrap_err().to_string();
+        let m = Watch::compile(&hierarchy(), &[p], RAW_ALERT_THRESHOLD).unwrap_err().to_string();
         assert!(m.contains("missing.txt"), "{m}");
     }
 }

@@ -18,7 +18,7 @@ use lru::LruCache;
 
 use super::faults::{Faults, PanicSite};
 use super::reader::{ProbeReader, ReadCompletion, ReadRequest, ReaderKind};
-use crate::pack::{ConceptId, Pack, PackError};
+use crate::pack::{ConceptId, Pack, PackError, ProbeId};
 
 /// A probe's verified bytes. Dropping the last reference returns the buffer for reuse.
 #[derive(Debug)]
@@ -170,7 +170,7 @@ impl WeightCache {
         if let Err(req) = self.reader.submit(req) {
             self.in_flight -= 1;
             let e = std::io::Error::other("the probe reader has stopped");
-            self.finish(req.id, Err(ReadError(Arc::new(self.pack.read_error(req.id, e)))));
+            self.finish(req.id, Err(ReadError(Arc::new(self.pack.read_error(ProbeId::sole(req.id), e)))));
         }
     }
 
@@ -191,16 +191,16 @@ impl WeightCache {
 
     fn on_completion(&mut self, c: ReadCompletion) {
         self.in_flight -= 1;
-        let want = self.pack.location(c.id).length as usize;
+        let want = self.pack.location(ProbeId::sole(c.id)).length as usize;
         let outcome = match c.result {
             // A reader that hands back fewer bytes than asked is caught here, by length, not
             // left to the CRC (the kernel reads a probe's full length).
             Ok(bytes) if bytes.len() != want => {
-                let e = self.pack.short_read_error(c.id, bytes.len());
+                let e = self.pack.short_read_error(ProbeId::sole(c.id), bytes.len());
                 let _ = self.spare_tx.try_send(bytes);
                 Err(ReadError(Arc::new(e)))
             }
-            Ok(bytes) => match self.pack.check_crc(c.id, &bytes) {
+            Ok(bytes) => match self.pack.check_crc(ProbeId::sole(c.id), &bytes) {
                 Ok(()) => {
                     self.stats.bytes_read += bytes.len() as u64;
                     Ok(Arc::new(ProbeBytes { id: c.id, bytes, recycle: self.spare_tx.clone() }))
@@ -212,7 +212,7 @@ impl WeightCache {
             },
             Err((e, buf)) => {
                 let _ = self.spare_tx.try_send(buf);
-                Err(ReadError(Arc::new(self.pack.read_error(c.id, e))))
+                Err(ReadError(Arc::new(self.pack.read_error(ProbeId::sole(c.id), e))))
             }
         };
         if outcome.is_err() {

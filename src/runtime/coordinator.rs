@@ -27,6 +27,7 @@ use super::{RuntimeError, TokenErrorKind};
 use crate::config::{CascadeConfig, Mode, Normalization};
 use crate::engine::{alert_entries, check_hidden, report_entries, Hidden, StageTimings, TokenReport};
 use crate::pack::{ConceptId, Pack};
+use crate::policy::lens::score_lens;
 use crate::policy::{ConceptSet, Scored, TokenCascade, Watch};
 
 pub struct Coordinator {
@@ -116,6 +117,12 @@ impl Coordinator {
         };
         self.scoring_time += scores.scoring;
         Ok(scores.logits)
+    }
+
+    /// Lens scores of concepts from their probes' logits (the runtime's packs have one probe
+    /// per concept, checked at start; a calibrated probe is still calibrated here).
+    fn lenses(&self, ids: &[ConceptId], logits: &[f32]) -> Vec<Scored> {
+        ids.iter().zip(logits).map(|(&id, &logit)| score_lens(&self.pack, id, &[logit])).collect()
     }
 
     /// Speculative prefetch of probes the next token may activate. Never holds up the token.
@@ -339,7 +346,7 @@ impl Coordinator {
             .apply_and_score(token, Vec::new(), HashMap::new(), 0, n, h.clone())
             .instrument(debug_span!("initial_scoring", token, probes = n))
             .await?;
-        let initial: Vec<Scored> = initial.iter().zip(logits).map(|(&id, logit)| Scored { id, logit }).collect();
+        let initial: Vec<Scored> = self.lenses(&initial, &logits);
         stages.initial_scoring += t.elapsed();
 
         let pack = self.pack.clone();
@@ -362,7 +369,7 @@ impl Coordinator {
                     .await
             } else {
                 self.activate_landed(token, &ids, h.clone(), me).await.map(|(ready, logits)| {
-                    tc.add_scores(&ready, &logits);
+                    tc.add_scores(&self.lenses(&ready, &logits));
                     activated.extend_from_slice(&ready);
                     Vec::new()
                 })
@@ -383,7 +390,7 @@ impl Coordinator {
             stages.loading += t.elapsed().saturating_sub(scoring);
             if self.mode == Mode::Exact {
                 activated.extend_from_slice(&ids);
-                tc.add_scores(&ids, &logits);
+                tc.add_scores(&self.lenses(&ids, &logits));
             }
         }
 

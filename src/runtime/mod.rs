@@ -79,6 +79,14 @@ pub enum StartError {
     },
     #[error("starting the probe reader: {0}")]
     Reader(#[source] std::io::Error),
+    /// The pack's lenses read several probes or several model layers, which the runtime does
+    /// not score yet (the reference and oracle engines do).
+    #[error(
+        "{pack}: its {concepts} lenses hold {probes} probes over model layers {model_layers:?}; the runtime \
+         scores lenses of one probe at one model layer so far (use `run --engine reference` or `oracle` \
+         for this pack)"
+    )]
+    MultiProbeLenses { pack: std::path::PathBuf, concepts: usize, probes: usize, model_layers: Vec<u32> },
     #[error("starting the step scheduler's thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -247,7 +255,14 @@ impl crate::engine::Engine for BlockingCascade {
         "runtime"
     }
 
-    fn observe(&mut self, _token: usize, hidden: &[f32]) -> Result<TokenReport, EngineError> {
+    fn observe_states(&mut self, token: usize, states: &[&[f32]]) -> Result<TokenReport, EngineError> {
+        // The runtime starts only on packs that read one model layer.
+        let [hidden] = states else {
+            return Err(EngineError::Hidden {
+                token,
+                source: HiddenError::States { got: states.len(), layers: Vec::new() },
+            });
+        };
         self.rt.block_on(self.cascade.observe(hidden.to_vec())).map_err(|e| match e {
             RuntimeError::Token(TokenError { token, kind: TokenErrorKind::Hidden(source) }) => {
                 EngineError::Hidden { token, source }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio_uring::buf::BoundedBuf;
 
 use super::faults::Faults;
-use crate::pack::{ConceptId, Pack};
+use crate::pack::{ConceptId, Pack, ProbeId};
 pub use crate::types::ReaderKind;
 
 /// Read `len` bytes at `offset` of shard `shard` into `buf` (whose capacity is reused).
@@ -33,7 +33,7 @@ pub struct ReadRequest {
 impl ReadRequest {
     /// A read of probe `id`'s bytes, wherever the pack keeps them, into `buf`.
     pub fn for_probe(pack: &Pack, id: ConceptId, buf: Vec<u8>) -> Self {
-        let loc = pack.location(id);
+        let loc = pack.location(ProbeId::sole(id));
         Self { id, shard: loc.shard, offset: loc.offset, len: loc.length as usize, buf }
     }
 }

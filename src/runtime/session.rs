@@ -46,7 +46,7 @@ use crate::config::{CascadeConfig, Config, CpuKernel, Mode};
 use crate::engine::tensors;
 use crate::kernel::{Isa, Kernel};
 use crate::pack::{ConceptId, Pack};
-use crate::policy::Watch;
+use crate::policy::{default_alert_threshold, Watch};
 use crate::types::{Hidden, ReaderKind, SessionId, TokenReport};
 
 /// A session's own settings; what is `None` comes from the runtime's config. Checked like a
@@ -87,7 +87,7 @@ impl Shared {
         if config.cascade.watch == self.config.cascade.watch {
             return Ok(self.watch.clone());
         }
-        let watch = Watch::compile(self.pack.hierarchy(), &config.cascade.watch)
+        let watch = Watch::compile(self.pack.hierarchy(), &config.cascade.watch, default_alert_threshold(&self.pack))
             .map_err(|e| RuntimeError::Options(e.into()))?;
         Ok(Arc::new(watch))
     }
@@ -117,8 +117,20 @@ impl Runtime {
 
     /// [`Runtime::start`] with faults injected (tests only; see [`super::faults`]).
     pub async fn start_with_faults(pack: Arc<Pack>, config: &Config, faults: Faults) -> Result<Self, RuntimeError> {
+        if !pack.one_probe_per_concept() || pack.hidden_states() > 1 {
+            return Err(StartError::MultiProbeLenses {
+                pack: pack.dir().to_path_buf(),
+                concepts: pack.len(),
+                probes: pack.probe_count(),
+                model_layers: pack.model_layers().to_vec(),
+            }
+            .into());
+        }
         let base = crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(StartError::Config)?;
-        let watch = Arc::new(Watch::compile(pack.hierarchy(), &config.cascade.watch).map_err(StartError::Config)?);
+        let watch = Arc::new(
+            Watch::compile(pack.hierarchy(), &config.cascade.watch, default_alert_threshold(&pack))
+                .map_err(StartError::Config)?,
+        );
         let device = tensors::open_device(&config.device).map_err(StartError::Device)?;
         let window = std::time::Duration::from_micros(config.runtime.batch_window_us);
         let on_store = device != tch::Device::Cpu || config.device.cpu_kernel == CpuKernel::Torch;

@@ -418,6 +418,7 @@ pub(super) fn spawn(steps: Steps) -> std::io::Result<flume::Sender<StepMsg>> {
 mod tests {
     use super::*;
     use crate::kernel::{reference_logit, Isa, Kernel, ProbeRef};
+    use crate::pack::ProbeId;
     use crate::runtime::scoring::kernel::KernelBackend;
     use crate::synth::{write_synth_pack, SynthParams};
 
@@ -436,7 +437,7 @@ mod tests {
     fn bytes(pack: &Pack, ids: &[u32]) -> HashMap<ConceptId, Arc<ProbeBytes>> {
         ids.iter()
             .map(|&i| {
-                (ConceptId(i), Arc::new(ProbeBytes::detached(ConceptId(i), pack.read_probe(ConceptId(i)).unwrap())))
+                (ConceptId(i), Arc::new(ProbeBytes::detached(ConceptId(i), pack.read_probe(ProbeId(i)).unwrap())))
             })
             .collect()
     }
@@ -465,8 +466,8 @@ mod tests {
     }
 
     fn want(pack: &Pack, id: u32, h: &[f32]) -> u32 {
-        let b = pack.read_probe(ConceptId(id)).unwrap();
-        let ranges = pack.layout().ranges(&pack.tensor_offsets(ConceptId(id)));
+        let b = pack.read_probe(ProbeId(id)).unwrap();
+        let ranges = pack.layout().ranges(&pack.tensor_offsets(ProbeId(id)));
         reference_logit(&ProbeRef { bytes: &b, ranges: &ranges }, pack.layout().dtype, h).to_bits()
     }
 

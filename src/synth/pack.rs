@@ -186,6 +186,7 @@ pub fn synth_hierarchy(p: &SynthParams) -> SynthHierarchy {
         input_normalization: InputNormalization::None,
         probes_per_shard: p.probes_per_shard,
         concepts,
+        lenses: None,
     };
     SynthHierarchy { spec, directions, thresholds }
 }

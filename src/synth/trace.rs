@@ -64,8 +64,10 @@ pub struct ConceptGeometry {
 pub fn concept_geometry(pack: &Pack, mut progress: impl FnMut(usize)) -> Result<Vec<ConceptGeometry>, PackError> {
     let mut out = Vec::with_capacity(pack.len());
     for id in pack.hierarchy().ids() {
-        let bytes = pack.read_probe(id)?;
-        let w = pack.decode_probe(id, &bytes)?;
+        // A lens's first probe (every concept has one; synthetic packs have one each).
+        let probe = pack.probes_of(id).next().unwrap_or(crate::pack::ProbeId::sole(id));
+        let bytes = pack.read_probe(probe)?;
+        let w = pack.decode_probe(probe, &bytes)?;
         out.push(geometry_of(&w, pack.hidden_dim()));
         progress(id.index() + 1);
     }

@@ -104,6 +104,12 @@ pub enum HiddenError {
     Width { got: usize, expected: usize },
     #[error("hidden state value [{index}] is {value}")]
     NonFinite { index: usize, value: f32 },
+    /// An observation with another number of hidden states than the pack's model layers.
+    #[error(
+        "{got} hidden states, but the pack's probes read {}",
+        if layers.is_empty() { "one".to_string() } else { format!("model layers {layers:?}: one hidden state each, in that order") }
+    )]
+    States { got: usize, layers: Vec<u32> },
 }
 
 /// Weight bytes copied by installs and slot moves, and how many of each: the CPU kernel's

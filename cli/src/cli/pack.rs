@@ -3,8 +3,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
+use probe_cascade::import::headspace::import_headspace;
 use probe_cascade::import::{import_hatcat, ImportOptions, Phase};
-use probe_cascade::pack::{ConceptId, DType, Pack};
+use probe_cascade::pack::{ConceptId, DType, Pack, ProbeId};
 use probe_cascade::synth::{write_synth_pack, SynthParams};
 
 use super::progress::bar;
@@ -46,6 +47,22 @@ pub enum PackCommand {
     Inspect { dir: PathBuf },
     /// Check every probe's checksum, shape and values; exit non-zero on any defect.
     Verify { dir: PathBuf },
+    /// Import a headspace lens pack as it is on disk (layer{N}/<Concept>@L<m>.pt and
+    /// <Concept>.pt probe files, probe_calibration.json, the bundled hierarchy/) into a v2 pack
+    /// of lenses; every probe is checked to score like the original (docs/headspace.md).
+    ImportHeadspace {
+        /// The headspace pack's directory.
+        dir: PathBuf,
+        /// The new pack's directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage dtype of the pack: f32 keeps every source exactly, bf16 halves the bytes.
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
+        /// Probes per shard file.
+        #[arg(long, default_value_t = 256)]
+        probes_per_shard: usize,
+    },
     /// Import a HatCat pack (layer{N}.json hierarchy files and torch.save probe files) without
     /// Python; every probe is checked to score like the original before the pack is written.
     ImportHatcat {
@@ -106,19 +123,17 @@ pub fn run(cmd: PackCommand) -> anyhow::Result<ExitCode> {
         PackCommand::ImportHatcat { hierarchy_dir, lenses_dir, out, dtype, skip_bad, probes_per_shard } => {
             let options = ImportOptions { dtype, skip_bad, probes_per_shard: probes_per_shard.max(1) };
             let progress = bar(0, "check");
-            let summary = import_hatcat(&hierarchy_dir, &lenses_dir, &out, &options, |phase, done, total| {
-                let what = match phase {
-                    Phase::Checking => "check",
-                    Phase::Writing => "write",
-                };
-                if progress.message() != what {
-                    progress.set_message(what);
-                }
-                progress.set_length(total as u64);
-                progress.set_position(done as u64);
-            });
+            let summary = import_hatcat(&hierarchy_dir, &lenses_dir, &out, &options, import_progress(&progress));
             progress.finish_and_clear();
             println!("{}", summary.with_context(|| format!("importing {}", hierarchy_dir.display()))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        PackCommand::ImportHeadspace { dir, out, dtype, probes_per_shard } => {
+            let options = ImportOptions { dtype, skip_bad: false, probes_per_shard: probes_per_shard.max(1) };
+            let progress = bar(0, "check");
+            let summary = import_headspace(&dir, &out, &options, import_progress(&progress));
+            progress.finish_and_clear();
+            println!("{}", summary.with_context(|| format!("importing {}", dir.display()))?);
             Ok(ExitCode::SUCCESS)
         }
         PackCommand::Inspect { dir } => {
@@ -153,10 +168,19 @@ fn inspect(pack: &Pack) {
     println!("hidden_dim {}", pack.hidden_dim());
     println!("dtype      {}", pack.dtype());
     println!("input norm {:?}", pack.input_normalization());
+    println!("format     v{}", pack.format_version());
+    if pack.format_version() > 1 {
+        let calibrated = (0..pack.probe_count() as u32).filter(|&p| pack.quantiles(ProbeId(p)).is_some()).count();
+        println!(
+            "lenses     {} probes over model layers {:?}, {calibrated} calibrated",
+            pack.probe_count(),
+            pack.model_layers()
+        );
+    }
     println!(
         "bytes      {} per probe, {:.1} MB in all, {} shards",
         layout.byte_len(),
-        (layout.byte_len() * pack.len()) as f64 / 1e6,
+        (layout.byte_len() * pack.probe_count()) as f64 / 1e6,
         pack.shards().len()
     );
     let multi_parent = h.ids().filter(|&id| h.parents(id).len() > 1).count();
@@ -175,5 +199,20 @@ fn inspect(pack: &Pack) {
             kids.iter().max().unwrap_or(&0),
             kids.len() - parents
         );
+    }
+}
+
+/// An import's progress on `progress`: which pass, and how far.
+fn import_progress(progress: &indicatif::ProgressBar) -> impl FnMut(Phase, usize, usize) + '_ {
+    move |phase, done, total| {
+        let what = match phase {
+            Phase::Checking => "check",
+            Phase::Writing => "write",
+        };
+        if progress.message() != what {
+            progress.set_message(what);
+        }
+        progress.set_length(total as u64);
+        progress.set_position(done as u64);
     }
 }

@@ -16,7 +16,8 @@ pub struct RunArgs {
     config: PathBuf,
     #[arg(long)]
     pack: PathBuf,
-    /// T×D float32 .npy of hidden states.
+    /// T×D float32 .npy of hidden states. For a pack whose probes read L model layers,
+    /// T×(L·D): each row the L layers' states side by side, in the pack's model-layer order.
     #[arg(long)]
     trace: PathBuf,
     #[arg(long, value_enum, default_value = "reference")]
@@ -91,13 +92,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         return run_sessions(&args, pack, &config, &trace, tokens, n as usize);
     }
     let texts = args.token_text.as_deref().map(|f| token_texts(f, tokens)).transpose()?;
+    let states = pack.hidden_states();
+    anyhow::ensure!(
+        states == 1 || trace.cols == states * pack.hidden_dim(),
+        "the trace {} has {} values per token, but the pack's probes read model layers {:?} of D={}: give {} \
+         values per token, the layers side by side",
+        args.trace.display(),
+        trace.cols,
+        pack.model_layers(),
+        pack.hidden_dim(),
+        states * pack.hidden_dim()
+    );
     let mut engine = engines::build(args.engine, pack.clone(), &config)?;
     println!("{} engine, {} tokens, config {}", engine.name(), tokens, args.config.display());
     println!("{:>6} {:>9} {:>9} {:>7} {:>9} {:>7}  top", "token", "ms", "children", "loaded", "unloaded", "active");
     let mut reports: Vec<TokenReport> = Vec::with_capacity(tokens);
     let mut entries = Vec::with_capacity(tokens);
     for index in 0..tokens {
-        match engine.observe(index, trace.row(index)) {
+        let row = trace.row(index);
+        let observation: Vec<&[f32]> = if states == 1 { vec![row] } else { row.chunks(pack.hidden_dim()).collect() };
+        match engine.observe_states(index, &observation) {
             Ok(r) => {
                 let top: Vec<String> =
                     r.top.iter().take(args.show_top).map(|e| format!("{}@{} {:.2}", e.name, e.layer, e.prob)).collect();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, StepScores, Tables};
 use crate::kernel::{Kernel, ProbeRef};
-use crate::pack::{ConceptId, Pack};
+use crate::pack::{ConceptId, Pack, ProbeId};
 use crate::runtime::cache::ProbeBytes;
 use crate::runtime::faults::Faults;
 use crate::runtime::pool::SlotOp;
@@ -66,7 +66,7 @@ impl ScoringBackend for KernelBackend {
         let applied = table.apply(ops, &mut self.traffic, |id| {
             let b = bytes.get(&id).ok_or(ScoringError::MissingBytes(id))?;
             installs += 1; // a reference: no bytes copied
-            Ok(Held { bytes: b.clone(), ranges: pack.layout().ranges(&pack.tensor_offsets(id)) })
+            Ok(Held { bytes: b.clone(), ranges: pack.layout().ranges(&pack.tensor_offsets(ProbeId::sole(id))) })
         });
         self.traffic.installs += installs;
         applied
@@ -162,7 +162,8 @@ mod tests {
             let got = backend.score(&request(6), &Faults::none()).unwrap().answers.pop().unwrap().unwrap();
             // Bit for bit what the kernel gives those probes scored directly, in that order.
             let order = [11, 19, 7, 23, 42, 3].map(ConceptId);
-            let ranges: Vec<_> = order.iter().map(|&id| pack.layout().ranges(&pack.tensor_offsets(id))).collect();
+            let ranges: Vec<_> =
+                order.iter().map(|&id| pack.layout().ranges(&pack.tensor_offsets(ProbeId::sole(id)))).collect();
             let refs: Vec<ProbeRef> =
                 order.iter().zip(&ranges).map(|(id, r)| ProbeRef { bytes: &bytes[id], ranges: r }).collect();
             let mut want = vec![0.0; 6];

@@ -268,7 +268,7 @@ impl<H> Tables<H> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::pack::{DType, Pack};
+    use crate::pack::{DType, Pack, ProbeId};
     use crate::synth::{write_synth_pack, SynthParams};
 
     pub fn synth_pack(dtype: DType) -> (tempfile::TempDir, Arc<Pack>) {
@@ -298,7 +298,7 @@ pub(crate) mod tests {
     pub fn bytes_for(pack: &Pack, ops: &[SlotOp]) -> HashMap<ConceptId, Arc<ProbeBytes>> {
         ops.iter()
             .filter_map(SlotOp::installed)
-            .map(|id| (id, Arc::new(ProbeBytes::detached(id, pack.read_probe(id).unwrap()))))
+            .map(|id| (id, Arc::new(ProbeBytes::detached(id, pack.read_probe(ProbeId::sole(id)).unwrap()))))
             .collect()
     }
 }

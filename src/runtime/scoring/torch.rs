@@ -28,7 +28,7 @@ use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, StepS
 use crate::engine::tensors::{kind_of, to_host_f32};
 use crate::kernel::MAX_BATCH;
 use crate::pack::layout::{ProbeLayout, HIDDEN1, HIDDEN2};
-use crate::pack::{ConceptId, Pack};
+use crate::pack::{ConceptId, Pack, ProbeId};
 use crate::policy::ConceptSet;
 use crate::runtime::cache::ProbeBytes;
 use crate::runtime::faults::Faults;
@@ -343,7 +343,7 @@ fn install_with(
     id: ConceptId,
     source: impl Fn(std::ops::Range<usize>, &[i64]) -> Result<Tensor, tch::TchError>,
 ) -> Result<(), tch::TchError> {
-    let ranges = pack.layout().ranges(&pack.tensor_offsets(id));
+    let ranges = pack.layout().ranges(&pack.tensor_offsets(ProbeId::sole(id)));
     for (part, range) in arena.parts().into_iter().zip(ranges) {
         let mut dst = part.f_get(slot as i64)?;
         let src = source(range, &dst.size())?;
@@ -600,7 +600,7 @@ impl ScoringBackend for TorchBackend {
 mod tests {
     use super::*;
     use crate::kernel::{reference_logit, ProbeRef};
-    use crate::pack::DType;
+    use crate::pack::{DType, ProbeId};
     use crate::runtime::faults::FaultPlan;
     use crate::runtime::scoring::tests::{bytes_for, ops, synth_pack};
 
@@ -609,8 +609,8 @@ mod tests {
     }
 
     fn want(pack: &Pack, id: u32, h: &[f32]) -> f32 {
-        let b = pack.read_probe(ConceptId(id)).unwrap();
-        let ranges = pack.layout().ranges(&pack.tensor_offsets(ConceptId(id)));
+        let b = pack.read_probe(ProbeId(id)).unwrap();
+        let ranges = pack.layout().ranges(&pack.tensor_offsets(ProbeId(id)));
         reference_logit(&ProbeRef { bytes: &b, ranges: &ranges }, pack.layout().dtype, h)
     }
 

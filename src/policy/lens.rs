@@ -1,0 +1,94 @@
+//! A lens's score from its probes' logits: the one definition every engine uses
+//! (docs/cascade-semantics.md, "Lens scores"). Pure arithmetic over plain data, so the
+//! reference, the oracle and the runtime cannot disagree on it.
+//!
+//! A probe's raw score is `sigmoid(logit)` (f32, [`super::sigmoid`]). With quantiles `q`
+//! (its raw scores on background text at levels `0, 1/(n-1), ..., 1`) its calibrated score is
+//! the share of that background it exceeds, by linear interpolation ([`calibrate`]). A lens
+//! whose probes all have quantiles scores the max of their calibrated scores; any other lens
+//! scores the mean of its raw scores. A lens of one uncalibrated probe therefore scores exactly
+//! `sigmoid(logit)`, as a v1 concept does.
+
+use super::{sigmoid, Scored};
+use crate::pack::{ConceptId, Pack};
+
+/// The calibrated score of raw score `p` against non-decreasing quantiles `q` (at least two):
+/// 0 at or below `q[0]`, 1 at or above `q[n-1]`, else `(i + (p - q[i]) / (q[i+1] - q[i])) /
+/// (n - 1)` with `i` the last index such that `q[i] <= p`. Computed in f64.
+pub fn calibrate(p: f32, q: &[f64]) -> f64 {
+    let p = p as f64;
+    let n = q.len();
+    if n < 2 || p <= q[0] {
+        return 0.0;
+    }
+    if p >= q[n - 1] {
+        return 1.0;
+    }
+    // q[0] < p < q[n-1]: the last i with q[i] <= p is below n - 1, and q[i+1] > p >= q[i].
+    let i = q.partition_point(|&v| v <= p) - 1;
+    (i as f64 + (p - q[i]) / (q[i + 1] - q[i])) / (n - 1) as f64
+}
+
+/// A lens's score from its probes' logits and quantiles, in the pack's order: the
+/// [`Scored::prob`] as defined above, and as [`Scored::logit`] the largest probe logit.
+pub fn combine<'q>(id: ConceptId, probes: impl Iterator<Item = (f32, Option<&'q [f64]>)> + Clone) -> Scored {
+    let logit = probes.clone().map(|(l, _)| l).fold(f32::NEG_INFINITY, f32::max);
+    let calibrated = probes.clone().all(|(_, q)| q.is_some());
+    let prob = if calibrated {
+        probes.map(|(l, q)| calibrate(sigmoid(l), q.unwrap_or_default()) as f32).fold(0.0f32, f32::max)
+    } else {
+        let (sum, n) = probes.fold((0.0f64, 0usize), |(s, n), (l, _)| (s + sigmoid(l) as f64, n + 1));
+        (sum / n.max(1) as f64) as f32
+    };
+    Scored { id, logit, prob }
+}
+
+/// Concept `id`'s score in `pack` from its probes' logits (in [`Pack::probes_of`] order).
+pub fn score_lens(pack: &Pack, id: ConceptId, logits: &[f32]) -> Scored {
+    combine(id, pack.probes_of(id).zip(logits).map(|(p, &l)| (l, pack.quantiles(p))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibration_interpolates_between_quantiles_and_clamps_outside() {
+        // Values exact in f32, so the comparisons are exact too.
+        let q = [0.125, 0.25, 0.625];
+        assert_eq!(calibrate(0.0625, &q), 0.0);
+        assert_eq!(calibrate(0.125, &q), 0.0);
+        assert_eq!(calibrate(0.75, &q), 1.0);
+        assert_eq!(calibrate(0.625, &q), 1.0);
+        assert_eq!(calibrate(0.1875, &q), 0.25);
+        assert_eq!(calibrate(0.4375, &q), 0.75);
+    }
+
+    #[test]
+    fn repeated_quantiles_place_a_score_at_the_top_of_the_plateau() {
+        let q = [0.0, 0.5, 0.5, 1.0];
+        // 0.5 is at or above q[1] and q[2]: i = 2, so 2/3.
+        assert_eq!(calibrate(0.5, &q), 2.0 / 3.0);
+        assert!(calibrate(0.49999, &q) < 1.0 / 3.0 + 1e-4);
+    }
+
+    #[test]
+    fn one_uncalibrated_probe_scores_its_sigmoid_exactly() {
+        for logit in [-30.0f32, -1.5, 0.0, 0.7, 12.0] {
+            let s = combine(ConceptId(3), [(logit, None)].into_iter());
+            assert_eq!((s.prob, s.logit), (sigmoid(logit), logit));
+        }
+    }
+
+    #[test]
+    fn a_lens_is_the_max_of_calibrated_probes_only_when_all_are_calibrated() {
+        let q: &[f64] = &[0.0, 0.5, 1.0];
+        let both = combine(ConceptId(0), [(0.0f32, Some(q)), (2.0, Some(q))].into_iter());
+        let want = calibrate(sigmoid(2.0), q) as f32;
+        assert_eq!(both.prob, want);
+        assert_eq!(both.logit, 2.0);
+        let one = combine(ConceptId(0), [(0.0f32, Some(q)), (2.0, None)].into_iter());
+        let mean = ((sigmoid(0.0) as f64 + sigmoid(2.0) as f64) / 2.0) as f32;
+        assert_eq!(one.prob, mean, "one uncalibrated probe makes the lens a raw mean");
+    }
+}

@@ -1,0 +1,245 @@
+//! A headspace lens pack, imported as it is on disk (tests/fixtures/headspace: real
+//! `torch.save` files of lenses with one or two probes over model layers 4 and 7, a
+//! probe_calibration.json, a bundled hierarchy), scores what an independent float64 numpy
+//! implementation of headspace's rules gives (tests/fixtures/headspace/numpy_reference.py), in
+//! its calibrated and its raw variant. Alerts cover lenses outside the report; an observation
+//! without every model layer is a named error; bad calibration files are named errors.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use probe_cascade::config::{CascadeConfig, Config, Expansion, Pruning, WatchProfile};
+use probe_cascade::engine::{build_engine, Engine, EngineError, EngineKind, TokenReport};
+use probe_cascade::import::headspace::import_headspace;
+use probe_cascade::import::{ImportError, ImportOptions};
+use probe_cascade::pack::{ConceptId, Pack, ProbeId};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/headspace")
+}
+
+fn python() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python3");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPED: {} is missing; `make test` provisions it (scripts/python-env.sh)", p.display());
+        None
+    }
+}
+
+/// A copy of the fixture pack, without its calibration file when `raw`.
+fn copy_pack(to: &Path, raw: bool) -> PathBuf {
+    let from = fixture().join("pack");
+    let dst = to.join("headspace");
+    for entry in walk(&from) {
+        let rel = entry.strip_prefix(&from).unwrap();
+        if raw && rel == Path::new("probe_calibration.json") {
+            continue;
+        }
+        std::fs::create_dir_all(dst.join(rel).parent().unwrap()).unwrap();
+        std::fs::copy(&entry, dst.join(rel)).unwrap();
+    }
+    dst
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn import(dir: &Path, out: &Path) -> Result<Arc<Pack>, ImportError> {
+    import_headspace(dir, out, &ImportOptions::default(), |_, _, _| {})?;
+    Ok(Arc::new(Pack::open(out).unwrap()))
+}
+
+/// Every lens scored every token, all of them reported.
+fn exhaustive(report_top_k: usize, watch: Vec<WatchProfile>) -> Config {
+    let mut c = Config::default();
+    c.device.threads = 2;
+    c.cascade = CascadeConfig {
+        base_layers: vec![0],
+        expansion: Expansion::Exhaustive,
+        pruning: Pruning::None,
+        report_top_k,
+        watch,
+        ..CascadeConfig::default()
+    };
+    c
+}
+
+struct Expected {
+    trace: Vec<Vec<f32>>,
+    /// "Name@layer" -> score per token.
+    lenses: BTreeMap<String, Vec<f64>>,
+}
+
+fn numpy_reference(python: &Path, out: &Path, raw: bool) -> Expected {
+    let mut cmd = Command::new(python);
+    cmd.arg(fixture().join("numpy_reference.py")).arg(fixture()).arg(out);
+    if raw {
+        cmd.arg("--raw");
+    }
+    assert!(cmd.status().unwrap().success(), "numpy_reference.py failed");
+    let m = probe_cascade::npy::read(&out.join("trace.npy")).unwrap();
+    let trace = (0..m.rows).map(|r| m.row(r).to_vec()).collect();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("expected.json")).unwrap()).unwrap();
+    assert_eq!(v["model_layers"], serde_json::json!([4, 7]));
+    let lenses = serde_json::from_value(v["lenses"].clone()).unwrap();
+    Expected { trace, lenses }
+}
+
+fn observe(engine: &mut dyn Engine, pack: &Pack, t: usize, row: &[f32]) -> TokenReport {
+    let states: Vec<&[f32]> = row.chunks(pack.hidden_dim()).collect();
+    engine.observe_states(t, &states).unwrap()
+}
+
+/// The worst difference between the engine's lens scores and numpy's, over every token.
+fn worst_difference(pack: &Arc<Pack>, expected: &Expected) -> f64 {
+    let mut engine = build_engine(EngineKind::Reference, pack.clone(), &exhaustive(100, Vec::new())).unwrap();
+    let mut worst = 0f64;
+    for (t, row) in expected.trace.iter().enumerate() {
+        let r = observe(engine.as_mut(), pack, t, row);
+        assert_eq!(r.top.len(), pack.len(), "every lens is scored and reported");
+        assert!(r.top.windows(2).all(|w| w[0].prob >= w[1].prob), "best first");
+        for e in &r.top {
+            let want = expected.lenses[&format!("{}@{}", e.name, e.layer)][t];
+            worst = worst.max((e.prob as f64 - want).abs());
+        }
+    }
+    worst
+}
+
+#[test]
+fn a_calibrated_headspace_pack_scores_what_numpy_gives_from_its_rules() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pack = import(&fixture().join("pack"), &dir.path().join("pack")).unwrap();
+    assert_eq!(pack.format_version(), 2);
+    assert_eq!(pack.model_layers(), &[4, 7]);
+    assert_eq!((pack.len(), pack.probe_count()), (8, 12));
+    assert!(pack.calibrated());
+    let expected = numpy_reference(&python, &dir.path().join("ref"), false);
+    // The score of a calibrated probe is its raw score (f32 arithmetic here, f64 there) through
+    // a piecewise-linear map whose slope is 1 / (20 × the gap between neighbouring quantiles).
+    let worst = worst_difference(&pack, &expected);
+    eprintln!("worst lens-score difference {worst:e}");
+    assert!(worst < 1e-4, "worst lens-score difference {worst:e}");
+}
+
+#[test]
+fn a_raw_headspace_pack_scores_the_mean_of_its_probes() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pack = import(&copy_pack(dir.path(), true), &dir.path().join("pack")).unwrap();
+    assert!(!pack.calibrated());
+    assert!((0..pack.probe_count() as u32).all(|p| pack.quantiles(ProbeId(p)).is_none()));
+    let expected = numpy_reference(&python, &dir.path().join("ref"), true);
+    let worst = worst_difference(&pack, &expected);
+    eprintln!("worst lens-score difference {worst:e}");
+    assert!(worst < 1e-5, "worst lens-score difference {worst:e}");
+}
+
+#[test]
+fn import_reads_every_layout_and_leaves_plain_probes_uncalibrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = import(&fixture().join("pack"), &dir.path().join("pack")).unwrap();
+    let h = pack.hierarchy();
+    let layers_of = |name: &str, layer: u16| -> Vec<(u32, bool)> {
+        let c = h.lookup(name, layer).unwrap();
+        pack.probes_of(c).map(|p| (pack.probe(p).model_layer, pack.quantiles(p).is_some())).collect()
+    };
+    assert_eq!(layers_of("Agent", 0), vec![(4, true), (7, true)]);
+    // Artifact@L7 has no calibration entry: the lens is a raw mean.
+    assert_eq!(layers_of("Artifact", 0), vec![(4, true), (7, false)]);
+    // A plain <Concept>.pt reads pack_info.json's model layer and is never calibrated.
+    assert_eq!(layers_of("Process", 0), vec![(4, false)]);
+    assert_eq!(layers_of("Robot", 1), vec![(7, true)]);
+    let parent = |name: &str| h.name(ConceptId(h.parents(h.lookup(name, 1).unwrap())[0])).to_string();
+    assert_eq!(parent("Lie"), "Process");
+    assert_eq!(parent("Tool"), "Artifact");
+}
+
+#[test]
+fn alerts_cover_lenses_outside_the_report_at_the_calibrated_default_threshold() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pack = import(&fixture().join("pack"), &dir.path().join("pack")).unwrap();
+    let expected = numpy_reference(&python, &dir.path().join("ref"), false);
+    let profile = |name: &str, concepts: &[&str], threshold| WatchProfile {
+        name: name.into(),
+        concepts: concepts.iter().map(|c| c.to_string()).collect(),
+        file: None,
+        threshold,
+    };
+    // "risk" takes a calibrated pack's default threshold, 0.99; "broad" sets 0.5.
+    let watch = vec![profile("risk", &["Process"], None), profile("broad", &["Agent", "Process"], Some(0.5))];
+    let subtree = |profile: &str| -> &[&str] {
+        match profile {
+            "risk" => &["Process@0", "Deception@1", "Lie@1"],
+            _ => &["Agent@0", "Person@1", "Robot@1", "Process@0", "Deception@1", "Lie@1"],
+        }
+    };
+    let mut engine = build_engine(EngineKind::Reference, pack.clone(), &exhaustive(1, watch)).unwrap();
+    let (mut outside, mut risk) = (0, 0);
+    for (t, row) in expected.trace.iter().enumerate() {
+        let r = observe(engine.as_mut(), &pack, t, row);
+        assert_eq!(r.top.len(), 1);
+        for (name, threshold) in [("risk", 0.99), ("broad", 0.5)] {
+            let mut got: Vec<String> =
+                r.alerts.iter().filter(|a| a.profile == name).map(|a| format!("{}@{}", a.concept, a.layer)).collect();
+            got.sort();
+            let mut want: Vec<String> =
+                subtree(name).iter().filter(|l| expected.lenses[**l][t] >= threshold).map(|l| l.to_string()).collect();
+            want.sort();
+            assert_eq!(got, want, "token {t}, profile {name}");
+        }
+        risk += r.alerts.iter().filter(|a| a.profile == "risk").count();
+        outside += r.alerts.iter().filter(|a| a.concept != r.top[0].name).count();
+    }
+    eprintln!("{risk} alerts at 0.99, {outside} of lenses outside the report");
+    assert!(risk > 0 && outside > 0, "alerts at the default threshold, and of lenses the report leaves out");
+}
+
+#[test]
+fn an_observation_without_every_model_layer_is_an_error_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = import(&fixture().join("pack"), &dir.path().join("pack")).unwrap();
+    let mut engine = build_engine(EngineKind::Reference, pack.clone(), &exhaustive(3, Vec::new())).unwrap();
+    let h = vec![0.5f32; pack.hidden_dim()];
+    let e = engine.observe(3, &h).unwrap_err();
+    assert!(matches!(e, EngineError::Hidden { token: 3, .. }), "{e:?}");
+    let m = e.to_string();
+    assert!(m.contains("token 3") && m.contains("model layers [4, 7]") && m.contains("1 hidden states"), "{m}");
+    // Two states of the right width work.
+    engine.observe_states(4, &[&h, &h]).unwrap();
+}
+
+#[test]
+fn bad_calibration_files_are_errors_naming_the_file_and_the_probe() {
+    let cases: [(&str, &str); 4] = [
+        (r#"{"probes": {"layer9/Ghost@L4": {"quantiles": [0.1, 0.5]}}}"#, "layer9/Ghost@L4"),
+        (r#"{"probes": {"layer0/Agent@L4": {"quantiles": [0.5, 0.1]}}}"#, "not non-decreasing"),
+        (r#"{"probes": {"layer0/Agent@L4": {}}}"#, "has no \"quantiles\""),
+        (r#"{"probes": {"layer0/Agent@L4": {"quantiles": [0.5]}}}"#, "at least 2"),
+    ];
+    for (text, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let src = copy_pack(dir.path(), false);
+        std::fs::write(src.join("probe_calibration.json"), text).unwrap();
+        let e = import(&src, &dir.path().join("pack")).unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("probe_calibration.json") && m.contains(says), "{m}");
+        assert!(!dir.path().join("pack/manifest.json").exists(), "nothing is written");
+    }
+}
