@@ -115,6 +115,15 @@ fn worst_difference(pack: &Arc<Pack>, expected: &Expected) -> f64 {
         for e in &r.top {
             let want = expected.lenses[&format!("{}@{}", e.name, e.layer)][t];
             worst = worst.max((e.prob as f64 - want).abs());
+            // Each detection reports every probe of its lens, whose combination is the lens.
+            let layers: Vec<u32> = pack.probes_of(e.id).map(|p| pack.probe(p).model_layer).collect();
+            assert_eq!(e.probes.iter().map(|p| p.model_layer).collect::<Vec<_>>(), layers);
+            let calibrated: Option<Vec<f32>> = e.probes.iter().map(|p| p.calibrated).collect();
+            let combined = match calibrated {
+                Some(c) => c.into_iter().fold(0.0f32, f32::max),
+                None => (e.probes.iter().map(|p| p.prob as f64).sum::<f64>() / e.probes.len() as f64) as f32,
+            };
+            assert_eq!(combined, e.prob, "{} at token {t}", e.name);
         }
     }
     worst

@@ -1,5 +1,5 @@
-//! Pack format v1: round trip, compatibility with the safetensors crate, and one test per
-//! defect that opening or verifying must reject, each asserting on what the error names.
+//! Pack formats v1 and v2: round trip, compatibility with the safetensors crate, and one test
+//! per defect that opening or verifying must reject, each asserting on what the error names.
 
 mod common;
 
@@ -230,9 +230,13 @@ fn rejects_non_finite_weights_in_verify() {
 
 #[test]
 fn rejects_unknown_fields_and_versions() {
+    let dir = tiny_pack_with(|v| v["format_version"] = json!(3));
+    let (_, s) = open_err(&dir);
+    assert!(s.contains("format_version 3"), "{s}");
+    // A v1 manifest relabelled v2 lacks v2's fields.
     let dir = tiny_pack_with(|v| v["format_version"] = json!(2));
     let (_, s) = open_err(&dir);
-    assert!(s.contains("format_version 2"), "{s}");
+    assert!(s.contains("model_layers") && s.contains("lens_score"), "{s}");
     let dir = tiny_pack_with(|v| v["concepts"][3]["colour"] = json!("red"));
     let (e, s) = open_err(&dir);
     assert!(matches!(e, PackError::ManifestSyntax { .. }) && s.contains("colour"), "{s}");
@@ -330,4 +334,98 @@ fn rejects_probes_whose_tensors_interleave() {
     let (e, s) = open_err(&dir);
     assert!(matches!(e, PackError::BadTensor { .. }), "{s}");
     assert!(s.contains("Top@0") && s.contains("back to back"), "{s}");
+}
+
+/// A v2 pack of three lenses over model layers 4 and 9: A (two probes, both calibrated), B (one
+/// probe at layer 9, uncalibrated), C (two probes, one calibrated).
+fn lens_pack(dir: &std::path::Path) -> Vec<ProbeWeights> {
+    use probe_cascade::pack::{write_pack, ConceptDef, LensSpec, ProbeDef};
+    let q = |k: f64| Some(vec![0.1 * k, 0.2 * k, 0.5 * k]);
+    let p = |model_layer, quantiles| ProbeDef { model_layer, quantiles };
+    let spec = PackSpec {
+        hidden_dim: 8,
+        dtype: DType::F32,
+        input_normalization: probe_cascade::pack::InputNormalization::LayerNorm,
+        probes_per_shard: 2,
+        concepts: vec![
+            ConceptDef { name: "A".into(), layer: 0, parents: vec![] },
+            ConceptDef { name: "B".into(), layer: 1, parents: vec![0] },
+            ConceptDef { name: "C".into(), layer: 1, parents: vec![0] },
+        ],
+        lenses: Some(LensSpec {
+            model_layers: vec![4, 9],
+            probes: vec![vec![p(4, q(1.0)), p(9, q(1.5))], vec![p(9, None)], vec![p(4, None), p(9, q(1.0))]],
+        }),
+    };
+    let weights: Vec<ProbeWeights> = (0..5).map(|i| synth_probe(9, i, &[0.5; 8], 1.0 + i as f32)).collect();
+    write_pack(dir, &spec, |id| weights[id as usize].clone(), |_| {}).unwrap();
+    weights
+}
+
+fn lens_pack_with(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    lens_pack(dir.path());
+    let mut v = read_manifest(dir.path());
+    edit(&mut v);
+    common::write_manifest(dir.path(), &v);
+    dir
+}
+
+#[test]
+fn a_v2_pack_round_trips_its_lenses_probes_and_quantiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = lens_pack(dir.path());
+    let pack = Pack::open(dir.path()).unwrap();
+    assert_eq!((pack.format_version(), pack.len(), pack.probe_count()), (2, 3, 5));
+    assert_eq!(pack.model_layers(), &[4, 9]);
+    assert_eq!(pack.hidden_states(), 2);
+    assert!(pack.calibrated() && !pack.one_probe_per_concept());
+    let probes = |c: u32| -> Vec<(u32, u16, Option<Vec<f64>>)> {
+        pack.probes_of(ConceptId(c))
+            .map(|p| (pack.probe(p).model_layer, pack.probe(p).state, pack.quantiles(p).map(|q| q.to_vec())))
+            .collect()
+    };
+    assert_eq!(probes(0), vec![(4, 0, Some(vec![0.1, 0.2, 0.5])), (9, 1, Some(vec![0.1 * 1.5, 0.2 * 1.5, 0.5 * 1.5]))]);
+    assert_eq!(probes(1), vec![(9, 1, None)]);
+    assert_eq!(probes(2), vec![(4, 0, None), (9, 1, Some(vec![0.1, 0.2, 0.5]))]);
+    for (i, w) in weights.iter().enumerate() {
+        let p = ProbeId(i as u32);
+        assert_eq!(&pack.decode_probe(p, &pack.read_probe(p).unwrap()).unwrap(), w, "probe {i}");
+    }
+    assert!(pack.verify(|_| {}).is_empty());
+    // A probe's errors name its lens and its model layer.
+    assert_eq!(pack.probe_label(ProbeId(4)), "C@1 (model layer 9)");
+    let v = read_manifest(dir.path());
+    assert_eq!(v["format_version"], json!(2));
+    assert_eq!(v["concepts"][2]["probes"][1]["id"], json!(4));
+}
+
+#[test]
+fn v2_defects_are_errors_naming_the_lens_and_what_is_wrong() {
+    let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &[&str])> = vec![
+        (
+            Box::new(|v| v["concepts"][0]["probes"][0]["quantiles"] = json!([0.5, 0.2, 0.9])),
+            &["A@0", "not non-decreasing"],
+        ),
+        (Box::new(|v| v["concepts"][0]["probes"][0]["quantiles"] = json!([0.5])), &["A@0", "at least 2"]),
+        (Box::new(|v| v["concepts"][1]["probes"][0]["model_layer"] = json!(5)), &["B@1", "model layer 5", "[4, 9]"]),
+        (Box::new(|v| v["concepts"][1]["probes"] = json!([])), &["B@1", "no probes"]),
+        (
+            Box::new(|v| v["concepts"][2]["probes"][1]["model_layer"] = json!(4)),
+            &["C@1", "two probes of model layer 4"],
+        ),
+        (Box::new(|v| v["concepts"][2]["probes"][0]["id"] = json!(7)), &["C@1", "dense"]),
+        (Box::new(|v| v["model_layers"] = json!([9, 4])), &["ascending"]),
+        (Box::new(|v| v["lens_score"] = json!("mean")), &["lens_score `mean`"]),
+        (
+            Box::new(|v| v["concepts"][1]["weights"] = json!({"shard": 0, "offset": 0, "length": 1})),
+            &["B@1", "v2 concept"],
+        ),
+        (Box::new(|v| v["concepts"][1]["parents"] = json!([5])), &["B@1", "5"]),
+    ];
+    for (edit, says) in cases {
+        let dir = lens_pack_with(edit);
+        let (_, s) = open_err(&dir);
+        assert!(says.iter().all(|w| s.contains(w)), "{says:?} in {s}");
+    }
 }

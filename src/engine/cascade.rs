@@ -1,6 +1,7 @@
 //! The per-token algorithm, once, for every engine: validate and normalize the hidden state,
 //! score the active set, expand, prune, report (docs/cascade-semantics.md).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,8 +11,8 @@ use super::{BackendError, Engine, EngineError, HiddenValues, ProbeBackend, Repor
 use crate::config::{CascadeConfig, Normalization};
 use crate::pack::{ConceptId, Pack, ProbeId};
 use crate::policy::{self, lens::score_lens, ConceptSet, Scored, TokenCascade, Watch};
-use crate::types::Alert;
 use crate::types::HiddenError;
+use crate::types::{Alert, ProbeScore};
 
 pub struct CascadeEngine<B> {
     pack: Arc<Pack>,
@@ -21,6 +22,8 @@ pub struct CascadeEngine<B> {
     backend: B,
     active: ConceptSet,
     base: ConceptSet,
+    /// v2 packs: this token's probe logits of every lens scored, for the report.
+    probe_logits: HashMap<ConceptId, Vec<f32>>,
 }
 
 impl<B: ProbeBackend> CascadeEngine<B> {
@@ -30,7 +33,16 @@ impl<B: ProbeBackend> CascadeEngine<B> {
         let probes: Vec<ProbeId> = base.iter().flat_map(|c| pack.probes_of(c)).collect();
         backend.load(&probes).map_err(EngineError::BaseLoad)?;
         let normalization = config.normalization_for(pack.input_normalization());
-        Ok(Self { config: Arc::new(config.clone()), watch, normalization, backend, active: base.clone(), base, pack })
+        Ok(Self {
+            config: Arc::new(config.clone()),
+            watch,
+            normalization,
+            backend,
+            active: base.clone(),
+            base,
+            pack,
+            probe_logits: HashMap::new(),
+        })
     }
 
     /// The probes of `concepts`, in order.
@@ -58,12 +70,17 @@ impl<B: ProbeBackend> CascadeEngine<B> {
             }
         }
         let mut at = 0;
+        let versioned = self.pack.format_version() > 1;
         Ok(concepts
             .iter()
             .map(|&c| {
                 let n = self.pack.probes_of(c).len();
                 at += n;
-                score_lens(&self.pack, c, &logits[at - n..at])
+                let mine = &logits[at - n..at];
+                if versioned {
+                    self.probe_logits.insert(c, mine.to_vec());
+                }
+                score_lens(&self.pack, c, mine)
             })
             .collect())
     }
@@ -75,6 +92,7 @@ impl<B: ProbeBackend> CascadeEngine<B> {
         stages: &mut StageTimings,
     ) -> Result<TokenOutcome, BackendError> {
         let t = Instant::now();
+        self.probe_logits.clear();
         let initial: Vec<ConceptId> = self.active.iter().collect();
         let initial = self.score(&initial, h)?;
         stages.initial_scoring += t.elapsed();
@@ -110,7 +128,8 @@ impl<B: ProbeBackend> CascadeEngine<B> {
         stages.pruning += t.elapsed();
 
         let t = Instant::now();
-        let top = report_entries(hierarchy, &token.report());
+        let mut top = report_entries(hierarchy, &token.report());
+        probe_scores(&pack, &mut top, &self.probe_logits);
         let alerts = alert_entries(hierarchy, &self.watch, token.scored());
         stages.sorting += t.elapsed();
         Ok(TokenOutcome {
@@ -133,8 +152,29 @@ pub fn report_entries(hierarchy: &crate::pack::Hierarchy, top: &[Scored]) -> Vec
             layer: hierarchy.layer(s.id),
             prob: s.prob,
             logit: s.logit,
+            probes: Vec::new(),
         })
         .collect()
+}
+
+/// The probes of each reported lens, from their logits this token (a v2 pack's report).
+pub fn probe_scores(pack: &Pack, top: &mut [ReportEntry], logits: &HashMap<ConceptId, Vec<f32>>) {
+    for e in top {
+        let Some(l) = logits.get(&e.id) else { continue };
+        e.probes = pack
+            .probes_of(e.id)
+            .zip(l)
+            .map(|(p, &logit)| {
+                let prob = policy::sigmoid(logit);
+                ProbeScore {
+                    model_layer: pack.probe(p).model_layer,
+                    logit,
+                    prob,
+                    calibrated: pack.quantiles(p).map(|q| policy::lens::calibrate(prob, q) as f32),
+                }
+            })
+            .collect();
+    }
 }
 
 /// Names for a token's alerts: every alert of `watch` over `scored` (everything scored this

@@ -23,6 +23,21 @@ pub struct ReportEntry {
     pub layer: u16,
     pub prob: f32,
     pub logit: f32,
+    /// In a v2 pack, the lens's probes this token, one per model layer (empty in a v1 pack,
+    /// whose one probe's score is the entry's own).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<ProbeScore>,
+}
+
+/// One probe of a reported lens: its model layer, logit, raw score `sigmoid(logit)`, and its
+/// calibrated score where the pack calibrates it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ProbeScore {
+    pub model_layer: u32,
+    pub logit: f32,
+    pub prob: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibrated: Option<f32>,
 }
 
 /// A watch profile's alert: a concept scored this token, in a watched subtree, at or above
