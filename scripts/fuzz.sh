@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 SECONDS_EACH=${FUZZ_SECONDS:-60}
 JOBS=${FUZZ_JOBS:-1}
-ALL="manifest safetensors torch_zip pickle hatcat_json npy config_toml service"
+ALL="manifest safetensors torch_zip pickle hatcat_json headspace_calibration npy config_toml service"
 TARGETS=${FUZZ_TARGETS:-$ALL}
 AFL_VERSION=0.18.2
 

@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::WatchProfile;
 use crate::pack::{ConceptId, Pack};
-use crate::policy::{sigmoid, RAW_ALERT_THRESHOLD};
+use crate::policy::default_alert_threshold;
 use crate::types::TokenReport;
 
 /// Detections per token when the caller sets none (headspace's `top`).
@@ -103,12 +103,25 @@ fn token(fields: &[(String, ConceptId)], t: &TraceToken, top: usize) -> Value {
     let field_scores: Vec<f64> = fields
         .iter()
         .map(|(_, id)| match r.scored_ids.binary_search(id) {
-            Ok(i) => round3(sigmoid(r.scored_logits[i]) as f64),
+            Ok(i) => round3(r.scored_probs[i] as f64),
             Err(_) => 0.0,
         })
         .collect();
-    // Single-probe lenses: no per-layer scores (headspace leaves the dict empty for those).
-    let top: Vec<Value> = r.top.iter().take(top).map(|e| json!([e.name, round3(e.prob as f64), Map::new()])).collect();
+    // Per model layer, each probe's score (calibrated where it is); v1 packs name no model
+    // layer, and their dict stays empty as headspace's is for single-probe lenses.
+    let top: Vec<Value> = r
+        .top
+        .iter()
+        .take(top)
+        .map(|e| {
+            let layers: Map<String, Value> = e
+                .probes
+                .iter()
+                .map(|p| (p.model_layer.to_string(), json!(round3(p.calibrated.unwrap_or(p.prob) as f64))))
+                .collect();
+            json!([e.name, round3(e.prob as f64), layers])
+        })
+        .collect();
     json!({
         "t": t.text,
         "ms": (r.elapsed.as_secs_f64() * 1e4).round() / 10.0,
@@ -144,7 +157,7 @@ pub fn document(pack: &Pack, pack_name: &str, model: Option<&str>, runs: &[Trace
         "model": model,
         "pack": pack_name,
         "total_lenses": pack.len(),
-        "calibrated": false,
+        "calibrated": pack.calibrated(),
         "fields": fields.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
         "concepts": concepts(pack),
         "runs": runs,
@@ -179,13 +192,16 @@ pub fn pack_info(pack: &Pack, model: Option<&str>, watch: &[WatchProfile]) -> Pa
         model: model.map(str::to_string),
         pack: pack_name(pack),
         total_lenses: pack.len(),
-        calibrated: false,
-        alert_threshold: RAW_ALERT_THRESHOLD,
+        calibrated: pack.calibrated(),
+        alert_threshold: default_alert_threshold(pack),
         fields: fields(pack).into_iter().map(|(n, _)| n).collect(),
         concepts: concepts(pack),
         watch: watch
             .iter()
-            .map(|w| WatchInfo { name: w.name.clone(), threshold: w.threshold.unwrap_or(RAW_ALERT_THRESHOLD) })
+            .map(|w| WatchInfo {
+                name: w.name.clone(),
+                threshold: w.threshold.unwrap_or(default_alert_threshold(pack)),
+            })
             .collect(),
     }
 }

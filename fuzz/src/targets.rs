@@ -14,8 +14,17 @@ use probe_cascade_server::state::{Live, Requested};
 use prost::Message;
 
 /// The targets, by name (each `fuzz/src/bin/<name>.rs` and `fuzz/corpus/<name>/`).
-pub const NAMES: [&str; 8] =
-    ["manifest", "safetensors", "torch_zip", "pickle", "hatcat_json", "npy", "config_toml", "service"];
+pub const NAMES: [&str; 9] = [
+    "manifest",
+    "safetensors",
+    "torch_zip",
+    "pickle",
+    "hatcat_json",
+    "headspace_calibration",
+    "npy",
+    "config_toml",
+    "service",
+];
 
 /// Prepares `dir` for target `name` (once per process): the tiny pack the pack targets
 /// replace one file of.
@@ -34,6 +43,7 @@ pub fn run(name: &str, dir: &Path, live: &Live, data: &[u8]) {
         "torch_zip" => torch_zip(data),
         "pickle" => pickle(data),
         "hatcat_json" => hatcat_json(dir, data),
+        "headspace_calibration" => headspace_calibration(data),
         "npy" => npy(dir, data),
         "config_toml" => config_toml(data),
         "service" => service(live, data),
@@ -65,8 +75,8 @@ pub fn tiny_pack(dir: &Path) {
 /// Opens a pack and reads every probe (checking lengths and CRCs): what a runtime does first.
 fn open_and_read(dir: &Path) {
     if let Ok(pack) = probe_cascade::pack::Pack::open(dir) {
-        for id in pack.hierarchy().ids() {
-            let _ = pack.read_probe(probe_cascade::pack::ProbeId::sole(id));
+        for p in 0..pack.probe_count() as u32 {
+            let _ = pack.read_probe(probe_cascade::pack::ProbeId(p));
         }
     }
 }
@@ -121,6 +131,16 @@ fn hatcat_json(dir: &Path, data: &[u8]) {
     }
     if let Ok(files) = probe_cascade::import::hatcat::read_hierarchy(dir) {
         let _ = probe_cascade::import::hatcat::resolve_links(&files);
+    }
+}
+
+/// headspace's `probe_calibration.json`: JSON, the probes object, each entry's quantiles and
+/// their checks (count, finiteness, order), through `parse_calibration`.
+fn headspace_calibration(data: &[u8]) {
+    if let Ok(q) = probe_cascade::import::headspace::parse_calibration(data) {
+        for (_, v) in q {
+            let _ = probe_cascade::policy::lens::calibrate(0.5, &v);
+        }
     }
 }
 

@@ -204,8 +204,8 @@ struct TokenOutcome {
     children: usize,
     skipped_by_cap: usize,
     unloaded: usize,
-    /// Ids ascending, and their logits.
-    scored: (Vec<ConceptId>, Vec<f32>),
+    /// Ids ascending, and their logits and scores.
+    scored: (Vec<ConceptId>, Vec<f32>, Vec<f32>),
 }
 
 impl<B: ProbeBackend> Engine for CascadeEngine<B> {
@@ -230,6 +230,7 @@ impl<B: ProbeBackend> Engine for CascadeEngine<B> {
                 scored: o.scored.0.len(),
                 scored_ids: o.scored.0,
                 scored_logits: o.scored.1,
+                scored_probs: o.scored.2,
                 active: self.active.len(),
                 stages,
                 elapsed: start.elapsed(),

@@ -121,6 +121,7 @@ impl Engine for OracleEngine {
         let mut scored: Vec<Scored> =
             logits.iter().enumerate().map(|(i, &logit)| score_lens(pack, ConceptId(i as u32), &[logit])).collect();
         let alerts = alert_entries(self.pack.hierarchy(), &self.watch, &scored);
+        let scored_probs = scored.iter().map(|s| s.prob).collect();
         scored.sort_by(rank);
         scored.truncate(self.report_top_k);
         let top = report_entries(self.pack.hierarchy(), &scored);
@@ -136,6 +137,7 @@ impl Engine for OracleEngine {
             scored: n,
             scored_ids: (0..n as u32).map(ConceptId).collect(),
             scored_logits: logits,
+            scored_probs,
             active: n,
             stages,
             elapsed: start.elapsed(),

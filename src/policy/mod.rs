@@ -49,11 +49,13 @@ pub fn rank(a: &Scored, b: &Scored) -> Ordering {
     b.prob.total_cmp(&a.prob).then(b.logit.total_cmp(&a.logit)).then(a.id.cmp(&b.id))
 }
 
-/// The ids of a token's scores, ascending, and their logits in the same order.
-pub fn scored_by_id(scored: &[Scored]) -> (Vec<ConceptId>, Vec<f32>) {
+/// The ids of a token's scores, ascending, and their logits and scores in the same order.
+pub fn scored_by_id(scored: &[Scored]) -> (Vec<ConceptId>, Vec<f32>, Vec<f32>) {
     let mut v = scored.to_vec();
     v.sort_unstable_by_key(|s| s.id);
-    v.into_iter().map(|s| (s.id, s.logit)).unzip()
+    let ids = v.iter().map(|s| s.id).collect();
+    let logits = v.iter().map(|s| s.logit).collect();
+    (ids, logits, v.into_iter().map(|s| s.prob).collect())
 }
 
 /// The always-active probes: every concept of `config.base_layers`. Errors (naming the config

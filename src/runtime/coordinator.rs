@@ -411,7 +411,7 @@ impl Coordinator {
         stages.sorting += t.elapsed();
         let in_flight = self.pending.iter().map(|c| pack.hierarchy().label(c)).collect();
         let failed_loads = std::mem::take(&mut self.failed_late);
-        let (scored_ids, scored_logits) = crate::policy::scored_by_id(tc.scored());
+        let (scored_ids, scored_logits, scored_probs) = crate::policy::scored_by_id(tc.scored());
         Ok(TokenReport {
             in_flight,
             failed_loads,
@@ -425,6 +425,7 @@ impl Coordinator {
             scored: tc.scored().len(),
             scored_ids,
             scored_logits,
+            scored_probs,
             active: self.pool.active_len(),
             stages,
             elapsed: start.elapsed(),

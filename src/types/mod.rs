@@ -97,8 +97,10 @@ pub struct TokenReport {
     /// Which probes were scored this token, ascending: what a fidelity check against the
     /// exhaustive oracle needs (a concept the cascade never scored is one it missed).
     pub scored_ids: Vec<ConceptId>,
-    /// The logit of each of `scored_ids`, in the same order.
+    /// The logit of each of `scored_ids`, in the same order (a lens's largest probe logit).
     pub scored_logits: Vec<f32>,
+    /// The score of each of `scored_ids` (a lens's score), in the same order.
+    pub scored_probs: Vec<f32>,
     /// Active probes after pruning.
     pub active: usize,
     pub stages: StageTimings,

@@ -34,6 +34,18 @@ fn main() {
     }
     std::fs::remove_dir_all(&pack).unwrap();
 
+    // A v2 manifest over the same shard: two lenses, the first of two calibrated probes.
+    let tiny: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/manifest/tiny.json")).unwrap())
+            .unwrap();
+    put("manifest", "lenses_v2.json", lenses_v2(&tiny).to_string().as_bytes());
+
+    // headspace calibration files: the fixture's, and defects.
+    let calibration = std::fs::read(root().join("tests/fixtures/headspace/pack/probe_calibration.json")).unwrap();
+    put("headspace_calibration", "fixture.json", &calibration);
+    put("headspace_calibration", "descending.json", br#"{"probes": {"layer0/A@L4": {"quantiles": [0.9, 0.1]}}}"#);
+    put("headspace_calibration", "no_quantiles.json", br#"{"probes": {"layer0/A@L4": {}}}"#);
+
     // torch.save files, good and bad, and the pickles inside the good ones.
     for (dir, name) in [
         ("lenses", "Entity_classifier.pt"),
@@ -113,4 +125,28 @@ fn tempfile_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("probe-cascade-corpus-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// The tiny v1 manifest as a v2 one: concept 0 reads probes 0 and 1 (model layers 3 and 5,
+/// calibrated), concept 1 probe 2; the third concept is gone.
+fn lenses_v2(tiny: &serde_json::Value) -> serde_json::Value {
+    let c = tiny["concepts"].as_array().unwrap();
+    let probe = |i: usize, m: u32, q: bool| {
+        let mut p = serde_json::json!({"id": i, "model_layer": m, "weights": c[i]["weights"], "crc32": c[i]["crc32"]});
+        if q {
+            p["quantiles"] = serde_json::json!([0.05, 0.4, 0.9]);
+        }
+        p
+    };
+    let mut v = tiny.clone();
+    v["format_version"] = serde_json::json!(2);
+    v["model_layers"] = serde_json::json!([3, 5]);
+    v["lens_score"] = serde_json::json!("calibrated_max_else_raw_mean");
+    v["concepts"] = serde_json::json!([
+        {"id": 0, "name": c[0]["name"], "layer": 0, "parents": [], "children": [1],
+         "probes": [probe(0, 3, true), probe(1, 5, true)]},
+        {"id": 1, "name": c[1]["name"], "layer": 1, "parents": [0], "children": [],
+         "probes": [probe(2, 5, false)]}
+    ]);
+    v
 }
