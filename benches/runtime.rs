@@ -10,8 +10,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use kameo::prelude::Spawn;
 use probe_cascade::config::Config;
 use probe_cascade::engine::tensors::{batched_logits, RowSplit};
-use probe_cascade::pack::ProbeId;
-use probe_cascade::pack::{write_pack, ConceptDef, ConceptId, DType, Pack, PackSpec, ProbeWeights};
+use probe_cascade::pack::{write_pack, ConceptDef, DType, Pack, PackSpec, ProbeId, ProbeWeights};
 use probe_cascade::runtime::cache::ProbeBytes;
 use probe_cascade::runtime::cache::{CacheSettings, Get, WeightCache};
 use probe_cascade::runtime::faults::Faults;
@@ -112,12 +111,10 @@ fn install(c: &mut Criterion) {
     // probes in turn, so that each evicts the other; `resident`: the same probe every time.
     for dtype in [DType::Bf16, DType::F32] {
         let (_dir, pack) = big_pack(2, dtype);
-        let ids = [ConceptId(0), ConceptId(1)];
-        let bytes: std::collections::HashMap<_, _> = ids
-            .iter()
-            .map(|&id| (id, Arc::new(ProbeBytes::detached(id, pack.read_probe(ProbeId::sole(id)).unwrap()))))
-            .collect();
-        let (none, faults) = (probe_cascade::policy::ConceptSet::default(), Faults::none());
+        let ids = [ProbeId(0), ProbeId(1)];
+        let bytes: std::collections::HashMap<_, _> =
+            ids.iter().map(|&id| (id, Arc::new(ProbeBytes::detached(id, pack.read_probe(id).unwrap())))).collect();
+        let (none, faults) = (probe_cascade::policy::ProbeSet::default(), Faults::none());
         let mut store = TorchBackend::new(pack.clone(), 1, Device::Cpu, Kind::Float, None, none, faults).unwrap();
         group.throughput(Throughput::Bytes(bytes[&ids[0]].len() as u64));
         let mut n = 0;
@@ -166,7 +163,7 @@ fn cache_and_reader(c: &mut Criterion) {
                 while done < 500 {
                     while next < 500 && !spare.is_empty() {
                         let buf = spare.pop().unwrap();
-                        reader.submit(ReadRequest::for_probe(&pack, ConceptId(next as u32), buf)).unwrap();
+                        reader.submit(ReadRequest::for_probe(&pack, ProbeId(next as u32), buf)).unwrap();
                         next += 1;
                     }
                     let c = rx.recv().unwrap();
@@ -189,13 +186,12 @@ fn cache_and_reader(c: &mut Criterion) {
         faults: Faults::none(),
     };
     let cache = rt.block_on(async { WeightCache::spawn(WeightCache::new(pack.clone(), &settings(1 << 31)).unwrap()) });
-    rt.block_on(async { cache.ask(Get(vec![ConceptId(0)])).await }).unwrap();
-    group
-        .bench_function("hit", |b| b.iter(|| rt.block_on(async { cache.ask(Get(vec![ConceptId(0)])).await }).unwrap()));
+    rt.block_on(async { cache.ask(Get(vec![ProbeId(0)])).await }).unwrap();
+    group.bench_function("hit", |b| b.iter(|| rt.block_on(async { cache.ask(Get(vec![ProbeId(0)])).await }).unwrap()));
     // Misses: a budget of zero keeps nothing, so every Get reads (from the page cache).
     let uncached = rt.block_on(async { WeightCache::spawn(WeightCache::new(pack.clone(), &settings(0)).unwrap()) });
     group.bench_function("miss", |b| {
-        b.iter(|| rt.block_on(async { uncached.ask(Get(vec![ConceptId(1)])).await }).unwrap())
+        b.iter(|| rt.block_on(async { uncached.ask(Get(vec![ProbeId(1)])).await }).unwrap())
     });
     // Evict: a budget of two probes, cycling through three, so every Get reads and evicts.
     let small =
@@ -204,7 +200,7 @@ fn cache_and_reader(c: &mut Criterion) {
     group.bench_function("miss_and_evict", |b| {
         b.iter(|| {
             i = (i + 1) % 3;
-            rt.block_on(async { small.ask(Get(vec![ConceptId(i)])).await }).unwrap()
+            rt.block_on(async { small.ask(Get(vec![ProbeId(i)])).await }).unwrap()
         })
     });
     group.finish();

@@ -11,8 +11,7 @@ use probe_cascade::config::Config;
 use probe_cascade::engine::{build_engine, prepare_hidden, EngineKind, TokenReport};
 use probe_cascade::kernel::{reference_logit, ProbeRef};
 use probe_cascade::npy::Matrix;
-use probe_cascade::pack::ProbeId;
-use probe_cascade::pack::{ConceptId, Pack};
+use probe_cascade::pack::{ConceptId, Pack, ProbeId};
 use probe_cascade::runtime::Cascade;
 use probe_cascade::synth::{concept_geometry, synth_trace, write_synth_pack, SynthParams, TraceParams};
 

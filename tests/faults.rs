@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use probe_cascade::config::{Config, Mode};
 use probe_cascade::engine::TokenReport;
-use probe_cascade::pack::ConceptId;
+use probe_cascade::pack::{ConceptId, ProbeId};
 use probe_cascade::runtime::cache::CacheStats;
 use probe_cascade::runtime::faults::{FaultPlan, Faults, PanicSite, ReadFault};
 use probe_cascade::runtime::reader::ReaderKind;
@@ -228,7 +228,7 @@ fn rows() -> Vec<Row> {
     vec![
         Row {
             name: "EIO",
-            plan: |x| FaultPlan::new().read(x, ReadFault::Eio, None),
+            plan: |x| FaultPlan::new().read(ProbeId::sole(x), ReadFault::Eio, None),
             names: &["os error 5"],
             breaks: &[],
             once: false,
@@ -237,7 +237,7 @@ fn rows() -> Vec<Row> {
         },
         Row {
             name: "EIO, once",
-            plan: |x| FaultPlan::new().read(x, ReadFault::Eio, Some(1)),
+            plan: |x| FaultPlan::new().read(ProbeId::sole(x), ReadFault::Eio, Some(1)),
             names: &["os error 5"],
             breaks: &[],
             once: true,
@@ -246,7 +246,7 @@ fn rows() -> Vec<Row> {
         },
         Row {
             name: "short read",
-            plan: |x| FaultPlan::new().read(x, ReadFault::Short, None),
+            plan: |x| FaultPlan::new().read(ProbeId::sole(x), ReadFault::Short, None),
             names: &["returned"],
             breaks: &[],
             once: false,
@@ -255,7 +255,7 @@ fn rows() -> Vec<Row> {
         },
         Row {
             name: "CRC corruption",
-            plan: |x| FaultPlan::new().read(x, ReadFault::Corrupt, None),
+            plan: |x| FaultPlan::new().read(ProbeId::sole(x), ReadFault::Corrupt, None),
             names: &["checksum mismatch"],
             breaks: &[],
             once: false,
@@ -282,7 +282,7 @@ fn rows() -> Vec<Row> {
         },
         Row {
             name: "panic in the coordinator",
-            plan: |x| FaultPlan::new().panic(PanicSite::Coordinator, x, Some(1)),
+            plan: |x| FaultPlan::new().panic(PanicSite::Coordinator, ProbeId::sole(x), Some(1)),
             names: &["coordinator", "panicked"],
             breaks: &[Run::Exact, Run::Pipelined, Run::Sessions],
             once: true,
@@ -291,7 +291,7 @@ fn rows() -> Vec<Row> {
         },
         Row {
             name: "panic in the cache",
-            plan: |x| FaultPlan::new().panic(PanicSite::Cache, x, None),
+            plan: |x| FaultPlan::new().panic(PanicSite::Cache, ProbeId::sole(x), None),
             names: &["cache actor", "panicked"],
             breaks: &[],
             once: false,
@@ -300,7 +300,7 @@ fn rows() -> Vec<Row> {
         },
         Row {
             name: "panic in the scoring thread",
-            plan: |x| FaultPlan::new().panic(PanicSite::Scoring, x, None),
+            plan: |x| FaultPlan::new().panic(PanicSite::Scoring, ProbeId::sole(x), None),
             names: &["panicked"],
             // Every stream scores on the step scheduler, whose scoring only reads the slots:
             // the token fails, the stream goes on.
@@ -311,7 +311,7 @@ fn rows() -> Vec<Row> {
         },
         Row {
             name: "scoring fails mid-step",
-            plan: |x| FaultPlan::new().fail_step(x, None),
+            plan: |x| FaultPlan::new().fail_step(ProbeId::sole(x), None),
             names: &["scoring step failed"],
             breaks: &[],
             once: false,
@@ -320,7 +320,7 @@ fn rows() -> Vec<Row> {
         },
         Row {
             name: "copy into the device store fails",
-            plan: |x| FaultPlan::new().fail_upload(x, None),
+            plan: |x| FaultPlan::new().fail_upload(ProbeId::sole(x), None),
             names: &["resident store"],
             breaks: &[],
             once: false,
@@ -329,7 +329,7 @@ fn rows() -> Vec<Row> {
         },
         Row {
             name: "copy into the device store fails, once",
-            plan: |x| FaultPlan::new().fail_upload(x, Some(1)),
+            plan: |x| FaultPlan::new().fail_upload(ProbeId::sole(x), Some(1)),
             names: &["resident store"],
             breaks: &[],
             once: true,

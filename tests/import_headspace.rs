@@ -2,19 +2,23 @@
 //! `torch.save` files of lenses with one or two probes over model layers 4 and 7, a
 //! probe_calibration.json, a bundled hierarchy), scores what an independent float64 numpy
 //! implementation of headspace's rules gives (tests/fixtures/headspace/numpy_reference.py), in
-//! its calibrated and its raw variant. Alerts cover lenses outside the report; an observation
-//! without every model layer is a named error; bad calibration files are named errors.
+//! its calibrated and its raw variant. The actor runtime (CPU kernel and libtorch store, exact
+//! and pipelined, several sessions) scores them as the reference engine does. Alerts cover
+//! lenses outside the report; an observation without every model layer is a named error; bad
+//! calibration files are named errors.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use probe_cascade::config::{CascadeConfig, Config, Expansion, Pruning, WatchProfile};
-use probe_cascade::engine::{build_engine, Engine, EngineError, EngineKind, TokenReport};
+use probe_cascade::config::{CascadeConfig, Config, CpuKernel, Expansion, Mode, Normalization, Pruning, WatchProfile};
+use probe_cascade::engine::{build_engine, prepare_hidden, Engine, EngineError, EngineKind, Hidden, TokenReport};
 use probe_cascade::import::headspace::import_headspace;
 use probe_cascade::import::{ImportError, ImportOptions};
+use probe_cascade::kernel::{reference_logit, ProbeRef};
 use probe_cascade::pack::{ConceptId, Pack, ProbeId};
+use probe_cascade::runtime::{BlockingCascade, Runtime, SessionOptions};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/headspace")
@@ -251,4 +255,143 @@ fn bad_calibration_files_are_errors_naming_the_file_and_the_probe() {
         assert!(m.contains("probe_calibration.json") && m.contains(says), "{m}");
         assert!(!dir.path().join("pack/manifest.json").exists(), "nothing is written");
     }
+}
+
+/// Decompose the best two lenses, keep three beyond the base, report every lens scored; a
+/// profile over two subtrees at 0.5.
+fn decompose(cpu_kernel: CpuKernel, mode: Mode) -> Config {
+    let mut c = Config::default();
+    c.device.threads = 2;
+    c.device.cpu_kernel = cpu_kernel;
+    c.runtime.mode = mode;
+    c.cascade = CascadeConfig {
+        base_layers: vec![0],
+        expansion: Expansion::Decompose { top_k: 2, max_depth: 5 },
+        pruning: Pruning::GlobalTopK { keep: 3 },
+        report_top_k: 8,
+        watch: vec![WatchProfile {
+            name: "broad".into(),
+            concepts: vec!["Agent".into(), "Process".into()],
+            file: None,
+            threshold: Some(0.5),
+        }],
+        ..CascadeConfig::default()
+    };
+    c
+}
+
+#[test]
+fn the_runtime_scores_lenses_over_model_layers_as_the_reference_engine_does() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pack = import(&fixture().join("pack"), &dir.path().join("pack")).unwrap();
+    let expected = numpy_reference(&python, &dir.path().join("ref"), false);
+    let trace = &expected.trace[..80];
+    let config = decompose(CpuKernel::Auto, Mode::Exact);
+    let mut reference = build_engine(EngineKind::Reference, pack.clone(), &config).unwrap();
+    let want: Vec<(TokenReport, Vec<ConceptId>)> = trace
+        .iter()
+        .enumerate()
+        .map(|(t, row)| (observe(reference.as_mut(), &pack, t, row), reference.active()))
+        .collect();
+    let layout = pack.layout();
+    // The CPU kernel, and libtorch on a resident store (what an accelerator runs).
+    for cpu_kernel in [CpuKernel::Auto, CpuKernel::Torch] {
+        let mut runtime = BlockingCascade::start(pack.clone(), &decompose(cpu_kernel, Mode::Exact)).unwrap();
+        let (mut loaded, mut unloaded) = (0, 0);
+        for (t, row) in trace.iter().enumerate() {
+            let r = observe(&mut runtime, &pack, t, row);
+            let (w, w_active) = &want[t];
+            let ctx = format!("{cpu_kernel:?}, token {t}");
+            assert_eq!(runtime.active(), *w_active, "{ctx}: active lenses");
+            assert_eq!(r.scored_ids, w.scored_ids, "{ctx}: lenses scored");
+            assert_eq!(
+                (r.children, r.loaded, r.unloaded, r.active),
+                (w.children, w.loaded, w.unloaded, w.active),
+                "{ctx}"
+            );
+            let names = |x: &TokenReport| x.top.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+            assert_eq!(names(&r), names(w), "{ctx}: reports");
+            for (a, b) in r.top.iter().zip(&w.top) {
+                assert!((a.prob - b.prob).abs() < 1e-3, "{ctx}: {} {} vs {}", a.name, a.prob, b.prob);
+                assert_eq!(a.probes.len(), b.probes.len(), "{ctx}: {}", a.name);
+            }
+            let alerts = |x: &TokenReport| x.alerts.iter().map(|a| a.concept.clone()).collect::<Vec<_>>();
+            assert_eq!(alerts(&r), alerts(w), "{ctx}: alerts");
+            if cpu_kernel == CpuKernel::Auto {
+                // Each probe's logit is the kernel's scalar model of it alone on its layer's state.
+                let states: Vec<Vec<f32>> = row
+                    .chunks(pack.hidden_dim())
+                    .map(|h| prepare_hidden(t, h, pack.hidden_dim(), Normalization::LayerNorm).unwrap())
+                    .collect();
+                for e in &r.top {
+                    for (p, s) in pack.probes_of(e.id).zip(&e.probes) {
+                        let bytes = pack.read_probe(p).unwrap();
+                        let ranges = layout.ranges(&pack.tensor_offsets(p));
+                        let x = &states[pack.probe(p).state as usize];
+                        let model = reference_logit(&ProbeRef { bytes: &bytes, ranges: &ranges }, layout.dtype, x);
+                        assert_eq!(
+                            s.logit.to_bits(),
+                            model.to_bits(),
+                            "{ctx}: {} model layer {}",
+                            e.name,
+                            s.model_layer
+                        );
+                    }
+                }
+            }
+            loaded += r.loaded;
+            unloaded += r.unloaded;
+        }
+        assert!(
+            loaded > 0 && unloaded > 0,
+            "{cpu_kernel:?}: the cascade loads and prunes lenses ({loaded}, {unloaded})"
+        );
+        // One hidden state for a pack of two model layers: a named error, and the stream goes on.
+        let h = vec![0.5f32; pack.hidden_dim()];
+        let m = runtime.observe(99, &h).unwrap_err().to_string();
+        assert!(m.contains("model layers [4, 7]"), "{m}");
+        observe(&mut runtime, &pack, 100, &trace[0]);
+    }
+}
+
+#[test]
+fn pipelined_sessions_score_lenses_of_several_probes() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pack = import(&fixture().join("pack"), &dir.path().join("pack")).unwrap();
+    let expected = numpy_reference(&python, &dir.path().join("ref"), false);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let runtime = Runtime::start(pack.clone(), &decompose(CpuKernel::Auto, Mode::Pipelined)).await.unwrap();
+        let sessions: Vec<_> = futures_open(&runtime, 3).await;
+        let mut scored = 0;
+        for (t, row) in expected.trace[..40].iter().enumerate() {
+            for s in &sessions {
+                let states: Vec<Hidden> = row.chunks(pack.hidden_dim()).map(Hidden::from).collect();
+                let r = s.observe_states(states).await.unwrap();
+                // Every lens reported has all its probes, and its score is their combination.
+                for e in &r.top {
+                    assert_eq!(e.probes.len(), pack.probes_of(e.id).len(), "token {t}: {}", e.name);
+                }
+                scored += r.scored;
+                s.settle().await.unwrap();
+            }
+        }
+        assert!(scored > 40 * 3 * 3, "lenses beyond the base are scored ({scored})");
+        let stats = runtime.step_stats().await.unwrap();
+        assert_eq!(stats.sessions, 6, "two lanes (model layers) per session");
+        for s in sessions {
+            s.close().await;
+        }
+        runtime.shutdown().await;
+    });
+}
+
+async fn futures_open(runtime: &Runtime, n: usize) -> Vec<probe_cascade::runtime::Session> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(runtime.open_session(SessionOptions::default()).await.unwrap());
+    }
+    out
 }

@@ -10,8 +10,7 @@ use probe_cascade::engine::oracle::OracleEngine;
 use probe_cascade::engine::{build_engine, EngineKind, TokenReport};
 use probe_cascade::fidelity::{of_reports, oracle_rows};
 use probe_cascade::kernel::{reference_logit, ProbeRef};
-use probe_cascade::pack::ProbeId;
-use probe_cascade::pack::{ConceptId, Pack};
+use probe_cascade::pack::{ConceptId, Pack, ProbeId};
 use probe_cascade::runtime::Cascade;
 use probe_cascade::synth::{concept_geometry, synth_trace, TraceParams};
 

@@ -7,8 +7,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
 use common::{read_manifest, tiny_pack, tiny_pack_with};
-use probe_cascade::pack::ProbeId;
-use probe_cascade::pack::{ConceptId, DType, Pack, PackError, PackSpec, ProbeWeights};
+use probe_cascade::pack::{ConceptId, DType, Pack, PackError, PackSpec, ProbeId, ProbeWeights};
 use probe_cascade::synth::{synth_hierarchy, synth_probe, SynthParams};
 use serde_json::json;
 

@@ -4,8 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use probe_cascade::pack::ProbeId;
-use probe_cascade::pack::{ConceptId, Pack};
+use probe_cascade::pack::{ConceptId, Pack, ProbeId};
 
 #[test]
 fn a_pack_written_by_python_opens_and_scores() {

@@ -10,8 +10,7 @@ use kameo::prelude::Spawn;
 use probe_cascade::config::{CascadeConfig, Config, CpuKernel, Expansion, Pruning};
 use probe_cascade::engine::{build_engine, EngineKind, TokenReport};
 use probe_cascade::npy::Matrix;
-use probe_cascade::pack::ProbeId;
-use probe_cascade::pack::{ConceptId, Pack};
+use probe_cascade::pack::{Pack, ProbeId};
 use probe_cascade::runtime::cache::{CacheSettings, Get, Stats, WeightCache};
 use probe_cascade::runtime::faults::Faults;
 use probe_cascade::runtime::reader::{start_reader, ReadRequest, ReaderKind};
@@ -154,13 +153,13 @@ async fn io_uring_and_thread_readers_give_identical_bytes_and_reports() {
         };
         assert_eq!(reader.kind(), kind);
         for id in pack.hierarchy().ids() {
-            reader.submit(ReadRequest::for_probe(&pack, id, Vec::new())).unwrap();
+            reader.submit(ReadRequest::for_probe(&pack, ProbeId::sole(id), Vec::new())).unwrap();
         }
         let mut got = vec![Vec::new(); pack.len()];
         for _ in 0..pack.len() {
             let c = rx.recv_async().await.unwrap();
             let bytes = c.result.unwrap();
-            pack.check_crc(ProbeId::sole(c.id), &bytes).unwrap();
+            pack.check_crc(c.id, &bytes).unwrap();
             got[c.id.index()] = bytes;
         }
         all.push(got);
@@ -196,10 +195,10 @@ async fn concurrent_misses_on_one_probe_issue_one_read() {
         faults: Faults::none(),
     };
     let cache = WeightCache::spawn(WeightCache::new(pack.clone(), &settings).unwrap());
-    let id = ConceptId(7);
+    let id = ProbeId(7);
     // Both requests are in the mailbox before the read can complete.
     let (a, b, c) =
-        tokio::join!(cache.ask(Get(vec![id, id])), cache.ask(Get(vec![id])), cache.ask(Get(vec![ConceptId(8)])));
+        tokio::join!(cache.ask(Get(vec![id, id])), cache.ask(Get(vec![id])), cache.ask(Get(vec![ProbeId(8)])));
     let (b, a, c) = (a.unwrap(), b.unwrap(), c.unwrap());
     let stats = cache.ask(Stats).await.unwrap();
     // Probe 7 was asked for three times while (at most) one read of it could be in flight:
@@ -207,7 +206,7 @@ async fn concurrent_misses_on_one_probe_issue_one_read() {
     assert_eq!(stats.reads, 2, "one read for probe 7, one for probe 8: {stats:?}");
     assert_eq!(stats.merged + stats.hits, 2, "{stats:?}");
     assert!(stats.merged >= 1, "the repeat inside one request joins the read: {stats:?}");
-    let want = pack.read_probe(ProbeId::sole(id)).unwrap();
+    let want = pack.read_probe(id).unwrap();
     for got in [&a[0], &b[0], &b[1]] {
         assert_eq!(&got.as_ref().unwrap()[..], &want[..]);
     }

@@ -13,8 +13,7 @@ use probe_cascade::config::{Config, Mode};
 use probe_cascade::engine::{prepare_hidden, TokenReport};
 use probe_cascade::kernel::{reference_logit, ProbeRef};
 use probe_cascade::npy::Matrix;
-use probe_cascade::pack::ProbeId;
-use probe_cascade::pack::{ConceptId, Pack};
+use probe_cascade::pack::{ConceptId, Pack, ProbeId};
 use probe_cascade::runtime::{Cascade, Runtime, RuntimeError, SessionOptions};
 use rand::{Rng, SeedableRng};
 

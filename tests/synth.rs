@@ -3,8 +3,7 @@
 mod common;
 
 use probe_cascade::npy;
-use probe_cascade::pack::ProbeId;
-use probe_cascade::pack::{ConceptId, Pack};
+use probe_cascade::pack::{ConceptId, Pack, ProbeId};
 use probe_cascade::synth::{concept_geometry, synth_trace, write_synth_pack, SynthParams, TraceParams};
 
 fn files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 pub use crate::types::{hidden, Alert, Hidden, HiddenSource, HiddenValues, ReportEntry, StageTimings, TokenReport};
 pub use cascade::{
-    alert_entries, check_hidden, layer_norm, layer_norm_f64, prepare_hidden, prepare_states, report_entries,
-    CascadeEngine, LAYER_NORM_EPS,
+    alert_entries, check_hidden, layer_norm, layer_norm_f64, prepare_hidden, prepare_states, probe_scores,
+    report_entries, CascadeEngine, LAYER_NORM_EPS,
 };
 
 use crate::config::Config;

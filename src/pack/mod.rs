@@ -53,6 +53,30 @@ impl ProbeId {
     }
 }
 
+/// A dense index (concepts, probes): what id sets are keyed by.
+pub trait DenseId: Copy {
+    fn index(self) -> usize;
+    fn from_index(i: usize) -> Self;
+}
+
+impl DenseId for ConceptId {
+    fn index(self) -> usize {
+        self.0 as usize
+    }
+    fn from_index(i: usize) -> Self {
+        ConceptId(i as u32)
+    }
+}
+
+impl DenseId for ProbeId {
+    fn index(self) -> usize {
+        self.0 as usize
+    }
+    fn from_index(i: usize) -> Self {
+        ProbeId(i as u32)
+    }
+}
+
 /// What the pack says of one probe.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeInfo {
@@ -228,6 +252,10 @@ impl Pack {
     /// Whether any probe carries calibration quantiles (headspace's `calibrated`).
     pub fn calibrated(&self) -> bool {
         !self.quantiles.is_empty()
+    }
+    /// The most probes any lens has (1 in a v1 pack).
+    pub fn max_probes_per_lens(&self) -> usize {
+        self.probe_starts.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(1)
     }
     /// Whether every concept has exactly one probe (then `ProbeId::sole` maps between them).
     pub fn one_probe_per_concept(&self) -> bool {

@@ -17,7 +17,7 @@ pub use token::TokenCascade;
 pub use watch::{default_alert_threshold, AlertHit, Watch, CALIBRATED_ALERT_THRESHOLD, RAW_ALERT_THRESHOLD};
 
 use crate::config::{CascadeConfig, ConfigError};
-use crate::pack::{ConceptId, Hierarchy};
+use crate::pack::{ConceptId, DenseId, Hierarchy, ProbeId};
 
 /// One concept's (lens's) score on the current token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -99,22 +99,34 @@ pub fn base_set(hierarchy: &Hierarchy, config: &CascadeConfig) -> Result<Concept
     Ok(base)
 }
 
-/// A set of concept ids as a bitmap over the pack's dense ids.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ConceptSet {
+/// A set of dense ids (concepts or probes) as a bitmap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdSet<I> {
     bits: Vec<u64>,
     len: usize,
+    _id: std::marker::PhantomData<I>,
 }
 
-impl ConceptSet {
-    pub fn with_capacity(concepts: usize) -> Self {
-        Self { bits: vec![0; concepts.div_ceil(64)], len: 0 }
+/// A set of concept ids.
+pub type ConceptSet = IdSet<ConceptId>;
+/// A set of probe ids.
+pub type ProbeSet = IdSet<ProbeId>;
+
+impl<I> Default for IdSet<I> {
+    fn default() -> Self {
+        Self { bits: Vec::new(), len: 0, _id: std::marker::PhantomData }
     }
-    pub fn contains(&self, id: ConceptId) -> bool {
+}
+
+impl<I: DenseId> IdSet<I> {
+    pub fn with_capacity(ids: usize) -> Self {
+        Self { bits: vec![0; ids.div_ceil(64)], len: 0, _id: std::marker::PhantomData }
+    }
+    pub fn contains(&self, id: I) -> bool {
         self.bits.get(id.index() / 64).is_some_and(|w| w & (1 << (id.index() % 64)) != 0)
     }
     /// Returns whether the id was newly added.
-    pub fn insert(&mut self, id: ConceptId) -> bool {
+    pub fn insert(&mut self, id: I) -> bool {
         let (w, b) = (id.index() / 64, id.index() % 64);
         if w >= self.bits.len() {
             self.bits.resize(w + 1, 0);
@@ -124,7 +136,7 @@ impl ConceptSet {
         self.len += fresh as usize;
         fresh
     }
-    pub fn remove(&mut self, id: ConceptId) -> bool {
+    pub fn remove(&mut self, id: I) -> bool {
         let (w, b) = (id.index() / 64, id.index() % 64);
         let present = self.contains(id);
         if present {
@@ -137,12 +149,12 @@ impl ConceptSet {
         self.len
     }
     /// Members of either set.
-    pub fn union(&self, other: &ConceptSet) -> ConceptSet {
+    pub fn union(&self, other: &Self) -> Self {
         let n = self.bits.len().max(other.bits.len());
         let word = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
         let bits: Vec<u64> = (0..n).map(|i| word(&self.bits, i) | word(&other.bits, i)).collect();
         let len = bits.iter().map(|w| w.count_ones() as usize).sum();
-        ConceptSet { bits, len }
+        Self { bits, len, _id: std::marker::PhantomData }
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -152,9 +164,9 @@ impl ConceptSet {
         self.len = 0;
     }
     /// Ids in ascending order.
-    pub fn iter(&self) -> impl Iterator<Item = ConceptId> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = I> + '_ {
         self.bits.iter().enumerate().flat_map(|(w, &bits)| {
-            (0..64).filter(move |b| bits & (1 << b) != 0).map(move |b| ConceptId((w * 64 + b) as u32))
+            (0..64).filter(move |b| bits & (1 << b) != 0).map(move |b| I::from_index(w * 64 + b))
         })
     }
 }

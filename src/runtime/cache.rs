@@ -18,12 +18,12 @@ use lru::LruCache;
 
 use super::faults::{Faults, PanicSite};
 use super::reader::{ProbeReader, ReadCompletion, ReadRequest, ReaderKind};
-use crate::pack::{ConceptId, Pack, PackError, ProbeId};
+use crate::pack::{Pack, PackError, ProbeId};
 
 /// A probe's verified bytes. Dropping the last reference returns the buffer for reuse.
 #[derive(Debug)]
 pub struct ProbeBytes {
-    pub id: ConceptId,
+    pub id: ProbeId,
     bytes: Vec<u8>,
     recycle: flume::Sender<Vec<u8>>,
 }
@@ -31,7 +31,7 @@ pub struct ProbeBytes {
 impl ProbeBytes {
     /// Bytes that belong to no cache (their buffer is freed, not recycled, on drop): for tests
     /// and benchmarks that drive a scoring backend without a cache.
-    pub fn detached(id: ConceptId, bytes: Vec<u8>) -> Self {
+    pub fn detached(id: ProbeId, bytes: Vec<u8>) -> Self {
         Self { id, bytes, recycle: flume::bounded(0).0 }
     }
 }
@@ -92,9 +92,9 @@ pub struct WeightCache {
     pack: Arc<Pack>,
     budget: u64,
     used: u64,
-    lru: LruCache<ConceptId, Arc<ProbeBytes>>,
-    pending: HashMap<ConceptId, Vec<Waiter>>,
-    backlog: VecDeque<ConceptId>,
+    lru: LruCache<ProbeId, Arc<ProbeBytes>>,
+    pending: HashMap<ProbeId, Vec<Waiter>>,
+    backlog: VecDeque<ProbeId>,
     in_flight: usize,
     queue_depth: usize,
     reader: Box<dyn ProbeReader>,
@@ -158,7 +158,7 @@ impl WeightCache {
         self.reader.kind()
     }
 
-    fn start_read(&mut self, id: ConceptId) {
+    fn start_read(&mut self, id: ProbeId) {
         if self.in_flight >= self.queue_depth {
             self.backlog.push_back(id);
             return;
@@ -170,11 +170,11 @@ impl WeightCache {
         if let Err(req) = self.reader.submit(req) {
             self.in_flight -= 1;
             let e = std::io::Error::other("the probe reader has stopped");
-            self.finish(req.id, Err(ReadError(Arc::new(self.pack.read_error(ProbeId::sole(req.id), e)))));
+            self.finish(req.id, Err(ReadError(Arc::new(self.pack.read_error(req.id, e)))));
         }
     }
 
-    fn want(&mut self, id: ConceptId, waiter: Waiter) {
+    fn want(&mut self, id: ProbeId, waiter: Waiter) {
         match self.pending.get_mut(&id) {
             Some(waiters) => {
                 if matches!(waiter, Waiter::Get { .. }) {
@@ -191,16 +191,16 @@ impl WeightCache {
 
     fn on_completion(&mut self, c: ReadCompletion) {
         self.in_flight -= 1;
-        let want = self.pack.location(ProbeId::sole(c.id)).length as usize;
+        let want = self.pack.location(c.id).length as usize;
         let outcome = match c.result {
             // A reader that hands back fewer bytes than asked is caught here, by length, not
             // left to the CRC (the kernel reads a probe's full length).
             Ok(bytes) if bytes.len() != want => {
-                let e = self.pack.short_read_error(ProbeId::sole(c.id), bytes.len());
+                let e = self.pack.short_read_error(c.id, bytes.len());
                 let _ = self.spare_tx.try_send(bytes);
                 Err(ReadError(Arc::new(e)))
             }
-            Ok(bytes) => match self.pack.check_crc(ProbeId::sole(c.id), &bytes) {
+            Ok(bytes) => match self.pack.check_crc(c.id, &bytes) {
                 Ok(()) => {
                     self.stats.bytes_read += bytes.len() as u64;
                     Ok(Arc::new(ProbeBytes { id: c.id, bytes, recycle: self.spare_tx.clone() }))
@@ -212,7 +212,7 @@ impl WeightCache {
             },
             Err((e, buf)) => {
                 let _ = self.spare_tx.try_send(buf);
-                Err(ReadError(Arc::new(self.pack.read_error(ProbeId::sole(c.id), e))))
+                Err(ReadError(Arc::new(self.pack.read_error(c.id, e))))
             }
         };
         if outcome.is_err() {
@@ -228,7 +228,7 @@ impl WeightCache {
         }
     }
 
-    fn finish(&mut self, id: ConceptId, outcome: Fetched) {
+    fn finish(&mut self, id: ProbeId, outcome: Fetched) {
         for waiter in self.pending.remove(&id).unwrap_or_default() {
             if let Waiter::Get { request, index } = waiter {
                 self.deliver(request, index, outcome.clone());
@@ -308,7 +308,7 @@ impl Actor for WeightCache {
 }
 
 /// Fetch probes' bytes: hits at once, misses when their reads land. One result per id, in order.
-pub struct Get(pub Vec<ConceptId>);
+pub struct Get(pub Vec<ProbeId>);
 
 impl Message<Get> for WeightCache {
     type Reply = DelegatedReply<Vec<Fetched>>;
@@ -352,10 +352,10 @@ impl Message<Get> for WeightCache {
 }
 
 /// The probes among `ids` whose bytes are in RAM now; never reads.
-pub struct Peek(pub Vec<ConceptId>);
+pub struct Peek(pub Vec<ProbeId>);
 
 impl Message<Peek> for WeightCache {
-    type Reply = Vec<(ConceptId, Arc<ProbeBytes>)>;
+    type Reply = Vec<(ProbeId, Arc<ProbeBytes>)>;
 
     async fn handle(&mut self, Peek(ids): Peek, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         self.faults.maybe_panic(PanicSite::Cache, ids.iter().copied());
@@ -366,7 +366,7 @@ impl Message<Peek> for WeightCache {
 }
 
 /// Speculative prefetch: read these into RAM if they are not there, without taking a slot.
-pub struct Prefetch(pub Vec<ConceptId>);
+pub struct Prefetch(pub Vec<ProbeId>);
 
 impl Message<Prefetch> for WeightCache {
     type Reply = ();

@@ -1,8 +1,16 @@
-//! The coordinator: one per session. It owns the stream's cascade state (the model pool, which
-//! owns the active set; pending loads; the token counter) and runs each token's decisions (the
-//! pure `TokenCascade`), asking the cache for bytes and the step scheduler, through the
-//! session's lane, for scores. It also acts as the pruner: evictions and speculative prefetch
-//! hints go out from here. Asks only go downstream (to the cache and the scheduler), never back.
+//! The coordinator: one per session. It owns the stream's cascade state (the active lenses,
+//! and per model layer a model pool of their probes; pending loads; the token counter) and
+//! runs each token's decisions (the pure `TokenCascade`), asking the cache for bytes and the
+//! step scheduler, through the session's lanes, for scores. It also acts as the pruner:
+//! evictions and speculative prefetch hints go out from here. Asks only go downstream (to the
+//! cache and the scheduler), never back.
+//!
+//! **Lenses and model layers.** The cascade decides on concepts (lenses); the cache, the pools
+//! and the scheduler deal in probes. A pack whose probes read L model layers gives the session
+//! L lanes, one per model layer, each with its own slots at the scheduler: every request of a
+//! lane scores its probes against that layer's hidden state, and the lanes of one round are
+//! sent together so that they share a step. A lens's score is `policy::lens::score_lens` of its
+//! probes' logits, as in every engine.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,10 +33,23 @@ use super::scoring::ScoringError;
 use super::steps::Lane;
 use super::{RuntimeError, TokenErrorKind};
 use crate::config::{CascadeConfig, Mode, Normalization};
-use crate::engine::{alert_entries, check_hidden, report_entries, Hidden, StageTimings, TokenReport};
-use crate::pack::{ConceptId, Pack};
+use crate::engine::{alert_entries, check_hidden, probe_scores, report_entries, Hidden, StageTimings, TokenReport};
+use crate::pack::{ConceptId, Pack, ProbeId};
 use crate::policy::lens::score_lens;
 use crate::policy::{ConceptSet, Scored, TokenCascade, Watch};
+use crate::types::HiddenError;
+
+/// One model layer's share of a session: the slots of its probes at the step scheduler.
+pub(super) struct LayerPool {
+    pub(super) pool: ModelPool,
+    pub(super) lane: Lane,
+}
+
+/// The hidden states of one token, one per model layer of the pack, checked and normalized.
+type States = Vec<Arc<Vec<f32>>>;
+
+/// Bytes of probes to install, by probe.
+type Bytes = HashMap<ProbeId, Arc<ProbeBytes>>;
 
 pub struct Coordinator {
     pub(super) pack: Arc<Pack>,
@@ -38,14 +59,16 @@ pub struct Coordinator {
     pub(super) normalization: Normalization,
     pub(super) hint_margin: f32,
     pub(super) base: ConceptSet,
-    pub(super) pool: ModelPool,
+    /// The active lenses: each has every probe active in its layer's pool.
+    pub(super) active: ConceptSet,
+    /// One per model layer of the pack (one for a pack that names none).
+    pub(super) layers: Vec<LayerPool>,
     pub(super) cache: ActorRef<WeightCache>,
-    pub(super) lane: Lane,
     /// On the tch backend: what its resident store holds. A probe in it needs no bytes to be
     /// installed, so none are fetched from the cache.
     pub(super) resident: Option<Arc<ResidentView>>,
     pub(super) next_token: usize,
-    /// Set when the coordinator panicked mid-token: its pool and the session's slots may be
+    /// Set when the coordinator panicked mid-token: its pools and the session's slots may be
     /// out of step, so every later request is refused with this (the slots' own poisoned
     /// state is the step scheduler's).
     pub(super) broken: Option<Broken>,
@@ -62,6 +85,8 @@ pub struct Coordinator {
     pub(super) scoring_time: Duration,
     /// Injected faults (tests only).
     pub(super) faults: Faults,
+    /// v2 packs: this token's probe logits of every lens scored, for the report.
+    pub(super) probe_logits: HashMap<ConceptId, Vec<f32>>,
 }
 
 /// Why a stream stopped serving: its coordinator panicked at a token.
@@ -80,66 +105,104 @@ fn stopped<M, E>(actor: &'static str) -> impl FnOnce(SendError<M, E>) -> Runtime
     move |e| RuntimeError::ActorStopped { actor, detail: super::describe(&e) }
 }
 
+/// One lane's part of a round: slot operations (with the bytes they install), then the
+/// scores of slots `[start, start + len)`.
+#[derive(Default)]
+struct LayerWork {
+    ops: Vec<SlotOp>,
+    bytes: Bytes,
+    start: usize,
+    len: usize,
+}
+
 impl Coordinator {
     /// Loads the base layers. Called once, before the actor starts taking requests.
     pub(super) async fn load_base(&mut self) -> Result<(), RuntimeError> {
         let ids: Vec<ConceptId> = self.base.iter().collect();
-        let hidden = Arc::new(vec![0.0; self.pack.hidden_dim()]);
-        self.activate(usize::MAX, &ids, hidden).await.map(|_| ())
+        let states = self.zero_states();
+        self.activate(usize::MAX, &ids, &states).await.map(|_| ())
     }
 
+    /// Hidden states of zeros, for installs outside a token (nothing is read from them).
+    fn zero_states(&self) -> States {
+        let zero = Arc::new(vec![0.0; self.pack.hidden_dim()]);
+        vec![zero; self.layers.len()]
+    }
+
+    /// The probes of `ids`, in order.
+    fn probes_of<'a>(&'a self, ids: &'a [ConceptId]) -> impl Iterator<Item = ProbeId> + 'a {
+        ids.iter().flat_map(|&c| self.pack.probes_of(c))
+    }
+
+    /// The model layer pool (index into `layers`) a probe lives in.
+    fn layer_of(&self, p: ProbeId) -> usize {
+        self.pack.probe(p).state as usize
+    }
+
+    /// Runs one round on every lane with work, all sent before any is awaited so that they
+    /// share a step; returns each lane's logits (empty for lanes without work).
     async fn apply_and_score(
         &mut self,
         token: usize,
-        ops: Vec<SlotOp>,
-        bytes: HashMap<ConceptId, Arc<super::cache::ProbeBytes>>,
-        start: usize,
-        len: usize,
-        hidden: Arc<Vec<f32>>,
-    ) -> Result<Vec<f32>, RuntimeError> {
-        let retry = (!ops.is_empty() && self.resident.is_some()).then(|| ops.clone());
-        let mut answer = self.lane.apply_and_score(ops, bytes, start, len, hidden.clone()).await;
-        // Probes seen resident were evicted before the install (another session needed the
-        // room): nothing was applied, so the same operations go again, with the bytes of
-        // every probe they install (a rare path: the cache has most of them in RAM).
-        if let (Some(ops), Ok(Err(ScoringError::Evicted(_)))) = (retry, &answer) {
-            let ids: Vec<ConceptId> = ops.iter().filter_map(SlotOp::installed).collect();
-            let fetched = self.cache.ask(Get(ids.clone())).await.map_err(stopped("cache"))?;
-            let mut bytes = HashMap::with_capacity(ids.len());
-            for (id, f) in ids.into_iter().zip(fetched) {
-                bytes.insert(id, f.map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Probe(e)))?);
+        work: Vec<LayerWork>,
+        states: &States,
+    ) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        let lanes = self.layers.iter().zip(work).zip(states).map(|((layer, w), hidden)| {
+            let cache = self.cache.clone();
+            let store = self.resident.is_some();
+            async move {
+                if w.ops.is_empty() && w.len == 0 {
+                    return Ok((Vec::new(), Duration::ZERO));
+                }
+                let retry = (!w.ops.is_empty() && store).then(|| w.ops.clone());
+                let mut answer = layer.lane.apply_and_score(w.ops, w.bytes, w.start, w.len, hidden.clone()).await;
+                // Probes seen resident were evicted before the install (another session needed
+                // the room): nothing was applied, so the same operations go again, with the
+                // bytes of every probe they install (a rare path: the cache has most of them
+                // in RAM).
+                if let (Some(ops), Ok(Err(ScoringError::Evicted(_)))) = (retry, &answer) {
+                    let ids: Vec<ProbeId> = ops.iter().filter_map(SlotOp::installed).collect();
+                    let fetched = cache.ask(Get(ids.clone())).await.map_err(stopped("cache"))?;
+                    let mut bytes = HashMap::with_capacity(ids.len());
+                    for (id, f) in ids.into_iter().zip(fetched) {
+                        bytes.insert(id, f.map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Probe(e)))?);
+                    }
+                    answer = layer.lane.apply_and_score(ops, bytes, w.start, w.len, hidden.clone()).await;
+                }
+                match answer {
+                    Ok(scores) => scores
+                        .map(|s| (s.logits, s.scoring))
+                        .map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Scoring(e))),
+                    Err(_) => Err(steps_gone()),
+                }
             }
-            answer = self.lane.apply_and_score(ops, bytes, start, len, hidden).await;
+        });
+        let answers = futures::future::join_all(lanes).await;
+        let mut out = Vec::with_capacity(answers.len());
+        for a in answers {
+            let (logits, scoring) = a?;
+            self.scoring_time += scoring;
+            out.push(logits);
         }
-        let scores = match answer {
-            Ok(scores) => scores.map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Scoring(e)))?,
-            Err(_) => return Err(steps_gone()),
-        };
-        self.scoring_time += scores.scoring;
-        Ok(scores.logits)
+        Ok(out)
     }
 
-    /// Lens scores of concepts from their probes' logits (the runtime's packs have one probe
-    /// per concept, checked at start; a calibrated probe is still calibrated here).
-    fn lenses(&self, ids: &[ConceptId], logits: &[f32]) -> Vec<Scored> {
-        ids.iter().zip(logits).map(|(&id, &logit)| score_lens(&self.pack, id, &[logit])).collect()
-    }
-
-    /// Speculative prefetch of probes the next token may activate. Never holds up the token.
-    /// On the CPU kernel: into the cache (RAM). On the tch store: fetched in a task of its own,
-    /// then copied into the store by the scheduler between steps (`Lane::warmer`), so that their
-    /// activation finds them resident.
+    /// Speculative prefetch of the probes of lenses the next token may activate. Never holds
+    /// up the token. On the CPU kernel: into the cache (RAM). On the tch store: fetched in a
+    /// task of its own, then copied into the store by the scheduler between steps
+    /// (`Lane::warmer`), so that their activation finds them resident.
     fn hint(&self, hints: Vec<ConceptId>) {
+        let probes: Vec<ProbeId> = self.probes_of(&hints).collect();
         if self.resident.is_none() {
             // A tell: hints must never hold up the token.
-            let _ = self.cache.tell(Prefetch(hints)).try_send();
+            let _ = self.cache.tell(Prefetch(probes)).try_send();
             return;
         }
-        let hints: Vec<ConceptId> = hints.into_iter().filter(|&id| self.needs_bytes(id)).collect();
+        let hints: Vec<ProbeId> = probes.into_iter().filter(|&id| self.needs_bytes(id)).collect();
         if hints.is_empty() {
             return;
         }
-        let (cache, warm, warming) = (self.cache.clone(), self.lane.warmer(), self.warming.clone());
+        let (cache, warm, warming) = (self.cache.clone(), self.layers[0].lane.warmer(), self.warming.clone());
         warming.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             if let Ok(fetched) = cache.ask(Get(hints.clone())).await {
@@ -151,20 +214,27 @@ impl Coordinator {
         });
     }
 
-    /// Whether installing `id` needs its bytes: not if the resident store holds it.
-    fn needs_bytes(&self, id: ConceptId) -> bool {
+    /// Whether installing probe `id` needs its bytes: not if the resident store holds it.
+    fn needs_bytes(&self, id: ProbeId) -> bool {
         !self.resident.as_ref().is_some_and(|r| r.contains(id))
     }
 
-    /// Activates `ids` (fetching bytes for absent ones) and returns their logits, in order.
+    /// The probes of `ids` whose installs need bytes.
+    fn absent_probes(&self, ids: &[ConceptId]) -> Vec<ProbeId> {
+        self.probes_of(ids)
+            .filter(|&p| !self.layers[self.layer_of(p)].pool.is_active(p) && self.needs_bytes(p))
+            .collect()
+    }
+
+    /// Activates inactive lenses `ids` (fetching bytes for absent probes) and returns their
+    /// scores, in order.
     async fn activate(
         &mut self,
         token: usize,
         ids: &[ConceptId],
-        hidden: Arc<Vec<f32>>,
-    ) -> Result<Vec<f32>, RuntimeError> {
-        let absent: Vec<ConceptId> =
-            ids.iter().copied().filter(|&id| !self.pool.is_active(id) && self.needs_bytes(id)).collect();
+        states: &States,
+    ) -> Result<Vec<Scored>, RuntimeError> {
+        let absent = self.absent_probes(ids);
         let mut bytes = HashMap::with_capacity(absent.len());
         if !absent.is_empty() {
             let fetched = self.cache.ask(Get(absent.clone())).await.map_err(stopped("cache"))?;
@@ -173,42 +243,103 @@ impl Coordinator {
                 bytes.insert(*id, b);
             }
         }
-        self.activate_with(token, ids, bytes, hidden).await
+        self.activate_with(token, ids, bytes, states).await
     }
 
-    /// Activates `ids`, whose absent members' bytes are in `bytes`; returns logits in order.
+    /// Activates inactive lenses `ids`, whose absent probes' bytes are in `bytes`; returns
+    /// their scores, in order.
     async fn activate_with(
         &mut self,
         token: usize,
         ids: &[ConceptId],
-        bytes: HashMap<ConceptId, Arc<ProbeBytes>>,
-        hidden: Arc<Vec<f32>>,
-    ) -> Result<Vec<f32>, RuntimeError> {
-        self.faults.maybe_panic(PanicSite::Coordinator, ids.iter().copied());
-        let start = self.pool.active_len();
-        let mut ops = Vec::new();
-        for &id in ids {
-            self.pool.activate(id, &mut ops).map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Pool(e)))?;
+        mut bytes: Bytes,
+        states: &States,
+    ) -> Result<Vec<Scored>, RuntimeError> {
+        let probes: Vec<ProbeId> = self.probes_of(ids).collect();
+        self.faults.maybe_panic(PanicSite::Coordinator, probes.iter().copied());
+        let mut work: Vec<LayerWork> =
+            self.layers.iter().map(|l| LayerWork { start: l.pool.active_len(), ..LayerWork::default() }).collect();
+        for &c in ids {
+            self.active.insert(c);
+        }
+        for &p in &probes {
+            let l = self.layer_of(p);
+            let w = &mut work[l];
+            self.layers[l]
+                .pool
+                .activate(p, &mut w.ops)
+                .map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Pool(e)))?;
+            w.len += 1;
+            if let Some(b) = bytes.remove(&p) {
+                w.bytes.insert(p, b);
+            }
         }
         // A failed scoring leaves the slots as planned (the caller rolls the token back); a
         // failed slot operation poisons the session's slots at the scheduler, which then
         // refuses its later requests with the cause.
-        let by_slot = self.apply_and_score(token, ops, bytes, start, ids.len(), hidden).await?;
-        // Back to the caller's order: `ids` took slots `start..` in order.
-        Ok(by_slot)
+        let by_layer = self.apply_and_score(token, work, states).await?;
+        // Each lane's probes took its slots `start..` in the order of `probes`.
+        let mut cursor = vec![0usize; self.layers.len()];
+        let mut logits = Vec::with_capacity(probes.len());
+        for &p in &probes {
+            let l = self.layer_of(p);
+            logits.push(by_layer[l][cursor[l]]);
+            cursor[l] += 1;
+        }
+        Ok(self.lenses(ids, &logits))
     }
 
-    /// Pipelined mode: asks for the bytes of `absent` probes and waits at most the latency
-    /// budget. Returns what landed in time; the rest land later as `Landed` messages.
+    /// Lens scores of `ids` from their probes' logits (all of `ids`' probes, in order). In a
+    /// v2 pack the probes' logits are kept for the token's report.
+    fn lenses(&mut self, ids: &[ConceptId], logits: &[f32]) -> Vec<Scored> {
+        let versioned = self.pack.format_version() > 1;
+        let mut at = 0;
+        ids.iter()
+            .map(|&c| {
+                let n = self.pack.probes_of(c).len();
+                at += n;
+                let mine = &logits[at - n..at];
+                if versioned {
+                    self.probe_logits.insert(c, mine.to_vec());
+                }
+                score_lens(&self.pack, c, mine)
+            })
+            .collect()
+    }
+
+    /// Scores every active lens (step 1 of a token): each lane scores all its active slots.
+    async fn score_active(&mut self, token: usize, states: &States) -> Result<Vec<Scored>, RuntimeError> {
+        let work: Vec<LayerWork> =
+            self.layers.iter().map(|l| LayerWork { len: l.pool.active_len(), ..LayerWork::default() }).collect();
+        let by_layer = self.apply_and_score(token, work, states).await?;
+        if self.layers.len() == 1 && self.pack.one_probe_per_concept() {
+            // Probe i is concept i's only probe: the slots are the lenses.
+            let active = self.layers[0].pool.active();
+            let ids: Vec<ConceptId> = active.iter().map(|p| ConceptId(p.0)).collect();
+            return Ok(self.lenses(&ids, &by_layer[0]));
+        }
+        let mut by_probe: HashMap<ProbeId, f32> = HashMap::new();
+        for (layer, logits) in self.layers.iter().zip(&by_layer) {
+            by_probe.extend(layer.pool.active().into_iter().zip(logits.iter().copied()));
+        }
+        let ids: Vec<ConceptId> = self.active.iter().collect();
+        let logits: Vec<f32> = self.probes_of(&ids).map(|p| by_probe.get(&p).copied().unwrap_or(f32::NAN)).collect();
+        Ok(self.lenses(&ids, &logits))
+    }
+
+    /// Pipelined mode: asks for the bytes of the absent probes of lenses `absent` and waits at
+    /// most the latency budget. Returns the lenses whose probes all landed in time; the rest
+    /// land later as `Landed` messages.
     async fn fetch_within_budget(&mut self, absent: Vec<ConceptId>, me: &ActorRef<Self>) -> Vec<(ConceptId, LateLoad)> {
         let mut reads: FuturesUnordered<_> = absent
             .into_iter()
             .map(|id| {
                 let cache = self.cache.clone();
                 let concept = self.pack.hierarchy().label(id);
+                let probes = self.absent_probes(&[id]);
                 async move {
-                    let fetched = match cache.ask(Get(vec![id])).await {
-                        Ok(mut v) => v.pop().expect("one result per id").map_err(LoadError::Read),
+                    let fetched = match cache.ask(Get(probes.clone())).await {
+                        Ok(v) => probes.into_iter().zip(v).map(|(p, b)| Ok((p, b.map_err(LoadError::Read)?))).collect(),
                         Err(e) => Err(LoadError::CacheStopped { concept, detail: super::describe(&e) }),
                     };
                     (id, fetched)
@@ -254,26 +385,28 @@ impl Coordinator {
         landed
     }
 
-    /// Pipelined mode: activates and scores the children that are resident or land within the
-    /// budget; the rest stay pending. Returns the ids scored and their logits.
+    /// Pipelined mode: activates and scores the children whose probes are resident or land
+    /// within the budget; the rest stay pending. Returns the lenses scored and their scores.
     async fn activate_landed(
         &mut self,
         token: usize,
         ids: &[ConceptId],
-        hidden: Arc<Vec<f32>>,
+        states: &States,
         me: &ActorRef<Self>,
-    ) -> Result<(Vec<ConceptId>, Vec<f32>), RuntimeError> {
-        // Active, or in the resident store: ready without any bytes.
+    ) -> Result<(Vec<ConceptId>, Vec<Scored>), RuntimeError> {
+        // Every probe in the resident store: ready without any bytes.
         let (mut ready, absent): (Vec<ConceptId>, Vec<ConceptId>) =
-            ids.iter().partition(|&&id| self.pool.is_active(id) || !self.needs_bytes(id));
+            ids.iter().partition(|&&id| self.absent_probes(&[id]).is_empty());
         absent.iter().for_each(|&id| {
             self.pending.insert(id);
         });
         let mut bytes = HashMap::new();
+        let mut waiting = Vec::new();
         if !absent.is_empty() {
             // Bytes already in RAM count as resident: installing them takes microseconds.
-            let hits = match self.cache.ask(Peek(absent.clone())).await {
-                Ok(hits) => hits,
+            let wanted = self.absent_probes(&absent);
+            let hits: HashMap<ProbeId, Arc<ProbeBytes>> = match self.cache.ask(Peek(wanted)).await {
+                Ok(hits) => hits.into_iter().collect(),
                 Err(e) => {
                     // Nothing was asked for: none of them is in flight.
                     absent.iter().for_each(|&id| {
@@ -282,18 +415,22 @@ impl Coordinator {
                     return Err(stopped("cache")(e));
                 }
             };
-            for (id, b) in hits {
-                self.pending.remove(id);
-                bytes.insert(id, b);
-                ready.push(id);
+            for id in absent {
+                let mine = self.absent_probes(&[id]);
+                if mine.iter().all(|p| hits.contains_key(p)) {
+                    self.pending.remove(id);
+                    bytes.extend(mine.into_iter().map(|p| (p, hits[&p].clone())));
+                    ready.push(id);
+                } else {
+                    waiting.push(id);
+                }
             }
         }
-        let absent: Vec<ConceptId> = absent.into_iter().filter(|id| !bytes.contains_key(id)).collect();
-        if !absent.is_empty() {
-            for (id, fetched) in self.fetch_within_budget(absent, me).await {
+        if !waiting.is_empty() {
+            for (id, fetched) in self.fetch_within_budget(waiting, me).await {
                 match fetched {
                     Ok(b) => {
-                        bytes.insert(id, b);
+                        bytes.extend(b);
                         ready.push(id);
                     }
                     // As for a child that lands late and fails: the report names it in
@@ -305,48 +442,64 @@ impl Coordinator {
         if ready.is_empty() {
             return Ok((ready, Vec::new()));
         }
-        let logits = self.activate_with(token, &ready, bytes, hidden).await?;
-        Ok((ready, logits))
+        let scored = self.activate_with(token, &ready, bytes, states).await?;
+        Ok((ready, scored))
     }
 
+    /// Deactivates lenses (where active): their probes leave their pools.
     async fn deactivate(&mut self, ids: &[ConceptId]) -> Result<(), RuntimeError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut ops = Vec::new();
-        for &id in ids {
-            self.pool.deactivate(id, &mut ops);
+        let mut ops: Vec<Vec<SlotOp>> = vec![Vec::new(); self.layers.len()];
+        for &c in ids {
+            self.active.remove(c);
+            for p in self.pack.probes_of(c) {
+                let l = self.layer_of(p);
+                self.layers[l].pool.deactivate(p, &mut ops[l]);
+            }
         }
         // The moves run after the report, in the generation gap; if they fail, the step
         // scheduler poisons the session's slots and refuses its later requests with the cause.
-        self.lane.rearrange(ops).map_err(|_| steps_gone())
+        for (layer, ops) in self.layers.iter().zip(ops) {
+            if !ops.is_empty() {
+                layer.lane.rearrange(ops).map_err(|_| steps_gone())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks and normalizes one token's hidden states (one per model layer).
+    fn prepare(&self, token: usize, hidden: Vec<Hidden>) -> Result<States, RuntimeError> {
+        let bad = |e| RuntimeError::token_error(token, TokenErrorKind::Hidden(e));
+        if hidden.len() != self.layers.len() {
+            return Err(bad(HiddenError::States { got: hidden.len(), layers: self.pack.model_layers().to_vec() }));
+        }
+        // The caller's memory (a tensor or an array it lent) is released as soon as it is read.
+        hidden
+            .into_iter()
+            .map(|h| check_hidden(h.values(), self.pack.hidden_dim(), self.normalization).map(Arc::new).map_err(bad))
+            .collect()
     }
 
     async fn observe(
         &mut self,
         token: usize,
-        hidden: Hidden,
+        hidden: Vec<Hidden>,
         me: &ActorRef<Self>,
     ) -> Result<TokenReport, RuntimeError> {
         if let Some(why) = &self.broken {
             return Err(RuntimeError::Broken(why.clone()));
         }
         let start = Instant::now();
-        let h = check_hidden(hidden.values(), self.pack.hidden_dim(), self.normalization)
-            .map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Hidden(e)))?;
-        let h = Arc::new(h);
-        // The caller's memory (a tensor or an array it lent) is released as soon as it is read.
-        drop(hidden);
+        let h = self.prepare(token, hidden)?;
+        self.probe_logits.clear();
         let mut stages = StageTimings::default();
 
         let t = Instant::now();
-        let initial = self.pool.active();
-        let n = initial.len();
-        let logits = self
-            .apply_and_score(token, Vec::new(), HashMap::new(), 0, n, h.clone())
-            .instrument(debug_span!("initial_scoring", token, probes = n))
-            .await?;
-        let initial: Vec<Scored> = self.lenses(&initial, &logits);
+        let n = self.active.len();
+        let initial =
+            self.score_active(token, &h).instrument(debug_span!("initial_scoring", token, probes = n)).await?;
         stages.initial_scoring += t.elapsed();
 
         let pack = self.pack.clone();
@@ -356,49 +509,47 @@ impl Coordinator {
         loop {
             let t = Instant::now();
             // Children in flight count as active: not asked for twice, and they take room.
-            let active = self.pool.active_set();
-            let wanted = if self.pending.is_empty() { active.clone() } else { active.union(&self.pending) };
+            let wanted = if self.pending.is_empty() { self.active.clone() } else { self.active.union(&self.pending) };
             let next = tc.next_expansion(&wanted);
             stages.expansion_lookup += t.elapsed();
             let Some(ids) = next else { break };
             let t = Instant::now();
             let scored_before = self.scoring_time;
             let result = if self.mode == Mode::Exact {
-                self.activate(token, &ids, h.clone())
+                self.activate(token, &ids, &h)
                     .instrument(debug_span!("load_and_score", token, probes = ids.len()))
                     .await
+                    .map(|scored| {
+                        activated.extend_from_slice(&ids);
+                        scored
+                    })
             } else {
-                self.activate_landed(token, &ids, h.clone(), me).await.map(|(ready, logits)| {
-                    tc.add_scores(&self.lenses(&ready, &logits));
+                self.activate_landed(token, &ids, &h, me).await.map(|(ready, scored)| {
                     activated.extend_from_slice(&ready);
-                    Vec::new()
+                    scored
                 })
             };
-            let logits = match result {
-                Ok(l) => l,
+            match result {
+                Ok(scored) => tc.add_scores(&scored),
                 Err(e) => {
                     // Leave the active set as it was before the token.
                     let mut undo = activated.clone();
-                    undo.extend(ids.iter().copied().filter(|&id| self.pool.is_active(id)));
+                    undo.extend(ids.iter().copied().filter(|&id| self.active.contains(id)));
                     let _ = self.deactivate(&undo).await;
                     return Err(e);
                 }
-            };
+            }
             // One round trip installs and scores; split it by the scoring time the thread measured.
             let scoring = self.scoring_time - scored_before;
             stages.new_scoring += scoring;
             stages.loading += t.elapsed().saturating_sub(scoring);
-            if self.mode == Mode::Exact {
-                activated.extend_from_slice(&ids);
-                tc.add_scores(&self.lenses(&ids, &logits));
-            }
         }
 
         let t = Instant::now();
         let dropped = tc.prune(|id| self.base.contains(id));
         self.deactivate(&dropped).instrument(debug_span!("pruning", token, dropped = dropped.len())).await?;
         if self.hint_margin > 0.0 {
-            let hints = tc.near_misses(self.hint_margin, |c| self.pool.is_active(c));
+            let hints = tc.near_misses(self.hint_margin, |c| self.active.contains(c));
             if !hints.is_empty() {
                 self.hint(hints);
             }
@@ -406,7 +557,8 @@ impl Coordinator {
         stages.pruning += t.elapsed();
 
         let t = Instant::now();
-        let top = report_entries(pack.hierarchy(), &tc.report());
+        let mut top = report_entries(pack.hierarchy(), &tc.report());
+        probe_scores(&pack, &mut top, &self.probe_logits);
         let alerts = alert_entries(pack.hierarchy(), &self.watch, tc.scored());
         stages.sorting += t.elapsed();
         let in_flight = self.pending.iter().map(|c| pack.hierarchy().label(c)).collect();
@@ -426,7 +578,7 @@ impl Coordinator {
             scored_ids,
             scored_logits,
             scored_probs,
-            active: self.pool.active_len(),
+            active: self.active.len(),
             stages,
             elapsed: start.elapsed(),
         })
@@ -464,13 +616,14 @@ impl Actor for Coordinator {
         // The cache and the scheduler belong to the runtime; only the session's lane closes.
         // Now, not when the state is dropped: kameo reports the actor stopped before it drops
         // the state, and `Session::close` promises the slots are freed when it returns.
-        self.lane.close();
+        self.layers.iter().for_each(|l| l.lane.close());
         Ok(())
     }
 }
 
-/// Score one hidden state. The token index is assigned in arrival order.
-pub struct Observe(pub Hidden);
+/// Score one token: one hidden state per model layer of the pack. The token index is
+/// assigned in arrival order.
+pub struct Observe(pub Vec<Hidden>);
 
 impl Message<Observe> for Coordinator {
     type Reply = Result<TokenReport, RuntimeError>;
@@ -483,8 +636,8 @@ impl Message<Observe> for Coordinator {
     }
 }
 
-/// A child's bytes, or why a pipelined load failed (reported in `failed_loads`).
-type LateLoad = Result<Arc<ProbeBytes>, LoadError>;
+/// A child's probes' bytes, or why a pipelined load failed (reported in `failed_loads`).
+type LateLoad = Result<Vec<(ProbeId, Arc<ProbeBytes>)>, LoadError>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -514,9 +667,9 @@ impl Message<Landed> for Coordinator {
             }
             match fetched {
                 Err(e) => self.failed_late.push(e.to_string()),
-                Ok(b) if !self.pool.is_active(id) && self.pool.active_len() + ids.len() < self.config.max_loaded => {
+                Ok(b) if !self.active.contains(id) && self.active.len() + ids.len() < self.config.max_loaded => {
                     ids.push(id);
-                    bytes.insert(id, b);
+                    bytes.extend(b);
                 }
                 Ok(_) => {}
             }
@@ -525,8 +678,8 @@ impl Message<Landed> for Coordinator {
             return;
         }
         // Installed now, while the caller generates the next token; scored with it.
-        let hidden = Arc::new(vec![0.0; self.pack.hidden_dim()]);
-        if let Err(e) = self.activate_with(usize::MAX, &ids, bytes, hidden).await {
+        let states = self.zero_states();
+        if let Err(e) = self.activate_with(usize::MAX, &ids, bytes, &states).await {
             self.failed_late.push(e.to_string());
         }
     }
@@ -543,8 +696,18 @@ impl Message<Drain> for Coordinator {
         if self.broken.is_some() {
             return Ok(());
         }
-        let hidden = Arc::new(Vec::new());
-        self.apply_and_score(usize::MAX, Vec::new(), HashMap::new(), 0, 0, hidden).await.map(|_| ())
+        // An empty round on every lane: each answers after everything sent before it.
+        let states: States = vec![Arc::new(Vec::new()); self.layers.len()];
+        let mut lanes = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            lanes.push(layer.lane.apply_and_score(Vec::new(), HashMap::new(), 0, 0, states[0].clone()));
+        }
+        for answer in futures::future::join_all(lanes).await {
+            answer
+                .map_err(|_| steps_gone())?
+                .map_err(|e| RuntimeError::token_error(usize::MAX, TokenErrorKind::Scoring(e)))?;
+        }
+        Ok(())
     }
 }
 
@@ -567,7 +730,7 @@ impl Message<ActiveSet> for Coordinator {
     type Reply = Vec<ConceptId>;
 
     async fn handle(&mut self, _: ActiveSet, _: &mut Context<Self, Self::Reply>) -> Vec<ConceptId> {
-        self.pool.active_set().iter().collect()
+        self.active.iter().collect()
     }
 }
 

@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::reader::{ProbeReader, ReadCompletion};
-use crate::pack::ConceptId;
+use crate::pack::ProbeId;
 
 /// What a faulty read does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,13 +59,13 @@ pub enum PanicSite {
 #[derive(Debug)]
 struct Armed<F> {
     fault: F,
-    probe: ConceptId,
+    probe: ProbeId,
     times: Option<u64>,
     fired: AtomicU64,
 }
 
 impl<F: Copy> Armed<F> {
-    fn fire(&self, probe: ConceptId) -> Option<F> {
+    fn fire(&self, probe: ProbeId) -> Option<F> {
         if probe != self.probe {
             return None;
         }
@@ -97,26 +97,26 @@ impl FaultPlan {
     }
 
     /// Reads of `probe` fail in this way, `times` times (`None`: always).
-    pub fn read(mut self, probe: ConceptId, fault: ReadFault, times: Option<u64>) -> Self {
+    pub fn read(mut self, probe: ProbeId, fault: ReadFault, times: Option<u64>) -> Self {
         self.reads.push(Armed { fault, probe, times, fired: AtomicU64::new(0) });
         self
     }
 
     /// `site` panics while handling `probe`, `times` times.
-    pub fn panic(mut self, site: PanicSite, probe: ConceptId, times: Option<u64>) -> Self {
+    pub fn panic(mut self, site: PanicSite, probe: ProbeId, times: Option<u64>) -> Self {
         self.panics.push(Armed { fault: site, probe, times, fired: AtomicU64::new(0) });
         self
     }
 
     /// The scoring fails mid-step for steps that score (or install) `probe`, `times` times.
-    pub fn fail_step(mut self, probe: ConceptId, times: Option<u64>) -> Self {
+    pub fn fail_step(mut self, probe: ProbeId, times: Option<u64>) -> Self {
         self.steps.push(Armed { fault: (), probe, times, fired: AtomicU64::new(0) });
         self
     }
 
     /// Copying `probe` into the resident store (a device's memory) fails, `times` times, as a
     /// failed host-to-device transfer or an exhausted device would.
-    pub fn fail_upload(mut self, probe: ConceptId, times: Option<u64>) -> Self {
+    pub fn fail_upload(mut self, probe: ProbeId, times: Option<u64>) -> Self {
         self.uploads.push(Armed { fault: (), probe, times, fired: AtomicU64::new(0) });
         self
     }
@@ -176,7 +176,7 @@ impl Faults {
         }
     }
 
-    fn read_fault(&self, probe: ConceptId) -> Option<ReadFault> {
+    fn read_fault(&self, probe: ProbeId) -> Option<ReadFault> {
         let plan = self.0.as_ref()?;
         plan.reads.iter().find_map(|a| a.fire(probe)).or_else(|| {
             let (min, max) = plan.slow_all?;
@@ -192,7 +192,7 @@ impl Faults {
     }
 
     /// Panics if the plan says `site` fails on one of `probes`.
-    pub(super) fn maybe_panic(&self, site: PanicSite, probes: impl IntoIterator<Item = ConceptId>) {
+    pub(super) fn maybe_panic(&self, site: PanicSite, probes: impl IntoIterator<Item = ProbeId>) {
         let Some(plan) = &self.0 else { return };
         for probe in probes {
             if plan.panics.iter().any(|a| a.fault == site && a.fire(probe).is_some()) {
@@ -202,13 +202,13 @@ impl Faults {
     }
 
     /// Whether a step scoring `probes` fails.
-    pub(super) fn step_fails(&self, probes: impl IntoIterator<Item = ConceptId>) -> Option<ConceptId> {
+    pub(super) fn step_fails(&self, probes: impl IntoIterator<Item = ProbeId>) -> Option<ProbeId> {
         let plan = self.0.as_ref()?;
         probes.into_iter().find(|&p| plan.steps.iter().any(|a| a.fire(p).is_some()))
     }
 
     /// Whether copying `probes` into the resident store fails.
-    pub(super) fn upload_fails(&self, probes: impl IntoIterator<Item = ConceptId>) -> Option<ConceptId> {
+    pub(super) fn upload_fails(&self, probes: impl IntoIterator<Item = ProbeId>) -> Option<ProbeId> {
         let plan = self.0.as_ref()?;
         probes.into_iter().find(|&p| plan.uploads.iter().any(|a| a.fire(p).is_some()))
     }
@@ -321,28 +321,28 @@ mod tests {
 
     #[test]
     fn a_fault_fires_its_times_at_its_probe_only() {
-        let plan = Arc::new(FaultPlan::new().read(ConceptId(3), ReadFault::Eio, Some(2)));
+        let plan = Arc::new(FaultPlan::new().read(ProbeId(3), ReadFault::Eio, Some(2)));
         let f = Faults::plan(plan.clone());
-        assert_eq!(f.read_fault(ConceptId(4)), None);
-        assert_eq!(f.read_fault(ConceptId(3)), Some(ReadFault::Eio));
-        assert_eq!(f.read_fault(ConceptId(3)), Some(ReadFault::Eio));
-        assert_eq!(f.read_fault(ConceptId(3)), None);
+        assert_eq!(f.read_fault(ProbeId(4)), None);
+        assert_eq!(f.read_fault(ProbeId(3)), Some(ReadFault::Eio));
+        assert_eq!(f.read_fault(ProbeId(3)), Some(ReadFault::Eio));
+        assert_eq!(f.read_fault(ProbeId(3)), None);
         assert_eq!(plan.fired(), 2);
-        assert!(Faults::none().read_fault(ConceptId(3)).is_none());
+        assert!(Faults::none().read_fault(ProbeId(3)).is_none());
     }
 
     #[test]
     fn slow_completions_come_out_in_due_order_and_the_rest_at_once() {
         let plan = FaultPlan::new()
-            .read(ConceptId(1), ReadFault::Slow(Duration::from_millis(40)), None)
-            .read(ConceptId(2), ReadFault::Slow(Duration::from_millis(10)), None)
-            .read(ConceptId(5), ReadFault::Short, None);
+            .read(ProbeId(1), ReadFault::Slow(Duration::from_millis(40)), None)
+            .read(ProbeId(2), ReadFault::Slow(Duration::from_millis(10)), None)
+            .read(ProbeId(5), ReadFault::Short, None);
         let faults = Faults::plan(Arc::new(plan));
         let (tx, rx) = flume::unbounded();
         let (out_tx, out) = flume::unbounded();
         let t = std::thread::spawn(move || inject(faults, rx, out_tx));
         for id in [1, 2, 3, 5] {
-            tx.send(ReadCompletion { id: ConceptId(id), result: Ok(vec![7; 8]) }).unwrap();
+            tx.send(ReadCompletion { id: ProbeId(id), result: Ok(vec![7; 8]) }).unwrap();
         }
         drop(tx);
         let got: Vec<(u32, usize)> =

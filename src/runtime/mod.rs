@@ -79,14 +79,6 @@ pub enum StartError {
     },
     #[error("starting the probe reader: {0}")]
     Reader(#[source] std::io::Error),
-    /// The pack's lenses read several probes or several model layers, which the runtime does
-    /// not score yet (the reference and oracle engines do).
-    #[error(
-        "{pack}: its {concepts} lenses hold {probes} probes over model layers {model_layers:?}; the runtime \
-         scores lenses of one probe at one model layer so far (use `run --engine reference` or `oracle` \
-         for this pack)"
-    )]
-    MultiProbeLenses { pack: std::path::PathBuf, concepts: usize, probes: usize, model_layers: Vec<u32> },
     #[error("starting the step scheduler's thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -191,6 +183,11 @@ impl Cascade {
         self.session.observe(hidden).await
     }
 
+    /// Scores one token from one hidden state per model layer (see [`Session::observe_states`]).
+    pub async fn observe_states(&self, states: Vec<Hidden>) -> Result<TokenReport, RuntimeError> {
+        self.session.observe_states(states).await
+    }
+
     /// The active probes, ascending.
     pub async fn active(&self) -> Result<Vec<ConceptId>, RuntimeError> {
         self.session.active().await
@@ -255,15 +252,9 @@ impl crate::engine::Engine for BlockingCascade {
         "runtime"
     }
 
-    fn observe_states(&mut self, token: usize, states: &[&[f32]]) -> Result<TokenReport, EngineError> {
-        // The runtime starts only on packs that read one model layer.
-        let [hidden] = states else {
-            return Err(EngineError::Hidden {
-                token,
-                source: HiddenError::States { got: states.len(), layers: Vec::new() },
-            });
-        };
-        self.rt.block_on(self.cascade.observe(hidden.to_vec())).map_err(|e| match e {
+    fn observe_states(&mut self, _token: usize, states: &[&[f32]]) -> Result<TokenReport, EngineError> {
+        let states = states.iter().map(|h| Hidden::from(*h)).collect();
+        self.rt.block_on(self.cascade.observe_states(states)).map_err(|e| match e {
             RuntimeError::Token(TokenError { token, kind: TokenErrorKind::Hidden(source) }) => {
                 EngineError::Hidden { token, source }
             }

@@ -8,14 +8,14 @@
 
 use std::collections::HashMap;
 
-use crate::pack::ConceptId;
-use crate::policy::ConceptSet;
+use crate::pack::ProbeId;
+use crate::policy::ProbeSet;
 
 /// One step of rearranging a session's slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotOp {
     /// Put the probe (whose bytes travel with the op) into the slot.
-    Install { slot: usize, id: ConceptId },
+    Install { slot: usize, id: ProbeId },
     /// Move slot `from` into slot `to` (the old content of `to` is gone, `from` is empty).
     Move { from: usize, to: usize },
     /// Exchange two slots.
@@ -24,7 +24,7 @@ pub enum SlotOp {
 
 impl SlotOp {
     /// The probe this op installs, if it is an install.
-    pub fn installed(&self) -> Option<ConceptId> {
+    pub fn installed(&self) -> Option<ProbeId> {
         match *self {
             SlotOp::Install { id, .. } => Some(id),
             _ => None,
@@ -37,15 +37,15 @@ impl SlotOp {
 pub struct PoolFull(pub usize);
 
 pub struct ModelPool {
-    occupant: Vec<Option<ConceptId>>,
-    slot_of: HashMap<ConceptId, usize>,
-    active: ConceptSet,
+    occupant: Vec<Option<ProbeId>>,
+    slot_of: HashMap<ProbeId, usize>,
+    active: ProbeSet,
 }
 
 impl ModelPool {
     /// `slots` slots, for a pack of `concepts` concepts.
     pub fn new(slots: usize, concepts: usize) -> Self {
-        Self { occupant: vec![None; slots], slot_of: HashMap::new(), active: ConceptSet::with_capacity(concepts) }
+        Self { occupant: vec![None; slots], slot_of: HashMap::new(), active: ProbeSet::with_capacity(concepts) }
     }
 
     pub fn slots(&self) -> usize {
@@ -57,26 +57,26 @@ impl ModelPool {
     }
 
     /// Active probes in slot order.
-    pub fn active(&self) -> Vec<ConceptId> {
+    pub fn active(&self) -> Vec<ProbeId> {
         self.occupant[..self.active_len()].iter().map(|o| o.expect("active slots are occupied")).collect()
     }
 
     /// The active set.
-    pub fn active_set(&self) -> &ConceptSet {
+    pub fn active_set(&self) -> &ProbeSet {
         &self.active
     }
 
     /// The slot of an active probe.
-    pub fn slot(&self, id: ConceptId) -> Option<usize> {
+    pub fn slot(&self, id: ProbeId) -> Option<usize> {
         self.slot_of.get(&id).copied()
     }
 
-    pub fn is_active(&self, id: ConceptId) -> bool {
+    pub fn is_active(&self, id: ProbeId) -> bool {
         self.active.contains(id)
     }
 
     /// Makes `id` active at slot `active_len` with an `Install` (the caller supplies its bytes).
-    pub fn activate(&mut self, id: ConceptId, ops: &mut Vec<SlotOp>) -> Result<(), PoolFull> {
+    pub fn activate(&mut self, id: ProbeId, ops: &mut Vec<SlotOp>) -> Result<(), PoolFull> {
         if self.is_active(id) {
             return Ok(());
         }
@@ -93,7 +93,7 @@ impl ModelPool {
 
     /// Deactivates an active probe: the last active probe moves into its hole (one `Move`;
     /// none when it was the last one), and the last slot becomes free.
-    pub fn deactivate(&mut self, id: ConceptId, ops: &mut Vec<SlotOp>) {
+    pub fn deactivate(&mut self, id: ProbeId, ops: &mut Vec<SlotOp>) {
         let Some(s) = self.slot_of.remove(&id) else { return };
         self.active.remove(id);
         let last = self.active_len();
@@ -111,12 +111,12 @@ impl ModelPool {
 mod tests {
     use super::*;
 
-    fn c(i: u32) -> ConceptId {
-        ConceptId(i)
+    fn c(i: u32) -> ProbeId {
+        ProbeId(i)
     }
 
     /// Replays ops on a model of the slots and checks it matches the pool's bookkeeping.
-    fn replay(slots: &mut [Option<ConceptId>], ops: &[SlotOp]) {
+    fn replay(slots: &mut [Option<ProbeId>], ops: &[SlotOp]) {
         for op in ops {
             match *op {
                 SlotOp::Install { slot, id } => slots[slot] = Some(id),
@@ -126,7 +126,7 @@ mod tests {
         }
     }
 
-    fn check(pool: &ModelPool, slots: &[Option<ConceptId>]) {
+    fn check(pool: &ModelPool, slots: &[Option<ProbeId>]) {
         let active = pool.active();
         assert_eq!(&slots[..active.len()], &active.iter().map(|&c| Some(c)).collect::<Vec<_>>()[..]);
         let mut sorted = active.clone();

@@ -17,13 +17,13 @@ use std::sync::Arc;
 use tokio_uring::buf::BoundedBuf;
 
 use super::faults::Faults;
-use crate::pack::{ConceptId, Pack, ProbeId};
+use crate::pack::{Pack, ProbeId};
 pub use crate::types::ReaderKind;
 
 /// Read `len` bytes at `offset` of shard `shard` into `buf` (whose capacity is reused).
 #[derive(Debug)]
 pub struct ReadRequest {
-    pub id: ConceptId,
+    pub id: ProbeId,
     pub shard: u32,
     pub offset: u64,
     pub len: usize,
@@ -32,15 +32,15 @@ pub struct ReadRequest {
 
 impl ReadRequest {
     /// A read of probe `id`'s bytes, wherever the pack keeps them, into `buf`.
-    pub fn for_probe(pack: &Pack, id: ConceptId, buf: Vec<u8>) -> Self {
-        let loc = pack.location(ProbeId::sole(id));
+    pub fn for_probe(pack: &Pack, id: ProbeId, buf: Vec<u8>) -> Self {
+        let loc = pack.location(id);
         Self { id, shard: loc.shard, offset: loc.offset, len: loc.length as usize, buf }
     }
 }
 
 #[derive(Debug)]
 pub struct ReadCompletion {
-    pub id: ConceptId,
+    pub id: ProbeId,
     /// The filled buffer, or the error and the buffer back for recycling.
     pub result: Result<Vec<u8>, (std::io::Error, Vec<u8>)>,
 }

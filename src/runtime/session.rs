@@ -33,7 +33,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::cache::{self, CacheSettings, CacheStats, WeightCache};
 pub use super::coordinator::FIXED_CASCADE_KEYS;
-use super::coordinator::{ActiveSet, Coordinator, Drain, Observe, PendingLoads, Reconfigure};
+use super::coordinator::{ActiveSet, Coordinator, Drain, LayerPool, Observe, PendingLoads, Reconfigure};
 use super::faults::Faults;
 use super::pool::ModelPool;
 use super::scoring::kernel::KernelBackend;
@@ -117,15 +117,6 @@ impl Runtime {
 
     /// [`Runtime::start`] with faults injected (tests only; see [`super::faults`]).
     pub async fn start_with_faults(pack: Arc<Pack>, config: &Config, faults: Faults) -> Result<Self, RuntimeError> {
-        if !pack.one_probe_per_concept() || pack.hidden_states() > 1 {
-            return Err(StartError::MultiProbeLenses {
-                pack: pack.dir().to_path_buf(),
-                concepts: pack.len(),
-                probes: pack.probe_count(),
-                model_layers: pack.model_layers().to_vec(),
-            }
-            .into());
-        }
         let base = crate::policy::base_set(pack.hierarchy(), &config.cascade).map_err(StartError::Config)?;
         let watch = Arc::new(
             Watch::compile(pack.hierarchy(), &config.cascade.watch, default_alert_threshold(&pack))
@@ -140,6 +131,7 @@ impl Runtime {
             let staging = (device != tch::Device::Cpu).then_some(config.runtime.staging_bytes);
             let compute = tensors::kind_of(config.device.compute_dtype);
             let row_bytes = row_bytes(pack.hidden_dim(), compute);
+            let base = probes_of(&pack, &base);
             let rows = store_rows(&pack, config.device.store_bytes, row_bytes, device, base.len())?;
             let backend = TorchBackend::new(pack.clone(), rows, device, compute, staging, base, faults.clone())
                 .map_err(|source| StartError::Store { rows, row_bytes, source })?;
@@ -234,10 +226,18 @@ impl Runtime {
             Err(TryAcquireError::NoPermits) => return Err(RuntimeError::SessionLimit { limit }),
             Err(TryAcquireError::Closed) => return Err(RuntimeError::ShutDown),
         };
-        let id = SessionId(shared.next_id.fetch_add(1, Ordering::SeqCst));
+        // One lane per model layer, each with its own slots at the scheduler: the first has the
+        // session's id, the others the ids after it.
+        let lanes = shared.pack.hidden_states() as u64;
+        let id = SessionId(shared.next_id.fetch_add(lanes, Ordering::SeqCst));
         let tx = shared.steps.lock().expect("steps lock").clone().ok_or(RuntimeError::ShutDown)?;
-        let lane = Lane::open(id, config.runtime.pool_slots, tx).map_err(|_| RuntimeError::ShutDown)?;
-        let mut coordinator = new_coordinator(shared, &config, base, watch, lane);
+        let mut layers = Vec::with_capacity(lanes as usize);
+        for l in 0..lanes {
+            let lane = Lane::open(SessionId(id.0 + l), config.runtime.pool_slots, tx.clone())
+                .map_err(|_| RuntimeError::ShutDown)?;
+            layers.push(LayerPool { pool: ModelPool::new(config.runtime.pool_slots, shared.pack.probe_count()), lane });
+        }
+        let mut coordinator = new_coordinator(shared, &config, base, watch, layers);
         coordinator.load_base().await.map_err(|e| match e {
             RuntimeError::Token(TokenError {
                 kind: TokenErrorKind::Scoring(ScoringError::StoreFull(full)), ..
@@ -260,7 +260,7 @@ impl Runtime {
         let coordinators: Vec<_> = items.iter().map(|(id, _)| self.coordinator(*id)).collect();
         let asks = items.into_iter().zip(coordinators).map(|((id, hidden), c)| async move {
             match c {
-                Some(c) => observe_on(&c, hidden.into(), &self.shared.stopping).await,
+                Some(c) => observe_on(&c, vec![hidden.into()], &self.shared.stopping).await,
                 None => Err(RuntimeError::UnknownSession(id)),
             }
         });
@@ -363,11 +363,13 @@ fn new_coordinator(
     config: &Config,
     base: crate::policy::ConceptSet,
     watch: Arc<Watch>,
-    lane: Lane,
+    layers: Vec<LayerPool>,
 ) -> Coordinator {
     let (pack, cascade, rt) = (&shared.pack, &config.cascade, &config.runtime);
     Coordinator {
-        pool: ModelPool::new(rt.pool_slots, pack.len()),
+        active: crate::policy::ConceptSet::with_capacity(pack.len()),
+        layers,
+        probe_logits: HashMap::new(),
         normalization: cascade.normalization_for(pack.input_normalization()),
         pack: pack.clone(),
         config: Arc::new(cascade.clone()),
@@ -375,7 +377,6 @@ fn new_coordinator(
         hint_margin: rt.prefetch_hint_margin,
         base,
         cache: shared.cache.clone(),
-        lane,
         resident: shared.resident.clone(),
         next_token: 0,
         broken: None,
@@ -409,7 +410,7 @@ fn store_rows(
         0 => free_memory(device).map_or(u64::MAX, |free| (free as f64 * STORE_SHARE_OF_FREE) as u64),
         b => b,
     };
-    let rows = (budget / row_bytes as u64).min(pack.len() as u64) as usize;
+    let rows = (budget / row_bytes as u64).min(pack.probe_count() as u64) as usize;
     if rows < base.max(1) {
         let store_bytes = if store_bytes == 0 { budget } else { store_bytes };
         return Err(StartError::StoreTooSmall { store_bytes, row_bytes, base });
@@ -421,7 +422,9 @@ fn store_rows(
 /// pinned while they are active: the cache must hold as many as can be active at once.
 fn check_cache_holds_the_cap(pack: &Pack, config: &Config) -> Result<(), StartError> {
     let probe = pack.layout().byte_len() as u64;
-    let cap = config.cascade.max_loaded.min(config.runtime.pool_slots) as u64;
+    // Active lenses, times the most probes a lens has (each lane has its own slots).
+    let lenses = config.cascade.max_loaded.min(config.runtime.pool_slots);
+    let cap = (lenses * pack.max_probes_per_lens()) as u64;
     let budget = config.runtime.cache_bytes;
     if budget < cap * probe {
         return Err(StartError::CacheTooSmall { budget, probe, cap });
@@ -445,10 +448,22 @@ fn session_config(base: &Config, options: &SessionOptions) -> Result<Config, Run
     Ok(config)
 }
 
-/// Asks a coordinator to score a hidden state, naming why if it cannot.
+/// The probes of a set of lenses.
+fn probes_of(pack: &Pack, lenses: &crate::policy::ConceptSet) -> crate::policy::ProbeSet {
+    let mut out = crate::policy::ProbeSet::with_capacity(pack.probe_count());
+    for c in lenses.iter() {
+        pack.probes_of(c).for_each(|p| {
+            out.insert(p);
+        });
+    }
+    out
+}
+
+/// Asks a coordinator to score a token (one hidden state per model layer), naming why if it
+/// cannot.
 async fn observe_on(
     coordinator: &ActorRef<Coordinator>,
-    hidden: Hidden,
+    hidden: Vec<Hidden>,
     stopping: &AtomicBool,
 ) -> Result<TokenReport, RuntimeError> {
     coordinator.ask(Observe(hidden)).await.map_err(|e| match e {
@@ -475,9 +490,16 @@ impl Session {
         self.id
     }
 
-    /// Scores one hidden state; this session's tokens are numbered from 0 in arrival order.
+    /// Scores one hidden state, on a pack whose probes read one model layer; this session's
+    /// tokens are numbered from 0 in arrival order.
     pub async fn observe(&self, hidden: impl Into<Hidden>) -> Result<TokenReport, RuntimeError> {
-        observe_on(&self.coordinator, hidden.into(), &self.shared.stopping).await
+        observe_on(&self.coordinator, vec![hidden.into()], &self.shared.stopping).await
+    }
+
+    /// Scores one token from one hidden state per model layer of the pack
+    /// ([`Pack::model_layers`], in that order); another count is an error naming the layers.
+    pub async fn observe_states(&self, states: Vec<Hidden>) -> Result<TokenReport, RuntimeError> {
+        observe_on(&self.coordinator, states, &self.shared.stopping).await
     }
 
     /// The session's active probes, ascending.

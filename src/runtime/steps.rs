@@ -42,7 +42,7 @@ use super::faults::Faults;
 use super::pool::SlotOp;
 use super::scoring::{Request, ScoringBackend, ScoringError, StepScores};
 use crate::kernel::MAX_BATCH;
-use crate::pack::{ConceptId, Pack};
+use crate::pack::{Pack, ProbeId};
 pub use crate::types::SessionId;
 use crate::types::WeightTraffic;
 
@@ -59,7 +59,7 @@ pub struct Scores {
 pub(super) struct Work {
     pub session: SessionId,
     pub ops: Vec<SlotOp>,
-    pub bytes: HashMap<ConceptId, Arc<ProbeBytes>>,
+    pub bytes: HashMap<ProbeId, Arc<ProbeBytes>>,
     pub start: usize,
     pub len: usize,
     pub hidden: Arc<Vec<f32>>,
@@ -76,7 +76,7 @@ pub(super) enum StepMsg {
     },
     Work(Work),
     /// Probes to copy into a resident store ahead of their activation (prefetch hints).
-    Warm(HashMap<ConceptId, Arc<ProbeBytes>>),
+    Warm(HashMap<ProbeId, Arc<ProbeBytes>>),
     Close(SessionId),
     Stats(oneshot::Sender<StepStats>),
 }
@@ -345,7 +345,7 @@ impl Lane {
         Ok(Self { session, tx })
     }
 
-    fn work(&self, ops: Vec<SlotOp>, bytes: HashMap<ConceptId, Arc<ProbeBytes>>) -> Work {
+    fn work(&self, ops: Vec<SlotOp>, bytes: HashMap<ProbeId, Arc<ProbeBytes>>) -> Work {
         Work {
             session: self.session,
             ops,
@@ -362,7 +362,7 @@ impl Lane {
     pub(super) async fn apply_and_score(
         &self,
         ops: Vec<SlotOp>,
-        bytes: HashMap<ConceptId, Arc<ProbeBytes>>,
+        bytes: HashMap<ProbeId, Arc<ProbeBytes>>,
         start: usize,
         len: usize,
         hidden: Arc<Vec<f32>>,
@@ -394,7 +394,7 @@ pub(super) struct Warmer(flume::Sender<StepMsg>);
 
 impl Warmer {
     /// Fire and forget: a scheduler that has stopped has no store to warm.
-    pub(super) fn send(&self, bytes: HashMap<ConceptId, Arc<ProbeBytes>>) {
+    pub(super) fn send(&self, bytes: HashMap<ProbeId, Arc<ProbeBytes>>) {
         if !bytes.is_empty() {
             let _ = self.0.send(StepMsg::Warm(bytes));
         }
@@ -434,11 +434,9 @@ mod tests {
         Setup { _dir: dir, pack }
     }
 
-    fn bytes(pack: &Pack, ids: &[u32]) -> HashMap<ConceptId, Arc<ProbeBytes>> {
+    fn bytes(pack: &Pack, ids: &[u32]) -> HashMap<ProbeId, Arc<ProbeBytes>> {
         ids.iter()
-            .map(|&i| {
-                (ConceptId(i), Arc::new(ProbeBytes::detached(ConceptId(i), pack.read_probe(ProbeId(i)).unwrap())))
-            })
+            .map(|&i| (ProbeId(i), Arc::new(ProbeBytes::detached(ProbeId(i), pack.read_probe(ProbeId(i)).unwrap()))))
             .collect()
     }
 
@@ -450,7 +448,7 @@ mod tests {
 
     /// A scoring request: installs `ids` into slots `0..`, then scores slots `0..len`.
     fn work(s: u64, pack: &Pack, install: &[u32], len: usize, h: Arc<Vec<f32>>) -> (StepMsg, Reply) {
-        let ops = install.iter().enumerate().map(|(slot, &id)| SlotOp::Install { slot, id: ConceptId(id) }).collect();
+        let ops = install.iter().enumerate().map(|(slot, &id)| SlotOp::Install { slot, id: ProbeId(id) }).collect();
         let (reply, rx) = oneshot::channel();
         let w = Work {
             session: SessionId(s),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, StepScores, Tables};
 use crate::kernel::{Kernel, ProbeRef};
-use crate::pack::{ConceptId, Pack, ProbeId};
+use crate::pack::{Pack, ProbeId};
 use crate::runtime::cache::ProbeBytes;
 use crate::runtime::faults::Faults;
 use crate::runtime::pool::SlotOp;
@@ -58,7 +58,7 @@ impl ScoringBackend for KernelBackend {
         &mut self,
         session: SessionId,
         ops: &[SlotOp],
-        bytes: &HashMap<ConceptId, Arc<ProbeBytes>>,
+        bytes: &HashMap<ProbeId, Arc<ProbeBytes>>,
     ) -> Result<(), ScoringError> {
         let table = self.sessions.get_mut(session)?;
         let pack = &self.pack;
@@ -66,7 +66,7 @@ impl ScoringBackend for KernelBackend {
         let applied = table.apply(ops, &mut self.traffic, |id| {
             let b = bytes.get(&id).ok_or(ScoringError::MissingBytes(id))?;
             installs += 1; // a reference: no bytes copied
-            Ok(Held { bytes: b.clone(), ranges: pack.layout().ranges(&pack.tensor_offsets(ProbeId::sole(id))) })
+            Ok(Held { bytes: b.clone(), ranges: pack.layout().ranges(&pack.tensor_offsets(id)) })
         });
         self.traffic.installs += installs;
         applied
@@ -78,7 +78,7 @@ impl ScoringBackend for KernelBackend {
     /// by the scheduler: the kernel only reads its inputs and writes `out`, which is dropped.
     fn score(&mut self, step: &[Request], faults: &Faults) -> Result<StepScores, ScoringError> {
         let mut answers: Vec<Result<Vec<f32>, ScoringError>> = Vec::with_capacity(step.len());
-        let mut index: HashMap<ConceptId, usize> = HashMap::new();
+        let mut index: HashMap<ProbeId, usize> = HashMap::new();
         let mut probes: Vec<ProbeRef> = Vec::new();
         let mut sets: Vec<Vec<usize>> = Vec::new();
         let mut hidden: Vec<&[f32]> = Vec::new();
@@ -161,9 +161,8 @@ mod tests {
             let request = |len| [Request { session: s, start: 0, len, hidden: &hidden }];
             let got = backend.score(&request(6), &Faults::none()).unwrap().answers.pop().unwrap().unwrap();
             // Bit for bit what the kernel gives those probes scored directly, in that order.
-            let order = [11, 19, 7, 23, 42, 3].map(ConceptId);
-            let ranges: Vec<_> =
-                order.iter().map(|&id| pack.layout().ranges(&pack.tensor_offsets(ProbeId::sole(id)))).collect();
+            let order = [11, 19, 7, 23, 42, 3].map(ProbeId);
+            let ranges: Vec<_> = order.iter().map(|&id| pack.layout().ranges(&pack.tensor_offsets(id))).collect();
             let refs: Vec<ProbeRef> =
                 order.iter().zip(&ranges).map(|(id, r)| ProbeRef { bytes: &bytes[id], ranges: r }).collect();
             let mut want = vec![0.0; 6];
@@ -173,12 +172,12 @@ mod tests {
             // The slots hold the cache's own buffers: nothing was copied, by installs or moves.
             let t = backend.traffic();
             assert_eq!((t.installs, t.moves, t.install_bytes_copied, t.move_bytes_copied), (6, 2, 0, 0));
-            assert_eq!(Arc::strong_count(&bytes[&ConceptId(3)]), 2, "slot 5 pins probe 3's bytes");
+            assert_eq!(Arc::strong_count(&bytes[&ProbeId(3)]), 2, "slot 5 pins probe 3's bytes");
             // A slot left empty by a move is an error to score, not stale data.
             let mut empty = backend.score(&request(8), &Faults::none()).unwrap().answers;
             assert!(matches!(empty.pop().unwrap(), Err(ScoringError::EmptySlot(6))));
             backend.close(s);
-            assert_eq!(Arc::strong_count(&bytes[&ConceptId(3)]), 1, "closing lets go of the bytes");
+            assert_eq!(Arc::strong_count(&bytes[&ProbeId(3)]), 1, "closing lets go of the bytes");
         }
     }
 }

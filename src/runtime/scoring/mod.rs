@@ -24,7 +24,7 @@ use super::cache::ProbeBytes;
 use super::faults::{Faults, PanicSite};
 use super::pool::SlotOp;
 use crate::kernel::KernelError;
-use crate::pack::ConceptId;
+use crate::pack::ProbeId;
 use crate::types::{SessionId, WeightTraffic};
 
 /// One session's request in a step: the logits of its slots `[start, start + len)` for `hidden`.
@@ -70,7 +70,7 @@ pub trait ScoringBackend: Send {
         &mut self,
         session: SessionId,
         ops: &[SlotOp],
-        bytes: &HashMap<ConceptId, Arc<ProbeBytes>>,
+        bytes: &HashMap<ProbeId, Arc<ProbeBytes>>,
     ) -> Result<(), ScoringError>;
     /// Scores a step: the union of the requests' probes, each once. A request whose slots do
     /// not resolve gets its own error in `answers`; an `Err` means the step's scoring failed as
@@ -80,7 +80,7 @@ pub trait ScoringBackend: Send {
     /// Copies probes that may be activated soon into a resident store, where it has one and
     /// there is room that no pinned probe holds (free rows, or warm ones evicted). Best effort:
     /// a failure only leaves them out.
-    fn warm(&mut self, _bytes: &HashMap<ConceptId, Arc<ProbeBytes>>) {}
+    fn warm(&mut self, _bytes: &HashMap<ProbeId, Arc<ProbeBytes>>) {}
     /// Installs and moves so far, the weight bytes they copied, and the resident store's
     /// figures where the backend keeps one.
     fn traffic(&self) -> WeightTraffic;
@@ -92,7 +92,7 @@ pub enum ScoringError {
     #[error("tensor math failed: {0}")]
     Tch(#[source] Arc<tch::TchError>),
     #[error("no bytes were sent for probe {0:?}")]
-    MissingBytes(ConceptId),
+    MissingBytes(ProbeId),
     /// An earlier operation on the session's slots failed (pruning's rearrangement, which
     /// nobody waited on): its slots can't be trusted, and every later request says why.
     #[error("an earlier slot rearrangement (pruning) failed, so the slots cannot be trusted: {0}")]
@@ -102,7 +102,7 @@ pub enum ScoringError {
     /// Probes the coordinator saw resident (and sent no bytes for) were evicted before its
     /// request arrived; nothing was applied, and it asks again with their bytes.
     #[error("probes {0:?} were evicted from the resident store before their install")]
-    Evicted(Vec<ConceptId>),
+    Evicted(Vec<ProbeId>),
     #[error(transparent)]
     StoreFull(#[from] store::StoreFull),
     /// Copying probes into the resident store failed; none of them became resident.
@@ -122,10 +122,10 @@ pub enum ScoringError {
     Panicked(String),
     /// A failure injected by a fault plan (tests only).
     #[error("the scoring step failed: injected fault at probe {}", .0 .0)]
-    Injected(ConceptId),
+    Injected(ProbeId),
     /// A failed copy into the resident store, injected by a fault plan (tests only).
     #[error("injected fault: the copy of probe {} to the device failed", .0 .0)]
-    InjectedUpload(ConceptId),
+    InjectedUpload(ProbeId),
     #[error("{0} is closed")]
     Closed(SessionId),
 }
@@ -151,7 +151,7 @@ impl From<KernelError> for ScoringError {
 }
 
 /// The fault plan's say on a step scoring `probes`: an injected panic, or an injected failure.
-fn check_faults(faults: &Faults, probes: impl Iterator<Item = ConceptId> + Clone) -> Result<(), ScoringError> {
+fn check_faults(faults: &Faults, probes: impl Iterator<Item = ProbeId> + Clone) -> Result<(), ScoringError> {
     faults.maybe_panic(PanicSite::Scoring, probes.clone());
     match faults.step_fails(probes) {
         Some(p) => Err(ScoringError::Injected(p)),
@@ -185,7 +185,7 @@ impl<H> SlotTable<H> {
         &mut self,
         ops: &[SlotOp],
         traffic: &mut WeightTraffic,
-        mut install: impl FnMut(ConceptId) -> Result<H, ScoringError>,
+        mut install: impl FnMut(ProbeId) -> Result<H, ScoringError>,
     ) -> Result<(), ScoringError> {
         let n = self.slots.len();
         let check = |slot: usize| if slot < n { Ok(slot) } else { Err(ScoringError::NoSlot { slot, slots: n }) };
@@ -281,7 +281,7 @@ pub(crate) mod tests {
     /// Slot 0 is installed, moved away and reinstalled, two slots swapped. Scoring slots 0..6
     /// then reads probes 11, 19, 7, 23, 42, 3.
     pub fn ops() -> Vec<SlotOp> {
-        let install = |slot, id| SlotOp::Install { slot, id: ConceptId(id) };
+        let install = |slot, id| SlotOp::Install { slot, id: ProbeId(id) };
         vec![
             install(0, 3),
             install(1, 7),
@@ -295,10 +295,10 @@ pub(crate) mod tests {
     }
 
     /// The bytes of every probe `ops` installs, as the cache would hand them over.
-    pub fn bytes_for(pack: &Pack, ops: &[SlotOp]) -> HashMap<ConceptId, Arc<ProbeBytes>> {
+    pub fn bytes_for(pack: &Pack, ops: &[SlotOp]) -> HashMap<ProbeId, Arc<ProbeBytes>> {
         ops.iter()
             .filter_map(SlotOp::installed)
-            .map(|id| (id, Arc::new(ProbeBytes::detached(id, pack.read_probe(ProbeId::sole(id)).unwrap()))))
+            .map(|id| (id, Arc::new(ProbeBytes::detached(id, pack.read_probe(id).unwrap()))))
             .collect()
     }
 }

@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
-use crate::pack::ConceptId;
-use crate::policy::ConceptSet;
+use crate::pack::ProbeId;
+use crate::policy::ProbeSet;
 pub use crate::types::StoreStats;
 
 /// Which probes the store holds now, readable from any thread.
@@ -43,11 +43,11 @@ impl ResidentView {
     }
 
     /// Whether the store held `id` when asked (it may be evicted right after).
-    pub fn contains(&self, id: ConceptId) -> bool {
+    pub fn contains(&self, id: ProbeId) -> bool {
         self.resident.get(id.0 as usize).is_some_and(|r| r.load(Ordering::Acquire))
     }
 
-    fn set(&self, id: ConceptId, resident: bool) {
+    fn set(&self, id: ProbeId, resident: bool) {
         if let Some(r) = self.resident.get(id.0 as usize) {
             r.store(resident, Ordering::Release);
         }
@@ -72,7 +72,7 @@ pub struct StoreFull {
 /// A slot's hold on a store row: the row stays resident (pinned) while any pin of it lives.
 pub struct Pin {
     row: usize,
-    id: ConceptId,
+    id: ProbeId,
     book: Arc<Mutex<Book>>,
 }
 
@@ -87,7 +87,7 @@ impl Pin {
         self.row
     }
 
-    pub fn id(&self) -> ConceptId {
+    pub fn id(&self) -> ProbeId {
         self.id
     }
 }
@@ -105,16 +105,16 @@ impl Drop for Pin {
 /// can give its row back when it drops; only the scoring thread touches it.
 pub struct Book {
     row_bytes: usize,
-    id_of: Vec<Option<ConceptId>>,
+    id_of: Vec<Option<ProbeId>>,
     refs: Vec<u32>,
-    row_of: HashMap<ConceptId, usize>,
+    row_of: HashMap<ProbeId, usize>,
     /// Resident rows held by nobody, least recently released first out.
-    warm: LruCache<ConceptId, ()>,
+    warm: LruCache<ProbeId, ()>,
     free: Vec<usize>,
     /// Base probes: pinned for good once resident.
-    forever: ConceptSet,
+    forever: ProbeSet,
     /// Prefetched probes not activated yet.
-    hinted: ConceptSet,
+    hinted: ProbeSet,
     view: Arc<ResidentView>,
     stats: StoreStats,
 }
@@ -122,7 +122,7 @@ pub struct Book {
 impl Book {
     /// A store of `rows` rows of `row_bytes` each, for a pack of `concepts` concepts; `forever`
     /// are the probes never evicted once in.
-    pub fn new(rows: usize, row_bytes: usize, concepts: usize, forever: ConceptSet) -> Self {
+    pub fn new(rows: usize, row_bytes: usize, concepts: usize, forever: ProbeSet) -> Self {
         Self {
             row_bytes,
             id_of: vec![None; rows],
@@ -131,7 +131,7 @@ impl Book {
             warm: LruCache::unbounded(),
             free: (0..rows).rev().collect(),
             forever,
-            hinted: ConceptSet::with_capacity(concepts),
+            hinted: ProbeSet::with_capacity(concepts),
             view: Arc::new(ResidentView::new(concepts)),
             stats: StoreStats::default(),
         }
@@ -145,7 +145,7 @@ impl Book {
         self.id_of.len()
     }
 
-    pub fn is_resident(&self, id: ConceptId) -> bool {
+    pub fn is_resident(&self, id: ProbeId) -> bool {
         self.row_of.contains_key(&id)
     }
 
@@ -175,7 +175,7 @@ impl Book {
     /// A row for `id`, which is not resident: a free one, else the least recently released
     /// warm one (evicted). The row counts as pinned by the caller until [`Book::filled`] or
     /// [`Book::unfilled`].
-    pub fn take_row(&mut self, id: ConceptId) -> Result<usize, StoreFull> {
+    pub fn take_row(&mut self, id: ProbeId) -> Result<usize, StoreFull> {
         debug_assert!(!self.is_resident(id));
         let row = match self.free.pop() {
             Some(row) => row,
@@ -215,7 +215,7 @@ impl Book {
     }
 
     /// A pin on resident probe `id` (`None` if it is not resident).
-    pub fn pin(book: &Arc<Mutex<Book>>, id: ConceptId) -> Option<Pin> {
+    pub fn pin(book: &Arc<Mutex<Book>>, id: ProbeId) -> Option<Pin> {
         let mut b = book.lock().expect("store book");
         let row = *b.row_of.get(&id)?;
         if b.refs[row] == 0 {
@@ -227,7 +227,7 @@ impl Book {
 
     /// Counts an install that found its probe resident (and, the first time, a prefetched
     /// probe that was used).
-    pub fn count_hit(&mut self, id: ConceptId) {
+    pub fn count_hit(&mut self, id: ProbeId) {
         self.stats.hits += 1;
         if self.hinted.remove(id) {
             self.stats.prefetch_used += 1;
@@ -235,7 +235,7 @@ impl Book {
     }
 
     /// `ids` were copied in ahead of their activation (prefetch hints).
-    pub fn count_prefetched(&mut self, ids: &[ConceptId]) {
+    pub fn count_prefetched(&mut self, ids: &[ProbeId]) {
         self.stats.prefetched += ids.len() as u64;
         ids.iter().for_each(|&id| {
             self.hinted.insert(id);
@@ -252,7 +252,7 @@ impl Book {
     }
 
     /// A row nobody holds: warm, or pinned for good if it is a base probe.
-    fn park(&mut self, id: ConceptId) {
+    fn park(&mut self, id: ProbeId) {
         if !self.forever.contains(id) {
             self.warm.put(id, ());
         }
@@ -273,12 +273,12 @@ impl Book {
 mod tests {
     use super::*;
 
-    fn c(i: u32) -> ConceptId {
-        ConceptId(i)
+    fn c(i: u32) -> ProbeId {
+        ProbeId(i)
     }
 
     fn book(rows: usize, forever: &[u32]) -> Arc<Mutex<Book>> {
-        let mut set = ConceptSet::with_capacity(64);
+        let mut set = ProbeSet::with_capacity(64);
         forever.iter().for_each(|&i| {
             set.insert(c(i));
         });

@@ -28,8 +28,8 @@ use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, StepS
 use crate::engine::tensors::{kind_of, to_host_f32};
 use crate::kernel::MAX_BATCH;
 use crate::pack::layout::{ProbeLayout, HIDDEN1, HIDDEN2};
-use crate::pack::{ConceptId, Pack, ProbeId};
-use crate::policy::ConceptSet;
+use crate::pack::{Pack, ProbeId};
+use crate::policy::ProbeSet;
 use crate::runtime::cache::ProbeBytes;
 use crate::runtime::faults::Faults;
 use crate::runtime::pool::SlotOp;
@@ -269,8 +269,8 @@ impl TorchArena {
     fn upload(
         &mut self,
         pack: &Pack,
-        installs: &[(usize, ConceptId)],
-        bytes: &HashMap<ConceptId, Arc<ProbeBytes>>,
+        installs: &[(usize, ProbeId)],
+        bytes: &HashMap<ProbeId, Arc<ProbeBytes>>,
         traffic: &mut WeightTraffic,
     ) -> Result<(), ScoringError> {
         let bytes_of = |id| bytes.get(&id).map(|b| &b[..]).ok_or(ScoringError::MissingBytes(id));
@@ -300,7 +300,7 @@ impl TorchArena {
 }
 
 /// Copies a probe's bytes into a slot of `arena` (converting to the compute dtype).
-fn install(arena: &Arena, pack: &Pack, slot: usize, id: ConceptId, bytes: &[u8]) -> Result<(), tch::TchError> {
+fn install(arena: &Arena, pack: &Pack, slot: usize, id: ProbeId, bytes: &[u8]) -> Result<(), tch::TchError> {
     let storage = kind_of(pack.layout().dtype);
     install_with(arena, pack, slot, id, |range, shape| {
         let src = &bytes[range];
@@ -321,7 +321,7 @@ fn install_staged(
     arena: &Arena,
     pack: &Pack,
     slot: usize,
-    id: ConceptId,
+    id: ProbeId,
     staged: &Tensor,
     row: usize,
 ) -> Result<(), tch::TchError> {
@@ -340,10 +340,10 @@ fn install_with(
     arena: &Arena,
     pack: &Pack,
     slot: usize,
-    id: ConceptId,
+    id: ProbeId,
     source: impl Fn(std::ops::Range<usize>, &[i64]) -> Result<Tensor, tch::TchError>,
 ) -> Result<(), tch::TchError> {
-    let ranges = pack.layout().ranges(&pack.tensor_offsets(ProbeId::sole(id)));
+    let ranges = pack.layout().ranges(&pack.tensor_offsets(id));
     for (part, range) in arena.parts().into_iter().zip(ranges) {
         let mut dst = part.f_get(slot as i64)?;
         let src = source(range, &dst.size())?;
@@ -370,7 +370,7 @@ impl TorchBackend {
         device: Device,
         compute: Kind,
         staging_bytes: Option<u64>,
-        forever: ConceptSet,
+        forever: ProbeSet,
         faults: Faults,
     ) -> Result<Self, tch::TchError> {
         let torch = TorchArena::new(&pack, rows, device, compute, staging_bytes)?;
@@ -388,7 +388,7 @@ impl TorchBackend {
     /// Copies the probes of `new` that are not resident into rows of their own, each once.
     /// All or nothing: if the store has no room, or a copy fails, no row changes hands and no
     /// probe becomes resident.
-    fn copy_in(&mut self, new: &[ConceptId], bytes: &HashMap<ConceptId, Arc<ProbeBytes>>) -> Result<(), ScoringError> {
+    fn copy_in(&mut self, new: &[ProbeId], bytes: &HashMap<ProbeId, Arc<ProbeBytes>>) -> Result<(), ScoringError> {
         let rows = {
             let mut book = self.book.lock().expect("store book");
             book.check_room(new.len())?;
@@ -406,7 +406,7 @@ impl TorchBackend {
             }
         }
         copied.map_err(|e| {
-            let concepts = new.iter().map(|&id| self.pack.hierarchy().label(id)).collect();
+            let concepts = new.iter().map(|&id| self.pack.probe_label(id)).collect();
             ScoringError::Upload { concepts, source: Box::new(e) }
         })
     }
@@ -489,10 +489,10 @@ impl ScoringBackend for TorchBackend {
         &mut self,
         session: SessionId,
         ops: &[SlotOp],
-        bytes: &HashMap<ConceptId, Arc<ProbeBytes>>,
+        bytes: &HashMap<ProbeId, Arc<ProbeBytes>>,
     ) -> Result<(), ScoringError> {
         self.sessions.get_mut(session)?;
-        let mut installed: Vec<ConceptId> = ops.iter().filter_map(SlotOp::installed).collect();
+        let mut installed: Vec<ProbeId> = ops.iter().filter_map(SlotOp::installed).collect();
         installed.sort_unstable();
         installed.dedup();
         // Resident probes are pinned first, so that copying the others in cannot evict them.
@@ -531,7 +531,7 @@ impl ScoringBackend for TorchBackend {
         let mut answers: Vec<Result<Vec<f32>, ScoringError>> = Vec::with_capacity(step.len());
         let mut index: HashMap<usize, usize> = HashMap::new();
         let mut rows: Vec<usize> = Vec::new();
-        let mut ids: Vec<ConceptId> = Vec::new();
+        let mut ids: Vec<ProbeId> = Vec::new();
         let mut hidden: Vec<&[f32]> = Vec::new();
         let mut wants: Vec<Option<(usize, Vec<usize>)>> = Vec::with_capacity(step.len());
         for r in step {
@@ -572,10 +572,10 @@ impl ScoringBackend for TorchBackend {
         self.sessions.holdings(|p| p.row())
     }
 
-    fn warm(&mut self, bytes: &HashMap<ConceptId, Arc<ProbeBytes>>) {
-        let new: Vec<ConceptId> = {
+    fn warm(&mut self, bytes: &HashMap<ProbeId, Arc<ProbeBytes>>) {
+        let new: Vec<ProbeId> = {
             let book = self.book.lock().expect("store book");
-            let mut new: Vec<ConceptId> = bytes.keys().copied().filter(|&id| !book.is_resident(id)).collect();
+            let mut new: Vec<ProbeId> = bytes.keys().copied().filter(|&id| !book.is_resident(id)).collect();
             new.sort_unstable();
             new.truncate(book.room().min(MAX_WARM));
             new
@@ -615,7 +615,7 @@ mod tests {
     }
 
     fn store(pack: &Arc<Pack>, rows: usize, staging_bytes: Option<u64>, faults: Faults) -> TorchBackend {
-        TorchBackend::new(pack.clone(), rows, Device::Cpu, Kind::Float, staging_bytes, ConceptSet::default(), faults)
+        TorchBackend::new(pack.clone(), rows, Device::Cpu, Kind::Float, staging_bytes, ProbeSet::default(), faults)
             .unwrap()
     }
 
@@ -630,7 +630,7 @@ mod tests {
     }
 
     fn install(ids: &[u32]) -> Vec<SlotOp> {
-        ids.iter().enumerate().map(|(slot, &id)| SlotOp::Install { slot, id: ConceptId(id) }).collect()
+        ids.iter().enumerate().map(|(slot, &id)| SlotOp::Install { slot, id: ProbeId(id) }).collect()
     }
 
     fn hidden(pack: &Pack, seed: f32) -> Vec<f32> {
@@ -726,7 +726,7 @@ mod tests {
         assert_eq!((st.resident, st.pinned), (2, 1), "3 is warm, still resident");
         // Both come back with no bytes at all: they are resident.
         let copied = backend.traffic().install_bytes_copied;
-        backend.apply(s, &[SlotOp::Install { slot: 1, id: ConceptId(3) }], &HashMap::new()).unwrap();
+        backend.apply(s, &[SlotOp::Install { slot: 1, id: ProbeId(3) }], &HashMap::new()).unwrap();
         check_scores(&mut backend, &pack, 1, &[7, 3], &h);
         assert_eq!(backend.traffic().install_bytes_copied, copied, "no bytes copied");
         assert_eq!(
@@ -735,14 +735,14 @@ mod tests {
             "moves move pins, never rows"
         );
         assert_eq!(backend.traffic().move_bytes_copied, 0);
-        assert!(backend.view().contains(ConceptId(3)) && !backend.view().contains(ConceptId(9)));
+        assert!(backend.view().contains(ProbeId(3)) && !backend.view().contains(ProbeId(9)));
     }
 
     #[test]
     fn a_request_the_store_cannot_take_is_refused_whole_and_the_slots_stay_as_they_were() {
         let (_dir, pack) = synth_pack(DType::F32);
         let mut backend =
-            store(&pack, 3, None, Faults::plan(Arc::new(FaultPlan::new().fail_upload(ConceptId(13), Some(1)))));
+            store(&pack, 3, None, Faults::plan(Arc::new(FaultPlan::new().fail_upload(ProbeId(13), Some(1)))));
         let (a, b) = (SessionId(1), SessionId(2));
         backend.open(a, 4);
         backend.open(b, 4);
@@ -758,20 +758,20 @@ mod tests {
         check_scores(&mut backend, &pack, 1, &[3, 7], &h);
         // A probe seen resident but evicted since, sent without bytes: refused, naming it.
         let e = backend.apply(b, &install(&[42]), &HashMap::new()).unwrap_err();
-        assert!(matches!(&e, ScoringError::Evicted(ids) if ids == &[ConceptId(42)]), "{e}");
+        assert!(matches!(&e, ScoringError::Evicted(ids) if ids == &[ProbeId(42)]), "{e}");
         // A failed copy: nothing becomes resident, the row is free again, and the next try works.
         let ops = install(&[13]);
         let e = backend.apply(b, &ops, &bytes_for(&pack, &ops)).unwrap_err();
         assert!(e.refused_before_applying());
         assert!(format!("{:?}", e).contains("InjectedUpload"), "{e:?}");
-        assert!(!backend.view().contains(ConceptId(13)));
+        assert!(!backend.view().contains(ProbeId(13)));
         assert_eq!(backend.traffic().store.unwrap().resident, 2);
         backend.apply(b, &ops, &bytes_for(&pack, &ops)).unwrap();
         check_scores(&mut backend, &pack, 2, &[13], &h);
         // Session a closes: its probes go warm, and b's new probes evict them, oldest first.
         backend.close(a);
         let ops: Vec<SlotOp> =
-            [(1, 9), (2, 11)].iter().map(|&(slot, id)| SlotOp::Install { slot, id: ConceptId(id) }).collect();
+            [(1, 9), (2, 11)].iter().map(|&(slot, id)| SlotOp::Install { slot, id: ProbeId(id) }).collect();
         backend.apply(b, &ops, &bytes_for(&pack, &ops)).unwrap();
         check_scores(&mut backend, &pack, 2, &[13, 9, 11], &h);
         let st = backend.traffic().store.unwrap();
@@ -809,11 +809,11 @@ mod tests {
         backend.warm(&bytes_for(&pack, &hinted));
         let st = backend.traffic().store.unwrap();
         assert_eq!((st.prefetched, st.resident, st.pinned), (2, 4, 2), "two copied, into the free rows");
-        assert!(backend.view().contains(ConceptId(9)) && backend.view().contains(ConceptId(11)));
-        assert!(!backend.view().contains(ConceptId(13)), "no room left for the third: pinned rows stay");
+        assert!(backend.view().contains(ProbeId(9)) && backend.view().contains(ProbeId(11)));
+        assert!(!backend.view().contains(ProbeId(13)), "no room left for the third: pinned rows stay");
         // The activation of a prefetched probe needs no bytes and copies nothing.
         let copied = backend.traffic().install_bytes_copied;
-        let ops = [SlotOp::Install { slot: 2, id: ConceptId(9) }];
+        let ops = [SlotOp::Install { slot: 2, id: ProbeId(9) }];
         backend.apply(s, &ops, &HashMap::new()).unwrap();
         check_scores(&mut backend, &pack, 1, &[3, 7, 9], &hidden(&pack, 0.4));
         let st = backend.traffic().store.unwrap();
