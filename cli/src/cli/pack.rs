@@ -143,11 +143,11 @@ pub fn run(cmd: PackCommand) -> anyhow::Result<ExitCode> {
         }
         PackCommand::Verify { dir } => {
             let pack = Pack::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
-            let progress = bar(pack.len(), "verify");
+            let progress = bar(pack.probe_count(), "verify");
             let defects = pack.verify(|n| progress.set_position(n as u64));
             progress.finish_and_clear();
             if defects.is_empty() {
-                println!("{}: {} probes verified (checksums, shapes, finite values)", dir.display(), pack.len());
+                println!("{}: {} probes verified (checksums, shapes, finite values)", dir.display(), pack.probe_count());
                 Ok(ExitCode::SUCCESS)
             } else {
                 for d in &defects {
