@@ -17,6 +17,11 @@ is no longer observed (generate keeps padding it), so its reports stop with that
 
 `runtime` may also be a `probe_cascade.Client` of a `probe-cascade serve` in another process:
 each decode step is then one ObserveBatch call.
+
+A pack of lenses over several model layers (headspace's `<Concept>@L<m>.pt`) reads model
+layer m as the output of decoder layer m (transformers' `hidden_states[m + 1]`):
+`hf.monitor(model, rt, layers=[4, 7])` hooks those decoder layers in the same forward pass and
+observes each token with one hidden state per layer.
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class Monitor:
         runtime: Union[Runtime, Any],
         layer: Layer = -1,
         *,
+        layers: Optional[Sequence[int]] = None,
         observe_prompt: bool = False,
         session_options: Optional[Dict[str, Any]] = None,
     ) -> None:
@@ -100,7 +106,16 @@ class Monitor:
         self.observe_prompt = observe_prompt
         self.session_options = dict(session_options or {})
         self.generations: List[Generation] = []
-        self._module = _layer_module(model, layer)
+        if layers is not None:
+            if not layers or any(not isinstance(m, int) or m < 0 for m in layers) or len(set(layers)) != len(layers):
+                raise ProbeCascadeError(f"layers must be distinct model layer numbers (ints >= 0), not {layers!r}")
+            self.layers: Optional[List[int]] = sorted(layers)
+            self._modules = [_layer_module(model, m) for m in self.layers]
+        else:
+            self.layers = None
+            self._modules = [_layer_module(model, layer)]
+        # The hooked outputs of the forward pass under way, by position in `_modules`.
+        self._captured: Dict[int, torch.Tensor] = {}
         self._eos = _eos_ids(model)
         self._handles: List[Any] = []
         self._inputs: Dict[str, Any] = {}
@@ -136,7 +151,31 @@ class Monitor:
 
     def _attach(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._before, with_kwargs=True))
-        self._handles.append(self._module.register_forward_hook(self._after))
+        for i, module in enumerate(self._modules):
+            self._handles.append(module.register_forward_hook(self._hook(i)))
+
+    def _hook(self, i: int) -> Any:
+        def after(_module: Any, _args: tuple, output: Any) -> None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+                raise ProbeCascadeError(
+                    f"the hooked module returned {type(hidden).__name__}, not a [batch, positions, D] tensor"
+                )
+            self._captured[i] = hidden
+            # The forward pass has reached every hooked layer: observe its token.
+            if len(self._captured) == len(self._modules):
+                captured = [self._captured[k] for k in range(len(self._modules))]
+                self._captured = {}
+                self._after(captured)
+
+        return after
+
+    def _states(self, hiddens: List[torch.Tensor], pick: Any) -> Any:
+        """What observe_batch takes for the rows `pick` selects of each hooked output: the rows
+        themselves for one layer, {model layer: rows} for several."""
+        if self.layers is None:
+            return pick(hiddens[0])
+        return {m: pick(h) for m, h in zip(self.layers, hiddens)}
 
     def _detach(self) -> None:
         for h in self._handles:
@@ -181,18 +220,14 @@ class Monitor:
             return mask.shape[1] == ids.shape[1]
         return not self.generations
 
-    def _after(self, _module: Any, _args: tuple, output: Any) -> None:
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-            raise ProbeCascadeError(
-                f"the hooked module returned {type(hidden).__name__}, not a [batch, positions, D] tensor"
-            )
+    def _after(self, hiddens: List[torch.Tensor]) -> None:
+        hidden = hiddens[0]
         ids = self._inputs.get("input_ids")
         mask = self._inputs.get("attention_mask")
         b, t, _ = hidden.shape
         prompt = self._prompt
         if prompt:
-            self._start(b, t, hidden, mask)
+            self._start(b, t, hiddens, mask)
         elif not self.generations:
             return
         else:
@@ -212,9 +247,9 @@ class Monitor:
         if not live:
             return
         if len(live) == b and all(p == t - 1 for p in last):
-            rows: Any = hidden[:, -1, :]  # [B, D] view: rows read in place
+            rows = self._states(hiddens, lambda h: h[:, -1, :])  # [B, D] views: rows read in place
         else:
-            rows = [hidden[i, last[i]] for i in live]
+            rows = self._states(hiddens, lambda h: [h[i, last[i]] for i in live])
         reports = self.runtime.observe_batch([g.sessions[i] for i in live], rows)
         for i, rep in zip(live, reports):
             g.reports[i].append(rep)
@@ -232,7 +267,7 @@ class Monitor:
             pos.append(int(real[-1]) if real.numel() else t - 1)
         return pos
 
-    def _start(self, b: int, t: int, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    def _start(self, b: int, t: int, hiddens: List[torch.Tensor], mask: Optional[torch.Tensor]) -> None:
         self._close_sessions()
         sessions = [self.runtime.session(**self.session_options) for _ in range(b)]
         g = Generation(
@@ -251,7 +286,8 @@ class Monitor:
                 ]
                 if not live:
                     continue
-                reports = self.runtime.observe_batch([sessions[i] for i in live], [hidden[i, p] for i in live])
+                rows = self._states(hiddens, lambda h: [h[i, p] for i in live])
+                reports = self.runtime.observe_batch([sessions[i] for i in live], rows)
                 for i, rep in zip(live, reports):
                     g.prompt_reports[i].append(rep)
 
@@ -262,19 +298,24 @@ def monitor(
     runtime: Union[Runtime, Any],
     layer: Layer = -1,
     *,
+    layers: Optional[Sequence[int]] = None,
     observe_prompt: bool = False,
     session_options: Optional[Dict[str, Any]] = None,
 ) -> Iterator[Monitor]:
     """Observes `model`'s hidden states at every decode step of `generate` inside the block.
 
     layer: a decoder layer index (-1: the last decoder layer's output) or "last" for the final
-    norm's output, which is what HatCat's probes read. runtime: an in-process Runtime, or a
+    norm's output, which is what HatCat's probes read. layers: for a pack of lenses over
+    several model layers, the model layers it reads (decoder layers' outputs, hooked in the same
+    forward pass), instead of `layer`. runtime: an in-process Runtime, or a
     `probe_cascade.Client` (the same calls, over gRPC). observe_prompt: also score every prompt
     position (padding skipped) into `prompt_reports`. session_options: keyword overrides for
     each sequence's session (see `Runtime.session`). Hooks are removed and sessions closed
     when the block ends.
     """
-    mon = Monitor(model, runtime, layer, observe_prompt=observe_prompt, session_options=session_options)
+    mon = Monitor(
+        model, runtime, layer, layers=layers, observe_prompt=observe_prompt, session_options=session_options
+    )
     mon._attach()
     try:
         yield mon

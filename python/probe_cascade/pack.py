@@ -1,9 +1,11 @@
-"""Pack tools: open, inspect, verify, import HatCat lenses, write trained probes.
+"""Pack tools: open, inspect, verify, import HatCat lenses and headspace lens packs, write
+trained probes (lenses of several probes and calibration quantiles included).
 
     from probe_cascade import pack
     info = pack.open("pack/")            # PackInfo: concepts, hidden_dim, dtype, layers, ...
     pack.verify("pack/")                 # [] when every checksum, shape and value is sound
     pack.import_hatcat("hierarchy/", "lenses/", "out/")
+    pack.import_headspace("headspace-pack/", "out/")
 """
 
 from __future__ import annotations
@@ -100,6 +102,18 @@ def import_hatcat(
     )
 
 
+def import_headspace(
+    dir: PathLike,
+    out: PathLike,
+    *,
+    dtype: str = "f32",
+    probes_per_shard: int = 256,
+) -> str:
+    """Imports a headspace lens pack, as it is on disk (layer<N>/<Concept>@L<m>.pt and
+    <Concept>.pt probes, probe_calibration.json, the bundled hierarchy), into a new pack."""
+    return _native.import_headspace(os.fspath(dir), os.fspath(out), dtype=dtype, probes_per_shard=probes_per_shard)
+
+
 def write(
     out: PathLike,
     concepts: Sequence[Tuple[str, int, Sequence[int]]],
@@ -108,11 +122,21 @@ def write(
     dtype: str = "f32",
     input_normalization: str = "none",
     probes_per_shard: int = 256,
+    probes: Optional[Sequence[Sequence[Tuple[int, Optional[Sequence[float]]]]]] = None,
 ) -> int:
     """Writes a pack from stacked MLP weights (HatCat's D→128→64→1 shapes):
-    w1 [C,128,D], b1 [C,128], w2 [C,64,128], b2 [C,64], w3 [C,1,64], b3 [C,1].
-    `concepts[i]` is (name, layer, parent indices). Arrays may be numpy or torch (CPU)."""
+    w1 [P,128,D], b1 [P,128], w2 [P,64,128], b2 [P,64], w3 [P,1,64], b3 [P,1].
+    `concepts[i]` is (name, layer, parent indices). Arrays may be numpy or torch (CPU).
+
+    Without `probes`, one probe per concept (P = number of concepts). With `probes`, a pack
+    of lenses: `probes[i]` lists concept i's probes as (model layer, quantiles or None), one
+    per model layer, and the weights' rows follow them in order (P = all probes)."""
     arrays = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in weights.items()}
+    lenses = None
+    if probes is not None:
+        lenses = [
+            [(int(m), None if q is None else [float(v) for v in q]) for m, q in lens] for lens in probes
+        ]
     return _native.write(
         os.fspath(out),
         [(n, int(layer), [int(p) for p in parents]) for n, layer, parents in concepts],
@@ -120,4 +144,5 @@ def write(
         dtype=dtype,
         input_normalization=input_normalization,
         probes_per_shard=probes_per_shard,
+        probes=lenses,
     )

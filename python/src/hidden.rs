@@ -224,9 +224,83 @@ pub fn one(obj: &Bound<'_, PyAny>) -> PyResult<(Hidden, Option<Loan>)> {
     Ok((Hidden::borrowed(Row { shared, offset: 0, len }), None))
 }
 
+/// The values of a dict keyed by model layer, in `layers`' order: its keys must be exactly
+/// `layers`.
+fn by_layer<'py>(dict: &Bound<'py, pyo3::types::PyDict>, layers: &[u32]) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let mut given: Vec<(u32, Bound<'py, PyAny>)> = Vec::with_capacity(dict.len());
+    for (k, v) in dict.iter() {
+        let l =
+            k.extract().map_err(|_| bad_hidden(format!("hidden-state keys are model layers (ints); got {k}"), None))?;
+        given.push((l, v));
+    }
+    given.sort_by_key(|(l, _)| *l);
+    let keys: Vec<u32> = given.iter().map(|(l, _)| *l).collect();
+    if keys != layers {
+        return Err(bad_hidden(
+            format!("hidden states for model layers {keys:?}, but the pack's probes read model layers {layers:?}"),
+            None,
+        ));
+    }
+    Ok(given.into_iter().map(|(_, v)| v).collect())
+}
+
+/// One token's hidden states, one per model layer of a pack that reads `layers`: a dict
+/// `{model_layer: 1-D state}` (every layer, no other), or a 2-D tensor or array
+/// `[len(layers), D]` / a sequence of 1-D states in `layers`' order.
+pub fn layers(obj: &Bound<'_, PyAny>, layers: &[u32]) -> PyResult<(Vec<Hidden>, Vec<Loan>)> {
+    let Ok(dict) = obj.cast::<pyo3::types::PyDict>() else {
+        return rows_of(obj, layers.len(), "model layers");
+    };
+    let items = by_layer(dict, layers)?;
+    let (mut states, mut loans) = (Vec::with_capacity(layers.len()), Vec::new());
+    for item in items {
+        let (h, loan) = one(&item)?;
+        states.push(h);
+        loans.extend(loan);
+    }
+    Ok((states, loans))
+}
+
+/// One decode step of `sessions` sessions: per session, its states (one per model layer of a
+/// pack that reads `layers`). `obj` is what [`rows`] takes, or a dict {model_layer: that}
+/// holding every layer of the pack.
+pub fn batch(obj: &Bound<'_, PyAny>, sessions: usize, layers: &[u32]) -> PyResult<(Vec<Vec<Hidden>>, Vec<Loan>)> {
+    let check = |states: &Vec<Hidden>| -> PyResult<()> {
+        if states.len() != sessions {
+            return Err(bad_hidden(
+                format!("{} hidden states for {sessions} sessions: pass one per session", states.len()),
+                None,
+            ));
+        }
+        Ok(())
+    };
+    let Ok(dict) = obj.cast::<pyo3::types::PyDict>() else {
+        let (states, loans) = rows(obj, sessions)?;
+        check(&states)?;
+        return Ok((states.into_iter().map(|h| vec![h]).collect(), loans));
+    };
+    let items = by_layer(dict, layers)?;
+    let mut per_session: Vec<Vec<Hidden>> = (0..sessions).map(|_| Vec::with_capacity(layers.len())).collect();
+    let mut loans = Vec::new();
+    for item in items {
+        let (states, mut more) = rows(&item, sessions)?;
+        check(&states)?;
+        for (mine, h) in per_session.iter_mut().zip(states) {
+            mine.push(h);
+        }
+        loans.append(&mut more);
+    }
+    Ok((per_session, loans))
+}
+
 /// B hidden states: a 2-D tensor or array [B, D] (its rows shared, not copied), or a sequence
 /// of 1-D ones. Loans as in [`one`].
 pub fn rows(obj: &Bound<'_, PyAny>, expected: usize) -> PyResult<(Vec<Hidden>, Vec<Loan>)> {
+    rows_of(obj, expected, "sessions")
+}
+
+/// [`rows`], naming what the rows are (`sessions`, `model layers`) in its errors.
+fn rows_of(obj: &Bound<'_, PyAny>, expected: usize, what: &str) -> PyResult<(Vec<Hidden>, Vec<Loan>)> {
     let seq: Option<Vec<Bound<'_, PyAny>>> = if let Ok(l) = obj.cast::<pyo3::types::PyList>() {
         Some(l.iter().collect())
     } else if let Ok(t) = obj.cast::<pyo3::types::PyTuple>() {
@@ -245,10 +319,7 @@ pub fn rows(obj: &Bound<'_, PyAny>, expected: usize) -> PyResult<(Vec<Hidden>, V
     }
     let count = |b: usize| -> PyResult<()> {
         if b != expected {
-            return Err(bad_hidden(
-                format!("{b} hidden states for {expected} sessions: pass one row per session"),
-                None,
-            ));
+            return Err(bad_hidden(format!("{b} hidden states for {expected} {what}: pass one row each"), None));
         }
         Ok(())
     };
@@ -263,7 +334,7 @@ pub fn rows(obj: &Bound<'_, PyAny>, expected: usize) -> PyResult<(Vec<Hidden>, V
     let t = tensor_of(obj, "the hidden states")?;
     if t.dim() != 2 {
         return Err(bad_hidden(
-            format!("the hidden states must be 2-D, [sessions, D], or a list of 1-D states; got shape {:?}", t.size()),
+            format!("the hidden states must be 2-D, [{what}, D], or a list of 1-D states; got shape {:?}", t.size()),
             None,
         ));
     }

@@ -30,12 +30,14 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<runtime::Session>()?;
     m.add_class::<report::Report>()?;
     m.add_class::<report::Detection>()?;
+    m.add_class::<report::ProbeScore>()?;
     m.add_class::<report::Alert>()?;
     m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
     m.add_function(wrap_pyfunction!(pack::inspect, m)?)?;
     m.add_function(wrap_pyfunction!(pack::concepts, m)?)?;
     m.add_function(wrap_pyfunction!(pack::verify, m)?)?;
     m.add_function(wrap_pyfunction!(pack::import_hatcat, m)?)?;
+    m.add_function(wrap_pyfunction!(pack::import_headspace, m)?)?;
     m.add_function(wrap_pyfunction!(pack::write, m)?)?;
     m.add_function(wrap_pyfunction!(trace::headspace_trace, m)?)?;
     let presets: Vec<&str> = config::PRESETS.iter().map(|(n, _)| *n).collect();

@@ -1,10 +1,14 @@
-//! Pack tools: open, inspect, verify, import HatCat lenses, and write a pack from arrays
-//! (what `examples/train_pack.py` does with the probes it trains).
+//! Pack tools: open, inspect, verify, import HatCat lenses and headspace lens packs, and write
+//! a pack from arrays (what `examples/train_pack.py` does with the probes it trains), lenses of
+//! several probes and calibration quantiles included.
 
 use std::path::PathBuf;
 
+use probe_cascade::import::headspace::import_headspace as core_import_headspace;
 use probe_cascade::import::{import_hatcat as core_import, ImportError, ImportOptions};
-use probe_cascade::pack::{write_pack, ConceptDef, ConceptId, DType, InputNormalization, Pack, PackSpec, ProbeWeights};
+use probe_cascade::pack::{
+    write_pack, ConceptDef, ConceptId, DType, InputNormalization, LensSpec, Pack, PackSpec, ProbeDef, ProbeWeights,
+};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -100,19 +104,40 @@ pub fn import_hatcat(
 ) -> PyResult<String> {
     let options = ImportOptions { dtype: self::dtype(dtype)?, skip_bad, probes_per_shard: probes_per_shard.max(1) };
     let summary = py.detach(|| core_import(&hierarchy_dir, &lenses_dir, &out, &options, |_, _, _| {}));
-    match summary {
-        Ok(s) => Ok(s.to_string()),
-        Err(ImportError::Pack(e)) => Err(from_pack(&e)),
-        Err(e) => {
-            let path = match &e {
-                ImportError::Io { path, .. }
-                | ImportError::Hierarchy { path, .. }
-                | ImportError::Probe { path, .. } => Some(path.display().to_string()),
-                _ => None,
-            };
-            Err(raise::<ProbeLoadError>(e.to_string(), Facts { path, ..Facts::default() }))
-        }
+    summary.map(|s| s.to_string()).map_err(|e| import_error(&e))
+}
+
+/// Imports a headspace lens pack (as it is on disk) into a new v2 pack at `out`; returns the
+/// summary the command line prints.
+#[pyfunction]
+#[pyo3(signature = (dir, out, *, dtype = "f32", probes_per_shard = 256))]
+pub fn import_headspace(
+    py: Python<'_>,
+    dir: PathBuf,
+    out: PathBuf,
+    dtype: &str,
+    probes_per_shard: usize,
+) -> PyResult<String> {
+    let options =
+        ImportOptions { dtype: self::dtype(dtype)?, skip_bad: false, probes_per_shard: probes_per_shard.max(1) };
+    let summary = py.detach(|| core_import_headspace(&dir, &out, &options, |_, _, _| {}));
+    summary.map(|s| s.to_string()).map_err(|e| import_error(&e))
+}
+
+/// An import's error as Python's: a pack defect as such, the rest as `ProbeLoadError` with
+/// the file it names.
+fn import_error(e: &ImportError) -> PyErr {
+    if let ImportError::Pack(e) = e {
+        return from_pack(e);
     }
+    let path = match e {
+        ImportError::Io { path, .. }
+        | ImportError::Hierarchy { path, .. }
+        | ImportError::Probe { path, .. }
+        | ImportError::Metadata { path, .. } => Some(path.display().to_string()),
+        _ => None,
+    };
+    raise::<ProbeLoadError>(e.to_string(), Facts { path, ..Facts::default() })
 }
 
 /// The values of `weights[key]` (any array-like, as float32), checked to hold `count` rows
@@ -138,10 +163,14 @@ fn rows_of(weights: &Bound<'_, PyDict>, key: &str, per: usize, count: usize) -> 
 }
 
 /// Writes a pack. `concepts`: a list of (name, layer, [parent indices]); `weights`: a dict of
-/// arrays stacked over concepts, in HatCat's MLP shapes: w1 [C, 128, D], b1 [C, 128],
-/// w2 [C, 64, 128], b2 [C, 64], w3 [C, 1, 64], b3 [C, 1]. Returns the number written.
+/// arrays stacked over probes, in HatCat's MLP shapes: w1 [P, 128, D], b1 [P, 128],
+/// w2 [P, 64, 128], b2 [P, 64], w3 [P, 1, 64], b3 [P, 1]. Without `probes`, one probe per
+/// concept (P = C, a v1 pack). With `probes`, a v2 pack of lenses: `probes[c]` lists concept
+/// c's probes as (model layer, quantiles or None), and the weights' rows follow them in order.
+/// Returns the number of probes written.
 #[pyfunction]
-#[pyo3(signature = (out, concepts, weights, *, dtype = "f32", input_normalization = "none", probes_per_shard = 256))]
+#[pyo3(signature = (out, concepts, weights, *, dtype = "f32", input_normalization = "none", probes_per_shard = 256, probes = None))]
+#[allow(clippy::too_many_arguments)]
 pub fn write(
     py: Python<'_>,
     out: PathBuf,
@@ -150,6 +179,7 @@ pub fn write(
     dtype: &str,
     input_normalization: &str,
     probes_per_shard: usize,
+    probes: Option<Vec<Vec<(u32, Option<Vec<f64>>)>>>,
 ) -> PyResult<usize> {
     let dtype = self::dtype(dtype)?;
     let norm = match input_normalization {
@@ -162,7 +192,23 @@ pub fn write(
             ))
         }
     };
-    let c = concepts.len();
+    let lenses = match probes {
+        None => None,
+        Some(list) => {
+            if list.len() != concepts.len() {
+                return Err(base_error(format!("probes lists {} concepts, concepts {}", list.len(), concepts.len())));
+            }
+            let mut model_layers: Vec<u32> = list.iter().flatten().map(|(m, _)| *m).collect();
+            model_layers.sort_unstable();
+            model_layers.dedup();
+            let probes = list
+                .into_iter()
+                .map(|l| l.into_iter().map(|(model_layer, quantiles)| ProbeDef { model_layer, quantiles }).collect())
+                .collect();
+            Some(LensSpec { model_layers, probes })
+        }
+    };
+    let c = lenses.as_ref().map_or(concepts.len(), |l| l.probes.iter().map(Vec::len).sum());
     let w1_shape: Vec<usize> = weights
         .get_item("w1")?
         .ok_or_else(|| base_error("weights has no \"w1\"".into()))?
@@ -185,7 +231,7 @@ pub fn write(
         input_normalization: norm,
         probes_per_shard: probes_per_shard.max(1),
         concepts: concepts.into_iter().map(|(name, layer, parents)| ConceptDef { name, layer, parents }).collect(),
-        lenses: None,
+        lenses,
     };
     let slice = |v: &Vec<f32>, per: usize, i: usize| v[i * per..(i + 1) * per].to_vec();
     py.detach(|| {

@@ -15,11 +15,40 @@ pub struct Detection {
     pub name: String,
     /// Its layer in the hierarchy.
     pub layer: u16,
-    /// sigmoid(logit).
+    /// The lens score: sigmoid(logit) for a concept of one uncalibrated probe.
     pub prob: f32,
+    /// The largest logit among the lens's probes.
     pub logit: f32,
     /// Names from a root down to this concept (first parents).
     pub path: Vec<String>,
+    /// In a pack of lenses (format v2), each probe of the lens this token; empty otherwise.
+    pub probes: Vec<Py<ProbeScore>>,
+}
+
+/// One probe of a reported lens: the model layer it reads, its logit, its raw score and its
+/// calibrated score (None where the pack has no quantiles for it).
+#[pyclass(module = "probe_cascade", frozen, get_all)]
+pub struct ProbeScore {
+    pub model_layer: u32,
+    pub logit: f32,
+    pub prob: f32,
+    pub calibrated: Option<f32>,
+}
+
+#[pymethods]
+impl ProbeScore {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("model_layer", self.model_layer)?;
+        d.set_item("logit", self.logit)?;
+        d.set_item("prob", self.prob)?;
+        d.set_item("calibrated", self.calibrated)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("ProbeScore(model_layer={}, prob={:.4}, calibrated={:?})", self.model_layer, self.prob, self.calibrated)
+    }
 }
 
 #[pymethods]
@@ -31,6 +60,10 @@ impl Detection {
         d.set_item("prob", self.prob)?;
         d.set_item("logit", self.logit)?;
         d.set_item("path", &self.path)?;
+        if !self.probes.is_empty() {
+            let probes = self.probes.iter().map(|p| p.get().to_dict(py)).collect::<PyResult<Vec<_>>>()?;
+            d.set_item("probes", probes)?;
+        }
         Ok(d)
     }
 
@@ -143,6 +176,14 @@ impl Report {
                 .top
                 .iter()
                 .map(|e| {
+                    let probes = e
+                        .probes
+                        .iter()
+                        .map(|p| {
+                            let (model_layer, logit, prob, calibrated) = (p.model_layer, p.logit, p.prob, p.calibrated);
+                            Py::new(py, ProbeScore { model_layer, logit, prob, calibrated })
+                        })
+                        .collect::<PyResult<Vec<_>>>()?;
                     Py::new(
                         py,
                         Detection {
@@ -151,6 +192,7 @@ impl Report {
                             prob: e.prob,
                             logit: e.logit,
                             path: path_from_root(h, e.id),
+                            probes,
                         },
                     )
                 })

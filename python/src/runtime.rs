@@ -230,9 +230,10 @@ impl Runtime {
     }
 
     /// One decode step of many sessions, scored together: `hidden` is [len(sessions), D] (a
-    /// tensor or array whose rows are read in place) or a list of 1-D states. Returns one
-    /// report per session, in order. With `errors="return"`, a failed item's place holds its
-    /// exception instead of raising the first one.
+    /// tensor or array whose rows are read in place) or a list of 1-D states; on a pack whose
+    /// probes read several model layers, a dict {model_layer: that} with every layer. Returns
+    /// one report per session, in order. With `errors="return"`, a failed item's place holds
+    /// its exception instead of raising the first one.
     #[pyo3(signature = (sessions, hidden, *, errors = "raise"))]
     fn observe_batch<'py>(
         &self,
@@ -247,13 +248,7 @@ impl Runtime {
             "return" => false,
             _ => return Err(config_error(format!("errors = {errors:?}: expected \"raise\" or \"return\""), None)),
         };
-        let (states, loans) = hidden::rows(hidden, sessions.len())?;
-        if states.len() != sessions.len() {
-            return Err(crate::errors::bad_hidden(
-                format!("{} hidden states for {} sessions: pass one per session", states.len(), sessions.len()),
-                None,
-            ));
-        }
+        let (states, loans) = hidden::batch(hidden, sessions.len(), self.inner.rt.pack().model_layers())?;
         let mut items = Vec::with_capacity(sessions.len());
         for (s, h) in sessions.iter().zip(states) {
             if !Arc::ptr_eq(&s.inner, &self.inner) {
@@ -262,7 +257,7 @@ impl Runtime {
             items.push((s.core()?.id(), h));
         }
         let rt = &*self.inner.rt;
-        let answers = self.inner.block(py, rt.observe_batch(items));
+        let answers = self.inner.block(py, rt.observe_batch_states(items));
         if !loans.iter().all(hidden::Loan::released) {
             py.detach(|| loans.iter().for_each(hidden::Loan::wait));
         }
@@ -458,13 +453,22 @@ impl Session {
 
 #[pymethods]
 impl Session {
-    /// Scores one hidden state: a 1-D torch.Tensor (CPU or CUDA; float32, bfloat16 or
-    /// float16) or numpy array of D values, read in place.
+    /// Scores one token: a 1-D torch.Tensor (CPU or CUDA; float32, bfloat16 or float16) or
+    /// numpy array of D values, read in place. On a pack whose probes read several model
+    /// layers: a dict {model_layer: 1-D state}, or a [layers, D] tensor or array in the pack's
+    /// model-layer order.
     fn observe(&self, py: Python<'_>, hidden: &Bound<'_, PyAny>) -> PyResult<Report> {
         let s = self.core()?;
-        let (h, loan) = hidden::one(hidden)?;
-        let answer = self.inner.block(py, s.observe(h));
-        if let Some(loan) = loan.as_ref().filter(|l| !l.released()) {
+        let model_layers = self.inner.rt.pack().model_layers();
+        let layered = model_layers.len() > 1 || hidden.cast::<pyo3::types::PyDict>().is_ok();
+        let (states, loans) = if layered {
+            hidden::layers(hidden, model_layers)?
+        } else {
+            let (h, loan) = hidden::one(hidden)?;
+            (vec![h], loan.into_iter().collect())
+        };
+        let answer = self.inner.block(py, s.observe_states(states));
+        for loan in loans.iter().filter(|l| !l.released()) {
             // Released by the time an answer comes (the runtime drops a state once it has
             // read it); after Ctrl-C, once the runtime has taken the request off its queue.
             py.detach(|| loan.wait());

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,3 +167,48 @@ def test_monitor_takes_a_client_of_a_server_with_the_same_reports(model_tok, tra
     for seq_l, seq_r in zip(local.reports, remote.reports):
         for a, b in zip(seq_l, seq_r):
             assert [(d.name, d.path, d.logit) for d in a.top] == [(d.name, d.path, d.logit) for d in b.top]
+
+
+def test_monitor_hooks_several_model_layers_in_one_forward_pass(model_tok, tmp_path):
+    """A pack of lenses over model layers 3 and 7 (random probes, D=576): the monitor hooks both
+    decoder layers in each forward pass, and its reports are what observing transformers'
+    hidden_states[m + 1] at each generated position directly gives (to rounding: one forward
+    over the whole sequence is not the cached decode step by step)."""
+    model, tok = model_tok
+    rng = np.random.default_rng(5)
+    d = model.config.hidden_size
+    concepts = [("Low", 0, []), ("High", 0, []), ("Both", 1, [0])]
+    probes = [[(3, None)], [(7, None)], [(3, None), (7, None)]]
+    p = 4
+    w = {
+        "w1": rng.normal(0, 0.05, (p, 128, d)).astype(np.float32),
+        "b1": np.zeros((p, 128), np.float32),
+        "w2": rng.normal(0, 0.1, (p, 64, 128)).astype(np.float32),
+        "b2": np.zeros((p, 64), np.float32),
+        "w3": rng.normal(0, 0.5, (p, 1, 64)).astype(np.float32),
+        "b3": np.zeros((p, 1), np.float32),
+    }
+    pc.pack.write(tmp_path / "lenses", concepts, w, input_normalization="layer_norm", probes=probes)
+    config = {"cascade": {"base_layers": [0, 1], "report_top_k": 3}}
+    with pc.Runtime(tmp_path / "lenses", config=config) as rt:
+        enc = tok(PROMPTS[:1], return_tensors="pt")
+        with hf.monitor(model, rt, layers=[7, 3]) as mon:
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+        reports = mon.reports[0]
+        assert len(reports) == 4
+        # The same tokens, forward again with every hidden state returned.
+        with torch.no_grad():
+            hs = model(out[:, :-1], output_hidden_states=True).hidden_states
+        start = enc["input_ids"].shape[1] - 1
+        with rt.session() as s:
+            for k, r in enumerate(reports):
+                states = {m: hs[m + 1][0, start + k].float().numpy() for m in (3, 7)}
+                again = s.observe(states)
+                assert [x.name for x in again.top] == [x.name for x in r.top]
+                assert [x.prob for x in again.top] == pytest.approx([x.prob for x in r.top], abs=1e-3)
+        both = next(x for x in reports[0].top if x.name == "Both")
+        assert [pr.model_layer for pr in both.probes] == [3, 7]
+        with pytest.raises(pc.ProbeCascadeError, match="model layer numbers"):
+            with hf.monitor(model, rt, layers=[-1]):
+                pass

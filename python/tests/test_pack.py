@@ -99,3 +99,83 @@ def test_import_hatcat_scores_like_pytorch(tmp_path):
         pc.pack.import_hatcat(HATCAT / "hierarchy", HATCAT / "lenses", out)
     with pytest.raises(pc.ProbeLoadError, match=r"no-lenses"):
         pc.pack.import_hatcat(HATCAT / "hierarchy", tmp_path / "no-lenses", tmp_path / "x")
+
+
+def _numpy_lens_scores(w, probes, states):
+    """An independent float64 numpy reading of the lens rules (docs/cascade-semantics.md):
+    each probe on its model layer's layer-normalized state; calibrated max when every probe of
+    the lens has quantiles, else the mean of raw probabilities."""
+    x = {m: (h - h.mean()) / np.sqrt(h.var() + 1e-5) for m, h in states.items()}
+    out, row = [], 0
+    for lens in probes:
+        raw, cal = [], []
+        for m, q in lens:
+            a1 = np.maximum(w["w1"][row].astype(np.float64) @ x[m] + w["b1"][row], 0)
+            a2 = np.maximum(w["w2"][row].astype(np.float64) @ a1 + w["b2"][row], 0)
+            p = 1 / (1 + np.exp(-(w["w3"][row].astype(np.float64) @ a2 + w["b3"][row])[0]))
+            raw.append(p)
+            cal.append(None if q is None else np.interp(p, q, np.linspace(0, 1, len(q))))
+            row += 1
+        out.append(max(cal) if all(c is not None for c in cal) else float(np.mean(raw)))
+    return out
+
+
+def test_a_pack_of_lenses_over_model_layers_writes_and_scores_like_numpy(tmp_path):
+    d = 24
+    rng = np.random.default_rng(3)
+    concepts = [("Agent", 0, []), ("Thing", 0, []), ("Robot", 1, [0])]
+    q = list(np.sort(rng.uniform(0.05, 0.95, 11)))
+    # Agent: two calibrated probes (max); Thing: one probe at layer 9 (raw); Robot: one
+    # calibrated and one raw probe (mean).
+    probes = [[(2, q), (9, q)], [(9, None)], [(2, None), (9, q)]]
+    p = sum(len(lens) for lens in probes)
+    w = {
+        "w1": rng.normal(0, 0.3, (p, 128, d)).astype(np.float32),
+        "b1": rng.normal(0, 0.1, (p, 128)).astype(np.float32),
+        "w2": rng.normal(0, 0.2, (p, 64, 128)).astype(np.float32),
+        "b2": rng.normal(0, 0.1, (p, 64)).astype(np.float32),
+        "w3": rng.normal(0, 0.5, (p, 1, 64)).astype(np.float32),
+        "b3": rng.normal(0, 0.1, (p, 1)).astype(np.float32),
+    }
+    out = tmp_path / "lenses"
+    assert pc.pack.write(out, concepts, w, input_normalization="layer_norm", probes=probes) == p
+    assert pc.pack.verify(out) == []
+    config = {"cascade": {"base_layers": [0, 1], "report_top_k": 3, "max_loaded": 3}}
+    with pc.Runtime(out, config=config) as rt, rt.session() as s:
+        for t in range(12):
+            states = {m: rng.normal(0.2, 1.5, d).astype(np.float32) for m in (2, 9)}
+            by_dict = s.observe(states)
+            want = _numpy_lens_scores(w, probes, states)
+            got = {det.name: det.prob for det in by_dict.top}
+            for name, score in zip(["Agent", "Thing", "Robot"], want):
+                assert abs(got[name] - score) < 1e-5, (t, name, got[name], score)
+            # The same token as a [layers, D] array, in the pack's model-layer order.
+            by_rows = s.observe(np.stack([states[2], states[9]]))
+            assert [(x.name, x.prob) for x in by_rows.top] == [(x.name, x.prob) for x in by_dict.top]
+            agent = next(x for x in by_dict.top if x.name == "Agent")
+            assert [pr.model_layer for pr in agent.probes] == [2, 9]
+            assert all(pr.calibrated is not None for pr in agent.probes)
+            assert agent.prob == max(pr.calibrated for pr in agent.probes)
+        with pytest.raises(pc.BadHiddenState, match=r"model layers \[2\]"):
+            s.observe({2: states[2]})
+        with pytest.raises(pc.BadHiddenState, match="model layers"):
+            s.observe(states[2])
+        # observe_batch: {model layer: [sessions, D]}.
+        with rt.session() as other:
+            batch = {m: np.stack([states[m], states[m]]) for m in (2, 9)}
+            a, b = rt.observe_batch([s, other], batch)
+            assert [x.prob for x in a.top] == [x.prob for x in b.top]
+
+
+def test_import_headspace_from_python(tmp_path):
+    summary = pc.pack.import_headspace(REPO / "tests/fixtures/headspace/pack", tmp_path / "hs")
+    assert "8 lenses (12 probes" in summary and "calibrated probes: 9 of 12" in summary
+    with pc.Runtime(tmp_path / "hs", config={"cascade": {"base_layers": [0]}}) as rt:
+        info = rt.pack_info()
+        assert info["calibrated"] and info["alert_threshold"] == pytest.approx(0.99)
+        with rt.session(watch=[{"name": "risk", "concepts": ["Process"]}]) as s:
+            r = s.observe({4: np.ones(16, np.float32), 7: np.linspace(-1, 1, 16, dtype=np.float32)})
+            assert r.top and all(len(d.probes) >= 1 for d in r.top)
+    bad = tmp_path / "bad"
+    with pytest.raises(pc.ProbeLoadError, match="nowhere"):
+        pc.pack.import_headspace(tmp_path / "nowhere", bad)

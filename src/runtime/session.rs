@@ -257,10 +257,19 @@ impl Runtime {
         &self,
         items: Vec<(SessionId, H)>,
     ) -> Vec<Result<TokenReport, RuntimeError>> {
+        self.observe_batch_states(items.into_iter().map(|(id, h)| (id, vec![h.into()])).collect()).await
+    }
+
+    /// [`Runtime::observe_batch`] with one hidden state per model layer of the pack for each
+    /// session (see [`Session::observe_states`]).
+    pub async fn observe_batch_states(
+        &self,
+        items: Vec<(SessionId, Vec<Hidden>)>,
+    ) -> Vec<Result<TokenReport, RuntimeError>> {
         let coordinators: Vec<_> = items.iter().map(|(id, _)| self.coordinator(*id)).collect();
-        let asks = items.into_iter().zip(coordinators).map(|((id, hidden), c)| async move {
+        let asks = items.into_iter().zip(coordinators).map(|((id, states), c)| async move {
             match c {
-                Some(c) => observe_on(&c, vec![hidden.into()], &self.shared.stopping).await,
+                Some(c) => observe_on(&c, states, &self.shared.stopping).await,
                 None => Err(RuntimeError::UnknownSession(id)),
             }
         });

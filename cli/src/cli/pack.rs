@@ -147,7 +147,11 @@ pub fn run(cmd: PackCommand) -> anyhow::Result<ExitCode> {
             let defects = pack.verify(|n| progress.set_position(n as u64));
             progress.finish_and_clear();
             if defects.is_empty() {
-                println!("{}: {} probes verified (checksums, shapes, finite values)", dir.display(), pack.probe_count());
+                println!(
+                    "{}: {} probes verified (checksums, shapes, finite values)",
+                    dir.display(),
+                    pack.probe_count()
+                );
                 Ok(ExitCode::SUCCESS)
             } else {
                 for d in &defects {
