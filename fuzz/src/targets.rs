@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use probe_cascade_server::convert::decode_hidden;
+use probe_cascade_server::convert::decode_states;
 use probe_cascade_server::proto::v1 as pb;
 use probe_cascade_server::state::{Live, Requested};
 use prost::Message;
@@ -164,6 +164,9 @@ fn config_toml(data: &[u8]) {
     }
 }
 
+/// The model layers the service target's layered states are checked against.
+const MODEL_LAYERS: [u32; 2] = [4, 7];
+
 /// The service's messages as they come off the wire: the first byte picks the message (a
 /// stream's `SessionRequest`, a unary `BatchRequest`, or `SessionOptions`), the rest is its
 /// protobuf encoding. What the server does with a message before it reaches the runtime runs
@@ -179,14 +182,17 @@ fn service(live: &Live, data: &[u8]) {
         0 => match pb::SessionRequest::decode(bytes).map(|m| m.kind) {
             Ok(Some(pb::session_request::Kind::Open(o))) => options(&o),
             Ok(Some(pb::session_request::Kind::Hidden(h))) => {
-                let _ = decode_hidden(&h);
+                let _ = decode_states(Some(&h), &[], &[]);
+            }
+            Ok(Some(pb::session_request::Kind::Layers(l))) => {
+                let _ = decode_states(None, &l.layers, &MODEL_LAYERS);
             }
             _ => {}
         },
         1 => {
             if let Ok(m) = pb::BatchRequest::decode(bytes) {
-                for h in m.items.iter().filter_map(|item| item.hidden.as_ref()) {
-                    let _ = decode_hidden(h);
+                for item in &m.items {
+                    let _ = decode_states(item.hidden.as_ref(), &item.layers, &MODEL_LAYERS);
                 }
             }
         }

@@ -68,6 +68,6 @@ def __getattr__(name):
 
     if name == "hf":
         return importlib.import_module(__name__ + ".hf")
-    if name in ("Client", "RemoteSession", "RemoteReport", "RemoteDetection", "RemoteAlert"):
+    if name in ("Client", "RemoteSession", "RemoteReport", "RemoteDetection", "RemoteAlert", "RemoteProbeScore"):
         return getattr(importlib.import_module(__name__ + ".client"), name)
     raise AttributeError(f"module 'probe_cascade' has no attribute {name!r}")

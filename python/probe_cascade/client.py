@@ -27,9 +27,22 @@ from ._native import BadHiddenState, ConfigError, ProbeCascadeError, ProbeLoadEr
 from .v1 import probe_cascade_pb2 as pb
 from .v1 import probe_cascade_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "RemoteSession", "RemoteReport", "RemoteDetection", "RemoteAlert"]
+__all__ = ["Client", "RemoteSession", "RemoteReport", "RemoteDetection", "RemoteAlert", "RemoteProbeScore"]
 
 _STAGES = ("initial_scoring", "expansion_lookup", "loading", "new_scoring", "pruning", "sorting")
+
+
+@dataclass(frozen=True)
+class RemoteProbeScore:
+    """One probe of a reported lens (as `probe_cascade.ProbeScore`)."""
+
+    model_layer: int
+    logit: float
+    prob: float
+    calibrated: Optional[float]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"model_layer": self.model_layer, "logit": self.logit, "prob": self.prob, "calibrated": self.calibrated}
 
 
 @dataclass(frozen=True)
@@ -42,9 +55,13 @@ class RemoteDetection:
     logit: float
     path: List[str]
     concept_id: int
+    probes: List[RemoteProbeScore] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "layer": self.layer, "prob": self.prob, "logit": self.logit, "path": self.path}
+        d = {"name": self.name, "layer": self.layer, "prob": self.prob, "logit": self.logit, "path": self.path}
+        if self.probes:
+            d["probes"] = [p.to_dict() for p in self.probes]
+        return d
 
 
 @dataclass(frozen=True)
@@ -157,7 +174,18 @@ def _encode(hidden: Any, where: str) -> pb.HiddenState:
     return pb.HiddenState(dtype=pb.DTYPE_F32, len=a.size, data=a.tobytes())
 
 
+def _encode_token(hidden: Any, where: str) -> Any:
+    """One token: a HiddenState, or for a dict {model_layer: state} a list of LayerStates."""
+    if isinstance(hidden, dict):
+        return [pb.LayerState(model_layer=int(m), hidden=_encode(h, f"{where}: model layer {m}")) for m, h in hidden.items()]
+    return _encode(hidden, where)
+
+
 def _rows(hidden: Any, n: int) -> List[Any]:
+    if isinstance(hidden, dict):
+        # {model_layer: [sessions, D]}: per session, {model_layer: its row}.
+        per_layer = {m: _rows(rows, n) for m, rows in hidden.items()}
+        return [{m: rows[i] for m, rows in per_layer.items()} for i in range(n)]
     if isinstance(hidden, (list, tuple)):
         rows = list(hidden)
     else:
@@ -179,7 +207,8 @@ class RemoteSession:
         self.closed = False
 
     def observe(self, hidden: Any) -> RemoteReport:
-        return self._client._batch([self], [_encode(hidden, "observe")], errors="raise")[0]
+        """One token: a 1-D state, or {model_layer: 1-D state} for a pack of several layers."""
+        return self._client._batch([self], [_encode_token(hidden, "observe")], errors="raise")[0]
 
     def close(self) -> None:
         if self.closed:
@@ -265,7 +294,19 @@ class Client:
 
     def _report(self, r: Any) -> RemoteReport:
         top = [
-            RemoteDetection(d.name, d.layer, d.prob, d.logit, self._path(d.concept_id), d.concept_id) for d in r.top
+            RemoteDetection(
+                d.name,
+                d.layer,
+                d.prob,
+                d.logit,
+                self._path(d.concept_id),
+                d.concept_id,
+                [
+                    RemoteProbeScore(p.model_layer, p.logit, p.prob, p.calibrated if p.HasField("calibrated") else None)
+                    for p in d.probes
+                ],
+            )
+            for d in r.top
         ]
         stages = {name: getattr(r.stages, name + "_ns") / 1e6 for name in _STAGES}
         return RemoteReport(
@@ -340,19 +381,24 @@ class Client:
         errors: str = "raise",
     ) -> List[Union[RemoteReport, ProbeCascadeError]]:
         """One decode step of many sessions, in one call: `hidden` is a [len(sessions), D]
-        tensor or array, or a list of 1-D ones. errors="return" puts each failed item's
-        exception in its place instead of raising the first."""
+        tensor or array, or a list of 1-D ones; for a pack of several model layers, a dict
+        {model_layer: that}. errors="return" puts each failed item's exception in its place
+        instead of raising the first."""
         if errors not in ("raise", "return"):
             raise ValueError(f'errors must be "raise" or "return", not {errors!r}')
         rows = _rows(hidden, len(sessions))
-        encoded = [_encode(h, f"observe_batch: position {i}") for i, h in enumerate(rows)]
+        encoded = [_encode_token(h, f"observe_batch: position {i}") for i, h in enumerate(rows)]
         return self._batch(sessions, encoded, errors=errors)
 
     def _batch(self, sessions: Sequence[RemoteSession], encoded: List[Any], errors: str) -> List[Any]:
         for s in sessions:
             if s.closed:
                 raise _raise(ProbeCascadeError(f"session {s.id} is closed"))
-        request = pb.BatchRequest(items=[pb.BatchItem(session_id=s.id, hidden=h) for s, h in zip(sessions, encoded)])
+        items = [
+            pb.BatchItem(session_id=s.id, layers=h) if isinstance(h, list) else pb.BatchItem(session_id=s.id, hidden=h)
+            for s, h in zip(sessions, encoded)
+        ]
+        request = pb.BatchRequest(items=items)
         response = self._call("ObserveBatch", request)
         out: List[Any] = []
         for i, r in enumerate(response.results):

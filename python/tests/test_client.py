@@ -168,3 +168,30 @@ def test_generated_stubs_match_the_proto(tmp_path):
         fresh = (tmp_path / "probe_cascade" / "v1" / name).read_text()
         committed = (REPO / "python" / "probe_cascade" / "v1" / name).read_text()
         assert fresh == committed, f"{name} is stale: run scripts/gen-python-proto.sh"
+
+
+def test_lenses_over_model_layers_over_grpc_match_the_in_process_runtime(tmp_path):
+    """A pack of lenses over model layers 4 and 7: the client sends {model_layer: state} per
+    token (in a session and in a batch) and gets the in-process reports, probes included."""
+    pc.pack.import_headspace(REPO / "tests/fixtures/headspace/pack", tmp_path / "hs")
+    s = Served(tmp_path / "hs", tmp_path)
+    try:
+        rng = np.random.default_rng(9)
+        tokens = [{m: rng.normal(0, 2, 16).astype(np.float32) for m in (7, 4)} for _ in range(10)]
+        rt = pc.Runtime(tmp_path / "hs", config=EXACT)
+        with pc.Client(s.grpc) as client, client.session() as remote, rt.session() as local:
+            for token in tokens:
+                r, l = remote.observe(token), local.observe(token)
+                assert [(d.name, d.logit, d.prob) for d in r.top] == [(d.name, d.logit, d.prob) for d in l.top]
+                assert [[p.to_dict() for p in d.probes] for d in r.top] == [
+                    [p.to_dict() for p in d.probes] for d in l.top
+                ]
+            with client.session() as other:
+                batch = {m: np.stack([tokens[0][m], tokens[1][m]]) for m in (4, 7)}
+                a, b = client.observe_batch([remote, other], batch)
+                assert [d.name for d in b.top] == [d.name for d in local.observe(tokens[1]).top]
+            with pytest.raises(pc.BadHiddenState, match=r"model layers \[4, 7\]"):
+                remote.observe(tokens[0][4])
+        rt.close()
+    finally:
+        assert s.stop() == 0

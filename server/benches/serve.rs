@@ -188,7 +188,11 @@ fn main() {
                         2 => unix_stream.observe(row).await,
                         4 => tcp_stream.rejected(row).await,
                         _ => {
-                            let item = pb::BatchItem { session_id: batch_id, hidden: Some(encode_f32(row)) };
+                            let item = pb::BatchItem {
+                                session_id: batch_id,
+                                hidden: Some(encode_f32(row)),
+                                layers: Vec::new(),
+                            };
                             let r = tcp_client.observe_batch(pb::BatchRequest { items: vec![item] }).await.unwrap();
                             assert!(matches!(
                                 r.get_ref().results[0].outcome,

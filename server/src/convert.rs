@@ -35,6 +35,39 @@ pub fn decode_hidden(h: &pb::HiddenState) -> Result<Vec<f32>, String> {
     })
 }
 
+/// One token's states for a pack that reads `model_layers`: `layers` (each of them once, any
+/// order) in the pack's order, or the one `hidden` of a pack that reads one layer. Names what
+/// is wrong: a missing, repeated or unknown model layer, or the state's own defect.
+pub fn decode_states(
+    hidden: Option<&pb::HiddenState>,
+    layers: &[pb::LayerState],
+    model_layers: &[u32],
+) -> Result<Vec<Vec<f32>>, String> {
+    if layers.is_empty() {
+        let h = hidden.ok_or_else(|| "no hidden state: set `hidden` (or `layers`)".to_string())?;
+        return Ok(vec![decode_hidden(h)?]);
+    }
+    if hidden.is_some() {
+        return Err("both `hidden` and `layers` are set: send one".into());
+    }
+    let mut given: Vec<u32> = layers.iter().map(|l| l.model_layer).collect();
+    given.sort_unstable();
+    if given != model_layers {
+        return Err(format!("`layers` holds model layers {given:?}, but the pack's probes read {model_layers:?}"));
+    }
+    model_layers
+        .iter()
+        .map(|m| {
+            let h = layers
+                .iter()
+                .find(|l| l.model_layer == *m)
+                .and_then(|l| l.hidden.as_ref())
+                .ok_or_else(|| format!("model layer {m}: no `hidden`"))?;
+            decode_hidden(h).map_err(|e| format!("model layer {m}: {e}"))
+        })
+        .collect()
+}
+
 fn dtype_name(dtype: i32) -> &'static str {
     match pb::Dtype::try_from(dtype) {
         Ok(pb::Dtype::F32) => "f32",
@@ -70,6 +103,16 @@ pub fn report(r: &TokenReport) -> pb::Report {
                 layer: e.layer as u32,
                 prob: e.prob,
                 logit: e.logit,
+                probes: e
+                    .probes
+                    .iter()
+                    .map(|p| pb::ProbeScore {
+                        model_layer: p.model_layer,
+                        logit: p.logit,
+                        prob: p.prob,
+                        calibrated: p.calibrated,
+                    })
+                    .collect(),
             })
             .collect(),
         children: r.children as u32,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::Stream;
-use probe_cascade::engine::TokenReport;
+use probe_cascade::engine::{Hidden, TokenReport};
 use probe_cascade::runtime::{RuntimeError, Session, SessionId};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
@@ -232,14 +232,9 @@ impl ProbeCascade for Service {
                 continue;
             };
             entry.touch(state);
-            match item
-                .hidden
-                .as_ref()
-                .ok_or_else(|| "item without `hidden`".to_string())
-                .and_then(convert::decode_hidden)
-            {
-                Ok(values) => {
-                    asks.push((id, values));
+            match convert::decode_states(item.hidden.as_ref(), &item.layers, state.runtime.pack().model_layers()) {
+                Ok(states) => {
+                    asks.push((id, states.into_iter().map(Hidden::from).collect()));
                     asked.push((i, entry));
                 }
                 Err(message) => {
@@ -247,7 +242,7 @@ impl ProbeCascade for Service {
                 }
             }
         }
-        let outcome = within(deadline(state), &state.deadline_ticks, state.runtime.observe_batch(asks)).await;
+        let outcome = within(deadline(state), &state.deadline_ticks, state.runtime.observe_batch_states(asks)).await;
         match outcome {
             Ok(answers) => {
                 for ((i, entry), answer) in asked.into_iter().zip(answers) {
@@ -314,6 +309,7 @@ impl ProbeCascade for Service {
             stream_queue: s.stream_queue as u32,
             request_deadline_ms: s.request_deadline_ms,
             max_batch_items: s.max_batch_items as u32,
+            model_layers: self.state.runtime.pack().model_layers().to_vec(),
         }))
     }
 }
@@ -365,7 +361,9 @@ async fn drive(
                 )));
             }
             message = inbound.message(), if reading => match message {
-                Ok(Some(pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(h)) })) => {
+                Ok(Some(pb::SessionRequest {
+                    kind: Some(kind @ (pb::session_request::Kind::Hidden(_) | pb::session_request::Kind::Layers(_))),
+                })) => {
                     let this = seq;
                     seq += 1;
                     // One read of the live config per message: its queue limit and deadline.
@@ -379,12 +377,20 @@ async fn drive(
                         pending.push_back(ready(failed(this, convert::error(pb::ErrorKind::Limit, message, None))));
                         continue;
                     }
-                    match convert::decode_hidden(&h) {
-                        Ok(values) => {
+                    let model_layers = state.runtime.pack().model_layers();
+                    let decoded = match &kind {
+                        pb::session_request::Kind::Layers(l) => convert::decode_states(None, &l.layers, model_layers),
+                        pb::session_request::Kind::Hidden(h) => convert::decode_states(Some(h), &[], model_layers),
+                        pb::session_request::Kind::Open(_) => Err("`open` again".into()),
+                    };
+                    match decoded {
+                        Ok(states) => {
                             let started = Instant::now();
                             let d = Duration::from_millis(live.config.serve.request_deadline_ms);
+                            let states: Vec<Hidden> = states.into_iter().map(Hidden::from).collect();
                             pending.push_back(futures::future::Either::Right(async move {
-                                answered(this, started, within(d, &state.deadline_ticks, session.observe(values)).await)
+                                let observed = session.observe_states(states);
+                                answered(this, started, within(d, &state.deadline_ticks, observed).await)
                             }));
                         }
                         Err(message) => {
@@ -395,7 +401,8 @@ async fn drive(
                 Ok(Some(_)) => {
                     let this = seq;
                     seq += 1;
-                    let message = "after `open`, every message of a Session stream must be `hidden`".to_string();
+                    let message =
+                        "after `open`, every message of a Session stream must be `hidden` (or `layers`)".to_string();
                     pending.push_back(ready(failed(this, convert::error(pb::ErrorKind::BadHidden, message, None))));
                 }
                 Ok(None) => reading = false,

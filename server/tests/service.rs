@@ -100,7 +100,11 @@ async fn batched_steps_match_separate_in_process_sessions() {
         let items = ids
             .iter()
             .enumerate()
-            .map(|(i, &id)| pb::BatchItem { session_id: id, hidden: Some(encode_f32(f.traces[i].row(t))) })
+            .map(|(i, &id)| pb::BatchItem {
+                session_id: id,
+                hidden: Some(encode_f32(f.traces[i].row(t))),
+                layers: Vec::new(),
+            })
             .collect();
         let got = client.observe_batch(pb::BatchRequest { items }).await.unwrap().into_inner();
         assert_eq!(got.results.len(), ids.len());
@@ -111,9 +115,9 @@ async fn batched_steps_match_separate_in_process_sessions() {
     }
     // An unknown session and a bad item fail alone; the rest of the step is answered.
     let items = vec![
-        pb::BatchItem { session_id: 999, hidden: Some(encode_f32(f.traces[0].row(0))) },
-        pb::BatchItem { session_id: ids[0], hidden: None },
-        pb::BatchItem { session_id: ids[1], hidden: Some(encode_f32(f.traces[1].row(0))) },
+        pb::BatchItem { session_id: 999, hidden: Some(encode_f32(f.traces[0].row(0))), layers: Vec::new() },
+        pb::BatchItem { session_id: ids[0], hidden: None, layers: Vec::new() },
+        pb::BatchItem { session_id: ids[1], hidden: Some(encode_f32(f.traces[1].row(0))), layers: Vec::new() },
     ];
     let got = client.observe_batch(pb::BatchRequest { items }).await.unwrap().into_inner();
     assert_eq!(error(&got.results[0]).kind(), pb::ErrorKind::UnknownSession);
@@ -221,7 +225,7 @@ async fn every_limit_is_refused_by_name() {
     assert!(e.message().contains("runtime.max_sessions = 2"), "{e}");
 
     // serve.max_batch_items = 2.
-    let item = |id| pb::BatchItem { session_id: id, hidden: Some(encode_f32(f.traces[0].row(0))) };
+    let item = |id| pb::BatchItem { session_id: id, hidden: Some(encode_f32(f.traces[0].row(0))), layers: Vec::new() };
     let e = client.observe_batch(pb::BatchRequest { items: vec![item(a), item(b), item(a)] }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted);
     assert!(e.message().contains("serve.max_batch_items = 2"), "{e}");
@@ -253,7 +257,7 @@ async fn every_limit_is_refused_by_name() {
     assert!(refused > 0 && refused < sent, "{refused} of {sent} refused");
 
     // serve.max_message_bytes = 4096: a unary call is refused naming the limit...
-    let big = pb::BatchItem { session_id: a, hidden: Some(encode_f32(&vec![0.0; 2048])) };
+    let big = pb::BatchItem { session_id: a, hidden: Some(encode_f32(&vec![0.0; 2048])), layers: Vec::new() };
     let e = client.observe_batch(pb::BatchRequest { items: vec![big] }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
     assert!(e.message().contains("serve.max_message_bytes = 4096"), "{e}");
@@ -614,5 +618,72 @@ async fn health_and_reflection_are_served() {
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains(&service) && names.iter().any(|n| n.contains("grpc.health")), "{names:?}");
 
+    server.drain().await;
+}
+
+/// A pack of lenses over model layers 4 and 7 (the headspace fixture, imported): each token
+/// goes on the wire as one state per model layer, in a stream or a batch, in any layer order,
+/// and comes back as the in-process runtime reports it, each lens with its probes. A token
+/// without every model layer is a named error, and the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lenses_over_model_layers_take_one_state_per_layer_on_the_wire() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/headspace/pack");
+    let options = probe_cascade::import::ImportOptions::default();
+    probe_cascade::import::headspace::import_headspace(&fixture, &dir.path().join("pack"), &options, |_, _, _| {})
+        .unwrap();
+    let pack = std::sync::Arc::new(probe_cascade::pack::Pack::open(dir.path().join("pack")).unwrap());
+    let f = Fixture { dir, pack, traces: Vec::new() };
+    let config = realtime("");
+    let server = serve(&f, &config, false, None).await;
+    let mut client = tcp_client(&server).await;
+    let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.model_layers, vec![4, 7]);
+
+    let state = |t: usize, m: u32| -> Vec<f32> {
+        (0..16).map(|i| ((t * 31 + i * 7 + m as usize) as f32 * 0.37).sin() * 2.0).collect()
+    };
+    let layers = |t: usize| -> Vec<pb::LayerState> {
+        // Layer 7 first: the order on the wire is free.
+        [7, 4].iter().map(|&m| pb::LayerState { model_layer: m, hidden: Some(encode_f32(&state(t, m))) }).collect()
+    };
+    let parsed = Config::parse(&config, std::path::Path::new("test")).unwrap();
+    let rt = Runtime::start(f.pack.clone(), &parsed).await.unwrap();
+    let local = rt.open_session(Default::default()).await.unwrap();
+    let mut s = open(&mut client, Default::default()).await;
+    for t in 0..12 {
+        let msg =
+            pb::SessionRequest { kind: Some(pb::session_request::Kind::Layers(pb::LayerStates { layers: layers(t) })) };
+        s.tx.send(msg).await.unwrap();
+        let got = s.result().await;
+        let want = local.observe_states(vec![state(t, 4).into(), state(t, 7).into()]).await.unwrap();
+        assert_eq!(wire_outcome(report(&got)), local_outcome(&want), "token {t}");
+        for (d, e) in report(&got).top.iter().zip(&want.top) {
+            let layers: Vec<u32> = d.probes.iter().map(|p| p.model_layer).collect();
+            assert_eq!(layers, e.probes.iter().map(|p| p.model_layer).collect::<Vec<_>>());
+            assert_eq!(
+                d.probes.iter().map(|p| p.calibrated).collect::<Vec<_>>(),
+                e.probes.iter().map(|p| p.calibrated).collect::<Vec<_>>()
+            );
+        }
+    }
+    // One layer only, and a plain `hidden`: each a named error; the stream answers the next.
+    let one = pb::LayerStates { layers: layers(0).into_iter().filter(|l| l.model_layer == 4).collect() };
+    s.tx.send(pb::SessionRequest { kind: Some(pb::session_request::Kind::Layers(one)) }).await.unwrap();
+    let e = error(&s.result().await).clone();
+    assert_eq!(e.kind, pb::ErrorKind::BadHidden as i32);
+    assert!(e.message.contains("[4]") && e.message.contains("[4, 7]"), "{}", e.message);
+    s.send(encode_f32(&state(0, 4))).await;
+    let e = error(&s.result().await).clone();
+    assert!(e.kind == pb::ErrorKind::BadHidden as i32 && e.message.contains("model layers [4, 7]"), "{}", e.message);
+    // A batch of two sessions, each with its layers.
+    let ids = [s.id, open(&mut client, Default::default()).await.id];
+    let batch = pb::BatchRequest {
+        items: ids.iter().map(|&id| pb::BatchItem { session_id: id, hidden: None, layers: layers(20) }).collect(),
+    };
+    let results = client.observe_batch(batch).await.unwrap().into_inner().results;
+    assert_eq!(wire_outcome(report(&results[0])).0, wire_outcome(report(&results[1])).0);
+    local.close().await;
+    rt.shutdown().await;
     server.drain().await;
 }

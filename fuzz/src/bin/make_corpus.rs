@@ -111,10 +111,20 @@ fn main() {
     put("service", "hidden-f32.bin", &with_kind(0, h.encode_to_vec()));
     let h = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(bf16.clone())) };
     put("service", "hidden-bf16.bin", &with_kind(0, h.encode_to_vec()));
+    // One state per model layer (the target checks them against model layers 4 and 7).
+    let layers = vec![
+        pb::LayerState { model_layer: 7, hidden: Some(bf16.clone()) },
+        pb::LayerState { model_layer: 4, hidden: Some(hidden.clone()) },
+    ];
+    let h = pb::SessionRequest {
+        kind: Some(pb::session_request::Kind::Layers(pb::LayerStates { layers: layers.clone() })),
+    };
+    put("service", "layers.bin", &with_kind(0, h.encode_to_vec()));
     let batch = pb::BatchRequest {
         items: vec![
-            pb::BatchItem { session_id: 1, hidden: Some(hidden) },
-            pb::BatchItem { session_id: 2, hidden: Some(bf16) },
+            pb::BatchItem { session_id: 1, hidden: Some(hidden), layers: Vec::new() },
+            pb::BatchItem { session_id: 2, hidden: Some(bf16), layers: Vec::new() },
+            pb::BatchItem { session_id: 3, hidden: None, layers },
         ],
     };
     put("service", "batch.bin", &with_kind(1, batch.encode_to_vec()));

@@ -67,13 +67,29 @@ class HiddenState(_message.Message):
     data: bytes
     def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., len: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class LayerState(_message.Message):
+    __slots__ = ("model_layer", "hidden")
+    MODEL_LAYER_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    model_layer: int
+    hidden: HiddenState
+    def __init__(self, model_layer: _Optional[int] = ..., hidden: _Optional[_Union[HiddenState, _Mapping]] = ...) -> None: ...
+
+class LayerStates(_message.Message):
+    __slots__ = ("layers",)
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[LayerState]
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerState, _Mapping]]] = ...) -> None: ...
+
 class SessionRequest(_message.Message):
-    __slots__ = ("open", "hidden")
+    __slots__ = ("open", "hidden", "layers")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     open: SessionOptions
     hidden: HiddenState
-    def __init__(self, open: _Optional[_Union[SessionOptions, _Mapping]] = ..., hidden: _Optional[_Union[HiddenState, _Mapping]] = ...) -> None: ...
+    layers: LayerStates
+    def __init__(self, open: _Optional[_Union[SessionOptions, _Mapping]] = ..., hidden: _Optional[_Union[HiddenState, _Mapping]] = ..., layers: _Optional[_Union[LayerStates, _Mapping]] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
     __slots__ = ("opened", "result")
@@ -104,18 +120,32 @@ class Error(_message.Message):
     def __init__(self, kind: _Optional[_Union[ErrorKind, str]] = ..., message: _Optional[str] = ..., token: _Optional[int] = ...) -> None: ...
 
 class Detection(_message.Message):
-    __slots__ = ("concept_id", "name", "layer", "prob", "logit")
+    __slots__ = ("concept_id", "name", "layer", "prob", "logit", "probes")
     CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     PROB_FIELD_NUMBER: _ClassVar[int]
     LOGIT_FIELD_NUMBER: _ClassVar[int]
+    PROBES_FIELD_NUMBER: _ClassVar[int]
     concept_id: int
     name: str
     layer: int
     prob: float
     logit: float
-    def __init__(self, concept_id: _Optional[int] = ..., name: _Optional[str] = ..., layer: _Optional[int] = ..., prob: _Optional[float] = ..., logit: _Optional[float] = ...) -> None: ...
+    probes: _containers.RepeatedCompositeFieldContainer[ProbeScore]
+    def __init__(self, concept_id: _Optional[int] = ..., name: _Optional[str] = ..., layer: _Optional[int] = ..., prob: _Optional[float] = ..., logit: _Optional[float] = ..., probes: _Optional[_Iterable[_Union[ProbeScore, _Mapping]]] = ...) -> None: ...
+
+class ProbeScore(_message.Message):
+    __slots__ = ("model_layer", "logit", "prob", "calibrated")
+    MODEL_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_FIELD_NUMBER: _ClassVar[int]
+    PROB_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    model_layer: int
+    logit: float
+    prob: float
+    calibrated: float
+    def __init__(self, model_layer: _Optional[int] = ..., logit: _Optional[float] = ..., prob: _Optional[float] = ..., calibrated: _Optional[float] = ...) -> None: ...
 
 class Alert(_message.Message):
     __slots__ = ("profile", "concept_id", "concept", "layer", "watched", "score", "logit")
@@ -192,12 +222,14 @@ class CloseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class BatchItem(_message.Message):
-    __slots__ = ("session_id", "hidden")
+    __slots__ = ("session_id", "hidden", "layers")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     hidden: HiddenState
-    def __init__(self, session_id: _Optional[int] = ..., hidden: _Optional[_Union[HiddenState, _Mapping]] = ...) -> None: ...
+    layers: _containers.RepeatedCompositeFieldContainer[LayerState]
+    def __init__(self, session_id: _Optional[int] = ..., hidden: _Optional[_Union[HiddenState, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerState, _Mapping]]] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
     __slots__ = ("items",)
@@ -279,7 +311,7 @@ class PackInfoResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., pack: _Optional[str] = ..., total_lenses: _Optional[int] = ..., calibrated: _Optional[bool] = ..., alert_threshold: _Optional[float] = ..., fields: _Optional[_Iterable[str]] = ..., concepts: _Optional[_Mapping[str, PackConcept]] = ..., watch: _Optional[_Iterable[_Union[WatchInfo, _Mapping]]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("version", "hidden_dim", "concepts", "max_message_bytes", "max_sessions", "stream_queue", "request_deadline_ms", "max_batch_items")
+    __slots__ = ("version", "hidden_dim", "concepts", "max_message_bytes", "max_sessions", "stream_queue", "request_deadline_ms", "max_batch_items", "model_layers")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
     CONCEPTS_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +320,7 @@ class InfoResponse(_message.Message):
     STREAM_QUEUE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_LAYERS_FIELD_NUMBER: _ClassVar[int]
     version: str
     hidden_dim: int
     concepts: _containers.RepeatedCompositeFieldContainer[Concept]
@@ -296,4 +329,5 @@ class InfoResponse(_message.Message):
     stream_queue: int
     request_deadline_ms: int
     max_batch_items: int
-    def __init__(self, version: _Optional[str] = ..., hidden_dim: _Optional[int] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., stream_queue: _Optional[int] = ..., request_deadline_ms: _Optional[int] = ..., max_batch_items: _Optional[int] = ...) -> None: ...
+    model_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[str] = ..., hidden_dim: _Optional[int] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., stream_queue: _Optional[int] = ..., request_deadline_ms: _Optional[int] = ..., max_batch_items: _Optional[int] = ..., model_layers: _Optional[_Iterable[int]] = ...) -> None: ...
