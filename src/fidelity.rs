@@ -13,7 +13,7 @@
 //!   the report|, averaged over every reported entry (0: the report is the oracle's prefix).
 
 use crate::pack::ConceptId;
-use crate::policy::{rank, sigmoid, Scored};
+use crate::policy::{rank, Scored};
 
 /// The oracle's top list that recall is measured against.
 pub const RECALL_AT: usize = 10;
@@ -30,17 +30,25 @@ pub struct OracleToken {
 }
 
 impl OracleToken {
-    /// From every concept's logit, by id.
-    pub fn new(logits: &[f32]) -> Self {
-        let mut scored: Vec<Scored> =
-            logits.iter().enumerate().map(|(i, &logit)| Scored::raw(ConceptId(i as u32), logit)).collect();
+    /// From every concept's score, by id (what [`OracleEngine::score_all`] gives).
+    ///
+    /// [`OracleEngine::score_all`]: crate::engine::oracle::OracleEngine::score_all
+    pub fn new(scored: &[Scored]) -> Self {
+        let mut scored = scored.to_vec();
         scored.sort_by(rank);
-        let mut rank_of = vec![0u32; logits.len()];
+        let mut rank_of = vec![0u32; scored.len()];
         for (r, s) in scored.iter().enumerate() {
             rank_of[s.id.index()] = r as u32;
         }
-        let fired = scored.iter().take_while(|s| sigmoid(s.logit) > FIRE_PROB).map(|s| s.id).collect();
+        let fired = scored.iter().take_while(|s| s.prob > FIRE_PROB).map(|s| s.id).collect();
         Self { order: scored.into_iter().map(|s| s.id).collect(), rank_of, fired }
+    }
+
+    /// From every concept's logit, by id, on a pack of one uncalibrated probe per concept.
+    pub fn from_logits(logits: &[f32]) -> Self {
+        let scored: Vec<Scored> =
+            logits.iter().enumerate().map(|(i, &logit)| Scored::raw(ConceptId(i as u32), logit)).collect();
+        Self::new(&scored)
     }
 
     /// The oracle's best `k`.
@@ -161,7 +169,7 @@ mod tests {
 
     #[test]
     fn the_oracle_ranks_best_first_with_ties_to_the_lower_id() {
-        let o = OracleToken::new(&[0.5, 2.0, -1.0, 2.0, 0.1]);
+        let o = OracleToken::from_logits(&[0.5, 2.0, -1.0, 2.0, 0.1]);
         assert_eq!(o.top(3), &ids(&[1, 3, 0])[..]);
         assert_eq!(o.rank(ConceptId(2)), 4);
         // p > 0.5 ⇔ logit > 0.
@@ -172,7 +180,7 @@ mod tests {
     #[test]
     fn a_perfect_cascade_scores_one_and_zero_displacement() {
         let logits: Vec<f32> = (0..30).map(|i| 3.0 - i as f32 * 0.25).collect();
-        let o = OracleToken::new(&logits);
+        let o = OracleToken::from_logits(&logits);
         let mut t = FidelityTotals::default();
         let all: Vec<ConceptId> = ids(&(0..30).collect::<Vec<_>>());
         t.add(&o, o.top(10), &all);
@@ -184,7 +192,7 @@ mod tests {
     #[test]
     fn misses_lower_recall_and_shift_ranks() {
         // Oracle order: 0, 1, 2, 3, 4 … (descending logits); 0..=3 fire.
-        let o = OracleToken::new(&[4.0, 3.0, 2.0, 1.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0]);
+        let o = OracleToken::from_logits(&[4.0, 3.0, 2.0, 1.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0]);
         let mut t = FidelityTotals::default();
         // The cascade missed 1 and 2: it reported 0, 3, 4 (and scored 0, 3, 4, 5).
         t.add(&o, &ids(&[0, 3, 4]), &ids(&[0, 3, 4, 5]));
@@ -195,7 +203,7 @@ mod tests {
         // |0−0| + |3−1| + |4−2| over 3 entries.
         assert!((f.rank_displacement - 4.0 / 3.0).abs() < 1e-12);
         // A second token where nothing fires adds slots but no fired concepts.
-        let cold = OracleToken::new(&[-1.0; 12]);
+        let cold = OracleToken::from_logits(&[-1.0; 12]);
         t.add(&cold, &ids(&[0]), &ids(&[0]));
         let f = t.summary();
         assert_eq!(f.recall_fired, Some(0.5));

@@ -76,7 +76,8 @@ async fn every_engine_raises_the_alerts_the_rules_give_whatever_the_report_size(
         for t in 0..trace.rows {
             let want = reference.observe(t, trace.row(t)).unwrap();
             let got = runtime.observe(trace.row(t).to_vec()).await.unwrap();
-            let logits = oracle.score_all(t, &[trace.row(t)]).unwrap().pop().unwrap();
+            let scored = oracle.score_all(t, &[trace.row(t)]).unwrap().pop().unwrap();
+            let logits: Vec<f32> = scored.iter().map(|s| s.logit).collect();
             let rules = expected(&f.pack, &config, &want, &logits);
             assert_eq!(got.scored_ids.len(), got.scored_logits.len());
             for (&c, &l) in got.scored_ids.iter().zip(&got.scored_logits) {

@@ -13,6 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use probe_cascade::config::{CascadeConfig, Config, CpuKernel, Expansion, Mode, Normalization, Pruning, WatchProfile};
+use probe_cascade::engine::oracle::OracleEngine;
 use probe_cascade::engine::{build_engine, prepare_hidden, Engine, EngineError, EngineKind, Hidden, TokenReport};
 use probe_cascade::import::headspace::import_headspace;
 use probe_cascade::import::{ImportError, ImportOptions};
@@ -394,4 +395,30 @@ async fn futures_open(runtime: &Runtime, n: usize) -> Vec<probe_cascade::runtime
         out.push(runtime.open_session(SessionOptions::default()).await.unwrap());
     }
     out
+}
+
+#[test]
+fn the_oracle_scores_every_lens_as_the_runtime_does_in_the_exhaustive_mode() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pack = import(&fixture().join("pack"), &dir.path().join("pack")).unwrap();
+    let expected = numpy_reference(&python, &dir.path().join("ref"), false);
+    let config = exhaustive(8, Vec::new());
+    let oracle = OracleEngine::new(pack.clone(), &config).unwrap();
+    let rows: Vec<&[f32]> = expected.trace[..40].iter().map(|r| &r[..]).collect();
+    let all = oracle.score_all(0, &rows).unwrap();
+    let mut runtime = BlockingCascade::start(pack.clone(), &config).unwrap();
+    for (t, row) in rows.iter().enumerate() {
+        let r = observe(&mut runtime, &pack, t, row);
+        let want: Vec<u32> = all[t].iter().map(|s| s.prob.to_bits()).collect();
+        assert_eq!(r.scored_probs.iter().map(|p| p.to_bits()).collect::<Vec<_>>(), want, "token {t}: bit for bit");
+        for s in &all[t] {
+            let h = pack.hierarchy();
+            let numpy = expected.lenses[&format!("{}@{}", h.name(s.id), h.layer(s.id))][t];
+            assert!((s.prob as f64 - numpy).abs() < 1e-4, "token {t}: {} {} vs numpy {numpy}", h.name(s.id), s.prob);
+        }
+    }
+    // A token of the wrong size names the model layers.
+    let e = oracle.score_all(7, &[&rows[0][..16]]).unwrap_err().to_string();
+    assert!(e.contains("token 7") && e.contains("[4, 7]"), "{e}");
 }

@@ -90,7 +90,12 @@ async fn the_oracle_is_the_reference_with_every_probe_active() {
     let all = engine.score_all(0, &hidden).unwrap();
     for (t, o) in oracle_reports.iter().enumerate() {
         for e in &o.top {
-            assert_eq!(all[t][e.id.index()].to_bits(), e.logit.to_bits(), "token {t} {}: batched vs alone", e.name);
+            assert_eq!(
+                all[t][e.id.index()].logit.to_bits(),
+                e.logit.to_bits(),
+                "token {t} {}: batched vs alone",
+                e.name
+            );
         }
     }
 

@@ -5,7 +5,8 @@
 //!
 //! It holds the whole pack's weights in RAM (the pack's size: 179 MB for 562 f32 probes at
 //! D=576) and scores up to [`MAX_BATCH`] tokens per pass, so each weight is read once per
-//! batch rather than once per token.
+//! batch rather than once per token. In a pack of lenses each probe is scored against its own
+//! model layer's state, and each lens is `policy::lens::score_lens` of its probes.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,7 +25,7 @@ pub struct OracleEngine {
     normalization: Normalization,
     report_top_k: usize,
     watch: Watch,
-    /// Every probe's bytes, by concept id.
+    /// Every probe's bytes, by probe id.
     probes: Vec<Vec<u8>>,
     ranges: Vec<[std::ops::Range<usize>; 6]>,
 }
@@ -39,19 +40,9 @@ impl OracleEngine {
         let layout = pack.layout();
         let kernel = Kernel::new(&layout, isa, threads)
             .map_err(|e| EngineError::Setup(format!("device.cpu_kernel = \"{}\": {e}", config.device.cpu_kernel)))?;
-        if !pack.one_probe_per_concept() || pack.hidden_states() > 1 {
-            return Err(EngineError::Setup(format!(
-                "{}: the oracle scores lenses of one probe at one model layer so far; this pack has {} probes for \
-                 {} lenses over model layers {:?} (use the reference engine)",
-                pack.dir().display(),
-                pack.probe_count(),
-                pack.len(),
-                pack.model_layers()
-            )));
-        }
-        let mut probes = Vec::with_capacity(pack.len());
-        let mut ranges = Vec::with_capacity(pack.len());
-        for i in 0..pack.len() {
+        let mut probes = Vec::with_capacity(pack.probe_count());
+        let mut ranges = Vec::with_capacity(pack.probe_count());
+        for i in 0..pack.probe_count() {
             let id = ProbeId(i as u32);
             probes.push(
                 pack.read_probe(id).map_err(|e| EngineError::Setup(format!("the oracle reads every probe: {e}")))?,
@@ -74,28 +65,75 @@ impl OracleEngine {
         &self.pack
     }
 
-    /// Every probe's logit for each hidden state (raw, as a caller would pass them: checked
-    /// and normalized here): `out[t][c]` for hidden state `t` and concept `c`. `first_token`
-    /// numbers the hidden states in errors.
-    pub fn score_all(&self, first_token: usize, hidden: &[&[f32]]) -> Result<Vec<Vec<f32>>, EngineError> {
-        let refs: Vec<ProbeRef> =
-            self.probes.iter().zip(&self.ranges).map(|(bytes, ranges)| ProbeRef { bytes, ranges }).collect();
-        let mut out = Vec::with_capacity(hidden.len());
-        for (chunk_index, chunk) in hidden.chunks(MAX_BATCH).enumerate() {
+    /// Every lens's score for each token (raw, as a caller would pass them: checked and
+    /// normalized here): `out[t][c]` for token `t` and concept `c`. A token is one hidden
+    /// state per model layer of the pack, side by side (`states × D` values, as `run` reads
+    /// traces). `first_token` numbers the tokens in errors.
+    pub fn score_all(&self, first_token: usize, tokens: &[&[f32]]) -> Result<Vec<Vec<Scored>>, EngineError> {
+        let (d, states) = (self.pack.hidden_dim(), self.pack.hidden_states());
+        // The probes reading each model layer, in id order.
+        let by_state: Vec<Vec<usize>> = (0..states)
+            .map(|s| {
+                (0..self.probes.len()).filter(|&p| self.pack.probe(ProbeId(p as u32)).state as usize == s).collect()
+            })
+            .collect();
+        let mut out = Vec::with_capacity(tokens.len());
+        for (chunk_index, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
             let first = first_token + chunk_index * MAX_BATCH;
-            let xs: Vec<Vec<f32>> = chunk
+            // xs[t][s]: token t's state s, normalized.
+            let xs: Vec<Vec<Vec<f32>>> = chunk
                 .iter()
                 .enumerate()
-                .map(|(i, h)| prepare_hidden(first + i, *h, self.pack.hidden_dim(), self.normalization))
+                .map(|(i, row)| {
+                    let token = first + i;
+                    if row.len() != states * d {
+                        let got = if row.len() % d == 0 { row.len() / d } else { 1 };
+                        let source =
+                            crate::types::HiddenError::States { got, layers: self.pack.model_layers().to_vec() };
+                        return Err(if states == 1 {
+                            EngineError::Hidden {
+                                token,
+                                source: crate::types::HiddenError::Width { got: row.len(), expected: d },
+                            }
+                        } else {
+                            EngineError::Hidden { token, source }
+                        });
+                    }
+                    row.chunks(d).map(|h| prepare_hidden(token, h, d, self.normalization)).collect()
+                })
                 .collect::<Result<_, _>>()?;
-            let views: Vec<&[f32]> = xs.iter().map(|x| &x[..]).collect();
-            let mut logits = vec![0f32; refs.len() * views.len()];
-            self.kernel
-                .score(&refs, &views, &mut logits)
-                .map_err(|source| EngineError::Kernel { token: first, source })?;
-            // The kernel writes probe-major (`logits[p * B + b]`); callers want token-major.
-            for b in 0..views.len() {
-                out.push((0..refs.len()).map(|p| logits[p * views.len() + b]).collect());
+            // logits[t][p]: every probe, against its own layer's state.
+            let mut logits = vec![vec![0f32; self.probes.len()]; chunk.len()];
+            for (s, ids) in by_state.iter().enumerate() {
+                if ids.is_empty() {
+                    continue;
+                }
+                let refs: Vec<ProbeRef> =
+                    ids.iter().map(|&p| ProbeRef { bytes: &self.probes[p], ranges: &self.ranges[p] }).collect();
+                let views: Vec<&[f32]> = xs.iter().map(|x| &x[s][..]).collect();
+                let mut flat = vec![0f32; refs.len() * views.len()];
+                self.kernel
+                    .score(&refs, &views, &mut flat)
+                    .map_err(|source| EngineError::Kernel { token: first, source })?;
+                // The kernel writes probe-major (`flat[k * B + b]`).
+                for (k, &p) in ids.iter().enumerate() {
+                    for (b, row) in logits.iter_mut().enumerate() {
+                        row[p] = flat[k * views.len() + b];
+                    }
+                }
+            }
+            for row in logits {
+                out.push(
+                    self.pack
+                        .hierarchy()
+                        .ids()
+                        .map(|c| {
+                            let probes = self.pack.probes_of(c);
+                            let first = probes.clone().next().map_or(0, |p| p.index());
+                            score_lens(&self.pack, c, &row[first..first + probes.len()])
+                        })
+                        .collect(),
+                );
             }
         }
         Ok(out)
@@ -108,20 +146,18 @@ impl Engine for OracleEngine {
     }
 
     fn observe_states(&mut self, token: usize, states: &[&[f32]]) -> Result<TokenReport, EngineError> {
-        // The oracle starts only on packs that read one model layer.
-        let [hidden] = states else {
-            let source = crate::types::HiddenError::States { got: states.len(), layers: Vec::new() };
-            return Err(EngineError::Hidden { token, source });
-        };
         let start = Instant::now();
-        let logits = self.score_all(token, &[hidden])?.pop().unwrap_or_default();
+        if states.len() != self.pack.hidden_states() {
+            let source =
+                crate::types::HiddenError::States { got: states.len(), layers: self.pack.model_layers().to_vec() };
+            return Err(EngineError::Hidden { token, source });
+        }
+        let row: Vec<f32> = states.concat();
+        let mut scored = self.score_all(token, &[&row])?.pop().unwrap_or_default();
         let scoring = start.elapsed();
         let t = Instant::now();
-        let pack = &self.pack;
-        let mut scored: Vec<Scored> =
-            logits.iter().enumerate().map(|(i, &logit)| score_lens(pack, ConceptId(i as u32), &[logit])).collect();
         let alerts = alert_entries(self.pack.hierarchy(), &self.watch, &scored);
-        let scored_probs = scored.iter().map(|s| s.prob).collect();
+        let (scored_ids, scored_logits, scored_probs) = crate::policy::scored_by_id(&scored);
         scored.sort_by(rank);
         scored.truncate(self.report_top_k);
         let top = report_entries(self.pack.hierarchy(), &scored);
@@ -135,8 +171,8 @@ impl Engine for OracleEngine {
             unloaded: 0,
             skipped_by_cap: 0,
             scored: n,
-            scored_ids: (0..n as u32).map(ConceptId).collect(),
-            scored_logits: logits,
+            scored_ids,
+            scored_logits,
             scored_probs,
             active: n,
             stages,
