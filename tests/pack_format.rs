@@ -401,7 +401,8 @@ fn a_v2_pack_round_trips_its_lenses_probes_and_quantiles() {
 
 #[test]
 fn v2_defects_are_errors_naming_the_lens_and_what_is_wrong() {
-    let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &[&str])> = vec![
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(Edit, &[&str])> = vec![
         (
             Box::new(|v| v["concepts"][0]["probes"][0]["quantiles"] = json!([0.5, 0.2, 0.9])),
             &["A@0", "not non-decreasing"],

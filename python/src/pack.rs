@@ -162,6 +162,9 @@ fn rows_of(weights: &Bound<'_, PyDict>, key: &str, per: usize, count: usize) -> 
     Ok(flat)
 }
 
+/// One probe of a lens, as Python gives it: (model layer, quantiles or None).
+type LensProbe = (u32, Option<Vec<f64>>);
+
 /// Writes a pack. `concepts`: a list of (name, layer, [parent indices]); `weights`: a dict of
 /// arrays stacked over probes, in HatCat's MLP shapes: w1 [P, 128, D], b1 [P, 128],
 /// w2 [P, 64, 128], b2 [P, 64], w3 [P, 1, 64], b3 [P, 1]. Without `probes`, one probe per
@@ -179,7 +182,7 @@ pub fn write(
     dtype: &str,
     input_normalization: &str,
     probes_per_shard: usize,
-    probes: Option<Vec<Vec<(u32, Option<Vec<f64>>)>>>,
+    probes: Option<Vec<Vec<LensProbe>>>,
 ) -> PyResult<usize> {
     let dtype = self::dtype(dtype)?;
     let norm = match input_normalization {

@@ -126,7 +126,7 @@ impl Coordinator {
     /// Hidden states of zeros, for installs outside a token (nothing is read from them).
     fn zero_states(&self) -> States {
         let zero = Arc::new(vec![0.0; self.pack.hidden_dim()]);
-        vec![zero; self.layers.len()]
+        (0..self.layers.len()).map(|_| zero.clone()).collect()
     }
 
     /// The probes of `ids`, in order.
@@ -519,10 +519,7 @@ impl Coordinator {
                 self.activate(token, &ids, &h)
                     .instrument(debug_span!("load_and_score", token, probes = ids.len()))
                     .await
-                    .map(|scored| {
-                        activated.extend_from_slice(&ids);
-                        scored
-                    })
+                    .inspect(|_| activated.extend_from_slice(&ids))
             } else {
                 self.activate_landed(token, &ids, &h, me).await.map(|(ready, scored)| {
                     activated.extend_from_slice(&ready);
@@ -697,10 +694,10 @@ impl Message<Drain> for Coordinator {
             return Ok(());
         }
         // An empty round on every lane: each answers after everything sent before it.
-        let states: States = vec![Arc::new(Vec::new()); self.layers.len()];
+        let none = Arc::new(Vec::new());
         let mut lanes = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            lanes.push(layer.lane.apply_and_score(Vec::new(), HashMap::new(), 0, 0, states[0].clone()));
+            lanes.push(layer.lane.apply_and_score(Vec::new(), HashMap::new(), 0, 0, none.clone()));
         }
         for answer in futures::future::join_all(lanes).await {
             answer

@@ -1,4 +1,5 @@
-//! ModelPool: a stream's active set, and which of its slots holds which active probe.
+//! ModelPool: a stream's active probes of one model layer (its lane), and which of the lane's
+//! slots holds which.
 //!
 //! Slots `[0, active_len)` hold the active probes, contiguously, so scoring them is one slot
 //! range. Activating puts a probe at the end of the block; deactivating moves the last active
