@@ -10,7 +10,7 @@ use tracing::debug_span;
 use super::{BackendError, Engine, EngineError, HiddenValues, ProbeBackend, ReportEntry, StageTimings, TokenReport};
 use crate::config::{CascadeConfig, Normalization};
 use crate::pack::{ConceptId, Pack, ProbeId};
-use crate::policy::{self, lens::score_lens, ConceptSet, Scored, TokenCascade, Watch};
+use crate::policy::{self, lens::score_lenses, ConceptSet, Scored, TokenCascade, Watch};
 use crate::types::HiddenError;
 use crate::types::{Alert, ProbeScore};
 
@@ -69,20 +69,7 @@ impl<B: ProbeBackend> CascadeEngine<B> {
                 logits[i] = l;
             }
         }
-        let mut at = 0;
-        let versioned = self.pack.format_version() > 1;
-        Ok(concepts
-            .iter()
-            .map(|&c| {
-                let n = self.pack.probes_of(c).len();
-                at += n;
-                let mine = &logits[at - n..at];
-                if versioned {
-                    self.probe_logits.insert(c, mine.to_vec());
-                }
-                score_lens(&self.pack, c, mine)
-            })
-            .collect())
+        Ok(score_lenses(&self.pack, concepts, &logits, &mut self.probe_logits))
     }
 
     fn run_token(

@@ -23,11 +23,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::hatcat::{read_hierarchy, resolve_links};
-use super::{check_inputs, check_logits, read_probe, tolerance, zero_weights, ImportError, ImportOptions, Phase};
+use super::{
+    check_inputs, check_logits, concept_defs, read_probe, tolerance, zero_weights, ImportError, ImportOptions, Phase,
+};
 use crate::pack::layout::{DType, ProbeLayout};
 use crate::pack::manifest::{InputNormalization, MANIFEST_FILE};
-use crate::pack::writer::{write_pack, ConceptDef, LensSpec, PackSpec, ProbeDef};
-use crate::pack::{check_quantiles, Hierarchy, Pack};
+use crate::pack::writer::{write_pack, LensSpec, PackSpec, ProbeDef};
+use crate::pack::{check_quantiles, Pack};
 
 pub const PACK_INFO: &str = "pack_info.json";
 pub const PROBE_CALIBRATION: &str = "probe_calibration.json";
@@ -175,27 +177,9 @@ pub fn import_headspace(
 
     // Concept ids: layer by layer, in the files' order within a layer.
     lenses.sort_by_key(|(i, _)| (concepts[*i].layer, *i));
-    let new_id: BTreeMap<usize, u32> = lenses.iter().enumerate().map(|(id, (i, _))| (*i, id as u32)).collect();
-    let mut parents: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); lenses.len()];
-    let mut links_to_skipped = 0;
-    for &(p, c) in &links {
-        match (new_id.get(&p), new_id.get(&c)) {
-            (Some(&p), Some(&c)) => drop(parents[c as usize].insert(p)),
-            _ => links_to_skipped += 1,
-        }
-    }
+    let kept: Vec<usize> = lenses.iter().map(|(i, _)| *i).collect();
+    let (defs, links_to_skipped) = concept_defs(concepts, &kept, &links, &dir.join("hierarchy"))?;
     let links_kept = links.len() - links_to_skipped;
-    let defs: Vec<ConceptDef> = lenses
-        .iter()
-        .zip(parents)
-        .map(|((i, _), parents)| ConceptDef {
-            name: concepts[*i].name.clone(),
-            layer: concepts[*i].layer,
-            parents: parents.into_iter().collect(),
-        })
-        .collect();
-    Hierarchy::from_defs(&defs)
-        .map_err(|e| ImportError::Hierarchy { path: dir.join("hierarchy"), reason: e.to_string() })?;
     let model_layers: Vec<u32> =
         lenses.iter().flat_map(|(_, l)| l.iter().map(|f| f.model_layer)).collect::<BTreeSet<_>>().into_iter().collect();
     let probes: Vec<Vec<ProbeDef>> = lenses

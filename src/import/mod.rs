@@ -222,27 +222,8 @@ pub fn import_hatcat(
 
     // Concept ids: layer by layer, in the files' order within a layer.
     good.sort_by_key(|(i, _, _)| (concepts[*i].layer, *i));
-    let new_id: BTreeMap<usize, u32> = good.iter().enumerate().map(|(id, (i, _, _))| (*i, id as u32)).collect();
-    let mut parents: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); good.len()];
-    let mut links_to_skipped = 0;
-    for &(p, c) in &links {
-        match (new_id.get(&p), new_id.get(&c)) {
-            (Some(&p), Some(&c)) => drop(parents[c as usize].insert(p)),
-            _ => links_to_skipped += 1,
-        }
-    }
-    let defs: Vec<ConceptDef> = good
-        .iter()
-        .zip(parents)
-        .map(|((i, _, _), parents)| ConceptDef {
-            name: concepts[*i].name.clone(),
-            layer: concepts[*i].layer,
-            parents: parents.into_iter().collect(),
-        })
-        .collect();
-    // A cycle (possible with same-layer links) is reported before anything is written.
-    Hierarchy::from_defs(&defs)
-        .map_err(|e| ImportError::Hierarchy { path: hierarchy_dir.into(), reason: e.to_string() })?;
+    let kept: Vec<usize> = good.iter().map(|(i, _, _)| *i).collect();
+    let (defs, links_to_skipped) = concept_defs(concepts, &kept, &links, hierarchy_dir)?;
 
     let mut summary = ImportSummary {
         out: out.into(),
@@ -309,6 +290,40 @@ pub fn import_hatcat(
     // The pack must open (and every probe decode) like any other.
     Pack::open(out)?;
     Ok(summary)
+}
+
+/// The pack's concepts: `kept` (indices into `concepts`, in new-id order) with the `links`
+/// (parent, child index pairs) between them; returns them and the number of links dropped
+/// because an end was not kept. A cycle is an error naming `hierarchy_dir`, before anything is
+/// written.
+pub(crate) fn concept_defs(
+    concepts: &[hatcat::Concept],
+    kept: &[usize],
+    links: &BTreeSet<(usize, usize)>,
+    hierarchy_dir: &Path,
+) -> Result<(Vec<ConceptDef>, usize), ImportError> {
+    let new_id: BTreeMap<usize, u32> = kept.iter().enumerate().map(|(id, &i)| (i, id as u32)).collect();
+    let mut parents: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); kept.len()];
+    let mut dropped = 0;
+    for &(p, c) in links {
+        match (new_id.get(&p), new_id.get(&c)) {
+            (Some(&p), Some(&c)) => drop(parents[c as usize].insert(p)),
+            _ => dropped += 1,
+        }
+    }
+    let defs: Vec<ConceptDef> = kept
+        .iter()
+        .zip(parents)
+        .map(|(&i, parents)| ConceptDef {
+            name: concepts[i].name.clone(),
+            layer: concepts[i].layer,
+            parents: parents.into_iter().collect(),
+        })
+        .collect();
+    // A cycle (possible with same-layer links) is reported before anything is written.
+    Hierarchy::from_defs(&defs)
+        .map_err(|e| ImportError::Hierarchy { path: hierarchy_dir.into(), reason: e.to_string() })?;
+    Ok((defs, dropped))
 }
 
 pub(crate) fn read_probe(path: &Path) -> Result<TrainedProbe, String> {

@@ -48,6 +48,29 @@ pub fn score_lens(pack: &Pack, id: ConceptId, logits: &[f32]) -> Scored {
     combine(id, pack.probes_of(id).zip(logits).map(|(p, &l)| (l, pack.quantiles(p))))
 }
 
+/// The scores of lenses `ids` from all their probes' logits, back to back in `ids`' order.
+/// In a v2 pack each lens's probe logits are also kept in `keep`, for the token's report.
+pub fn score_lenses(
+    pack: &Pack,
+    ids: &[ConceptId],
+    logits: &[f32],
+    keep: &mut std::collections::HashMap<ConceptId, Vec<f32>>,
+) -> Vec<Scored> {
+    let versioned = pack.format_version() > 1;
+    let mut at = 0;
+    ids.iter()
+        .map(|&c| {
+            let n = pack.probes_of(c).len();
+            at += n;
+            let mine = &logits[at - n..at];
+            if versioned {
+                keep.insert(c, mine.to_vec());
+            }
+            score_lens(pack, c, mine)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,7 +35,7 @@ use super::{RuntimeError, TokenErrorKind};
 use crate::config::{CascadeConfig, Mode, Normalization};
 use crate::engine::{alert_entries, check_hidden, probe_scores, report_entries, Hidden, StageTimings, TokenReport};
 use crate::pack::{ConceptId, Pack, ProbeId};
-use crate::policy::lens::score_lens;
+use crate::policy::lens::score_lenses;
 use crate::policy::{ConceptSet, Scored, TokenCascade, Watch};
 use crate::types::HiddenError;
 
@@ -292,19 +292,7 @@ impl Coordinator {
     /// Lens scores of `ids` from their probes' logits (all of `ids`' probes, in order). In a
     /// v2 pack the probes' logits are kept for the token's report.
     fn lenses(&mut self, ids: &[ConceptId], logits: &[f32]) -> Vec<Scored> {
-        let versioned = self.pack.format_version() > 1;
-        let mut at = 0;
-        ids.iter()
-            .map(|&c| {
-                let n = self.pack.probes_of(c).len();
-                at += n;
-                let mine = &logits[at - n..at];
-                if versioned {
-                    self.probe_logits.insert(c, mine.to_vec());
-                }
-                score_lens(&self.pack, c, mine)
-            })
-            .collect()
+        score_lenses(&self.pack, ids, logits, &mut self.probe_logits)
     }
 
     /// Scores every active lens (step 1 of a token): each lane scores all its active slots.
