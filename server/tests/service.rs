@@ -677,12 +677,15 @@ async fn lenses_over_model_layers_take_one_state_per_layer_on_the_wire() {
     let e = error(&s.result().await).clone();
     assert!(e.kind == pb::ErrorKind::BadHidden as i32 && e.message.contains("model layers [4, 7]"), "{}", e.message);
     // A batch of two sessions, each with its layers.
-    let ids = [s.id, open(&mut client, Default::default()).await.id];
+    // The second stream stays open (dropping it closes its session).
+    let other = open(&mut client, Default::default()).await;
+    let ids = [s.id, other.id];
     let batch = pb::BatchRequest {
         items: ids.iter().map(|&id| pb::BatchItem { session_id: id, hidden: None, layers: layers(20) }).collect(),
     };
     let results = client.observe_batch(batch).await.unwrap().into_inner().results;
     assert_eq!(wire_outcome(report(&results[0])).0, wire_outcome(report(&results[1])).0);
+    drop(other);
     local.close().await;
     rt.shutdown().await;
     server.drain().await;

@@ -103,7 +103,8 @@ pub struct StepStats {
     /// Steps by how many requests they served: bucket `i` counts steps of at most
     /// `STEP_SIZE_BOUNDS[i]` requests (and more than the bound before it); the last, the rest.
     pub step_sizes: [u64; STEP_SIZE_BUCKETS],
-    /// Sessions whose slots the scheduler holds now.
+    /// Slot tables the scheduler holds now: one per open session, or one per model layer for a
+    /// pack whose probes read several (each session has a lane per layer).
     pub sessions: usize,
     /// Distinct probes held in any session's slots now (each resident once).
     pub held_probes: usize,
