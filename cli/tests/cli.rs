@@ -401,3 +401,99 @@ fn a_missing_config_file_is_named_once_with_its_cause() {
     assert!(out.contains("missing.toml") && out.contains("os error 2"), "{out}");
     assert_eq!(out.matches("No such file or directory").count(), 1, "the cause is said once: {out}");
 }
+
+/// A headspace pack (lenses over model layers 4 and 7) through every command that reads a
+/// trace: its rows hold the two layers side by side. A trace of one layer's width is refused
+/// naming the layers.
+#[test]
+fn every_command_reads_traces_of_lenses_over_model_layers() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/headspace/pack");
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("pack");
+    let said = run_ok(bin().args(["pack", "import-headspace"]).arg(&fixture).arg("--out").arg(&pack));
+    assert!(said.contains("8 lenses (12 probes; 4 lenses of several probes)"), "{said}");
+    let inspect = run_ok(bin().args(["pack", "inspect"]).arg(&pack));
+    assert!(
+        inspect.contains("format     v2") && inspect.contains("12 probes over model layers [4, 7], 9 calibrated"),
+        "{inspect}"
+    );
+    let verify = run_ok(bin().args(["pack", "verify"]).arg(&pack));
+    assert!(verify.contains("12 probes verified"), "{verify}");
+    let rows = 24;
+    let data: Vec<f32> = (0..rows * 32).map(|i| ((i * 37 % 101) as f32 / 10.0 - 5.0).sin() * 2.0).collect();
+    let trace = dir.path().join("trace.npy");
+    npy::write(&trace, &Matrix { rows, cols: 32, data }).unwrap();
+    let decompose = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/decompose.toml");
+    for engine in ["reference", "runtime", "oracle"] {
+        let out = run_ok(
+            bin()
+                .arg("run")
+                .arg("--config")
+                .arg(&decompose)
+                .arg("--pack")
+                .arg(&pack)
+                .arg("--trace")
+                .arg(&trace)
+                .args(["--engine", engine, "--oracle"]),
+        );
+        assert!(out.contains("over 24 tokens (0 errors)") && out.contains("against the oracle"), "{engine}: {out}");
+    }
+    let sessions = run_ok(
+        bin().arg("run").arg("--config").arg(&decompose).arg("--pack").arg(&pack).arg("--trace").arg(&trace).args([
+            "--engine",
+            "runtime",
+            "--sessions",
+            "3",
+        ]),
+    );
+    assert!(sessions.contains("3 sessions"), "{sessions}");
+    let out = dir.path().join("bench");
+    run_ok(
+        bin()
+            .args([
+                "bench",
+                "--tokens",
+                "6",
+                "--warmup",
+                "2",
+                "--sessions",
+                "1,2",
+                "--engines",
+                "reference,runtime-exact,runtime-pipelined",
+                "--pack",
+            ])
+            .arg(&pack)
+            .arg("--trace")
+            .arg(&trace)
+            .arg("--out")
+            .arg(&out),
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("bench.json")).unwrap()).unwrap();
+    assert!(!doc["rows"].as_array().unwrap().is_empty() && !doc["sessions"].as_array().unwrap().is_empty());
+    let tuned = dir.path().join("tune");
+    let mut tune = bin();
+    tune.arg("tune").arg("--pack").arg(&pack).arg("--trace").arg(&trace).arg("--base").arg(&decompose);
+    tune.args(["--grid", "cascade.report_top_k=3,5", "--objective", "max recall_top10", "--tokens", "6"]);
+    run_ok(tune.args(["--warmup", "2", "--no-presets", "--out"]).arg(&tuned));
+    assert!(tuned.join("chosen.toml").exists());
+    let soaked = dir.path().join("soak");
+    let mut soak = bin();
+    soak.arg("soak").arg("--pack").arg(&pack).arg("--trace").arg(&trace);
+    run_ok(soak.args(["--tokens", "200", "--sessions", "2", "--samples", "10", "--out"]).arg(&soaked));
+    // One layer's width: refused before any token, naming the layers.
+    let narrow = dir.path().join("narrow.npy");
+    npy::write(&narrow, &Matrix { rows: 2, cols: 16, data: vec![0.5; 32] }).unwrap();
+    let e = failed(
+        &bin()
+            .arg("run")
+            .arg("--config")
+            .arg(&decompose)
+            .arg("--pack")
+            .arg(&pack)
+            .arg("--trace")
+            .arg(&narrow)
+            .output()
+            .unwrap(),
+    );
+    assert!(e.contains("model layers [4, 7]") && e.contains("give 32 values per token"), "{e}");
+}

@@ -251,6 +251,22 @@ pub fn prepare_hidden<'a>(
     check_hidden(hidden, expected, normalization).map_err(|source| EngineError::Hidden { token, source })
 }
 
+/// A trace row as one token's hidden states: the row itself for a pack that reads one model
+/// layer, else its `hidden_dim`-long pieces, one per model layer in the pack's order (how
+/// `run`, `bench`, `tune` and `soak` read traces of `T × (L·D)` values).
+pub fn token_views<'a>(row: &'a [f32], pack: &Pack) -> Vec<&'a [f32]> {
+    if pack.hidden_states() == 1 {
+        vec![row]
+    } else {
+        row.chunks(pack.hidden_dim().max(1)).collect()
+    }
+}
+
+/// [`token_views`], owned, for the runtime's sessions.
+pub fn token_states(row: &[f32], pack: &Pack) -> Vec<crate::types::Hidden> {
+    token_views(row, pack).into_iter().map(crate::types::Hidden::from).collect()
+}
+
 /// Step 0 for an observation of one hidden state per model layer of `pack`: their number
 /// first (an error naming the layers the pack reads), then each as [`prepare_hidden`].
 pub fn prepare_states(

@@ -13,7 +13,7 @@ use std::sync::Arc;
 pub use crate::types::{hidden, Alert, Hidden, HiddenSource, HiddenValues, ReportEntry, StageTimings, TokenReport};
 pub use cascade::{
     alert_entries, check_hidden, layer_norm, layer_norm_f64, prepare_hidden, prepare_states, probe_scores,
-    report_entries, CascadeEngine, LAYER_NORM_EPS,
+    report_entries, token_states, token_views, CascadeEngine, LAYER_NORM_EPS,
 };
 
 use crate::config::Config;

@@ -106,7 +106,8 @@ pub fn runtime_run(
             if t == warmup {
                 before = Some(engine.block_on(cascade.cache_stats())?);
             }
-            let r = engine.block_on(cascade.observe(trace.row(t % trace.rows).to_vec()))?;
+            let states = probe_cascade::engine::token_states(trace.row(t % trace.rows), pack);
+            let r = engine.block_on(cascade.observe_states(states))?;
             if settled {
                 engine.block_on(cascade.settle())?;
             }

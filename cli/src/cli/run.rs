@@ -84,14 +84,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let pack = Arc::new(Pack::open(&args.pack).with_context(|| format!("opening pack {}", args.pack.display()))?);
     let trace = probe_cascade::npy::read(&args.trace)?;
     let tokens = args.tokens.unwrap_or(trace.rows).min(trace.rows);
-    if let Some(n) = args.sessions {
-        anyhow::ensure!(
-            args.engine == EngineKind::Runtime,
-            "--sessions runs sessions on the shared runtime: use it with --engine runtime"
-        );
-        return run_sessions(&args, pack, &config, &trace, tokens, n as usize);
-    }
-    let texts = args.token_text.as_deref().map(|f| token_texts(f, tokens)).transpose()?;
     let states = pack.hidden_states();
     anyhow::ensure!(
         states == 1 || trace.cols == states * pack.hidden_dim(),
@@ -103,15 +95,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         pack.hidden_dim(),
         states * pack.hidden_dim()
     );
+    if let Some(n) = args.sessions {
+        anyhow::ensure!(
+            args.engine == EngineKind::Runtime,
+            "--sessions runs sessions on the shared runtime: use it with --engine runtime"
+        );
+        return run_sessions(&args, pack, &config, &trace, tokens, n as usize);
+    }
+    let texts = args.token_text.as_deref().map(|f| token_texts(f, tokens)).transpose()?;
     let mut engine = engines::build(args.engine, pack.clone(), &config)?;
     println!("{} engine, {} tokens, config {}", engine.name(), tokens, args.config.display());
     println!("{:>6} {:>9} {:>9} {:>7} {:>9} {:>7}  top", "token", "ms", "children", "loaded", "unloaded", "active");
     let mut reports: Vec<TokenReport> = Vec::with_capacity(tokens);
     let mut entries = Vec::with_capacity(tokens);
     for index in 0..tokens {
-        let row = trace.row(index);
-        let observation: Vec<&[f32]> = if states == 1 { vec![row] } else { row.chunks(pack.hidden_dim()).collect() };
-        match engine.observe_states(index, &observation) {
+        match engine.observe_states(index, &probe_cascade::engine::token_views(trace.row(index), &pack)) {
             Ok(r) => {
                 let top: Vec<String> =
                     r.top.iter().take(args.show_top).map(|e| format!("{}@{} {:.2}", e.name, e.layer, e.prob)).collect();
@@ -211,7 +209,7 @@ fn run_sessions(
     let stride = args.offset_stride.unwrap_or(tokens / n);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (per_session, wall, stats) = rt.block_on(async {
-        let runtime = Runtime::start(pack, config).await?;
+        let runtime = Runtime::start(pack.clone(), config).await?;
         let mut sessions = Vec::with_capacity(n);
         for _ in 0..n {
             sessions.push(runtime.open_session(SessionOptions::default()).await?);
@@ -222,12 +220,14 @@ fn run_sessions(
             .enumerate()
             .map(|(i, session)| {
                 let offset = i * stride;
-                let rows: Vec<Vec<f32>> = (0..tokens).map(|t| trace.row((offset + t) % trace.rows).to_vec()).collect();
+                let rows: Vec<Vec<_>> = (0..tokens)
+                    .map(|t| probe_cascade::engine::token_states(trace.row((offset + t) % trace.rows), &pack))
+                    .collect();
                 let skip = args.skip_bad_tokens;
                 tokio::spawn(async move {
                     let mut out = Vec::with_capacity(rows.len());
                     for (t, hidden) in rows.into_iter().enumerate() {
-                        match session.observe(hidden).await {
+                        match session.observe_states(hidden).await {
                             Ok(r) => out.push(Ok(r)),
                             Err(e) if skip && e.token().is_some() => out.push(Err((t, e.to_string()))),
                             Err(e) => {

@@ -20,7 +20,8 @@ use probe_cascade::runtime::{Runtime, SessionOptions};
 pub struct SoakArgs {
     #[arg(long)]
     pack: PathBuf,
-    /// T×D float32 .npy of hidden states, replayed as often as the run needs.
+    /// T×D float32 .npy of hidden states, replayed as often as the run needs (T×(L·D), the
+    /// layers side by side, for a pack whose probes read L model layers).
     #[arg(long)]
     trace: PathBuf,
     /// Tokens in all, shared among the sessions.
@@ -239,7 +240,7 @@ async fn soak(
     config: &Config,
     trace: Arc<probe_cascade::npy::Matrix>,
 ) -> anyhow::Result<(Vec<Sample>, u64, Duration, Closed)> {
-    let runtime = Runtime::start(pack, config).await?;
+    let runtime = Runtime::start(pack.clone(), config).await?;
     let n = args.sessions as u64;
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -252,13 +253,15 @@ async fn soak(
         let session = runtime.open_session(SessionOptions::default()).await?;
         let share = args.tokens / n + u64::from(i < args.tokens % n);
         let (trace, done, errors, latencies) = (trace.clone(), done.clone(), errors.clone(), latencies.clone());
+        let pack = pack.clone();
         let mut released = released.clone();
         // Sessions start at spread-out rows, so that they want different probes.
         let offset = i as usize * trace.rows / n as usize;
         tasks.push(tokio::spawn(async move {
             for t in 0..share as usize {
                 let t0 = Instant::now();
-                if let Err(e) = session.observe(trace.row((offset + t) % trace.rows).to_vec()).await {
+                let states = probe_cascade::engine::token_states(trace.row((offset + t) % trace.rows), &pack);
+                if let Err(e) = session.observe_states(states).await {
                     if errors.fetch_add(1, Ordering::Relaxed) < 5 {
                         tracing::error!("session {i}, token {t}: {e}");
                     }

@@ -23,6 +23,8 @@ mod sessions;
 pub struct BenchArgs {
     #[arg(long)]
     pack: PathBuf,
+    /// T×D float32 .npy of hidden states; T×(L·D), the layers side by side, for a pack whose
+    /// probes read L model layers.
     #[arg(long)]
     trace: PathBuf,
     #[arg(long)]
@@ -110,7 +112,8 @@ fn b2b_sync(
     tokens: usize,
 ) -> anyhow::Result<BackToBack> {
     let mut engine = build_engine(kind, pack.clone(), config)?;
-    back_to_back(warmup, tokens, |t| Ok(engine.observe(t, trace.row(t % trace.rows)).map(|_| ())?), || Ok(()))
+    let views = |t: usize| probe_cascade::engine::token_views(trace.row(t % trace.rows), pack);
+    back_to_back(warmup, tokens, |t| Ok(engine.observe_states(t, &views(t)).map(|_| ())?), || Ok(()))
 }
 
 fn run_sync(
@@ -124,7 +127,7 @@ fn run_sync(
     let mut engine = build_engine(kind, pack.clone(), config)?;
     let mut out = Vec::with_capacity(tokens);
     for t in 0..warmup + tokens {
-        let r = engine.observe(t, trace.row(t % trace.rows))?;
+        let r = engine.observe_states(t, &probe_cascade::engine::token_views(trace.row(t % trace.rows), pack))?;
         if t >= warmup {
             out.push(r);
         }

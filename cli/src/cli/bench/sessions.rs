@@ -141,7 +141,8 @@ pub fn bench(
             }
             let observe = |i: usize, h: Vec<f32>| {
                 let s = sessions[i].clone();
-                async move { s.observe(h).await }
+                let states = probe_cascade::engine::token_states(&h, pack);
+                async move { s.observe_states(states).await }
             };
             // Warm-up, then the measured tokens (step stats taken in between).
             all_at_once(trace, n, 0, warmup, observe).await?;
@@ -179,7 +180,8 @@ pub fn bench(
         }
         let observe = |i: usize, h: Vec<f32>| {
             let c = cascades[i].clone();
-            async move { c.observe(h).await }
+            let states = probe_cascade::engine::token_states(&h, pack);
+            async move { c.observe_states(states).await }
         };
         all_at_once(trace, n, 0, warmup, observe).await?;
         let (times, wall) = all_at_once(trace, n, warmup, tokens, observe).await?;

@@ -25,7 +25,8 @@ use super::progress::bar;
 pub struct TuneArgs {
     #[arg(long)]
     pack: PathBuf,
-    /// T×D float32 .npy of hidden states (replayed from its start if shorter than the run).
+    /// T×D float32 .npy of hidden states (replayed from its start if shorter than the run);
+    /// T×(L·D), the layers side by side, for a pack whose probes read L model layers.
     #[arg(long)]
     trace: PathBuf,
     /// The config every grid point starts from; its [device] section also runs the presets.
