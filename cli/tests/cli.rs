@@ -424,28 +424,16 @@ fn every_command_reads_traces_of_lenses_over_model_layers() {
     let trace = dir.path().join("trace.npy");
     npy::write(&trace, &Matrix { rows, cols: 32, data }).unwrap();
     let decompose = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/decompose.toml");
+    let run_on = |trace: &Path| {
+        let mut c = bin();
+        c.arg("run").arg("--config").arg(&decompose).arg("--pack").arg(&pack).arg("--trace").arg(trace);
+        c
+    };
     for engine in ["reference", "runtime", "oracle"] {
-        let out = run_ok(
-            bin()
-                .arg("run")
-                .arg("--config")
-                .arg(&decompose)
-                .arg("--pack")
-                .arg(&pack)
-                .arg("--trace")
-                .arg(&trace)
-                .args(["--engine", engine, "--oracle"]),
-        );
+        let out = run_ok(run_on(&trace).args(["--engine", engine, "--oracle"]));
         assert!(out.contains("over 24 tokens (0 errors)") && out.contains("against the oracle"), "{engine}: {out}");
     }
-    let sessions = run_ok(
-        bin().arg("run").arg("--config").arg(&decompose).arg("--pack").arg(&pack).arg("--trace").arg(&trace).args([
-            "--engine",
-            "runtime",
-            "--sessions",
-            "3",
-        ]),
-    );
+    let sessions = run_ok(run_on(&trace).args(["--engine", "runtime", "--sessions", "3"]));
     assert!(sessions.contains("3 sessions"), "{sessions}");
     let out = dir.path().join("bench");
     run_ok(
@@ -483,17 +471,6 @@ fn every_command_reads_traces_of_lenses_over_model_layers() {
     // One layer's width: refused before any token, naming the layers.
     let narrow = dir.path().join("narrow.npy");
     npy::write(&narrow, &Matrix { rows: 2, cols: 16, data: vec![0.5; 32] }).unwrap();
-    let e = failed(
-        &bin()
-            .arg("run")
-            .arg("--config")
-            .arg(&decompose)
-            .arg("--pack")
-            .arg(&pack)
-            .arg("--trace")
-            .arg(&narrow)
-            .output()
-            .unwrap(),
-    );
+    let e = failed(&run_on(&narrow).output().unwrap());
     assert!(e.contains("model layers [4, 7]") && e.contains("give 32 values per token"), "{e}");
 }
