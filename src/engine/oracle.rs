@@ -17,6 +17,7 @@ use crate::kernel::{Isa, Kernel, ProbeRef, MAX_BATCH};
 use crate::pack::{ConceptId, Pack, ProbeId};
 use crate::policy::lens::score_lens;
 use crate::policy::{rank, Scored, Watch};
+use crate::types::HiddenError;
 
 pub struct OracleEngine {
     pack: Arc<Pack>,
@@ -28,6 +29,8 @@ pub struct OracleEngine {
     /// Every probe's bytes, by probe id.
     probes: Vec<Vec<u8>>,
     ranges: Vec<[std::ops::Range<usize>; 6]>,
+    /// `by_state[s]`: the probes reading the observation's state s, in id order.
+    by_state: Vec<Vec<usize>>,
 }
 
 impl OracleEngine {
@@ -53,7 +56,11 @@ impl OracleEngine {
         let watch =
             Watch::compile(pack.hierarchy(), &config.cascade.watch, crate::policy::default_alert_threshold(&pack))?;
         let report_top_k = config.cascade.report_top_k;
-        Ok(Self { pack, kernel, isa, normalization, report_top_k, watch, probes, ranges })
+        let mut by_state = vec![Vec::new(); pack.hidden_states()];
+        for p in 0..pack.probe_count() {
+            by_state[pack.probe(ProbeId(p as u32)).state as usize].push(p);
+        }
+        Ok(Self { pack, kernel, isa, normalization, report_top_k, watch, probes, ranges, by_state })
     }
 
     /// The kernel path it scores on.
@@ -71,12 +78,6 @@ impl OracleEngine {
     /// traces). `first_token` numbers the tokens in errors.
     pub fn score_all(&self, first_token: usize, tokens: &[&[f32]]) -> Result<Vec<Vec<Scored>>, EngineError> {
         let (d, states) = (self.pack.hidden_dim(), self.pack.hidden_states());
-        // The probes reading each model layer, in id order.
-        let by_state: Vec<Vec<usize>> = (0..states)
-            .map(|s| {
-                (0..self.probes.len()).filter(|&p| self.pack.probe(ProbeId(p as u32)).state as usize == s).collect()
-            })
-            .collect();
         let mut out = Vec::with_capacity(tokens.len());
         for (chunk_index, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
             let first = first_token + chunk_index * MAX_BATCH;
@@ -87,24 +88,18 @@ impl OracleEngine {
                 .map(|(i, row)| {
                     let token = first + i;
                     if row.len() != states * d {
-                        let got = if row.len() % d == 0 { row.len() / d } else { 1 };
-                        let source =
-                            crate::types::HiddenError::States { got, layers: self.pack.model_layers().to_vec() };
-                        return Err(if states == 1 {
-                            EngineError::Hidden {
-                                token,
-                                source: crate::types::HiddenError::Width { got: row.len(), expected: d },
-                            }
-                        } else {
-                            EngineError::Hidden { token, source }
-                        });
+                        let source = match states {
+                            1 => HiddenError::Width { got: row.len(), expected: d },
+                            _ => HiddenError::States { got: row.len() / d, layers: self.pack.model_layers().to_vec() },
+                        };
+                        return Err(EngineError::Hidden { token, source });
                     }
                     row.chunks(d).map(|h| prepare_hidden(token, h, d, self.normalization)).collect()
                 })
                 .collect::<Result<_, _>>()?;
             // logits[t][p]: every probe, against its own layer's state.
             let mut logits = vec![vec![0f32; self.probes.len()]; chunk.len()];
-            for (s, ids) in by_state.iter().enumerate() {
+            for (s, ids) in self.by_state.iter().enumerate() {
                 if ids.is_empty() {
                     continue;
                 }
@@ -148,8 +143,7 @@ impl Engine for OracleEngine {
     fn observe_states(&mut self, token: usize, states: &[&[f32]]) -> Result<TokenReport, EngineError> {
         let start = Instant::now();
         if states.len() != self.pack.hidden_states() {
-            let source =
-                crate::types::HiddenError::States { got: states.len(), layers: self.pack.model_layers().to_vec() };
+            let source = HiddenError::States { got: states.len(), layers: self.pack.model_layers().to_vec() };
             return Err(EngineError::Hidden { token, source });
         }
         let row: Vec<f32> = states.concat();

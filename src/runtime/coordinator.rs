@@ -306,25 +306,31 @@ impl Coordinator {
             let ids: Vec<ConceptId> = active.iter().map(|p| ConceptId(p.0)).collect();
             return Ok(self.lenses(&ids, &by_layer[0]));
         }
-        let mut by_probe: HashMap<ProbeId, f32> = HashMap::new();
+        // Probe ids run in concept order, a lens's probes side by side: sorted by probe, the
+        // lanes' logits are every active lens's probes, lens by lens, in ascending lens order.
+        let mut by_probe: Vec<(ProbeId, f32)> = Vec::with_capacity(by_layer.iter().map(Vec::len).sum());
         for (layer, logits) in self.layers.iter().zip(&by_layer) {
             by_probe.extend(layer.pool.active().into_iter().zip(logits.iter().copied()));
         }
+        by_probe.sort_unstable_by_key(|&(p, _)| p);
         let ids: Vec<ConceptId> = self.active.iter().collect();
-        let logits: Vec<f32> = self.probes_of(&ids).map(|p| by_probe.get(&p).copied().unwrap_or(f32::NAN)).collect();
+        let logits: Vec<f32> = by_probe.into_iter().map(|(_, l)| l).collect();
         Ok(self.lenses(&ids, &logits))
     }
 
-    /// Pipelined mode: asks for the bytes of the absent probes of lenses `absent` and waits at
-    /// most the latency budget. Returns the lenses whose probes all landed in time; the rest
-    /// land later as `Landed` messages.
-    async fn fetch_within_budget(&mut self, absent: Vec<ConceptId>, me: &ActorRef<Self>) -> Vec<(ConceptId, LateLoad)> {
+    /// Pipelined mode: asks for the bytes of each lens's absent probes and waits at most the
+    /// latency budget. Returns the lenses whose probes all landed in time; the rest land later
+    /// as `Landed` messages.
+    async fn fetch_within_budget(
+        &mut self,
+        absent: Vec<(ConceptId, Vec<ProbeId>)>,
+        me: &ActorRef<Self>,
+    ) -> Vec<(ConceptId, LateLoad)> {
         let mut reads: FuturesUnordered<_> = absent
             .into_iter()
-            .map(|id| {
+            .map(|(id, probes)| {
                 let cache = self.cache.clone();
                 let concept = self.pack.hierarchy().label(id);
-                let probes = self.absent_probes(&[id]);
                 async move {
                     let fetched = match cache.ask(Get(probes.clone())).await {
                         Ok(v) => probes.into_iter().zip(v).map(|(p, b)| Ok((p, b.map_err(LoadError::Read)?))).collect(),
@@ -383,34 +389,38 @@ impl Coordinator {
         me: &ActorRef<Self>,
     ) -> Result<(Vec<ConceptId>, Vec<Scored>), RuntimeError> {
         // Every probe in the resident store: ready without any bytes.
-        let (mut ready, absent): (Vec<ConceptId>, Vec<ConceptId>) =
-            ids.iter().partition(|&&id| self.absent_probes(&[id]).is_empty());
-        absent.iter().for_each(|&id| {
+        let (mut ready, mut absent) = (Vec::new(), Vec::new());
+        for &id in ids {
+            match self.absent_probes(&[id]) {
+                probes if probes.is_empty() => ready.push(id),
+                probes => absent.push((id, probes)),
+            }
+        }
+        absent.iter().for_each(|&(id, _)| {
             self.pending.insert(id);
         });
         let mut bytes = HashMap::new();
         let mut waiting = Vec::new();
         if !absent.is_empty() {
             // Bytes already in RAM count as resident: installing them takes microseconds.
-            let wanted = self.absent_probes(&absent);
+            let wanted = absent.iter().flat_map(|(_, probes)| probes.iter().copied()).collect();
             let hits: HashMap<ProbeId, Arc<ProbeBytes>> = match self.cache.ask(Peek(wanted)).await {
                 Ok(hits) => hits.into_iter().collect(),
                 Err(e) => {
                     // Nothing was asked for: none of them is in flight.
-                    absent.iter().for_each(|&id| {
+                    absent.iter().for_each(|&(id, _)| {
                         self.pending.remove(id);
                     });
                     return Err(stopped("cache")(e));
                 }
             };
-            for id in absent {
-                let mine = self.absent_probes(&[id]);
+            for (id, mine) in absent {
                 if mine.iter().all(|p| hits.contains_key(p)) {
                     self.pending.remove(id);
                     bytes.extend(mine.into_iter().map(|p| (p, hits[&p].clone())));
                     ready.push(id);
                 } else {
-                    waiting.push(id);
+                    waiting.push((id, mine));
                 }
             }
         }
