@@ -50,6 +50,25 @@ fn copy_pack(to: &Path, raw: bool) -> PathBuf {
     dst
 }
 
+/// A copy of the fixture pack with the fixture's `simplex/` folder.
+fn simplex_pack(to: &Path) -> PathBuf {
+    let dst = copy_pack(to, false);
+    let from = fixture().join("simplex");
+    for entry in walk(&from) {
+        let to = dst.join("simplex").join(entry.strip_prefix(&from).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, to).unwrap();
+    }
+    dst
+}
+
+/// A copy of the fixture pack with the fixture's older per-concept `calibration.json`.
+fn concept_calibrated_pack(to: &Path) -> PathBuf {
+    let dst = copy_pack(to, false);
+    std::fs::copy(fixture().join("calibration.json"), dst.join("calibration.json")).unwrap();
+    dst
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
@@ -87,21 +106,37 @@ struct Expected {
     trace: Vec<Vec<f32>>,
     /// "Name@layer" -> score per token.
     lenses: BTreeMap<String, Vec<f64>>,
+    /// With `--simplex`: "Autonomy/pole" -> per token.
+    simplex: BTreeMap<String, Pole>,
+}
+
+#[derive(serde::Deserialize)]
+struct Pole {
+    prob: Vec<f64>,
+    deviation: Vec<Option<f64>>,
 }
 
 fn numpy_reference(python: &Path, out: &Path, raw: bool) -> Expected {
+    numpy_reference_with(python, out, if raw { &["--raw"] } else { &[] })
+}
+
+/// numpy's scores as reported in a concept-calibrated pack (the fixture's calibration.json).
+fn numpy_reference_concept(python: &Path, out: &Path) -> Expected {
+    let file = fixture().join("calibration.json");
+    numpy_reference_with(python, out, &["--concept-calibration", file.to_str().unwrap()])
+}
+
+fn numpy_reference_with(python: &Path, out: &Path, flags: &[&str]) -> Expected {
     let mut cmd = Command::new(python);
-    cmd.arg(fixture().join("numpy_reference.py")).arg(fixture()).arg(out);
-    if raw {
-        cmd.arg("--raw");
-    }
+    cmd.arg(fixture().join("numpy_reference.py")).arg(fixture()).arg(out).args(flags);
     assert!(cmd.status().unwrap().success(), "numpy_reference.py failed");
     let m = probe_cascade::npy::read(&out.join("trace.npy")).unwrap();
     let trace = (0..m.rows).map(|r| m.row(r).to_vec()).collect();
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("expected.json")).unwrap()).unwrap();
     assert_eq!(v["model_layers"], serde_json::json!([4, 7]));
     let lenses = serde_json::from_value(v["lenses"].clone()).unwrap();
-    Expected { trace, lenses }
+    let simplex = serde_json::from_value(v["simplex"].clone()).unwrap();
+    Expected { trace, lenses, simplex }
 }
 
 fn observe(engine: &mut dyn Engine, pack: &Pack, t: usize, row: &[f32]) -> TokenReport {
@@ -421,4 +456,224 @@ fn the_oracle_scores_every_lens_as_the_runtime_does_in_the_exhaustive_mode() {
     // A token of the wrong size names the model layers.
     let e = oracle.score_all(7, &[&rows[0][..16]]).unwrap_err().to_string();
     assert!(e.contains("token 7") && e.contains("[4, 7]"), "{e}");
+}
+
+/// Lenses the fixture's calibration.json gives no statistics: they report the neutral 0.5.
+const NO_STATISTICS: [&str; 3] = ["Agent@0", "Tool@1", "Lie@1"];
+
+#[test]
+fn a_concept_calibrated_pack_reports_lens_scores_through_each_concepts_statistics() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pack = import(&concept_calibrated_pack(dir.path()), &dir.path().join("pack")).unwrap();
+    assert!(pack.concept_calibrated() && pack.calibrated());
+    assert_eq!(pack.concept_calibration_count(), 5);
+    let expected = numpy_reference_concept(&python, &dir.path().join("ref"));
+    let watch = vec![WatchProfile {
+        name: "broad".into(),
+        concepts: vec!["Artifact".into(), "Process".into()],
+        file: None,
+        threshold: Some(0.6),
+    }];
+    let mut engine = build_engine(EngineKind::Reference, pack.clone(), &exhaustive(100, watch)).unwrap();
+    let (mut worst, mut alerts) = (0f64, 0);
+    for (t, row) in expected.trace.iter().enumerate() {
+        let r = observe(engine.as_mut(), &pack, t, row);
+        assert!(r.top.windows(2).all(|w| w[0].prob >= w[1].prob), "best first by reported score");
+        for e in &r.top {
+            let label = format!("{}@{}", e.name, e.layer);
+            let want = expected.lenses[&label][t];
+            worst = worst.max((e.prob as f64 - want).abs());
+            if NO_STATISTICS.contains(&label.as_str()) {
+                assert_eq!(e.prob, 0.5, "token {t}: {label} has no statistics");
+            }
+        }
+        // Alerts compare reported scores with the threshold.
+        let mut got: Vec<String> = r.alerts.iter().map(|a| format!("{}@{}", a.concept, a.layer)).collect();
+        got.sort();
+        let subtree = ["Artifact@0", "Deception@1", "Lie@1", "Process@0", "Tool@1"];
+        let want: Vec<String> =
+            subtree.iter().filter(|l| expected.lenses[**l][t] >= 0.6).map(|l| l.to_string()).collect();
+        assert_eq!(got, want, "token {t}");
+        alerts += got.len();
+    }
+    eprintln!("worst reported-score difference {worst:e}; {alerts} alerts");
+    assert!(worst < 1e-4, "worst reported-score difference {worst:e}");
+    assert!(alerts > 0, "some reported scores pass 0.6");
+}
+
+#[test]
+fn concept_calibration_changes_what_is_reported_never_what_the_cascade_decides() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plain = import(&fixture().join("pack"), &dir.path().join("plain")).unwrap();
+    let calibrated = import(&concept_calibrated_pack(dir.path()), &dir.path().join("pack")).unwrap();
+    let expected = numpy_reference(&python, &dir.path().join("ref"), false);
+    let config = decompose(CpuKernel::Auto, Mode::Exact);
+    let mut a = build_engine(EngineKind::Reference, plain.clone(), &config).unwrap();
+    let mut b = build_engine(EngineKind::Reference, calibrated.clone(), &config).unwrap();
+    let mut reordered = 0;
+    for (t, row) in expected.trace[..80].iter().enumerate() {
+        let (x, y) = (observe(a.as_mut(), &plain, t, row), observe(b.as_mut(), &calibrated, t, row));
+        assert_eq!(a.active(), b.active(), "token {t}: active lenses");
+        assert_eq!(x.scored_ids, y.scored_ids, "token {t}: lenses scored");
+        assert_eq!((x.children, x.loaded, x.unloaded), (y.children, y.loaded, y.unloaded), "token {t}");
+        let names = |r: &TokenReport| r.top.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        reordered += usize::from(names(&x) != names(&y));
+    }
+    eprintln!("{reordered} of 80 reports ordered differently");
+    assert!(reordered > 0, "the reported scores reorder some reports");
+}
+
+#[test]
+fn the_runtime_and_the_oracle_report_concept_calibrated_scores_as_the_reference_does() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pack = import(&concept_calibrated_pack(dir.path()), &dir.path().join("pack")).unwrap();
+    let expected = numpy_reference(&python, &dir.path().join("ref"), false);
+    let rows: Vec<&[f32]> = expected.trace[..60].iter().map(|r| &r[..]).collect();
+    let config = decompose(CpuKernel::Auto, Mode::Exact);
+    let mut reference = build_engine(EngineKind::Reference, pack.clone(), &config).unwrap();
+    let mut runtime = BlockingCascade::start(pack.clone(), &config).unwrap();
+    for (t, row) in rows.iter().enumerate() {
+        let (w, r) = (observe(reference.as_mut(), &pack, t, row), observe(&mut runtime, &pack, t, row));
+        // The reference backend's arithmetic is not the kernel's: scores agree closely, not
+        // bit for bit (as in the runtime test above).
+        let names = |x: &TokenReport| x.top.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&r), names(&w), "token {t}: reports");
+        for (a, b) in r.top.iter().zip(&w.top) {
+            assert!((a.prob - b.prob).abs() < 1e-4, "token {t}: {} {} vs {}", a.name, a.prob, b.prob);
+        }
+        let alerts = |x: &TokenReport| x.alerts.iter().map(|a| a.concept.clone()).collect::<Vec<_>>();
+        assert_eq!(alerts(&r), alerts(&w), "token {t}: alerts");
+    }
+    let config = exhaustive(8, Vec::new());
+    let all = OracleEngine::new(pack.clone(), &config).unwrap().score_all(0, &rows).unwrap();
+    let mut runtime = BlockingCascade::start(pack.clone(), &config).unwrap();
+    for (t, row) in rows.iter().enumerate() {
+        let r = observe(&mut runtime, &pack, t, row);
+        let want: Vec<u32> = all[t].iter().map(|s| s.prob.to_bits()).collect();
+        assert_eq!(r.scored_probs.iter().map(|p| p.to_bits()).collect::<Vec<_>>(), want, "token {t}");
+    }
+}
+
+#[test]
+fn bad_concept_calibration_files_are_errors_naming_the_file_and_the_concept() {
+    let cases: [(&str, &str); 4] = [
+        (r#"{"calibration": {"Ghost_L0": {"self_mean": 0.9}}}"#, "\"Ghost_L0\""),
+        (r#"{"calibration": {"Agent_L0": {"cross_mean": "high"}}}"#, "cross_mean"),
+        (r#"{"calibration": {"Agent_L0": 0.5}}"#, "not an object"),
+        (r#"{"concepts": {}}"#, "no \"calibration\" object"),
+    ];
+    for (text, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let src = copy_pack(dir.path(), false);
+        std::fs::write(src.join("calibration.json"), text).unwrap();
+        let m = import(&src, &dir.path().join("pack")).unwrap_err().to_string();
+        assert!(m.contains("calibration.json") && m.contains(says), "{m}");
+        assert!(!dir.path().join("pack/manifest.json").exists(), "nothing is written");
+    }
+}
+
+#[test]
+fn import_reads_complete_tripoles_and_names_the_simplexes_headspace_would_not_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = simplex_pack(dir.path());
+    let summary = import_headspace(&src, &dir.path().join("pack"), &ImportOptions::default(), |_, _, _| {}).unwrap();
+    assert_eq!(summary.simplexes, vec!["Autonomy".to_string()]);
+    let left_out = summary.simplexes_left_out.join("\n");
+    assert!(left_out.contains("simplex Candor") && left_out.contains("Candor_negative_classifier.pt"), "{left_out}");
+    assert!(left_out.contains("Old_tripole.pt") && left_out.contains("legacy"), "{left_out}");
+    let text = summary.to_string();
+    assert!(text.contains("simplex lenses (always on, 3 poles each): Autonomy"), "{text}");
+    let pack = Pack::open(dir.path().join("pack")).unwrap();
+    assert_eq!((pack.len(), pack.lens_probe_count(), pack.probe_count()), (8, 12, 15));
+    let s = &pack.simplexes()[0];
+    assert_eq!(s.name, "Autonomy");
+    let poles: Vec<(&str, u32)> = s.poles.iter().map(|(p, id)| (p.as_str(), pack.probe(*id).model_layer)).collect();
+    assert_eq!(poles, vec![("positive", 4), ("neutral", 4), ("negative", 4)]);
+    assert_eq!(pack.probe_label(s.poles[2].1), "simplex Autonomy/negative (model layer 4)");
+    assert!(pack.verify(|_| {}).is_empty());
+}
+
+/// Every token's simplex readings against numpy's: probability and deviation per pole.
+fn check_simplex(r: &TokenReport, expected: &Expected, t: usize) {
+    let names: Vec<String> = r.simplex.iter().map(|x| format!("{}/{}", x.simplex, x.pole)).collect();
+    assert_eq!(names, ["Autonomy/positive", "Autonomy/neutral", "Autonomy/negative"], "token {t}");
+    for x in &r.simplex {
+        let want = &expected.simplex[&format!("{}/{}", x.simplex, x.pole)];
+        assert!((x.prob as f64 - want.prob[t]).abs() < 1e-5, "token {t}: {} {} vs {}", x.pole, x.prob, want.prob[t]);
+        match (x.deviation, want.deviation[t]) {
+            (None, None) => assert!(t < 9, "token {t}: a deviation from the tenth score on"),
+            (Some(d), Some(w)) => assert!((d as f64 - w).abs() < 1e-3, "token {t}: {} deviation {d} vs {w}", x.pole),
+            (d, w) => panic!("token {t}: {} deviation {d:?} vs numpy {w:?}", x.pole),
+        }
+    }
+}
+
+#[test]
+fn simplex_lenses_are_scored_every_token_apart_from_the_hierarchy_as_numpy_gives() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pack = import(&simplex_pack(dir.path()), &dir.path().join("pack")).unwrap();
+    let plain = import(&fixture().join("pack"), &dir.path().join("plain")).unwrap();
+    let expected = numpy_reference_with(&python, &dir.path().join("ref"), &["--simplex"]);
+    let config = decompose(CpuKernel::Auto, Mode::Exact);
+    let mut engine = build_engine(EngineKind::Reference, pack.clone(), &config).unwrap();
+    let mut without = build_engine(EngineKind::Reference, plain.clone(), &config).unwrap();
+    let mut elevated = 0;
+    for (t, row) in expected.trace.iter().enumerate() {
+        let r = observe(engine.as_mut(), &pack, t, row);
+        check_simplex(&r, &expected, t);
+        elevated += r.simplex.iter().filter(|x| x.deviation.is_some_and(|d| d.abs() > 2.0)).count();
+        // The hierarchy is the same as without the simplex: same lenses, scores and alerts.
+        let w = observe(without.as_mut(), &plain, t, row);
+        let entries = |x: &TokenReport| x.top.iter().map(|e| (e.name.clone(), e.prob.to_bits())).collect::<Vec<_>>();
+        assert_eq!(entries(&r), entries(&w), "token {t}");
+        assert_eq!(r.scored_ids, w.scored_ids, "token {t}");
+        assert!(w.simplex.is_empty());
+    }
+    eprintln!("{elevated} pole readings over 2 standard deviations from their baseline");
+    assert!(elevated > 0, "deviations vary");
+}
+
+#[test]
+fn the_runtime_and_the_oracle_read_simplexes_as_the_reference_does_per_session() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pack = import(&simplex_pack(dir.path()), &dir.path().join("pack")).unwrap();
+    let expected = numpy_reference_with(&python, &dir.path().join("ref"), &["--simplex"]);
+    let rows: Vec<&[f32]> = expected.trace[..60].iter().map(|r| &r[..]).collect();
+    let mut oracle = OracleEngine::new(pack.clone(), &exhaustive(8, Vec::new())).unwrap();
+    let want: Vec<TokenReport> = rows.iter().enumerate().map(|(t, row)| observe(&mut oracle, &pack, t, row)).collect();
+    for cpu_kernel in [CpuKernel::Auto, CpuKernel::Torch] {
+        let mut runtime = BlockingCascade::start(pack.clone(), &decompose(cpu_kernel, Mode::Exact)).unwrap();
+        for (t, row) in rows.iter().enumerate() {
+            let r = observe(&mut runtime, &pack, t, row);
+            check_simplex(&r, &expected, t);
+            if cpu_kernel == CpuKernel::Auto {
+                // The same kernel on the same states: the oracle's readings, bit for bit.
+                let bits = |x: &TokenReport| x.simplex.iter().map(|s| s.logit.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&r), bits(&want[t]), "token {t}");
+                assert_eq!(r.simplex, want[t].simplex, "token {t}");
+            }
+        }
+    }
+    // Baselines are per session: a session that starts later has none yet.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let runtime = Runtime::start(pack.clone(), &decompose(CpuKernel::Auto, Mode::Pipelined)).await.unwrap();
+        let (a, b) = (futures_open(&runtime, 1).await.remove(0), futures_open(&runtime, 1).await.remove(0));
+        let states = |t: usize| rows[t].chunks(pack.hidden_dim()).map(Hidden::from).collect::<Vec<_>>();
+        for t in 0..12 {
+            let r = a.observe_states(states(t)).await.unwrap();
+            assert_eq!(r.simplex.len(), 3);
+            assert_eq!(r.simplex[0].deviation.is_some(), t >= 9, "token {t}");
+        }
+        let r = b.observe_states(states(11)).await.unwrap();
+        assert!(r.simplex.iter().all(|x| x.deviation.is_none()), "a new session starts its own baselines");
+        a.close().await;
+        b.close().await;
+        runtime.shutdown().await;
+    });
 }

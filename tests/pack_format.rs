@@ -354,6 +354,8 @@ fn lens_pack(dir: &std::path::Path) -> Vec<ProbeWeights> {
         lenses: Some(LensSpec {
             model_layers: vec![4, 9],
             probes: vec![vec![p(4, q(1.0)), p(9, q(1.5))], vec![p(9, None)], vec![p(4, None), p(9, q(1.0))]],
+            calibration: None,
+            simplexes: Vec::new(),
         }),
     };
     let weights: Vec<ProbeWeights> = (0..5).map(|i| synth_probe(9, i, &[0.5; 8], 1.0 + i as f32)).collect();
@@ -399,6 +401,29 @@ fn a_v2_pack_round_trips_its_lenses_probes_and_quantiles() {
     assert_eq!(v["concepts"][2]["probes"][1]["id"], json!(4));
 }
 
+/// One lens's concept-calibration statistics, with `cross_mean` as given.
+fn stats(cross_mean: f64) -> serde_json::Value {
+    json!({"self_mean": 0.9, "cross_mean": cross_mean, "cross_fire_rate": 0.1, "gen_fire_rate": 0.1,
+           "noise_fire_rate": 0.0})
+}
+
+#[test]
+fn a_concept_calibrated_v2_pack_gives_each_lens_its_statistics_or_the_neutral_default() {
+    let dir = lens_pack_with(|v| {
+        v["concept_calibration"] = json!("three_stage");
+        v["concepts"][0]["calibration"] = stats(0.3);
+    });
+    let pack = Pack::open(dir.path()).unwrap();
+    assert!(pack.concept_calibrated());
+    assert_eq!(pack.concept_calibration_count(), 1);
+    assert_eq!(pack.concept_calibration(ConceptId(0)).unwrap().cross_mean, 0.3);
+    assert_eq!(*pack.concept_calibration(ConceptId(1)).unwrap(), probe_cascade::pack::ConceptCalibration::NEUTRAL);
+    let plain = tempfile::tempdir().unwrap();
+    lens_pack(plain.path());
+    let plain = Pack::open(plain.path()).unwrap();
+    assert!(!plain.concept_calibrated() && plain.concept_calibration(ConceptId(0)).is_none());
+}
+
 #[test]
 fn v2_defects_are_errors_naming_the_lens_and_what_is_wrong() {
     type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
@@ -422,6 +447,15 @@ fn v2_defects_are_errors_naming_the_lens_and_what_is_wrong() {
             &["B@1", "v2 concept"],
         ),
         (Box::new(|v| v["concepts"][1]["parents"] = json!([5])), &["B@1", "5"]),
+        (Box::new(|v| v["concept_calibration"] = json!("linear")), &["concept_calibration `linear`"]),
+        (Box::new(|v| v["concepts"][1]["calibration"] = stats(0.3)), &["B@1", "no `concept_calibration` rule"]),
+        (
+            Box::new(|v| {
+                v["concept_calibration"] = json!("three_stage");
+                v["concepts"][2]["calibration"] = stats(1.5);
+            }),
+            &["C@1", "cross_mean is 1.5, not in [0, 1]"],
+        ),
     ];
     for (edit, says) in cases {
         let dir = lens_pack_with(edit);

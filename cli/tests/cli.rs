@@ -474,3 +474,59 @@ fn every_command_reads_traces_of_lenses_over_model_layers() {
     let e = failed(&run_on(&narrow).output().unwrap());
     assert!(e.contains("model layers [4, 7]") && e.contains("give 32 values per token"), "{e}");
 }
+
+/// Copies directory `from` into `to`, recursively.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let dst = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &dst);
+        } else {
+            std::fs::copy(&path, &dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_headspace_pack_with_simplexes_and_concept_calibration_imports_inspects_and_runs() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/headspace");
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("headspace");
+    copy_dir(&fixture.join("pack"), &src);
+    copy_dir(&fixture.join("simplex"), &src.join("simplex"));
+    std::fs::copy(fixture.join("calibration.json"), src.join("calibration.json")).unwrap();
+    let pack = dir.path().join("pack");
+    let said = run_ok(bin().args(["pack", "import-headspace"]).arg(&src).arg("--out").arg(&pack));
+    assert!(said.contains("concept calibration (calibration.json): 5 of 8 lenses"), "{said}");
+    assert!(said.contains("simplex lenses (always on, 3 poles each): Autonomy"), "{said}");
+    assert!(said.contains("left out: simplex Candor") && said.contains("Old_tripole.pt"), "{said}");
+    let inspect = run_ok(bin().args(["pack", "inspect"]).arg(&pack));
+    assert!(inspect.contains("simplex    Autonomy (always on): poles positive, neutral, negative, model layer 4"));
+    assert!(inspect.contains("5 of 8 lenses have statistics"), "{inspect}");
+    let rows = 12;
+    let data: Vec<f32> = (0..rows * 32).map(|i| ((i * 37 % 101) as f32 / 10.0 - 5.0).sin() * 2.0).collect();
+    let trace = dir.path().join("trace.npy");
+    npy::write(&trace, &Matrix { rows, cols: 32, data }).unwrap();
+    let json = dir.path().join("run.json");
+    let decompose = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/decompose.toml");
+    let out = run_ok(
+        bin()
+            .arg("run")
+            .arg("--config")
+            .arg(&decompose)
+            .arg("--pack")
+            .arg(&pack)
+            .arg("--trace")
+            .arg(&trace)
+            .args(["--engine", "runtime", "--json"])
+            .arg(&json),
+    );
+    assert!(out.contains("simplex Autonomy/positive"), "{out}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let tokens = v["tokens"].as_array().expect("tokens");
+    let last = &tokens[rows - 1]["simplex"];
+    assert_eq!(last.as_array().map(Vec::len), Some(3), "{last}");
+    assert!(last[0]["deviation"].is_number() && tokens[0]["simplex"][0]["deviation"].is_null(), "{last}");
+}

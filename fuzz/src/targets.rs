@@ -142,6 +142,17 @@ fn headspace_calibration(data: &[u8]) {
             let _ = probe_cascade::policy::lens::calibrate(0.5, &v);
         }
     }
+    // The older per-concept calibration.json, a JSON file of the same pack.
+    if let Ok(stats) = probe_cascade::import::headspace::parse_concept_calibration(data) {
+        for (_, c) in stats {
+            for p in [0.0, 0.3, 1.0] {
+                assert!(
+                    !probe_cascade::policy::lens::normalize(&c, p).is_nan(),
+                    "finite statistics normalize to a number"
+                );
+            }
+        }
+    }
 }
 
 /// `.npy` traces: the preamble, the header dict, the shape and the data, through `npy::read`.

@@ -27,6 +27,7 @@ if _torch.__version__.split("+")[0] != _TORCH:
 from ._native import (  # noqa: E402
     CONFIG_PRESETS,
     Alert,
+    SimplexReading,
     BadHiddenState,
     ConfigError,
     Detection,
@@ -44,6 +45,7 @@ from . import pack, trace  # noqa: E402
 __all__ = [
     "CONFIG_PRESETS",
     "Alert",
+    "SimplexReading",
     "BadHiddenState",
     "ConfigError",
     "Detection",
@@ -68,6 +70,7 @@ def __getattr__(name):
 
     if name == "hf":
         return importlib.import_module(__name__ + ".hf")
-    if name in ("Client", "RemoteSession", "RemoteReport", "RemoteDetection", "RemoteAlert", "RemoteProbeScore"):
+    if name in ("Client", "RemoteSession", "RemoteReport", "RemoteDetection", "RemoteAlert", "RemoteProbeScore",
+                "RemoteSimplexReading"):
         return getattr(importlib.import_module(__name__ + ".client"), name)
     raise AttributeError(f"module 'probe_cascade' has no attribute {name!r}")

@@ -49,6 +49,14 @@ class Alert:
     path: List[str]
     def to_dict(self) -> Dict[str, Any]: ...
 
+class SimplexReading:
+    simplex: str
+    pole: str
+    prob: float
+    logit: float
+    deviation: Optional[float]
+    def to_dict(self) -> Dict[str, Any]: ...
+
 class Report:
     token: int
     top: List[Detection]
@@ -63,6 +71,7 @@ class Report:
     in_flight: List[str]
     failed_loads: List[str]
     alerts: List[Alert]
+    simplex: List[SimplexReading]
     def to_dict(self) -> Dict[str, Any]: ...
 
 class Session:
@@ -136,5 +145,6 @@ def write(
     input_normalization: str = "none",
     probes_per_shard: int = 256,
     probes: Optional[Sequence[Sequence[Tuple[int, Optional[Sequence[float]]]]]] = None,
+    concept_calibration: Optional[Sequence[Optional[Mapping[str, float]]]] = None,
 ) -> int: ...
 def headspace_trace(runs: List[Dict[str, Any]], model: Optional[str] = None, top: int = 8) -> str: ...

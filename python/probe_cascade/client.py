@@ -27,7 +27,15 @@ from ._native import BadHiddenState, ConfigError, ProbeCascadeError, ProbeLoadEr
 from .v1 import probe_cascade_pb2 as pb
 from .v1 import probe_cascade_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "RemoteSession", "RemoteReport", "RemoteDetection", "RemoteAlert", "RemoteProbeScore"]
+__all__ = [
+    "Client",
+    "RemoteSession",
+    "RemoteReport",
+    "RemoteDetection",
+    "RemoteAlert",
+    "RemoteProbeScore",
+    "RemoteSimplexReading",
+]
 
 _STAGES = ("initial_scoring", "expansion_lookup", "loading", "new_scoring", "pruning", "sorting")
 
@@ -90,6 +98,21 @@ class RemoteAlert:
 
 
 @dataclass(frozen=True)
+class RemoteSimplexReading:
+    """One pole of an always-on simplex lens (as `probe_cascade.SimplexReading`)."""
+
+    simplex: str
+    pole: str
+    prob: float
+    logit: float
+    deviation: Optional[float]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"simplex": self.simplex, "pole": self.pole, "prob": self.prob, "logit": self.logit,
+                "deviation": self.deviation}
+
+
+@dataclass(frozen=True)
 class RemoteReport:
     """What the server's cascade found for one token (as `probe_cascade.Report`)."""
 
@@ -106,6 +129,7 @@ class RemoteReport:
     in_flight: List[str] = field(default_factory=list)
     failed_loads: List[str] = field(default_factory=list)
     alerts: List[RemoteAlert] = field(default_factory=list)
+    simplex: List[RemoteSimplexReading] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -122,6 +146,7 @@ class RemoteReport:
             "in_flight": list(self.in_flight),
             "failed_loads": list(self.failed_loads),
             "alerts": [a.to_dict() for a in self.alerts],
+            "simplex": [x.to_dict() for x in self.simplex],
         }
 
 
@@ -326,6 +351,10 @@ class Client:
                 RemoteAlert(a.profile, a.concept, a.layer, a.watched, a.score, a.logit, self._path(a.concept_id),
                             a.concept_id)
                 for a in r.alerts
+            ],
+            simplex=[
+                RemoteSimplexReading(x.simplex, x.pole, x.prob, x.logit, x.deviation if x.HasField("deviation") else None)
+                for x in r.simplex
             ],
         )
 

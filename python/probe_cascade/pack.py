@@ -110,7 +110,8 @@ def import_headspace(
     probes_per_shard: int = 256,
 ) -> str:
     """Imports a headspace lens pack, as it is on disk (layer<N>/<Concept>@L<m>.pt and
-    <Concept>.pt probes, probe_calibration.json, the bundled hierarchy), into a new pack."""
+    <Concept>.pt probes, probe_calibration.json, the older calibration.json, the bundled
+    hierarchy), into a new pack."""
     return _native.import_headspace(os.fspath(dir), os.fspath(out), dtype=dtype, probes_per_shard=probes_per_shard)
 
 
@@ -123,6 +124,7 @@ def write(
     input_normalization: str = "none",
     probes_per_shard: int = 256,
     probes: Optional[Sequence[Sequence[Tuple[int, Optional[Sequence[float]]]]]] = None,
+    concept_calibration: Optional[Sequence[Optional[Dict[str, float]]]] = None,
 ) -> int:
     """Writes a pack from stacked MLP weights (HatCat's D→128→64→1 shapes):
     w1 [P,128,D], b1 [P,128], w2 [P,64,128], b2 [P,64], w3 [P,1,64], b3 [P,1].
@@ -130,7 +132,12 @@ def write(
 
     Without `probes`, one probe per concept (P = number of concepts). With `probes`, a pack
     of lenses: `probes[i]` lists concept i's probes as (model layer, quantiles or None), one
-    per model layer, and the weights' rows follow them in order (P = all probes)."""
+    per model layer, and the weights' rows follow them in order (P = all probes).
+
+    `concept_calibration` (with `probes`) makes the pack concept-calibrated, as headspace's older
+    calibration.json does: per concept, a dict of its statistics (self_mean, cross_mean,
+    cross_fire_rate, gen_fire_rate, noise_fire_rate) or None; reports and alerts then show each
+    lens score through them (docs/cascade-semantics.md, "Reported scores")."""
     arrays = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in weights.items()}
     lenses = None
     if probes is not None:
@@ -145,4 +152,7 @@ def write(
         input_normalization=input_normalization,
         probes_per_shard=probes_per_shard,
         probes=lenses,
+        concept_calibration=None
+        if concept_calibration is None
+        else [None if c is None else {k: float(v) for k, v in c.items()} for c in concept_calibration],
     )

@@ -32,6 +32,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<report::Detection>()?;
     m.add_class::<report::ProbeScore>()?;
     m.add_class::<report::Alert>()?;
+    m.add_class::<report::SimplexReading>()?;
     m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
     m.add_function(wrap_pyfunction!(pack::inspect, m)?)?;
     m.add_function(wrap_pyfunction!(pack::concepts, m)?)?;

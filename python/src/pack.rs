@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use probe_cascade::import::headspace::import_headspace as core_import_headspace;
+use probe_cascade::import::headspace::{concept_statistics, import_headspace as core_import_headspace};
 use probe_cascade::import::{import_hatcat as core_import, ImportError, ImportOptions};
 use probe_cascade::pack::{
     write_pack, ConceptDef, ConceptId, DType, InputNormalization, LensSpec, Pack, PackSpec, ProbeDef, ProbeWeights,
@@ -170,9 +170,12 @@ type LensProbe = (u32, Option<Vec<f64>>);
 /// w2 [P, 64, 128], b2 [P, 64], w3 [P, 1, 64], b3 [P, 1]. Without `probes`, one probe per
 /// concept (P = C, a v1 pack). With `probes`, a v2 pack of lenses: `probes[c]` lists concept
 /// c's probes as (model layer, quantiles or None), and the weights' rows follow them in order.
+/// `concept_calibration` (with `probes`) makes the pack concept-calibrated: per concept, a dict
+/// of statistics (`self_mean`, `cross_mean`, `cross_fire_rate`, `gen_fire_rate`,
+/// `noise_fire_rate`, headspace's calibration.json entries) or None (it reports 0.5).
 /// Returns the number of probes written.
 #[pyfunction]
-#[pyo3(signature = (out, concepts, weights, *, dtype = "f32", input_normalization = "none", probes_per_shard = 256, probes = None))]
+#[pyo3(signature = (out, concepts, weights, *, dtype = "f32", input_normalization = "none", probes_per_shard = 256, probes = None, concept_calibration = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn write(
     py: Python<'_>,
@@ -183,6 +186,7 @@ pub fn write(
     input_normalization: &str,
     probes_per_shard: usize,
     probes: Option<Vec<Vec<LensProbe>>>,
+    concept_calibration: Option<Vec<Option<std::collections::HashMap<String, f64>>>>,
 ) -> PyResult<usize> {
     let dtype = self::dtype(dtype)?;
     let norm = match input_normalization {
@@ -194,6 +198,35 @@ pub fn write(
                 Some("input_normalization".into()),
             ))
         }
+    };
+    let calibration = match concept_calibration {
+        None => None,
+        Some(_) if probes.is_none() => {
+            return Err(base_error("concept_calibration needs probes= (a v2 pack of lenses)".into()))
+        }
+        Some(list) if list.len() != concepts.len() => {
+            return Err(base_error(format!(
+                "concept_calibration lists {} concepts, concepts {}",
+                list.len(),
+                concepts.len()
+            )))
+        }
+        Some(list) => Some(
+            list.into_iter()
+                .enumerate()
+                .map(|(i, stats)| {
+                    stats
+                        .map(|m| {
+                            let value = serde_json::Value::from(serde_json::Map::from_iter(
+                                m.into_iter().map(|(k, v)| (k, serde_json::Value::from(v))),
+                            ));
+                            concept_statistics(&value)
+                                .map_err(|why| base_error(format!("concept_calibration[{i}]: {why}")))
+                        })
+                        .transpose()
+                })
+                .collect::<PyResult<Vec<_>>>()?,
+        ),
     };
     let lenses = match probes {
         None => None,
@@ -208,7 +241,7 @@ pub fn write(
                 .into_iter()
                 .map(|l| l.into_iter().map(|(model_layer, quantiles)| ProbeDef { model_layer, quantiles }).collect())
                 .collect();
-            Some(LensSpec { model_layers, probes })
+            Some(LensSpec { model_layers, probes, calibration, simplexes: Vec::new() })
         }
     };
     let c = lenses.as_ref().map_or(concepts.len(), |l| l.probes.iter().map(Vec::len).sum());

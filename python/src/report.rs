@@ -113,6 +113,40 @@ impl Alert {
     }
 }
 
+/// One pole of an always-on simplex lens on this token, reported apart from the hierarchy.
+#[pyclass(module = "probe_cascade", frozen, get_all)]
+pub struct SimplexReading {
+    /// The simplex's name.
+    pub simplex: String,
+    pub pole: String,
+    /// sigmoid(logit).
+    pub prob: f32,
+    pub logit: f32,
+    /// Standard deviations of `prob` from the pole's rolling baseline in this session (its last
+    /// 100 scores); None for the session's first 9 tokens.
+    pub deviation: Option<f32>,
+}
+
+#[pymethods]
+impl SimplexReading {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("simplex", &self.simplex)?;
+        d.set_item("pole", &self.pole)?;
+        d.set_item("prob", self.prob)?;
+        d.set_item("logit", self.logit)?;
+        d.set_item("deviation", self.deviation)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "SimplexReading({:?}, {:?}, prob={:.4}, deviation={:?})",
+            self.simplex, self.pole, self.prob, self.deviation
+        )
+    }
+}
+
 /// What the cascade found for one token, and what it cost. Built lazily: the Python objects
 /// for `top` and `stages` are made on first access, so `observe` itself stays cheap.
 #[pyclass(module = "probe_cascade", frozen)]
@@ -290,6 +324,22 @@ impl Report {
             .collect()
     }
 
+    /// Every simplex pole of the pack, simplex by simplex (empty without simplexes).
+    #[getter]
+    fn simplex(&self) -> Vec<SimplexReading> {
+        self.report
+            .simplex
+            .iter()
+            .map(|x| SimplexReading {
+                simplex: x.simplex.clone(),
+                pole: x.pole.clone(),
+                prob: x.prob,
+                logit: x.logit,
+                deviation: x.deviation,
+            })
+            .collect()
+    }
+
     /// Plain data (lists, dicts, numbers): for json.dumps and logging.
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -314,6 +364,11 @@ impl Report {
             alerts.append(a.to_dict(py)?)?;
         }
         d.set_item("alerts", alerts)?;
+        let simplex = PyList::empty(py);
+        for x in self.simplex() {
+            simplex.append(x.to_dict(py)?)?;
+        }
+        d.set_item("simplex", simplex)?;
         Ok(d)
     }
 

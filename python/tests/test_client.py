@@ -4,6 +4,7 @@ match the proto."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -172,8 +173,13 @@ def test_generated_stubs_match_the_proto(tmp_path):
 
 def test_lenses_over_model_layers_over_grpc_match_the_in_process_runtime(tmp_path):
     """A pack of lenses over model layers 4 and 7: the client sends {model_layer: state} per
-    token (in a session and in a batch) and gets the in-process reports, probes included."""
-    pc.pack.import_headspace(REPO / "tests/fixtures/headspace/pack", tmp_path / "hs")
+    token (in a session and in a batch) and gets the in-process reports, probes and the simplex
+    lens's readings included."""
+    src = tmp_path / "headspace"
+    shutil.copytree(REPO / "tests/fixtures/headspace/pack", src)
+    shutil.copytree(REPO / "tests/fixtures/headspace/simplex", src / "simplex")
+    summary = pc.pack.import_headspace(src, tmp_path / "hs")
+    assert "simplex lenses (always on, 3 poles each): Autonomy" in summary
     s = Served(tmp_path / "hs", tmp_path)
     try:
         rng = np.random.default_rng(9)
@@ -186,6 +192,11 @@ def test_lenses_over_model_layers_over_grpc_match_the_in_process_runtime(tmp_pat
                 assert [[p.to_dict() for p in d.probes] for d in r.top] == [
                     [p.to_dict() for p in d.probes] for d in l.top
                 ]
+                assert [x.pole for x in l.simplex] == ["positive", "neutral", "negative"]
+                assert [x.to_dict() for x in r.simplex] == [x.to_dict() for x in l.simplex]
+                assert r.to_dict()["simplex"] == l.to_dict()["simplex"]
+            # From the tenth token on, each pole has a deviation from its baseline.
+            assert all(x.deviation is not None for x in l.simplex)
             with client.session() as other:
                 batch = {m: np.stack([tokens[0][m], tokens[1][m]]) for m in (4, 7)}
                 a, b = client.observe_batch([remote, other], batch)

@@ -167,6 +167,43 @@ def test_a_pack_of_lenses_over_model_layers_writes_and_scores_like_numpy(tmp_pat
             assert [x.prob for x in a.top] == [x.prob for x in b.top]
 
 
+def test_a_concept_calibrated_pack_reports_scores_through_each_concepts_statistics(tmp_path):
+    d = 16
+    rng = np.random.default_rng(5)
+    concepts = [("Agent", 0, []), ("Thing", 0, [])]
+    probes = [[(3, None)], [(3, None)]]
+    w = {
+        "w1": rng.normal(0, 0.3, (2, 128, d)).astype(np.float32),
+        "b1": rng.normal(0, 0.1, (2, 128)).astype(np.float32),
+        "w2": rng.normal(0, 0.2, (2, 64, 128)).astype(np.float32),
+        "b2": rng.normal(0, 0.1, (2, 64)).astype(np.float32),
+        "w3": rng.normal(0, 0.5, (2, 1, 64)).astype(np.float32),
+        "b3": rng.normal(0, 0.1, (2, 1)).astype(np.float32),
+    }
+    stats = {"self_mean": 0.8, "cross_mean": 0.3, "cross_fire_rate": 0.1, "gen_fire_rate": 0.2, "noise_fire_rate": 0.0}
+    out = tmp_path / "concept"
+    pc.pack.write(out, concepts, w, input_normalization="layer_norm", probes=probes, concept_calibration=[stats, None])
+
+    def reported(p):
+        # HatCat's three-stage normalization, full branch: range map, confidence, squash.
+        s, c = stats["self_mean"], stats["cross_mean"]
+        k = (1 - stats["cross_fire_rate"]) * (1 - stats["gen_fire_rate"]) * min(1.0, (s - c) / 0.2)
+        r = 0.5 + 0.5 * (p - c) / (s - c) if p >= c else 0.5 * p / c
+        return 1 / (1 + np.exp(-6 * (0.5 + (r - 0.5) * k - 0.5)))
+
+    config = {"cascade": {"base_layers": [0], "report_top_k": 2}}
+    with pc.Runtime(out, config=config) as rt, rt.session() as s:
+        for _ in range(8):
+            h = rng.normal(0.2, 1.5, d).astype(np.float32)
+            r = s.observe({3: h})
+            got = {x.name: x for x in r.top}
+            assert got["Thing"].prob == 0.5, "a lens without statistics reports 0.5"
+            agent = got["Agent"]
+            assert abs(agent.prob - reported(agent.probes[0].prob)) < 1e-6
+    with pytest.raises(pc.ProbeCascadeError, match=r"concept_calibration\[0\]: cross_mean is 2"):
+        pc.pack.write(tmp_path / "bad", concepts, w, probes=probes, concept_calibration=[{"cross_mean": 2}, None])
+
+
 def test_import_headspace_from_python(tmp_path):
     summary = pc.pack.import_headspace(REPO / "tests/fixtures/headspace/pack", tmp_path / "hs")
     assert "8 lenses (12 probes" in summary and "calibrated probes: 9 of 12" in summary

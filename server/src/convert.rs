@@ -145,6 +145,17 @@ pub fn report(r: &TokenReport) -> pb::Report {
                 logit: a.logit,
             })
             .collect(),
+        simplex: r
+            .simplex
+            .iter()
+            .map(|x| pb::SimplexReading {
+                simplex: x.simplex.clone(),
+                pole: x.pole.clone(),
+                prob: x.prob,
+                logit: x.logit,
+                deviation: x.deviation,
+            })
+            .collect(),
     }
 }
 

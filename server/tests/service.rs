@@ -628,10 +628,13 @@ async fn health_and_reflection_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lenses_over_model_layers_take_one_state_per_layer_on_the_wire() {
     let dir = tempfile::tempdir().unwrap();
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/headspace/pack");
+    // The fixture pack with its simplex folder: a tripole scored every token.
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/headspace");
+    let src = dir.path().join("headspace");
+    copy_dir(&fixture.join("pack"), &src);
+    copy_dir(&fixture.join("simplex"), &src.join("simplex"));
     let options = probe_cascade::import::ImportOptions::default();
-    probe_cascade::import::headspace::import_headspace(&fixture, &dir.path().join("pack"), &options, |_, _, _| {})
-        .unwrap();
+    probe_cascade::import::headspace::import_headspace(&src, &dir.path().join("pack"), &options, |_, _, _| {}).unwrap();
     let pack = std::sync::Arc::new(probe_cascade::pack::Pack::open(dir.path().join("pack")).unwrap());
     let f = Fixture { dir, pack, traces: Vec::new() };
     let config = realtime("");
@@ -658,6 +661,12 @@ async fn lenses_over_model_layers_take_one_state_per_layer_on_the_wire() {
         let got = s.result().await;
         let want = local.observe_states(vec![state(t, 4).into(), state(t, 7).into()]).await.unwrap();
         assert_eq!(wire_outcome(report(&got)), local_outcome(&want), "token {t}");
+        let simplex: Vec<(String, String, f32, Option<f32>)> =
+            report(&got).simplex.iter().map(|x| (x.simplex.clone(), x.pole.clone(), x.prob, x.deviation)).collect();
+        let local: Vec<(String, String, f32, Option<f32>)> =
+            want.simplex.iter().map(|x| (x.simplex.clone(), x.pole.clone(), x.prob, x.deviation)).collect();
+        assert_eq!(simplex, local, "token {t}: simplex readings");
+        assert_eq!(simplex.len(), 3);
         for (d, e) in report(&got).top.iter().zip(&want.top) {
             let layers: Vec<u32> = d.probes.iter().map(|p| p.model_layer).collect();
             assert_eq!(layers, e.probes.iter().map(|p| p.model_layer).collect::<Vec<_>>());
@@ -689,4 +698,18 @@ async fn lenses_over_model_layers_take_one_state_per_layer_on_the_wire() {
     local.close().await;
     rt.shutdown().await;
     server.drain().await;
+}
+
+/// Copies directory `from` into `to`, recursively.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let dst = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &dst);
+        } else {
+            std::fs::copy(&path, &dst).unwrap();
+        }
+    }
 }

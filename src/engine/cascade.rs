@@ -10,9 +10,9 @@ use tracing::debug_span;
 use super::{BackendError, Engine, EngineError, HiddenValues, ProbeBackend, ReportEntry, StageTimings, TokenReport};
 use crate::config::{CascadeConfig, Normalization};
 use crate::pack::{ConceptId, Pack, ProbeId};
-use crate::policy::{self, lens::score_lenses, ConceptSet, Scored, TokenCascade, Watch};
+use crate::policy::{self, lens::score_lenses, simplex::Baselines, ConceptSet, Scored, TokenCascade, Watch};
 use crate::types::HiddenError;
-use crate::types::{Alert, ProbeScore};
+use crate::types::{Alert, ProbeScore, SimplexReading};
 
 pub struct CascadeEngine<B> {
     pack: Arc<Pack>,
@@ -24,13 +24,16 @@ pub struct CascadeEngine<B> {
     base: ConceptSet,
     /// v2 packs: this token's probe logits of every lens scored, for the report.
     probe_logits: HashMap<ConceptId, Vec<f32>>,
+    /// The simplex poles' rolling baselines in this stream.
+    baselines: Baselines,
 }
 
 impl<B: ProbeBackend> CascadeEngine<B> {
     pub fn new(pack: Arc<Pack>, config: &CascadeConfig, mut backend: B) -> Result<Self, EngineError> {
         let base = policy::base_set(pack.hierarchy(), config)?;
         let watch = Watch::compile(pack.hierarchy(), &config.watch, policy::default_alert_threshold(&pack))?;
-        let probes: Vec<ProbeId> = base.iter().flat_map(|c| pack.probes_of(c)).collect();
+        // The base lenses' probes, and the always-on simplex poles'.
+        let probes: Vec<ProbeId> = base.iter().flat_map(|c| pack.probes_of(c)).chain(pack.pole_probes()).collect();
         backend.load(&probes).map_err(EngineError::BaseLoad)?;
         let normalization = config.normalization_for(pack.input_normalization());
         Ok(Self {
@@ -40,6 +43,7 @@ impl<B: ProbeBackend> CascadeEngine<B> {
             backend,
             active: base.clone(),
             base,
+            baselines: Baselines::new(pack.pole_probes().len()),
             pack,
             probe_logits: HashMap::new(),
         })
@@ -54,6 +58,13 @@ impl<B: ProbeBackend> CascadeEngine<B> {
     /// per model layer), then each lens from its probes ([`score_lens`]).
     fn score(&mut self, concepts: &[ConceptId], states: &[Vec<f32>]) -> Result<Vec<Scored>, BackendError> {
         let probes = self.probes(concepts);
+        let logits = self.logits(&probes, states)?;
+        Ok(score_lenses(&self.pack, concepts, &logits, &mut self.probe_logits))
+    }
+
+    /// Logits of loaded probes, in order, each against its model layer's state (one backend
+    /// call per model layer).
+    fn logits(&mut self, probes: &[ProbeId], states: &[Vec<f32>]) -> Result<Vec<f32>, BackendError> {
         let mut logits = vec![0f32; probes.len()];
         for (state, h) in states.iter().enumerate() {
             let (at, ids): (Vec<usize>, Vec<ProbeId>) = probes
@@ -69,7 +80,7 @@ impl<B: ProbeBackend> CascadeEngine<B> {
                 logits[i] = l;
             }
         }
-        Ok(score_lenses(&self.pack, concepts, &logits, &mut self.probe_logits))
+        Ok(logits)
     }
 
     fn run_token(
@@ -82,6 +93,8 @@ impl<B: ProbeBackend> CascadeEngine<B> {
         self.probe_logits.clear();
         let initial: Vec<ConceptId> = self.active.iter().collect();
         let initial = self.score(&initial, h)?;
+        let poles: Vec<ProbeId> = self.pack.pole_probes().collect();
+        let pole_logits = self.logits(&poles, h)?;
         stages.initial_scoring += t.elapsed();
 
         let pack = self.pack.clone();
@@ -115,17 +128,20 @@ impl<B: ProbeBackend> CascadeEngine<B> {
         stages.pruning += t.elapsed();
 
         let t = Instant::now();
-        let mut top = report_entries(hierarchy, &token.report());
+        let shown = policy::lens::reported(&pack, token.scored());
+        let mut top = report_entries(hierarchy, &token.report(&shown));
         probe_scores(&pack, &mut top, &self.probe_logits);
-        let alerts = alert_entries(hierarchy, &self.watch, token.scored());
+        let alerts = alert_entries(hierarchy, &self.watch, &shown);
         stages.sorting += t.elapsed();
+        let simplex = simplex_readings(&pack, &mut self.baselines, &pole_logits);
         Ok(TokenOutcome {
             top,
             alerts,
+            simplex,
             children: token.children,
             skipped_by_cap: token.skipped_by_cap,
             unloaded: dropped.len(),
-            scored: policy::scored_by_id(token.scored()),
+            scored: policy::scored_by_id(&shown),
         })
     }
 }
@@ -185,9 +201,31 @@ pub fn alert_entries(hierarchy: &crate::pack::Hierarchy, watch: &Watch, scored: 
         .collect()
 }
 
+/// This token's simplex readings from every pole's logit (in [`Pack::pole_probes`] order),
+/// advancing the stream's baselines.
+pub fn simplex_readings(pack: &Pack, baselines: &mut Baselines, logits: &[f32]) -> Vec<SimplexReading> {
+    if logits.is_empty() {
+        return Vec::new();
+    }
+    let probs: Vec<f32> = logits.iter().map(|&l| policy::sigmoid(l)).collect();
+    let deviations = baselines.observe(&probs);
+    let poles = pack.simplexes().iter().flat_map(|s| s.poles.iter().map(move |(pole, _)| (&s.name, pole)));
+    poles
+        .zip(logits.iter().zip(probs).zip(deviations))
+        .map(|((simplex, pole), ((&logit, prob), deviation))| SimplexReading {
+            simplex: simplex.clone(),
+            pole: pole.clone(),
+            prob,
+            logit,
+            deviation,
+        })
+        .collect()
+}
+
 struct TokenOutcome {
     top: Vec<ReportEntry>,
     alerts: Vec<Alert>,
+    simplex: Vec<SimplexReading>,
     children: usize,
     skipped_by_cap: usize,
     unloaded: usize,
@@ -224,6 +262,7 @@ impl<B: ProbeBackend> Engine for CascadeEngine<B> {
                 in_flight: Vec::new(),
                 failed_loads: Vec::new(),
                 alerts: o.alerts,
+                simplex: o.simplex,
             }),
             Err(source) => {
                 // Leave the active set as it was before the token, so the next one starts clean.

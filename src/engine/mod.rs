@@ -10,10 +10,12 @@ pub mod tensors;
 
 use std::sync::Arc;
 
-pub use crate::types::{hidden, Alert, Hidden, HiddenSource, HiddenValues, ReportEntry, StageTimings, TokenReport};
+pub use crate::types::{
+    hidden, Alert, Hidden, HiddenSource, HiddenValues, ReportEntry, SimplexReading, StageTimings, TokenReport,
+};
 pub use cascade::{
     alert_entries, check_hidden, layer_norm, layer_norm_f64, prepare_hidden, prepare_states, probe_scores,
-    report_entries, token_states, token_views, CascadeEngine, LAYER_NORM_EPS,
+    report_entries, simplex_readings, token_states, token_views, CascadeEngine, LAYER_NORM_EPS,
 };
 
 use crate::config::Config;

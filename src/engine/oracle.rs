@@ -11,12 +11,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{alert_entries, prepare_hidden, report_entries, Engine, EngineError, StageTimings, TokenReport};
+use super::{
+    alert_entries, prepare_hidden, report_entries, simplex_readings, Engine, EngineError, StageTimings, TokenReport,
+};
 use crate::config::{Config, Normalization};
 use crate::kernel::{Isa, Kernel, ProbeRef, MAX_BATCH};
 use crate::pack::{ConceptId, Pack, ProbeId};
-use crate::policy::lens::score_lens;
-use crate::policy::{rank, Scored, Watch};
+use crate::policy::lens::{reported, score_lens};
+use crate::policy::{rank, simplex::Baselines, Scored, Watch};
 use crate::types::HiddenError;
 
 pub struct OracleEngine {
@@ -31,6 +33,8 @@ pub struct OracleEngine {
     ranges: Vec<[std::ops::Range<usize>; 6]>,
     /// `by_state[s]`: the probes reading the observation's state s, in id order.
     by_state: Vec<Vec<usize>>,
+    /// The simplex poles' rolling baselines over the tokens `observe_states` saw.
+    baselines: Baselines,
 }
 
 impl OracleEngine {
@@ -60,7 +64,8 @@ impl OracleEngine {
         for p in 0..pack.probe_count() {
             by_state[pack.probe(ProbeId(p as u32)).state as usize].push(p);
         }
-        Ok(Self { pack, kernel, isa, normalization, report_top_k, watch, probes, ranges, by_state })
+        let baselines = Baselines::new(pack.pole_probes().len());
+        Ok(Self { pack, kernel, isa, normalization, report_top_k, watch, probes, ranges, by_state, baselines })
     }
 
     /// The kernel path it scores on.
@@ -72,11 +77,33 @@ impl OracleEngine {
         &self.pack
     }
 
-    /// Every lens's score for each token (raw, as a caller would pass them: checked and
-    /// normalized here): `out[t][c]` for token `t` and concept `c`. A token is one hidden
+    /// Every lens's score for each token, as reported (`policy::lens::reported`), from hidden
+    /// states as a caller would pass them (checked and normalized here): `out[t][c]` for token
+    /// `t` and concept `c`. A token is one hidden
     /// state per model layer of the pack, side by side (`states × D` values, as `run` reads
     /// traces). `first_token` numbers the tokens in errors.
     pub fn score_all(&self, first_token: usize, tokens: &[&[f32]]) -> Result<Vec<Vec<Scored>>, EngineError> {
+        let rows = self.logits_all(first_token, tokens)?;
+        Ok(rows.iter().map(|row| self.lenses(row)).collect())
+    }
+
+    /// Every lens's score as reported, from one token's logits of every probe.
+    fn lenses(&self, row: &[f32]) -> Vec<Scored> {
+        let lenses: Vec<Scored> = self
+            .pack
+            .hierarchy()
+            .ids()
+            .map(|c| {
+                let probes = self.pack.probes_of(c);
+                let first = probes.clone().next().map_or(0, |p| p.index());
+                score_lens(&self.pack, c, &row[first..first + probes.len()])
+            })
+            .collect();
+        reported(&self.pack, &lenses).into_owned()
+    }
+
+    /// Every probe's logit (lenses' and simplex poles') for each token, by probe id.
+    fn logits_all(&self, first_token: usize, tokens: &[&[f32]]) -> Result<Vec<Vec<f32>>, EngineError> {
         let (d, states) = (self.pack.hidden_dim(), self.pack.hidden_states());
         let mut out = Vec::with_capacity(tokens.len());
         for (chunk_index, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
@@ -117,19 +144,7 @@ impl OracleEngine {
                     }
                 }
             }
-            for row in logits {
-                out.push(
-                    self.pack
-                        .hierarchy()
-                        .ids()
-                        .map(|c| {
-                            let probes = self.pack.probes_of(c);
-                            let first = probes.clone().next().map_or(0, |p| p.index());
-                            score_lens(&self.pack, c, &row[first..first + probes.len()])
-                        })
-                        .collect(),
-                );
-            }
+            out.extend(logits);
         }
         Ok(out)
     }
@@ -147,7 +162,9 @@ impl Engine for OracleEngine {
             return Err(EngineError::Hidden { token, source });
         }
         let row: Vec<f32> = states.concat();
-        let mut scored = self.score_all(token, &[&row])?.pop().unwrap_or_default();
+        let logits = self.logits_all(token, &[&row])?.pop().unwrap_or_default();
+        let mut scored = self.lenses(&logits);
+        let simplex = simplex_readings(&self.pack, &mut self.baselines, &logits[self.pack.lens_probe_count()..]);
         let scoring = start.elapsed();
         let t = Instant::now();
         let alerts = alert_entries(self.pack.hierarchy(), &self.watch, &scored);
@@ -174,6 +191,7 @@ impl Engine for OracleEngine {
             in_flight: Vec::new(),
             failed_loads: Vec::new(),
             alerts,
+            simplex,
         })
     }
 

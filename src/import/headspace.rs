@@ -15,8 +15,20 @@
 //! always `layer_norm` and the check scores the original on `LayerNorm(x)`. A plain
 //! `<Concept>.pt` is never calibrated (its key has no `@L`), as in headspace.
 //!
-//! Not read yet, and said so in the summary: the older per-concept `calibration.json` and
-//! `simplex/` lenses. The first bad probe file or calibration entry stops the import.
+//! The older per-concept `calibration.json` (`{"calibration": {"<Concept>_L<N>": {self_mean,
+//! cross_mean, cross_fire_rate, gen_fire_rate, noise_fire_rate, ...}}}`, keyed by name and
+//! ontology layer N) makes the pack concept-calibrated: its reported scores go through each
+//! concept's statistics, and lenses without an entry report the neutral default, as in
+//! headspace (docs/cascade-semantics.md, "Reported scores").
+//!
+//! `simplex/` holds always-on simplex lenses. A tripole, `simplex/<Name>/<pole>/<Name>_<pole>_
+//! classifier.pt` for each of `positive`, `neutral` and `negative`, is imported as a simplex of
+//! three poles reading pack_info's model layer (as headspace scores them, on the state its
+//! single-probe lenses read). As in headspace, a tripole missing a pole file is left out, and
+//! a legacy `simplex/<Name>_tripole.pt` (which headspace loads but never scores) is not
+//! imported; the summary names both.
+//!
+//! The first bad probe file or calibration entry stops the import.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -28,11 +40,12 @@ use super::{
 };
 use crate::pack::layout::{DType, ProbeLayout};
 use crate::pack::manifest::{InputNormalization, MANIFEST_FILE};
-use crate::pack::writer::{write_pack, LensSpec, PackSpec, ProbeDef};
-use crate::pack::{check_quantiles, Pack};
+use crate::pack::writer::{write_pack, LensSpec, PackSpec, ProbeDef, SimplexDef};
+use crate::pack::{check_quantiles, ConceptCalibration, Pack};
 
 pub const PACK_INFO: &str = "pack_info.json";
 pub const PROBE_CALIBRATION: &str = "probe_calibration.json";
+pub const CONCEPT_CALIBRATION: &str = "calibration.json";
 
 /// One probe file of a lens.
 #[derive(Debug, Clone)]
@@ -41,6 +54,53 @@ struct ProbeFile {
     model_layer: u32,
     /// `layer<N>/<Concept>@L<m>`, the calibration key; `None` for a plain `<Concept>.pt`.
     key: Option<String>,
+}
+
+/// headspace's tripole poles, in the order it loads them.
+pub const TRIPOLE: [&str; 3] = ["positive", "neutral", "negative"];
+
+/// A simplex found in `simplex/`: its name and its poles' files.
+#[derive(Debug, Clone)]
+struct SimplexFiles {
+    name: String,
+    poles: Vec<(String, PathBuf)>,
+}
+
+/// The complete tripoles under `dir/simplex`, by name, and what was left out (and why).
+fn find_simplexes(dir: &Path) -> Result<(Vec<SimplexFiles>, Vec<String>), ImportError> {
+    let root = dir.join("simplex");
+    let Ok(entries) = std::fs::read_dir(&root) else { return Ok((Vec::new(), Vec::new())) };
+    let mut paths = Vec::new();
+    for entry in entries {
+        paths.push(entry.map_err(|source| ImportError::Io { path: root.clone(), source })?.path());
+    }
+    paths.sort();
+    let (mut found, mut left_out) = (Vec::new(), Vec::new());
+    for path in paths {
+        let file = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if path.is_dir() {
+            let poles: Vec<(String, PathBuf)> = TRIPOLE
+                .iter()
+                .map(|pole| (pole.to_string(), path.join(pole).join(format!("{file}_{pole}_classifier.pt"))))
+                .collect();
+            let missing: Vec<String> =
+                poles.iter().filter(|(_, p)| !p.is_file()).map(|(_, p)| p.display().to_string()).collect();
+            if missing.is_empty() {
+                found.push(SimplexFiles { name: file, poles });
+            } else {
+                left_out.push(format!(
+                    "simplex {file}: no {} (headspace leaves out an incomplete tripole)",
+                    missing.join(", ")
+                ));
+            }
+        } else if file.ends_with("_tripole.pt") {
+            left_out.push(format!(
+                "{}: a legacy single-file simplex, which headspace loads but never scores on its own",
+                path.display()
+            ));
+        }
+    }
+    Ok((found, left_out))
 }
 
 /// What an import of a headspace pack did.
@@ -55,14 +115,18 @@ pub struct HeadspaceSummary {
     /// Lenses of more than one probe.
     pub multi_probe_lenses: usize,
     pub calibrated_probes: usize,
+    /// With a `calibration.json`: how many lenses it calibrates (the rest report 0.5).
+    pub concept_calibrated: Option<usize>,
+    /// Simplex lenses imported (each a tripole), by name.
+    pub simplexes: Vec<String>,
+    /// Simplex files left out, and why.
+    pub simplexes_left_out: Vec<String>,
     /// Listed concepts with no probe file.
     pub no_probe_file: Vec<String>,
     pub links: usize,
     pub links_to_skipped: usize,
     pub worst_logit_error: f64,
     pub tolerance: f64,
-    /// What the pack holds that this import does not read yet.
-    pub not_read: Vec<String>,
 }
 
 /// Imports the headspace pack at `dir` into a new v2 pack at `out`.
@@ -117,6 +181,22 @@ pub fn import_headspace(
         }
     }
     let calibration = read_calibration(&dir.join(PROBE_CALIBRATION))?;
+    let (simplex_files, simplexes_left_out) = find_simplexes(dir)?;
+    let simplex_layer = match (simplex_files.is_empty(), default_layer) {
+        (true, _) => None,
+        (false, Some(m)) => Some(m),
+        (false, None) => {
+            return Err(ImportError::Metadata {
+                path: info_path.clone(),
+                reason: format!(
+                    "simplex lenses read the model layer of pack_info.json's model_layer, which it does not give \
+                     ({} simplexes under {})",
+                    simplex_files.len(),
+                    dir.join("simplex").display()
+                ),
+            })
+        }
+    };
 
     // Pass 1: read and check every probe file; every calibration key must name one of them.
     let tol = tolerance(options.dtype);
@@ -164,6 +244,31 @@ pub fn import_headspace(
             progress(Phase::Checking, done, total);
         }
     }
+    let pole_total: usize = simplex_files.iter().map(|s| s.poles.len()).sum();
+    for s in &simplex_files {
+        for (pole, path) in &s.poles {
+            let bad = |reason: String| ImportError::Probe {
+                path: path.clone(),
+                concept: format!("simplex {}/{pole}", s.name),
+                reason,
+            };
+            let p = read_probe(path).map_err(bad)?;
+            if let Some((d, first)) = &hidden_dim {
+                if p.hidden_dim != *d {
+                    let first = first.display();
+                    return Err(bad(format!("input width D={} but D={d} was set by {first}", p.hidden_dim)));
+                }
+            }
+            let err = check_logits(&p, options.dtype, &check_inputs(p.hidden_dim), true).map_err(bad)?;
+            if err > tol {
+                return Err(bad(format!(
+                    "imported logits differ from the original by {err:.2e} of the logit's scale (tolerance {tol:.0e})"
+                )));
+            }
+            worst = worst.max(err);
+            hidden_dim.get_or_insert_with(|| (p.hidden_dim, path.clone()));
+        }
+    }
     let calibration_path = dir.join(PROBE_CALIBRATION);
     if let Some(unknown) = calibration.keys().find(|k| !known_keys.contains(*k)) {
         return Err(ImportError::Metadata {
@@ -180,8 +285,21 @@ pub fn import_headspace(
     let kept: Vec<usize> = lenses.iter().map(|(i, _)| *i).collect();
     let (defs, links_to_skipped) = concept_defs(concepts, &kept, &links, &dir.join("hierarchy"))?;
     let links_kept = links.len() - links_to_skipped;
-    let model_layers: Vec<u32> =
-        lenses.iter().flat_map(|(_, l)| l.iter().map(|f| f.model_layer)).collect::<BTreeSet<_>>().into_iter().collect();
+    let model_layers: Vec<u32> = lenses
+        .iter()
+        .flat_map(|(_, l)| l.iter().map(|f| f.model_layer))
+        .chain(simplex_layer)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let simplexes: Vec<SimplexDef> = simplex_files
+        .iter()
+        .map(|s| SimplexDef {
+            name: s.name.clone(),
+            poles: s.poles.iter().map(|(p, _)| p.clone()).collect(),
+            model_layer: simplex_layer.unwrap_or_default(),
+        })
+        .collect();
     let probes: Vec<Vec<ProbeDef>> = lenses
         .iter()
         .map(|(_, list)| {
@@ -194,7 +312,36 @@ pub fn import_headspace(
         })
         .collect();
     let calibrated_probes = probes.iter().flatten().filter(|p| p.quantiles.is_some()).count();
-    let flat: Vec<(usize, &ProbeFile)> = lenses.iter().flat_map(|(i, l)| l.iter().map(move |f| (*i, f))).collect();
+    let concept_path = dir.join(CONCEPT_CALIBRATION);
+    let concept_calibration = match read_concept_calibration(&concept_path)? {
+        None => None,
+        Some(mut by_key) => {
+            let stats: Vec<Option<ConceptCalibration>> = lenses
+                .iter()
+                .map(|(i, _)| by_key.remove(&format!("{}_L{}", concepts[*i].name, concepts[*i].layer)))
+                .collect();
+            if let Some(unknown) = by_key.keys().next() {
+                return Err(ImportError::Metadata {
+                    path: concept_path,
+                    reason: format!(
+                        "calibrates {unknown:?}, which names no lens of the pack with a probe file (keys are \
+                         <Concept>_L<ontology layer>)"
+                    ),
+                });
+            }
+            Some(stats)
+        }
+    };
+    let concept_calibrated = concept_calibration.as_ref().map(|c| c.iter().flatten().count());
+    // Every probe file in probe id order, with what its errors name: the lenses', then the
+    // simplex poles'.
+    let flat: Vec<(String, &Path)> = lenses
+        .iter()
+        .flat_map(|(i, l)| l.iter().map(move |f| (label(*i), f.path.as_path())))
+        .chain(simplex_files.iter().flat_map(|s| {
+            s.poles.iter().map(move |(pole, path)| (format!("simplex {}/{pole}", s.name), path.as_path()))
+        }))
+        .collect();
 
     // Pass 2: stream the probes into the pack, in probe id order.
     let spec = PackSpec {
@@ -203,24 +350,30 @@ pub fn import_headspace(
         input_normalization: InputNormalization::LayerNorm,
         probes_per_shard: options.probes_per_shard,
         concepts: defs,
-        lenses: Some(LensSpec { model_layers: model_layers.clone(), probes }),
+        lenses: Some(LensSpec {
+            model_layers: model_layers.clone(),
+            probes,
+            calibration: concept_calibration,
+            simplexes,
+        }),
     };
     let mut failure: Option<ImportError> = None;
     let written = write_pack(
         out,
         &spec,
         |id| {
-            let (i, f) = flat[id as usize];
-            match read_probe(&f.path) {
+            let (concept, path) = &flat[id as usize];
+            match read_probe(path) {
                 Ok(p) if p.hidden_dim == hidden_dim => p.folded(),
                 result => {
                     let reason = result.err().unwrap_or_else(|| "changed while importing".into());
-                    failure.get_or_insert(ImportError::Probe { path: f.path.clone(), concept: label(i), reason });
+                    let (path, concept) = (path.to_path_buf(), concept.clone());
+                    failure.get_or_insert(ImportError::Probe { path, concept, reason });
                     zero_weights(&ProbeLayout::new(hidden_dim, options.dtype))
                 }
             }
         },
-        |done| progress(Phase::Writing, done, total),
+        |done| progress(Phase::Writing, done, total + pole_total),
     );
     if let Some(e) = failure {
         let _ = std::fs::remove_file(out.join(MANIFEST_FILE));
@@ -228,14 +381,6 @@ pub fn import_headspace(
     }
     written?;
     Pack::open(out)?;
-    let mut not_read = Vec::new();
-    for (what, path) in
-        [("per-concept calibration.json (older packs)", "calibration.json"), ("simplex lenses", "simplex")]
-    {
-        if dir.join(path).exists() {
-            not_read.push(format!("{what}: {}", dir.join(path).display()));
-        }
-    }
     Ok(HeadspaceSummary {
         out: out.into(),
         hidden_dim,
@@ -245,12 +390,14 @@ pub fn import_headspace(
         multi_probe_lenses: lenses.iter().filter(|(_, l)| l.len() > 1).count(),
         model_layers,
         calibrated_probes,
+        concept_calibrated,
+        simplexes: simplex_files.into_iter().map(|s| s.name).collect(),
+        simplexes_left_out,
         no_probe_file,
         links: links_kept,
         links_to_skipped,
         worst_logit_error: worst,
         tolerance: tol,
-        not_read,
     })
 }
 
@@ -303,6 +450,55 @@ pub fn parse_calibration(text: &[u8]) -> Result<BTreeMap<String, Vec<f64>>, Stri
     Ok(out)
 }
 
+/// `calibration.json`'s statistics by key (`<Concept>_L<N>`), each checked; `None` without
+/// the file.
+pub fn read_concept_calibration(path: &Path) -> Result<Option<BTreeMap<String, ConceptCalibration>>, ImportError> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(ImportError::Io { path: path.into(), source }),
+    };
+    parse_concept_calibration(&text).map(Some).map_err(|reason| ImportError::Metadata { path: path.into(), reason })
+}
+
+/// The older calibration file's text to statistics by concept key (a fuzz target). A missing
+/// statistic takes headspace's default (`self_mean` 0.9, the others 0); fields it does not use
+/// (`self_std`, `cross_std`) are allowed and ignored.
+pub fn parse_concept_calibration(text: &[u8]) -> Result<BTreeMap<String, ConceptCalibration>, String> {
+    let value: serde_json::Value = serde_json::from_slice(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Some(entries) = value.get("calibration").and_then(|p| p.as_object()) else {
+        return Err("has no \"calibration\" object".into());
+    };
+    let mut out = BTreeMap::new();
+    for (key, entry) in entries {
+        out.insert(key.clone(), concept_statistics(entry).map_err(|why| format!("concept {key:?}: {why}"))?);
+    }
+    Ok(out)
+}
+
+/// One concept's statistics from a JSON object, checked; a missing statistic takes
+/// headspace's default (`self_mean` 0.9, the others 0), and other fields are ignored.
+pub fn concept_statistics(entry: &serde_json::Value) -> Result<ConceptCalibration, String> {
+    let Some(entry) = entry.as_object() else {
+        return Err("its entry is not an object".into());
+    };
+    let field = |name: &str, default: f64| -> Result<f64, String> {
+        match entry.get(name) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| format!("{name} is {v}, not a number")),
+        }
+    };
+    let stats = ConceptCalibration {
+        self_mean: field("self_mean", 0.9)?,
+        cross_mean: field("cross_mean", 0.0)?,
+        cross_fire_rate: field("cross_fire_rate", 0.0)?,
+        gen_fire_rate: field("gen_fire_rate", 0.0)?,
+        noise_fire_rate: field("noise_fire_rate", 0.0)?,
+    };
+    stats.check()?;
+    Ok(stats)
+}
+
 impl fmt::Display for HeadspaceSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
@@ -318,13 +514,24 @@ impl fmt::Display for HeadspaceSummary {
         )?;
         writeln!(f, "model layers: {:?}", self.model_layers)?;
         writeln!(f, "calibrated probes: {} of {}", self.calibrated_probes, self.probes)?;
+        if let Some(n) = self.concept_calibrated {
+            writeln!(
+                f,
+                "concept calibration (calibration.json): {n} of {} lenses; reported scores go through it, and the \
+                 others report 0.5, as in headspace",
+                self.lenses
+            )?;
+        }
         writeln!(f, "links: {} (dropped with concepts that have no probe: {})", self.links, self.links_to_skipped)?;
         writeln!(f, "skipped, no probe file: {}", self.no_probe_file.len())?;
         for c in &self.no_probe_file {
             writeln!(f, "  {c}")?;
         }
-        for n in &self.not_read {
-            writeln!(f, "not read yet: {n}")?;
+        if !self.simplexes.is_empty() {
+            writeln!(f, "simplex lenses (always on, 3 poles each): {}", self.simplexes.join(", "))?;
+        }
+        for n in &self.simplexes_left_out {
+            writeln!(f, "left out: {n}")?;
         }
         write!(
             f,

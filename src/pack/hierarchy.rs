@@ -135,6 +135,7 @@ impl Hierarchy {
                 weights: None,
                 crc32: None,
                 probes: None,
+                calibration: None,
             })
             .collect();
         Self::build(&entries, Path::new("<in memory>"))

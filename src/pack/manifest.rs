@@ -15,6 +15,10 @@ pub const FORMAT_VERSION: u32 = 2;
 /// The one lens-score rule of v2: the max of calibrated probe scores when every probe of the
 /// lens has quantiles, else the mean of raw probabilities (docs/cascade-semantics.md).
 pub const LENS_SCORE_RULE: &str = "calibrated_max_else_raw_mean";
+/// The one rule of v2's optional `concept_calibration`: every reported lens score goes through
+/// its concept's calibration (HatCat's three-stage normalization, which headspace applies to a
+/// pack's `calibration.json`); a lens without an entry reports the neutral default.
+pub const CONCEPT_CALIBRATION_RULE: &str = "three_stage";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,9 +37,37 @@ pub struct Manifest {
     /// v2: how a lens combines its probes' scores ([`LENS_SCORE_RULE`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lens_score: Option<String>,
+    /// v2, optional: how reported scores are calibrated per concept
+    /// ([`CONCEPT_CALIBRATION_RULE`]). Absent: reports show lens scores as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concept_calibration: Option<String>,
     /// Weight files, relative to the pack directory. Concepts refer to them by index.
     pub shards: Vec<String>,
     pub concepts: Vec<ConceptEntry>,
+    /// v2, optional: always-on simplex lenses, scored every token apart from the hierarchy.
+    /// Their poles' probe ids follow every lens probe's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simplexes: Option<Vec<SimplexEntry>>,
+}
+
+/// One simplex lens (headspace's tripole): named poles, each one probe.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimplexEntry {
+    pub name: String,
+    /// At least one; distinct names.
+    pub poles: Vec<PoleEntry>,
+}
+
+/// One pole of a simplex: its name and its probe (as a lens probe, without quantiles).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoleEntry {
+    pub pole: String,
+    pub id: u32,
+    pub model_layer: u32,
+    pub weights: WeightsRef,
+    pub crc32: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -85,6 +117,49 @@ pub struct ConceptEntry {
     /// v2: the lens's probes, at most one per model layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probes: Option<Vec<ProbeEntry>>,
+    /// v2, in packs with `concept_calibration`: this lens's calibration statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<ConceptCalibration>,
+}
+
+/// A concept's calibration statistics (HatCat's, from headspace's older `calibration.json`):
+/// what maps its lens score to the score reported (`policy::lens::normalize`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConceptCalibration {
+    /// Mean score on the concept's own prompts.
+    pub self_mean: f64,
+    /// Mean score on other concepts' prompts where it fired: its noise floor.
+    pub cross_mean: f64,
+    /// Share of other concepts' prompts it fired on.
+    pub cross_fire_rate: f64,
+    /// Share of free-generation tokens it fired on.
+    pub gen_fire_rate: f64,
+    /// Share of random-noise inputs it fired on.
+    pub noise_fire_rate: f64,
+}
+
+impl ConceptCalibration {
+    /// What a lens without an entry gets in a concept-calibrated pack: no confidence at all,
+    /// so that it reports exactly 0.5 whatever it scores (as headspace does).
+    pub const NEUTRAL: Self =
+        Self { self_mean: 0.9, cross_mean: 0.5, cross_fire_rate: 1.0, gen_fire_rate: 1.0, noise_fire_rate: 0.0 };
+
+    /// Why these statistics cannot calibrate, if they cannot: every field must be a number in
+    /// [0, 1] (means of probabilities, and shares).
+    pub fn check(&self) -> Result<(), String> {
+        let fields = [
+            ("self_mean", self.self_mean),
+            ("cross_mean", self.cross_mean),
+            ("cross_fire_rate", self.cross_fire_rate),
+            ("gen_fire_rate", self.gen_fire_rate),
+            ("noise_fire_rate", self.noise_fire_rate),
+        ];
+        match fields.iter().find(|(_, v)| !(0.0..=1.0).contains(v)) {
+            Some((name, v)) => Err(format!("{name} is {v}, not in [0, 1]")),
+            None => Ok(()),
+        }
+    }
 }
 
 /// One probe of a v2 lens.

@@ -20,11 +20,11 @@ use std::path::{Component, Path, PathBuf};
 pub use error::PackError;
 pub use hierarchy::{ConceptId, Hierarchy};
 pub use layout::{DType, ProbeLayout, ProbeWeights, TensorOffsets};
-pub use manifest::{InputNormalization, Manifest, LENS_SCORE_RULE, MANIFEST_FILE};
+pub use manifest::{ConceptCalibration, InputNormalization, Manifest, LENS_SCORE_RULE, MANIFEST_FILE};
 
-pub use writer::{write_pack, write_sparse_pack, ConceptDef, LensSpec, PackSpec, ProbeDef};
+pub use writer::{write_pack, write_sparse_pack, ConceptDef, LensSpec, PackSpec, ProbeDef, SimplexDef};
 
-use manifest::{Architecture, ProbeEntry, WeightsRef, FORMAT_NAME, FORMAT_VERSION};
+use manifest::{Architecture, ProbeEntry, WeightsRef, CONCEPT_CALIBRATION_RULE, FORMAT_NAME, FORMAT_VERSION};
 use shard::ShardHeader;
 
 /// Where one probe's bytes live.
@@ -80,6 +80,7 @@ impl DenseId for ProbeId {
 /// What the pack says of one probe.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeInfo {
+    /// The lens it belongs to; [`NO_CONCEPT`] for a simplex pole's probe.
     pub concept: ConceptId,
     /// The model layer it reads (0 in v1 packs, which name none).
     pub model_layer: u32,
@@ -88,6 +89,16 @@ pub struct ProbeInfo {
     pub state: u16,
     pub location: ProbeLocation,
     quantiles: (u32, u32),
+}
+
+/// The `concept` of a simplex pole's probe, which belongs to no lens.
+pub const NO_CONCEPT: ConceptId = ConceptId(u32::MAX);
+
+/// One always-on simplex lens: its name and its poles' names and probes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimplexInfo {
+    pub name: String,
+    pub poles: Vec<(String, ProbeId)>,
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +122,11 @@ pub struct Pack {
     probe_starts: Vec<u32>,
     /// Every probe's quantiles, back to back (`ProbeInfo::quantiles` is a start and a length).
     quantiles: Vec<f64>,
+    /// A concept-calibrated pack's statistics, per concept (the neutral default where the
+    /// manifest gives none); `None` in packs without `concept_calibration`.
+    concept_calibration: Option<Vec<ConceptCalibration>>,
+    /// Simplex lenses; their poles' probes are the last of `probes`.
+    simplexes: Vec<SimplexInfo>,
     tensor_offsets: Vec<TensorOffsets>,
     shards: Vec<ShardFile>,
 }
@@ -158,13 +174,14 @@ impl Pack {
             let Some(list) = by_shard.get_mut(p.location.shard as usize) else {
                 return Err(PackError::BadConcept {
                     path: manifest_path.clone(),
-                    concept: probe_label(&hierarchy, probes.versioned, p),
+                    concept: probe_label(&hierarchy, &probes.simplexes, probes.versioned, ProbeId(i as u32), p),
                     reason: format!("shard {} does not exist ({} shards)", p.location.shard, manifest.shards.len()),
                 });
             };
             list.push(i as u32);
         }
-        let ProbeTable { probes, probe_starts, quantiles, model_layers, .. } = probes;
+        let ProbeTable { probes, probe_starts, quantiles, model_layers, simplexes, .. } = probes;
+        let concept_calibration = concept_calibration(&manifest, &hierarchy, &manifest_path)?;
         let mut tensor_offsets = vec![layout.canonical_offsets(); probes.len()];
         let mut shards = Vec::with_capacity(manifest.shards.len());
         for (name, ids) in manifest.shards.iter().zip(&by_shard) {
@@ -174,7 +191,10 @@ impl Pack {
             let header = ShardHeader::read(&path, &mut file)?;
             for &id in ids {
                 let loc = probes[id as usize].location;
-                let label = || probe_label(&hierarchy, manifest.format_version > 1, &probes[id as usize]);
+                let label = || {
+                    let p = &probes[id as usize];
+                    probe_label(&hierarchy, &simplexes, manifest.format_version > 1, ProbeId(id), p)
+                };
                 tensor_offsets[id as usize] = header.check_probe(&path, &label, id, &layout, loc.offset, loc.length)?;
                 let end = loc.offset + loc.length;
                 if end > size {
@@ -193,6 +213,8 @@ impl Pack {
             probes,
             probe_starts,
             quantiles,
+            concept_calibration,
+            simplexes,
             tensor_offsets,
             shards,
         })
@@ -234,8 +256,21 @@ impl Pack {
     pub fn hidden_states(&self) -> usize {
         self.model_layers.len().max(1)
     }
+    /// Every probe: the lenses', then the simplex poles'.
     pub fn probe_count(&self) -> usize {
         self.probes.len()
+    }
+    /// The lenses' probes (ids `0..lens_probe_count()`).
+    pub fn lens_probe_count(&self) -> usize {
+        *self.probe_starts.last().unwrap_or(&0) as usize
+    }
+    /// The always-on simplex lenses, in the manifest's order.
+    pub fn simplexes(&self) -> &[SimplexInfo] {
+        &self.simplexes
+    }
+    /// Every simplex pole's probe, simplex by simplex, pole by pole (ascending ids).
+    pub fn pole_probes(&self) -> impl ExactSizeIterator<Item = ProbeId> + Clone {
+        (self.lens_probe_count() as u32..self.probes.len() as u32).map(ProbeId)
     }
     /// Concept `id`'s probes.
     pub fn probes_of(&self, id: ConceptId) -> impl ExactSizeIterator<Item = ProbeId> + Clone {
@@ -253,17 +288,33 @@ impl Pack {
     pub fn calibrated(&self) -> bool {
         !self.quantiles.is_empty()
     }
+    /// Concept `id`'s calibration statistics in a concept-calibrated pack (the neutral default
+    /// for a lens the pack gives none); `None` in other packs.
+    pub fn concept_calibration(&self, id: ConceptId) -> Option<&ConceptCalibration> {
+        self.concept_calibration.as_ref().map(|c| &c[id.index()])
+    }
+    /// Whether reported scores go through per-concept calibration (headspace's older
+    /// `calibration.json`; docs/cascade-semantics.md, "Reported scores").
+    pub fn concept_calibrated(&self) -> bool {
+        self.concept_calibration.is_some()
+    }
+    /// How many lenses carry calibration statistics of their own.
+    pub fn concept_calibration_count(&self) -> usize {
+        self.concept_calibration.as_ref().map_or(0, |c| c.iter().filter(|c| **c != ConceptCalibration::NEUTRAL).count())
+    }
     /// The most probes any lens has (1 in a v1 pack).
     pub fn max_probes_per_lens(&self) -> usize {
         self.probe_starts.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(1)
     }
-    /// Whether every concept has exactly one probe (then `ProbeId::sole` maps between them).
+    /// Whether every concept has exactly one probe and there are no others (then
+    /// `ProbeId::sole` maps between them).
     pub fn one_probe_per_concept(&self) -> bool {
         self.probes.len() == self.hierarchy.len()
     }
-    /// The probe as errors name it: `name@layer`, and in v2 `name@layer (model layer m)`.
+    /// The probe as errors name it: `name@layer`, and in v2 `name@layer (model layer m)`; a
+    /// simplex pole's as `simplex name/pole (model layer m)`.
     pub fn probe_label(&self, id: ProbeId) -> String {
-        probe_label(&self.hierarchy, self.format_version > 1, &self.probes[id.index()])
+        probe_label(&self.hierarchy, &self.simplexes, self.format_version > 1, id, &self.probes[id.index()])
     }
     pub fn location(&self, id: ProbeId) -> ProbeLocation {
         self.probes[id.index()].location
@@ -284,6 +335,7 @@ impl Pack {
             + self.probes.capacity() * std::mem::size_of::<ProbeInfo>()
             + self.probe_starts.capacity() * 4
             + self.quantiles.capacity() * 8
+            + self.concept_calibration.as_ref().map_or(0, |c| c.capacity() * std::mem::size_of::<ConceptCalibration>())
             + self.tensor_offsets.capacity() * std::mem::size_of::<TensorOffsets>()
             + self.shards.iter().map(|s| s.path.as_os_str().len() + std::mem::size_of::<ShardFile>()).sum::<usize>()
     }
@@ -411,7 +463,20 @@ impl Pack {
     }
 }
 
-fn probe_label(hierarchy: &Hierarchy, versioned: bool, p: &ProbeInfo) -> String {
+fn probe_label(
+    hierarchy: &Hierarchy,
+    simplexes: &[SimplexInfo],
+    versioned: bool,
+    id: ProbeId,
+    p: &ProbeInfo,
+) -> String {
+    if p.concept == NO_CONCEPT {
+        let (s, pole) = simplexes
+            .iter()
+            .find_map(|s| s.poles.iter().find(|(_, q)| *q == id).map(|(pole, _)| (&s.name, pole)))
+            .expect("every pole probe is listed");
+        return format!("simplex {s}/{pole} (model layer {})", p.model_layer);
+    }
     let concept = hierarchy.label(p.concept);
     if versioned {
         format!("{concept} (model layer {})", p.model_layer)
@@ -422,6 +487,7 @@ fn probe_label(hierarchy: &Hierarchy, versioned: bool, p: &ProbeInfo) -> String 
 
 struct ProbeTable {
     versioned: bool,
+    simplexes: Vec<SimplexInfo>,
     model_layers: Vec<u32>,
     probes: Vec<ProbeInfo>,
     probe_starts: Vec<u32>,
@@ -457,6 +523,7 @@ fn probe_table(manifest: &Manifest, hierarchy: &Hierarchy, path: &Path) -> Resul
         probes: Vec::with_capacity(manifest.concepts.len()),
         probe_starts: Vec::with_capacity(manifest.concepts.len() + 1),
         quantiles: Vec::new(),
+        simplexes: Vec::new(),
     };
     table.probe_starts.push(0);
     for c in &manifest.concepts {
@@ -517,7 +584,106 @@ fn probe_table(manifest: &Manifest, hierarchy: &Hierarchy, path: &Path) -> Resul
         }
         table.probe_starts.push(table.probes.len() as u32);
     }
+    simplex_table(manifest, &mut table, path)?;
     Ok(table)
+}
+
+/// A v2 manifest's simplexes, checked and appended to the probe table: named and distinct, at
+/// least one pole each with distinct names, probe ids continuing the lenses' densely, model
+/// layers the pack lists.
+fn simplex_table(manifest: &Manifest, table: &mut ProbeTable, path: &Path) -> Result<(), PackError> {
+    let Some(list) = &manifest.simplexes else { return Ok(()) };
+    let unsupported = |reason: String| PackError::Unsupported { path: path.into(), reason };
+    if !table.versioned {
+        return Err(unsupported("`simplexes` is a v2 field; this manifest is v1".into()));
+    }
+    for (i, s) in list.iter().enumerate() {
+        let bad = |reason: String| unsupported(format!("simplex {:?}: {reason}", s.name));
+        if s.name.is_empty() || list[..i].iter().any(|t| t.name == s.name) {
+            return Err(bad("simplex names must be non-empty and distinct".into()));
+        }
+        if s.poles.is_empty() {
+            return Err(bad("lists no poles: a simplex needs at least one".into()));
+        }
+        let mut poles = Vec::with_capacity(s.poles.len());
+        for (k, p) in s.poles.iter().enumerate() {
+            if p.pole.is_empty() || s.poles[..k].iter().any(|q| q.pole == p.pole) {
+                return Err(bad("pole names must be non-empty and distinct".into()));
+            }
+            let want = table.probes.len() as u32;
+            if p.id != want {
+                return Err(bad(format!(
+                    "pole {:?} has probe id {}, but pole ids follow every lens probe's densely (expected {want})",
+                    p.pole, p.id
+                )));
+            }
+            let Ok(state) = table.model_layers.binary_search(&p.model_layer) else {
+                return Err(bad(format!(
+                    "pole {:?} reads model layer {}, which is not in the pack's model_layers {:?}",
+                    p.pole, p.model_layer, table.model_layers
+                )));
+            };
+            table.probes.push(ProbeInfo {
+                concept: NO_CONCEPT,
+                model_layer: p.model_layer,
+                state: state as u16,
+                location: ProbeLocation {
+                    shard: p.weights.shard,
+                    offset: p.weights.offset,
+                    length: p.weights.length,
+                    crc32: p.crc32,
+                },
+                quantiles: (0, 0),
+            });
+            poles.push((p.pole.clone(), ProbeId(p.id)));
+        }
+        table.simplexes.push(SimplexInfo { name: s.name.clone(), poles });
+    }
+    if table.probes.len() > u32::MAX as usize / 2 {
+        return Err(unsupported(format!("{} probes is too many", table.probes.len())));
+    }
+    Ok(())
+}
+
+/// A v2 manifest's per-concept calibration, checked: the one rule, entries only where the pack
+/// states it, finite statistics.
+fn concept_calibration(
+    manifest: &Manifest,
+    hierarchy: &Hierarchy,
+    path: &Path,
+) -> Result<Option<Vec<ConceptCalibration>>, PackError> {
+    let unsupported = |reason: String| PackError::Unsupported { path: path.into(), reason };
+    match &manifest.concept_calibration {
+        None => {
+            if let Some(c) = manifest.concepts.iter().find(|c| c.calibration.is_some()) {
+                return Err(PackError::BadConcept {
+                    path: path.into(),
+                    concept: hierarchy.label(ConceptId(c.id)),
+                    reason: "has `calibration`, but the pack states no `concept_calibration` rule".into(),
+                });
+            }
+            Ok(None)
+        }
+        Some(_) if manifest.format_version < 2 => {
+            Err(unsupported("`concept_calibration` is a v2 field; this manifest is v1".into()))
+        }
+        Some(rule) if rule != CONCEPT_CALIBRATION_RULE => Err(unsupported(format!(
+            "concept_calibration `{rule}` is not supported (v2 has `{CONCEPT_CALIBRATION_RULE}`)"
+        ))),
+        Some(_) => manifest
+            .concepts
+            .iter()
+            .map(|c| {
+                let cal = c.calibration.unwrap_or(ConceptCalibration::NEUTRAL);
+                cal.check().map(|_| cal).map_err(|why| PackError::BadConcept {
+                    path: path.into(),
+                    concept: hierarchy.label(ConceptId(c.id)),
+                    reason: format!("calibration: {why}"),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+    }
 }
 
 /// Why quantiles cannot calibrate a probe, if they cannot.

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use super::error::PackError;
 use super::layout::{DType, ProbeLayout, ProbeWeights};
 use super::manifest::{
-    Architecture, ConceptEntry, InputNormalization, Manifest, ProbeEntry, WeightsRef, FORMAT_NAME, LENS_SCORE_RULE,
-    MANIFEST_FILE,
+    Architecture, ConceptCalibration, ConceptEntry, InputNormalization, Manifest, PoleEntry, ProbeEntry, SimplexEntry,
+    WeightsRef, CONCEPT_CALIBRATION_RULE, FORMAT_NAME, LENS_SCORE_RULE, MANIFEST_FILE,
 };
 use super::shard::write_header;
 
@@ -39,6 +39,12 @@ pub struct LensSpec {
     pub model_layers: Vec<u32>,
     /// `probes[c]` are concept c's probes, in the order the manifest lists them.
     pub probes: Vec<Vec<ProbeDef>>,
+    /// `Some`: a concept-calibrated pack, `calibration[c]` being concept c's statistics
+    /// (`None`: the neutral default). See docs/cascade-semantics.md, "Reported scores".
+    pub calibration: Option<Vec<Option<ConceptCalibration>>>,
+    /// Always-on simplex lenses (docs/cascade-semantics.md, "Simplex lenses"); their poles'
+    /// probes take the ids after every lens probe.
+    pub simplexes: Vec<SimplexDef>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -52,18 +58,45 @@ impl PackSpec {
         ProbeLayout::new(self.hidden_dim, self.dtype)
     }
 
-    /// Probes in id order, each with its concept and its definition (`None` in v1).
-    fn probes(&self) -> Vec<(u32, Option<&ProbeDef>)> {
+    /// Probes in id order: every lens's (in v1, every concept's), then every simplex pole's.
+    fn probes(&self) -> Vec<Slot<'_>> {
         match &self.lenses {
-            None => (0..self.concepts.len() as u32).map(|c| (c, None)).collect(),
+            None => (0..self.concepts.len() as u32).map(Slot::Concept).collect(),
             Some(l) => l
                 .probes
                 .iter()
                 .enumerate()
-                .flat_map(|(c, list)| list.iter().map(move |p| (c as u32, Some(p))))
+                .flat_map(|(c, list)| list.iter().map(move |p| Slot::Lens(c as u32, p)))
+                .chain(
+                    l.simplexes
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(s, def)| (0..def.poles.len()).map(move |k| Slot::Pole(s, k))),
+                )
                 .collect(),
         }
     }
+}
+
+/// Where a probe id's entry goes in the manifest.
+#[derive(Clone, Copy)]
+enum Slot<'a> {
+    /// A v1 concept's one probe.
+    Concept(u32),
+    /// A probe of a v2 lens.
+    Lens(u32, &'a ProbeDef),
+    /// Pole `.1` of simplex `.0`.
+    Pole(usize, usize),
+}
+
+/// A simplex lens to write: always-on poles, each one probe reading `model_layer`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimplexDef {
+    pub name: String,
+    /// Pole names, in order (headspace's tripoles: positive, neutral, negative).
+    pub poles: Vec<String>,
+    /// One of the pack's model layers.
+    pub model_layer: u32,
 }
 
 /// Writes a pack into `dir` (created if missing). `weights(id)` is called once per probe, in
@@ -109,6 +142,10 @@ fn write_pack_with(
             let reason = format!("{} concepts but probes for {}", n, l.probes.len());
             return Err(PackError::Unsupported { path: dir.into(), reason });
         }
+        if let Some(c) = l.calibration.as_ref().filter(|c| c.len() != n) {
+            let reason = format!("{} concepts but calibration for {}", n, c.len());
+            return Err(PackError::Unsupported { path: dir.into(), reason });
+        }
     }
     let mut children: Vec<Vec<u32>> = vec![Vec::new(); n];
     for (i, c) in spec.concepts.iter().enumerate() {
@@ -134,10 +171,17 @@ fn write_pack_with(
                 weights: None,
                 crc32: None,
                 probes: spec.lenses.as_ref().map(|_| Vec::new()),
+                calibration: spec.lenses.as_ref().and_then(|l| l.calibration.as_ref()).and_then(|c| c[i]),
             }
         })
         .collect();
     let probes = spec.probes();
+    let mut simplexes: Vec<SimplexEntry> = spec
+        .lenses
+        .iter()
+        .flat_map(|l| &l.simplexes)
+        .map(|d| SimplexEntry { name: d.name.clone(), poles: Vec::new() })
+        .collect();
     let per_shard = spec.probes_per_shard.max(1);
     let mut shards = Vec::new();
     let mut bytes = Vec::with_capacity(layout.byte_len());
@@ -151,19 +195,27 @@ fn write_pack_with(
         for (&id, &offset) in ids.iter().zip(&offsets) {
             let crc32 = write_probe(id, &mut out, &mut bytes).map_err(io)?;
             let weights = WeightsRef { shard: shard_index as u32, offset, length: layout.byte_len() as u64 };
-            let (concept, def) = probes[id as usize];
-            let entry = &mut concepts[concept as usize];
-            match (def, &mut entry.probes) {
-                (Some(def), Some(list)) => list.push(ProbeEntry {
+            match probes[id as usize] {
+                Slot::Concept(c) => {
+                    concepts[c as usize].weights = Some(weights);
+                    concepts[c as usize].crc32 = Some(crc32);
+                }
+                Slot::Lens(c, def) => concepts[c as usize].probes.get_or_insert_with(Vec::new).push(ProbeEntry {
                     id,
                     model_layer: def.model_layer,
                     weights,
                     crc32,
                     quantiles: def.quantiles.clone(),
                 }),
-                _ => {
-                    entry.weights = Some(weights);
-                    entry.crc32 = Some(crc32);
+                Slot::Pole(s, k) => {
+                    let def = &spec.lenses.as_ref().expect("poles are v2").simplexes[s];
+                    simplexes[s].poles.push(PoleEntry {
+                        pole: def.poles[k].clone(),
+                        id,
+                        model_layer: def.model_layer,
+                        weights,
+                        crc32,
+                    });
                 }
             }
         }
@@ -179,8 +231,14 @@ fn write_pack_with(
         input_normalization: spec.input_normalization,
         model_layers: spec.lenses.as_ref().map(|l| l.model_layers.clone()),
         lens_score: spec.lenses.as_ref().map(|_| LENS_SCORE_RULE.to_string()),
+        concept_calibration: spec
+            .lenses
+            .as_ref()
+            .and_then(|l| l.calibration.as_ref())
+            .map(|_| CONCEPT_CALIBRATION_RULE.to_string()),
         shards,
         concepts,
+        simplexes: spec.lenses.as_ref().filter(|l| !l.simplexes.is_empty()).map(|_| simplexes),
     };
     write_manifest(dir, &manifest)?;
     Ok(manifest)
@@ -204,6 +262,9 @@ pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), PackError> 
         head["model_layers"] = serde_json::json!(layers);
         head["lens_score"] = serde_json::json!(rule);
     }
+    if let Some(rule) = &manifest.concept_calibration {
+        head["concept_calibration"] = serde_json::json!(rule);
+    }
     head["shards"] = serde_json::json!(manifest.shards);
     let head = serde_json::to_string(&head).expect("manifest header serializes");
     let mut text = String::with_capacity(manifest.concepts.len() * 160 + head.len());
@@ -213,7 +274,16 @@ pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), PackError> 
         text.push_str(&serde_json::to_string(c).expect("concept entry serializes"));
         text.push_str(if i + 1 < manifest.concepts.len() { ",\n" } else { "\n" });
     }
-    text.push_str("]}\n");
+    text.push(']');
+    if let Some(list) = &manifest.simplexes {
+        text.push_str(",\"simplexes\":[\n");
+        for (i, s) in list.iter().enumerate() {
+            text.push_str(&serde_json::to_string(s).expect("simplex entry serializes"));
+            text.push_str(if i + 1 < list.len() { ",\n" } else { "\n" });
+        }
+        text.push(']');
+    }
+    text.push_str("}\n");
     out.write_all(text.as_bytes()).map_err(io)?;
     out.flush().map_err(io)
 }

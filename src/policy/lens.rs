@@ -8,9 +8,15 @@
 //! whose probes all have quantiles scores the max of their calibrated scores; any other lens
 //! scores the mean of its raw scores. A lens of one uncalibrated probe therefore scores exactly
 //! `sigmoid(logit)`, as a v1 concept does.
+//!
+//! A concept-calibrated pack (headspace's older `calibration.json`) also maps each lens score
+//! to the score *reported* ([`normalize`], [`reported`]): reports and alerts use it, while
+//! expansion and pruning keep deciding on lens scores, as in headspace.
+
+use std::borrow::Cow;
 
 use super::{sigmoid, Scored};
-use crate::pack::{ConceptId, Pack};
+use crate::pack::{ConceptCalibration, ConceptId, Pack};
 
 /// The calibrated score of raw score `p` against non-decreasing quantiles `q` (at least two):
 /// 0 at or below `q[0]`, 1 at or above `q[n-1]`, else `(i + (p - q[i]) / (q[i+1] - q[i])) /
@@ -71,9 +77,104 @@ pub fn score_lenses(
         .collect()
 }
 
+/// Below this share of firings on both other concepts' prompts and generation, a concept's
+/// statistics are too thin to trust, and its score is pulled toward 0.5 in proportion.
+const MIN_OBSERVATION_RATE: f64 = 0.05;
+/// A gap of this much between `self_mean` and `cross_mean` earns full confidence.
+const FULL_CONFIDENCE_GAP: f64 = 0.2;
+
+/// The reported score of lens score `p` under concept calibration `c`, in f64: HatCat's
+/// three-stage normalization, as headspace applies it (docs/cascade-semantics.md, "Reported
+/// scores"). (1) Map `[0, cross_mean]` to `[0, 0.5]` and `[cross_mean, self_mean]` to
+/// `[0.5, 1]`; (2) pull toward 0.5 by the confidence `(1 - cross_fire_rate)(1 - gen_fire_rate)
+/// (1 - noise_fire_rate) min(1, gap / 0.2)`; (3) compress with `1 / (1 + exp(-6 (x - 0.5)))`.
+/// Thin statistics (both fire rates under 0.05) skip (1) and take as confidence the larger
+/// rate over 0.05; statistics without a usable range (`cross_mean <= 0` or `self_mean <=
+/// cross_mean`) skip (1) and the gap term. Degenerate statistics whose arithmetic yields no
+/// number (a gap so small that the range map overflows while the confidence underflows) report
+/// 0.5, as a lens without confidence does.
+pub fn normalize(c: &ConceptCalibration, p: f64) -> f64 {
+    let compress = |x: f64| {
+        let v = 1.0 / (1.0 + (-6.0 * (x - 0.5)).exp());
+        if v.is_nan() {
+            0.5
+        } else {
+            v
+        }
+    };
+    if c.cross_fire_rate < MIN_OBSERVATION_RATE && c.gen_fire_rate < MIN_OBSERVATION_RATE {
+        let confidence = c.cross_fire_rate.max(c.gen_fire_rate) / MIN_OBSERVATION_RATE;
+        return compress(0.5 + (p - 0.5) * confidence);
+    }
+    let noise = (1.0 - c.cross_fire_rate) * (1.0 - c.gen_fire_rate) * (1.0 - c.noise_fire_rate);
+    if c.cross_mean <= 0.0 || c.self_mean <= c.cross_mean {
+        return compress(0.5 + (p - 0.5) * noise);
+    }
+    let gap = c.self_mean - c.cross_mean;
+    let confidence = (1.0 - c.cross_fire_rate)
+        * (1.0 - c.gen_fire_rate)
+        * (gap / FULL_CONFIDENCE_GAP).min(1.0)
+        * (1.0 - c.noise_fire_rate);
+    let ranged = if p >= c.cross_mean { 0.5 + 0.5 * (p - c.cross_mean) / gap } else { 0.5 * p / c.cross_mean };
+    compress(0.5 + (ranged - 0.5) * confidence)
+}
+
+/// A token's scores as reported: in a concept-calibrated pack each lens's score through
+/// [`normalize`] (logits and ids unchanged); in any other pack, `scored` itself.
+pub fn reported<'s>(pack: &Pack, scored: &'s [Scored]) -> Cow<'s, [Scored]> {
+    if !pack.concept_calibrated() {
+        return Cow::Borrowed(scored);
+    }
+    Cow::Owned(
+        scored
+            .iter()
+            .map(|s| {
+                let c = pack.concept_calibration(s.id).unwrap_or(&ConceptCalibration::NEUTRAL);
+                Scored { prob: normalize(c, s.prob as f64) as f32, ..*s }
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stats(self_mean: f64, cross_mean: f64, cross: f64, gen: f64, noise: f64) -> ConceptCalibration {
+        ConceptCalibration { self_mean, cross_mean, cross_fire_rate: cross, gen_fire_rate: gen, noise_fire_rate: noise }
+    }
+
+    #[test]
+    fn a_lens_without_statistics_in_a_calibrated_pack_reports_one_half() {
+        for p in [0.0, 0.3, 0.5, 0.99, 1.0] {
+            assert_eq!(normalize(&ConceptCalibration::NEUTRAL, p), 0.5);
+        }
+    }
+
+    #[test]
+    fn normalization_maps_the_noise_floor_to_one_half_and_the_own_mean_high() {
+        // Full confidence: rates at 0.05 (not thin), no noise, a gap of 0.5.
+        let c = stats(0.8, 0.3, 0.05, 0.05, 0.0);
+        let conf = 0.95 * 0.95;
+        let compress = |x: f64| 1.0 / (1.0 + (-6.0 * (x - 0.5)).exp());
+        assert_eq!(normalize(&c, 0.3), compress(0.5));
+        assert_eq!(normalize(&c, 0.8), compress(0.5 + 0.5 * conf));
+        assert_eq!(normalize(&c, 0.15), compress(0.5 + (0.25 - 0.5) * conf));
+        // Monotone in the score.
+        let xs: Vec<f64> = (0..=100).map(|i| normalize(&c, i as f64 / 100.0)).collect();
+        assert!(xs.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn thin_or_rangeless_statistics_take_the_simpler_branches() {
+        let compress = |x: f64| 1.0 / (1.0 + (-6.0 * (x - 0.5)).exp());
+        // Both rates under 0.05: confidence 0.02 / 0.05.
+        let thin = stats(0.9, 0.2, 0.02, 0.01, 0.5);
+        assert_eq!(normalize(&thin, 0.9), compress(0.5 + 0.4 * (0.02 / 0.05)));
+        // self_mean below cross_mean: no range map, no gap term.
+        let flat = stats(0.2, 0.4, 0.5, 0.0, 0.0);
+        assert_eq!(normalize(&flat, 0.9), compress(0.5 + 0.4 * 0.5));
+    }
 
     #[test]
     fn calibration_interpolates_between_quantiles_and_clamps_outside() {

@@ -5,6 +5,7 @@ mod expansion;
 pub mod lens;
 mod pruning;
 mod report;
+pub mod simplex;
 mod token;
 mod watch;
 

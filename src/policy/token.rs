@@ -80,10 +80,12 @@ impl<'a> TokenCascade<'a> {
         prune(&self.config.pruning, &self.scored, is_base, self.config.max_loaded, self.skipped_by_cap)
     }
 
-    /// Step 4: the report, best first.
-    pub fn report(&self) -> Vec<Scored> {
+    /// Step 4: the report, best first, from `shown`: this token's scores as reported
+    /// ([`super::lens::reported`] of [`Self::scored`]).
+    pub fn report(&self, shown: &[Scored]) -> Vec<Scored> {
+        debug_assert_eq!(shown.len(), self.scored.len());
         let hide = self.config.hide_decomposed_parents.then_some(&self.decomposed);
-        report(&self.scored, self.config.report_top_k, hide)
+        report(shown, self.config.report_top_k, hide)
     }
 
     /// Children worth reading ahead: those of parents that scored just under the load threshold

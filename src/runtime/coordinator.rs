@@ -33,10 +33,12 @@ use super::scoring::ScoringError;
 use super::steps::Lane;
 use super::{RuntimeError, TokenErrorKind};
 use crate::config::{CascadeConfig, Mode, Normalization};
-use crate::engine::{alert_entries, check_hidden, probe_scores, report_entries, Hidden, StageTimings, TokenReport};
+use crate::engine::{
+    alert_entries, check_hidden, probe_scores, report_entries, simplex_readings, Hidden, StageTimings, TokenReport,
+};
 use crate::pack::{ConceptId, Pack, ProbeId};
 use crate::policy::lens::score_lenses;
-use crate::policy::{ConceptSet, Scored, TokenCascade, Watch};
+use crate::policy::{simplex::Baselines, ConceptSet, Scored, TokenCascade, Watch};
 use crate::types::HiddenError;
 
 /// One model layer's share of a session: the slots of its probes at the step scheduler.
@@ -87,6 +89,8 @@ pub struct Coordinator {
     pub(super) faults: Faults,
     /// v2 packs: this token's probe logits of every lens scored, for the report.
     pub(super) probe_logits: HashMap<ConceptId, Vec<f32>>,
+    /// The simplex poles' rolling baselines in this stream (their probes are always active).
+    pub(super) baselines: Baselines,
 }
 
 /// Why a stream stopped serving: its coordinator panicked at a token.
@@ -117,10 +121,30 @@ struct LayerWork {
 
 impl Coordinator {
     /// Loads the base layers. Called once, before the actor starts taking requests.
+    /// Loads the base layers and the simplex poles, which stay active for the session's life.
     pub(super) async fn load_base(&mut self) -> Result<(), RuntimeError> {
         let ids: Vec<ConceptId> = self.base.iter().collect();
         let states = self.zero_states();
-        self.activate(usize::MAX, &ids, &states).await.map(|_| ())
+        self.activate(usize::MAX, &ids, &states).await?;
+        let poles: Vec<ProbeId> = self.pack.pole_probes().collect();
+        if poles.is_empty() {
+            return Ok(());
+        }
+        let bytes = self.fetch(usize::MAX, poles.iter().copied().filter(|&p| self.needs_bytes(p)).collect()).await?;
+        self.install(usize::MAX, &poles, bytes, &states).await.map(|_| ())
+    }
+
+    /// The bytes of probes `ids`, from the cache.
+    async fn fetch(&self, token: usize, ids: Vec<ProbeId>) -> Result<Bytes, RuntimeError> {
+        let mut bytes = HashMap::with_capacity(ids.len());
+        if ids.is_empty() {
+            return Ok(bytes);
+        }
+        let fetched = self.cache.ask(Get(ids.clone())).await.map_err(stopped("cache"))?;
+        for (id, f) in ids.into_iter().zip(fetched) {
+            bytes.insert(id, f.map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Probe(e)))?);
+        }
+        Ok(bytes)
     }
 
     /// Hidden states of zeros, for installs outside a token (nothing is read from them).
@@ -234,15 +258,7 @@ impl Coordinator {
         ids: &[ConceptId],
         states: &States,
     ) -> Result<Vec<Scored>, RuntimeError> {
-        let absent = self.absent_probes(ids);
-        let mut bytes = HashMap::with_capacity(absent.len());
-        if !absent.is_empty() {
-            let fetched = self.cache.ask(Get(absent.clone())).await.map_err(stopped("cache"))?;
-            for (id, f) in absent.iter().zip(fetched) {
-                let b = f.map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Probe(e)))?;
-                bytes.insert(*id, b);
-            }
-        }
+        let bytes = self.fetch(token, self.absent_probes(ids)).await?;
         self.activate_with(token, ids, bytes, states).await
     }
 
@@ -252,17 +268,30 @@ impl Coordinator {
         &mut self,
         token: usize,
         ids: &[ConceptId],
-        mut bytes: Bytes,
+        bytes: Bytes,
         states: &States,
     ) -> Result<Vec<Scored>, RuntimeError> {
         let probes: Vec<ProbeId> = self.probes_of(ids).collect();
         self.faults.maybe_panic(PanicSite::Coordinator, probes.iter().copied());
-        let mut work: Vec<LayerWork> =
-            self.layers.iter().map(|l| LayerWork { start: l.pool.active_len(), ..LayerWork::default() }).collect();
         for &c in ids {
             self.active.insert(c);
         }
-        for &p in &probes {
+        let logits = self.install(token, &probes, bytes, states).await?;
+        Ok(self.lenses(ids, &logits))
+    }
+
+    /// Activates inactive probes `probes` in their layers' pools (the absent ones' bytes in
+    /// `bytes`) and returns their logits, in order.
+    async fn install(
+        &mut self,
+        token: usize,
+        probes: &[ProbeId],
+        mut bytes: Bytes,
+        states: &States,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let mut work: Vec<LayerWork> =
+            self.layers.iter().map(|l| LayerWork { start: l.pool.active_len(), ..LayerWork::default() }).collect();
+        for &p in probes {
             let l = self.layer_of(p);
             let w = &mut work[l];
             self.layers[l]
@@ -281,12 +310,12 @@ impl Coordinator {
         // Each lane's probes took its slots `start..` in the order of `probes`.
         let mut cursor = vec![0usize; self.layers.len()];
         let mut logits = Vec::with_capacity(probes.len());
-        for &p in &probes {
+        for &p in probes {
             let l = self.layer_of(p);
             logits.push(by_layer[l][cursor[l]]);
             cursor[l] += 1;
         }
-        Ok(self.lenses(ids, &logits))
+        Ok(logits)
     }
 
     /// Lens scores of `ids` from their probes' logits (all of `ids`' probes, in order). In a
@@ -296,7 +325,8 @@ impl Coordinator {
     }
 
     /// Scores every active lens (step 1 of a token): each lane scores all its active slots.
-    async fn score_active(&mut self, token: usize, states: &States) -> Result<Vec<Scored>, RuntimeError> {
+    /// Also returns the simplex poles' logits (in `Pack::pole_probes` order).
+    async fn score_active(&mut self, token: usize, states: &States) -> Result<(Vec<Scored>, Vec<f32>), RuntimeError> {
         let work: Vec<LayerWork> =
             self.layers.iter().map(|l| LayerWork { len: l.pool.active_len(), ..LayerWork::default() }).collect();
         let by_layer = self.apply_and_score(token, work, states).await?;
@@ -304,18 +334,20 @@ impl Coordinator {
             // Probe i is concept i's only probe: the slots are the lenses.
             let active = self.layers[0].pool.active();
             let ids: Vec<ConceptId> = active.iter().map(|p| ConceptId(p.0)).collect();
-            return Ok(self.lenses(&ids, &by_layer[0]));
+            return Ok((self.lenses(&ids, &by_layer[0]), Vec::new()));
         }
-        // Probe ids run in concept order, a lens's probes side by side: sorted by probe, the
-        // lanes' logits are every active lens's probes, lens by lens, in ascending lens order.
+        // Probe ids run in concept order, a lens's probes side by side, then the simplex
+        // poles': sorted by probe, the lanes' logits are every active lens's probes, lens by
+        // lens, in ascending lens order, then every pole's.
         let mut by_probe: Vec<(ProbeId, f32)> = Vec::with_capacity(by_layer.iter().map(Vec::len).sum());
         for (layer, logits) in self.layers.iter().zip(&by_layer) {
             by_probe.extend(layer.pool.active().into_iter().zip(logits.iter().copied()));
         }
         by_probe.sort_unstable_by_key(|&(p, _)| p);
         let ids: Vec<ConceptId> = self.active.iter().collect();
-        let logits: Vec<f32> = by_probe.into_iter().map(|(_, l)| l).collect();
-        Ok(self.lenses(&ids, &logits))
+        let mut logits: Vec<f32> = by_probe.into_iter().map(|(_, l)| l).collect();
+        let poles = logits.split_off(logits.len() - self.pack.pole_probes().len());
+        Ok((self.lenses(&ids, &logits), poles))
     }
 
     /// Pipelined mode: asks for the bytes of each lens's absent probes and waits at most the
@@ -496,7 +528,7 @@ impl Coordinator {
 
         let t = Instant::now();
         let n = self.active.len();
-        let initial =
+        let (initial, pole_logits) =
             self.score_active(token, &h).instrument(debug_span!("initial_scoring", token, probes = n)).await?;
         stages.initial_scoring += t.elapsed();
 
@@ -552,14 +584,17 @@ impl Coordinator {
         stages.pruning += t.elapsed();
 
         let t = Instant::now();
-        let mut top = report_entries(pack.hierarchy(), &tc.report());
+        let shown = crate::policy::lens::reported(&pack, tc.scored());
+        let mut top = report_entries(pack.hierarchy(), &tc.report(&shown));
         probe_scores(&pack, &mut top, &self.probe_logits);
-        let alerts = alert_entries(pack.hierarchy(), &self.watch, tc.scored());
+        let alerts = alert_entries(pack.hierarchy(), &self.watch, &shown);
         stages.sorting += t.elapsed();
         let in_flight = self.pending.iter().map(|c| pack.hierarchy().label(c)).collect();
         let failed_loads = std::mem::take(&mut self.failed_late);
-        let (scored_ids, scored_logits, scored_probs) = crate::policy::scored_by_id(tc.scored());
+        let (scored_ids, scored_logits, scored_probs) = crate::policy::scored_by_id(&shown);
+        let simplex = simplex_readings(&pack, &mut self.baselines, &pole_logits);
         Ok(TokenReport {
+            simplex,
             in_flight,
             failed_loads,
             alerts,

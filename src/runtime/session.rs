@@ -131,7 +131,7 @@ impl Runtime {
             let staging = (device != tch::Device::Cpu).then_some(config.runtime.staging_bytes);
             let compute = tensors::kind_of(config.device.compute_dtype);
             let row_bytes = row_bytes(pack.hidden_dim(), compute);
-            let base = probes_of(&pack, &base);
+            let base = pinned_probes(&pack, &base);
             let rows = store_rows(&pack, config.device.store_bytes, row_bytes, device, base.len())?;
             let backend = TorchBackend::new(pack.clone(), rows, device, compute, staging, base, faults.clone())
                 .map_err(|source| StartError::Store { rows, row_bytes, source })?;
@@ -233,9 +233,12 @@ impl Runtime {
         let tx = shared.steps.lock().expect("steps lock").clone().ok_or(RuntimeError::ShutDown)?;
         let mut layers = Vec::with_capacity(lanes as usize);
         for l in 0..lanes {
-            let lane = Lane::open(SessionId(id.0 + l), config.runtime.pool_slots, tx.clone())
-                .map_err(|_| RuntimeError::ShutDown)?;
-            layers.push(LayerPool { pool: ModelPool::new(config.runtime.pool_slots, shared.pack.probe_count()), lane });
+            // The lane's simplex poles stay active beside the lenses: slots of their own.
+            let pack = &shared.pack;
+            let slots =
+                config.runtime.pool_slots + pack.pole_probes().filter(|&p| pack.probe(p).state as u64 == l).count();
+            let lane = Lane::open(SessionId(id.0 + l), slots, tx.clone()).map_err(|_| RuntimeError::ShutDown)?;
+            layers.push(LayerPool { pool: ModelPool::new(slots, pack.probe_count()), lane });
         }
         let mut coordinator = new_coordinator(shared, &config, base, watch, layers);
         coordinator.load_base().await.map_err(|e| match e {
@@ -379,6 +382,7 @@ fn new_coordinator(
         active: crate::policy::ConceptSet::with_capacity(pack.len()),
         layers,
         probe_logits: HashMap::new(),
+        baselines: crate::policy::simplex::Baselines::new(pack.pole_probes().len()),
         normalization: cascade.normalization_for(pack.input_normalization()),
         pack: pack.clone(),
         config: Arc::new(cascade.clone()),
@@ -433,7 +437,7 @@ fn check_cache_holds_the_cap(pack: &Pack, config: &Config) -> Result<(), StartEr
     let probe = pack.layout().byte_len() as u64;
     // Active lenses, times the most probes a lens has (each lane has its own slots).
     let lenses = config.cascade.max_loaded.min(config.runtime.pool_slots);
-    let cap = (lenses * pack.max_probes_per_lens()) as u64;
+    let cap = (lenses * pack.max_probes_per_lens() + pack.pole_probes().len()) as u64;
     let budget = config.runtime.cache_bytes;
     if budget < cap * probe {
         return Err(StartError::CacheTooSmall { budget, probe, cap });
@@ -457,13 +461,11 @@ fn session_config(base: &Config, options: &SessionOptions) -> Result<Config, Run
     Ok(config)
 }
 
-/// The probes of a set of lenses.
-fn probes_of(pack: &Pack, lenses: &crate::policy::ConceptSet) -> crate::policy::ProbeSet {
+/// The probes always active: the base lenses', and the simplex poles'.
+fn pinned_probes(pack: &Pack, base: &crate::policy::ConceptSet) -> crate::policy::ProbeSet {
     let mut out = crate::policy::ProbeSet::with_capacity(pack.probe_count());
-    for c in lenses.iter() {
-        pack.probes_of(c).for_each(|p| {
-            out.insert(p);
-        });
+    for p in base.iter().flat_map(|c| pack.probes_of(c)).chain(pack.pole_probes()) {
+        out.insert(p);
     }
     out
 }

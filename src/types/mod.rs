@@ -58,6 +58,21 @@ pub struct Alert {
     pub logit: f32,
 }
 
+/// One simplex pole's reading on a token (docs/cascade-semantics.md, "Simplex lenses"):
+/// scored every token, apart from the hierarchy.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SimplexReading {
+    /// The simplex's name.
+    pub simplex: String,
+    pub pole: String,
+    /// `sigmoid(logit)`.
+    pub prob: f32,
+    pub logit: f32,
+    /// Standard deviations of `prob` from the pole's rolling baseline in this stream (its last
+    /// 100 scores); `None` for the first 9 tokens.
+    pub deviation: Option<f32>,
+}
+
 /// Wall time of each stage of one token, as the seed's profile split it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct StageTimings {
@@ -112,6 +127,9 @@ pub struct TokenReport {
     /// The watch profiles' alerts over everything scored this token, whatever the report's
     /// size: profiles in config order, each best first.
     pub alerts: Vec<Alert>,
+    /// Every simplex pole of the pack, simplex by simplex, pole by pole (empty without
+    /// simplexes).
+    pub simplex: Vec<SimplexReading>,
 }
 
 /// Why a hidden state was refused (the caller adds which token it was).

@@ -180,6 +180,18 @@ fn inspect(pack: &Pack) {
             pack.probe_count(),
             pack.model_layers()
         );
+        for simplex in pack.simplexes() {
+            let poles: Vec<&str> = simplex.poles.iter().map(|(p, _)| p.as_str()).collect();
+            let layer = simplex.poles.first().map_or(0, |(_, id)| pack.probe(*id).model_layer);
+            println!("simplex    {} (always on): poles {}, model layer {layer}", simplex.name, poles.join(", "));
+        }
+        if pack.concept_calibrated() {
+            println!(
+                "reported   through concept calibration: {} of {} lenses have statistics, the others report 0.5",
+                pack.concept_calibration_count(),
+                pack.len()
+            );
+        }
     }
     println!(
         "bytes      {} per probe, {:.1} MB in all, {} shards",

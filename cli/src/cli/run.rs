@@ -132,6 +132,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 if r.alerts.len() > args.show_top {
                     println!("{:>6}   ... {} more alerts", "", r.alerts.len() - args.show_top);
                 }
+                if !r.simplex.is_empty() {
+                    let poles: Vec<String> = r
+                        .simplex
+                        .iter()
+                        .map(|x| match x.deviation {
+                            Some(d) => format!("{}/{} {:.2} ({d:+.1}σ)", x.simplex, x.pole, x.prob),
+                            None => format!("{}/{} {:.2}", x.simplex, x.pole, x.prob),
+                        })
+                        .collect();
+                    println!("{:>6}   simplex {}", "", poles.join(", "));
+                }
                 entries.push(token_json(&r));
                 reports.push(r);
             }
@@ -364,6 +375,7 @@ fn token_json(r: &TokenReport) -> serde_json::Value {
         "in_flight": r.in_flight,
         "failed_loads": r.failed_loads,
         "alerts": r.alerts,
+        "simplex": r.simplex,
     })
 }
 

@@ -39,12 +39,17 @@ fn main() {
         serde_json::from_slice(&std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/manifest/tiny.json")).unwrap())
             .unwrap();
     put("manifest", "lenses_v2.json", lenses_v2(&tiny).to_string().as_bytes());
+    // The same with a simplex of one pole (probe 2) and concept calibration.
+    put("manifest", "lenses_v2_simplex.json", lenses_v2_simplex(&tiny).to_string().as_bytes());
 
     // headspace calibration files: the fixture's, and defects.
     let calibration = std::fs::read(root().join("tests/fixtures/headspace/pack/probe_calibration.json")).unwrap();
     put("headspace_calibration", "fixture.json", &calibration);
     put("headspace_calibration", "descending.json", br#"{"probes": {"layer0/A@L4": {"quantiles": [0.9, 0.1]}}}"#);
     put("headspace_calibration", "no_quantiles.json", br#"{"probes": {"layer0/A@L4": {}}}"#);
+    let concept = std::fs::read(root().join("tests/fixtures/headspace/calibration.json")).unwrap();
+    put("headspace_calibration", "concept_fixture.json", &concept);
+    put("headspace_calibration", "concept_not_number.json", br#"{"calibration": {"A_L0": {"self_mean": "x"}}}"#);
 
     // torch.save files, good and bad, and the pickles inside the good ones.
     for (dir, name) in [
@@ -158,5 +163,22 @@ fn lenses_v2(tiny: &serde_json::Value) -> serde_json::Value {
         {"id": 1, "name": c[1]["name"], "layer": 1, "parents": [0], "children": [],
          "probes": [probe(2, 5, false)]}
     ]);
+    v
+}
+
+/// [`lenses_v2`] with one probe per lens, the third probe a simplex's pole, and concept 0's
+/// calibration statistics.
+fn lenses_v2_simplex(tiny: &serde_json::Value) -> serde_json::Value {
+    let c = tiny["concepts"].as_array().unwrap();
+    let mut v = lenses_v2(tiny);
+    v["concepts"][0]["probes"] = serde_json::json!([v["concepts"][0]["probes"][0]]);
+    v["concepts"][1]["probes"][0]["id"] = serde_json::json!(1);
+    v["concepts"][1]["probes"][0]["weights"] = c[1]["weights"].clone();
+    v["concepts"][1]["probes"][0]["crc32"] = c[1]["crc32"].clone();
+    v["concept_calibration"] = serde_json::json!("three_stage");
+    v["concepts"][0]["calibration"] = serde_json::json!({"self_mean": 0.9, "cross_mean": 0.3,
+        "cross_fire_rate": 0.1, "gen_fire_rate": 0.2, "noise_fire_rate": 0.0});
+    v["simplexes"] = serde_json::json!([{"name": "Drive", "poles": [
+        {"pole": "positive", "id": 2, "model_layer": 3, "weights": c[2]["weights"], "crc32": c[2]["crc32"]}]}]);
     v
 }

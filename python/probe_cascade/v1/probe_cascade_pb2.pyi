@@ -182,7 +182,7 @@ class Stages(_message.Message):
     def __init__(self, initial_scoring_ns: _Optional[int] = ..., expansion_lookup_ns: _Optional[int] = ..., loading_ns: _Optional[int] = ..., new_scoring_ns: _Optional[int] = ..., pruning_ns: _Optional[int] = ..., sorting_ns: _Optional[int] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("token", "top", "children", "loaded", "unloaded", "skipped_by_cap", "scored", "active", "stages", "elapsed_ns", "in_flight", "failed_loads", "alerts")
+    __slots__ = ("token", "top", "children", "loaded", "unloaded", "skipped_by_cap", "scored", "active", "stages", "elapsed_ns", "in_flight", "failed_loads", "alerts", "simplex")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
     CHILDREN_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +196,7 @@ class Report(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     FAILED_LOADS_FIELD_NUMBER: _ClassVar[int]
     ALERTS_FIELD_NUMBER: _ClassVar[int]
+    SIMPLEX_FIELD_NUMBER: _ClassVar[int]
     token: int
     top: _containers.RepeatedCompositeFieldContainer[Detection]
     children: int
@@ -209,7 +210,22 @@ class Report(_message.Message):
     in_flight: _containers.RepeatedScalarFieldContainer[str]
     failed_loads: _containers.RepeatedScalarFieldContainer[str]
     alerts: _containers.RepeatedCompositeFieldContainer[Alert]
-    def __init__(self, token: _Optional[int] = ..., top: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., children: _Optional[int] = ..., loaded: _Optional[int] = ..., unloaded: _Optional[int] = ..., skipped_by_cap: _Optional[int] = ..., scored: _Optional[int] = ..., active: _Optional[int] = ..., stages: _Optional[_Union[Stages, _Mapping]] = ..., elapsed_ns: _Optional[int] = ..., in_flight: _Optional[_Iterable[str]] = ..., failed_loads: _Optional[_Iterable[str]] = ..., alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
+    simplex: _containers.RepeatedCompositeFieldContainer[SimplexReading]
+    def __init__(self, token: _Optional[int] = ..., top: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., children: _Optional[int] = ..., loaded: _Optional[int] = ..., unloaded: _Optional[int] = ..., skipped_by_cap: _Optional[int] = ..., scored: _Optional[int] = ..., active: _Optional[int] = ..., stages: _Optional[_Union[Stages, _Mapping]] = ..., elapsed_ns: _Optional[int] = ..., in_flight: _Optional[_Iterable[str]] = ..., failed_loads: _Optional[_Iterable[str]] = ..., alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ..., simplex: _Optional[_Iterable[_Union[SimplexReading, _Mapping]]] = ...) -> None: ...
+
+class SimplexReading(_message.Message):
+    __slots__ = ("simplex", "pole", "prob", "logit", "deviation")
+    SIMPLEX_FIELD_NUMBER: _ClassVar[int]
+    POLE_FIELD_NUMBER: _ClassVar[int]
+    PROB_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_FIELD_NUMBER: _ClassVar[int]
+    DEVIATION_FIELD_NUMBER: _ClassVar[int]
+    simplex: str
+    pole: str
+    prob: float
+    logit: float
+    deviation: float
+    def __init__(self, simplex: _Optional[str] = ..., pole: _Optional[str] = ..., prob: _Optional[float] = ..., logit: _Optional[float] = ..., deviation: _Optional[float] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
