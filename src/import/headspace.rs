@@ -198,7 +198,7 @@ pub fn import_headspace(
         }
     };
 
-    // Pass 1: read and check every probe file; every calibration key must name one of them.
+    // Each listed concept's probe files.
     let tol = tolerance(options.dtype);
     let mut lenses: Vec<(usize, Vec<ProbeFile>)> = Vec::new();
     let mut no_probe_file = Vec::new();
@@ -216,58 +216,44 @@ pub fn import_headspace(
             None => no_probe_file.push(label(i)),
         }
     }
-    let mut known_keys = BTreeSet::new();
     let total: usize = lenses.iter().map(|(_, l)| l.len()).sum();
+    let pole_total: usize = simplex_files.iter().map(|s| s.poles.len()).sum();
+    let known_keys: BTreeSet<String> =
+        lenses.iter().flat_map(|(_, l)| l.iter().filter_map(|f| f.key.clone())).collect();
+    // Concept ids: layer by layer, in the files' order within a layer.
+    lenses.sort_by_key(|(i, _)| (concepts[*i].layer, *i));
+    // Every probe file in probe id order (the lenses', then the simplex poles'), with what its
+    // errors name.
+    let flat: Vec<(String, PathBuf)> =
+        lenses
+            .iter()
+            .flat_map(|(i, l)| l.iter().map(move |f| (label(*i), f.path.clone())))
+            .chain(simplex_files.iter().flat_map(|s| {
+                s.poles.iter().map(move |(pole, path)| (format!("simplex {}/{pole}", s.name), path.clone()))
+            }))
+            .collect();
+
+    // Pass 1: read and check every probe file; every calibration key must name one of them.
     let mut hidden_dim: Option<(usize, PathBuf)> = None;
     let mut worst = 0f64;
-    let mut done = 0;
-    for (i, list) in &lenses {
-        for f in list {
-            let bad = |reason: String| ImportError::Probe { path: f.path.clone(), concept: label(*i), reason };
-            let p = read_probe(&f.path).map_err(bad)?;
-            if let Some((d, first)) = &hidden_dim {
-                if p.hidden_dim != *d {
-                    let first = first.display();
-                    return Err(bad(format!("input width D={} but D={d} was set by {first}", p.hidden_dim)));
-                }
+    for (done, (concept, path)) in flat.iter().enumerate() {
+        let bad = |reason: String| ImportError::Probe { path: path.clone(), concept: concept.clone(), reason };
+        let p = read_probe(path).map_err(bad)?;
+        if let Some((d, first)) = &hidden_dim {
+            if p.hidden_dim != *d {
+                let first = first.display();
+                return Err(bad(format!("input width D={} but D={d} was set by {first}", p.hidden_dim)));
             }
-            let err = check_logits(&p, options.dtype, &check_inputs(p.hidden_dim), true).map_err(bad)?;
-            if err > tol {
-                return Err(bad(format!(
-                    "imported logits differ from the original by {err:.2e} of the logit's scale (tolerance {tol:.0e})"
-                )));
-            }
-            worst = worst.max(err);
-            hidden_dim.get_or_insert_with(|| (p.hidden_dim, f.path.clone()));
-            known_keys.extend(f.key.clone());
-            done += 1;
-            progress(Phase::Checking, done, total);
         }
-    }
-    let pole_total: usize = simplex_files.iter().map(|s| s.poles.len()).sum();
-    for s in &simplex_files {
-        for (pole, path) in &s.poles {
-            let bad = |reason: String| ImportError::Probe {
-                path: path.clone(),
-                concept: format!("simplex {}/{pole}", s.name),
-                reason,
-            };
-            let p = read_probe(path).map_err(bad)?;
-            if let Some((d, first)) = &hidden_dim {
-                if p.hidden_dim != *d {
-                    let first = first.display();
-                    return Err(bad(format!("input width D={} but D={d} was set by {first}", p.hidden_dim)));
-                }
-            }
-            let err = check_logits(&p, options.dtype, &check_inputs(p.hidden_dim), true).map_err(bad)?;
-            if err > tol {
-                return Err(bad(format!(
-                    "imported logits differ from the original by {err:.2e} of the logit's scale (tolerance {tol:.0e})"
-                )));
-            }
-            worst = worst.max(err);
-            hidden_dim.get_or_insert_with(|| (p.hidden_dim, path.clone()));
+        let err = check_logits(&p, options.dtype, &check_inputs(p.hidden_dim), true).map_err(bad)?;
+        if err > tol {
+            return Err(bad(format!(
+                "imported logits differ from the original by {err:.2e} of the logit's scale (tolerance {tol:.0e})"
+            )));
         }
+        worst = worst.max(err);
+        hidden_dim.get_or_insert_with(|| (p.hidden_dim, path.clone()));
+        progress(Phase::Checking, done + 1, total + pole_total);
     }
     let calibration_path = dir.join(PROBE_CALIBRATION);
     if let Some(unknown) = calibration.keys().find(|k| !known_keys.contains(*k)) {
@@ -280,8 +266,6 @@ pub fn import_headspace(
         return Err(ImportError::Nothing(format!("{} concepts listed, none with a probe file", concepts.len())));
     };
 
-    // Concept ids: layer by layer, in the files' order within a layer.
-    lenses.sort_by_key(|(i, _)| (concepts[*i].layer, *i));
     let kept: Vec<usize> = lenses.iter().map(|(i, _)| *i).collect();
     let (defs, links_to_skipped) = concept_defs(concepts, &kept, &links, &dir.join("hierarchy"))?;
     let links_kept = links.len() - links_to_skipped;
@@ -333,15 +317,6 @@ pub fn import_headspace(
         }
     };
     let concept_calibrated = concept_calibration.as_ref().map(|c| c.iter().flatten().count());
-    // Every probe file in probe id order, with what its errors name: the lenses', then the
-    // simplex poles'.
-    let flat: Vec<(String, &Path)> = lenses
-        .iter()
-        .flat_map(|(i, l)| l.iter().map(move |f| (label(*i), f.path.as_path())))
-        .chain(simplex_files.iter().flat_map(|s| {
-            s.poles.iter().map(move |(pole, path)| (format!("simplex {}/{pole}", s.name), path.as_path()))
-        }))
-        .collect();
 
     // Pass 2: stream the probes into the pack, in probe id order.
     let spec = PackSpec {
@@ -367,7 +342,7 @@ pub fn import_headspace(
                 Ok(p) if p.hidden_dim == hidden_dim => p.folded(),
                 result => {
                     let reason = result.err().unwrap_or_else(|| "changed while importing".into());
-                    let (path, concept) = (path.to_path_buf(), concept.clone());
+                    let (path, concept) = (path.clone(), concept.clone());
                     failure.get_or_insert(ImportError::Probe { path, concept, reason });
                     zero_weights(&ProbeLayout::new(hidden_dim, options.dtype))
                 }
