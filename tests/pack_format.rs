@@ -401,6 +401,13 @@ fn a_v2_pack_round_trips_its_lenses_probes_and_quantiles() {
     assert_eq!(v["concepts"][2]["probes"][1]["id"], json!(4));
 }
 
+/// A simplex "Drive" of one pole, its probe `id` reading `model_layer`, over probe 0's bytes.
+fn simplex(v: &serde_json::Value, id: u32, model_layer: u32) -> serde_json::Value {
+    let p = &v["concepts"][0]["probes"][0];
+    json!({"name": "Drive", "poles": [{"pole": "positive", "id": id, "model_layer": model_layer,
+        "weights": p["weights"], "crc32": p["crc32"]}]})
+}
+
 /// One lens's concept-calibration statistics, with `cross_mean` as given.
 fn stats(cross_mean: f64) -> serde_json::Value {
     json!({"self_mean": 0.9, "cross_mean": cross_mean, "cross_fire_rate": 0.1, "gen_fire_rate": 0.1,
@@ -448,6 +455,13 @@ fn v2_defects_are_errors_naming_the_lens_and_what_is_wrong() {
         ),
         (Box::new(|v| v["concepts"][1]["parents"] = json!([5])), &["B@1", "5"]),
         (Box::new(|v| v["concept_calibration"] = json!("linear")), &["concept_calibration `linear`"]),
+        (Box::new(|v| v["simplexes"] = json!([simplex(v, 7, 4)])), &["simplex \"Drive\"", "expected 5"]),
+        (Box::new(|v| v["simplexes"] = json!([simplex(v, 5, 6)])), &["\"positive\"", "model layer 6", "[4, 9]"]),
+        (
+            Box::new(|v| v["simplexes"] = json!([simplex(v, 5, 4), simplex(v, 6, 4)])),
+            &["names must be non-empty and distinct"],
+        ),
+        (Box::new(|v| v["simplexes"] = json!([{"name": "Drive", "poles": []}])), &["no poles"]),
         (Box::new(|v| v["concepts"][1]["calibration"] = stats(0.3)), &["B@1", "no `concept_calibration` rule"]),
         (
             Box::new(|v| {

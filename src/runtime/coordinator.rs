@@ -120,8 +120,8 @@ struct LayerWork {
 }
 
 impl Coordinator {
-    /// Loads the base layers. Called once, before the actor starts taking requests.
     /// Loads the base layers and the simplex poles, which stay active for the session's life.
+    /// Called once, before the actor starts taking requests.
     pub(super) async fn load_base(&mut self) -> Result<(), RuntimeError> {
         let ids: Vec<ConceptId> = self.base.iter().collect();
         let states = self.zero_states();
