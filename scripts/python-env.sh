@@ -34,6 +34,27 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# The client's stub generator (scripts/gen-python-proto.sh), in a venv of its own: grpcio-tools
+# 1.62.3 needs a protobuf older than the dev environment's.
+tools="$cache/venv-grpc-tools-1.62.3"
+if [ ! -f "$tools/.complete" ]; then
+  rm -rf "$tools"
+  $py -m venv "$tools"
+  echo "python-env: installing grpcio-tools 1.62.3 into $tools" >&2
+  "$tools/bin/pip" install --quiet --disable-pip-version-check grpcio-tools==1.62.3 grpcio==1.62.3 protobuf==4.25.9
+  touch "$tools/.complete"
+fi
+# The oldest grpcio and protobuf the client claims, as a directory that PYTHONPATH puts ahead
+# of the dev environment's (python/tests/test_client.py runs the client's tests on them).
+oldest="$cache/py-client-oldest-grpcio-1.62.3-protobuf-4.25.1"
+if [ ! -f "$oldest/.complete" ]; then
+  rm -rf "$oldest"
+  echo "python-env: installing grpcio 1.62.3 and protobuf 4.25.1 into $oldest" >&2
+  "$deps/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --target "$oldest" \
+    grpcio==1.62.3 protobuf==4.25.1
+  touch "$oldest/.complete"
+fi
+
 # WordNet 3.0 for examples/train_pack.py (and the test that trains a tiny pack with it).
 if [ ! -f /usr/share/wordnet/data.noun ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

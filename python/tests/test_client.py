@@ -4,10 +4,12 @@ match the proto."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,10 +163,16 @@ def test_sessions_are_listed_and_closed(tiny, served):
         assert not any(v["label"] == "py-test" for v in views)
 
 
+CACHE = Path(os.environ.get("PROBE_CASCADE_CACHE", Path.home() / ".cache" / "probe-cascade"))
+# The oldest grpcio and protobuf the `client` extra allows (python/pyproject.toml), which
+# scripts/python-env.sh installs apart.
+OLDEST = {"grpcio": "1.62.3", "protobuf": "4.25.1"}
+
+
 def test_generated_stubs_match_the_proto(tmp_path):
     """python/probe_cascade/v1/ is what scripts/gen-python-proto.sh makes from proto/ now."""
-    subprocess.run(["bash", str(REPO / "scripts" / "gen-python-proto.sh"), str(tmp_path)], check=True,
-                   env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PROBE_CASCADE_CACHE": str(CACHE)}
+    subprocess.run(["bash", str(REPO / "scripts" / "gen-python-proto.sh"), str(tmp_path)], check=True, env=env)
     for name in ("probe_cascade_pb2.py", "probe_cascade_pb2.pyi", "probe_cascade_pb2_grpc.py"):
         fresh = (tmp_path / "probe_cascade" / "v1" / name).read_text()
         committed = (REPO / "python" / "probe_cascade" / "v1" / name).read_text()
@@ -206,3 +214,22 @@ def test_lenses_over_model_layers_over_grpc_match_the_in_process_runtime(tmp_pat
         rt.close()
     finally:
         assert s.stop() == 0
+
+
+def test_every_client_test_passes_on_the_oldest_grpcio_and_protobuf_it_claims():
+    """GPU images carry older grpcio and protobuf than ours (the CUDA PyTorch image had grpcio
+    1.84.0): the client's tests run again in a fresh interpreter whose grpcio and protobuf are
+    the oldest the `client` extra allows."""
+    oldest = CACHE / f"py-client-oldest-grpcio-{OLDEST['grpcio']}-protobuf-{OLDEST['protobuf']}"
+    assert (oldest / ".complete").exists(), f"{oldest} is missing: scripts/python-env.sh (make pyenv) makes it"
+    env = dict(os.environ, PYTHONPATH=str(oldest))
+    probe = "import grpc, google.protobuf as p; print(grpc.__version__, p.__version__)"
+    versions = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert versions.stdout.split() == [OLDEST["grpcio"], OLDEST["protobuf"]], versions.stdout
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+         "-k", "not oldest and not generated_stubs"],
+        env=env, cwd=REPO, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]

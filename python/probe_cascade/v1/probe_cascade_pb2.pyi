@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -324,7 +323,7 @@ class PackInfoResponse(_message.Message):
     fields: _containers.RepeatedScalarFieldContainer[str]
     concepts: _containers.MessageMap[str, PackConcept]
     watch: _containers.RepeatedCompositeFieldContainer[WatchInfo]
-    def __init__(self, model: _Optional[str] = ..., pack: _Optional[str] = ..., total_lenses: _Optional[int] = ..., calibrated: _Optional[bool] = ..., alert_threshold: _Optional[float] = ..., fields: _Optional[_Iterable[str]] = ..., concepts: _Optional[_Mapping[str, PackConcept]] = ..., watch: _Optional[_Iterable[_Union[WatchInfo, _Mapping]]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., pack: _Optional[str] = ..., total_lenses: _Optional[int] = ..., calibrated: bool = ..., alert_threshold: _Optional[float] = ..., fields: _Optional[_Iterable[str]] = ..., concepts: _Optional[_Mapping[str, PackConcept]] = ..., watch: _Optional[_Iterable[_Union[WatchInfo, _Mapping]]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("version", "hidden_dim", "concepts", "max_message_bytes", "max_sessions", "stream_queue", "request_deadline_ms", "max_batch_items", "model_layers")
