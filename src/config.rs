@@ -93,6 +93,9 @@ pub struct ServeConfig {
     pub idle_session_ms: u64,
     /// On SIGTERM/SIGINT: how long queued work may take before the server exits anyway.
     pub drain_grace_ms: u64,
+    /// Live-view events (`GET /v1/sessions/{id}/events`): how many a session keeps for viewers
+    /// that reconnect, and how many a viewer may fall behind before it is dropped.
+    pub viewer_buffer: usize,
 }
 
 impl Default for ServeConfig {
@@ -104,6 +107,7 @@ impl Default for ServeConfig {
             max_batch_items: 1024,
             idle_session_ms: 300_000,
             drain_grace_ms: 10_000,
+            viewer_buffer: 256,
         }
     }
 }
@@ -527,6 +531,9 @@ impl Config {
         }
         if !(1..=65_536).contains(&s.stream_queue) {
             return bad("serve.stream_queue", format!("= {} is outside 1..=65536", s.stream_queue));
+        }
+        if !(1..=65_536).contains(&s.viewer_buffer) {
+            return bad("serve.viewer_buffer", format!("= {} is outside 1..=65536", s.viewer_buffer));
         }
         if !(1..=65_536).contains(&s.max_batch_items) {
             return bad("serve.max_batch_items", format!("= {} is outside 1..=65536", s.max_batch_items));

@@ -129,7 +129,9 @@ struct Stream {
 
 async fn open(client: &mut Client) -> Stream {
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    tx.send(pb::SessionRequest { kind: Some(pb::session_request::Kind::Open(Default::default())) }).await.unwrap();
+    tx.send(pb::SessionRequest { kind: Some(pb::session_request::Kind::Open(Default::default())), text: None })
+        .await
+        .unwrap();
     let mut rx = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     rx.message().await.unwrap().unwrap();
     Stream { tx, rx }
@@ -137,7 +139,7 @@ async fn open(client: &mut Client) -> Stream {
 
 impl Stream {
     async fn send(&self, row: &[f32]) {
-        let msg = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(encode_f32(row))) };
+        let msg = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(encode_f32(row))), text: None };
         self.tx.send(msg).await.unwrap();
     }
 

@@ -231,9 +231,11 @@ class RemoteSession:
         self.id = session_id
         self.closed = False
 
-    def observe(self, hidden: Any) -> RemoteReport:
-        """One token: a 1-D state, or {model_layer: 1-D state} for a pack of several layers."""
-        return self._client._batch([self], [_encode_token(hidden, "observe")], errors="raise")[0]
+    def observe(self, hidden: Any, text: Optional[str] = None) -> RemoteReport:
+        """One token: a 1-D state, or {model_layer: 1-D state} for a pack of several layers.
+        `text`, the token's text where the caller has it, goes to the server's live viewers."""
+        texts = None if text is None else [text]
+        return self._client._batch([self], [_encode_token(hidden, "observe")], errors="raise", texts=texts)[0]
 
     def close(self) -> None:
         if self.closed:
@@ -408,25 +410,37 @@ class Client:
         hidden: Any,
         *,
         errors: str = "raise",
+        texts: Optional[Sequence[Optional[str]]] = None,
     ) -> List[Union[RemoteReport, ProbeCascadeError]]:
         """One decode step of many sessions, in one call: `hidden` is a [len(sessions), D]
         tensor or array, or a list of 1-D ones; for a pack of several model layers, a dict
         {model_layer: that}. errors="return" puts each failed item's exception in its place
-        instead of raising the first."""
+        instead of raising the first. `texts`, one per session (or None), are the tokens' texts
+        for the server's live viewers."""
         if errors not in ("raise", "return"):
             raise ValueError(f'errors must be "raise" or "return", not {errors!r}')
+        if texts is not None and len(texts) != len(sessions):
+            raise ValueError(f"texts has {len(texts)} entries for {len(sessions)} sessions")
         rows = _rows(hidden, len(sessions))
         encoded = [_encode_token(h, f"observe_batch: position {i}") for i, h in enumerate(rows)]
-        return self._batch(sessions, encoded, errors=errors)
+        return self._batch(sessions, encoded, errors=errors, texts=texts)
 
-    def _batch(self, sessions: Sequence[RemoteSession], encoded: List[Any], errors: str) -> List[Any]:
+    def _batch(
+        self,
+        sessions: Sequence[RemoteSession],
+        encoded: List[Any],
+        errors: str,
+        texts: Optional[Sequence[Optional[str]]] = None,
+    ) -> List[Any]:
         for s in sessions:
             if s.closed:
                 raise _raise(ProbeCascadeError(f"session {s.id} is closed"))
-        items = [
-            pb.BatchItem(session_id=s.id, layers=h) if isinstance(h, list) else pb.BatchItem(session_id=s.id, hidden=h)
-            for s, h in zip(sessions, encoded)
-        ]
+        items = []
+        for i, (s, h) in enumerate(zip(sessions, encoded)):
+            item = pb.BatchItem(session_id=s.id, layers=h) if isinstance(h, list) else pb.BatchItem(session_id=s.id, hidden=h)
+            if texts is not None and texts[i] is not None:
+                item.text = texts[i]
+            items.append(item)
         request = pb.BatchRequest(items=items)
         response = self._call("ObserveBatch", request)
         out: List[Any] = []

@@ -151,6 +151,26 @@ def test_a_bearer_token_is_required_when_set(tiny, tmp_path):
         assert served.stop() == 0
 
 
+def test_token_text_reaches_the_live_viewer_with_the_report(tiny, served):
+    """The client's token text travels with the hidden state (observe and observe_batch) and
+    comes out in the session's server-sent events, beside the report's top concepts."""
+    import json
+
+    with pc.Client(served.grpc) as client, client.session() as s, client.session() as other:
+        events = urllib.request.urlopen(f"http://{served.http}/v1/sessions/{s.id}/events", timeout=10)
+        r = s.observe(tiny["trace"][0], text=" Hello")
+        client.observe_batch([s, other], np.stack([tiny["trace"][1], tiny["trace"][2]]), texts=[" world", None])
+        got = []
+        while len(got) < 2:
+            line = events.readline().decode()
+            if line.startswith("data: "):
+                got.append(json.loads(line[len("data: "):]))
+        assert [e["text"] for e in got] == [" Hello", " world"]
+        assert [e["token"] for e in got] == [0, 1]
+        assert [d["name"] for d in got[0]["top"]] == [d.name for d in r.top]
+        events.close()
+
+
 def test_sessions_are_listed_and_closed(tiny, served):
     import json
 

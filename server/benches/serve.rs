@@ -70,7 +70,9 @@ struct Stream {
 
 async fn open(client: &mut ProbeCascadeClient<Channel>) -> Stream {
     let (tx, rx) = mpsc::channel(64);
-    tx.send(pb::SessionRequest { kind: Some(pb::session_request::Kind::Open(Default::default())) }).await.unwrap();
+    tx.send(pb::SessionRequest { kind: Some(pb::session_request::Kind::Open(Default::default())), text: None })
+        .await
+        .unwrap();
     let mut rx = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     rx.message().await.unwrap().unwrap();
     Stream { tx, rx }
@@ -82,7 +84,10 @@ impl Stream {
     async fn rejected(&mut self, row: &[f32]) {
         let mut h = encode_f32(row);
         h.dtype = 0;
-        self.tx.send(pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(h)) }).await.unwrap();
+        self.tx
+            .send(pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(h)), text: None })
+            .await
+            .unwrap();
         match self.rx.message().await.unwrap().and_then(|m| m.kind) {
             Some(pb::session_response::Kind::Result(pb::TokenResult {
                 outcome: Some(pb::token_result::Outcome::Error(_)),
@@ -94,7 +99,7 @@ impl Stream {
 
     /// One token: send, wait for its answer.
     async fn observe(&mut self, row: &[f32]) {
-        let msg = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(encode_f32(row))) };
+        let msg = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(encode_f32(row))), text: None };
         self.tx.send(msg).await.unwrap();
         match self.rx.message().await.unwrap().and_then(|m| m.kind) {
             Some(pb::session_response::Kind::Result(pb::TokenResult {
@@ -192,6 +197,7 @@ fn main() {
                                 session_id: batch_id,
                                 hidden: Some(encode_f32(row)),
                                 layers: Vec::new(),
+                                text: None,
                             };
                             let r = tcp_client.observe_batch(pb::BatchRequest { items: vec![item] }).await.unwrap();
                             assert!(matches!(

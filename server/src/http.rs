@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::State as AxumState;
+use axum::extract::{Path as AxumPath, Query, State as AxumState};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -28,6 +29,7 @@ pub fn router(state: Arc<State>, token: BearerToken) -> Router {
         .route("/v1/pack", get(pack))
         .route("/v1/pack/headspace", get(headspace_pack))
         .route("/v1/sessions", get(sessions))
+        .route("/v1/sessions/{id}/events", get(events))
         .with_state(Http { state, token })
 }
 
@@ -129,4 +131,80 @@ async fn sessions(AxumState(h): AxumState<Http>, headers: HeaderMap) -> Response
         return r;
     }
     Json(h.state.session_views()).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct After {
+    /// The id of the last event seen, as `Last-Event-ID` gives it (for clients that cannot set
+    /// headers).
+    after: Option<u64>,
+}
+
+/// Counts a viewer while it is connected.
+struct Viewer;
+
+impl Viewer {
+    fn new() -> Self {
+        crate::metrics::viewers(1.0);
+        Viewer
+    }
+}
+
+impl Drop for Viewer {
+    fn drop(&mut self) {
+        crate::metrics::viewers(-1.0);
+    }
+}
+
+/// A session's tokens as server-sent events, one JSON event per token (`crate::events`),
+/// from after `Last-Event-ID` (or `?after=`) when given. The stream ends when the session
+/// closes. Each viewer has a task of its own that moves events from the session's feed into
+/// the viewer's bounded queue (the backlog and `serve.viewer_buffer` more): a viewer that
+/// stops reading fills it and is dropped at once (counted in
+/// `probe_cascade_viewers_dropped_total`; it may reconnect and resume), without waiting for
+/// its socket, and the session never waits for a viewer.
+async fn events(
+    AxumState(h): AxumState<Http>,
+    AxumPath(id): AxumPath<u64>,
+    Query(query): Query<After>,
+    headers: HeaderMap,
+) -> Response {
+    use tokio::sync::broadcast::error::RecvError;
+    use tokio::sync::mpsc::error::TrySendError;
+    if let Some(r) = unauthorized(&h, &headers) {
+        return r;
+    }
+    let Some(entry) = h.state.session(probe_cascade::runtime::SessionId(id)) else {
+        return (StatusCode::NOT_FOUND, format!("session {id} is not open on this server\n")).into_response();
+    };
+    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    let (backlog, mut feed) = entry.events.subscribe(last.or(query.after));
+    let (tx, rx) = tokio::sync::mpsc::channel(backlog.len() + entry.events.capacity());
+    drop(entry);
+    for e in backlog {
+        let _ = tx.try_send(e);
+    }
+    tokio::spawn(async move {
+        let _viewer = Viewer::new();
+        loop {
+            let sent = match feed.recv().await {
+                Ok(e) => tx.try_send(e),
+                Err(RecvError::Lagged(_)) => Err(TrySendError::Full(crate::events::Event::default())),
+                Err(RecvError::Closed) => break,
+            };
+            match sent {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    crate::metrics::viewer_dropped();
+                    break;
+                }
+                Err(TrySendError::Closed(_)) => break,
+            }
+        }
+    });
+    let sse = |e: crate::events::Event| {
+        Ok::<_, std::convert::Infallible>(SseEvent::default().id(e.id.to_string()).data(&*e.data))
+    };
+    let stream = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), sse);
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }

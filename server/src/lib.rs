@@ -4,7 +4,7 @@
 //! ```text
 //!  gRPC (tonic, TCP and/or Unix socket)        HTTP (axum)
 //!   Session stream ─┐                           /metrics /healthz /readyz
-//!   ObserveBatch ───┼──▶ Service ──▶ State ◀──── /v1/pack /v1/sessions
+//!   ObserveBatch ───┼──▶ Service ──▶ State ◀──── /v1/pack /v1/sessions /v1/sessions/{id}/events
 //!   Open/Close ─────┘   (per call)   (one owner: the Runtime, the live config, the sessions)
 //!                                        ▲
 //!                       lifecycle: SIGHUP reload, SIGTERM/SIGINT drain
@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod convert;
+pub mod events;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;

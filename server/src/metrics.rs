@@ -24,6 +24,8 @@ pub const REPLIES_DROPPED: &str = "probe_cascade_replies_dropped_total";
 pub const RELOADS: &str = "probe_cascade_config_reloads_total";
 pub const STEP_SIZE: &str = "probe_cascade_step_size";
 pub const ALERTS: &str = "probe_cascade_alerts_total";
+pub const VIEWERS: &str = "probe_cascade_viewers";
+pub const VIEWERS_DROPPED: &str = "probe_cascade_viewers_dropped_total";
 
 /// Distinct profile names that get a series of their own; alerts of later names are counted
 /// under `profile="(other)"`, so clients naming profiles freely cannot grow the metrics.
@@ -65,6 +67,8 @@ fn describe() {
     describe_histogram!(BATCH_ITEMS, "Items in one ObserveBatch call.");
     describe_counter!(REPLIES_DROPPED, "Answers not delivered because the client had gone.");
     describe_counter!(RELOADS, "Config reloads (SIGHUP), by result.");
+    describe_gauge!(VIEWERS, "Live-event viewers connected now (GET /v1/sessions/{id}/events).");
+    describe_counter!(VIEWERS_DROPPED, "Live-event viewers dropped for falling serve.viewer_buffer events behind.");
     describe_counter!("probe_cascade_cache_hits_total", "Probe lookups the RAM cache answered.");
     describe_counter!("probe_cascade_cache_misses_total", "Probe lookups that needed a read.");
     describe_counter!("probe_cascade_cache_evictions_total", "Probes evicted from the RAM cache.");
@@ -185,6 +189,16 @@ fn step_size_histogram(s: &StepStats) -> String {
 
 pub fn batch_items(n: usize) {
     histogram!(BATCH_ITEMS).record(n as f64);
+}
+
+/// A live-event viewer connected (+1) or left (-1).
+pub fn viewers(delta: f64) {
+    gauge!(VIEWERS).increment(delta);
+}
+
+/// A live-event viewer dropped for falling behind.
+pub fn viewer_dropped() {
+    counter!(VIEWERS_DROPPED).increment(1);
 }
 
 /// Answers that could not be delivered: the client had gone.

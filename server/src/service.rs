@@ -235,7 +235,7 @@ impl ProbeCascade for Service {
             match convert::decode_states(item.hidden.as_ref(), &item.layers, state.runtime.pack().model_layers()) {
                 Ok(states) => {
                     asks.push((id, states.into_iter().map(Hidden::from).collect()));
-                    asked.push((i, entry));
+                    asked.push((i, entry, item.text));
                 }
                 Err(message) => {
                     results[i] = Some(failed(i as u64, convert::error(pb::ErrorKind::BadHidden, message, None)))
@@ -245,13 +245,16 @@ impl ProbeCascade for Service {
         let outcome = within(deadline(state), &state.deadline_ticks, state.runtime.observe_batch_states(asks)).await;
         match outcome {
             Ok(answers) => {
-                for ((i, entry), answer) in asked.into_iter().zip(answers) {
+                for ((i, entry, text), answer) in asked.into_iter().zip(answers) {
                     entry.tokens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Ok(report) = &answer {
+                        entry.events.publish(report, text.as_deref());
+                    }
                     results[i] = Some(answered(i as u64, started, Ok(answer)));
                 }
             }
             Err(d) => {
-                for (i, _) in asked {
+                for (i, ..) in asked {
                     results[i] = Some(answered(i as u64, started, Err(d)));
                 }
             }
@@ -363,6 +366,7 @@ async fn drive(
             message = inbound.message(), if reading => match message {
                 Ok(Some(pb::SessionRequest {
                     kind: Some(kind @ (pb::session_request::Kind::Hidden(_) | pb::session_request::Kind::Layers(_))),
+                    text,
                 })) => {
                     let this = seq;
                     seq += 1;
@@ -388,9 +392,14 @@ async fn drive(
                             let started = Instant::now();
                             let d = Duration::from_millis(live.config.serve.request_deadline_ms);
                             let states: Vec<Hidden> = states.into_iter().map(Hidden::from).collect();
+                            let entry = entry.clone();
                             pending.push_back(futures::future::Either::Right(async move {
                                 let observed = session.observe_states(states);
-                                answered(this, started, within(d, &state.deadline_ticks, observed).await)
+                                let outcome = within(d, &state.deadline_ticks, observed).await;
+                                if let (Some(entry), Ok(Ok(report))) = (&entry, &outcome) {
+                                    entry.events.publish(report, text.as_deref());
+                                }
+                                answered(this, started, outcome)
                             }));
                         }
                         Err(message) => {

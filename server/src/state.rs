@@ -108,6 +108,8 @@ pub struct SessionEntry {
     last_used_ms: AtomicU64,
     /// An `OpenSession` session is owned here; a stream's is owned by its stream task.
     owned: Mutex<Option<Session>>,
+    /// Its tokens for live viewers.
+    pub events: crate::events::EventLog,
 }
 
 impl SessionEntry {
@@ -222,6 +224,7 @@ impl State {
                 tokens: AtomicU64::new(0),
                 last_used_ms: AtomicU64::new(self.now_ms()),
                 owned: Mutex::new(None),
+                events: crate::events::EventLog::new(self.live().config.serve.viewer_buffer),
             });
             made = Some(entry.clone());
             entry
@@ -477,6 +480,7 @@ pub fn changed_keys(old: &Config, new: &Config) -> (Vec<&'static str>, Vec<&'sta
     check("serve.max_batch_items", a.max_batch_items != b.max_batch_items, true);
     check("serve.idle_session_ms", a.idle_session_ms != b.idle_session_ms, true);
     check("serve.drain_grace_ms", a.drain_grace_ms != b.drain_grace_ms, true);
+    check("serve.viewer_buffer", a.viewer_buffer != b.viewer_buffer, false);
     (live, fixed)
 }
 

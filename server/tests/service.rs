@@ -104,6 +104,7 @@ async fn batched_steps_match_separate_in_process_sessions() {
                 session_id: id,
                 hidden: Some(encode_f32(f.traces[i].row(t))),
                 layers: Vec::new(),
+                text: None,
             })
             .collect();
         let got = client.observe_batch(pb::BatchRequest { items }).await.unwrap().into_inner();
@@ -115,9 +116,14 @@ async fn batched_steps_match_separate_in_process_sessions() {
     }
     // An unknown session and a bad item fail alone; the rest of the step is answered.
     let items = vec![
-        pb::BatchItem { session_id: 999, hidden: Some(encode_f32(f.traces[0].row(0))), layers: Vec::new() },
-        pb::BatchItem { session_id: ids[0], hidden: None, layers: Vec::new() },
-        pb::BatchItem { session_id: ids[1], hidden: Some(encode_f32(f.traces[1].row(0))), layers: Vec::new() },
+        pb::BatchItem { session_id: 999, hidden: Some(encode_f32(f.traces[0].row(0))), layers: Vec::new(), text: None },
+        pb::BatchItem { session_id: ids[0], hidden: None, layers: Vec::new(), text: None },
+        pb::BatchItem {
+            session_id: ids[1],
+            hidden: Some(encode_f32(f.traces[1].row(0))),
+            layers: Vec::new(),
+            text: None,
+        },
     ];
     let got = client.observe_batch(pb::BatchRequest { items }).await.unwrap().into_inner();
     assert_eq!(error(&got.results[0]).kind(), pb::ErrorKind::UnknownSession);
@@ -225,7 +231,12 @@ async fn every_limit_is_refused_by_name() {
     assert!(e.message().contains("runtime.max_sessions = 2"), "{e}");
 
     // serve.max_batch_items = 2.
-    let item = |id| pb::BatchItem { session_id: id, hidden: Some(encode_f32(f.traces[0].row(0))), layers: Vec::new() };
+    let item = |id| pb::BatchItem {
+        session_id: id,
+        hidden: Some(encode_f32(f.traces[0].row(0))),
+        layers: Vec::new(),
+        text: None,
+    };
     let e = client.observe_batch(pb::BatchRequest { items: vec![item(a), item(b), item(a)] }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted);
     assert!(e.message().contains("serve.max_batch_items = 2"), "{e}");
@@ -257,7 +268,8 @@ async fn every_limit_is_refused_by_name() {
     assert!(refused > 0 && refused < sent, "{refused} of {sent} refused");
 
     // serve.max_message_bytes = 4096: a unary call is refused naming the limit...
-    let big = pb::BatchItem { session_id: a, hidden: Some(encode_f32(&vec![0.0; 2048])), layers: Vec::new() };
+    let big =
+        pb::BatchItem { session_id: a, hidden: Some(encode_f32(&vec![0.0; 2048])), layers: Vec::new(), text: None };
     let e = client.observe_batch(pb::BatchRequest { items: vec![big] }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
     assert!(e.message().contains("serve.max_message_bytes = 4096"), "{e}");
@@ -655,8 +667,10 @@ async fn lenses_over_model_layers_take_one_state_per_layer_on_the_wire() {
     let local = rt.open_session(Default::default()).await.unwrap();
     let mut s = open(&mut client, Default::default()).await;
     for t in 0..12 {
-        let msg =
-            pb::SessionRequest { kind: Some(pb::session_request::Kind::Layers(pb::LayerStates { layers: layers(t) })) };
+        let msg = pb::SessionRequest {
+            kind: Some(pb::session_request::Kind::Layers(pb::LayerStates { layers: layers(t) })),
+            text: None,
+        };
         s.tx.send(msg).await.unwrap();
         let got = s.result().await;
         let want = local.observe_states(vec![state(t, 4).into(), state(t, 7).into()]).await.unwrap();
@@ -678,7 +692,7 @@ async fn lenses_over_model_layers_take_one_state_per_layer_on_the_wire() {
     }
     // One layer only, and a plain `hidden`: each a named error; the stream answers the next.
     let one = pb::LayerStates { layers: layers(0).into_iter().filter(|l| l.model_layer == 4).collect() };
-    s.tx.send(pb::SessionRequest { kind: Some(pb::session_request::Kind::Layers(one)) }).await.unwrap();
+    s.tx.send(pb::SessionRequest { kind: Some(pb::session_request::Kind::Layers(one)), text: None }).await.unwrap();
     let e = error(&s.result().await).clone();
     assert_eq!(e.kind, pb::ErrorKind::BadHidden as i32);
     assert!(e.message.contains("[4]") && e.message.contains("[4, 7]"), "{}", e.message);
@@ -690,7 +704,10 @@ async fn lenses_over_model_layers_take_one_state_per_layer_on_the_wire() {
     let other = open(&mut client, Default::default()).await;
     let ids = [s.id, other.id];
     let batch = pb::BatchRequest {
-        items: ids.iter().map(|&id| pb::BatchItem { session_id: id, hidden: None, layers: layers(20) }).collect(),
+        items: ids
+            .iter()
+            .map(|&id| pb::BatchItem { session_id: id, hidden: None, layers: layers(20), text: None })
+            .collect(),
     };
     let results = client.observe_batch(batch).await.unwrap().into_inner().results;
     assert_eq!(wire_outcome(report(&results[0])).0, wire_outcome(report(&results[1])).0);
@@ -712,4 +729,109 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
             std::fs::copy(&path, &dst).unwrap();
         }
     }
+}
+
+/// A live-event viewer on a raw connection: sends the request, then reads events as they come.
+struct Viewer {
+    stream: tokio::net::TcpStream,
+    /// What has come and is not parsed yet.
+    text: String,
+    events: Vec<(u64, serde_json::Value)>,
+}
+
+impl Viewer {
+    async fn connect(server: &probe_cascade_server::Server, session: u64, last: Option<u64>) -> Self {
+        use tokio::io::AsyncWriteExt;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // A small receive buffer, so that a viewer that stops reading backs up quickly.
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(server.http_addr().unwrap()).await.unwrap();
+        let resume = last.map(|l| format!("last-event-id: {l}\r\n")).unwrap_or_default();
+        let req = format!("GET /v1/sessions/{session}/events HTTP/1.1\r\nhost: localhost\r\n{resume}\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        Viewer { stream, text: String::new(), events: Vec::new() }
+    }
+
+    /// Moves every complete event of `text` to `events` (each is one `id:` and one `data:`
+    /// line; the chunked encoding's size lines fall between events).
+    fn parse(&mut self) {
+        while let Some(start) = self.text.find("id: ") {
+            let Some(end) = self.text[start..].find("\n\n").map(|e| start + e) else { break };
+            let event = &self.text[start + 4..end];
+            let (id, data) = event.split_once("\ndata: ").expect("an id line, then a data line");
+            self.events.push((id.trim().parse().unwrap(), serde_json::from_str(data).unwrap()));
+            self.text.drain(..end + 2);
+        }
+    }
+
+    /// Reads until `n` events have come; returns every event so far, as (id, JSON).
+    async fn until(&mut self, n: usize) -> &[(u64, serde_json::Value)] {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1 << 16];
+        while self.events.len() < n {
+            let read = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut buf)).await;
+            let got = read.expect("events arrive within 10 s").unwrap();
+            assert!(got > 0, "the stream ended after {} events", self.events.len());
+            self.text.push_str(&String::from_utf8_lossy(&buf[..got]));
+            self.parse();
+        }
+        &self.events
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_events_carry_each_token_resume_without_duplicates_and_drop_a_viewer_that_stops_reading() {
+    let f = fixture();
+    let server = serve(&f, &realtime("[serve]\nviewer_buffer = 8\nstream_queue = 256\n"), false, None).await;
+    let mut client = tcp_client(&server).await;
+    let mut s = open(&mut client, Default::default()).await;
+    let (status, _) = http_get(&server, "/v1/sessions/999/events", None).await;
+    assert_eq!(status, 404);
+    let mut first = Viewer::connect(&server, s.id, None).await;
+    // The viewer's subscription is in place once its response headers are out.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut names = Vec::new();
+    for t in 0..5 {
+        let text = format!("word{t}");
+        let hidden = Some(pb::session_request::Kind::Hidden(encode_f32(f.traces[0].row(t))));
+        s.tx.send(pb::SessionRequest { kind: hidden, text: Some(text) }).await.unwrap();
+        let r = s.result().await;
+        names.push(report(&r).top.iter().map(|d| d.name.clone()).collect::<Vec<_>>());
+    }
+    let events = first.until(5).await.to_vec();
+    for (t, (id, e)) in events.iter().enumerate() {
+        assert_eq!((*id, e["token"].as_u64()), (t as u64, Some(t as u64)));
+        assert_eq!(e["text"], format!("word{t}"));
+        let top: Vec<String> =
+            e["top"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().into()).collect();
+        assert_eq!(top, names[t], "token {t}: the event's top concepts are the report's");
+    }
+    // A viewer that saw event 2 reconnects: 3 and 4 once, then the live feed.
+    let mut again = Viewer::connect(&server, s.id, Some(2)).await;
+    assert_eq!(again.until(2).await.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![3, 4]);
+    s.send(encode_f32(f.traces[0].row(5))).await;
+    s.result().await;
+    let ids: Vec<u64> = again.until(3).await.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, vec![3, 4, 5], "no duplicates");
+    // `first` stops reading: once it is a buffer behind it is dropped and counted, and the
+    // session never waits for it.
+    let dropped = || async {
+        let (_, m) = http_get(&server, "/metrics", None).await;
+        m.lines().any(|l| l.starts_with("probe_cascade_viewers_dropped_total") && !l.ends_with(" 0"))
+    };
+    let mut t = 6;
+    while !dropped().await {
+        assert!(t < 40_000, "a viewer that stopped reading was never dropped");
+        for _ in 0..200 {
+            s.send(encode_f32(f.traces[0].row(t % TOKENS))).await;
+            t += 1;
+        }
+        for _ in 0..200 {
+            assert!(matches!(s.result().await.outcome, Some(pb::token_result::Outcome::Report(_))));
+        }
+        // The viewer that reads keeps up.
+        again.until(t - 3).await;
+    }
+    drop(first);
+    drop(s);
 }

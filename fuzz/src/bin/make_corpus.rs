@@ -35,9 +35,10 @@ fn main() {
     std::fs::remove_dir_all(&pack).unwrap();
 
     // A v2 manifest over the same shard: two lenses, the first of two calibrated probes.
-    let tiny: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/manifest/tiny.json")).unwrap())
-            .unwrap();
+    let tiny: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/manifest/tiny.json")).unwrap(),
+    )
+    .unwrap();
     put("manifest", "lenses_v2.json", lenses_v2(&tiny).to_string().as_bytes());
     // The same with a simplex of one pole (probe 2) and concept calibration.
     put("manifest", "lenses_v2_simplex.json", lenses_v2_simplex(&tiny).to_string().as_bytes());
@@ -110,11 +111,11 @@ fn main() {
     let hidden = encode_f32(&[0.5, -1.0, 2.0, 0.0]);
     let bf16 = pb::HiddenState { dtype: pb::Dtype::Bf16 as i32, len: 2, data: vec![0x80, 0x3f, 0x00, 0xc0].into() };
     let with_kind = |kind: u8, m: Vec<u8>| [vec![kind], m].concat();
-    let open = pb::SessionRequest { kind: Some(pb::session_request::Kind::Open(options.clone())) };
+    let open = pb::SessionRequest { kind: Some(pb::session_request::Kind::Open(options.clone())), text: None };
     put("service", "open.bin", &with_kind(0, open.encode_to_vec()));
-    let h = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(hidden.clone())) };
+    let h = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(hidden.clone())), text: None };
     put("service", "hidden-f32.bin", &with_kind(0, h.encode_to_vec()));
-    let h = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(bf16.clone())) };
+    let h = pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(bf16.clone())), text: None };
     put("service", "hidden-bf16.bin", &with_kind(0, h.encode_to_vec()));
     // One state per model layer (the target checks them against model layers 4 and 7).
     let layers = vec![
@@ -123,13 +124,14 @@ fn main() {
     ];
     let h = pb::SessionRequest {
         kind: Some(pb::session_request::Kind::Layers(pb::LayerStates { layers: layers.clone() })),
+        text: Some(" token".into()),
     };
     put("service", "layers.bin", &with_kind(0, h.encode_to_vec()));
     let batch = pb::BatchRequest {
         items: vec![
-            pb::BatchItem { session_id: 1, hidden: Some(hidden), layers: Vec::new() },
-            pb::BatchItem { session_id: 2, hidden: Some(bf16), layers: Vec::new() },
-            pb::BatchItem { session_id: 3, hidden: None, layers },
+            pb::BatchItem { session_id: 1, hidden: Some(hidden), layers: Vec::new(), text: None },
+            pb::BatchItem { session_id: 2, hidden: Some(bf16), layers: Vec::new(), text: None },
+            pb::BatchItem { session_id: 3, hidden: None, layers, text: Some(" text".into()) },
         ],
     };
     put("service", "batch.bin", &with_kind(1, batch.encode_to_vec()));

@@ -81,14 +81,16 @@ class LayerStates(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[_Union[LayerState, _Mapping]]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("open", "hidden", "layers")
+    __slots__ = ("open", "hidden", "layers", "text")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     open: SessionOptions
     hidden: HiddenState
     layers: LayerStates
-    def __init__(self, open: _Optional[_Union[SessionOptions, _Mapping]] = ..., hidden: _Optional[_Union[HiddenState, _Mapping]] = ..., layers: _Optional[_Union[LayerStates, _Mapping]] = ...) -> None: ...
+    text: str
+    def __init__(self, open: _Optional[_Union[SessionOptions, _Mapping]] = ..., hidden: _Optional[_Union[HiddenState, _Mapping]] = ..., layers: _Optional[_Union[LayerStates, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
     __slots__ = ("opened", "result")
@@ -237,14 +239,16 @@ class CloseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class BatchItem(_message.Message):
-    __slots__ = ("session_id", "hidden", "layers")
+    __slots__ = ("session_id", "hidden", "layers", "text")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     hidden: HiddenState
     layers: _containers.RepeatedCompositeFieldContainer[LayerState]
-    def __init__(self, session_id: _Optional[int] = ..., hidden: _Optional[_Union[HiddenState, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerState, _Mapping]]] = ...) -> None: ...
+    text: str
+    def __init__(self, session_id: _Optional[int] = ..., hidden: _Optional[_Union[HiddenState, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerState, _Mapping]]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
     __slots__ = ("items",)

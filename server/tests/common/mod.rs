@@ -100,11 +100,11 @@ pub struct Stream {
 }
 
 pub fn open_msg(options: pb::SessionOptions) -> pb::SessionRequest {
-    pb::SessionRequest { kind: Some(pb::session_request::Kind::Open(options)) }
+    pb::SessionRequest { kind: Some(pb::session_request::Kind::Open(options)), text: None }
 }
 
 pub fn hidden_msg(h: pb::HiddenState) -> pb::SessionRequest {
-    pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(h)) }
+    pb::SessionRequest { kind: Some(pb::session_request::Kind::Hidden(h)), text: None }
 }
 
 pub async fn try_open(
