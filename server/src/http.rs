@@ -205,6 +205,10 @@ async fn events(
     let sse = |e: crate::events::Event| {
         Ok::<_, std::convert::Infallible>(SseEvent::default().id(e.id.to_string()).data(&*e.data))
     };
-    let stream = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), sse);
+    // A first comment goes out at once, so that the viewer knows its subscription is in place
+    // (every later token reaches it) without waiting for a token or a keep-alive.
+    let hello = futures::stream::once(async { Ok(SseEvent::default().comment("subscribed")) });
+    let stream =
+        futures::StreamExt::chain(hello, futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), sse));
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }

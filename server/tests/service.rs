@@ -749,7 +749,19 @@ impl Viewer {
         let resume = last.map(|l| format!("last-event-id: {l}\r\n")).unwrap_or_default();
         let req = format!("GET /v1/sessions/{session}/events HTTP/1.1\r\nhost: localhost\r\n{resume}\r\n");
         stream.write_all(req.as_bytes()).await.unwrap();
-        Viewer { stream, text: String::new(), events: Vec::new() }
+        let mut viewer = Viewer { stream, text: String::new(), events: Vec::new() };
+        // The server subscribes before it answers, and answers with a first comment: once the
+        // response head is here, every later token reaches this viewer.
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 4096];
+        while !viewer.text.contains("\r\n\r\n") {
+            let read = tokio::time::timeout(Duration::from_secs(30), viewer.stream.read(&mut buf)).await;
+            let got = read.expect("the response head arrives within 30 s").unwrap();
+            assert!(got > 0, "the connection closed before the response head");
+            viewer.text.push_str(&String::from_utf8_lossy(&buf[..got]));
+        }
+        assert!(viewer.text.starts_with("HTTP/1.1 200"), "{}", viewer.text);
+        viewer
     }
 
     /// Moves every complete event of `text` to `events` (each is one `id:` and one `data:`
@@ -769,8 +781,8 @@ impl Viewer {
         use tokio::io::AsyncReadExt;
         let mut buf = vec![0u8; 1 << 16];
         while self.events.len() < n {
-            let read = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut buf)).await;
-            let got = read.expect("events arrive within 10 s").unwrap();
+            let read = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut buf)).await;
+            let got = read.expect("events arrive within 30 s").unwrap();
             assert!(got > 0, "the stream ended after {} events", self.events.len());
             self.text.push_str(&String::from_utf8_lossy(&buf[..got]));
             self.parse();
@@ -788,8 +800,6 @@ async fn live_events_carry_each_token_resume_without_duplicates_and_drop_a_viewe
     let (status, _) = http_get(&server, "/v1/sessions/999/events", None).await;
     assert_eq!(status, 404);
     let mut first = Viewer::connect(&server, s.id, None).await;
-    // The viewer's subscription is in place once its response headers are out.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut names = Vec::new();
     for t in 0..5 {
         let text = format!("word{t}");
