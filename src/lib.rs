@@ -14,3 +14,4 @@ pub mod runtime;
 pub mod synth;
 pub mod tune;
 pub mod types;
+pub mod viewer;

@@ -9,6 +9,10 @@ use std::process::Command;
 use common::*;
 use probe_cascade::npy::{self, Matrix};
 
+#[path = "../../tests/common/fs.rs"]
+mod fs_support;
+use fs_support::copy_dir;
+
 fn run_cmd(f: &Fixture, trace: &Path) -> Command {
     let mut c = bin();
     c.arg("run").arg("--config").arg(config()).arg("--pack").arg(&f.pack).arg("--trace").arg(trace);
@@ -476,18 +480,6 @@ fn every_command_reads_traces_of_lenses_over_model_layers() {
 }
 
 /// Copies directory `from` into `to`, recursively.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let dst = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &dst);
-        } else {
-            std::fs::copy(&path, &dst).unwrap();
-        }
-    }
-}
 
 #[test]
 fn a_headspace_pack_with_simplexes_and_concept_calibration_imports_inspects_and_runs() {
@@ -529,4 +521,76 @@ fn a_headspace_pack_with_simplexes_and_concept_calibration_imports_inspects_and_
     let last = &tokens[rows - 1]["simplex"];
     assert_eq!(last.as_array().map(Vec::len), Some(3), "{last}");
     assert!(last[0]["deviation"].is_number() && tokens[0]["simplex"][0]["deviation"].is_null(), "{last}");
+}
+
+/// The data a page of the viewer carries (`<script type="application/json" id="pc-data">`).
+fn page_data(page: &str) -> serde_json::Value {
+    let open = r#"<script type="application/json" id="pc-data">"#;
+    let start = page.find(open).expect("the page carries its data") + open.len();
+    let end = start + page[start..].find("</script>").unwrap();
+    serde_json::from_str(&page[start..end].replace("<\\/", "</")).unwrap()
+}
+
+#[test]
+fn run_html_writes_one_offline_page_with_every_token_its_text_concepts_and_alerts() {
+    let f = fixture();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.pack.join("manifest.json")).unwrap()).unwrap();
+    let roots: Vec<&str> = manifest["concepts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["layer"] == 0)
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    let watch = f.root.join("roots.txt");
+    std::fs::write(&watch, roots.join("\n")).unwrap();
+    let texts: Vec<String> = (0..12).map(|i| format!(" tok</script>{i}")).collect();
+    let text_file = f.root.join("texts.json");
+    std::fs::write(&text_file, serde_json::to_vec(&texts).unwrap()).unwrap();
+    let (html, json) = (f.root.join("run.html"), f.root.join("run.json"));
+    let out = run_ok(
+        run_cmd(&f, &f.trace)
+            .args(["--engine", "runtime", "--watch"])
+            .arg(&watch)
+            .arg("--token-text")
+            .arg(&text_file)
+            .arg("--html")
+            .arg(&html)
+            .arg("--json")
+            .arg(&json),
+    );
+    assert!(out.contains("wrote"), "{out}");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(!page.contains("https://") && !page.contains("src="), "the page loads nothing");
+    let data = page_data(&page);
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let events = data["sessions"][0]["events"].as_array().unwrap();
+    let tokens = doc["tokens"].as_array().unwrap();
+    assert_eq!(events.len(), tokens.len());
+    let mut alerts = 0;
+    for (i, (e, t)) in events.iter().zip(tokens).enumerate() {
+        assert_eq!(e["token"], t["index"]);
+        assert_eq!(e["text"], texts[i], "token {i}'s text, even with a </script> in it");
+        // The same concepts and scores (the JSON file writes f32s widened to f64).
+        let scored = |v: &serde_json::Value, key: &str| -> Vec<(String, f32)> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|d| (d[key].as_str().unwrap().into(), d["prob"].as_f64().unwrap_or(-1.0) as f32))
+                .collect()
+        };
+        assert_eq!(
+            scored(&e["top"], "name"),
+            scored(&t["top"], "name"),
+            "token {i}: the page's top concepts are the run's"
+        );
+        assert_eq!(e["alerts"].as_array().unwrap().len(), t["alerts"].as_array().unwrap().len());
+        alerts += e["alerts"].as_array().unwrap().len();
+    }
+    assert!(alerts > 0, "watching the roots raises alerts");
+    assert_eq!(data["pack"]["concepts"], manifest["concepts"].as_array().unwrap().len());
+    // --token-text alone names nothing.
+    let err = failed(&run_cmd(&f, &f.trace).arg("--token-text").arg(&text_file).output().unwrap());
+    assert!(err.contains("--token-text") && err.contains("--html"), "{err}");
 }

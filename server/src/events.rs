@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use probe_cascade::engine::TokenReport;
-use serde::Serialize;
 use tokio::sync::broadcast;
 
 /// One token's event: its number (the SSE `id`) and its JSON.
@@ -22,19 +21,6 @@ use tokio::sync::broadcast;
 pub struct Event {
     pub id: u64,
     pub data: Arc<str>,
-}
-
-/// The event's JSON (docs/serving.md documents it field by field).
-#[derive(Serialize)]
-struct Body<'a> {
-    token: u64,
-    text: Option<&'a str>,
-    ms: f64,
-    top: &'a [probe_cascade::engine::ReportEntry],
-    alerts: &'a [probe_cascade::engine::Alert],
-    simplex: &'a [probe_cascade::engine::SimplexReading],
-    scored: usize,
-    active: usize,
 }
 
 /// A session's events: the recent ones, and the live feed.
@@ -63,16 +49,7 @@ impl EventLog {
         if !self.watched.load(Ordering::Relaxed) {
             return;
         }
-        let body = Body {
-            token: report.index as u64,
-            text,
-            ms: report.elapsed.as_secs_f64() * 1e3,
-            top: &report.top,
-            alerts: &report.alerts,
-            simplex: &report.simplex,
-            scored: report.scored,
-            active: report.active,
-        };
+        let body = probe_cascade::viewer::TokenEvent::new(report, text);
         let data: Arc<str> = serde_json::to_string(&body).expect("an event serializes").into();
         let event = Event { id: report.index as u64, data };
         let mut recent = self.recent.lock().expect("event log lock");

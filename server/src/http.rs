@@ -1,5 +1,5 @@
 //! HTTP on its own port (axum): Prometheus metrics, health and readiness, and read-only views
-//! of the pack and the sessions. `/v1/*` needs the bearer token when one is set; `/metrics`
+//! of the pack and the sessions, and the live viewer page at `/`. `/v1/*` needs the bearer token when one is set; `/metrics`
 //! and the health checks do not, so that scrapers and orchestrators need no secret.
 
 use std::sync::Arc;
@@ -10,7 +10,6 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Serialize;
 
 use crate::auth::BearerToken;
 use crate::state::State;
@@ -23,6 +22,7 @@ struct Http {
 
 pub fn router(state: Arc<State>, token: BearerToken) -> Router {
     Router::new()
+        .route("/", get(viewer))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -63,58 +63,21 @@ fn unauthorized(h: &Http, headers: &HeaderMap) -> Option<Response> {
     Some((StatusCode::UNAUTHORIZED, format!("{why}\n")).into_response())
 }
 
-#[derive(Serialize)]
-struct ConceptView<'a> {
-    id: u32,
-    name: &'a str,
-    layer: u16,
-    parents: Vec<&'a str>,
-    children: Vec<&'a str>,
-}
-
-#[derive(Serialize)]
-struct LayerView {
-    layer: u16,
-    concepts: usize,
-}
-
-#[derive(Serialize)]
-struct PackView<'a> {
-    dir: String,
-    hidden_dim: usize,
-    dtype: String,
-    concepts: usize,
-    layers: Vec<LayerView>,
-    hierarchy: Vec<ConceptView<'a>>,
-}
-
+/// The pack's metadata and hierarchy (`probe_cascade::viewer::PackView`, what the viewer reads).
 async fn pack(AxumState(h): AxumState<Http>, headers: HeaderMap) -> Response {
     if let Some(r) = unauthorized(&h, &headers) {
         return r;
     }
     let pack = h.state.runtime.pack().clone();
-    let hier = pack.hierarchy();
-    let names = |ids: &[u32]| ids.iter().map(|&i| hier.name(probe_cascade::pack::ConceptId(i))).collect();
-    let view = PackView {
-        dir: pack.dir().display().to_string(),
-        hidden_dim: pack.hidden_dim(),
-        dtype: format!("{:?}", pack.dtype()).to_lowercase(),
-        concepts: pack.len(),
-        layers: (0..hier.layer_count() as u16)
-            .map(|layer| LayerView { layer, concepts: hier.layer_members(layer).len() })
-            .collect(),
-        hierarchy: hier
-            .ids()
-            .map(|id| ConceptView {
-                id: id.0,
-                name: hier.name(id),
-                layer: hier.layer(id),
-                parents: names(hier.parents(id)),
-                children: names(hier.children(id)),
-            })
-            .collect(),
-    };
-    Json(view).into_response()
+    Json(probe_cascade::viewer::PackView::new(&pack)).into_response()
+}
+
+/// The live viewer (`probe_cascade::viewer`). The page holds no data: what it shows comes from
+/// the `/v1/` routes, which ask for the bearer token where one is set (the page asks for it).
+async fn viewer() -> Response {
+    static PAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let page = PAGE.get_or_init(probe_cascade::viewer::live_page).as_str();
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], page).into_response()
 }
 
 /// The pack as headspace's own `GET /v1/pack` gives it (`probe_cascade::headspace::pack_info`).

@@ -14,6 +14,10 @@ use probe_cascade_server::convert::encode_f32;
 use probe_cascade_server::proto::v1 as pb;
 use probe_cascade_server::ReloadOutcome;
 
+#[path = "../../tests/common/fs.rs"]
+mod fs_support;
+use fs_support::copy_dir;
+
 /// What the in-process runtime reports for each row of `trace`, in one session.
 async fn in_process(f: &Fixture, config: &str, trace: usize, options: SessionOptions) -> Vec<Outcome> {
     let config = Config::parse(config, std::path::Path::new("test")).unwrap();
@@ -211,6 +215,11 @@ async fn every_limit_is_refused_by_name() {
     assert_eq!(http_get(&server, "/v1/pack", None).await.0, 401);
     assert_eq!(http_get(&server, "/v1/pack", Some("s3cret")).await.0, 200);
     assert_eq!(http_get(&server, "/healthz", None).await.0, 200);
+    assert_eq!(http_get(&server, "/v1/sessions", None).await.0, 401);
+    assert_eq!(http_get(&server, "/v1/sessions/0/events", None).await.0, 401);
+    // The viewer page holds no data, so it needs no token; it asks for one for the routes above.
+    let (status, page) = http_get(&server, "/", None).await;
+    assert!(status == 200 && page.contains("pc-token") && page.contains("/v1/sessions"), "{status}");
     let right = |mut req: tonic::Request<()>| {
         req.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
         Ok(req)
@@ -718,18 +727,6 @@ async fn lenses_over_model_layers_take_one_state_per_layer_on_the_wire() {
 }
 
 /// Copies directory `from` into `to`, recursively.
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let dst = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &dst);
-        } else {
-            std::fs::copy(&path, &dst).unwrap();
-        }
-    }
-}
 
 /// A live-event viewer on a raw connection: sends the request, then reads events as they come.
 struct Viewer {

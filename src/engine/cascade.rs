@@ -26,14 +26,15 @@ pub struct CascadeEngine<B> {
     probe_logits: HashMap<ConceptId, Vec<f32>>,
     /// The simplex poles' rolling baselines in this stream.
     baselines: Baselines,
+    /// Every simplex pole's probe (`Pack::pole_probes`), scored each token; often none.
+    poles: Vec<ProbeId>,
 }
 
 impl<B: ProbeBackend> CascadeEngine<B> {
     pub fn new(pack: Arc<Pack>, config: &CascadeConfig, mut backend: B) -> Result<Self, EngineError> {
         let base = policy::base_set(pack.hierarchy(), config)?;
         let watch = Watch::compile(pack.hierarchy(), &config.watch, policy::default_alert_threshold(&pack))?;
-        // The base lenses' probes, and the always-on simplex poles'.
-        let probes: Vec<ProbeId> = base.iter().flat_map(|c| pack.probes_of(c)).chain(pack.pole_probes()).collect();
+        let probes: Vec<ProbeId> = policy::pinned_probes(&pack, &base).collect();
         backend.load(&probes).map_err(EngineError::BaseLoad)?;
         let normalization = config.normalization_for(pack.input_normalization());
         Ok(Self {
@@ -43,7 +44,8 @@ impl<B: ProbeBackend> CascadeEngine<B> {
             backend,
             active: base.clone(),
             base,
-            baselines: Baselines::new(pack.pole_probes().len()),
+            baselines: Baselines::for_pack(&pack),
+            poles: pack.pole_probes().collect(),
             pack,
             probe_logits: HashMap::new(),
         })
@@ -93,8 +95,14 @@ impl<B: ProbeBackend> CascadeEngine<B> {
         self.probe_logits.clear();
         let initial: Vec<ConceptId> = self.active.iter().collect();
         let initial = self.score(&initial, h)?;
-        let poles: Vec<ProbeId> = self.pack.pole_probes().collect();
-        let pole_logits = self.logits(&poles, h)?;
+        let pole_logits = if self.poles.is_empty() {
+            Vec::new()
+        } else {
+            let poles = std::mem::take(&mut self.poles);
+            let logits = self.logits(&poles, h);
+            self.poles = poles;
+            logits?
+        };
         stages.initial_scoring += t.elapsed();
 
         let pack = self.pack.clone();

@@ -64,7 +64,7 @@ impl OracleEngine {
         for p in 0..pack.probe_count() {
             by_state[pack.probe(ProbeId(p as u32)).state as usize].push(p);
         }
-        let baselines = Baselines::new(pack.pole_probes().len());
+        let baselines = Baselines::for_pack(&pack);
         Ok(Self { pack, kernel, isa, normalization, report_top_k, watch, probes, ranges, by_state, baselines })
     }
 

@@ -18,7 +18,7 @@ pub use token::TokenCascade;
 pub use watch::{default_alert_threshold, AlertHit, Watch, CALIBRATED_ALERT_THRESHOLD, RAW_ALERT_THRESHOLD};
 
 use crate::config::{CascadeConfig, ConfigError};
-use crate::pack::{ConceptId, DenseId, Hierarchy, ProbeId};
+use crate::pack::{ConceptId, DenseId, Hierarchy, Pack, ProbeId};
 
 /// One concept's (lens's) score on the current token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,6 +57,12 @@ pub fn scored_by_id(scored: &[Scored]) -> (Vec<ConceptId>, Vec<f32>, Vec<f32>) {
     let ids = v.iter().map(|s| s.id).collect();
     let logits = v.iter().map(|s| s.logit).collect();
     (ids, logits, v.into_iter().map(|s| s.prob).collect())
+}
+
+/// The probes loaded for a stream's whole life: the base lenses' (`base`, from [`base_set`]),
+/// then every simplex pole's. The one list every engine pins.
+pub fn pinned_probes<'a>(pack: &'a Pack, base: &'a ConceptSet) -> impl Iterator<Item = ProbeId> + 'a {
+    base.iter().flat_map(|c| pack.probes_of(c)).chain(pack.pole_probes())
 }
 
 /// The always-active probes: every concept of `config.base_layers`. Errors (naming the config

@@ -21,6 +21,11 @@ pub struct Baselines {
 }
 
 impl Baselines {
+    /// Empty baselines for every simplex pole of `pack`.
+    pub fn for_pack(pack: &crate::pack::Pack) -> Self {
+        Self::new(pack.pole_probes().len())
+    }
+
     pub fn new(poles: usize) -> Self {
         Self { poles: (0..poles).map(|_| VecDeque::with_capacity(BASELINE_WINDOW)).collect() }
     }

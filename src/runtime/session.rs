@@ -131,7 +131,7 @@ impl Runtime {
             let staging = (device != tch::Device::Cpu).then_some(config.runtime.staging_bytes);
             let compute = tensors::kind_of(config.device.compute_dtype);
             let row_bytes = row_bytes(pack.hidden_dim(), compute);
-            let base = pinned_probes(&pack, &base);
+            let base = pinned_set(&pack, &base);
             let rows = store_rows(&pack, config.device.store_bytes, row_bytes, device, base.len())?;
             let backend = TorchBackend::new(pack.clone(), rows, device, compute, staging, base, faults.clone())
                 .map_err(|source| StartError::Store { rows, row_bytes, source })?;
@@ -382,7 +382,7 @@ fn new_coordinator(
         active: crate::policy::ConceptSet::with_capacity(pack.len()),
         layers,
         probe_logits: HashMap::new(),
-        baselines: crate::policy::simplex::Baselines::new(pack.pole_probes().len()),
+        baselines: crate::policy::simplex::Baselines::for_pack(pack),
         normalization: cascade.normalization_for(pack.input_normalization()),
         pack: pack.clone(),
         config: Arc::new(cascade.clone()),
@@ -461,10 +461,10 @@ fn session_config(base: &Config, options: &SessionOptions) -> Result<Config, Run
     Ok(config)
 }
 
-/// The probes always active: the base lenses', and the simplex poles'.
-fn pinned_probes(pack: &Pack, base: &crate::policy::ConceptSet) -> crate::policy::ProbeSet {
+/// The probes always active ([`crate::policy::pinned_probes`]), as a set.
+fn pinned_set(pack: &Pack, base: &crate::policy::ConceptSet) -> crate::policy::ProbeSet {
     let mut out = crate::policy::ProbeSet::with_capacity(pack.probe_count());
-    for p in base.iter().flat_map(|c| pack.probes_of(c)).chain(pack.pole_probes()) {
+    for p in crate::policy::pinned_probes(pack, base) {
         out.insert(p);
     }
     out

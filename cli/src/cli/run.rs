@@ -61,9 +61,16 @@ pub struct RunArgs {
     /// with --sessions.
     #[arg(long, value_name = "OUT", conflicts_with = "sessions")]
     trace_json: Option<PathBuf>,
-    /// The trace's token texts for --trace-json: a JSON list of strings, one per hidden state.
-    #[arg(long, value_name = "FILE.json", requires = "trace_json")]
+    /// The trace's token texts for --trace-json and --html: a JSON list of strings, one per
+    /// hidden state.
+    #[arg(long, value_name = "FILE.json")]
     token_text: Option<PathBuf>,
+    /// Also write the run as one self-contained HTML page (the viewer `serve` shows live, with
+    /// the run's tokens in the file; it needs no network): each token tinted by its strongest
+    /// concept, its top concepts and their paths, sparklines and alerts. With --sessions, one
+    /// stream per session.
+    #[arg(long, value_name = "OUT.html")]
+    html: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -103,6 +110,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         return run_sessions(&args, pack, &config, &trace, tokens, n as usize);
     }
     let texts = args.token_text.as_deref().map(|f| token_texts(f, tokens)).transpose()?;
+    anyhow::ensure!(
+        texts.is_none() || args.trace_json.is_some() || args.html.is_some(),
+        "--token-text names the tokens of --trace-json or --html: give one of them"
+    );
     let mut engine = engines::build(args.engine, pack.clone(), &config)?;
     println!("{} engine, {} tokens, config {}", engine.name(), tokens, args.config.display());
     println!("{:>6} {:>9} {:>9} {:>7} {:>9} {:>7}  top", "token", "ms", "children", "loaded", "unloaded", "active");
@@ -187,6 +198,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         summary["fidelity"] = serde_json::to_value(probe_cascade::fidelity::of_reports(&rows, &reports))?;
     }
     print_summary(&summary);
+    if let Some(path) = &args.html {
+        let label = args.trace.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+        let events = reports
+            .iter()
+            .map(|r| probe_cascade::viewer::TokenEvent::new(r, texts.as_ref().map(|t| t[r.index].as_str())))
+            .collect();
+        write_html(path, &args, &pack, &[probe_cascade::viewer::RecordedSession { id: 0, label, events }])?;
+    }
     if let Some(path) = &args.trace_json {
         write_trace_json(path, &args, &pack, &reports, texts)?;
     }
@@ -218,6 +237,8 @@ fn run_sessions(
     use probe_cascade::runtime::{Runtime, SessionOptions};
     anyhow::ensure!(tokens > 0, "the trace {} has no tokens", args.trace.display());
     let stride = args.offset_stride.unwrap_or(tokens / n);
+    let texts = args.token_text.as_deref().map(|f| token_texts(f, trace.rows)).transpose()?;
+    anyhow::ensure!(texts.is_none() || args.html.is_some(), "--token-text with --sessions names the tokens of --html");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (per_session, wall, stats) = rt.block_on(async {
         let runtime = Runtime::start(pack.clone(), config).await?;
@@ -268,6 +289,7 @@ fn run_sessions(
     println!("{:>8} {:>7} {:>9} {:>9} {:>9}", "session", "offset", "p50 ms", "p95 ms", "errors");
     let mut all: Vec<TokenReport> = Vec::new();
     let mut docs = Vec::with_capacity(n);
+    let mut streams: Vec<(usize, Vec<TokenReport>)> = Vec::with_capacity(n);
     for (i, (offset, out)) in per_session.into_iter().enumerate() {
         let entries: Vec<serde_json::Value> = out
             .iter()
@@ -285,7 +307,8 @@ fn run_sessions(
             s["errors"]
         );
         docs.push(json!({"offset": offset, "tokens": entries, "summary": s}));
-        all.extend(reports);
+        all.extend(reports.iter().cloned());
+        streams.push((offset, reports));
     }
     let mut summary = summary_json(&all, 0, n * tokens - all.len());
     summary["sessions"] = json!(n);
@@ -304,6 +327,24 @@ fn run_sessions(
         stats.max_step,
         stats.union_probes as f64 / stats.steps.max(1) as f64
     );
+    if let Some(path) = &args.html {
+        let recorded: Vec<_> = streams
+            .iter()
+            .enumerate()
+            .map(|(i, (offset, reports))| probe_cascade::viewer::RecordedSession {
+                id: i as u64,
+                label: format!("session {i} (from token {offset})"),
+                events: reports
+                    .iter()
+                    .map(|r| {
+                        let text = texts.as_ref().map(|t| t[(offset + r.index) % trace.rows].as_str());
+                        probe_cascade::viewer::TokenEvent::new(r, text)
+                    })
+                    .collect(),
+            })
+            .collect();
+        write_html(path, args, &pack, &recorded)?;
+    }
     if let Some(path) = &args.json {
         let doc = json!({
             "engine": "runtime",
@@ -317,6 +358,20 @@ fn run_sessions(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--html`: the viewer page with the run's streams in it.
+fn write_html(
+    path: &std::path::Path,
+    args: &RunArgs,
+    pack: &Pack,
+    sessions: &[probe_cascade::viewer::RecordedSession<'_>],
+) -> anyhow::Result<()> {
+    let title = format!("{} · {}", args.trace.display(), args.pack.display());
+    std::fs::write(path, probe_cascade::viewer::report_page(&title, pack, sessions))
+        .with_context(|| format!("writing --html {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
 }
 
 /// The run as headspace's trace document (`probe_cascade::headspace`).
