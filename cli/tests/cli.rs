@@ -479,8 +479,6 @@ fn every_command_reads_traces_of_lenses_over_model_layers() {
     assert!(e.contains("model layers [4, 7]") && e.contains("give 32 values per token"), "{e}");
 }
 
-/// Copies directory `from` into `to`, recursively.
-
 #[test]
 fn a_headspace_pack_with_simplexes_and_concept_calibration_imports_inspects_and_runs() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/headspace");

@@ -726,8 +726,6 @@ async fn lenses_over_model_layers_take_one_state_per_layer_on_the_wire() {
     server.drain().await;
 }
 
-/// Copies directory `from` into `to`, recursively.
-
 /// A live-event viewer on a raw connection: sends the request, then reads events as they come.
 struct Viewer {
     stream: tokio::net::TcpStream,
