@@ -55,16 +55,23 @@ if [ ! -f "$oldest/.complete" ]; then
   touch "$oldest/.complete"
 fi
 
-# WordNet 3.0 for examples/train_pack.py (and the test that trains a tiny pack with it).
-if [ ! -f /usr/share/wordnet/data.noun ]; then
+# Debian packages the tests use, installed when missing (as root; otherwise the command to run
+# is printed): $1 the package(s), $2 a file that shows they are there, $3 what they are for.
+debian() {
+  if [ -e "$2" ]; then return; fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "python-env: installing Debian's wordnet-base (WordNet 3.0 database files)" >&2
-    (apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null 2>&1 \
-      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null; })
+    echo "python-env: installing Debian's $1 ($3)" >&2
+    # shellcheck disable=SC2086
+    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $1 >/dev/null 2>&1 \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $1 >/dev/null; })
   else
-    echo "python-env: WordNet is missing: apt-get install --no-install-recommends wordnet-base" >&2
+    echo "python-env: $3 is missing: apt-get install --no-install-recommends $1" >&2
   fi
-fi
+}
+# WordNet 3.0 for examples/train_pack.py (and the test that trains a tiny pack with it).
+debian wordnet-base /usr/share/wordnet/data.noun "WordNet 3.0 database files"
+# Chromium (and a font) for the browser tests, which Playwright drives headless.
+debian "chromium fonts-dejavu-core" /usr/bin/chromium "a headless browser for python/tests/test_browser.py"
 
 site=$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # An older layout made .venv a symlink into the cache; replace it with a venv of the repo's own.

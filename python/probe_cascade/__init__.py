@@ -40,7 +40,7 @@ from ._native import (  # noqa: E402
     __version__,
     cpu_info,
 )
-from . import pack, trace  # noqa: E402
+from . import pack, trace, viewer  # noqa: E402
 
 __all__ = [
     "CONFIG_PRESETS",
@@ -58,6 +58,7 @@ __all__ = [
     "__version__",
     "cpu_info",
     "pack",
+    "viewer",
     "trace",
     "hf",
     "Client",

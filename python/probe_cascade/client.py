@@ -149,6 +149,11 @@ class RemoteReport:
             "simplex": [x.to_dict() for x in self.simplex],
         }
 
+    def _repr_html_(self) -> str:
+        from .viewer import report_html
+
+        return report_html(self.to_dict())
+
 
 def _raise(e: ProbeCascadeError, token: Optional[int] = None, position: Optional[int] = None) -> ProbeCascadeError:
     e.token = token

@@ -84,6 +84,10 @@ class Generation:
     #: prompt_reports[i]: sequence i's prompt positions (observe_prompt=True), padding skipped.
     prompt_reports: List[List[Report]]
     finished: List[bool] = field(default_factory=list)
+    #: texts[i][k]: with a tokenizer, the text of the token at reports[i][k]'s position (the
+    #: token the model read there), else None. prompt_texts likewise for prompt_reports.
+    texts: List[List[Optional[str]]] = field(default_factory=list)
+    prompt_texts: List[List[Optional[str]]] = field(default_factory=list)
     steps: int = 0
 
 
@@ -99,8 +103,10 @@ class Monitor:
         layers: Optional[Sequence[int]] = None,
         observe_prompt: bool = False,
         session_options: Optional[Dict[str, Any]] = None,
+        tokenizer: Any = None,
     ) -> None:
         self.model = model
+        self.tokenizer = tokenizer
         self.runtime = runtime
         self.layer = layer
         self.observe_prompt = observe_prompt
@@ -146,6 +152,33 @@ class Monitor:
                 row.append((tid, text, rep))
             out.append(row)
         return out
+
+    # -- looking at it ---------------------------------------------------------------------
+
+    def _streams(self) -> Tuple[Dict[str, List[Any]], Dict[str, List[Optional[str]]]]:
+        reports: Dict[str, List[Any]] = {}
+        texts: Dict[str, List[Optional[str]]] = {}
+        for gi, g in enumerate(self.generations):
+            for i in range(len(g.sessions)):
+                label = f"generation {gi} · sequence {i}"
+                reports[label] = list(g.prompt_reports[i]) + list(g.reports[i])
+                texts[label] = list(g.prompt_texts[i]) + list(g.texts[i])
+        return reports, texts
+
+    def to_html(self, path: Any, title: Optional[str] = None) -> str:
+        """Writes every generation's streams (prompt positions first, where observed) as one
+        self-contained HTML page: the viewer `probe-cascade serve` shows live, with each
+        token's text where the monitor has a tokenizer. Returns the path."""
+        from . import viewer
+
+        reports, texts = self._streams()
+        return viewer.to_html(path, reports, texts=texts, runtime=self.runtime, title=title)
+
+    def _repr_html_(self) -> str:
+        from . import viewer
+
+        reports, texts = self._streams()
+        return viewer.iframe(viewer.page(reports, texts=texts, runtime=self.runtime, title="probe-cascade monitor"))
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -250,10 +283,24 @@ class Monitor:
             rows = self._states(hiddens, lambda h: h[:, -1, :])  # [B, D] views: rows read in place
         else:
             rows = self._states(hiddens, lambda h: [h[i, last[i]] for i in live])
-        reports = self.runtime.observe_batch([g.sessions[i] for i in live], rows)
-        for i, rep in zip(live, reports):
+        texts = self._texts(ids, [(i, last[i]) for i in live])
+        reports = self._observe([g.sessions[i] for i in live], rows, texts)
+        for k, (i, rep) in enumerate(zip(live, reports)):
             g.reports[i].append(rep)
+            g.texts[i].append(None if texts is None else texts[k])
         g.steps += 1
+
+    def _texts(self, ids: Optional[torch.Tensor], at: List[Tuple[int, int]]) -> Optional[List[str]]:
+        """With a tokenizer, the decoded token at each (sequence, position) of `ids`."""
+        if self.tokenizer is None or ids is None or ids.dim() != 2:
+            return None
+        return [self.tokenizer.decode([int(ids[i, p])]) for i, p in at]
+
+    def _observe(self, sessions: List[Any], rows: Any, texts: Optional[List[str]]) -> List[Report]:
+        """One observe_batch; a Client also gets the tokens' texts, for the server's viewers."""
+        if texts is not None and not isinstance(self.runtime, Runtime):
+            return self.runtime.observe_batch(sessions, rows, texts=texts)
+        return self.runtime.observe_batch(sessions, rows)
 
     @staticmethod
     def _last_positions(b: int, t: int, mask: Optional[torch.Tensor]) -> List[int]:
@@ -276,6 +323,8 @@ class Monitor:
             reports=[[] for _ in range(b)],
             prompt_reports=[[] for _ in range(b)],
             finished=[False] * b,
+            texts=[[] for _ in range(b)],
+            prompt_texts=[[] for _ in range(b)],
         )
         self.generations.append(g)
         if self.observe_prompt:
@@ -287,9 +336,11 @@ class Monitor:
                 if not live:
                     continue
                 rows = self._states(hiddens, lambda h: [h[i, p] for i in live])
-                reports = self.runtime.observe_batch([sessions[i] for i in live], rows)
-                for i, rep in zip(live, reports):
+                texts = self._texts(self._inputs.get("input_ids"), [(i, p) for i in live])
+                reports = self._observe([sessions[i] for i in live], rows, texts)
+                for k, (i, rep) in enumerate(zip(live, reports)):
                     g.prompt_reports[i].append(rep)
+                    g.prompt_texts[i].append(None if texts is None else texts[k])
 
 
 @contextmanager
@@ -301,6 +352,7 @@ def monitor(
     layers: Optional[Sequence[int]] = None,
     observe_prompt: bool = False,
     session_options: Optional[Dict[str, Any]] = None,
+    tokenizer: Any = None,
 ) -> Iterator[Monitor]:
     """Observes `model`'s hidden states at every decode step of `generate` inside the block.
 
@@ -310,11 +362,20 @@ def monitor(
     forward pass), instead of `layer`. runtime: an in-process Runtime, or a
     `probe_cascade.Client` (the same calls, over gRPC). observe_prompt: also score every prompt
     position (padding skipped) into `prompt_reports`. session_options: keyword overrides for
-    each sequence's session (see `Runtime.session`). Hooks are removed and sessions closed
-    when the block ends.
+    each sequence's session (see `Runtime.session`). tokenizer: decodes the token at each
+    observed position (the token the model read there, so a stream's texts read as the text
+    itself) into `Generation.texts`; a Client sends each to the server with its hidden state,
+    for its live viewers. `mon.to_html(path)` writes the generations as one HTML page, and a
+    monitor renders in Jupyter. Hooks are removed and sessions closed when the block ends.
     """
     mon = Monitor(
-        model, runtime, layer, layers=layers, observe_prompt=observe_prompt, session_options=session_options
+        model,
+        runtime,
+        layer,
+        layers=layers,
+        observe_prompt=observe_prompt,
+        session_options=session_options,
+        tokenizer=tokenizer,
     )
     mon._attach()
     try:

@@ -19,6 +19,16 @@ fn cpu_info() -> String {
     probe_cascade::kernel::CpuInfo::detect().to_string()
 }
 
+/// The viewer page (`probe_cascade::viewer`, the same the server and `run --html` give) with
+/// `data`, a JSON document `{pack, sessions: [{id, label, events}]}`, in it. A `data` that is
+/// not JSON is a ValueError naming where it fails.
+#[pyfunction]
+fn viewer_page(title: &str, data: &str) -> PyResult<String> {
+    let value: serde_json::Value = serde_json::from_str(data)
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("viewer data is not JSON: {e}")))?;
+    Ok(probe_cascade::viewer::page_with_data(title, &value))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -34,6 +44,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<report::Alert>()?;
     m.add_class::<report::SimplexReading>()?;
     m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
+    m.add_function(wrap_pyfunction!(viewer_page, m)?)?;
     m.add_function(wrap_pyfunction!(pack::inspect, m)?)?;
     m.add_function(wrap_pyfunction!(pack::concepts, m)?)?;
     m.add_function(wrap_pyfunction!(pack::verify, m)?)?;

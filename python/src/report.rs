@@ -156,22 +156,8 @@ pub struct Report {
     top: PyOnceLock<Py<PyList>>,
 }
 
-/// The names from a root to `id`, following first parents.
 fn path_from_root(h: &Hierarchy, id: ConceptId) -> Vec<String> {
-    let mut path = vec![h.name(id).to_string()];
-    let mut at = id;
-    // A DAG may give a concept several parents; a layer bound keeps a bad cycle finite.
-    for _ in 0..=h.layer_count() {
-        match h.parents(at).first() {
-            Some(&p) => {
-                at = ConceptId(p);
-                path.push(h.name(at).to_string());
-            }
-            None => break,
-        }
-    }
-    path.reverse();
-    path
+    h.path_from_root(id).into_iter().map(String::from).collect()
 }
 
 fn ms(d: std::time::Duration) -> f64 {
@@ -370,6 +356,13 @@ impl Report {
         }
         d.set_item("simplex", simplex)?;
         Ok(d)
+    }
+
+    /// How Jupyter shows a report: its top concepts, tinted as the viewer tints them, with
+    /// their paths and alerts (`probe_cascade.viewer.report_html`, shared with the client's
+    /// reports).
+    fn _repr_html_(&self, py: Python<'_>) -> PyResult<String> {
+        py.import("probe_cascade.viewer")?.call_method1("report_html", (self.to_dict(py)?,))?.extract()
     }
 
     fn __repr__(&self) -> String {

@@ -365,6 +365,13 @@ impl Runtime {
         to_py(py, &value)
     }
 
+    /// The pack's metadata and hierarchy as JSON (`probe_cascade::viewer::PackView`, what the
+    /// viewer reads; `probe_cascade.viewer` puts it in HTML reports).
+    fn _pack_view(&self) -> String {
+        serde_json::to_string(&probe_cascade::viewer::PackView::new(self.inner.rt.pack()))
+            .expect("a pack view serializes")
+    }
+
     /// The config as given (a dict), and where it came from.
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {

@@ -253,3 +253,14 @@ def test_every_client_test_passes_on_the_oldest_grpcio_and_protobuf_it_claims():
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]
+
+
+def test_client_reports_render_in_jupyter_like_in_process_ones(tiny, served):
+    from probe_cascade import viewer
+
+    with pc.Runtime(tiny["pack"], config=str(EXACT)) as rt, rt.session() as local:
+        want = local.observe(tiny["trace"][0])
+        with pc.Client(served.grpc) as client, client.session() as s:
+            got = s.observe(tiny["trace"][0])
+    assert got._repr_html_() == want._repr_html_() == viewer.report_html(want.to_dict())
+    assert all(d.name in got._repr_html_() for d in got.top)

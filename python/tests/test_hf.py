@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +101,40 @@ def test_a_generation_is_recorded_in_headspaces_trace_format(model_tok, trained,
     rt.close()
 
 
+def page_data(page: str) -> dict:
+    """The data a viewer page carries."""
+    start = page.index('<script type="application/json" id="pc-data">')
+    start = page.index(">", start) + 1
+    return json.loads(page[start : page.index("</script>", start)].replace("<\\/", "</"))
+
+
+def test_a_monitor_with_a_tokenizer_keeps_each_tokens_text_and_writes_an_html_report(model_tok, trained, tmp_path):
+    model, tok = model_tok
+    rt = pc.Runtime(trained, config=EXACT)
+    enc, out, mon, _ = generate(model, tok, rt, tokenizer=tok)
+    g = mon.generations[0]
+    steps = mon.steps(out, tok)
+    for i in range(len(PROMPTS)):
+        # The text of the token each report's state was read at: the prompt's last real
+        # token, then each generated token but the last.
+        last = int(torch.nonzero(enc["attention_mask"][i]).flatten()[-1])
+        want = [tok.decode([int(enc["input_ids"][i, last])])] + [text for _, text, _ in steps[i][:-1]]
+        assert g.texts[i] == want
+    page = Path(mon.to_html(tmp_path / "gen.html")).read_text()
+    data = page_data(page)
+    assert [s["label"] for s in data["sessions"]] == [f"generation 0 · sequence {i}" for i in range(len(PROMPTS))]
+    for i, s in enumerate(data["sessions"]):
+        assert [e["text"] for e in s["events"]] == g.texts[i]
+        assert [[d["name"] for d in e["top"]] for e in s["events"]] == [[d.name for d in r.top] for r in g.reports[i]]
+        assert [[d["path"] for d in e["top"]] for e in s["events"]] == [[d.path for d in r.top] for r in g.reports[i]]
+    assert data["pack"]["concepts"] == rt.concepts
+    # In Jupyter: the monitor as the page in an iframe, a report as a table of its concepts.
+    assert mon._repr_html_().startswith("<iframe srcdoc=")
+    r = g.reports[0][0]
+    assert all(d.name in r._repr_html_() for d in r.top)
+    rt.close()
+
+
 def test_prompt_observation_skips_padding(model_tok, trained):
     model, tok = model_tok
     rt = pc.Runtime(trained, config=EXACT)
@@ -159,10 +194,12 @@ def test_monitor_takes_a_client_of_a_server_with_the_same_reports(model_tok, tra
     served = Served(trained, tmp_path)
     try:
         with pc.Client(served.grpc) as client:
-            _, out_remote, remote, _ = generate(model, tok, client)
+            # With a tokenizer, each observe_batch also carries the tokens' texts.
+            _, out_remote, remote, _ = generate(model, tok, client, tokenizer=tok)
     finally:
         assert served.stop() == 0
     assert torch.equal(out, out_remote)
+    assert all(t is not None for seq in remote.generations[0].texts for t in seq)
     assert [len(r) for r in remote.reports] == [len(r) for r in local.reports]
     for seq_l, seq_r in zip(local.reports, remote.reports):
         for a, b in zip(seq_l, seq_r):

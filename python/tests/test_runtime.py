@@ -367,3 +367,23 @@ def test_type_stubs_match_the_module():
         if isinstance(obj, type) and not issubclass(obj, BaseException):
             for m in members - {"__init__"}:
                 assert hasattr(obj, m), f"{cls}.{m}"
+
+
+def test_a_viewer_report_holds_each_stream_and_names_one_with_too_few_texts(tiny, tmp_path):
+    import json
+
+    from probe_cascade import viewer
+
+    with pc.Runtime(tiny["pack"], config=str(EXACT)) as rt, rt.session() as a, rt.session() as b:
+        ra = [a.observe(row) for row in tiny["trace"][:5]]
+        rb = [b.observe(row) for row in tiny["trace"][5:8]]
+        page = viewer.page({"first": ra, "second": rb}, texts={"first": list("abcde")}, runtime=rt)
+        with pytest.raises(ValueError, match="stream 'second': 2 texts for 3 reports"):
+            viewer.page({"first": ra, "second": rb}, texts={"second": ["x", "y"]})
+    start = page.index(">", page.index('id="pc-data"')) + 1
+    data = json.loads(page[start : page.index("</script>", start)].replace("<\\/", "</"))
+    assert [(s["label"], len(s["events"])) for s in data["sessions"]] == [("first", 5), ("second", 3)]
+    assert [e["text"] for e in data["sessions"][0]["events"]] == list("abcde")
+    assert [e["text"] for e in data["sessions"][1]["events"]] == [None] * 3
+    assert [e["top"][0]["name"] for e in data["sessions"][1]["events"]] == [r.top[0].name for r in rb]
+    assert len(data["pack"]["hierarchy"]) == rt.concepts

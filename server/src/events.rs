@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use probe_cascade::engine::TokenReport;
+use probe_cascade::pack::Hierarchy;
 use tokio::sync::broadcast;
 
 /// One token's event: its number (the SSE `id`) and its JSON.
@@ -45,11 +46,11 @@ impl EventLog {
 
     /// Publishes a token's report (and its text, where the client sent one), unless no viewer
     /// has ever asked for this session.
-    pub fn publish(&self, report: &TokenReport, text: Option<&str>) {
+    pub fn publish(&self, report: &TokenReport, text: Option<&str>, hierarchy: &Hierarchy) {
         if !self.watched.load(Ordering::Relaxed) {
             return;
         }
-        let body = probe_cascade::viewer::TokenEvent::new(report, text);
+        let body = probe_cascade::viewer::TokenEvent::new(report, text, hierarchy);
         let data: Arc<str> = serde_json::to_string(&body).expect("an event serializes").into();
         let event = Event { id: report.index as u64, data };
         let mut recent = self.recent.lock().expect("event log lock");
@@ -107,9 +108,9 @@ mod tests {
     #[test]
     fn nothing_is_kept_until_a_viewer_asks() {
         let log = EventLog::new(4);
-        log.publish(&report(0), None);
+        log.publish(&report(0), None, &Hierarchy::default());
         assert!(log.subscribe(None).0.is_empty());
-        log.publish(&report(1), Some(" the"));
+        log.publish(&report(1), Some(" the"), &Hierarchy::default());
         let (backlog, _) = log.subscribe(None);
         assert_eq!(backlog.len(), 1);
         assert!(backlog[0].data.contains("\"text\":\" the\"") && backlog[0].data.contains("\"ms\":0.25"));
@@ -120,12 +121,12 @@ mod tests {
         let log = EventLog::new(3);
         let _first = log.subscribe(None);
         for t in 0..5 {
-            log.publish(&report(t), None);
+            log.publish(&report(t), None, &Hierarchy::default());
         }
         // Events 2, 3, 4 are kept; a viewer that saw 2 resumes at 3.
         let (backlog, mut feed) = log.subscribe(Some(2));
         assert_eq!(backlog.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 4]);
-        log.publish(&report(5), None);
+        log.publish(&report(5), None, &Hierarchy::default());
         assert_eq!(feed.try_recv().unwrap().id, 5);
         assert!(feed.try_recv().is_err(), "nothing twice");
     }
@@ -135,7 +136,7 @@ mod tests {
         let log = EventLog::new(2);
         let (_, mut slow) = log.subscribe(None);
         for t in 0..5 {
-            log.publish(&report(t), None);
+            log.publish(&report(t), None, &Hierarchy::default());
         }
         assert!(matches!(slow.try_recv(), Err(broadcast::error::TryRecvError::Lagged(3))));
     }

@@ -248,7 +248,7 @@ impl ProbeCascade for Service {
                 for ((i, entry, text), answer) in asked.into_iter().zip(answers) {
                     entry.tokens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Ok(report) = &answer {
-                        entry.events.publish(report, text.as_deref());
+                        entry.events.publish(report, text.as_deref(), state.runtime.pack().hierarchy());
                     }
                     results[i] = Some(answered(i as u64, started, Ok(answer)));
                 }
@@ -397,7 +397,7 @@ async fn drive(
                                 let observed = session.observe_states(states);
                                 let outcome = within(d, &state.deadline_ticks, observed).await;
                                 if let (Some(entry), Ok(Ok(report))) = (&entry, &outcome) {
-                                    entry.events.publish(report, text.as_deref());
+                                    entry.events.publish(report, text.as_deref(), state.runtime.pack().hierarchy());
                                 }
                                 answered(this, started, outcome)
                             }));

@@ -173,6 +173,24 @@ impl Hierarchy {
         &self.children[self.child_starts[i] as usize..self.child_starts[i + 1] as usize]
     }
 
+    /// The names from a root down to `id`, following first parents (what reports show as a
+    /// concept's path). A layer bound keeps a cycle in a bad hierarchy finite.
+    pub fn path_from_root(&self, id: ConceptId) -> Vec<&str> {
+        let mut path = vec![self.name(id)];
+        let mut at = id;
+        for _ in 0..=self.layer_count() {
+            match self.parents(at).first() {
+                Some(&p) => {
+                    at = ConceptId(p);
+                    path.push(self.name(at));
+                }
+                None => break,
+            }
+        }
+        path.reverse();
+        path
+    }
+
     pub fn parents(&self, id: ConceptId) -> &[u32] {
         let i = id.index();
         &self.parents[self.parent_starts[i] as usize..self.parent_starts[i + 1] as usize]

@@ -10,7 +10,7 @@
 
 use serde::Serialize;
 
-use crate::pack::{ConceptId, Pack};
+use crate::pack::{ConceptId, Hierarchy, Pack};
 use crate::types::{Alert, ReportEntry, SimplexReading, TokenReport};
 
 const HTML: &str = include_str!("assets/viewer.html");
@@ -26,20 +26,32 @@ pub struct TokenEvent<'a> {
     pub text: Option<&'a str>,
     /// The token's time in the cascade, in milliseconds.
     pub ms: f64,
-    pub top: &'a [ReportEntry],
+    pub top: Vec<EventEntry<'a>>,
     pub alerts: &'a [Alert],
     pub simplex: &'a [SimplexReading],
     pub scored: usize,
     pub active: usize,
 }
 
+/// A reported concept, with its path (names from a root down to it, first parents).
+#[derive(Debug, Serialize)]
+pub struct EventEntry<'a> {
+    #[serde(flatten)]
+    pub entry: &'a ReportEntry,
+    pub path: Vec<&'a str>,
+}
+
 impl<'a> TokenEvent<'a> {
-    pub fn new(report: &'a TokenReport, text: Option<&'a str>) -> Self {
+    pub fn new(report: &'a TokenReport, text: Option<&'a str>, hierarchy: &'a Hierarchy) -> Self {
         Self {
             token: report.index as u64,
             text,
             ms: report.elapsed.as_secs_f64() * 1e3,
-            top: &report.top,
+            top: report
+                .top
+                .iter()
+                .map(|entry| EventEntry { entry, path: hierarchy.path_from_root(entry.id) })
+                .collect(),
             alerts: &report.alerts,
             simplex: &report.simplex,
             scored: report.scored,

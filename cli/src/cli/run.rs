@@ -202,7 +202,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let label = args.trace.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
         let events = reports
             .iter()
-            .map(|r| probe_cascade::viewer::TokenEvent::new(r, texts.as_ref().map(|t| t[r.index].as_str())))
+            .map(|r| {
+                probe_cascade::viewer::TokenEvent::new(r, texts.as_ref().map(|t| t[r.index].as_str()), pack.hierarchy())
+            })
             .collect();
         write_html(path, &args, &pack, &[probe_cascade::viewer::RecordedSession { id: 0, label, events }])?;
     }
@@ -338,7 +340,7 @@ fn run_sessions(
                     .iter()
                     .map(|r| {
                         let text = texts.as_ref().map(|t| t[(offset + r.index) % trace.rows].as_str());
-                        probe_cascade::viewer::TokenEvent::new(r, text)
+                        probe_cascade::viewer::TokenEvent::new(r, text, pack.hierarchy())
                     })
                     .collect(),
             })

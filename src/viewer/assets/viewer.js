@@ -17,7 +17,7 @@
     return e;
   };
   const recorded = JSON.parse($("#pc-data").textContent);
-  const state = { pack: null, parents: new Map(), session: null, events: [], token: sessionStorage.getItem("pc-token") || "", watched: new Set(), abort: null, drawQueued: false };
+  const state = { pack: null, session: null, events: [], token: sessionStorage.getItem("pc-token") || "", watched: new Set(), abort: null, drawQueued: false };
 
   // -- colours: a concept's hue is a hash of its name, so it is the same in every view ------
   const hue = (name) => { let h = 2166136261; for (const c of name) { h ^= c.codePointAt(0); h = Math.imul(h, 16777619); } return (h >>> 0) % 360; };
@@ -26,25 +26,16 @@
 
   function setPack(pack) {
     state.pack = pack;
-    state.parents.clear();
     const names = $("#pc-names");
     names.replaceChildren();
+    const seen = new Set();
     for (const c of (pack && pack.hierarchy) || []) {
-      state.parents.set(c.name, c.parents);
-      names.append(el("option", { value: c.name }));
+      if (!seen.has(c.name)) names.append(el("option", { value: c.name }));
+      seen.add(c.name);
     }
   }
-  // Root-first path of a concept through its first parents (the entry's own, where it has one).
-  function path(d) {
-    if (d.path) return d.path;
-    const out = [d.name];
-    const seen = new Set(out);
-    for (let p = state.parents.get(d.name); p && p.length && !seen.has(p[0]); p = state.parents.get(p[0])) {
-      out.unshift(p[0]);
-      seen.add(p[0]);
-    }
-    return out;
-  }
+  // Root-first path of a concept through first parents: every event's entry carries it.
+  const path = (d) => d.path || [d.name];
 
   // The path under the concept's name: its ancestors, the nearest three (all of them on hover).
   function pathNode(d) {
