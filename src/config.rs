@@ -96,6 +96,8 @@ pub struct ServeConfig {
     /// Live-view events (`GET /v1/sessions/{id}/events`): how many a session keeps for viewers
     /// that reconnect, and how many a viewer may fall behind before it is dropped.
     pub viewer_buffer: usize,
+    /// Live-view viewers one session may have at once; one more is refused (429).
+    pub max_viewers: usize,
 }
 
 impl Default for ServeConfig {
@@ -108,6 +110,7 @@ impl Default for ServeConfig {
             idle_session_ms: 300_000,
             drain_grace_ms: 10_000,
             viewer_buffer: 256,
+            max_viewers: 32,
         }
     }
 }
@@ -534,6 +537,9 @@ impl Config {
         }
         if !(1..=65_536).contains(&s.viewer_buffer) {
             return bad("serve.viewer_buffer", format!("= {} is outside 1..=65536", s.viewer_buffer));
+        }
+        if !(1..=1024).contains(&s.max_viewers) {
+            return bad("serve.max_viewers", format!("= {} is outside 1..=1024", s.max_viewers));
         }
         if !(1..=65_536).contains(&s.max_batch_items) {
             return bad("serve.max_batch_items", format!("= {} is outside 1..=65536", s.max_batch_items));

@@ -1,6 +1,7 @@
 //! What the network adds: one session's tokens back to back, in-process against a session
 //! stream over loopback TCP and over a Unix socket (and one-item ObserveBatch calls), for a
-//! D=2560 f32 hidden state; then throughput with 1, 8 and 32 concurrent client streams.
+//! D=2560 f32 hidden state, and the TCP stream again with 8 live viewers reading its events
+//! (`GET /v1/sessions/{id}/events`); then throughput with 1, 8 and 32 concurrent client streams.
 //!
 //! The server runs in this process on its own tokio runtime (its own threads), the clients on
 //! another; the bytes cross the kernel's loopback or Unix socket as they would between two
@@ -23,6 +24,9 @@ use probe_cascade_server::proto::v1::probe_cascade_client::ProbeCascadeClient;
 use probe_cascade_server::ServeOptions;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
+
+/// Live viewers of the watched session.
+const VIEWERS: usize = 8;
 
 struct Args {
     tokens: usize,
@@ -64,6 +68,7 @@ async fn unix_channel(path: PathBuf) -> Channel {
 }
 
 struct Stream {
+    id: u64,
     tx: mpsc::Sender<pb::SessionRequest>,
     rx: tonic::Streaming<pb::SessionResponse>,
 }
@@ -74,8 +79,43 @@ async fn open(client: &mut ProbeCascadeClient<Channel>) -> Stream {
         .await
         .unwrap();
     let mut rx = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    rx.message().await.unwrap().unwrap();
-    Stream { tx, rx }
+    let id = match rx.message().await.unwrap().and_then(|m| m.kind) {
+        Some(pb::session_response::Kind::Opened(o)) => o.session_id,
+        other => panic!("{other:?}"),
+    };
+    Stream { id, tx, rx }
+}
+
+/// A live viewer of session `id`: reads its server-sent events as they come, on a task of its
+/// own, and counts them (`data:` lines). Returns once the server has subscribed it.
+async fn viewer(http: std::net::SocketAddr, id: u64, seen: Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
+    let req = format!("GET /v1/sessions/{id}/events HTTP/1.1\r\nhost: localhost\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut head = Vec::new();
+    // The response head and the `: subscribed` comment come first.
+    while !String::from_utf8_lossy(&head).contains("subscribed") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the server closed the events stream");
+        head.extend_from_slice(&buf[..n]);
+    }
+    tokio::spawn(async move {
+        let mut tail = Vec::new();
+        loop {
+            let n = match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            tail.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&tail);
+            let events = text.matches("\ndata: ").count();
+            let keep = text.rfind("\ndata: ").map_or(0, |i| i + 1);
+            seen.fetch_add(events, std::sync::atomic::Ordering::Relaxed);
+            tail.drain(..keep.min(tail.len()));
+        }
+    });
 }
 
 impl Stream {
@@ -138,12 +178,13 @@ fn main() {
         config: Some(config_path),
         listen: Some("127.0.0.1:0".parse().unwrap()),
         unix: Some(dir.path().join("bench.sock")),
-        http: None,
+        http: Some("127.0.0.1:0".parse().unwrap()),
         token: Default::default(),
     };
     let server = server_rt.block_on(probe_cascade_server::start(options)).unwrap();
     let runtime = server.state().runtime.clone();
     let (tcp_addr, unix_path) = (server.grpc_addr().unwrap(), server.unix_path().unwrap().to_path_buf());
+    let http_addr = server.http_addr().unwrap();
 
     let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut out = String::new();
@@ -157,6 +198,12 @@ fn main() {
         let local = runtime.open_session(Default::default()).await.unwrap();
         let mut tcp_stream = open(&mut tcp_client).await;
         let mut unix_stream = open(&mut unix_client).await;
+        // The same path as `tcp_stream`, on a session that 8 viewers watch.
+        let mut watched = open(&mut tcp_client).await;
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for _ in 0..VIEWERS {
+            viewer(http_addr, watched.id, seen.clone()).await;
+        }
         let batch_id = tcp_client.open_session(pb::SessionOptions::default()).await.unwrap().into_inner().session_id;
         let modes = [
             "in-process",
@@ -164,6 +211,7 @@ fn main() {
             "stream over Unix socket",
             "ObserveBatch (1 item) over TCP",
             "stream over TCP, rejected before the runtime (transport floor)",
+            "stream over TCP, 8 live viewers",
         ];
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
         let mut wall: Vec<f64> = vec![0.0; modes.len()];
@@ -174,6 +222,7 @@ fn main() {
             local.observe(row.to_vec()).await.unwrap();
             tcp_stream.observe(row).await;
             unix_stream.observe(row).await;
+            watched.observe(row).await;
         }
         let mut t = 0usize;
         for block in 0..a.blocks {
@@ -192,6 +241,7 @@ fn main() {
                         1 => tcp_stream.observe(row).await,
                         2 => unix_stream.observe(row).await,
                         4 => tcp_stream.rejected(row).await,
+                        5 => watched.observe(row).await,
                         _ => {
                             let item = pb::BatchItem {
                                 session_id: batch_id,
@@ -213,6 +263,7 @@ fn main() {
             }
         }
         let base_p50 = quantile(&mut samples[0].clone(), 0.5);
+        let tcp_p50 = quantile(&mut samples[1].clone(), 0.5);
         out.push_str(&format!(
             "## One session, back-to-back tokens (D=2560 f32 on the wire, {} tokens × {} blocks per mode)\n\n",
             a.tokens, a.blocks
@@ -227,6 +278,39 @@ fn main() {
             };
             out.push_str(&format!("| {name} | {p50:.0} | {p95:.0} | {added} | {:.0} |\n", counts[m] as f64 / wall[m]));
         }
+        // Every token of the watched session reached every viewer.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let want = VIEWERS * (32 + counts[5]);
+        let got = seen.load(std::sync::atomic::Ordering::Relaxed);
+        out.push_str(&format!(
+            "\n{VIEWERS} viewers: {:+.0} µs p50 over the same stream without viewers; {got} of {want} events delivered\n",
+            quantile(&mut samples[5].clone(), 0.5) - tcp_p50
+        ));
+        // What a token's publishing costs the session's task with 8 viewers (after its answer
+        // is sent): one serialization and 8 queue sends of a real report.
+        let log = probe_cascade_server::events::EventLog::new(256, VIEWERS);
+        let mut queues: Vec<_> = (0..VIEWERS).map(|_| log.subscribe(None).unwrap()).collect();
+        let report = local.observe(trace.row(0).to_vec()).await.unwrap();
+        let mut publish_us = Vec::with_capacity(2000);
+        let mut bytes = 0;
+        for i in 0..2000 {
+            let mut r = report.clone();
+            r.index = i;
+            let s = Instant::now();
+            log.publish(&r, Some(" token"), pack.hierarchy());
+            publish_us.push(s.elapsed().as_secs_f64() * 1e6);
+            for q in &mut queues {
+                while let Ok(e) = q.try_recv() {
+                    bytes = e.data.len();
+                }
+            }
+        }
+        out.push_str(&format!(
+            "publishing one token to {VIEWERS} viewers: {:.1} µs p50, {:.1} µs p95 ({bytes}-byte event, {} concepts)\n",
+            quantile(&mut publish_us.clone(), 0.5),
+            quantile(&mut publish_us, 0.95),
+            report.top.len()
+        ));
         local.close().await;
 
         // Throughput: N streams, each closed-loop (next token after its answer).

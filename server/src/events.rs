@@ -1,13 +1,15 @@
 //! Live-view events: one JSON event per token of a session, for `GET /v1/sessions/{id}/events`
 //! (server-sent events; docs/serving.md, "Live events").
 //!
-//! Why this shape: the scoring path must not wait on viewers, however many or slow. Publishing
-//! is one serialization and one `broadcast` send under a short lock, whatever the number of
-//! viewers, and nothing at all until a viewer first asks. Each viewer reads from its own bounded
-//! place in the broadcast ring (`serve.viewer_buffer` events); one that falls further behind is
-//! dropped and counted, never waited for. The log also keeps the last `serve.viewer_buffer`
-//! events, so that a viewer that reconnects with the id of the last event it saw (the SSE
-//! `Last-Event-ID`) gets what it missed, without duplicates, then the live stream.
+//! Why this shape: the scoring path must not wait on viewers, however many or slow. Nothing at
+//! all happens until a viewer first asks. Then publishing is one serialization and, under a
+//! short lock, one `try_send` of a shared `Arc<str>` into each viewer's bounded queue
+//! (`serve.viewer_buffer` events): no task between the session and a viewer's connection, so a
+//! token wakes each viewer's connection once. A viewer whose queue is full has stopped
+//! reading: it is dropped at once and counted, never waited for. The log also keeps the last
+//! `serve.viewer_buffer` events, so that a viewer that reconnects with the id of the last event
+//! it saw (the SSE `Last-Event-ID`) gets what it missed, without duplicates, then the live
+//! stream. A session has at most `serve.max_viewers` viewers.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use probe_cascade::engine::TokenReport;
 use probe_cascade::pack::Hierarchy;
-use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 
 /// One token's event: its number (the SSE `id`) and its JSON.
 #[derive(Debug, Clone, Default)]
@@ -24,57 +26,90 @@ pub struct Event {
     pub data: Arc<str>,
 }
 
-/// A session's events: the recent ones, and the live feed.
+/// Why a viewer was not subscribed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubscribeError {
+    #[error("this session already has {0} viewers (serve.max_viewers)")]
+    TooManyViewers(usize),
+}
+
+struct Inner {
+    recent: VecDeque<Event>,
+    viewers: Vec<mpsc::Sender<Event>>,
+}
+
+/// A session's events: the recent ones, and each viewer's queue.
 pub struct EventLog {
     capacity: usize,
+    max_viewers: usize,
     /// Set by the first viewer: until then nothing is serialized.
     watched: AtomicBool,
-    recent: Mutex<VecDeque<Event>>,
-    feed: broadcast::Sender<Event>,
+    inner: Mutex<Inner>,
 }
 
 impl EventLog {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, max_viewers: usize) -> Self {
         let capacity = capacity.max(1);
         Self {
             capacity,
+            max_viewers: max_viewers.max(1),
             watched: AtomicBool::new(false),
-            recent: Mutex::new(VecDeque::with_capacity(capacity)),
-            feed: broadcast::channel(capacity).0,
+            inner: Mutex::new(Inner { recent: VecDeque::with_capacity(capacity), viewers: Vec::new() }),
         }
     }
 
+    /// Has a viewer ever asked? Until then `publish` does nothing.
+    pub fn watched(&self) -> bool {
+        self.watched.load(Ordering::Relaxed)
+    }
+
     /// Publishes a token's report (and its text, where the client sent one), unless no viewer
-    /// has ever asked for this session.
-    pub fn publish(&self, report: &TokenReport, text: Option<&str>, hierarchy: &Hierarchy) {
+    /// has ever asked for this session. Returns how many viewers were dropped for being a full
+    /// queue behind (each also counted in `probe_cascade_viewers_dropped_total`).
+    pub fn publish(&self, report: &TokenReport, text: Option<&str>, hierarchy: &Hierarchy) -> usize {
         if !self.watched.load(Ordering::Relaxed) {
-            return;
+            return 0;
         }
         let body = probe_cascade::viewer::TokenEvent::new(report, text, hierarchy);
         let data: Arc<str> = serde_json::to_string(&body).expect("an event serializes").into();
         let event = Event { id: report.index as u64, data };
-        let mut recent = self.recent.lock().expect("event log lock");
-        if recent.len() == self.capacity {
-            recent.pop_front();
+        let mut inner = self.inner.lock().expect("event log lock");
+        if inner.recent.len() == self.capacity {
+            inner.recent.pop_front();
         }
-        recent.push_back(event.clone());
-        // Under the lock, so that a subscriber sees each event once: in its backlog or its feed.
-        let _ = self.feed.send(event);
+        inner.recent.push_back(event.clone());
+        // Under the lock, so that a subscriber sees each event once: in its backlog or its queue.
+        let mut dropped = 0;
+        inner.viewers.retain(|v| match v.try_send(event.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                dropped += 1;
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        for _ in 0..dropped {
+            crate::metrics::viewer_dropped();
+        }
+        dropped
     }
 
-    /// A new viewer: the kept events after `after` (all of them without it), and the feed of
-    /// every later one.
-    pub fn subscribe(&self, after: Option<u64>) -> (Vec<Event>, broadcast::Receiver<Event>) {
+    /// A new viewer: its queue, holding the kept events after `after` (all of them without
+    /// it), then every later one, up to `serve.viewer_buffer` unread past the backlog.
+    pub fn subscribe(&self, after: Option<u64>) -> Result<mpsc::Receiver<Event>, SubscribeError> {
+        let mut inner = self.inner.lock().expect("event log lock");
+        inner.viewers.retain(|v| !v.is_closed());
+        if inner.viewers.len() >= self.max_viewers {
+            return Err(SubscribeError::TooManyViewers(self.max_viewers));
+        }
         self.watched.store(true, Ordering::Relaxed);
-        let recent = self.recent.lock().expect("event log lock");
-        let feed = self.feed.subscribe();
-        let backlog = recent.iter().filter(|e| after.is_none_or(|a| e.id > a)).cloned().collect();
-        (backlog, feed)
-    }
-
-    /// Events kept, and how far a viewer may fall behind (`serve.viewer_buffer`).
-    pub fn capacity(&self) -> usize {
-        self.capacity
+        let backlog: Vec<Event> = inner.recent.iter().filter(|e| after.is_none_or(|a| e.id > a)).cloned().collect();
+        let (tx, rx) = mpsc::channel(backlog.len() + self.capacity);
+        for e in backlog {
+            tx.try_send(e).expect("the queue has room for its backlog");
+        }
+        inner.viewers.push(tx);
+        Ok(rx)
     }
 }
 
@@ -105,39 +140,57 @@ mod tests {
         }
     }
 
+    fn ids(rx: &mut mpsc::Receiver<Event>) -> Vec<u64> {
+        std::iter::from_fn(|| rx.try_recv().ok()).map(|e| e.id).collect()
+    }
+
     #[test]
     fn nothing_is_kept_until_a_viewer_asks() {
-        let log = EventLog::new(4);
+        let log = EventLog::new(4, 8);
         log.publish(&report(0), None, &Hierarchy::default());
-        assert!(log.subscribe(None).0.is_empty());
+        assert!(ids(&mut log.subscribe(None).unwrap()).is_empty());
         log.publish(&report(1), Some(" the"), &Hierarchy::default());
-        let (backlog, _) = log.subscribe(None);
-        assert_eq!(backlog.len(), 1);
-        assert!(backlog[0].data.contains("\"text\":\" the\"") && backlog[0].data.contains("\"ms\":0.25"));
+        let mut rx = log.subscribe(None).unwrap();
+        let e = rx.try_recv().unwrap();
+        assert!(e.id == 1 && e.data.contains("\"text\":\" the\"") && e.data.contains("\"ms\":0.25"));
     }
 
     #[test]
     fn a_viewer_that_resumes_gets_what_it_missed_once_then_the_feed() {
-        let log = EventLog::new(3);
-        let _first = log.subscribe(None);
+        let log = EventLog::new(3, 8);
+        let _first = log.subscribe(None).unwrap();
         for t in 0..5 {
             log.publish(&report(t), None, &Hierarchy::default());
         }
         // Events 2, 3, 4 are kept; a viewer that saw 2 resumes at 3.
-        let (backlog, mut feed) = log.subscribe(Some(2));
-        assert_eq!(backlog.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 4]);
+        let mut again = log.subscribe(Some(2)).unwrap();
+        assert_eq!(ids(&mut again), vec![3, 4]);
         log.publish(&report(5), None, &Hierarchy::default());
-        assert_eq!(feed.try_recv().unwrap().id, 5);
-        assert!(feed.try_recv().is_err(), "nothing twice");
+        assert_eq!(ids(&mut again), vec![5], "nothing twice");
     }
 
     #[test]
-    fn a_viewer_that_falls_a_buffer_behind_is_told_it_lagged() {
-        let log = EventLog::new(2);
-        let (_, mut slow) = log.subscribe(None);
+    fn a_viewer_a_buffer_behind_is_dropped_and_one_that_left_is_forgotten() {
+        let log = EventLog::new(2, 8);
+        let _slow = log.subscribe(None).unwrap();
+        let mut reading = log.subscribe(None).unwrap();
+        let gone = log.subscribe(None).unwrap();
+        drop(gone);
+        let mut dropped = 0;
         for t in 0..5 {
-            log.publish(&report(t), None, &Hierarchy::default());
+            dropped += log.publish(&report(t), None, &Hierarchy::default());
+            assert_eq!(ids(&mut reading), vec![t as u64]);
         }
-        assert!(matches!(slow.try_recv(), Err(broadcast::error::TryRecvError::Lagged(3))));
+        assert_eq!(dropped, 1, "the slow viewer, once; the one that left is not counted");
+        assert_eq!(log.inner.lock().unwrap().viewers.len(), 1);
+    }
+
+    #[test]
+    fn a_session_takes_at_most_max_viewers() {
+        let log = EventLog::new(2, 2);
+        let (_a, b) = (log.subscribe(None).unwrap(), log.subscribe(None).unwrap());
+        assert_eq!(log.subscribe(None).unwrap_err(), SubscribeError::TooManyViewers(2));
+        drop(b);
+        assert!(log.subscribe(None).is_ok(), "a viewer that left frees its place");
     }
 }

@@ -121,19 +121,17 @@ impl Drop for Viewer {
 
 /// A session's tokens as server-sent events, one JSON event per token (`crate::events`),
 /// from after `Last-Event-ID` (or `?after=`) when given. The stream ends when the session
-/// closes. Each viewer has a task of its own that moves events from the session's feed into
-/// the viewer's bounded queue (the backlog and `serve.viewer_buffer` more): a viewer that
-/// stops reading fills it and is dropped at once (counted in
-/// `probe_cascade_viewers_dropped_total`; it may reconnect and resume), without waiting for
-/// its socket, and the session never waits for a viewer.
+/// closes. The session puts each event straight into this viewer's bounded queue (the backlog
+/// and `serve.viewer_buffer` more); a viewer that stops reading fills it and is dropped at
+/// once (counted in `probe_cascade_viewers_dropped_total`; it may reconnect and resume),
+/// without waiting for its socket, and the session never waits for a viewer. More than
+/// `serve.max_viewers` at once: 429.
 async fn events(
     AxumState(h): AxumState<Http>,
     AxumPath(id): AxumPath<u64>,
     Query(query): Query<After>,
     headers: HeaderMap,
 ) -> Response {
-    use tokio::sync::broadcast::error::RecvError;
-    use tokio::sync::mpsc::error::TrySendError;
     if let Some(r) = unauthorized(&h, &headers) {
         return r;
     }
@@ -141,37 +139,25 @@ async fn events(
         return (StatusCode::NOT_FOUND, format!("session {id} is not open on this server\n")).into_response();
     };
     let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-    let (backlog, mut feed) = entry.events.subscribe(last.or(query.after));
-    let (tx, rx) = tokio::sync::mpsc::channel(backlog.len() + entry.events.capacity());
-    drop(entry);
-    for e in backlog {
-        let _ = tx.try_send(e);
-    }
-    tokio::spawn(async move {
-        let _viewer = Viewer::new();
-        loop {
-            let sent = match feed.recv().await {
-                Ok(e) => tx.try_send(e),
-                Err(RecvError::Lagged(_)) => Err(TrySendError::Full(crate::events::Event::default())),
-                Err(RecvError::Closed) => break,
-            };
-            match sent {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    crate::metrics::viewer_dropped();
-                    break;
-                }
-                Err(TrySendError::Closed(_)) => break,
-            }
+    let rx = match entry.events.subscribe(last.or(query.after)) {
+        Ok(rx) => rx,
+        Err(e) => {
+            crate::metrics::error("limit");
+            return (StatusCode::TOO_MANY_REQUESTS, format!("session {id}: {e}\n")).into_response();
         }
-    });
+    };
+    drop(entry);
+    let viewer = Viewer::new();
     let sse = |e: crate::events::Event| {
         Ok::<_, std::convert::Infallible>(SseEvent::default().id(e.id.to_string()).data(&*e.data))
     };
     // A first comment goes out at once, so that the viewer knows its subscription is in place
     // (every later token reaches it) without waiting for a token or a keep-alive.
     let hello = futures::stream::once(async { Ok(SseEvent::default().comment("subscribed")) });
-    let stream =
-        futures::StreamExt::chain(hello, futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), sse));
+    let events = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), move |e| {
+        let _counted = &viewer;
+        sse(e)
+    });
+    let stream = futures::StreamExt::chain(hello, events);
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }

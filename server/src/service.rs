@@ -67,14 +67,14 @@ fn failed(seq: u64, e: pb::Error) -> pb::TokenResult {
 fn answered(
     seq: u64,
     started: Instant,
-    outcome: Result<Result<TokenReport, RuntimeError>, Duration>,
+    outcome: Result<Result<&TokenReport, &RuntimeError>, Duration>,
 ) -> pb::TokenResult {
     match outcome {
         Ok(Ok(report)) => {
-            m::token(&report, started.elapsed());
-            result(seq, pb::token_result::Outcome::Report(convert::report(&report)))
+            m::token(report, started.elapsed());
+            result(seq, pb::token_result::Outcome::Report(convert::report(report)))
         }
-        Ok(Err(e)) => failed(seq, convert::runtime_error(&e)),
+        Ok(Err(e)) => failed(seq, convert::runtime_error(e)),
         Err(deadline) => failed(
             seq,
             convert::error(
@@ -250,7 +250,7 @@ impl ProbeCascade for Service {
                     if let Ok(report) = &answer {
                         entry.events.publish(report, text.as_deref(), state.runtime.pack().hierarchy());
                     }
-                    results[i] = Some(answered(i as u64, started, Ok(answer)));
+                    results[i] = Some(answered(i as u64, started, Ok(answer.as_ref())));
                 }
             }
             Err(d) => {
@@ -336,7 +336,10 @@ async fn drive(
     let mut reading = true;
     let mut end: Option<Status> = None;
     // An answer known at once (a refusal) waits in line behind the observes before it.
-    let ready = |r: pb::TokenResult| futures::future::Either::Left(futures::future::ready(r));
+    // Each answer comes with the report and text to publish to the session's live viewers once
+    // the answer is on its way (viewers never delay an answer).
+    type Publish = Option<(Arc<crate::state::SessionEntry>, TokenReport, Option<String>)>;
+    let ready = |r: pb::TokenResult| futures::future::Either::Left(futures::future::ready((r, Publish::None)));
     let send = |r: pb::TokenResult| {
         let tx = tx.clone();
         async move { tx.send(Ok(pb::SessionResponse { kind: Some(pb::session_response::Kind::Result(r)) })).await.is_ok() }
@@ -347,7 +350,7 @@ async fn drive(
         }
         tokio::select! {
             biased;
-            Some(r) = pending.next(), if !pending.is_empty() => {
+            Some((r, publish)) = pending.next(), if !pending.is_empty() => {
                 if let Some(e) = &entry {
                     e.tokens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     e.touch(state);
@@ -355,6 +358,9 @@ async fn drive(
                 if !send(r).await {
                     m::dropped(1 + pending.len());
                     return;
+                }
+                if let Some((e, report, text)) = publish as Publish {
+                    e.events.publish(&report, text.as_deref(), state.runtime.pack().hierarchy());
                 }
             }
             _ = drain.changed(), if reading => {
@@ -396,10 +402,12 @@ async fn drive(
                             pending.push_back(futures::future::Either::Right(async move {
                                 let observed = session.observe_states(states);
                                 let outcome = within(d, &state.deadline_ticks, observed).await;
-                                if let (Some(entry), Ok(Ok(report))) = (&entry, &outcome) {
-                                    entry.events.publish(report, text.as_deref(), state.runtime.pack().hierarchy());
-                                }
-                                answered(this, started, outcome)
+                                let answer = answered(this, started, outcome.as_ref().map(|r| r.as_ref()).map_err(|d| *d));
+                                let publish: Publish = match (entry, outcome) {
+                                    (Some(entry), Ok(Ok(report))) if entry.events.watched() => Some((entry, report, text)),
+                                    _ => None,
+                                };
+                                (answer, publish)
                             }));
                         }
                         Err(message) => {
@@ -448,7 +456,7 @@ mod tests {
         let started = Instant::now();
         let late = within(Duration::from_millis(5), &ticks, pending).await;
         assert!(started.elapsed() >= Duration::from_millis(5));
-        let r = answered(3, Instant::now(), late);
+        let r = answered(3, Instant::now(), late.as_ref().map(|r| r.as_ref()).map_err(|d| *d));
         assert_eq!(r.seq, 3);
         let Some(pb::token_result::Outcome::Error(e)) = r.outcome else { panic!("{r:?}") };
         assert_eq!(e.kind(), pb::ErrorKind::Deadline);

@@ -224,7 +224,10 @@ impl State {
                 tokens: AtomicU64::new(0),
                 last_used_ms: AtomicU64::new(self.now_ms()),
                 owned: Mutex::new(None),
-                events: crate::events::EventLog::new(self.live().config.serve.viewer_buffer),
+                events: crate::events::EventLog::new(
+                    self.live().config.serve.viewer_buffer,
+                    self.live().config.serve.max_viewers,
+                ),
             });
             made = Some(entry.clone());
             entry
@@ -481,6 +484,7 @@ pub fn changed_keys(old: &Config, new: &Config) -> (Vec<&'static str>, Vec<&'sta
     check("serve.idle_session_ms", a.idle_session_ms != b.idle_session_ms, true);
     check("serve.drain_grace_ms", a.drain_grace_ms != b.drain_grace_ms, true);
     check("serve.viewer_buffer", a.viewer_buffer != b.viewer_buffer, false);
+    check("serve.max_viewers", a.max_viewers != b.max_viewers, false);
     (live, fixed)
 }
 

@@ -789,7 +789,8 @@ impl Viewer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_events_carry_each_token_resume_without_duplicates_and_drop_a_viewer_that_stops_reading() {
     let f = fixture();
-    let server = serve(&f, &realtime("[serve]\nviewer_buffer = 8\nstream_queue = 256\n"), false, None).await;
+    let server =
+        serve(&f, &realtime("[serve]\nviewer_buffer = 8\nstream_queue = 256\nmax_viewers = 2\n"), false, None).await;
     let mut client = tcp_client(&server).await;
     let mut s = open(&mut client, Default::default()).await;
     let (status, _) = http_get(&server, "/v1/sessions/999/events", None).await;
@@ -814,6 +815,9 @@ async fn live_events_carry_each_token_resume_without_duplicates_and_drop_a_viewe
     // A viewer that saw event 2 reconnects: 3 and 4 once, then the live feed.
     let mut again = Viewer::connect(&server, s.id, Some(2)).await;
     assert_eq!(again.until(2).await.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![3, 4]);
+    // A third viewer is one past serve.max_viewers.
+    let (status, body) = http_get(&server, &format!("/v1/sessions/{}/events", s.id), None).await;
+    assert!(status == 429 && body.contains("serve.max_viewers"), "{status} {body}");
     s.send(encode_f32(f.traces[0].row(5))).await;
     s.result().await;
     let ids: Vec<u64> = again.until(3).await.iter().map(|(id, _)| *id).collect();
