@@ -121,3 +121,24 @@ def test_the_html_reports_of_run_and_of_python_show_the_same_tokens(demo, browse
     page.goto(Path(py).as_uri())
     check_page(page, reports, demo["texts"])
     page.close()
+
+
+def test_the_live_page_asks_for_the_bearer_token_and_sends_it(demo, browser, tmp_path):
+    served = Served(demo["pack"], tmp_path, config=demo["config"], token="s3cret")
+    try:
+        with pc.Client(served.grpc, token="s3cret") as client, client.session(label="guarded") as s:
+            page = browser.new_page()
+            page.goto(f"http://{served.http}/")
+            # Without the token the /v1/ routes answer 401, and the page asks for it.
+            page.wait_for_selector("#pc-auth:not([hidden])")
+            assert page.locator("#pc-sessions li[data-id]").count() == 0
+            page.fill("#pc-token", "s3cret")
+            page.click("#pc-auth button")
+            page.wait_for_selector(f'#pc-sessions li[data-id="{s.id}"]')
+            page.wait_for_function("document.querySelector('#pc-status').textContent.startsWith('live')")
+            r = s.observe(demo["trace"][0], text="guarded")
+            page.wait_for_selector('#pc-tokens .tok[data-token="0"]')
+            assert page.locator("#pc-tokens .tok").first.get_attribute("data-top") == r.top[0].name
+            page.close()
+    finally:
+        assert served.stop() == 0
