@@ -1,6 +1,7 @@
-//! HTTP on its own port (axum): Prometheus metrics, health and readiness, and read-only views
-//! of the pack and the sessions, and the live viewer page at `/`. `/v1/*` needs the bearer token when one is set; `/metrics`
-//! and the health checks do not, so that scrapers and orchestrators need no secret.
+//! HTTP on its own port (axum): Prometheus metrics, health and readiness, read-only views of
+//! the pack and the sessions, their live events, and the viewer page at `/`. `/v1/*` needs the
+//! bearer token when one is set; `/metrics`, the health checks and the page (which holds no
+//! data) do not, so that scrapers and orchestrators need no secret.
 
 use std::sync::Arc;
 
