@@ -85,6 +85,21 @@ def check_page(page, reports, texts) -> None:
     # Sparklines: the watched roots, then the strongest concepts of the window.
     sparks = page.locator("#pc-lines .spark").evaluate_all("ss => ss.map(s => s.dataset.name)")
     assert len(sparks) >= 3 and set(a.watched for r in reports for a in r.alerts) <= set(sparks)
+    # Clicking a sparkline shades every token by that concept: unshaded where it was not
+    # reported, shaded where it was.
+    name = sparks[-1]
+    page.locator(f'#pc-lines .spark[data-name="{name}"]').click()
+    assert page.locator("#pc-tokens").get_attribute("data-mode") == "concept"
+    shaded = toks.evaluate_all("ts => ts.map(t => getComputedStyle(t).backgroundColor !== 'rgba(0, 0, 0, 0)')")
+    assert shaded == [any(d.name == name for d in r.top) for r in reports]
+    # By area: tokens whose strongest concepts share a root share a colour.
+    page.click('#pc-modes button[data-mode="area"]')
+    colours = toks.evaluate_all("ts => ts.map(t => getComputedStyle(t).backgroundColor)")
+    by_root = {}
+    for r, c in zip(reports, colours):
+        by_root.setdefault(r.top[0].path[0], set()).add(c)
+    assert all(len(c) == 1 for c in by_root.values()), by_root
+    page.click('#pc-modes button[data-mode="top"]')
 
 
 def test_the_live_page_follows_a_session_streamed_through_serve(demo, browser, tmp_path):

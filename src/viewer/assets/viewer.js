@@ -17,7 +17,7 @@
     return e;
   };
   const recorded = JSON.parse($("#pc-data").textContent);
-  const state = { pack: null, session: null, events: [], token: sessionStorage.getItem("pc-token") || "", watched: new Set(), abort: null, drawQueued: false };
+  const state = { pack: null, colour: { mode: "top", concept: null }, session: null, events: [], token: sessionStorage.getItem("pc-token") || "", watched: new Set(), abort: null, drawQueued: false };
 
   // -- colours: a concept's hue is a hash of its name, so it is the same in every view ------
   const hue = (name) => { let h = 2166136261; for (const c of name) { h ^= c.codePointAt(0); h = Math.imul(h, 16777619); } return (h >>> 0) % 360; };
@@ -45,17 +45,39 @@
   }
 
   // -- the token stream ----------------------------------------------------------------------
+  // How tokens are coloured: by their strongest concept ("top"), by that concept's root in
+  // the hierarchy ("area"), or shaded by one chosen concept's score ("concept").
+  function tint(e) {
+    const top = e.top[0];
+    if (state.colour.mode === "concept") {
+      const d = e.top.find((x) => x.name === state.colour.concept);
+      return d ? colour(d.name, 0.08 + 0.7 * Math.min(1, d.prob)) : "transparent";
+    }
+    if (!top) return "transparent";
+    if (state.colour.mode === "area") return colour(path(top)[0], 0.45);
+    return colour(top.name, 0.12 + 0.55 * Math.min(1, top.prob));
+  }
   function tokenNode(e) {
     const top = e.top[0];
     const text = e.text !== null && e.text !== undefined && e.text !== "" ? e.text : `·${e.token}`;
     const span = el("span", { class: "tok" + (e.alerts.length ? " alert" : ""), "data-token": String(e.token), "data-top": top ? top.name : "" }, text);
-    if (top) {
-      span.style.background = colour(top.name, 0.12 + 0.55 * Math.min(1, top.prob));
-      span.title = `token ${e.token}: ${top.name} ${fmt(top.prob)}` + (e.alerts.length ? ` · ${e.alerts.length} alert(s)` : "");
-    }
+    span.style.background = tint(e);
+    if (top) span.title = `token ${e.token}: ${top.name} ${fmt(top.prob)}` + (e.alerts.length ? ` · ${e.alerts.length} alert(s)` : "");
     span.addEventListener("click", () => select(e, span));
     return span;
   }
+  function setColour(mode, concept) {
+    state.colour = { mode, concept: concept || null };
+    $("#pc-tokens").dataset.mode = mode;
+    document.querySelectorAll("#pc-modes button").forEach((b) => b.setAttribute("aria-pressed", String(b.dataset.mode === mode)));
+    $("#pc-shaded").textContent = mode === "concept" ? `shaded by ${concept}` : "";
+    const spans = $("#pc-tokens").children;
+    state.events.forEach((e, i) => { spans[i].style.background = tint(e); });
+  }
+  document.querySelectorAll("#pc-modes button").forEach((b) => b.addEventListener("click", () => {
+    if (b.dataset.mode !== "concept") setColour(b.dataset.mode);
+    else if (state.colour.concept) setColour("concept", state.colour.concept);
+  }));
   function add(e) {
     state.events.push(e);
     const box = $("#pc-tokens");
@@ -70,7 +92,7 @@
   function select(e, span) {
     document.querySelectorAll(".tok.sel").forEach((s) => s.classList.remove("sel"));
     if (span) span.classList.add("sel");
-    const rows = e.top.map((d) => el("tr", { class: "concept", "data-name": d.name },
+    const rows = e.top.map((d) => el("tr", { class: "concept", "data-name": d.name, title: "click: shade the tokens by this concept", onclick: () => setColour("concept", d.name) },
       el("td", {}, el("span", { class: "sw", style: `background:${colour(d.name, 0.9)}` }), d.name, pathNode(d)),
       el("td", {}, fmt(d.prob), el("div", {}, el("span", { class: "bar", style: `width:${Math.round(60 * Math.min(1, d.prob))}px;color:${colour(d.name, 0.9)}` }))),
       el("td", {}, fmt(d.logit, 2)),
@@ -114,7 +136,7 @@
         dot.setAttribute("cx", (i * w / n).toFixed(1)); dot.setAttribute("cy", "3"); dot.setAttribute("r", "1.6"); dot.setAttribute("fill", "#d0021b");
         svg.append(dot);
       });
-      return el("div", { class: "spark" + (state.watched.has(name) ? " watched" : ""), "data-name": name }, el("span", { title: name }, name), svg, el("span", {}, fmt(ys[ys.length - 1] || 0, 2)));
+      return el("div", { class: "spark" + (state.watched.has(name) ? " watched" : ""), "data-name": name, title: "click: shade the tokens by this concept", onclick: () => setColour("concept", name) }, el("span", { title: name }, name), svg, el("span", {}, fmt(ys[ys.length - 1] || 0, 2)));
     });
     $("#pc-lines").replaceChildren(...lines);
   }
