@@ -369,7 +369,9 @@ fn write_html(
     pack: &Pack,
     sessions: &[probe_cascade::viewer::RecordedSession<'_>],
 ) -> anyhow::Result<()> {
-    let title = format!("{} · {}", args.trace.display(), args.pack.display());
+    let name =
+        |p: &std::path::Path| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into());
+    let title = format!("{} · pack {}", name(&args.trace), name(&args.pack));
     std::fs::write(path, probe_cascade::viewer::report_page(&title, pack, sessions))
         .with_context(|| format!("writing --html {}", path.display()))?;
     println!("wrote {}", path.display());
