@@ -588,6 +588,7 @@ fn run_html_writes_one_offline_page_with_every_token_its_text_concepts_and_alert
     }
     assert!(alerts > 0, "watching the roots raises alerts");
     assert_eq!(data["pack"]["concepts"], manifest["concepts"].as_array().unwrap().len());
+    assert_eq!(data["pack"]["watched"], serde_json::json!(roots), "the watched concepts get sparklines from the start");
     // --token-text alone names nothing.
     let err = failed(&run_cmd(&f, &f.trace).arg("--token-text").arg(&text_file).output().unwrap());
     assert!(err.contains("--token-text") && err.contains("--html"), "{err}");

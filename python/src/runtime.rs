@@ -368,8 +368,9 @@ impl Runtime {
     /// The pack's metadata and hierarchy as JSON (`probe_cascade::viewer::PackView`, what the
     /// viewer reads; `probe_cascade.viewer` puts it in HTML reports).
     fn _pack_view(&self) -> String {
-        serde_json::to_string(&probe_cascade::viewer::PackView::new(self.inner.rt.pack()))
-            .expect("a pack view serializes")
+        let rt = &self.inner.rt;
+        let view = probe_cascade::viewer::PackView::new(rt.pack()).watching(&rt.config().cascade.watch);
+        serde_json::to_string(&view).expect("a pack view serializes")
     }
 
     /// The config as given (a dict), and where it came from.

@@ -43,7 +43,8 @@ def demo(tmp_path_factory):
     config.write_text(EXACT.read_text() + f'\n[[cascade.watch]]\nname = "demo"\nconcepts = {json.dumps(roots)}\n')
     texts = [(" " if i else "") + WORDS[i % len(WORDS)] for i in range(TOKENS)]
     (d / "texts.json").write_text(json.dumps(texts))
-    return {"dir": d, "pack": d / "pack", "trace": np.load(d / "trace.npy"), "config": config, "texts": texts}
+    return {"dir": d, "pack": d / "pack", "trace": np.load(d / "trace.npy"), "config": config, "texts": texts,
+            "roots": roots}
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,9 @@ def test_the_live_page_follows_a_session_streamed_through_serve(demo, browser, t
             # The page lists the session, and is subscribed once it says it is live.
             page.wait_for_selector(f'#pc-sessions li[data-id="{s.id}"]')
             page.wait_for_function("document.querySelector('#pc-status').textContent.startsWith('live')")
+            # The config's watched concepts have sparklines before any token.
+            page.wait_for_function(f"document.querySelectorAll('#pc-lines .spark').length === {len(demo['roots'])}")
+            assert page.locator("#pc-lines .spark").evaluate_all("ss => ss.map(s => s.dataset.name)") == demo["roots"]
             reports = [s.observe(row, text=demo["texts"][t]) for t, row in enumerate(demo["trace"])]
             page.wait_for_function(f"document.querySelectorAll('#pc-tokens .tok').length >= {TOKENS}", timeout=30_000)
             check_page(page, reports, demo["texts"])

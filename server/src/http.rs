@@ -70,7 +70,8 @@ async fn pack(AxumState(h): AxumState<Http>, headers: HeaderMap) -> Response {
         return r;
     }
     let pack = h.state.runtime.pack().clone();
-    Json(probe_cascade::viewer::PackView::new(&pack)).into_response()
+    let live = h.state.live();
+    Json(probe_cascade::viewer::PackView::new(&pack).watching(&live.config.cascade.watch)).into_response()
 }
 
 /// The live viewer (`probe_cascade::viewer`). The page holds no data: what it shows comes from

@@ -10,6 +10,7 @@
 
 use serde::Serialize;
 
+use crate::config::WatchProfile;
 use crate::pack::{ConceptId, Hierarchy, Pack};
 use crate::types::{Alert, ReportEntry, SimplexReading, TokenReport};
 
@@ -85,6 +86,9 @@ pub struct PackView<'a> {
     pub concepts: usize,
     pub layers: Vec<LayerView>,
     pub hierarchy: Vec<ConceptView<'a>>,
+    /// The concepts the watch profiles name (`PackView::watching`): the viewer gives each a
+    /// sparkline from the first token, before any alert.
+    pub watched: Vec<String>,
 }
 
 impl<'a> PackView<'a> {
@@ -109,7 +113,21 @@ impl<'a> PackView<'a> {
                     children: names(hier.children(id)),
                 })
                 .collect(),
+            watched: Vec::new(),
         }
+    }
+
+    /// With the concepts `profiles` watch, in order, each once. A profile file that can no
+    /// longer be read gives its inline concepts only (it was read when the config loaded).
+    pub fn watching(mut self, profiles: &[WatchProfile]) -> Self {
+        for p in profiles {
+            for name in p.all_concepts().unwrap_or_else(|_| p.concepts.clone()) {
+                if !self.watched.contains(&name) {
+                    self.watched.push(name);
+                }
+            }
+        }
+        self
     }
 }
 
@@ -132,10 +150,10 @@ pub fn live_page() -> String {
     fill("probe-cascade · live", "null")
 }
 
-/// A self-contained HTML report of recorded streams over `pack`: the viewer with the data in
-/// the file, for any browser, offline.
-pub fn report_page(title: &str, pack: &Pack, sessions: &[RecordedSession<'_>]) -> String {
-    let data = serde_json::to_string(&Recorded { pack: PackView::new(pack), sessions }).expect("a report serializes");
+/// A self-contained HTML report of recorded streams over `pack` (its view, with the run's
+/// watched concepts): the viewer with the data in the file, for any browser, offline.
+pub fn report_page(title: &str, pack: PackView<'_>, sessions: &[RecordedSession<'_>]) -> String {
+    let data = serde_json::to_string(&Recorded { pack, sessions }).expect("a report serializes");
     fill(title, &data)
 }
 

@@ -206,7 +206,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 probe_cascade::viewer::TokenEvent::new(r, texts.as_ref().map(|t| t[r.index].as_str()), pack.hierarchy())
             })
             .collect();
-        write_html(path, &args, &pack, &[probe_cascade::viewer::RecordedSession { id: 0, label, events }])?;
+        let streams = [probe_cascade::viewer::RecordedSession { id: 0, label, events }];
+        write_html(path, &args, &pack, &config, &streams)?;
     }
     if let Some(path) = &args.trace_json {
         write_trace_json(path, &args, &pack, &reports, texts)?;
@@ -345,7 +346,7 @@ fn run_sessions(
                     .collect(),
             })
             .collect();
-        write_html(path, args, &pack, &recorded)?;
+        write_html(path, args, &pack, config, &recorded)?;
     }
     if let Some(path) = &args.json {
         let doc = json!({
@@ -367,12 +368,14 @@ fn write_html(
     path: &std::path::Path,
     args: &RunArgs,
     pack: &Pack,
+    config: &Config,
     sessions: &[probe_cascade::viewer::RecordedSession<'_>],
 ) -> anyhow::Result<()> {
     let name =
         |p: &std::path::Path| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into());
     let title = format!("{} · pack {}", name(&args.trace), name(&args.pack));
-    std::fs::write(path, probe_cascade::viewer::report_page(&title, pack, sessions))
+    let view = probe_cascade::viewer::PackView::new(pack).watching(&config.cascade.watch);
+    std::fs::write(path, probe_cascade::viewer::report_page(&title, view, sessions))
         .with_context(|| format!("writing --html {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())

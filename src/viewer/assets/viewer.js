@@ -17,7 +17,7 @@
     return e;
   };
   const recorded = JSON.parse($("#pc-data").textContent);
-  const state = { pack: null, colour: { mode: "top", concept: null }, session: null, events: [], token: sessionStorage.getItem("pc-token") || "", watched: new Set(), abort: null, drawQueued: false };
+  const state = { pack: null, packWatched: [], colour: { mode: "top", concept: null }, session: null, events: [], token: sessionStorage.getItem("pc-token") || "", watched: new Set(), abort: null, drawQueued: false };
 
   // -- colours: a concept's hue is a hash of its name, so it is the same in every view ------
   const hue = (name) => { let h = 2166136261; for (const c of name) { h ^= c.codePointAt(0); h = Math.imul(h, 16777619); } return (h >>> 0) % 360; };
@@ -26,6 +26,8 @@
 
   function setPack(pack) {
     state.pack = pack;
+    state.packWatched = (pack && pack.watched) || [];
+    for (const name of state.packWatched) state.watched.add(name);
     const names = $("#pc-names");
     names.replaceChildren();
     const seen = new Set();
@@ -160,7 +162,7 @@
   function reset(id) {
     state.session = id;
     state.events = [];
-    state.watched = new Set();
+    state.watched = new Set(state.packWatched);
     $("#pc-tokens").replaceChildren();
     $("#pc-detail").replaceChildren(el("h2", {}, "token"), el("p", { class: "hint" }, "click a token"));
     document.querySelectorAll("#pc-sessions li").forEach((li) => li.classList.toggle("on", li.dataset.id === String(id)));
