@@ -24,9 +24,8 @@ fn cpu_info() -> String {
 /// not JSON is a ValueError naming where it fails.
 #[pyfunction]
 fn viewer_page(title: &str, data: &str) -> PyResult<String> {
-    let value: serde_json::Value = serde_json::from_str(data)
-        .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("viewer data is not JSON: {e}")))?;
-    Ok(probe_cascade::viewer::page_with_data(title, &value))
+    probe_cascade::viewer::page_with_data(title, data)
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("viewer data is not JSON: {e}")))
 }
 
 #[pymodule]

@@ -67,7 +67,7 @@ fn failed(seq: u64, e: pb::Error) -> pb::TokenResult {
 fn answered(
     seq: u64,
     started: Instant,
-    outcome: Result<Result<&TokenReport, &RuntimeError>, Duration>,
+    outcome: &Result<Result<TokenReport, RuntimeError>, Duration>,
 ) -> pb::TokenResult {
     match outcome {
         Ok(Ok(report)) => {
@@ -75,7 +75,7 @@ fn answered(
             result(seq, pb::token_result::Outcome::Report(convert::report(report)))
         }
         Ok(Err(e)) => failed(seq, convert::runtime_error(e)),
-        Err(deadline) => failed(
+        &Err(deadline) => failed(
             seq,
             convert::error(
                 pb::ErrorKind::Deadline,
@@ -250,12 +250,12 @@ impl ProbeCascade for Service {
                     if let Ok(report) = &answer {
                         entry.events.publish(report, text.as_deref(), state.runtime.pack().hierarchy());
                     }
-                    results[i] = Some(answered(i as u64, started, Ok(answer.as_ref())));
+                    results[i] = Some(answered(i as u64, started, &Ok(answer)));
                 }
             }
             Err(d) => {
                 for (i, ..) in asked {
-                    results[i] = Some(answered(i as u64, started, Err(d)));
+                    results[i] = Some(answered(i as u64, started, &Err(d)));
                 }
             }
         }
@@ -402,7 +402,7 @@ async fn drive(
                             pending.push_back(futures::future::Either::Right(async move {
                                 let observed = session.observe_states(states);
                                 let outcome = within(d, &state.deadline_ticks, observed).await;
-                                let answer = answered(this, started, outcome.as_ref().map(|r| r.as_ref()).map_err(|d| *d));
+                                let answer = answered(this, started, &outcome);
                                 let publish: Publish = match (entry, outcome) {
                                     (Some(entry), Ok(Ok(report))) if entry.events.watched() => Some((entry, report, text)),
                                     _ => None,
@@ -456,7 +456,7 @@ mod tests {
         let started = Instant::now();
         let late = within(Duration::from_millis(5), &ticks, pending).await;
         assert!(started.elapsed() >= Duration::from_millis(5));
-        let r = answered(3, Instant::now(), late.as_ref().map(|r| r.as_ref()).map_err(|d| *d));
+        let r = answered(3, Instant::now(), &late);
         assert_eq!(r.seq, 3);
         let Some(pb::token_result::Outcome::Error(e)) = r.outcome else { panic!("{r:?}") };
         assert_eq!(e.kind(), pb::ErrorKind::Deadline);

@@ -157,10 +157,11 @@ pub fn report_page(title: &str, pack: PackView<'_>, sessions: &[RecordedSession<
     fill(title, &data)
 }
 
-/// The page with its data: `data` is JSON (or `null` for the live page), its text made safe
-/// inside a `<script>` element.
-pub fn page_with_data(title: &str, data: &serde_json::Value) -> String {
-    fill(title, &data.to_string())
+/// The page with `data`, a JSON document of the recorded shape (`{pack, sessions}`), in it
+/// as given: it is checked to be JSON, not parsed into values and written again.
+pub fn page_with_data(title: &str, data: &str) -> Result<String, serde_json::Error> {
+    serde_json::from_str::<serde::de::IgnoredAny>(data)?;
+    Ok(fill(title, data))
 }
 
 fn fill(title: &str, data: &str) -> String {
@@ -195,12 +196,13 @@ mod tests {
 
     #[test]
     fn the_page_carries_its_style_script_and_data_and_no_placeholder_is_left() {
-        let page = page_with_data("a <b> & c", &serde_json::json!({"x": "</script><b>"}));
+        let page = page_with_data("a <b> & c", r#"{"x":"</script><b>"}"#).unwrap();
         assert!(!page.contains("{{"), "every placeholder is filled");
         assert!(page.contains("<title>a &lt;b&gt; &amp; c</title>"));
         assert!(page.contains(SCRIPT) && page.contains(STYLE));
         assert!(page.contains(r#"{"x":"<\/script><b>"}"#), "data cannot close the script element");
         assert_eq!(page.matches("</script>").count(), 2, "only the page's own script elements close");
+        assert!(page_with_data("t", "{not json").is_err());
     }
 
     #[test]

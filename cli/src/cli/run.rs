@@ -310,8 +310,10 @@ fn run_sessions(
             s["errors"]
         );
         docs.push(json!({"offset": offset, "tokens": entries, "summary": s}));
-        all.extend(reports.iter().cloned());
-        streams.push((offset, reports));
+        if args.html.is_some() {
+            streams.push((offset, reports.clone()));
+        }
+        all.extend(reports);
     }
     let mut summary = summary_json(&all, 0, n * tokens - all.len());
     summary["sessions"] = json!(n);
