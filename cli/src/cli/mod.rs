@@ -4,6 +4,7 @@ mod bench;
 mod engines;
 mod measure;
 mod pack;
+mod parquet;
 mod plot;
 mod progress;
 mod run;

@@ -18,10 +18,33 @@ pub struct RunArgs {
     pack: PathBuf,
     /// T×D float32 .npy of hidden states. For a pack whose probes read L model layers,
     /// T×(L·D): each row the L layers' states side by side, in the pack's model-layer order.
-    #[arg(long)]
-    trace: PathBuf,
-    #[arg(long, value_enum, default_value = "reference")]
-    engine: EngineKind,
+    #[arg(long, required_unless_present = "traces")]
+    trace: Option<PathBuf>,
+    /// Many recordings, each scored as its own session on one shared runtime, many at once:
+    /// a directory (its .npy and .safetensors files) or a glob. A .npy is one recording named
+    /// by its file stem; a safetensors file holds one recording per tensor, named
+    /// `<stem>/<tensor>`. Results go to --parquet.
+    #[arg(long, value_name = "DIR_OR_GLOB", requires = "parquet", conflicts_with_all = ["trace", "sessions", "oracle", "html", "trace_json", "json", "token_text", "tokens"])]
+    traces: Option<String>,
+    /// With --traces: the Parquet dataset to write (tables detections, tokens, alerts,
+    /// simplex and failures, one directory each, and manifest.json), safe against a crash.
+    #[arg(long, value_name = "OUT_DIR", requires = "traces")]
+    parquet: Option<PathBuf>,
+    /// With --parquet: finish the dataset an interrupted run left in OUT_DIR, skipping the
+    /// recordings it wrote (the config and pack must be the same).
+    #[arg(long, requires = "parquet")]
+    resume: bool,
+    /// With --traces: recordings scored at once, each a session (at most runtime.max_sessions).
+    #[arg(long, requires = "traces", default_value_t = 16)]
+    concurrency: usize,
+    /// With --parquet: a part (a file per table, committed together) holds about this many
+    /// detection rows; a crash loses at most the part being written.
+    #[arg(long, requires = "parquet", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    part_rows: u64,
+    /// Which engine scores (default: reference; --sessions and --traces always use the shared
+    /// runtime).
+    #[arg(long, value_enum)]
+    engine: Option<EngineKind>,
     /// Runtime mode (overrides the config's runtime.mode).
     #[arg(long, value_enum)]
     mode: Option<Mode>,
@@ -73,6 +96,13 @@ pub struct RunArgs {
     html: Option<PathBuf>,
 }
 
+impl RunArgs {
+    /// `--trace` (clap requires it unless `--traces` is given, whose path returns first).
+    fn trace(&self) -> &std::path::Path {
+        self.trace.as_deref().expect("clap requires --trace without --traces")
+    }
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut config = Config::load(&args.config)?;
     if let Some(mode) = args.mode {
@@ -89,14 +119,31 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     probe_cascade::config::check_watch(&config.cascade.watch).map_err(|m| anyhow::anyhow!("--watch: {m}"))?;
     let pack = Arc::new(Pack::open(&args.pack).with_context(|| format!("opening pack {}", args.pack.display()))?);
-    let trace = probe_cascade::npy::read(&args.trace)?;
+    if let Some(spec) = &args.traces {
+        anyhow::ensure!(
+            matches!(args.engine, None | Some(EngineKind::Runtime)),
+            "--traces scores each recording as a session of the shared runtime: leave out --engine, or give --engine runtime"
+        );
+        let job = super::parquet::Job {
+            spec,
+            out: args.parquet.clone().context("--traces writes --parquet OUT_DIR")?,
+            resume: args.resume,
+            concurrency: args.concurrency,
+            part_rows: args.part_rows,
+            skip_bad_tokens: args.skip_bad_tokens,
+            config_json: config_json(&args)?,
+            config_source: args.config.display().to_string(),
+        };
+        return super::parquet::run(job, config, pack);
+    }
+    let trace = probe_cascade::npy::read(args.trace())?;
     let tokens = args.tokens.unwrap_or(trace.rows).min(trace.rows);
     let states = pack.hidden_states();
     anyhow::ensure!(
         states == 1 || trace.cols == states * pack.hidden_dim(),
         "the trace {} has {} values per token, but the pack's probes read model layers {:?} of D={}: give {} \
          values per token, the layers side by side",
-        args.trace.display(),
+        args.trace().display(),
         trace.cols,
         pack.model_layers(),
         pack.hidden_dim(),
@@ -104,7 +151,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     if let Some(n) = args.sessions {
         anyhow::ensure!(
-            args.engine == EngineKind::Runtime,
+            args.engine == Some(EngineKind::Runtime),
             "--sessions runs sessions on the shared runtime: use it with --engine runtime"
         );
         return run_sessions(&args, pack, &config, &trace, tokens, n as usize);
@@ -114,7 +161,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         texts.is_none() || args.trace_json.is_some() || args.html.is_some(),
         "--token-text names the tokens of --trace-json or --html: give one of them"
     );
-    let mut engine = engines::build(args.engine, pack.clone(), &config)?;
+    let mut engine = engines::build(args.engine.unwrap_or(EngineKind::Reference), pack.clone(), &config)?;
     println!("{} engine, {} tokens, config {}", engine.name(), tokens, args.config.display());
     println!("{:>6} {:>9} {:>9} {:>7} {:>9} {:>7}  top", "token", "ms", "children", "loaded", "unloaded", "active");
     let mut reports: Vec<TokenReport> = Vec::with_capacity(tokens);
@@ -161,7 +208,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 println!("{index:>6} error: {e}");
                 entries.push(json!({"index": index, "error": e.to_string()}));
             }
-            Err(e) => return Err(e).with_context(|| format!("trace {}", args.trace.display())),
+            Err(e) => return Err(e).with_context(|| format!("trace {}", args.trace().display())),
         }
     }
     let engine_name = engine.name();
@@ -199,7 +246,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     print_summary(&summary);
     if let Some(path) = &args.html {
-        let label = args.trace.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+        let label = args.trace().file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
         let events = reports
             .iter()
             .map(|r| {
@@ -217,7 +264,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "engine": engine_name,
             "config": args.config.display().to_string(),
             "pack": args.pack.display().to_string(),
-            "trace": args.trace.display().to_string(),
+            "trace": args.trace().display().to_string(),
             "tokens": entries,
             "summary": summary,
         });
@@ -225,6 +272,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The config file as JSON, with the command line's overrides (`--mode`, `--watch`) in it:
+/// what a dataset's manifest records, and what `--resume` compares.
+fn config_json(args: &RunArgs) -> anyhow::Result<serde_json::Value> {
+    let text = std::fs::read_to_string(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
+    let mut raw: serde_json::Value =
+        toml::from_str(&text).with_context(|| format!("{}: not TOML", args.config.display()))?;
+    if let Some(mode) = args.mode {
+        raw["runtime"]["mode"] = serde_json::to_value(format!("{mode:?}").to_lowercase())?;
+    }
+    if !args.watch.is_empty() {
+        let given = raw["cascade"]["watch"].as_array().cloned().unwrap_or_default();
+        let added =
+            args.watch.iter().map(|f| json!({"file": f.display().to_string(), "threshold": args.watch_threshold}));
+        raw["cascade"]["watch"] = given.into_iter().chain(added).collect();
+    }
+    Ok(raw)
 }
 
 /// `run --sessions N`: N sessions on one runtime, each running its tokens back to back, all at
@@ -238,7 +303,7 @@ fn run_sessions(
     n: usize,
 ) -> anyhow::Result<ExitCode> {
     use probe_cascade::runtime::{Runtime, SessionOptions};
-    anyhow::ensure!(tokens > 0, "the trace {} has no tokens", args.trace.display());
+    anyhow::ensure!(tokens > 0, "the trace {} has no tokens", args.trace().display());
     let stride = args.offset_stride.unwrap_or(tokens / n);
     let texts = args.token_text.as_deref().map(|f| token_texts(f, trace.rows)).transpose()?;
     anyhow::ensure!(texts.is_none() || args.html.is_some(), "--token-text with --sessions names the tokens of --html");
@@ -355,7 +420,7 @@ fn run_sessions(
             "engine": "runtime",
             "config": args.config.display().to_string(),
             "pack": args.pack.display().to_string(),
-            "trace": args.trace.display().to_string(),
+            "trace": args.trace().display().to_string(),
             "sessions": docs,
             "summary": summary,
         });
@@ -375,7 +440,7 @@ fn write_html(
 ) -> anyhow::Result<()> {
     let name =
         |p: &std::path::Path| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into());
-    let title = format!("{} · pack {}", name(&args.trace), name(&args.pack));
+    let title = format!("{} · pack {}", name(args.trace()), name(&args.pack));
     let view = probe_cascade::viewer::PackView::new(pack).watching(&config.cascade.watch);
     std::fs::write(path, probe_cascade::viewer::report_page(&title, view, sessions))
         .with_context(|| format!("writing --html {}", path.display()))?;
@@ -412,9 +477,9 @@ fn write_trace_json(
     };
     let stem = |p: &std::path::Path| p.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
     let run = TraceRun {
-        prompt: args.trace.display().to_string(),
-        title: Some(stem(&args.trace)),
-        note: Some(format!("hidden states from {}, config {}", args.trace.display(), args.config.display())),
+        prompt: args.trace().display().to_string(),
+        title: Some(stem(args.trace())),
+        note: Some(format!("hidden states from {}, config {}", args.trace().display(), args.config.display())),
         seconds: Some(reports.iter().map(|r| r.elapsed.as_secs_f64()).sum()),
         tokens: reports.iter().zip(&texts).map(|(report, text)| TraceToken { text, report }).collect(),
     };
