@@ -157,7 +157,7 @@ async fn score_one(
 }
 
 /// An error and its sources, as one line (what a `failures` row says).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {

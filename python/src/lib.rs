@@ -4,6 +4,7 @@
 //! build.rs), never a copy of its own.
 
 mod config;
+mod dataset;
 mod errors;
 mod hidden;
 mod pack;
@@ -43,6 +44,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<report::Alert>()?;
     m.add_class::<report::SimplexReading>()?;
     m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
+    m.add_function(wrap_pyfunction!(dataset::discover_recordings, m)?)?;
+    m.add_function(wrap_pyfunction!(dataset::empty_tables, m)?)?;
+    m.add_function(wrap_pyfunction!(dataset::dataset_manifest, m)?)?;
+    m.add_function(wrap_pyfunction!(dataset::resolve_config, m)?)?;
     m.add_function(wrap_pyfunction!(viewer_page, m)?)?;
     m.add_function(wrap_pyfunction!(pack::inspect, m)?)?;
     m.add_function(wrap_pyfunction!(pack::concepts, m)?)?;

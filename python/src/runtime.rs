@@ -307,6 +307,48 @@ impl Runtime {
         times.map_err(|e| from_runtime(&e, None))
     }
 
+    /// Scores recordings, each its own session, `concurrency` at once (the runtime batches
+    /// their tokens into steps): `recordings` is a list of `(name, source)`, a source being a
+    /// `.npy` path, a `(safetensors path, tensor)` pair or a [T, D] array. Returns
+    /// `{table: Arrow IPC bytes}` for every table of the dataset schema (`probe_cascade.dataset`
+    /// wraps this). A bad recording or token is a `failures` row; only a runtime failure raises.
+    #[pyo3(signature = (recordings, *, concurrency = 8, skip_bad_tokens = false))]
+    fn _score_recordings<'py>(
+        &self,
+        py: Python<'py>,
+        recordings: Vec<(String, Bound<'py, PyAny>)>,
+        concurrency: usize,
+        skip_bad_tokens: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        self.inner.check()?;
+        let mut outcomes = Vec::with_capacity(recordings.len());
+        let mut todo = Vec::with_capacity(recordings.len());
+        for (name, source) in recordings {
+            match crate::dataset::recording(name, &source) {
+                Ok(r) => todo.push(r),
+                Err(failed) => outcomes.push(failed),
+            }
+        }
+        let rt = &*self.inner.rt;
+        let options = probe_cascade_dataset::Options { concurrency, skip_bad_tokens };
+        let scored = self.inner.block(py, async {
+            let mut done = Vec::new();
+            probe_cascade_dataset::score_all(rt, todo, options, |o| {
+                done.push(o);
+                Ok::<_, probe_cascade_dataset::ScoreError>(())
+            })
+            .await
+            .map(|()| done)
+        })?;
+        outcomes.extend(scored.map_err(|e| match &e {
+            probe_cascade_dataset::ScoreError::Concurrency { .. } => {
+                config_error(e.to_string(), Some("concurrency".into()))
+            }
+            _ => base_error(probe_cascade_dataset::score::error_chain(&e)),
+        })?);
+        crate::dataset::ipc_tables(py, &outcomes)
+    }
+
     /// What the runtime has done: the step scheduler's and the weight cache's counters.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         self.inner.check()?;
