@@ -57,6 +57,15 @@ def from_ipc(blobs: dict) -> dict:
     return {name: pa.ipc.open_stream(blobs[name]).read_all() for name in TABLES}
 
 
+def from_reports(reports: Any) -> dict:
+    """Reports already made (a ``hf.monitor``'s, a session's) as the dataset's tables:
+    ``reports`` is ``{recording: [Report, ...]}`` or a list of ``(recording, reports)``, each
+    recording's reports in token order. In-process reports only (a ``Client``'s live in the
+    server)."""
+    items = list(reports.items()) if isinstance(reports, dict) else list(reports)
+    return from_ipc(_native.report_tables([(str(n), list(r)) for n, r in items]))
+
+
 def score(
     runtime: Any,
     recordings: Iterable[tuple[str, Source]],

@@ -231,6 +231,14 @@ def _write_json(path: str, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+def manifest(pack: PathLike, config: Any = None, *, skip_bad_tokens: bool = False) -> dict:
+    """The ``manifest.json`` of a dataset scored with ``pack`` and ``config``, for
+    :func:`ParquetTables` (the config, the pack's identity, the options)."""
+    m = json.loads(_native.dataset_manifest(os.fspath(pack), config, skip_bad_tokens=skip_bad_tokens))
+    m["writer"] += " (probe_cascade.ray)"
+    return m
+
+
 def score(
     ds: Any,
     pack: PathLike,
@@ -254,10 +262,7 @@ def score(
     out = os.fspath(out_dir)
     if os.path.isdir(out) and os.listdir(out):
         raise FileExistsError(f"{out} already holds files: choose an empty directory")
-    manifest = json.loads(
-        _native.dataset_manifest(os.fspath(pack), config, skip_bad_tokens=skip_bad_tokens)
-    )
-    manifest["writer"] += " (probe_cascade.ray)"
+    m = manifest(pack, config, skip_bad_tokens=skip_bad_tokens)
     if ship_pack == "auto":
         ship_pack = len([n for n in ray.nodes() if n.get("Alive")]) > 1
     shipped = None
@@ -279,7 +284,7 @@ def score(
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=num_cpus,
     )
-    sink = ParquetTables(out, manifest)
+    sink = ParquetTables(out, m)
     results.write_datasink(sink)
     with open(os.path.join(out, "manifest.json")) as f:
         return json.load(f)["totals"]["rows"]

@@ -70,6 +70,24 @@ pub fn ipc_tables<'py>(py: Python<'py>, outcomes: &[Outcome]) -> PyResult<Bound<
     Ok(out)
 }
 
+/// Reports already made (a monitor's, a session's) as the dataset's tables: `items` is a list of
+/// `(recording, reports)`, each recording's reports in token order (token t is the t-th report).
+#[pyfunction]
+pub fn report_tables<'py>(
+    py: Python<'py>,
+    items: Vec<(String, Vec<PyRef<'py, crate::report::Report>>)>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let outcomes: Vec<Outcome> = items
+        .into_iter()
+        .map(|(recording, reports)| Outcome {
+            recording,
+            reports: reports.iter().enumerate().map(|(t, r)| (t as u32, r.token_report().clone())).collect(),
+            failures: Vec::new(),
+        })
+        .collect();
+    ipc_tables(py, &outcomes)
+}
+
 /// Every table of the dataset schema, empty, as `{table: Arrow IPC bytes}`: the schema for a
 /// writer that has no rows of a table.
 #[pyfunction]

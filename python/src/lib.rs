@@ -46,6 +46,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
     m.add_function(wrap_pyfunction!(dataset::discover_recordings, m)?)?;
     m.add_function(wrap_pyfunction!(dataset::empty_tables, m)?)?;
+    m.add_function(wrap_pyfunction!(dataset::report_tables, m)?)?;
     m.add_function(wrap_pyfunction!(dataset::dataset_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(dataset::resolve_config, m)?)?;
     m.add_function(wrap_pyfunction!(viewer_page, m)?)?;

@@ -249,3 +249,36 @@ def test_monitor_hooks_several_model_layers_in_one_forward_pass(model_tok, tmp_p
         with pytest.raises(pc.ProbeCascadeError, match="model layer numbers"):
             with hf.monitor(model, rt, layers=[-1]):
                 pass
+
+
+def test_generation_in_ray_actors_writes_what_a_monitor_reports_in_process(model_tok, trained, tmp_path):
+    """examples/ray_generate.py (SmolLM2 and a runtime in a Ray actor, a local cluster) writes
+    the detections the same generation reports under hf.monitor here, bit for bit."""
+    pytest.importorskip("ray")
+    import subprocess
+
+    import probe_cascade.dataset as pds
+
+    prompts = ["Which fruits grow on trees?", "How do birds build their nests?"]
+    out = tmp_path / "gen"
+    args = [sys.executable, str(REPO / "examples" / "ray_generate.py"), "--pack", str(trained), "--out", str(out)]
+    args += ["--config", str(EXACT), "--actors", "1", "--batch-size", "2", "--tokens", "4"]
+    for p in prompts:
+        args += ["--prompt", p]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "prompt-0" in run.stdout and "prompt-1" in run.stdout, run.stdout
+    got = pds.read(out)["detections"]
+
+    model, tok = model_tok
+    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    enc = tok(chats, return_tensors="pt", padding=True)
+    rt = pc.Runtime(trained, config=EXACT)
+    with hf.monitor(model, rt, layer="last") as mon:
+        with torch.no_grad():
+            model.generate(**enc, max_new_tokens=4, do_sample=False)
+    want = pds.from_reports({f"prompt-{i}": r for i, r in enumerate(mon.reports)})["detections"]
+    rt.close()
+    assert want.num_rows > 0
+    key = [("recording", "ascending"), ("token", "ascending"), ("rank", "ascending")]
+    assert got.sort_by(key).to_pylist() == want.sort_by(key).to_pylist()
