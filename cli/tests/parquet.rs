@@ -175,6 +175,14 @@ fn the_dataset_holds_every_recording_and_names_a_bad_one_in_failures() {
     assert_eq!(manifest["complete"], true);
     assert_eq!(manifest["totals"]["recordings"], 4);
     assert_eq!(manifest["totals"]["rows"]["tokens"], 900);
+    // With --skip-bad-tokens, the bad token is a failure row and the rest of its recording is kept.
+    let skipping = dir.path().join("skipping");
+    run_ok(parquet_run(&pack, &recs, &skipping).arg("--skip-bad-tokens"));
+    let tokens = rows(&skipping, "tokens");
+    assert_eq!(tokens.len(), 900 + 19, "the bad recording's 19 good tokens are kept");
+    assert_eq!(tokens.iter().filter(|r| r.contains("recording=StringArray\n[\n  \"bad\",\n]")).count(), 19);
+    let failures = rows(&skipping, "failures");
+    assert!(failures.len() == 1 && failures[0].contains("token 7"), "{failures:?}");
     // A second run into the same directory is refused, naming --resume.
     let again = failed(&parquet_run(&pack, &recs, &out).output().unwrap());
     assert!(again.contains("--resume") && again.contains(&out.display().to_string()), "{again}");

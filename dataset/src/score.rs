@@ -138,7 +138,15 @@ async fn score_one(
     for t in 0..states.rows {
         let token = t as u32;
         match session.observe_states(probe_cascade::engine::token_states(states.row(t), pack)).await {
-            Ok(r) => out.reports.push((token, r)),
+            Ok(mut r) => {
+                // What no table holds: every scored probe's id and score (the oracle's
+                // comparison needs them, a dataset does not). Dropped, so that a long
+                // recording's reports stay small while the rest of it is scored.
+                r.scored_ids = Vec::new();
+                r.scored_logits = Vec::new();
+                r.scored_probs = Vec::new();
+                out.reports.push((token, r))
+            }
             Err(e) if e.token().is_some() => {
                 out.failures.push(Failure { token: Some(token), error: error_chain(&e) });
                 if !skip_bad_tokens {

@@ -34,7 +34,8 @@ pub struct RunArgs {
     /// recordings it wrote (the config and pack must be the same).
     #[arg(long, requires = "parquet")]
     resume: bool,
-    /// With --traces: recordings scored at once, each a session (at most runtime.max_sessions).
+    /// With --traces: recordings scored at once, each a session (at most runtime.max_sessions;
+    /// each holds its recording's states and reports in memory until it is written).
     #[arg(long, requires = "traces", default_value_t = 16)]
     concurrency: usize,
     /// With --parquet: a part (a file per table, committed together) holds about this many
