@@ -137,7 +137,7 @@ def test_ray_writes_the_same_dataset_as_run_parquet_in_any_order_and_batch_size(
             hidden = np.load(source)
         items.append({"recording": name, "hidden": hidden})
     out_b = recordings["dir"] / "ray-b"
-    pcr.score(ray_cluster.data.from_items(items), recordings["pack"], out_b, EXACT, actors=1, batch_size=1)
+    pcr.score(ray_cluster.data.from_items(items), recordings["pack"], out_b, EXACT, actors=1, batch_size=1, cache_bytes=64 << 20)
     assert rows(pds.read(out_b)) == want
     # DuckDB over both directories agrees per recording.
     con = duckdb.connect()

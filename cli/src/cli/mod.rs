@@ -32,7 +32,8 @@ enum Command {
     /// Make hidden-state traces.
     #[command(subcommand)]
     Trace(trace::TraceCommand),
-    /// Run the cascade over a trace and print a line per token.
+    /// Run the cascade over a trace and print a line per token; or over many recordings, each a
+    /// session, into a Parquet dataset (--traces DIR_OR_GLOB --parquet OUT_DIR).
     Run(run::RunArgs),
     /// Run every engine on the same pack and trace; write bench.md and bench.json.
     Bench(bench::BenchArgs),
