@@ -164,6 +164,7 @@ def ParquetTables(out_dir: PathLike, manifest: dict):  # noqa: N802 - a class fa
     """A Ray datasink writing :class:`Scorer`'s output rows as the dataset's tables: each write
     task writes one file per table (``<table>/part-<task>-<uuid>.parquet``, through a hidden
     temporary name and a rename), and the manifest is written when every task is done."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = os.fspath(out_dir)
@@ -179,13 +180,11 @@ def ParquetTables(out_dir: PathLike, manifest: dict):  # noqa: N802 - a class fa
             for block in blocks:
                 tables = block.column("table").to_pylist()
                 blobs = block.column("ipc").to_pylist()
-                for name, tables_ipc in zip(tables, blobs):
-                    parts[name].append(tables_ipc)
+                for name, blob in zip(tables, blobs):
+                    parts[name].append(blob)
             rows = {}
             tag = f"{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}"
             for t in TABLES:
-                import pyarrow as pa
-
                 decoded = [from_ipc_one(b) for b in parts[t]] or [_empty(t)]
                 table = pa.concat_tables(decoded)
                 final = os.path.join(out, t, f"part-{tag}.parquet")
@@ -200,7 +199,6 @@ def ParquetTables(out_dir: PathLike, manifest: dict):  # noqa: N802 - a class fa
             for r in write_result.write_returns:
                 for t, n in r.items():
                     totals[t] += n
-            self.totals = totals
             _write_json(
                 os.path.join(out, "manifest.json"),
                 dict(manifest, complete=True, totals={"rows": totals}),
