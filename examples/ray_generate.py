@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PROMPTS = [
@@ -51,7 +49,7 @@ class Generate:
         import torch
 
         from probe_cascade import _native, hf
-        from probe_cascade.dataset import TABLES
+        from probe_cascade.ray import output_rows
 
         chats = [
             self.tok.apply_chat_template([{"role": "user", "content": str(p)}], tokenize=False, add_generation_prompt=True)
@@ -62,8 +60,7 @@ class Generate:
             with torch.no_grad():
                 self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False)
         items = [(f"prompt-{int(i)}", reps) for i, reps in zip(batch["id"], mon.reports)]
-        blobs = _native.report_tables(items)
-        return {"table": np.array(TABLES), "ipc": np.array([blobs[t] for t in TABLES], dtype=object)}
+        return output_rows(_native.report_tables(items))
 
 
 def main() -> None:

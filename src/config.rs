@@ -448,6 +448,21 @@ impl Config {
         Ok(config)
     }
 
+    /// [`Config::load`], and the document itself as JSON ([`Config::parse_document`]).
+    pub fn load_document(path: &Path) -> Result<(Self, serde_json::Value), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+        Self::parse_document(&text, path)
+    }
+
+    /// [`Config::parse`], and the document itself as JSON: what session overrides apply on top
+    /// of, and what a dataset's manifest records.
+    pub fn parse_document(text: &str, path: &Path) -> Result<(Self, serde_json::Value), ConfigError> {
+        let config = Self::parse(text, path)?;
+        let raw = toml::from_str::<serde_json::Value>(text)
+            .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        Ok((config, raw))
+    }
+
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let bad = |key: &'static str, message: String| Err(ConfigError::Invalid { path: path.into(), key, message });
         let c = &self.cascade;

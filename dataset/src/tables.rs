@@ -44,67 +44,44 @@ impl Table {
     }
 
     pub fn schema(self) -> SchemaRef {
-        let key = || vec![Field::new("recording", DataType::Utf8, false), Field::new("token", DataType::UInt32, false)];
+        use DataType::{Float32, Float64, UInt16, UInt32, Utf8};
         let f = |name: &str, t: DataType| Field::new(name, t, false);
-        let fields: Vec<Field> = match self {
-            Table::Detections => {
-                let mut v = key();
-                v.extend([
-                    f("rank", DataType::UInt16),
-                    f("concept", DataType::UInt32),
-                    f("name", DataType::Utf8),
-                    f("layer", DataType::UInt16),
-                    f("prob", DataType::Float32),
-                    f("logit", DataType::Float32),
-                    Field::new("probes", DataType::List(Arc::new(Field::new("item", probe_type(), false))), true),
-                ]);
-                v
-            }
-            Table::Tokens => {
-                let mut v = key();
-                v.extend([
-                    f("scored", DataType::UInt32),
-                    f("children", DataType::UInt32),
-                    f("loaded", DataType::UInt32),
-                    f("unloaded", DataType::UInt32),
-                    f("skipped_by_cap", DataType::UInt32),
-                    f("active", DataType::UInt32),
-                    f("alerts", DataType::UInt32),
-                    f("ms", DataType::Float64),
-                ]);
-                v
-            }
-            Table::Alerts => {
-                let mut v = key();
-                v.extend([
-                    f("profile", DataType::Utf8),
-                    f("concept", DataType::UInt32),
-                    f("name", DataType::Utf8),
-                    f("layer", DataType::UInt16),
-                    f("watched", DataType::Utf8),
-                    f("score", DataType::Float32),
-                    f("logit", DataType::Float32),
-                ]);
-                v
-            }
-            Table::Simplex => {
-                let mut v = key();
-                v.extend([
-                    f("simplex", DataType::Utf8),
-                    f("pole", DataType::Utf8),
-                    f("prob", DataType::Float32),
-                    f("logit", DataType::Float32),
-                    Field::new("deviation", DataType::Float32, true),
-                ]);
-                v
-            }
-            Table::Failures => vec![
-                f("recording", DataType::Utf8),
-                Field::new("token", DataType::UInt32, true),
-                f("error", DataType::Utf8),
+        // Every table is keyed by recording and token; a failure's token is null when the
+        // whole recording failed.
+        let token = Field::new("token", UInt32, self == Table::Failures);
+        let rest: Vec<Field> = match self {
+            Table::Detections => vec![
+                f("rank", UInt16),
+                f("concept", UInt32),
+                f("name", Utf8),
+                f("layer", UInt16),
+                f("prob", Float32),
+                f("logit", Float32),
+                Field::new("probes", DataType::List(Arc::new(Field::new("item", probe_type(), false))), true),
             ],
+            Table::Tokens => {
+                let counts = ["scored", "children", "loaded", "unloaded", "skipped_by_cap", "active", "alerts"];
+                counts.iter().map(|n| f(n, UInt32)).chain([f("ms", Float64)]).collect()
+            }
+            Table::Alerts => vec![
+                f("profile", Utf8),
+                f("concept", UInt32),
+                f("name", Utf8),
+                f("layer", UInt16),
+                f("watched", Utf8),
+                f("score", Float32),
+                f("logit", Float32),
+            ],
+            Table::Simplex => vec![
+                f("simplex", Utf8),
+                f("pole", Utf8),
+                f("prob", Float32),
+                f("logit", Float32),
+                Field::new("deviation", Float32, true),
+            ],
+            Table::Failures => vec![f("error", Utf8)],
         };
-        Arc::new(Schema::new(fields))
+        Arc::new(Schema::new([f("recording", Utf8), token].into_iter().chain(rest).collect::<Vec<_>>()))
     }
 }
 
@@ -120,11 +97,6 @@ fn probe_fields() -> Fields {
 
 fn probe_type() -> DataType {
     DataType::Struct(probe_fields())
-}
-
-/// `outcomes`' rows of every table, in [`Table::ALL`]'s order.
-pub fn batches(outcomes: &[Outcome]) -> Result<Vec<(Table, RecordBatch)>, ArrowError> {
-    Table::ALL.iter().map(|&t| Ok((t, batch(t, outcomes)?))).collect()
 }
 
 /// `outcomes`' rows of one table.
@@ -311,21 +283,6 @@ fn failures(outcomes: &[Outcome]) -> Vec<ArrayRef> {
         }
     }
     vec![Arc::new(recording.finish()), Arc::new(token.finish()), Arc::new(error.finish())]
-}
-
-/// Rows of each table in `outcomes`.
-pub fn row_counts(outcomes: &[Outcome]) -> [usize; 5] {
-    let mut n = [0usize; 5];
-    for o in outcomes {
-        for (_, r) in &o.reports {
-            n[0] += r.top.len();
-            n[1] += 1;
-            n[2] += r.alerts.len();
-            n[3] += r.simplex.len();
-        }
-        n[4] += o.failures.len();
-    }
-    n
 }
 
 /// Batches as one Arrow IPC stream each (what `pyarrow.ipc.open_stream` reads).

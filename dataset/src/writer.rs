@@ -241,28 +241,10 @@ impl DatasetWriter {
                 done.extend(c.recordings);
             }
             // What a killed run left half-written: temporary files, and parts never committed.
-            for table in Table::ALL {
-                let tdir = dir.join(table.name());
-                if !tdir.is_dir() {
-                    continue;
-                }
-                for entry in std::fs::read_dir(&tdir).map_err(io(&tdir))? {
-                    let p = entry.map_err(io(&tdir))?.path();
-                    let name = p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-                    let stale = name.ends_with(".tmp") || part_index(&name).is_some_and(|k| !committed.contains(&k));
-                    if stale {
-                        std::fs::remove_file(&p).map_err(io(&p))?;
-                    }
-                }
-            }
-            let pdir = dir.join(PARTS);
-            if pdir.is_dir() {
-                for entry in std::fs::read_dir(&pdir).map_err(io(&pdir))? {
-                    let p = entry.map_err(io(&pdir))?.path();
-                    if p.extension().is_some_and(|e| e == "tmp") {
-                        std::fs::remove_file(&p).map_err(io(&p))?;
-                    }
-                }
+            for sub in Table::ALL.iter().map(|t| t.name()).chain([PARTS]) {
+                remove_files(&dir.join(sub), |name| {
+                    name.ends_with(".tmp") || part_index(name).is_some_and(|k| !committed.contains(&k))
+                })?;
             }
         }
         std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -280,8 +262,7 @@ impl DatasetWriter {
             self.open = Some(self.start_part()?);
         }
         let part = self.open.as_mut().expect("a part was just opened");
-        let counts = tables::row_counts(std::slice::from_ref(outcome));
-        for t in &mut part.tables {
+        for (t, rows) in part.tables.iter_mut().zip(&mut part.rows) {
             let batch = tables::batch(t.table, std::slice::from_ref(outcome)).map_err(|source| WriteError::Arrow {
                 table: t.table.name(),
                 recording: outcome.recording.clone(),
@@ -290,9 +271,7 @@ impl DatasetWriter {
             if batch.num_rows() > 0 {
                 t.writer.write(&batch).map_err(|source| WriteError::Parquet { path: t.tmp.clone(), source })?;
             }
-        }
-        for (n, c) in part.rows.iter_mut().zip(counts) {
-            *n += c;
+            *rows += batch.num_rows();
         }
         part.recordings.push(outcome.recording.clone());
         if !outcome.failures.is_empty() {
@@ -359,6 +338,24 @@ impl DatasetWriter {
         tracing::debug!(part = part.index, recordings = commit.recordings.len(), "committed a part");
         Ok(())
     }
+}
+
+/// Removes the files of `dir` (if it exists) whose names `stale` picks.
+fn remove_files(dir: &Path, stale: impl Fn(&str) -> bool) -> Result<(), WriteError> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| WriteError::Io { path, source }
+    };
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let p = entry.map_err(io(dir))?.path();
+        if p.file_name().and_then(|n| n.to_str()).is_some_and(&stale) {
+            std::fs::remove_file(&p).map_err(io(&p))?;
+        }
+    }
+    Ok(())
 }
 
 /// `part-00012.parquet` → 12.

@@ -17,6 +17,7 @@ and the rest of its recording is kept). Needs pyarrow (``pip install probe-casca
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any, Iterable, Sequence, Tuple, Union
 
@@ -51,10 +52,14 @@ def find(spec: Union[str, "os.PathLike[str]"]) -> list[tuple[str, Source]]:
     return out
 
 
+def table(blob: bytes):
+    """One table's Arrow IPC stream (what the runtime returns) as a pyarrow.Table."""
+    return _pyarrow().ipc.open_stream(blob).read_all()
+
+
 def from_ipc(blobs: dict) -> dict:
     """``{table: IPC bytes}`` (what the runtime returns) as ``{table: pyarrow.Table}``."""
-    pa = _pyarrow()
-    return {name: pa.ipc.open_stream(blobs[name]).read_all() for name in TABLES}
+    return {name: table(blobs[name]) for name in TABLES}
 
 
 def from_reports(reports: Any) -> dict:
@@ -77,10 +82,9 @@ def score(
     own session, ``concurrency`` at once (at most the config's ``runtime.max_sessions``).
     Returns ``{table: pyarrow.Table}`` for every table of :data:`TABLES`."""
     recordings = list(recordings)
-    names = [n for n, _ in recordings]
-    if len(set(names)) != len(names):
-        seen: set = set()
-        dup = next(n for n in names if n in seen or seen.add(n))
+    counts = collections.Counter(n for n, _ in recordings)
+    dup = next((n for n, c in counts.items() if c > 1), None)
+    if dup is not None:
         raise ValueError(f"two recordings are named {dup!r}: names key every table's rows")
     blobs = runtime._score_recordings(
         recordings, concurrency=concurrency, skip_bad_tokens=skip_bad_tokens
@@ -91,20 +95,18 @@ def score(
 def read(out_dir: Union[str, "os.PathLike[str]"], tables: Sequence[str] = TABLES) -> dict:
     """A dataset directory (from ``run --parquet`` or ``probe_cascade.ray.score``) as
     ``{table: pyarrow.Table}``, each sorted by recording and token (and rank)."""
-    _pyarrow()
-    import pyarrow.dataset as ds
+    pa = _pyarrow()
     import pyarrow.parquet as pq
 
     out = {}
     for name in tables:
         d = os.path.join(os.fspath(out_dir), name)
-        files = sorted(
-            os.path.join(d, f) for f in os.listdir(d) if f.endswith(".parquet") and not f.startswith(".")
-        ) if os.path.isdir(d) else []
-        schema = pq.read_schema(files[0]) if files else None
-        t = ds.dataset(files, format="parquet", schema=schema).to_table() if files else None
-        if t is None:
+        if not os.path.isdir(d):
             continue
+        files = sorted(f for f in os.listdir(d) if f.endswith(".parquet") and not f.startswith("."))
+        if not files:
+            continue
+        t = pa.concat_tables(pq.read_table(os.path.join(d, f)) for f in files)
         keys = [k for k in ("recording", "token", "rank") if k in t.column_names]
         out[name] = t.sort_by([(k, "ascending") for k in keys])
     return out

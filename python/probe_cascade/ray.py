@@ -27,6 +27,7 @@ Needs ``ray[data]`` and pyarrow (``pip install 'probe-cascade[ray]'``).
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import os
@@ -35,7 +36,7 @@ import zlib
 from typing import Any, Optional, Union
 
 from . import _native
-from .dataset import TABLES, from_ipc
+from .dataset import TABLES, table
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -70,7 +71,7 @@ def _with_cache(config: Any, cache_bytes: Optional[int]) -> Any:
     if cache_bytes is None:
         return config
     if isinstance(config, dict):
-        merged = json.loads(json.dumps(config))
+        merged = copy.deepcopy(config)
     else:
         merged = _native.resolve_config(config)
     merged.setdefault("runtime", {})["cache_bytes"] = int(cache_bytes)
@@ -150,10 +151,15 @@ class Scorer:
             concurrency=max(1, min(self._concurrency, len(recordings))),
             skip_bad_tokens=self._skip,
         )
-        return {
-            "table": np.array(TABLES),
-            "ipc": np.array([blobs[t] for t in TABLES], dtype=object),
-        }
+        return output_rows(blobs)
+
+
+def output_rows(blobs: dict) -> dict:
+    """``{table: IPC bytes}`` as the rows a ``map_batches`` function returns for
+    :func:`ParquetTables`: one row per table, with columns ``table`` and ``ipc``."""
+    import numpy as np
+
+    return {"table": np.array(TABLES), "ipc": np.array([blobs[t] for t in TABLES], dtype=object)}
 
 
 def _datasink_base():
@@ -185,13 +191,13 @@ def ParquetTables(out_dir: PathLike, manifest: dict):  # noqa: N802 - a class fa
             rows = {}
             tag = f"{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}"
             for t in TABLES:
-                decoded = [from_ipc_one(b) for b in parts[t]] or [_empty(t)]
-                table = pa.concat_tables(decoded)
+                decoded = [table(b) for b in parts[t]] or [table(_native.empty_tables()[t])]
+                merged = pa.concat_tables(decoded)
                 final = os.path.join(out, t, f"part-{tag}.parquet")
                 tmp = os.path.join(out, t, f".part-{tag}.parquet.tmp")
-                pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, compression="snappy")
+                pq.write_table(merged, tmp, row_group_size=ROW_GROUP_ROWS, compression="snappy")
                 os.replace(tmp, final)
-                rows[t] = table.num_rows
+                rows[t] = merged.num_rows
             return rows
 
         def on_write_complete(self, write_result) -> None:
@@ -208,16 +214,6 @@ def ParquetTables(out_dir: PathLike, manifest: dict):  # noqa: N802 - a class fa
             return "ProbeCascadeParquet"
 
     return _Sink()
-
-
-def from_ipc_one(blob: bytes):
-    import pyarrow as pa
-
-    return pa.ipc.open_stream(blob).read_all()
-
-
-def _empty(table: str):
-    return from_ipc(_native.empty_tables())[table]
 
 
 def _write_json(path: str, doc: dict) -> None:

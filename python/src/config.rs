@@ -60,8 +60,7 @@ pub fn resolve(config: Option<&Bound<'_, PyAny>>) -> PyResult<Resolved> {
 }
 
 fn from_toml(text: &str, source: &str) -> PyResult<Resolved> {
-    let config = Config::parse(text, Path::new(source)).map_err(|e| from_config(&e))?;
-    let raw: Value = toml::from_str(text).map_err(|e| config_error(format!("{source}: {e}"), None))?;
+    let (config, raw) = Config::parse_document(text, Path::new(source)).map_err(|e| from_config(&e))?;
     Ok(Resolved { config, raw, source: source.into() })
 }
 

@@ -25,9 +25,7 @@ pub struct Live {
 
 impl Live {
     pub fn parse(text: &str, path: &Path) -> Result<Self, probe_cascade::config::ConfigError> {
-        let config = Config::parse(text, path)?;
-        let raw = toml::from_str::<serde_json::Value>(text)
-            .map_err(|e| probe_cascade::config::ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let (config, raw) = Config::parse_document(text, path)?;
         Ok(Self { config, raw })
     }
 }

@@ -38,11 +38,12 @@ pub fn run(job: Job<'_>, config: Config, pack: Arc<Pack>) -> anyhow::Result<Exit
     let options = WriteOptions { part_rows: job.part_rows as usize, ..WriteOptions::default() };
     let (mut writer, done) = DatasetWriter::open(&job.out, manifest, options, job.resume)?;
     let todo: Vec<_> = recordings.into_iter().filter(|r| !done.contains(&r.name)).collect();
+    let to_score = todo.len();
     println!(
         "{found} recordings in {}: {} to score{}, {} at once, into {}",
         job.spec,
         todo.len(),
-        if done.is_empty() { String::new() } else { format!(" ({} already written, skipped)", found - todo.len()) },
+        if done.is_empty() { String::new() } else { format!(" ({} already written, skipped)", found - to_score) },
         job.concurrency,
         job.out.display()
     );
@@ -74,8 +75,7 @@ pub fn run(job: Job<'_>, config: Config, pack: Arc<Pack>) -> anyhow::Result<Exit
     let wall = start.elapsed().as_secs_f64();
     let totals = writer.finish()?;
     println!(
-        "scored {tokens} tokens of {} recordings in {wall:.2} s ({:.0} tokens/s); {failed} failed",
-        found - done.len(),
+        "scored {tokens} tokens of {to_score} recordings in {wall:.2} s ({:.0} tokens/s); {failed} failed",
         tokens as f64 / wall.max(1e-9)
     );
     let rows: Vec<String> = totals.rows.iter().map(|(t, n)| format!("{t} {n}")).collect();

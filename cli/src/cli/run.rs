@@ -105,7 +105,7 @@ impl RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let mut config = Config::load(&args.config)?;
+    let (mut config, document) = Config::load_document(&args.config)?;
     if let Some(mode) = args.mode {
         config.runtime.mode = mode;
     }
@@ -132,7 +132,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             concurrency: args.concurrency,
             part_rows: args.part_rows,
             skip_bad_tokens: args.skip_bad_tokens,
-            config_json: config_json(&args)?,
+            config_json: config_json(document, &args)?,
             config_source: args.config.display().to_string(),
         };
         return super::parquet::run(job, config, pack);
@@ -275,12 +275,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The config file as JSON, with the command line's overrides (`--mode`, `--watch`) in it:
+/// The config document as JSON with the command line's overrides (`--mode`, `--watch`) in it:
 /// what a dataset's manifest records, and what `--resume` compares.
-fn config_json(args: &RunArgs) -> anyhow::Result<serde_json::Value> {
-    let text = std::fs::read_to_string(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
-    let mut raw: serde_json::Value =
-        toml::from_str(&text).with_context(|| format!("{}: not TOML", args.config.display()))?;
+fn config_json(mut raw: serde_json::Value, args: &RunArgs) -> anyhow::Result<serde_json::Value> {
     if let Some(mode) = args.mode {
         raw["runtime"]["mode"] = serde_json::to_value(format!("{mode:?}").to_lowercase())?;
     }
