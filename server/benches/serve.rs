@@ -5,7 +5,9 @@
 //!
 //! The server runs in this process on its own tokio runtime (its own threads), the clients on
 //! another; the bytes cross the kernel's loopback or Unix socket as they would between two
-//! processes. Modes alternate in blocks (ABAB...) so that drift hits all alike; medians.
+//! processes. Modes alternate in blocks (ABAB...) so that drift hits all alike, and every mode
+//! replays the same tokens in the same order, so that each session does the same cascade work;
+//! medians.
 //!
 //!     cargo bench -p probe-cascade-server --bench serve [-- --tokens N --blocks B --out FILE]
 
@@ -224,15 +226,16 @@ fn main() {
             unix_stream.observe(row).await;
             watched.observe(row).await;
         }
-        let mut t = 0usize;
+        // Every path replays the same tokens in the same order (block b: tokens b·N..(b+1)·N of
+        // the trace), so that each path's session does the same cascade work and the paths
+        // differ only in how the tokens travel.
         for block in 0..a.blocks {
             for m in 0..modes.len() {
                 // Alternate the order of modes from block to block (AB, BA, ...).
                 let m = if block % 2 == 0 { m } else { modes.len() - 1 - m };
                 let start_block = Instant::now();
-                for _ in 0..a.tokens {
-                    let row = trace.row(t % trace.rows);
-                    t += 1;
+                for i in 0..a.tokens {
+                    let row = trace.row((block * a.tokens + i) % trace.rows);
                     let s = Instant::now();
                     match m {
                         0 => {

@@ -224,15 +224,15 @@ async fn reap_idle_sessions(state: Arc<State>, stop: impl std::future::Future<Ou
     }
 }
 
-/// The one timer behind every token's deadline (see `State::deadline_ticks`).
+/// The one timer behind every token's deadline and every held viewer event (see `State::ticks`).
 async fn tick_deadlines(state: Arc<State>, stop: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
     tokio::pin!(stop);
-    let mut interval = tokio::time::interval(crate::state::DEADLINE_TICK);
+    let mut interval = tokio::time::interval(crate::state::TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = &mut stop => return Ok(()),
-            _ = interval.tick() => state.deadline_ticks.notify_waiters(),
+            _ = interval.tick() => state.ticks.notify_waiters(),
         }
     }
 }

@@ -242,7 +242,7 @@ impl ProbeCascade for Service {
                 }
             }
         }
-        let outcome = within(deadline(state), &state.deadline_ticks, state.runtime.observe_batch_states(asks)).await;
+        let outcome = within(deadline(state), &state.ticks, state.runtime.observe_batch_states(asks)).await;
         match outcome {
             Ok(answers) => {
                 for ((i, entry, text), answer) in asked.into_iter().zip(answers) {
@@ -336,9 +336,21 @@ async fn drive(
     let mut reading = true;
     let mut end: Option<Status> = None;
     // An answer known at once (a refusal) waits in line behind the observes before it.
-    // Each answer comes with the report and text to publish to the session's live viewers once
-    // the answer is on its way (viewers never delay an answer).
+    // Each answer comes with the report and text to publish to the session's live viewers.
+    // Viewers never delay an answer: a token's event is held after its answer is sent until
+    // the stream's next hidden state has reached the runtime (or the next tick of
+    // `State::ticks`, at most 10 ms, when none comes), so that the viewers' socket work runs
+    // while that token is scored rather than on its way there.
     type Publish = Option<(Arc<crate::state::SessionEntry>, TokenReport, Option<String>)>;
+    let mut held: Publish = None;
+    // Has an observe been queued since `held` was set? Once `pending` has been polled after
+    // that (the `select!` below polls it first), the runtime has the next token.
+    let mut next_queued = false;
+    let publish = |held: &mut Publish| {
+        if let Some((e, report, text)) = held.take() {
+            e.events.publish(&report, text.as_deref(), state.runtime.pack().hierarchy());
+        }
+    };
     let ready = |r: pb::TokenResult| futures::future::Either::Left(futures::future::ready((r, Publish::None)));
     let send = |r: pb::TokenResult| {
         let tx = tx.clone();
@@ -350,19 +362,25 @@ async fn drive(
         }
         tokio::select! {
             biased;
-            Some((r, publish)) = pending.next(), if !pending.is_empty() => {
+            Some((r, next)) = pending.next(), if !pending.is_empty() => {
+                let next: Publish = next;
                 if let Some(e) = &entry {
                     e.tokens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     e.touch(state);
                 }
                 if !send(r).await {
                     m::dropped(1 + pending.len());
-                    return;
+                    break;
                 }
-                if let Some((e, report, text)) = publish as Publish {
-                    e.events.publish(&report, text.as_deref(), state.runtime.pack().hierarchy());
+                if next.is_some() {
+                    publish(&mut held);
+                    held = next;
+                    // A pipelining client's next token may be queued already.
+                    next_queued = !pending.is_empty();
                 }
             }
+            _ = std::future::ready(()), if held.is_some() && next_queued => publish(&mut held),
+            _ = state.ticks.notified(), if held.is_some() => publish(&mut held),
             _ = drain.changed(), if reading => {
                 reading = false;
                 end = Some(Status::unavailable(format!(
@@ -399,9 +417,10 @@ async fn drive(
                             let d = Duration::from_millis(live.config.serve.request_deadline_ms);
                             let states: Vec<Hidden> = states.into_iter().map(Hidden::from).collect();
                             let entry = entry.clone();
+                            next_queued = true;
                             pending.push_back(futures::future::Either::Right(async move {
                                 let observed = session.observe_states(states);
-                                let outcome = within(d, &state.deadline_ticks, observed).await;
+                                let outcome = within(d, &state.ticks, observed).await;
                                 let answer = answered(this, started, &outcome);
                                 let publish: Publish = match (entry, outcome) {
                                     (Some(entry), Ok(Ok(report))) if entry.events.watched() => Some((entry, report, text)),
@@ -433,6 +452,7 @@ async fn drive(
             }
         }
     }
+    publish(&mut held);
     if let Some(status) = end {
         let _ = tx.send(Err(status)).await;
     }

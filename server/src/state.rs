@@ -154,13 +154,15 @@ pub struct State {
     busy_changed: tokio::sync::Notify,
     /// The reload lock: one reload at a time.
     reloading: tokio::sync::Mutex<()>,
-    /// Ticks every [`DEADLINE_TICK`]: tokens in flight check their deadline on it, so that
-    /// none registers a timer of its own (see `service::within`).
-    pub deadline_ticks: tokio::sync::Notify,
+    /// Ticks every [`TICK`]: tokens in flight check their deadline on it, and a stream's event
+    /// held for its viewers goes out on it (see `service::drive`), so that no token registers
+    /// a timer of its own (see `service::within`).
+    pub ticks: tokio::sync::Notify,
 }
 
-/// How often deadlines are checked: a token is refused at most this much after its deadline.
-pub const DEADLINE_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+/// How often deadlines are checked (a token is refused at most this much after its deadline),
+/// and the longest a stream's token waits for its viewers when no next token comes.
+pub const TICK: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl State {
     pub fn new(runtime: Runtime, live: Live, config_path: Option<PathBuf>) -> Self {
@@ -174,7 +176,7 @@ impl State {
             busy: AtomicUsize::new(0),
             busy_changed: tokio::sync::Notify::new(),
             reloading: tokio::sync::Mutex::new(()),
-            deadline_ticks: tokio::sync::Notify::new(),
+            ticks: tokio::sync::Notify::new(),
         }
     }
 

@@ -838,9 +838,13 @@ async fn live_events_carry_each_token_resume_without_duplicates_and_drop_a_viewe
         for _ in 0..200 {
             assert!(matches!(s.result().await.outcome, Some(pb::token_result::Outcome::Report(_))));
         }
-        // The viewer that reads keeps up.
+        // The viewer that reads keeps up: the last token's event goes out on the server's
+        // tick, with no next token to wait for.
         again.until(t - 3).await;
     }
+    // The pipelined tokens reached the reading viewer in order, each once.
+    let ids: Vec<u64> = again.events.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, (3..t as u64).collect::<Vec<_>>());
     drop(first);
     drop(s);
 }
