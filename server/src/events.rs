@@ -10,6 +10,11 @@
 //! `serve.viewer_buffer` events, so that a viewer that reconnects with the id of the last event
 //! it saw (the SSE `Last-Event-ID`) gets what it missed, without duplicates, then the live
 //! stream. A session has at most `serve.max_viewers` viewers.
+//!
+//! A token's event is *held* once its answer is sent ([`EventLog::hold`]) and goes out when the
+//! session's next token has reached the runtime, or on the server's next tick (10 ms), or as
+//! the session closes ([`EventLog::release`]): the viewers' socket work then runs while a token
+//! is scored, not on the way to it or its answer.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +50,9 @@ pub struct EventLog {
     /// Set by the first viewer: until then nothing is serialized.
     watched: AtomicBool,
     inner: Mutex<Inner>,
+    /// The last answered token, not yet published. Published under this lock, so that two
+    /// releases cannot reorder events.
+    held: Mutex<Option<(TokenReport, Option<String>)>>,
 }
 
 impl EventLog {
@@ -55,6 +63,32 @@ impl EventLog {
             max_viewers: max_viewers.max(1),
             watched: AtomicBool::new(false),
             inner: Mutex::new(Inner { recent: VecDeque::with_capacity(capacity), viewers: Vec::new() }),
+            held: Mutex::new(None),
+        }
+    }
+
+    /// Holds an answered token's event until [`release`](Self::release), publishing the one
+    /// held before it first (a token is held at most until the next is answered). Nothing is
+    /// held until a viewer has asked for this session.
+    pub fn hold(&self, report: TokenReport, text: Option<String>, hierarchy: &Hierarchy) {
+        if !self.watched() {
+            return;
+        }
+        let mut held = self.held.lock().expect("held event lock");
+        if let Some((report, text)) = held.take() {
+            self.publish(&report, text.as_deref(), hierarchy);
+        }
+        *held = Some((report, text));
+    }
+
+    /// Publishes the held event, if any.
+    pub fn release(&self, hierarchy: &Hierarchy) {
+        if !self.watched() {
+            return;
+        }
+        let mut held = self.held.lock().expect("held event lock");
+        if let Some((report, text)) = held.take() {
+            self.publish(&report, text.as_deref(), hierarchy);
         }
     }
 
@@ -183,6 +217,22 @@ mod tests {
         }
         assert_eq!(dropped, 1, "the slow viewer, once; the one that left is not counted");
         assert_eq!(log.inner.lock().unwrap().viewers.len(), 1);
+    }
+
+    #[test]
+    fn a_held_event_goes_out_on_release_or_before_the_next_one_and_in_order() {
+        let log = EventLog::new(8, 8);
+        log.hold(report(0), None, &Hierarchy::default());
+        let mut rx = log.subscribe(None).unwrap();
+        log.release(&Hierarchy::default());
+        assert!(ids(&mut rx).is_empty(), "nothing was held before a viewer asked");
+        log.hold(report(1), Some("a".into()), &Hierarchy::default());
+        assert!(ids(&mut rx).is_empty(), "held, not yet published");
+        log.hold(report(2), None, &Hierarchy::default());
+        assert_eq!(ids(&mut rx), vec![1], "holding the next publishes the one before");
+        log.release(&Hierarchy::default());
+        log.release(&Hierarchy::default());
+        assert_eq!(ids(&mut rx), vec![2], "released once");
     }
 
     #[test]

@@ -232,7 +232,10 @@ async fn tick_deadlines(state: Arc<State>, stop: impl std::future::Future<Output
     loop {
         tokio::select! {
             _ = &mut stop => return Ok(()),
-            _ = interval.tick() => state.ticks.notify_waiters(),
+            _ = interval.tick() => {
+                state.ticks.notify_waiters();
+                state.release_held_events();
+            }
         }
     }
 }

@@ -242,15 +242,28 @@ impl ProbeCascade for Service {
                 }
             }
         }
-        let outcome = within(deadline(state), &state.ticks, state.runtime.observe_batch_states(asks)).await;
+        let hierarchy = state.runtime.pack().hierarchy();
+        let scoring = within(deadline(state), &state.ticks, state.runtime.observe_batch_states(asks));
+        tokio::pin!(scoring);
+        // The sessions' held events (their previous tokens) go to their viewers once this step
+        // is with the runtime, while it is scored; this step's are held in turn, after its
+        // answers are made (see `EventLog::hold`).
+        let outcome = match futures::poll!(&mut scoring) {
+            std::task::Poll::Ready(outcome) => outcome,
+            std::task::Poll::Pending => {
+                asked.iter().for_each(|(_, entry, _)| entry.events.release(hierarchy));
+                scoring.await
+            }
+        };
         match outcome {
             Ok(answers) => {
                 for ((i, entry, text), answer) in asked.into_iter().zip(answers) {
                     entry.tokens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if let Ok(report) = &answer {
-                        entry.events.publish(report, text.as_deref(), state.runtime.pack().hierarchy());
+                    let outcome = Ok(answer);
+                    results[i] = Some(answered(i as u64, started, &outcome));
+                    if let Ok(Ok(report)) = outcome {
+                        entry.events.hold(report, text, hierarchy);
                     }
-                    results[i] = Some(answered(i as u64, started, &Ok(answer)));
                 }
             }
             Err(d) => {
@@ -336,19 +349,22 @@ async fn drive(
     let mut reading = true;
     let mut end: Option<Status> = None;
     // An answer known at once (a refusal) waits in line behind the observes before it.
-    // Each answer comes with the report and text to publish to the session's live viewers.
-    // Viewers never delay an answer: a token's event is held after its answer is sent until
-    // the stream's next hidden state has reached the runtime (or the next tick of
-    // `State::ticks`, at most 10 ms, when none comes), so that the viewers' socket work runs
-    // while that token is scored rather than on its way there.
+    // Each answer comes with the report and text for the session's live viewers. Viewers
+    // never delay an answer: a token's event is held once its answer is sent
+    // (`EventLog::hold`) and released when the stream's next hidden state has reached the
+    // runtime (or on the server's tick, `State::ticks`, when none comes), so that the viewers'
+    // socket work runs while that token is scored rather than on its way there.
     type Publish = Option<(Arc<crate::state::SessionEntry>, TokenReport, Option<String>)>;
-    let mut held: Publish = None;
-    // Has an observe been queued since `held` was set? Once `pending` has been polled after
-    // that (the `select!` below polls it first), the runtime has the next token.
+    let hierarchy = state.runtime.pack().hierarchy();
+    let mut holding = false;
+    // Has an observe been queued since the event was held? Once `pending` has been polled
+    // after that (the `select!` below polls it first), the runtime has the next token.
     let mut next_queued = false;
-    let publish = |held: &mut Publish| {
-        if let Some((e, report, text)) = held.take() {
-            e.events.publish(&report, text.as_deref(), state.runtime.pack().hierarchy());
+    let release = |holding: &mut bool| {
+        if std::mem::take(holding) {
+            if let Some(e) = &entry {
+                e.events.release(hierarchy);
+            }
         }
     };
     let ready = |r: pb::TokenResult| futures::future::Either::Left(futures::future::ready((r, Publish::None)));
@@ -372,15 +388,14 @@ async fn drive(
                     m::dropped(1 + pending.len());
                     break;
                 }
-                if next.is_some() {
-                    publish(&mut held);
-                    held = next;
+                if let Some((e, report, text)) = next {
+                    e.events.hold(report, text, hierarchy);
+                    holding = true;
                     // A pipelining client's next token may be queued already.
                     next_queued = !pending.is_empty();
                 }
             }
-            _ = std::future::ready(()), if held.is_some() && next_queued => publish(&mut held),
-            _ = state.ticks.notified(), if held.is_some() => publish(&mut held),
+            _ = std::future::ready(()), if holding && next_queued => release(&mut holding),
             _ = drain.changed(), if reading => {
                 reading = false;
                 end = Some(Status::unavailable(format!(
@@ -452,7 +467,7 @@ async fn drive(
             }
         }
     }
-    publish(&mut held);
+    release(&mut holding);
     if let Some(status) = end {
         let _ = tx.send(Err(status)).await;
     }

@@ -154,14 +154,14 @@ pub struct State {
     busy_changed: tokio::sync::Notify,
     /// The reload lock: one reload at a time.
     reloading: tokio::sync::Mutex<()>,
-    /// Ticks every [`TICK`]: tokens in flight check their deadline on it, and a stream's event
-    /// held for its viewers goes out on it (see `service::drive`), so that no token registers
-    /// a timer of its own (see `service::within`).
+    /// Ticks every [`TICK`]: tokens in flight check their deadline on it (see
+    /// `service::within`), so that no token registers a timer of its own; each tick also
+    /// releases the sessions' held viewer events ([`State::release_held_events`]).
     pub ticks: tokio::sync::Notify,
 }
 
 /// How often deadlines are checked (a token is refused at most this much after its deadline),
-/// and the longest a stream's token waits for its viewers when no next token comes.
+/// and the longest a token's event is held for its viewers when the session sends no next token.
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl State {
@@ -257,11 +257,24 @@ impl State {
     /// registry. `session` is the stream's own; an `OpenSession` one is taken from its entry,
     /// once: of two concurrent closes, one closes it and the other is told it was not open.
     pub async fn close(&self, id: SessionId, session: Option<Session>) -> bool {
-        let owned = self.session(id).and_then(|e| e.owned.lock().expect("session lock").take());
+        let entry = self.session(id);
+        // Its viewers get its last token before their streams end.
+        if let Some(e) = &entry {
+            e.events.release(self.runtime.pack().hierarchy());
+        }
+        let owned = entry.and_then(|e| e.owned.lock().expect("session lock").take());
         let Some(session) = session.or(owned) else { return false };
         session.close().await;
         metrics::counter!(crate::metrics::SESSIONS_CLOSED).increment(1);
         true
+    }
+
+    /// Publishes every session's held viewer event (on each tick; see `EventLog::hold`).
+    pub fn release_held_events(&self) {
+        let hierarchy = self.runtime.pack().hierarchy();
+        for e in self.entries().iter().filter(|e| e.events.watched()) {
+            e.events.release(hierarchy);
+        }
     }
 
     /// `OpenSession` sessions idle for longer than `serve.idle_session_ms`.

@@ -787,6 +787,36 @@ impl Viewer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sessions_viewer_gets_each_token_in_order_the_last_one_without_a_next_call() {
+    let f = fixture();
+    let server = serve(&f, &realtime(""), false, None).await;
+    let mut client = tcp_client(&server).await;
+    let id = client.open_session(pb::SessionOptions::default()).await.unwrap().into_inner().session_id;
+    let mut viewer = Viewer::connect(&server, id, None).await;
+    let mut names = Vec::new();
+    for t in 0..3 {
+        let item = pb::BatchItem {
+            session_id: id,
+            hidden: Some(encode_f32(f.traces[0].row(t))),
+            layers: Vec::new(),
+            text: Some(format!("w{t}")),
+        };
+        let results = client.observe_batch(pb::BatchRequest { items: vec![item] }).await.unwrap().into_inner().results;
+        names.push(report(&results[0]).top.iter().map(|d| d.name.clone()).collect::<Vec<_>>());
+    }
+    // Tokens 0 and 1 go out as the next call is scored; token 2, with no call after it, on the
+    // server's tick.
+    let events = viewer.until(3).await.to_vec();
+    for (t, (id, e)) in events.iter().enumerate() {
+        assert_eq!((*id, e["text"].as_str()), (t as u64, Some(format!("w{t}").as_str())));
+        let top: Vec<String> =
+            e["top"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().into()).collect();
+        assert_eq!(top, names[t], "token {t}: the event's top concepts are the report's");
+    }
+    server.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_events_carry_each_token_resume_without_duplicates_and_drop_a_viewer_that_stops_reading() {
     let f = fixture();
     let server =
