@@ -258,13 +258,13 @@ impl State {
     /// once: of two concurrent closes, one closes it and the other is told it was not open.
     pub async fn close(&self, id: SessionId, session: Option<Session>) -> bool {
         let entry = self.session(id);
-        // Its viewers get its last token before their streams end.
+        let owned = entry.as_ref().and_then(|e| e.owned.lock().expect("session lock").take());
+        let Some(session) = session.or(owned) else { return false };
+        session.close().await;
+        // Its viewers get its last token (answered as it closed, perhaps) before their streams end.
         if let Some(e) = &entry {
             e.events.release(self.runtime.pack().hierarchy());
         }
-        let owned = entry.and_then(|e| e.owned.lock().expect("session lock").take());
-        let Some(session) = session.or(owned) else { return false };
-        session.close().await;
         metrics::counter!(crate::metrics::SESSIONS_CLOSED).increment(1);
         true
     }
