@@ -38,10 +38,29 @@ if [ ! -f "$TORCH_DIR/lib/libtorch_cuda.so" ]; then
   exit 1
 fi
 
+# The CUDA graph shim (the core's `cuda-graphs` feature) includes CUDA 13's runtime headers,
+# which torch's nvidia-cuda-runtime wheel carries, and their crt/ headers, which it does not:
+# those come from the pinned nvidia-cuda-crt wheel (headers only, 0.1 MB), cached.
+crt_version=13.0.88
+crt="$cache/cuda-crt-$crt_version/include"
+if [ ! -f "$crt/crt/host_config.h" ]; then
+  mkdir -p "$cache/wheels"
+  python3 -m pip download --quiet --no-deps "nvidia-cuda-crt==$crt_version" -d "$cache/wheels"
+  tmp=$(mktemp -d)
+  python3 -m zipfile -e "$(ls "$cache"/wheels/nvidia_cuda_crt-"$crt_version"-*.whl | head -1)" "$tmp"
+  mkdir -p "$crt"
+  cp -r "$tmp/nvidia/cu13/include/crt" "$crt/"
+  rm -rf "$tmp"
+fi
+export PROBE_CASCADE_CUDA_INCLUDE="$crt${PROBE_CASCADE_CUDA_INCLUDE:+:$PROBE_CASCADE_CUDA_INCLUDE}"
+
 cd "$repo"
-cargo build --release --bin probe-cascade --target-dir target/gpu \
+features=(--features probe-cascade/cuda-graphs)
+cargo build --release --bin probe-cascade --target-dir target/gpu "${features[@]}" \
   --config "env.LIBTORCH.value=\"$TORCH_DIR\"" --config 'env.LIBTORCH.force=true'
 objcopy --strip-debug target/gpu/release/probe-cascade target/gpu/probe-cascade-gpu
-# For scripts/gpu-bundle.sh, which builds the CUDA test binaries against the same torch.
+# For scripts/gpu-bundle.sh, which builds the CUDA test binaries against the same torch and
+# headers, with the same features.
 echo "$TORCH_DIR" >target/gpu/torch-dir
+echo "$PROBE_CASCADE_CUDA_INCLUDE" >target/gpu/cuda-include
 echo "built target/gpu/probe-cascade-gpu against $TORCH_DIR"

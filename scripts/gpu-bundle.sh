@@ -13,6 +13,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 bash scripts/build-gpu.sh
 torch_dir=$(cat target/gpu/torch-dir)
+PROBE_CASCADE_CUDA_INCLUDE=$(cat target/gpu/cuda-include)
+export PROBE_CASCADE_CUDA_INCLUDE
 out=target/gpu-bundle
 rm -rf "$out"
 mkdir -p "$out/tests"
@@ -20,7 +22,7 @@ cp target/gpu/probe-cascade-gpu scripts/gpu-check.sh "$out/"
 # The integration tests with a CUDA case (they skip it where no GPU is present).
 for t in $(grep -l 'Cuda::device_count\|cuda:0' tests/*.rs); do
   name=$(basename "$t" .rs)
-  cargo test --release --test "$name" --no-run --target-dir target/gpu \
+  cargo test --release --test "$name" --no-run --target-dir target/gpu --features cuda-graphs \
     --config "env.LIBTORCH.value=\"$torch_dir\"" --config 'env.LIBTORCH.force=true' 2>&1 | tail -1
   bin=$(ls -t target/gpu/release/deps/"$name"-* | grep -v '\.d$' | head -1)
   objcopy --strip-debug "$bin" "$out/tests/$name"

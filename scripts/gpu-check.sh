@@ -14,7 +14,8 @@
 #   1. the bundle's CUDA tests (the test binaries in tests/, each filtered to `cuda`);
 #   2. `run` of the demo pack (1,000 concepts, D=2560, bf16) on DEVICE against the reference
 #      engine on the CPU: top-10 lists and logits token by token;
-#   3. seed top-30 and decompose, back to back; host-to-device weight bytes per token;
+#   3. seed top-30 and decompose, back to back, with CUDA graphs and eagerly; host-to-device
+#      weight bytes per token;
 #   4. 1, 8 and 32 sessions at seed top-30 (tokens/s);
 #   5. a BIG-concept bf16 pack with a 2,000-probe store, base [0], threshold 0.3, top-100;
 #   6. exhaustive on both packs;
@@ -95,6 +96,9 @@ dev=("device.device=\"$DEVICE\"")
 cfg cpu realtime
 cfg seed realtime "${dev[@]}"
 cfg decompose decompose "${dev[@]}"
+# The same with every round eager (no CUDA graphs), side by side.
+cfg seed-eager realtime "${dev[@]}" device.cuda_graphs=false
+cfg decompose-eager decompose "${dev[@]}" device.cuda_graphs=false
 cfg exhaustive realtime "${dev[@]}" 'cascade.expansion="exhaustive"' 'cascade.pruning="none"' \
   cascade.max_loaded=1000 runtime.pool_slots=1000
 row_bytes=$(( (128 * 2560 + 128 + 64 * 128 + 64 + 64 + 1) * 4 ))
@@ -116,7 +120,9 @@ run() { # $1: name, $2: pack, then run's arguments
 # 2–3. Correctness and single-stream latency (run scores tokens back to back).
 run reference demo --engine reference --config "$work/cpu.toml"
 run seed demo --engine runtime --config "$work/seed.toml"
+run seed-eager demo --engine runtime --config "$work/seed-eager.toml"
 run decompose demo --engine runtime --config "$work/decompose.toml"
+run decompose-eager demo --engine runtime --config "$work/decompose-eager.toml"
 run exhaustive demo --engine runtime --config "$work/exhaustive.toml"
 # 4. Sessions.
 for n in 1 8 32; do
@@ -180,8 +186,11 @@ def check():
     return f"{same} of {len(got['tokens'])} tokens' top-10 as the CPU reference; largest logit difference {worst:.1e}"
 rows = [
     ("device run vs CPU reference (demo pack, seed top-30)", check()),
+    ("scoring path", doc("seed") and doc("seed")["summary"].get("weight_traffic", {}).get("path") or "missing"),
     ("seed top-30, demo pack (1,000 bf16), back to back", lat("seed")),
+    ("  the same, every round eager (device.cuda_graphs = false)", lat("seed-eager")),
     ("decompose, demo pack, back to back", lat("decompose")),
+    ("  the same, every round eager", lat("decompose-eager")),
     ("weight bytes host-to-device, seed top-30", traffic("seed")),
     ("1 / 8 / 32 sessions, seed top-30", " / ".join(tps(f"sessions-{n}") for n in (1, 8, 32))),
     (f"{big}-concept bf16 pack, 2,000-probe store, base [0], threshold 0.3, top-100", lat("big")),

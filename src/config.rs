@@ -274,6 +274,10 @@ pub struct DeviceConfig {
     /// needed. 0: the whole pack where it fits in half the free memory of the device (RAM
     /// for the CPU), else that half.
     pub store_bytes: u64,
+    /// Replay the store's sparse scoring rounds as CUDA graphs, one per (probes, hidden
+    /// states) bucket, where the build has the `cuda-graphs` feature (`make build-gpu`) and
+    /// the device is CUDA; `false` scores every round eagerly. Ignored elsewhere.
+    pub cuda_graphs: bool,
 }
 
 impl Default for DeviceConfig {
@@ -284,6 +288,7 @@ impl Default for DeviceConfig {
             threads: 0,
             cpu_kernel: CpuKernel::Auto,
             store_bytes: 0,
+            cuda_graphs: true,
         }
     }
 }

@@ -419,3 +419,57 @@ async fn cuda_runtime_matches_the_cpu_reference_when_a_gpu_is_present() {
     }
     cascade.shutdown().await;
 }
+
+/// CUDA graphs (a `make build-gpu` build, `device.cuda_graphs`) replay what eager rounds
+/// score: the same tokens on cuda:0 through four sessions at once (so that rounds batch
+/// several hidden states, and buckets are met in varying order), with graphs on and off,
+/// token by token. Skips where libtorch sees no GPU or the build has no graphs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuda_graph_rounds_score_what_eager_rounds_score_when_a_gpu_is_present() {
+    if tch::Cuda::device_count() == 0 || !cfg!(feature = "cuda-graphs") {
+        eprintln!("SKIPPED: no CUDA device, or a build without the cuda-graphs feature");
+        return;
+    }
+    use probe_cascade::runtime::{Runtime, SessionOptions};
+    let (_dir, pack, trace) = tiny();
+    let mut eager = config(tight());
+    eager.device.device = "cuda:0".into();
+    eager.device.cuda_graphs = false;
+    let mut graphs = eager.clone();
+    graphs.device.cuda_graphs = true;
+    let mut runs = Vec::new();
+    for config in [&eager, &graphs] {
+        let rt = Runtime::start(pack.clone(), config).await.unwrap();
+        let mut sessions = Vec::new();
+        for _ in 0..4 {
+            sessions.push(rt.open_session(SessionOptions::default()).await.unwrap());
+        }
+        let mut reports = Vec::new();
+        for t in 0..trace.rows {
+            // Session s sees token (t + 7s): four different streams in each step.
+            let asks = sessions
+                .iter()
+                .enumerate()
+                .map(|(s, session)| session.observe(trace.row((t + 7 * s) % trace.rows).to_vec()));
+            reports.push(futures::future::try_join_all(asks).await.unwrap());
+        }
+        let path = rt.step_stats().await.unwrap().traffic.path;
+        for s in sessions {
+            s.close().await;
+        }
+        rt.shutdown().await;
+        runs.push((path, reports));
+    }
+    let ((eager_path, eager), (graph_path, graphs)) = (&runs[0], &runs[1]);
+    assert!(!eager_path.contains("graphs") && graph_path.contains("CUDA graphs"), "{eager_path} / {graph_path}");
+    for (t, (want, got)) in eager.iter().zip(graphs).enumerate() {
+        for (s, (w, g)) in want.iter().zip(got).enumerate() {
+            let ctx = format!("token {t}, session {s}");
+            assert_eq!(names(g), names(w), "{ctx}: top list");
+            for (a, b) in g.top.iter().zip(&w.top) {
+                assert!((a.logit - b.logit).abs() < 1e-4, "{ctx}: {} {} vs {}", a.name, a.logit, b.logit);
+            }
+            assert_eq!((g.children, g.loaded, g.unloaded), (w.children, w.loaded, w.unloaded), "{ctx}");
+        }
+    }
+}

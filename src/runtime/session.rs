@@ -134,7 +134,8 @@ impl Runtime {
             let base = pinned_set(&pack, &base);
             let rows = store_rows(&pack, config.device.store_bytes, row_bytes, device, base.len())?;
             let backend = TorchBackend::new(pack.clone(), rows, device, compute, staging, base, faults.clone())
-                .map_err(|source| StartError::Store { rows, row_bytes, source })?;
+                .map_err(|source| StartError::Store { rows, row_bytes, source })?
+                .use_cuda_graphs(config.device.cuda_graphs);
             resident = Some(backend.view());
             Box::new(backend)
         } else {

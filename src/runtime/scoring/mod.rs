@@ -5,7 +5,8 @@
 //!   a reference to a cache entry; nothing is copied);
 //! - [`torch`]: one tch resident store shared by every session (an accelerator's memory, or
 //!   the CPU with `device.cpu_kernel = "torch"`): a probe is copied into a row once and a slot
-//!   pins its row; [`store`] keeps the rows' books (pins, warm LRU, the budget).
+//!   pins its row; [`store`] keeps the rows' books (pins, warm LRU, the budget), and
+//!   [`graphs`] replays its sparse rounds as CUDA graphs (the `cuda-graphs` feature).
 //!
 //! Why a trait: the scheduler's batching, fairness and close ordering are the same whatever
 //! scores, and before this trait they were interleaved with five two-variant enums that could
@@ -13,6 +14,7 @@
 //! slots of its own backend. The trait is small on purpose: open and close a session's slots,
 //! apply its slot operations, score a step, and say what it holds.
 
+pub mod graphs;
 pub mod kernel;
 pub mod store;
 pub mod torch;

@@ -124,6 +124,10 @@ pub struct TorchArena {
     uploads: Uploads,
     /// Staged (an accelerator): where a round's inputs wait for their non-blocking copy.
     inputs: Option<Inputs>,
+    /// CUDA graphs for sparse rounds (`device.cuda_graphs`, the `cuda-graphs` feature, a CUDA
+    /// device); `None`: every round is eager.
+    #[cfg(feature = "cuda-graphs")]
+    graphs: Option<super::graphs::Graphs>,
 }
 
 /// Host buffers for a round's row indices and hidden states (page-locked on a GPU), sent with
@@ -144,17 +148,12 @@ impl Inputs {
         })
     }
 
-    /// The round's rows and hidden states on `device` (`[n]`, `[B, D]` in f32): copied into the
-    /// host buffers, then sent without waiting. `None` if they do not fit the buffers.
-    fn send(
-        &mut self,
-        rows: &[usize],
-        hidden: &[&[f32]],
-        device: Device,
-    ) -> Result<Option<(Tensor, Tensor)>, tch::TchError> {
+    /// Copies the round's rows and hidden states into the host buffers; false if they do not
+    /// fit.
+    fn fill(&mut self, rows: &[usize], hidden: &[&[f32]]) -> bool {
         let d = hidden.first().map_or(0, |h| h.len());
         if rows.len() > self.rows.size()[0] as usize || hidden.len() * d > self.hidden.size()[0] as usize {
-            return Ok(None);
+            return false;
         }
         // SAFETY: both buffers are contiguous host tensors this struct owns, of the kinds
         // written (i64, f32), and long enough (checked above); no copy from them is in flight
@@ -165,6 +164,21 @@ impl Inputs {
             let x = std::slice::from_raw_parts_mut(self.hidden.data_ptr() as *mut f32, hidden.len() * d);
             x.chunks_exact_mut(d.max(1)).zip(hidden).for_each(|(o, h)| o.copy_from_slice(h));
         }
+        true
+    }
+
+    /// The round's rows and hidden states on `device` (`[n]`, `[B, D]` in f32): copied into the
+    /// host buffers, then sent without waiting. `None` if they do not fit the buffers.
+    fn send(
+        &mut self,
+        rows: &[usize],
+        hidden: &[&[f32]],
+        device: Device,
+    ) -> Result<Option<(Tensor, Tensor)>, tch::TchError> {
+        if !self.fill(rows, hidden) {
+            return Ok(None);
+        }
+        let d = hidden.first().map_or(0, |h| h.len());
         let send = |t: &Tensor, n: usize, kind| t.f_narrow(0, 0, n as i64)?.f_to_device_(device, kind, true, false);
         let idx = send(&self.rows, rows.len(), Kind::Int64)?;
         let x = send(&self.hidden, hidden.len() * d, Kind::Float)?.f_view([hidden.len() as i64, d as i64])?;
@@ -196,15 +210,42 @@ impl TorchArena {
                 Uploads::Staged(_) => Some(Inputs::new(slots, pack.hidden_dim(), device)?),
                 Uploads::Direct => None,
             };
-            Ok(TorchArena { device, compute, arena, uploads, inputs })
+            Ok(TorchArena {
+                device,
+                compute,
+                arena,
+                uploads,
+                inputs,
+                #[cfg(feature = "cuda-graphs")]
+                graphs: None,
+            })
         })
     }
 
+    /// Replays sparse rounds as CUDA graphs where this build and device can (the
+    /// `cuda-graphs` feature, a CUDA device with staged inputs); `false`, or elsewhere, every
+    /// round is eager.
+    pub fn use_cuda_graphs(&mut self, on: bool) {
+        #[cfg(feature = "cuda-graphs")]
+        {
+            self.graphs = (on && self.device.is_cuda() && self.inputs.is_some()).then(Default::default);
+        }
+        let _ = on;
+    }
+
+    /// Is a CUDA graph replaying this store's sparse rounds?
+    pub fn cuda_graphs(&self) -> bool {
+        #[cfg(feature = "cuda-graphs")]
+        return self.graphs.is_some();
+        #[cfg(not(feature = "cuda-graphs"))]
+        false
+    }
+
     pub fn path(&self) -> &'static str {
-        if self.device == Device::Cpu {
-            "torch store (cpu)"
-        } else {
-            "torch store (device)"
+        match (self.device == Device::Cpu, self.cuda_graphs()) {
+            (true, _) => "torch store (cpu)",
+            (false, false) => "torch store (device)",
+            (false, true) => "torch store (device, CUDA graphs)",
         }
     }
 
@@ -224,11 +265,15 @@ impl TorchArena {
     /// with no copy: the extra rows cost less compute than the gather costs memory traffic.
     pub(super) fn score_slots(&mut self, rows: &[usize], hidden: &[&[f32]]) -> Result<Vec<f32>, tch::TchError> {
         tch::no_grad(|| {
+            let hi = rows.iter().max().map_or(0, |&r| r + 1);
+            let dense = rows.len() * 2 >= hi;
+            #[cfg(feature = "cuda-graphs")]
+            if let Some(logits) = self.replay(dense, rows, hidden) {
+                return Ok(logits);
+            }
             let a = &self.arena;
             let b = hidden.len() as i64;
             let d = a.w1.size()[2];
-            let hi = rows.iter().max().map_or(0, |&r| r + 1);
-            let dense = rows.len() * 2 >= hi;
             // A dense range needs no indices on the device.
             let wanted: &[usize] = if dense { &[] } else { rows };
             let sent = match &mut self.inputs {
@@ -262,6 +307,26 @@ impl TorchArena {
             let batch = hidden.len();
             Ok(rows.iter().flat_map(|&r| all[r * batch..(r + 1) * batch].iter().copied()).collect())
         })
+    }
+
+    /// A sparse round of a graph's size, replayed by its graph: `None` for a round the graphs
+    /// do not take (dense, too big, or graphs off), which is then scored eagerly. A graph that
+    /// fails to capture or replay turns the graphs off for this store, with a warning, and
+    /// its round is scored eagerly: the two agree (tests/runtime.rs).
+    #[cfg(feature = "cuda-graphs")]
+    fn replay(&mut self, dense: bool, rows: &[usize], hidden: &[&[f32]]) -> Option<Vec<f32>> {
+        let (graphs, inputs) = (self.graphs.as_mut()?, self.inputs.as_mut()?);
+        if dense || super::graphs::bucket(rows.len(), hidden.len()).is_none() || !inputs.fill(rows, hidden) {
+            return None;
+        }
+        match graphs.score(self.arena.parts(), &inputs.rows, &inputs.hidden, rows.len(), hidden.len()) {
+            Ok(logits) => Some(logits),
+            Err(error) => {
+                tracing::warn!(%error, "CUDA graphs are off for this store: scoring eagerly");
+                self.graphs = None;
+                None
+            }
+        }
     }
 
     /// Copies each `(physical slot, probe)` of `installs` into the arena, in order. Staged,
@@ -378,6 +443,13 @@ impl TorchBackend {
         let row_bytes = row_bytes(pack.hidden_dim(), compute);
         let book = Arc::new(Mutex::new(Book::new(rows, row_bytes, pack.len(), forever)));
         Ok(Self { pack, torch, book, sessions: Tables::default(), traffic, faults })
+    }
+
+    /// See [`TorchArena::use_cuda_graphs`] (`device.cuda_graphs`).
+    pub fn use_cuda_graphs(mut self, on: bool) -> Self {
+        self.torch.use_cuda_graphs(on);
+        self.traffic = WeightTraffic::new(self.torch.path());
+        self
     }
 
     /// Which probes the store holds, for the coordinators to skip fetching their bytes.

@@ -1,0 +1,180 @@
+//! CUDA graphs for the resident store's sparse scoring rounds (the `cuda-graphs` feature:
+//! `make build-gpu`). An eager round on a GPU is a gather and three batched layers, about
+//! twenty kernel launches: launch-bound at 190–260 µs on an H200, where a replayed graph
+//! takes 41–60 µs. So a round of up to [`MAX_PROBES`] rows and [`MAX_BATCH`] hidden states
+//! replays a graph captured once for its bucket (rows and states rounded up to powers of
+//! two); bigger rounds, and dense ones (scored in place), stay eager.
+//!
+//! The capture and replay are a small C++ shim over libtorch's `ATen/cuda`
+//! (`cuda_graphs.cpp`), since tch 0.24 binds no graphs. The buckets are bounded by
+//! construction (6 row sizes × 6 state counts) and share one memory pool, so they cost about
+//! the largest round's intermediates, not their sum. A graph never sees padding rows as
+//! answers: rows and states past the round's keep earlier values, and their logits are not
+//! read.
+
+use crate::kernel::MAX_BATCH;
+
+/// Rounds of more rows than this are scored eagerly (a round of the cascade is 30–100).
+pub const MAX_PROBES: usize = 256;
+/// The smallest row bucket.
+const MIN_PROBES: usize = 8;
+
+/// The bucket (rows, hidden states) whose graph replays a round of `n` rows and `b` states,
+/// if any: each rounded up to a power of two, rows to at least [`MIN_PROBES`].
+pub fn bucket(n: usize, b: usize) -> Option<(usize, usize)> {
+    (n > 0 && n <= MAX_PROBES && b > 0 && b <= MAX_BATCH)
+        .then(|| (n.next_power_of_two().max(MIN_PROBES), b.next_power_of_two()))
+}
+
+#[cfg(feature = "cuda-graphs")]
+pub use replay::{GraphError, Graphs};
+
+#[cfg(feature = "cuda-graphs")]
+mod replay {
+    use super::bucket;
+    use std::collections::HashMap;
+    use std::ffi::{c_char, c_void, CStr};
+
+    use tch::{Device, Tensor};
+    use torch_sys::C_tensor;
+
+    extern "C" {
+        fn pc_graph_capture(
+            w: *const *const C_tensor,
+            n: i64,
+            b: i64,
+            out: *mut *mut C_tensor,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> *mut c_void;
+        fn pc_graph_replay(
+            graph: *mut c_void,
+            idx_host: *const C_tensor,
+            x_host: *const C_tensor,
+            n: i64,
+            b: i64,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> i32;
+        fn pc_graph_free(graph: *mut c_void);
+    }
+
+    /// Runs `f` with an error buffer; its message, when `failed` says so.
+    fn with_error<T>(f: impl FnOnce(*mut c_char, usize) -> T, failed: impl Fn(&T) -> bool) -> Result<T, String> {
+        let mut err = [0 as c_char; 1024];
+        let value = f(err.as_mut_ptr(), err.len());
+        if failed(&value) {
+            // SAFETY: the shim writes a NUL-terminated string into `err` (snprintf), or nothing
+            // (it is zeroed).
+            let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+            return Err(if message.is_empty() { "unknown error".into() } else { message });
+        }
+        Ok(value)
+    }
+
+    /// One captured round and its output tensor (`[rows · states]` f32 on the device).
+    struct Graph {
+        handle: *mut c_void,
+        out: Tensor,
+    }
+
+    impl Drop for Graph {
+        fn drop(&mut self) {
+            // SAFETY: `handle` came from `pc_graph_capture` and is freed once, here.
+            unsafe { pc_graph_free(self.handle) }
+        }
+    }
+
+    /// The store's graphs, by bucket; owned by the scoring thread with the store's tensors.
+    #[derive(Default)]
+    pub struct Graphs {
+        graphs: HashMap<(usize, usize), Graph>,
+    }
+
+    // SAFETY: a `Graph` is only used from the thread that owns the store (the backend is `Send`,
+    // moved once onto the step scheduler's thread, like its tensors).
+    unsafe impl Send for Graph {}
+
+    /// A capture or replay that failed: the shim's message, with the bucket.
+    #[derive(Debug, thiserror::Error)]
+    #[error("CUDA graph for {rows} probes × {states} hidden states: {message}")]
+    pub struct GraphError {
+        pub rows: usize,
+        pub states: usize,
+        pub message: String,
+    }
+
+    impl Graphs {
+        /// Logits of `n` rows × `b` states, `out[i * b + j]`, from the host buffers `idx_host`
+        /// (i64, at least `n`: store rows) and `x_host` (f32, at least `b · D`), by the bucket's
+        /// graph, capturing it first if this is its first round. `store` is the store's six
+        /// tensors in pack layout order (b1, w1, b2, w2, b3, w3): they must not move while the
+        /// graphs live (the store is allocated once).
+        pub fn score(
+            &mut self,
+            store: [&Tensor; 6],
+            idx_host: &Tensor,
+            x_host: &Tensor,
+            n: usize,
+            b: usize,
+        ) -> Result<Vec<f32>, GraphError> {
+            let (rows, states) = bucket(n, b).expect("the caller checks the bucket");
+            let fail = |message: String| GraphError { rows, states, message };
+            let graph = match self.graphs.entry((rows, states)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(capture(store, rows, states).map_err(fail)?),
+            };
+            with_error(
+                // SAFETY: `graph.handle` is live; the host tensors outlive the call and hold at least
+                // n and b·D values (the caller's buffers); their copies are queued on the current
+                // stream before the replay, and the readback below waits for both.
+                |err, len| unsafe {
+                    pc_graph_replay(graph.handle, idx_host.as_ptr(), x_host.as_ptr(), n as i64, b as i64, err, len)
+                },
+                |rc| *rc != 0,
+            )
+            .map_err(fail)?;
+            let logits = (|| {
+                let t = graph
+                    .out
+                    .f_view([rows as i64, states as i64])?
+                    .f_narrow(0, 0, n as i64)?
+                    .f_narrow(1, 0, b as i64)?;
+                crate::engine::tensors::to_host_f32(&t)
+            })()
+            .map_err(|e| fail(e.to_string()))?;
+            Ok(logits)
+        }
+    }
+
+    fn capture(store: [&Tensor; 6], rows: usize, states: usize) -> Result<Graph, String> {
+        debug_assert!(store.iter().all(|t| matches!(t.device(), Device::Cuda(_))));
+        let ptrs: Vec<*const C_tensor> = store.iter().map(|t| t.as_ptr()).collect();
+        let mut out: *mut C_tensor = std::ptr::null_mut();
+        let handle = with_error(
+            // SAFETY: `ptrs` points at six live tensors for the call; the shim sets `out` to a new
+            // tensor on success, which `Tensor::from_ptr` then owns.
+            |err, len| unsafe { pc_graph_capture(ptrs.as_ptr(), rows as i64, states as i64, &mut out, err, len) },
+            |h| h.is_null(),
+        )?;
+        // SAFETY: set by a successful capture, owned by no one else.
+        let out = unsafe { Tensor::from_ptr(out) };
+        Ok(Graph { handle, out })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_fall_in_power_of_two_buckets_up_to_the_limits() {
+        assert_eq!(bucket(1, 1), Some((8, 1)));
+        assert_eq!(bucket(30, 3), Some((32, 4)));
+        assert_eq!(bucket(100, 32), Some((128, 32)));
+        assert_eq!(bucket(MAX_PROBES, MAX_BATCH), Some((MAX_PROBES, MAX_BATCH)));
+        assert_eq!(bucket(MAX_PROBES + 1, 1), None);
+        assert_eq!(bucket(8, MAX_BATCH + 1), None);
+        assert_eq!(bucket(0, 1), None);
+    }
+}
