@@ -448,7 +448,6 @@ impl TorchBackend {
     /// See [`TorchArena::use_cuda_graphs`] (`device.cuda_graphs`).
     pub fn use_cuda_graphs(mut self, on: bool) -> Self {
         self.torch.use_cuda_graphs(on);
-        self.traffic = WeightTraffic::new(self.torch.path());
         self
     }
 
@@ -664,7 +663,12 @@ impl ScoringBackend for TorchBackend {
     }
 
     fn traffic(&self) -> WeightTraffic {
-        WeightTraffic { store: Some(self.book.lock().expect("store book").stats()), ..self.traffic.clone() }
+        // The path as it is now: graphs that failed are off.
+        WeightTraffic {
+            path: self.torch.path().into(),
+            store: Some(self.book.lock().expect("store book").stats()),
+            ..self.traffic.clone()
+        }
     }
 }
 
