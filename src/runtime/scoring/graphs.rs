@@ -95,13 +95,19 @@ mod replay {
     // moved once onto the step scheduler's thread, like its tensors).
     unsafe impl Send for Graph {}
 
-    /// A capture or replay that failed: the shim's message, with the bucket.
+    /// A graph round that failed, naming its bucket.
     #[derive(Debug, thiserror::Error)]
-    #[error("CUDA graph for {rows} probes × {states} hidden states: {message}")]
-    pub struct GraphError {
-        pub rows: usize,
-        pub states: usize,
-        pub message: String,
+    pub enum GraphError {
+        /// The shim's capture or replay threw: its message (all that crosses from C++).
+        #[error("CUDA graph for {rows} probes × {states} hidden states: {message}")]
+        Shim { rows: usize, states: usize, message: String },
+        #[error("reading back the CUDA graph for {rows} probes × {states} hidden states")]
+        Readback {
+            rows: usize,
+            states: usize,
+            #[source]
+            source: tch::TchError,
+        },
     }
 
     impl Graphs {
@@ -119,7 +125,7 @@ mod replay {
             b: usize,
         ) -> Result<Vec<f32>, GraphError> {
             let (rows, states) = bucket(n, b).expect("the caller checks the bucket");
-            let fail = |message: String| GraphError { rows, states, message };
+            let fail = |message: String| GraphError::Shim { rows, states, message };
             let graph = match self.graphs.entry((rows, states)) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(capture(store, rows, states).map_err(fail)?),
@@ -142,7 +148,7 @@ mod replay {
                     .f_narrow(1, 0, b as i64)?;
                 crate::engine::tensors::to_host_f32(&t)
             })()
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|source| GraphError::Readback { rows, states, source })?;
             Ok(logits)
         }
     }
