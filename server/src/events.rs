@@ -69,16 +69,17 @@ impl EventLog {
 
     /// Holds an answered token's event until [`release`](Self::release), publishing the one
     /// held before it first (a token is held at most until the next is answered). Nothing is
-    /// held until a viewer has asked for this session.
-    pub fn hold(&self, report: TokenReport, text: Option<String>, hierarchy: &Hierarchy) {
+    /// held until a viewer has asked for this session; returns whether it was.
+    pub fn hold(&self, report: TokenReport, text: Option<String>, hierarchy: &Hierarchy) -> bool {
         if !self.watched() {
-            return;
+            return false;
         }
         let mut held = self.held.lock().expect("held event lock");
         if let Some((report, text)) = held.take() {
             self.publish(&report, text.as_deref(), hierarchy);
         }
         *held = Some((report, text));
+        true
     }
 
     /// Publishes the held event, if any.

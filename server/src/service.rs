@@ -242,7 +242,6 @@ impl ProbeCascade for Service {
                 }
             }
         }
-        let hierarchy = state.runtime.pack().hierarchy();
         let scoring = within(deadline(state), &state.ticks, state.runtime.observe_batch_states(asks));
         tokio::pin!(scoring);
         // The sessions' held events (their previous tokens) go to their viewers once this step
@@ -251,7 +250,7 @@ impl ProbeCascade for Service {
         let outcome = match futures::poll!(&mut scoring) {
             std::task::Poll::Ready(outcome) => outcome,
             std::task::Poll::Pending => {
-                asked.iter().for_each(|(_, entry, _)| entry.events.release(hierarchy));
+                asked.iter().for_each(|(_, entry, _)| state.release_event(entry));
                 scoring.await
             }
         };
@@ -262,7 +261,7 @@ impl ProbeCascade for Service {
                     let outcome = Ok(answer);
                     results[i] = Some(answered(i as u64, started, &outcome));
                     if let Ok(Ok(report)) = outcome {
-                        entry.events.hold(report, text, hierarchy);
+                        state.hold_event(&entry, report, text);
                     }
                 }
             }
@@ -354,8 +353,7 @@ async fn drive(
     // (`EventLog::hold`) and released when the stream's next hidden state has reached the
     // runtime (or on the server's tick, `State::ticks`, when none comes), so that the viewers'
     // socket work runs while that token is scored rather than on its way there.
-    type Publish = Option<(Arc<crate::state::SessionEntry>, TokenReport, Option<String>)>;
-    let hierarchy = state.runtime.pack().hierarchy();
+    type Answered = Option<(TokenReport, Option<String>)>;
     let mut holding = false;
     // Has an observe been queued since the event was held? Once `pending` has been polled
     // after that (the `select!` below polls it first), the runtime has the next token.
@@ -363,11 +361,11 @@ async fn drive(
     let release = |holding: &mut bool| {
         if std::mem::take(holding) {
             if let Some(e) = &entry {
-                e.events.release(hierarchy);
+                state.release_event(e);
             }
         }
     };
-    let ready = |r: pb::TokenResult| futures::future::Either::Left(futures::future::ready((r, Publish::None)));
+    let ready = |r: pb::TokenResult| futures::future::Either::Left(futures::future::ready((r, Answered::None)));
     let send = |r: pb::TokenResult| {
         let tx = tx.clone();
         async move { tx.send(Ok(pb::SessionResponse { kind: Some(pb::session_response::Kind::Result(r)) })).await.is_ok() }
@@ -378,8 +376,8 @@ async fn drive(
         }
         tokio::select! {
             biased;
-            Some((r, next)) = pending.next(), if !pending.is_empty() => {
-                let next: Publish = next;
+            Some((r, report)) = pending.next(), if !pending.is_empty() => {
+                let report: Answered = report;
                 if let Some(e) = &entry {
                     e.tokens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     e.touch(state);
@@ -388,9 +386,8 @@ async fn drive(
                     m::dropped(1 + pending.len());
                     break;
                 }
-                if let Some((e, report, text)) = next {
-                    e.events.hold(report, text, hierarchy);
-                    holding = true;
+                if let (Some(e), Some((report, text))) = (&entry, report) {
+                    holding = state.hold_event(e, report, text);
                     // A pipelining client's next token may be queued already.
                     next_queued = !pending.is_empty();
                 }
@@ -431,17 +428,13 @@ async fn drive(
                             let started = Instant::now();
                             let d = Duration::from_millis(live.config.serve.request_deadline_ms);
                             let states: Vec<Hidden> = states.into_iter().map(Hidden::from).collect();
-                            let entry = entry.clone();
                             next_queued = true;
                             pending.push_back(futures::future::Either::Right(async move {
                                 let observed = session.observe_states(states);
                                 let outcome = within(d, &state.ticks, observed).await;
                                 let answer = answered(this, started, &outcome);
-                                let publish: Publish = match (entry, outcome) {
-                                    (Some(entry), Ok(Ok(report))) if entry.events.watched() => Some((entry, report, text)),
-                                    _ => None,
-                                };
-                                (answer, publish)
+                                let report: Answered = outcome.ok().and_then(Result::ok).map(|r| (r, text));
+                                (answer, report)
                             }));
                         }
                         Err(message) => {

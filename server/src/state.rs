@@ -4,12 +4,14 @@
 //! the new file; its peer, label and token count) is a [`SessionEntry`] attached to the
 //! session's entry in the runtime's registry: one list of open sessions, the runtime's.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime};
 
 use probe_cascade::config::{cascade_with, Config, Mode};
+use probe_cascade::engine::TokenReport;
 use probe_cascade::runtime::{Runtime, RuntimeError, Session, SessionId, SessionOptions};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -156,8 +158,11 @@ pub struct State {
     reloading: tokio::sync::Mutex<()>,
     /// Ticks every [`TICK`]: tokens in flight check their deadline on it (see
     /// `service::within`), so that no token registers a timer of its own; each tick also
-    /// releases the sessions' held viewer events ([`State::release_held_events`]).
+    /// releases the held viewer events ([`State::release_held_events`]).
     pub ticks: tokio::sync::Notify,
+    /// Sessions that may hold a viewer event, for the next tick to release
+    /// ([`State::hold_event`]); at most one entry per open session.
+    held: Mutex<HashSet<SessionId>>,
 }
 
 /// How often deadlines are checked (a token is refused at most this much after its deadline),
@@ -177,6 +182,7 @@ impl State {
             busy_changed: tokio::sync::Notify::new(),
             reloading: tokio::sync::Mutex::new(()),
             ticks: tokio::sync::Notify::new(),
+            held: Mutex::new(HashSet::new()),
         }
     }
 
@@ -263,17 +269,34 @@ impl State {
         session.close().await;
         // Its viewers get its last token (answered as it closed, perhaps) before their streams end.
         if let Some(e) = &entry {
-            e.events.release(self.runtime.pack().hierarchy());
+            self.release_event(e);
         }
         metrics::counter!(crate::metrics::SESSIONS_CLOSED).increment(1);
         true
     }
 
-    /// Publishes every session's held viewer event (on each tick; see `EventLog::hold`).
+    /// Holds a session's answered token for its viewers (`EventLog::hold`) and notes the
+    /// session for the next tick, should nothing release it sooner. Returns whether it was held
+    /// (a viewer has asked for this session).
+    pub fn hold_event(&self, entry: &SessionEntry, report: TokenReport, text: Option<String>) -> bool {
+        let held = entry.events.hold(report, text, self.runtime.pack().hierarchy());
+        if held {
+            self.held.lock().expect("held sessions lock").insert(entry.id);
+        }
+        held
+    }
+
+    /// Publishes a session's held viewer event now.
+    pub fn release_event(&self, entry: &SessionEntry) {
+        entry.events.release(self.runtime.pack().hierarchy());
+    }
+
+    /// Publishes the held viewer event of every session noted since the last tick (on each
+    /// tick): nothing to walk when no session is watched.
     pub fn release_held_events(&self) {
-        let hierarchy = self.runtime.pack().hierarchy();
-        for e in self.entries().iter().filter(|e| e.events.watched()) {
-            e.events.release(hierarchy);
+        let ids = std::mem::take(&mut *self.held.lock().expect("held sessions lock"));
+        for e in ids.into_iter().filter_map(|id| self.session(id)) {
+            self.release_event(&e);
         }
     }
 

@@ -42,7 +42,7 @@ pub fn run(job: Job<'_>, config: Config, pack: Arc<Pack>) -> anyhow::Result<Exit
     println!(
         "{found} recordings in {}: {} to score{}, {} at once, into {}",
         job.spec,
-        todo.len(),
+        to_score,
         if done.is_empty() { String::new() } else { format!(" ({} already written, skipped)", found - to_score) },
         job.concurrency,
         job.out.display()

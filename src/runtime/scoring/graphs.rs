@@ -112,19 +112,20 @@ mod replay {
 
     impl Graphs {
         /// Logits of `n` rows × `b` states, `out[i * b + j]`, from the host buffers `idx_host`
-        /// (i64, at least `n`: store rows) and `x_host` (f32, at least `b · D`), by the bucket's
-        /// graph, capturing it first if this is its first round. `store` is the store's six
+        /// (i64, at least `n`: store rows) and `x_host` (f32, at least `b · D`), by the graph of
+        /// `(rows, states)` (their [`bucket`]), capturing it first if this is its first round. `store` is the store's six
         /// tensors in pack layout order (b1, w1, b2, w2, b3, w3): they must not move while the
         /// graphs live (the store is allocated once).
         pub fn score(
             &mut self,
+            (rows, states): (usize, usize),
             store: [&Tensor; 6],
             idx_host: &Tensor,
             x_host: &Tensor,
             n: usize,
             b: usize,
         ) -> Result<Vec<f32>, GraphError> {
-            let (rows, states) = bucket(n, b).expect("the caller checks the bucket");
+            debug_assert_eq!(bucket(n, b), Some((rows, states)));
             let fail = |message: String| GraphError::Shim { rows, states, message };
             let graph = match self.graphs.entry((rows, states)) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),

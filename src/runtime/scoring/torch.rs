@@ -316,10 +316,11 @@ impl TorchArena {
     #[cfg(feature = "cuda-graphs")]
     fn replay(&mut self, dense: bool, rows: &[usize], hidden: &[&[f32]]) -> Option<Vec<f32>> {
         let (graphs, inputs) = (self.graphs.as_mut()?, self.inputs.as_mut()?);
-        if dense || super::graphs::bucket(rows.len(), hidden.len()).is_none() || !inputs.fill(rows, hidden) {
+        let bucket = super::graphs::bucket(rows.len(), hidden.len()).filter(|_| !dense)?;
+        if !inputs.fill(rows, hidden) {
             return None;
         }
-        match graphs.score(self.arena.parts(), &inputs.rows, &inputs.hidden, rows.len(), hidden.len()) {
+        match graphs.score(bucket, self.arena.parts(), &inputs.rows, &inputs.hidden, rows.len(), hidden.len()) {
             Ok(logits) => Some(logits),
             Err(error) => {
                 tracing::warn!(%error, "CUDA graphs are off for this store: scoring eagerly");
