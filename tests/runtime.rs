@@ -330,6 +330,109 @@ async fn bad_hidden_states_are_errors_naming_the_token() {
     cascade.shutdown().await;
 }
 
+/// The stores a tensor can lie on here: the CPU store (`device.cpu_kernel = "torch"`), and
+/// cuda:0 where a GPU is present.
+fn store_devices() -> Vec<(&'static str, tch::Device)> {
+    let mut out = vec![("cpu", tch::Device::Cpu)];
+    if tch::Cuda::device_count() > 0 {
+        out.push(("cuda:0", tch::Device::Cuda(0)));
+    }
+    out
+}
+
+fn store_config(device: &str, cascade: CascadeConfig) -> Config {
+    let mut c = config(cascade);
+    c.device.device = device.into();
+    c.device.cpu_kernel = CpuKernel::Torch;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tensor_on_the_store_device_is_scored_where_it_lies_as_its_values_are() {
+    use probe_cascade::config::Normalization;
+    use probe_cascade::engine::Hidden;
+    use probe_cascade::runtime::{Runtime, SessionOptions};
+    let (_dir, pack, trace) = tiny();
+    for (name, device) in store_devices() {
+        for (kind, normalization) in
+            [(tch::Kind::Float, None), (tch::Kind::BFloat16, None), (tch::Kind::Float, Some(Normalization::LayerNorm))]
+        {
+            let cascade = CascadeConfig { normalization, ..tight() };
+            let config = store_config(name, cascade);
+            let ctx = format!("{name}, {kind:?}, {normalization:?}");
+            let rt = Runtime::start(pack.clone(), &config).await.unwrap();
+            assert_eq!(rt.store_device(), Some(device), "{ctx}");
+            // Two sessions per run: one given tensors, one given the same values in host memory.
+            let (on_device, on_host) = (
+                rt.open_session(SessionOptions::default()).await.unwrap(),
+                rt.open_session(SessionOptions::default()).await.unwrap(),
+            );
+            for t in 0..trace.rows {
+                let x = tch::Tensor::from_slice(trace.row(t)).to_kind(kind).to_device(device);
+                let values = Vec::<f32>::try_from(x.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu)).unwrap();
+                let (got, want) =
+                    futures::future::join(on_device.observe(Hidden::tensor(x, None)), on_host.observe(values)).await;
+                let (got, want) = (got.unwrap(), want.unwrap());
+                let ctx = format!("{ctx}, token {t}");
+                assert_eq!(names(&got), names(&want), "{ctx}: top list");
+                for (a, b) in got.top.iter().zip(&want.top) {
+                    assert!((a.logit - b.logit).abs() < 1e-5, "{ctx}: {} {} vs {}", a.name, a.logit, b.logit);
+                }
+                assert_eq!((got.children, got.loaded, got.unloaded), (want.children, want.loaded, want.unloaded));
+            }
+            // Bad tensors are refused with what is wrong, and the session goes on.
+            let d = pack.hidden_dim();
+            let mut bad = trace.row(0).to_vec();
+            bad[5] = f32::NAN;
+            let asks = [
+                (tch::Tensor::from_slice(&bad), "[5] is NaN"),
+                (tch::Tensor::zeros([d as i64 - 1], (tch::Kind::Float, tch::Device::Cpu)), "D=32"),
+                (tch::Tensor::zeros([2, d as i64 / 2], (tch::Kind::Float, tch::Device::Cpu)), "D=32"),
+                (tch::Tensor::zeros([d as i64], (tch::Kind::Int64, tch::Device::Cpu)), "dtype Int64"),
+            ];
+            for (x, says) in asks {
+                let e = on_device.observe(Hidden::tensor(x.to_device(device), None)).await.unwrap_err();
+                assert!(e.to_string().contains(says), "{ctx}: {e}");
+            }
+            assert!(on_device.observe(trace.row(1).to_vec()).await.is_ok(), "{ctx}");
+            // Each session's states were scored where they were given: the steps mixed the two.
+            let st = rt.step_stats().await.unwrap().traffic.store.unwrap();
+            assert!(st.states_in_place >= trace.rows as u64, "{ctx}: {st:?}");
+            assert!(st.states_sent >= trace.rows as u64, "{ctx}: {st:?}");
+            on_device.close().await;
+            on_host.close().await;
+            rt.shutdown().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tensor_given_to_the_cpu_kernel_is_read_in_host_memory() {
+    use probe_cascade::engine::Hidden;
+    use probe_cascade::runtime::{Runtime, SessionOptions};
+    let (_dir, pack, trace) = tiny();
+    let rt = Runtime::start(pack.clone(), &config(tight())).await.unwrap();
+    assert_eq!(rt.store_device(), None);
+    let (a, b) = (
+        rt.open_session(SessionOptions::default()).await.unwrap(),
+        rt.open_session(SessionOptions::default()).await.unwrap(),
+    );
+    for t in 0..8 {
+        let got = a.observe(Hidden::tensor(tch::Tensor::from_slice(trace.row(t)), None)).await.unwrap();
+        let want = b.observe(trace.row(t).to_vec()).await.unwrap();
+        assert_eq!(names(&got), names(&want), "token {t}");
+        assert_eq!(
+            got.top.iter().map(|e| e.logit).collect::<Vec<_>>(),
+            want.top.iter().map(|e| e.logit).collect::<Vec<_>>()
+        );
+    }
+    let e = a.observe(Hidden::tensor(tch::Tensor::zeros([3], (tch::Kind::Float, tch::Device::Cpu)), None)).await;
+    assert!(e.unwrap_err().to_string().contains("D=32"));
+    a.close().await;
+    b.close().await;
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_mode_reports_in_flight_children_and_catches_up() {
     let (_dir, pack, trace) = tiny();

@@ -43,18 +43,16 @@ pub fn recording(name: String, obj: &Bound<'_, PyAny>) -> Result<Recording, Outc
         return Ok(Recording { name, source: Source::Npy(path) });
     }
     let rows = obj.len().map_err(|e| failed(format!("not a path, a (path, tensor) pair or a [T, D] array: {e}")))?;
-    let (views, loans) = hidden::rows(obj, rows).map_err(|e| failed(e.to_string()))?;
-    let cols = views.first().map_or(0, |h| h.values().len());
+    let (values, loans) = hidden::host_rows(obj, rows).map_err(|e| failed(e.to_string()))?;
+    drop(loans);
+    let cols = values.first().map_or(0, Vec::len);
     let mut data = Vec::with_capacity(rows * cols);
-    for (t, h) in views.iter().enumerate() {
-        let row = h.values().to_f32();
+    for (t, row) in values.into_iter().enumerate() {
         if row.len() != cols {
             return Err(failed(format!("row {t} has {} values and row 0 has {cols}", row.len())));
         }
         data.extend(row);
     }
-    drop(views);
-    drop(loans);
     Ok(Recording { name, source: Source::Matrix(Matrix { rows, cols, data }) })
 }
 

@@ -7,6 +7,13 @@
 //! tensor scored by the CPU runtime comes to the host, f64 narrows to f32, and a tensor
 //! whose last dimension is strided is made contiguous.
 //!
+//! A tensor that lies on the device of the runtime's resident store (`on`: a CUDA runtime
+//! given CUDA tensors, or `device.cpu_kernel = "torch"` given CPU ones) is handed over as it
+//! is, row by row as views ([`Hidden::tensor`]), and checked, normalized and scored there
+//! ([`probe_cascade::engine::check_tensor`]). On CUDA, when the caller's current stream is not
+//! the default one, an event recorded on it orders the runtime's reads after the producer's
+//! work on the device: the caller does not synchronise, and nothing waits on the host.
+//!
 //! The tensor is kept alive by the runtime until it has been read, so it may be dropped on a
 //! runtime thread: a libtorch refcount, no GIL needed. A float32 numpy array is read through
 //! its buffer (PEP 3118) instead, without making a tensor: the buffer stays with the caller,
@@ -17,6 +24,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use half::{bf16, f16};
 use probe_cascade::engine::{Hidden, HiddenSource, HiddenValues};
+use probe_cascade::types::cuda::StreamEvent;
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -136,6 +144,35 @@ impl Loan {
 
 static FROM_NUMPY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
+static CURRENT_STREAM: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// What orders the runtime's reads of a CUDA tensor on device `index` after the caller's
+/// current stream: an event recorded there, or none for the default stream (the runtime's own
+/// work goes to the legacy default stream, which is ordered with it already).
+fn ready_after_current_stream(py: Python<'_>, index: usize) -> PyResult<Option<Arc<StreamEvent>>> {
+    let current = CURRENT_STREAM
+        .get_or_try_init(py, || -> PyResult<_> { Ok(py.import("torch.cuda")?.getattr("current_stream")?.unbind()) })?;
+    let stream: usize = current.call1(py, (index,))?.getattr(py, "cuda_stream")?.extract(py)?;
+    if stream == 0 {
+        return Ok(None);
+    }
+    StreamEvent::record(index, stream)
+        .map(|e| Some(Arc::new(e)))
+        .map_err(|e| bad_hidden(format!("ordering after the caller's CUDA stream: {e}"), None))
+}
+
+/// `t` as it lies, if that is the runtime's store device `on`: the tensor and what orders
+/// reading it after its producer.
+fn where_it_lies(py: Python<'_>, t: &Tensor, on: Option<Device>) -> PyResult<Option<Option<Arc<StreamEvent>>>> {
+    if on != Some(t.device()) {
+        return Ok(None);
+    }
+    match t.device() {
+        Device::Cuda(index) => ready_after_current_stream(py, index).map(Some),
+        _ => Ok(Some(None)),
+    }
+}
+
 static NDARRAY: PyOnceLock<Option<Py<pyo3::types::PyType>>> = PyOnceLock::new();
 
 /// `isinstance(obj, numpy.ndarray)`, with the type looked up once (numpy is optional).
@@ -201,8 +238,9 @@ fn readable(t: Tensor, what: &str) -> PyResult<Shared> {
 }
 
 /// One hidden state: a 1-D tensor or array of D values. A float32 numpy array comes with its
-/// [`Loan`], which the caller keeps (and waits on) until the runtime is done with it.
-pub fn one(obj: &Bound<'_, PyAny>) -> PyResult<(Hidden, Option<Loan>)> {
+/// [`Loan`], which the caller keeps (and waits on) until the runtime is done with it. A tensor
+/// on `on` (the runtime's store device) is handed over where it lies.
+pub fn one(obj: &Bound<'_, PyAny>, on: Option<Device>) -> PyResult<(Hidden, Option<Loan>)> {
     if is_ndarray(obj) {
         if let Some(loan) = Loan::numpy(obj, 1) {
             let len = loan.shape()[0];
@@ -218,6 +256,9 @@ pub fn one(obj: &Bound<'_, PyAny>) -> PyResult<(Hidden, Option<Loan>)> {
             ),
             None,
         ));
+    }
+    if let Some(ready) = where_it_lies(obj.py(), &t, on)? {
+        return Ok((Hidden::tensor(t, ready), None));
     }
     let len = t.size()[0] as usize;
     let shared = Arc::new(readable(t, "the hidden state")?);
@@ -247,14 +288,14 @@ fn by_layer<'py>(dict: &Bound<'py, pyo3::types::PyDict>, layers: &[u32]) -> PyRe
 /// One token's hidden states, one per model layer of a pack that reads `layers`: a dict
 /// `{model_layer: 1-D state}` (every layer, no other), or a 2-D tensor or array
 /// `[len(layers), D]` / a sequence of 1-D states in `layers`' order.
-pub fn layers(obj: &Bound<'_, PyAny>, layers: &[u32]) -> PyResult<(Vec<Hidden>, Vec<Loan>)> {
+pub fn layers(obj: &Bound<'_, PyAny>, layers: &[u32], on: Option<Device>) -> PyResult<(Vec<Hidden>, Vec<Loan>)> {
     let Ok(dict) = obj.cast::<pyo3::types::PyDict>() else {
-        return rows_of(obj, layers.len(), "model layers");
+        return rows_of(obj, layers.len(), "model layers", on);
     };
     let items = by_layer(dict, layers)?;
     let (mut states, mut loans) = (Vec::with_capacity(layers.len()), Vec::new());
     for item in items {
-        let (h, loan) = one(&item)?;
+        let (h, loan) = one(&item, on)?;
         states.push(h);
         loans.extend(loan);
     }
@@ -264,7 +305,12 @@ pub fn layers(obj: &Bound<'_, PyAny>, layers: &[u32]) -> PyResult<(Vec<Hidden>, 
 /// One decode step of `sessions` sessions: per session, its states (one per model layer of a
 /// pack that reads `layers`). `obj` is what [`rows`] takes, or a dict {model_layer: that}
 /// holding every layer of the pack.
-pub fn batch(obj: &Bound<'_, PyAny>, sessions: usize, layers: &[u32]) -> PyResult<(Vec<Vec<Hidden>>, Vec<Loan>)> {
+pub fn batch(
+    obj: &Bound<'_, PyAny>,
+    sessions: usize,
+    layers: &[u32],
+    on: Option<Device>,
+) -> PyResult<(Vec<Vec<Hidden>>, Vec<Loan>)> {
     let check = |states: &Vec<Hidden>| -> PyResult<()> {
         if states.len() != sessions {
             return Err(bad_hidden(
@@ -275,7 +321,7 @@ pub fn batch(obj: &Bound<'_, PyAny>, sessions: usize, layers: &[u32]) -> PyResul
         Ok(())
     };
     let Ok(dict) = obj.cast::<pyo3::types::PyDict>() else {
-        let (states, loans) = rows(obj, sessions)?;
+        let (states, loans) = rows(obj, sessions, on)?;
         check(&states)?;
         return Ok((states.into_iter().map(|h| vec![h]).collect(), loans));
     };
@@ -283,7 +329,7 @@ pub fn batch(obj: &Bound<'_, PyAny>, sessions: usize, layers: &[u32]) -> PyResul
     let mut per_session: Vec<Vec<Hidden>> = (0..sessions).map(|_| Vec::with_capacity(layers.len())).collect();
     let mut loans = Vec::new();
     for item in items {
-        let (states, mut more) = rows(&item, sessions)?;
+        let (states, mut more) = rows(&item, sessions, on)?;
         check(&states)?;
         for (mine, h) in per_session.iter_mut().zip(states) {
             mine.push(h);
@@ -294,13 +340,32 @@ pub fn batch(obj: &Bound<'_, PyAny>, sessions: usize, layers: &[u32]) -> PyResul
 }
 
 /// B hidden states: a 2-D tensor or array [B, D] (its rows shared, not copied), or a sequence
-/// of 1-D ones. Loans as in [`one`].
-pub fn rows(obj: &Bound<'_, PyAny>, expected: usize) -> PyResult<(Vec<Hidden>, Vec<Loan>)> {
-    rows_of(obj, expected, "sessions")
+/// of 1-D ones. Loans as in [`one`]; tensors on `on` as there.
+pub fn rows(obj: &Bound<'_, PyAny>, expected: usize, on: Option<Device>) -> PyResult<(Vec<Hidden>, Vec<Loan>)> {
+    rows_of(obj, expected, "sessions", on)
+}
+
+/// B hidden states in host memory ([`rows`] with no store device): their values.
+pub fn host_rows(obj: &Bound<'_, PyAny>, expected: usize) -> PyResult<(Vec<Vec<f32>>, Vec<Loan>)> {
+    let (views, loans) = rows(obj, expected, None)?;
+    let values = views
+        .iter()
+        .map(|h| {
+            h.values()
+                .map(|v| v.to_f32())
+                .ok_or_else(|| bad_hidden("a hidden state is not in host memory".into(), None))
+        })
+        .collect::<PyResult<_>>()?;
+    Ok((values, loans))
 }
 
 /// [`rows`], naming what the rows are (`sessions`, `model layers`) in its errors.
-fn rows_of(obj: &Bound<'_, PyAny>, expected: usize, what: &str) -> PyResult<(Vec<Hidden>, Vec<Loan>)> {
+fn rows_of(
+    obj: &Bound<'_, PyAny>,
+    expected: usize,
+    what: &str,
+    on: Option<Device>,
+) -> PyResult<(Vec<Hidden>, Vec<Loan>)> {
     let seq: Option<Vec<Bound<'_, PyAny>>> = if let Ok(l) = obj.cast::<pyo3::types::PyList>() {
         Some(l.iter().collect())
     } else if let Ok(t) = obj.cast::<pyo3::types::PyTuple>() {
@@ -311,7 +376,7 @@ fn rows_of(obj: &Bound<'_, PyAny>, expected: usize, what: &str) -> PyResult<(Vec
     if let Some(items) = seq {
         let (mut states, mut loans) = (Vec::with_capacity(items.len()), Vec::new());
         for item in &items {
-            let (h, loan) = one(item)?;
+            let (h, loan) = one(item, on)?;
             states.push(h);
             loans.extend(loan);
         }
@@ -340,6 +405,14 @@ fn rows_of(obj: &Bound<'_, PyAny>, expected: usize, what: &str) -> PyResult<(Vec
     }
     let (b, d) = (t.size()[0] as usize, t.size()[1] as usize);
     count(b)?;
+    if let Some(ready) = where_it_lies(obj.py(), &t, on)? {
+        // Row views of the caller's tensor: no copy, on the host or the device.
+        let states = (0..b)
+            .map(|i| Ok(Hidden::tensor(t.f_select(0, i as i64)?, ready.clone())))
+            .collect::<Result<_, tch::TchError>>()
+            .map_err(|e| bad_hidden(format!("the hidden states: taking row views: {e}"), None))?;
+        return Ok((states, Vec::new()));
+    }
     let shared = Arc::new(readable(t, "the hidden states")?);
     let row_stride = if b > 1 { shared.tensor.stride()[0] as usize } else { d };
     let states =

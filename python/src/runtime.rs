@@ -248,7 +248,8 @@ impl Runtime {
             "return" => false,
             _ => return Err(config_error(format!("errors = {errors:?}: expected \"raise\" or \"return\""), None)),
         };
-        let (states, loans) = hidden::batch(hidden, sessions.len(), self.inner.rt.pack().model_layers())?;
+        let rt = &*self.inner.rt;
+        let (states, loans) = hidden::batch(hidden, sessions.len(), rt.pack().model_layers(), rt.store_device())?;
         let mut items = Vec::with_capacity(sessions.len());
         for (s, h) in sessions.iter().zip(states) {
             if !Arc::ptr_eq(&s.inner, &self.inner) {
@@ -256,7 +257,6 @@ impl Runtime {
             }
             items.push((s.core()?.id(), h));
         }
-        let rt = &*self.inner.rt;
         let answers = self.inner.block(py, rt.observe_batch_states(items));
         if !loans.iter().all(hidden::Loan::released) {
             py.detach(|| loans.iter().for_each(hidden::Loan::wait));
@@ -284,9 +284,7 @@ impl Runtime {
         session_options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Vec<u64>> {
         self.inner.check()?;
-        let (views, loans) = hidden::rows(rows, rows.len()?)?;
-        let states: Vec<Vec<f32>> = views.iter().map(|h| h.values().to_f32()).collect();
-        drop(views);
+        let (states, loans) = hidden::host_rows(rows, rows.len()?)?;
         drop(loans);
         let session = self.session(py, session_options)?;
         let core = session.core()?;
@@ -512,9 +510,9 @@ impl Session {
         let model_layers = self.inner.rt.pack().model_layers();
         let layered = model_layers.len() > 1 || hidden.cast::<pyo3::types::PyDict>().is_ok();
         let (states, loans) = if layered {
-            hidden::layers(hidden, model_layers)?
+            hidden::layers(hidden, model_layers, self.inner.rt.store_device())?
         } else {
-            let (h, loan) = hidden::one(hidden)?;
+            let (h, loan) = hidden::one(hidden, self.inner.rt.store_device())?;
             (vec![h], loan.into_iter().collect())
         };
         let answer = self.inner.block(py, s.observe_states(states));

@@ -11,6 +11,7 @@ use super::{BackendError, Engine, EngineError, HiddenValues, ProbeBackend, Repor
 use crate::config::{CascadeConfig, Normalization};
 use crate::pack::{ConceptId, Pack, ProbeId};
 use crate::policy::{self, lens::score_lenses, simplex::Baselines, ConceptSet, Scored, TokenCascade, Watch};
+use crate::types::hidden::DeviceHidden;
 use crate::types::HiddenError;
 use crate::types::{Alert, ProbeScore, SimplexReading};
 
@@ -354,6 +355,74 @@ pub fn check_hidden<'a>(
 /// biased variance). Accumulates in f64 so every engine normalizes identically.
 pub fn layer_norm(x: &[f32]) -> Vec<f32> {
     layer_norm_f64(x).into_iter().map(|v| v as f32).collect()
+}
+
+/// [`check_hidden`] for a tensor on the device the runtime scores on, done there: the width
+/// from its shape, NaN or infinity found with one readback (`nonzero`, which waits for the
+/// tensor's producer: the token's first scoring round would wait for it anyway), then
+/// normalized in f64 as [`layer_norm_f64`] does. Returns a 1-D float32 tensor on the same
+/// device, the runtime's own (the caller's may be written once the token is answered).
+/// A [`DeviceHidden::ready`] event is waited for on the device first.
+pub fn check_tensor(
+    hidden: &DeviceHidden,
+    expected: usize,
+    normalization: Normalization,
+) -> Result<tch::Tensor, HiddenError> {
+    use tch::Kind;
+    let t = &hidden.tensor;
+    let device = t.device();
+    if let Some(ready) = &hidden.ready {
+        ready.order_default_stream().map_err(HiddenError::Order)?;
+    }
+    check_shape(t, expected)?;
+    let torch = |source| HiddenError::Device { device: format!("{device:?}"), source: Arc::new(source) };
+    tch::no_grad(|| {
+        let bad = t.f_isfinite()?.f_logical_not()?.f_nonzero()?;
+        if bad.size()[0] > 0 {
+            let index = bad.f_int64_value(&[0, 0])?;
+            let value = t.f_double_value(&[index])? as f32;
+            return Ok(Err(HiddenError::NonFinite { index: index as usize, value }));
+        }
+        let x = match normalization {
+            // A copy (`copy = true`), not the caller's tensor, which `to_kind` of float32 would be.
+            Normalization::None => t.f_to_dtype(Kind::Float, false, true)?.f_contiguous()?,
+            Normalization::LayerNorm => {
+                let x = t.f_to_kind(Kind::Double)?;
+                let mean = x.f_mean(Kind::Double)?;
+                let centred = x.f_sub(&mean)?;
+                let var = centred.f_square()?.f_mean(Kind::Double)?;
+                centred.f_mul(&var.f_add_scalar(LAYER_NORM_EPS)?.f_rsqrt()?)?.f_to_kind(Kind::Float)?
+            }
+        };
+        Ok(Ok(x))
+    })
+    .map_err(torch)?
+}
+
+/// A hidden-state tensor's dtype and shape: a float dtype, 1-D, `expected` values.
+fn check_shape(t: &tch::Tensor, expected: usize) -> Result<(), HiddenError> {
+    use tch::Kind;
+    if !matches!(t.kind(), Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double) {
+        return Err(HiddenError::Dtype { dtype: format!("{:?}", t.kind()) });
+    }
+    let got = t.numel();
+    if t.dim() != 1 || got != expected {
+        return Err(HiddenError::Width { got, expected });
+    }
+    Ok(())
+}
+
+/// A tensor handed over on a device the runtime does not score on, in host memory as f32
+/// (after its producer's stream, where it names one), to be checked as any host state.
+pub fn tensor_to_host(hidden: &DeviceHidden, expected: usize) -> Result<Vec<f32>, HiddenError> {
+    let t = &hidden.tensor;
+    check_shape(t, expected)?;
+    if let Some(ready) = &hidden.ready {
+        ready.order_default_stream().map_err(HiddenError::Order)?;
+    }
+    let torch = |source| HiddenError::Device { device: format!("{:?}", t.device()), source: Arc::new(source) };
+    let host = t.f_to_device(tch::Device::Cpu).and_then(|h| h.f_to_kind(tch::Kind::Float)).map_err(torch)?;
+    Vec::<f32>::try_from(host).map_err(torch)
 }
 
 /// `nn.LayerNorm`'s default epsilon, which `layer_norm` packs and imported probes assume.

@@ -14,8 +14,9 @@ pub use crate::types::{
     hidden, Alert, Hidden, HiddenSource, HiddenValues, ReportEntry, SimplexReading, StageTimings, TokenReport,
 };
 pub use cascade::{
-    alert_entries, check_hidden, layer_norm, layer_norm_f64, prepare_hidden, prepare_states, probe_scores,
-    report_entries, simplex_readings, token_states, token_views, CascadeEngine, LAYER_NORM_EPS,
+    alert_entries, check_hidden, check_tensor, layer_norm, layer_norm_f64, prepare_hidden, prepare_states,
+    probe_scores, report_entries, simplex_readings, tensor_to_host, token_states, token_views, CascadeEngine,
+    LAYER_NORM_EPS,
 };
 
 use crate::config::Config;

@@ -29,16 +29,18 @@ use super::cache::{Get, Peek, Prefetch, ProbeBytes, ReadError, WeightCache};
 use super::faults::{Faults, PanicSite};
 use super::pool::{ModelPool, SlotOp};
 use super::scoring::store::ResidentView;
-use super::scoring::ScoringError;
+use super::scoring::{DeviceState, ScoringError, State};
 use super::steps::Lane;
 use super::{RuntimeError, TokenErrorKind};
 use crate::config::{CascadeConfig, Mode, Normalization};
 use crate::engine::{
-    alert_entries, check_hidden, probe_scores, report_entries, simplex_readings, Hidden, StageTimings, TokenReport,
+    alert_entries, check_hidden, check_tensor, probe_scores, report_entries, simplex_readings, tensor_to_host, Hidden,
+    StageTimings, TokenReport,
 };
 use crate::pack::{ConceptId, Pack, ProbeId};
 use crate::policy::lens::score_lenses;
 use crate::policy::{simplex::Baselines, ConceptSet, Scored, TokenCascade, Watch};
+use crate::types::hidden::HiddenRef;
 use crate::types::HiddenError;
 
 /// One model layer's share of a session: the slots of its probes at the step scheduler.
@@ -48,7 +50,7 @@ pub(super) struct LayerPool {
 }
 
 /// The hidden states of one token, one per model layer of the pack, checked and normalized.
-type States = Vec<Arc<Vec<f32>>>;
+type States = Vec<Arc<State>>;
 
 /// Bytes of probes to install, by probe.
 type Bytes = HashMap<ProbeId, Arc<ProbeBytes>>;
@@ -69,6 +71,9 @@ pub struct Coordinator {
     /// On the tch backend: what its resident store holds. A probe in it needs no bytes to be
     /// installed, so none are fetched from the cache.
     pub(super) resident: Option<Arc<ResidentView>>,
+    /// The resident store's device: a hidden state handed over as a tensor there is checked
+    /// and scored where it lies.
+    pub(super) store_device: Option<tch::Device>,
     pub(super) next_token: usize,
     /// Set when the coordinator panicked mid-token: its pools and the session's slots may be
     /// out of step, so every later request is refused with this (the slots' own poisoned
@@ -149,7 +154,7 @@ impl Coordinator {
 
     /// Hidden states of zeros, for installs outside a token (nothing is read from them).
     fn zero_states(&self) -> States {
-        let zero = Arc::new(vec![0.0; self.pack.hidden_dim()]);
+        let zero = Arc::new(State::Host(vec![0.0; self.pack.hidden_dim()]));
         (0..self.layers.len()).map(|_| zero.clone()).collect()
     }
 
@@ -505,11 +510,20 @@ impl Coordinator {
         if hidden.len() != self.layers.len() {
             return Err(bad(HiddenError::States { got: hidden.len(), layers: self.pack.model_layers().to_vec() }));
         }
-        // The caller's memory (a tensor or an array it lent) is released as soon as it is read.
-        hidden
-            .into_iter()
-            .map(|h| check_hidden(h.values(), self.pack.hidden_dim(), self.normalization).map(Arc::new).map_err(bad))
-            .collect()
+        hidden.into_iter().map(|h| self.prepare_one(h).map(Arc::new).map_err(bad)).collect()
+    }
+
+    /// One hidden state: a tensor on the store's device is checked there and scored where it
+    /// lies (kept until the token is answered); anything else is read into host memory, and
+    /// the caller's memory (a tensor or an array it lent) is released as soon as it is read.
+    fn prepare_one(&self, h: Hidden) -> Result<State, HiddenError> {
+        let (d, normalization) = (self.pack.hidden_dim(), self.normalization);
+        let x = match h.get() {
+            HiddenRef::Host(values) => return check_hidden(values, d, normalization).map(State::Host),
+            HiddenRef::Device(t) if Some(t.tensor.device()) == self.store_device => check_tensor(t, d, normalization)?,
+            HiddenRef::Device(t) => return check_hidden(&tensor_to_host(t, d)?, d, normalization).map(State::Host),
+        };
+        Ok(State::Device(DeviceState::new(x, h)))
     }
 
     async fn observe(
@@ -727,7 +741,7 @@ impl Message<Drain> for Coordinator {
             return Ok(());
         }
         // An empty round on every lane: each answers after everything sent before it.
-        let none = Arc::new(Vec::new());
+        let none = Arc::new(State::Host(Vec::new()));
         let mut lanes = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             lanes.push(layer.lane.apply_and_score(Vec::new(), HashMap::new(), 0, 0, none.clone()));

@@ -73,6 +73,9 @@ struct Shared {
     /// On the tch backend: which probes its resident store holds, so that coordinators fetch
     /// no bytes for those (None on the CPU kernel, which scores in the cache).
     resident: Option<Arc<ResidentView>>,
+    /// The resident store's device (`None` on the CPU kernel): a caller's tensor that lies
+    /// there is scored where it lies.
+    store_device: Option<tch::Device>,
     /// The config's watch profiles, compiled once: sessions that keep them share it.
     watch: Arc<Watch>,
     next_id: AtomicU64,
@@ -157,6 +160,7 @@ impl Runtime {
                 sessions: Mutex::new(HashMap::new()),
                 session_permits: Arc::new(Semaphore::new(config.runtime.max_sessions)),
                 resident,
+                store_device: on_store.then_some(device),
                 watch,
                 next_id: AtomicU64::new(0),
                 stopping: AtomicBool::new(false),
@@ -167,6 +171,13 @@ impl Runtime {
 
     pub fn pack(&self) -> &Arc<Pack> {
         &self.shared.pack
+    }
+
+    /// The device of the resident store that scores (`None`: the CPU kernel scores). A
+    /// [`Hidden::tensor`](crate::types::Hidden::tensor) on it is read there, never copied to
+    /// the host; the Python binding hands such tensors over as they are.
+    pub fn store_device(&self) -> Option<tch::Device> {
+        self.shared.store_device
     }
 
     pub fn config(&self) -> &Config {
@@ -392,6 +403,7 @@ fn new_coordinator(
         base,
         cache: shared.cache.clone(),
         resident: shared.resident.clone(),
+        store_device: shared.store_device,
         next_token: 0,
         broken: None,
         mode: rt.mode,

@@ -40,7 +40,7 @@ use tokio::sync::oneshot;
 use super::cache::ProbeBytes;
 use super::faults::Faults;
 use super::pool::SlotOp;
-use super::scoring::{Request, ScoringBackend, ScoringError, StepScores};
+use super::scoring::{Request, ScoringBackend, ScoringError, State, StepScores};
 use crate::kernel::MAX_BATCH;
 use crate::pack::{Pack, ProbeId};
 pub use crate::types::SessionId;
@@ -62,7 +62,7 @@ pub(super) struct Work {
     pub bytes: HashMap<ProbeId, Arc<ProbeBytes>>,
     pub start: usize,
     pub len: usize,
-    pub hidden: Arc<Vec<f32>>,
+    pub hidden: Arc<State>,
     /// None for pruning's rearrangements, which nobody waits on.
     pub reply: Option<oneshot::Sender<Result<Scores, ScoringError>>>,
     /// The caller's span, so the step's work shows under the token that asked for it.
@@ -353,7 +353,7 @@ impl Lane {
             bytes,
             start: 0,
             len: 0,
-            hidden: Arc::new(Vec::new()),
+            hidden: Arc::new(State::Host(Vec::new())),
             reply: None,
             span: tracing::Span::current(),
         }
@@ -366,7 +366,7 @@ impl Lane {
         bytes: HashMap<ProbeId, Arc<ProbeBytes>>,
         start: usize,
         len: usize,
-        hidden: Arc<Vec<f32>>,
+        hidden: Arc<State>,
     ) -> Result<Result<Scores, ScoringError>, StepsGone> {
         let (reply, answer) = oneshot::channel();
         let work = Work { start, len, hidden, reply: Some(reply), ..self.work(ops, bytes) };
@@ -441,14 +441,14 @@ mod tests {
             .collect()
     }
 
-    fn hidden(pack: &Pack, seed: f32) -> Arc<Vec<f32>> {
-        Arc::new((0..pack.hidden_dim()).map(|i| (i as f32 * seed).sin()).collect())
+    fn hidden(pack: &Pack, seed: f32) -> Arc<State> {
+        Arc::new(State::Host((0..pack.hidden_dim()).map(|i| (i as f32 * seed).sin()).collect()))
     }
 
     type Reply = oneshot::Receiver<Result<Scores, ScoringError>>;
 
     /// A scoring request: installs `ids` into slots `0..`, then scores slots `0..len`.
-    fn work(s: u64, pack: &Pack, install: &[u32], len: usize, h: Arc<Vec<f32>>) -> (StepMsg, Reply) {
+    fn work(s: u64, pack: &Pack, install: &[u32], len: usize, h: Arc<State>) -> (StepMsg, Reply) {
         let ops = install.iter().enumerate().map(|(slot, &id)| SlotOp::Install { slot, id: ProbeId(id) }).collect();
         let (reply, rx) = oneshot::channel();
         let w = Work {
@@ -464,7 +464,8 @@ mod tests {
         (StepMsg::Work(w), rx)
     }
 
-    fn want(pack: &Pack, id: u32, h: &[f32]) -> u32 {
+    fn want(pack: &Pack, id: u32, h: &State) -> u32 {
+        let h = h.host().unwrap();
         let b = pack.read_probe(ProbeId(id)).unwrap();
         let ranges = pack.layout().ranges(&pack.tensor_offsets(ProbeId(id)));
         reference_logit(&ProbeRef { bytes: &b, ranges: &ranges }, pack.layout().dtype, h).to_bits()
@@ -566,7 +567,7 @@ mod tests {
                 bytes: HashMap::new(),
                 start: 0,
                 len: 0,
-                hidden: Arc::new(Vec::new()),
+                hidden: Arc::new(State::Host(Vec::new())),
                 reply: None,
                 span: tracing::Span::none(),
             })

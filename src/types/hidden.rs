@@ -1,9 +1,16 @@
-//! A hidden state as callers hand it over: an owned `Vec<f32>`, or a view of memory someone
-//! else owns (a torch tensor, a numpy array) in f32, bf16 or f16. The runtime reads it once,
-//! in `engine::prepare_hidden`, which checks it, widens it to f32 and
-//! normalizes it into the runtime's own working copy; a view is never copied before that.
+//! A hidden state as callers hand it over: an owned `Vec<f32>`, a view of memory someone
+//! else owns (a torch tensor, a numpy array) in f32, bf16 or f16, or a torch tensor on the
+//! device the runtime scores on. The runtime reads it once, in `engine::prepare_hidden` (or
+//! `engine::prepare_tensor` for a tensor on its device), which checks it, widens it to f32 and
+//! normalizes it into the runtime's own working copy; a view is never copied before that, and
+//! a tensor on the runtime's device never comes to the host.
+
+use std::sync::Arc;
 
 use half::{bf16, f16};
+use tch::Tensor;
+
+use super::cuda::StreamEvent;
 
 /// The values of a hidden state, borrowed.
 #[derive(Debug, Clone, Copy)]
@@ -71,12 +78,24 @@ pub trait HiddenSource: Send + 'static {
     fn values(&self) -> HiddenValues<'_>;
 }
 
+/// A torch tensor handed over where it lies, for a runtime that scores on its device (the
+/// resident store): checked, normalized and scored there, never copied to the host.
+pub struct DeviceHidden {
+    /// 1-D, of D values, float32, bfloat16 or float16.
+    pub tensor: Tensor,
+    /// Recorded on the caller's CUDA stream when that is not the default stream: the runtime
+    /// orders its reads after it (the caller need not synchronise).
+    /// Shared by the rows of one call.
+    pub ready: Option<Arc<StreamEvent>>,
+}
+
 /// One hidden state handed to the runtime.
 pub struct Hidden(Repr);
 
 enum Repr {
     Owned(Vec<f32>),
     Borrowed(Box<dyn HiddenSource>),
+    Tensor(DeviceHidden),
 }
 
 impl Hidden {
@@ -85,12 +104,35 @@ impl Hidden {
         Hidden(Repr::Borrowed(Box::new(source)))
     }
 
-    pub fn values(&self) -> HiddenValues<'_> {
+    /// A tensor on the device the runtime scores on, read there. The tensor is kept alive
+    /// until the token that reads it has been answered, so the caller's allocator cannot hand
+    /// its memory out while the device may still be reading it.
+    pub fn tensor(tensor: Tensor, ready: Option<Arc<StreamEvent>>) -> Self {
+        Hidden(Repr::Tensor(DeviceHidden { tensor, ready }))
+    }
+
+    /// Where the state lies: values in host memory, or a tensor on a device.
+    pub fn get(&self) -> HiddenRef<'_> {
         match &self.0 {
-            Repr::Owned(v) => HiddenValues::F32(v),
-            Repr::Borrowed(s) => s.values(),
+            Repr::Owned(v) => HiddenRef::Host(HiddenValues::F32(v)),
+            Repr::Borrowed(s) => HiddenRef::Host(s.values()),
+            Repr::Tensor(t) => HiddenRef::Device(t),
         }
     }
+
+    /// The values, in host memory; `None` for a [`Hidden::tensor`].
+    pub fn values(&self) -> Option<HiddenValues<'_>> {
+        match self.get() {
+            HiddenRef::Host(v) => Some(v),
+            HiddenRef::Device(_) => None,
+        }
+    }
+}
+
+/// A [`Hidden`], borrowed: values in host memory, or a tensor to read on its device.
+pub enum HiddenRef<'a> {
+    Host(HiddenValues<'a>),
+    Device(&'a DeviceHidden),
 }
 
 impl From<Vec<f32>> for Hidden {
@@ -107,8 +149,12 @@ impl From<&[f32]> for Hidden {
 
 impl std::fmt::Debug for Hidden {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let v = self.values();
-        write!(f, "Hidden({} × {})", v.len(), v.dtype())
+        match self.get() {
+            HiddenRef::Host(v) => write!(f, "Hidden({} × {})", v.len(), v.dtype()),
+            HiddenRef::Device(t) => {
+                write!(f, "Hidden({:?} {:?} on {:?})", t.tensor.size(), t.tensor.kind(), t.tensor.device())
+            }
+        }
     }
 }
 
@@ -128,11 +174,19 @@ mod tests {
     fn a_borrowed_source_widens_exactly() {
         let raw: Vec<f32> = vec![1.0, -2.5, 0.15625, 3.0e-3];
         let h = Hidden::borrowed(Halves(raw.iter().map(|&x| bf16::from_f32(x)).collect()));
-        let widened = h.values().to_f32();
+        let widened = h.values().unwrap().to_f32();
         let want: Vec<f32> = raw.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
         assert_eq!(widened, want);
-        assert_eq!(h.values().get(1), -2.5);
+        assert_eq!(h.values().unwrap().get(1), -2.5);
         assert_eq!(format!("{h:?}"), "Hidden(4 × bf16)");
-        assert_eq!(Hidden::from(raw.clone()).values().to_f32(), raw);
+        assert_eq!(Hidden::from(raw.clone()).values().unwrap().to_f32(), raw);
+    }
+
+    #[test]
+    fn a_tensor_has_no_host_values_and_says_what_it_is() {
+        let h = Hidden::tensor(Tensor::from_slice(&[1.0f32, 2.0, 3.0]), None);
+        assert!(h.values().is_none());
+        assert!(matches!(h.get(), HiddenRef::Device(t) if t.tensor.size() == [3]));
+        assert_eq!(format!("{h:?}"), "Hidden([3] Float on Cpu)");
     }
 }

@@ -6,6 +6,7 @@
 //! the config on the reader). This module depends only on `pack` (a concept's id), so no
 //! cycle can form through it; `tests/layering.rs` keeps it that way.
 
+pub mod cuda;
 pub mod hidden;
 
 use std::time::Duration;
@@ -133,7 +134,7 @@ pub struct TokenReport {
 }
 
 /// Why a hidden state was refused (the caller adds which token it was).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HiddenError {
     #[error("the hidden state has {got} values but the pack's probes read D={expected}")]
     Width { got: usize, expected: usize },
@@ -145,6 +146,18 @@ pub enum HiddenError {
         if layers.is_empty() { "one".to_string() } else { format!("model layers {layers:?}: one hidden state each, in that order") }
     )]
     States { got: usize, layers: Vec<u32> },
+    #[error("the hidden state has dtype {dtype}; the runtime reads float32, bfloat16 or float16")]
+    Dtype { dtype: String },
+    /// Checking or normalizing a tensor on its device failed.
+    #[error("reading the hidden state on {device} failed")]
+    Device {
+        device: String,
+        #[source]
+        source: std::sync::Arc<tch::TchError>,
+    },
+    /// The runtime could not order its reads after the caller's CUDA stream.
+    #[error("ordering the runtime's reads after the caller's CUDA stream")]
+    Order(#[source] cuda::CudaError),
 }
 
 /// Weight bytes copied by installs and slot moves, and how many of each: the CPU kernel's
@@ -183,6 +196,10 @@ pub struct StoreStats {
     /// session then activated.
     pub prefetched: u64,
     pub prefetch_used: u64,
+    /// Hidden states a scoring round read where they lay on the store's device (a caller's
+    /// tensor handed over there), and those it sent from host memory: one per state and round.
+    pub states_in_place: u64,
+    pub states_sent: u64,
 }
 
 impl WeightTraffic {

@@ -224,7 +224,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             // Copies into the store are the weight bytes that cross to the device (PCIe on a GPU).
             println!(
                 "resident store: {} rows of {} bytes, {} resident ({} pinned); {} copies in ({} prefetched, {} of \
-                 them used), {} resident hits, {} evictions; {:.0} weight bytes copied per token",
+                 them used), {} resident hits, {} evictions; {:.0} weight bytes copied per token; hidden states \
+                 scored where they lay: {} (sent from host memory: {})",
                 st.rows,
                 st.row_bytes,
                 st.resident,
@@ -234,7 +235,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 st.prefetch_used,
                 st.hits,
                 st.evictions,
-                t.install_bytes_copied as f64 / tokens.max(1) as f64
+                t.install_bytes_copied as f64 / tokens.max(1) as f64,
+                st.states_in_place,
+                st.states_sent
             );
         }
         summary["weight_traffic"] = serde_json::to_value(&t)?;

@@ -93,8 +93,14 @@ impl ScoringBackend for KernelBackend {
                     continue;
                 }
             };
+            let Some(h) = r.hidden.host() else {
+                let device = format!("{:?}", r.hidden.device().map(|t| t.device()));
+                answers.push(Err(ScoringError::NotOnHost { device, path: self.path() }));
+                wants.push(None);
+                continue;
+            };
             let b = hidden.len();
-            hidden.push(r.hidden);
+            hidden.push(h);
             let mine = held
                 .into_iter()
                 .map(|h| {
@@ -145,6 +151,7 @@ mod tests {
     use crate::kernel::Isa;
     use crate::pack::DType;
     use crate::runtime::scoring::tests::{bytes_for, ops, synth_pack};
+    use crate::runtime::scoring::State;
 
     #[test]
     fn the_cpu_kernel_moves_references_and_scores_them_in_place() {
@@ -158,7 +165,8 @@ mod tests {
             let bytes = bytes_for(&pack, &ops);
             backend.apply(s, &ops, &bytes).unwrap();
             let hidden: Vec<f32> = (0..pack.hidden_dim()).map(|i| (i as f32 * 0.37).sin()).collect();
-            let request = |len| [Request { session: s, start: 0, len, hidden: &hidden }];
+            let state = State::Host(hidden.clone());
+            let request = |len| [Request { session: s, start: 0, len, hidden: &state }];
             let got = backend.score(&request(6), &Faults::none()).unwrap().answers.pop().unwrap().unwrap();
             // Bit for bit what the kernel gives those probes scored directly, in that order.
             let order = [11, 19, 7, 23, 42, 3].map(ProbeId);

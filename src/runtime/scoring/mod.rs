@@ -27,14 +27,64 @@ use super::faults::{Faults, PanicSite};
 use super::pool::SlotOp;
 use crate::kernel::KernelError;
 use crate::pack::ProbeId;
-use crate::types::{SessionId, WeightTraffic};
+use crate::types::{Hidden, SessionId, WeightTraffic};
 
 /// One session's request in a step: the logits of its slots `[start, start + len)` for `hidden`.
 pub struct Request<'a> {
     pub session: SessionId,
     pub start: usize,
     pub len: usize,
-    pub hidden: &'a [f32],
+    pub hidden: &'a State,
+}
+
+/// One hidden state as a step scores it: checked and normalized, float32, in host memory or,
+/// when the caller handed a tensor over on the resident store's device, there (see
+/// `engine::check_tensor`): the store then reads it where it lies.
+pub enum State {
+    Host(Vec<f32>),
+    Device(DeviceState),
+}
+
+/// A checked, normalized `[D]` float32 tensor on the store's device, and the caller's tensor it
+/// came from, kept until the token is answered: by then every round that read either has been
+/// read back, so the caller's allocator cannot reuse the memory under a running kernel.
+pub struct DeviceState {
+    pub x: tch::Tensor,
+    _source: Hidden,
+}
+
+impl DeviceState {
+    pub fn new(x: tch::Tensor, source: Hidden) -> Self {
+        Self { x, _source: source }
+    }
+}
+
+// SAFETY: the tensor is only read (libtorch's const operations, as every backend reads a
+// state) from the threads that share it, and the source is never touched until it is dropped.
+unsafe impl Sync for DeviceState {}
+
+impl State {
+    /// The values in host memory; `None` for a state on a device.
+    pub fn host(&self) -> Option<&[f32]> {
+        match self {
+            State::Host(v) => Some(v),
+            State::Device(_) => None,
+        }
+    }
+
+    /// The tensor of a state on a device.
+    pub fn device(&self) -> Option<&tch::Tensor> {
+        match self {
+            State::Host(_) => None,
+            State::Device(d) => Some(&d.x),
+        }
+    }
+}
+
+impl From<Vec<f32>> for State {
+    fn from(v: Vec<f32>) -> Self {
+        State::Host(v)
+    }
 }
 
 /// What a step's scoring gave: each request's logits in its slot order (or that request's own
@@ -130,6 +180,10 @@ pub enum ScoringError {
     InjectedUpload(ProbeId),
     #[error("{0} is closed")]
     Closed(SessionId),
+    /// A hidden state that lies on a device reached a backend that reads host memory (the
+    /// coordinator keeps states on a device only for the resident store of that device).
+    #[error("the hidden state lies on {device}, but {path} reads host memory")]
+    NotOnHost { device: String, path: &'static str },
 }
 
 impl ScoringError {

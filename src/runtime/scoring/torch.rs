@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use tch::{Device, Kind, Tensor};
 
 use super::store::{Book, Pin, ResidentView};
-use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, StepScores, Tables};
+use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, State, StepScores, Tables};
 use crate::engine::tensors::{kind_of, to_host_f32};
 use crate::kernel::MAX_BATCH;
 use crate::pack::layout::{ProbeLayout, HIDDEN1, HIDDEN2};
@@ -124,6 +124,9 @@ pub struct TorchArena {
     uploads: Uploads,
     /// Staged (an accelerator): where a round's inputs wait for their non-blocking copy.
     inputs: Option<Inputs>,
+    /// Hidden states rounds read where they lay on the device, and sent from host memory.
+    states_in_place: u64,
+    states_sent: u64,
     /// CUDA graphs for sparse rounds (`device.cuda_graphs`, the `cuda-graphs` feature, a CUDA
     /// device); `None`: every round is eager.
     #[cfg(feature = "cuda-graphs")]
@@ -133,7 +136,8 @@ pub struct TorchArena {
 /// Host buffers for a round's row indices and hidden states (page-locked on a GPU), sent with
 /// non-blocking copies, so that a round synchronises with the device once: at the readback of
 /// its logits. A buffer is refilled only in the next round, after that readback, by which
-/// time its copy (earlier on the same stream) has completed.
+/// time its copy (earlier on the same stream) has completed. Hidden states that already lie on
+/// the device (`State::Device`) skip the hidden buffer.
 struct Inputs {
     rows: Tensor,
     hidden: Tensor,
@@ -167,22 +171,9 @@ impl Inputs {
         true
     }
 
-    /// The round's rows and hidden states on `device` (`[n]`, `[B, D]` in f32): copied into the
-    /// host buffers, then sent without waiting. `None` if they do not fit the buffers.
-    fn send(
-        &mut self,
-        rows: &[usize],
-        hidden: &[&[f32]],
-        device: Device,
-    ) -> Result<Option<(Tensor, Tensor)>, tch::TchError> {
-        if !self.fill(rows, hidden) {
-            return Ok(None);
-        }
-        let d = hidden.first().map_or(0, |h| h.len());
-        let send = |t: &Tensor, n: usize, kind| t.f_narrow(0, 0, n as i64)?.f_to_device_(device, kind, true, false);
-        let idx = send(&self.rows, rows.len(), Kind::Int64)?;
-        let x = send(&self.hidden, hidden.len() * d, Kind::Float)?.f_view([hidden.len() as i64, d as i64])?;
-        Ok(Some((idx, x)))
+    /// The first `n` values of a filled buffer on `device`, sent without waiting.
+    fn send(buffer: &Tensor, n: usize, device: Device) -> Result<Tensor, tch::TchError> {
+        buffer.f_narrow(0, 0, n as i64)?.f_to_device_(device, buffer.kind(), true, false)
     }
 }
 
@@ -216,6 +207,8 @@ impl TorchArena {
                 arena,
                 uploads,
                 inputs,
+                states_in_place: 0,
+                states_sent: 0,
                 #[cfg(feature = "cuda-graphs")]
                 graphs: None,
             })
@@ -249,6 +242,11 @@ impl TorchArena {
         }
     }
 
+    /// `stats` with the hidden states' figures, which are this arena's.
+    fn with_states(&self, stats: crate::types::StoreStats) -> crate::types::StoreStats {
+        crate::types::StoreStats { states_in_place: self.states_in_place, states_sent: self.states_sent, ..stats }
+    }
+
     /// Host-to-device transfers made by staged uploads (0 when installs are direct).
     pub fn transfers(&self) -> u64 {
         match &self.uploads {
@@ -263,32 +261,29 @@ impl TorchArena {
     /// dense one (at least half of the rows below its highest, as in the exhaustive mode,
     /// since rows are handed out from the lowest) is scored in place over that whole range,
     /// with no copy: the extra rows cost less compute than the gather costs memory traffic.
-    pub(super) fn score_slots(&mut self, rows: &[usize], hidden: &[&[f32]]) -> Result<Vec<f32>, tch::TchError> {
+    pub(super) fn score_slots(&mut self, rows: &[usize], hidden: &[&State]) -> Result<Vec<f32>, tch::TchError> {
         tch::no_grad(|| {
             let hi = rows.iter().max().map_or(0, |&r| r + 1);
             let dense = rows.len() * 2 >= hi;
+            // The states in host memory, or (any of them on the device) all of them there.
+            let hosts: Option<Vec<&[f32]>> = hidden.iter().map(|h| h.host()).collect();
+            let in_place = hidden.iter().filter(|h| h.device().is_some()).count() as u64;
+            self.states_in_place += in_place;
+            self.states_sent += hidden.len() as u64 - in_place;
+            let stacked = match &hosts {
+                Some(_) => None,
+                None => Some(self.stack(hidden)?),
+            };
             #[cfg(feature = "cuda-graphs")]
-            if let Some(logits) = self.replay(dense, rows, hidden) {
+            if let Some(logits) = self.replay(dense, rows, hosts.as_deref(), stacked.as_ref()) {
                 return Ok(logits);
             }
+            // A dense range needs no indices on the device.
+            let wanted: &[usize] = if dense { &[] } else { rows };
+            let (idx, x) = self.send(wanted, hosts.as_deref(), stacked)?;
             let a = &self.arena;
             let b = hidden.len() as i64;
             let d = a.w1.size()[2];
-            // A dense range needs no indices on the device.
-            let wanted: &[usize] = if dense { &[] } else { rows };
-            let sent = match &mut self.inputs {
-                Some(inputs) => inputs.send(wanted, hidden, self.device)?,
-                None => None,
-            };
-            let (idx, x) = match sent {
-                Some((idx, x)) => (idx, x),
-                None => {
-                    let idx: Vec<i64> = wanted.iter().map(|&s| s as i64).collect();
-                    let flat: Vec<f32> = hidden.iter().flat_map(|h| h.iter().copied()).collect();
-                    let idx = Tensor::f_from_slice(&idx)?.f_to_device(self.device)?;
-                    (idx, Tensor::f_from_slice(&flat)?.f_view([b, d])?.f_to_device(self.device)?)
-                }
-            };
             let idx = (!dense).then_some(idx);
             let g = |t: &Tensor| match &idx {
                 Some(idx) => t.f_index_select(0, idx),
@@ -309,18 +304,84 @@ impl TorchArena {
         })
     }
 
+    /// The states of a round as one `[B, D]` float32 tensor on the store's device: those that
+    /// lie there as they are, any host one copied over.
+    fn stack(&self, hidden: &[&State]) -> Result<Tensor, tch::TchError> {
+        let parts = hidden
+            .iter()
+            .map(|h| match h {
+                State::Device(s) => s.x.f_to_device(self.device),
+                State::Host(v) => Tensor::f_from_slice(v)?.f_to_device(self.device),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Tensor::f_stack(&parts, 0)
+    }
+
+    /// The round's row indices `[n]` and hidden states `[B, D]` (f32) on the device. Staged
+    /// (an accelerator), host values go through the pinned buffers, without waiting; states
+    /// already on the device (`stacked`) are used where they lie.
+    fn send(
+        &mut self,
+        rows: &[usize],
+        hosts: Option<&[&[f32]]>,
+        stacked: Option<Tensor>,
+    ) -> Result<(Tensor, Tensor), tch::TchError> {
+        let d = self.arena.w1.size()[2];
+        let device = self.device;
+        if let Some(inputs) = self.inputs.as_mut() {
+            if inputs.fill(rows, hosts.unwrap_or(&[])) {
+                let idx = Inputs::send(&inputs.rows, rows.len(), device)?;
+                let x = match (stacked, hosts) {
+                    (Some(x), _) => x,
+                    (None, hosts) => {
+                        let b = hosts.map_or(0, <[_]>::len);
+                        Inputs::send(&inputs.hidden, b * d as usize, device)?.f_view([b as i64, d])?
+                    }
+                };
+                return Ok((idx, x));
+            }
+        }
+        let idx: Vec<i64> = rows.iter().map(|&s| s as i64).collect();
+        let idx = Tensor::f_from_slice(&idx)?.f_to_device(device)?;
+        let x = match (stacked, hosts) {
+            (Some(x), _) => x,
+            (None, hosts) => {
+                let hosts = hosts.unwrap_or(&[]);
+                let flat: Vec<f32> = hosts.iter().flat_map(|h| h.iter().copied()).collect();
+                Tensor::f_from_slice(&flat)?.f_view([hosts.len() as i64, d])?.f_to_device(device)?
+            }
+        };
+        Ok((idx, x))
+    }
+
     /// A sparse round of a graph's size, replayed by its graph: `None` for a round the graphs
     /// do not take (dense, too big, or graphs off), which is then scored eagerly. A graph that
     /// fails to capture or replay turns the graphs off for this store, with a warning, and
-    /// its round is scored eagerly: the two agree (tests/runtime.rs).
+    /// its round is scored eagerly: the two agree (tests/runtime.rs). Its hidden states come
+    /// from the pinned buffer (`hosts`) or from where they lie on the device (`stacked`).
     #[cfg(feature = "cuda-graphs")]
-    fn replay(&mut self, dense: bool, rows: &[usize], hidden: &[&[f32]]) -> Option<Vec<f32>> {
+    fn replay(
+        &mut self,
+        dense: bool,
+        rows: &[usize],
+        hosts: Option<&[&[f32]]>,
+        stacked: Option<&Tensor>,
+    ) -> Option<Vec<f32>> {
         let (graphs, inputs) = (self.graphs.as_mut()?, self.inputs.as_mut()?);
-        let bucket = super::graphs::bucket(rows.len(), hidden.len()).filter(|_| !dense)?;
-        if !inputs.fill(rows, hidden) {
+        let b = hosts.map_or_else(|| stacked.map_or(0, |x| x.size()[0] as usize), <[_]>::len);
+        let bucket = super::graphs::bucket(rows.len(), b).filter(|_| !dense)?;
+        if !inputs.fill(rows, hosts.unwrap_or(&[])) {
             return None;
         }
-        match graphs.score(bucket, self.arena.parts(), &inputs.rows, &inputs.hidden, rows.len(), hidden.len()) {
+        let flat;
+        let x = match stacked {
+            Some(x) => {
+                flat = x.f_view([-1]).ok()?;
+                &flat
+            }
+            None => &inputs.hidden,
+        };
+        match graphs.score(bucket, self.arena.parts(), &inputs.rows, x, rows.len(), b) {
             Ok(logits) => Some(logits),
             Err(error) => {
                 tracing::warn!(%error, "CUDA graphs are off for this store: scoring eagerly");
@@ -495,38 +556,8 @@ pub fn free_memory(device: Device) -> Option<u64> {
             let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
             Some(kib * 1024)
         }
-        Device::Cuda(index) => cuda_free_memory(index),
+        Device::Cuda(index) => crate::types::cuda::free_memory(index).ok(),
         _ => None,
-    }
-}
-
-/// The CUDA runtime's `cudaMemGetInfo` for device `index`, looked up among the libraries
-/// already loaded (libtorch_cuda loads libcudart, in the binary and under Python's torch
-/// alike): tch exposes no memory figures, and linking libcudart ourselves would tie the build
-/// to one CUDA install. `None` if the symbols are not there or a call fails.
-fn cuda_free_memory(index: usize) -> Option<u64> {
-    type GetDevice = unsafe extern "C" fn(*mut i32) -> i32;
-    type SetDevice = unsafe extern "C" fn(i32) -> i32;
-    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
-    // SAFETY: the symbols, when present, are the CUDA runtime's, with these C signatures
-    // (cuda_runtime_api.h); each call gets valid pointers to locals; the current device is put
-    // back as it was.
-    unsafe {
-        let sym = |name: &std::ffi::CStr| {
-            let p = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr());
-            (!p.is_null()).then_some(p)
-        };
-        let get: GetDevice = std::mem::transmute(sym(c"cudaGetDevice")?);
-        let set: SetDevice = std::mem::transmute(sym(c"cudaSetDevice")?);
-        let info: MemGetInfo = std::mem::transmute(sym(c"cudaMemGetInfo")?);
-        let mut current = 0i32;
-        if get(&mut current) != 0 || set(index as i32) != 0 {
-            return None;
-        }
-        let (mut free, mut total) = (0usize, 0usize);
-        let ok = info(&mut free, &mut total) == 0;
-        set(current);
-        ok.then_some(free as u64)
     }
 }
 
@@ -604,7 +635,7 @@ impl ScoringBackend for TorchBackend {
         let mut index: HashMap<usize, usize> = HashMap::new();
         let mut rows: Vec<usize> = Vec::new();
         let mut ids: Vec<ProbeId> = Vec::new();
-        let mut hidden: Vec<&[f32]> = Vec::new();
+        let mut hidden: Vec<&State> = Vec::new();
         let mut wants: Vec<Option<(usize, Vec<usize>)>> = Vec::with_capacity(step.len());
         for r in step {
             match self.sessions.held(r) {
@@ -667,7 +698,7 @@ impl ScoringBackend for TorchBackend {
         // The path as it is now: graphs that failed are off.
         WeightTraffic {
             path: self.torch.path().into(),
-            store: Some(self.book.lock().expect("store book").stats()),
+            store: Some(self.torch.with_states(self.book.lock().expect("store book").stats())),
             ..self.traffic.clone()
         }
     }
@@ -716,7 +747,7 @@ mod tests {
 
     /// Scores slots `0..len` of session `s` and checks them against the reference.
     fn check_scores(backend: &mut TorchBackend, pack: &Pack, s: u64, ids: &[u32], h: &[f32]) {
-        let step = [Request { session: SessionId(s), start: 0, len: ids.len(), hidden: h }];
+        let step = [Request { session: SessionId(s), start: 0, len: ids.len(), hidden: &State::Host(h.to_vec()) }];
         let got = backend.score(&step, &Faults::none()).unwrap().answers.pop().unwrap().unwrap();
         for (g, &id) in got.iter().zip(ids) {
             assert!(close(*g, want(pack, id, h)), "session {s}: probe {id}");
@@ -731,7 +762,7 @@ mod tests {
         backend.open(s, 8);
         let ops = ops();
         backend.apply(s, &ops, &bytes_for(pack, &ops)).unwrap();
-        let step = [Request { session: s, start: 0, len: 6, hidden }];
+        let step = [Request { session: s, start: 0, len: 6, hidden: &State::Host(hidden.to_vec()) }];
         let logits = backend.score(&step, &Faults::none()).unwrap().answers.pop().unwrap().unwrap();
         (logits, backend.torch.transfers())
     }
@@ -770,8 +801,8 @@ mod tests {
             backend.apply(SessionId(s), &ops, &bytes_for(&pack, &ops)).unwrap();
         }
         let step = [
-            Request { session: SessionId(1), start: 0, len: 2, hidden: &h1 },
-            Request { session: SessionId(2), start: 0, len: 3, hidden: &h2 },
+            Request { session: SessionId(1), start: 0, len: 2, hidden: &State::Host(h1.clone()) },
+            Request { session: SessionId(2), start: 0, len: 3, hidden: &State::Host(h2.clone()) },
         ];
         let got: Vec<Vec<f32>> =
             backend.score(&step, &Faults::none()).unwrap().answers.into_iter().map(Result::unwrap).collect();
@@ -795,7 +826,10 @@ mod tests {
         let (_dir, pack) = synth_pack(DType::F32);
         let (mut backend, s) = four_rows_holding(&pack, &[3, 7]);
         let h = hidden(&pack, 0.3);
-        let row_of_7 = backend.sessions.held(&Request { session: s, start: 1, len: 1, hidden: &h }).unwrap()[0].row();
+        let row_of_7 =
+            backend.sessions.held(&Request { session: s, start: 1, len: 1, hidden: &State::Host(h.clone()) }).unwrap()
+                [0]
+            .row();
         // Pruning drops 7 (slot 1 is the last: no move), then 3 (its slot is overwritten).
         backend.apply(s, &[SlotOp::Move { from: 1, to: 0 }], &HashMap::new()).unwrap();
         assert_eq!(backend.holdings().probes, 1);
@@ -807,7 +841,9 @@ mod tests {
         check_scores(&mut backend, &pack, 1, &[7, 3], &h);
         assert_eq!(backend.traffic().install_bytes_copied, copied, "no bytes copied");
         assert_eq!(
-            backend.sessions.held(&Request { session: s, start: 0, len: 1, hidden: &h }).unwrap()[0].row(),
+            backend.sessions.held(&Request { session: s, start: 0, len: 1, hidden: &State::Host(h.clone()) }).unwrap()
+                [0]
+            .row(),
             row_of_7,
             "moves move pins, never rows"
         );
@@ -869,7 +905,7 @@ mod tests {
         // gathered), then one in the middle.
         check_scores(&mut backend, &pack, 1, &ids, &h);
         for (start, len) in [(6, 2), (3, 1)] {
-            let step = [Request { session: s, start, len, hidden: &h }];
+            let step = [Request { session: s, start, len, hidden: &State::Host(h.clone()) }];
             let got = backend.score(&step, &Faults::none()).unwrap().answers.pop().unwrap().unwrap();
             for (g, &id) in got.iter().zip(&ids[start..start + len]) {
                 assert!(close(*g, want(&pack, id, &h)), "probe {id}");
