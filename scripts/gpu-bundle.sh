@@ -4,10 +4,10 @@
 #
 #   probe-cascade-gpu   the CUDA binary (scripts/build-gpu.sh), without debug info
 #   tests/              the test binaries that have CUDA tests, built against the same torch
-#   gpu-check.sh        the script (run it from the repo root: it reads config/)
-#
-# No wheel: the Python package builds against the machine's own torch (scripts/build-python.sh),
-# and a cp312 wheel for torch 2.11.0+cu130 would need that torch here as well.
+#   wheel/              the Python package (scripts/build-python.sh): abi3, so the CPython 3.12
+#                       of CUDA PyTorch images imports it; it links torch 2.11.0's libraries by
+#                       name, and finds the machine's own (CUDA) ones once torch is imported
+#   gpu-check.sh        the script (run it from the repo root: it reads config/ and python/)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -19,6 +19,9 @@ out=target/gpu-bundle
 rm -rf "$out"
 mkdir -p "$out/tests"
 cp target/gpu/probe-cascade-gpu scripts/gpu-check.sh "$out/"
+make --no-print-directory python >/dev/null
+mkdir -p "$out/wheel"
+cp target/python/wheels/probe_cascade-*.whl "$out/wheel/"
 # The integration tests with a CUDA case (they skip it where no GPU is present).
 for t in $(grep -l 'Cuda::device_count\|cuda:0' tests/*.rs); do
   name=$(basename "$t" .rs)

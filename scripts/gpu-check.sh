@@ -19,7 +19,11 @@
 #   4. 1, 8 and 32 sessions at seed top-30 (tokens/s);
 #   5. a BIG-concept bf16 pack with a 2,000-probe store, base [0], threshold 0.3, top-100;
 #   6. exhaustive on both packs;
-#   7. `tune`: exhaustive beside the cascade, latency against recall (OUT/tune/tune.md).
+#   7. `tune`: exhaustive beside the cascade, latency against recall (OUT/tune/tune.md);
+#   8. the Python package (the bundle's wheel, in a venv over the machine's torch): the tests
+#      that hand tensors over on the device (hf.monitor on a random-weight Llama included),
+#      then what hf.monitor adds to a decode step at B=1 and B=16 (python/bench/monitor_overhead.py).
+#      Skipped where the machine's Python has no pytest or transformers.
 set -uo pipefail
 for kv in "$@"; do export "${kv?}"; done
 here=$(cd "$(dirname "$0")" && pwd)
@@ -139,6 +143,21 @@ step tune "$BIN" tune --pack "$work/demo" --trace "$work/demo.npy" --base "$work
   --grid 'cascade.expansion.threshold.load_threshold=0.1,0.3;cascade.expansion=exhaustive' \
   --tokens "$((TOKENS / 2))" --warmup 5 --out "$OUT/tune"
 
+# 8. Python on the device.
+wheel=$(ls "$here"/wheel/probe_cascade-*.whl 2>/dev/null | head -1)
+if [ -n "$wheel" ] && python3 -c 'import pytest, transformers' 2>/dev/null; then
+  rm -rf "$work/venv"
+  python3 -m venv --system-site-packages "$work/venv"
+  step python-install "$work/venv/bin/python" -m pip install --quiet --no-deps --no-index --force-reinstall "$wheel"
+  export PROBE_CASCADE_BIN=$BIN
+  step python-tests "$work/venv/bin/python" -m pytest -q -rs -p no:cacheprovider \
+    python/tests/test_runtime.py python/tests/test_hf_device.py -k "cuda or store"
+  step monitor "$work/venv/bin/python" python/bench/monitor_overhead.py --pack "$work/demo" --device "$DEVICE" \
+    --json "$OUT/monitor.json"
+else
+  echo "python: skipped (no wheel in the bundle, or no pytest/transformers here)" | tee "$OUT/python-tests.txt"
+fi
+
 python3 - "$OUT" "$DEVICE" "$TOKENS" "$BIG" <<'PY' | tee "$OUT/table.md"
 import json, sys
 out, device, tokens, big = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -172,6 +191,16 @@ def traffic(name):
 def tps(name):
     d = doc(name)
     return f"{d['summary']['tokens_per_s']:,.0f} tokens/s" if d else "missing"
+def states(name):
+    d = doc(name)
+    st = d and (d["summary"].get("weight_traffic") or {}).get("store")
+    return f"{st['states_in_place']} / {st['states_sent']}" if st else "missing"
+def monitor():
+    d = doc("monitor")
+    if not d:
+        return "missing"
+    return "; ".join(f"B={b}: {v['added_ms']:+.3f} ms (model alone {v['plain_ms']:.3f} ms/token)"
+                     for b, v in d["batches"].items())
 def check():
     ref, got = doc("reference"), doc("seed")
     if not ref or not got:
@@ -197,6 +226,8 @@ rows = [
     (f"  its weight traffic", traffic("big")),
     ("exhaustive, demo pack, f32 / bf16 compute", lat("exhaustive") + " / " + lat("exhaustive-bf16")),
     (f"exhaustive, {big}-concept pack, f32 / bf16 compute", lat("exhaustive-big") + " / " + lat("exhaustive-big-bf16")),
+    ("hidden states scored where they lay / sent from host (seed top-30)", states("seed")),
+    ("hf.monitor, added per decode step (random Llama, D=2560, 4 layers, bf16)", monitor()),
 ]
 print(f"| figure ({device}, {tokens} tokens, percentiles from token {WARM}) | measured |")
 print("|---|---|")

@@ -379,6 +379,18 @@ impl Runtime {
         false
     }
 
+    /// Where the resident store scores (`"cuda:0"`, `"cpu"` with `device.cpu_kernel =
+    /// "torch"`), or None on the CPU kernel. A torch tensor given on this device is scored
+    /// where it lies, with no host copy, after the caller's current CUDA stream.
+    #[getter]
+    fn store_device(&self) -> Option<String> {
+        self.inner.rt.store_device().map(|d| match d {
+            tch::Device::Cuda(i) => format!("cuda:{i}"),
+            tch::Device::Cpu => "cpu".to_string(),
+            other => format!("{other:?}").to_lowercase(),
+        })
+    }
+
     /// D: the width of the hidden states the pack's probes read.
     #[getter]
     fn hidden_dim(&self) -> usize {

@@ -282,3 +282,4 @@ def test_generation_in_ray_actors_writes_what_a_monitor_reports_in_process(model
     assert want.num_rows > 0
     key = [("recording", "ascending"), ("token", "ascending"), ("rank", "ascending")]
     assert got.sort_by(key).to_pylist() == want.sort_by(key).to_pylist()
+

@@ -61,6 +61,57 @@ def test_cuda_input_matches_rust(tiny):
         assert_same(observe_all(rt, list(t)), want)
 
 
+def store_config(device="cpu"):
+    """EXACT on the resident store of `device` (the tch backend; on the CPU, cpu_kernel = "torch")."""
+    import tomllib
+
+    c = tomllib.loads(EXACT.read_text())
+    c.setdefault("device", {}).update(cpu_kernel="torch", device=device)
+    return c
+
+
+STORE_DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", STORE_DEVICES)
+def test_tensors_on_the_stores_device_are_scored_where_they_lie(tiny, device):
+    trace = tiny["trace"]
+    t = torch.from_numpy(trace.copy()).to(device)
+    with pc.Runtime(tiny["pack"], config=store_config(device)) as rt:
+        assert rt.store_device == device
+        want = observe_all(rt, list(trace))  # numpy arrays: host memory, sent each round
+        before = rt.stats()["steps"]["traffic"]["store"]
+        got = observe_all(rt, list(t))  # tensors on the store's device: read where they lie
+        batch = []
+        with rt.session() as a, rt.session() as b:
+            for k in range(len(t)):  # [2, D] on the device: its rows are views, no copy
+                batch.append(rt.observe_batch([a, b], torch.stack([t[k], t[k]])))
+        after = rt.stats()["steps"]["traffic"]["store"]
+    assert after["states_in_place"] - before["states_in_place"] >= 3 * len(trace)
+    # From host memory only the zero state each new session's base install is scored with.
+    assert after["states_sent"] - before["states_sent"] == 3, "no state of a tensor came from host memory"
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert [d.name for d in g.top] == [d.name for d in w.top], k
+        assert np.allclose([d.logit for d in g.top], [d.logit for d in w.top], atol=1e-5), k
+        for r in batch[k]:  # two states per round: another matmul shape, the same scores to 1e-5
+            assert [d.name for d in r.top] == [d.name for d in g.top], k
+            assert np.allclose([d.logit for d in r.top], [d.logit for d in g.top], atol=1e-5), k
+
+
+def test_a_bad_tensor_on_the_stores_device_is_refused_naming_what_is_wrong(tiny):
+    row = torch.from_numpy(tiny["trace"][0].copy())
+    with pc.Runtime(tiny["pack"], config=store_config()) as rt, rt.session() as s:
+        bad = row.clone()
+        bad[3] = float("nan")
+        with pytest.raises(pc.BadHiddenState, match=r"\[3\] is NaN"):
+            s.observe(bad)
+        with pytest.raises(pc.BadHiddenState, match="D=32"):
+            s.observe(row[:31])
+        with pytest.raises(pc.BadHiddenState, match="dtype"):
+            s.observe(row.to(torch.int32))
+        assert s.observe(row).token == 3
+
+
 def test_report_fields_and_dict(tiny):
     with pc.Runtime(tiny["pack"], config=EXACT) as rt, rt.session() as s:
         r = s.observe(tiny["trace"][0])
