@@ -1,4 +1,5 @@
-// CUDA graphs for the resident store's scoring round (src/runtime/scoring/graphs.rs).
+// CUDA graphs for the resident store's scoring round, and its side-stream prefetch copies
+// (src/runtime/scoring/graphs.rs).
 //
 // Why C++: tch 0.24 binds no CUDA graphs or streams, and an eager round is launch-bound on a
 // GPU (a gather and three batched layers: 190-260 us, against 41-60 us replayed as a graph,
@@ -14,11 +15,13 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/Event.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdio>
 #include <exception>
+#include <optional>
 
 namespace {
 
@@ -109,8 +112,8 @@ void* pc_graph_capture(const at::Tensor** w, int64_t n, int64_t b, at::Tensor** 
 }
 
 // Replays `graph` on the current stream for `n` rows and `b` hidden states: copies them in from
-// the host buffers `idx_host` (int64, at least n) and `x_host` (f32, at least b * D, flat)
-// without waiting, then launches the graph. The caller reads the output back (which waits).
+// `idx_host` (int64, at least n) and `x_host` (f32, at least b * D, flat: the pinned host
+// buffer, or states that already lie on the device) without waiting, then launches the graph. The caller reads the output back (which waits).
 // Rows and states past n and b keep earlier values: their logits are not read. 0, or -1 with
 // `err` set.
 int pc_graph_replay(void* graph, const at::Tensor* idx_host, const at::Tensor* x_host, int64_t n, int64_t b,
@@ -132,6 +135,83 @@ int pc_graph_replay(void* graph, const at::Tensor* idx_host, const at::Tensor* x
 void pc_graph_free(void* graph) {
   try {
     delete static_cast<Graph*>(graph);
+  } catch (...) {
+  }
+}
+
+// Side-stream copies (the store's prefetch, graphs.rs `SideCopy`): between `pc_side_begin`
+// and `pc_side_end` this thread's current stream is a pool stream, so the Rust side's ordinary
+// tch calls (a non-blocking host-to-device copy, the scatter into store rows) queue there
+// while the current stream goes on scoring. `pc_side_end` records an event after them;
+// `pc_side_order` makes the current stream wait for it on the device (the host does not
+// wait), `pc_side_done` asks whether it has passed. c10's device-generic Event and guards,
+// for the reason given at the top.
+struct Side {
+  c10::Stream stream;
+  std::optional<c10::StreamGuard> on;
+  c10::Event done{c10::DeviceType::CUDA};
+};
+
+// Starts a side copy on CUDA device `device`: after what the current stream has queued (the
+// rows it overwrites may still be read there). Returns the copy, or null with `err` set.
+void* pc_side_begin(int64_t device, char* err, size_t err_len) {
+  try {
+    const auto index = static_cast<c10::DeviceIndex>(device);
+    auto current = c10::cuda::getCurrentCUDAStream(index).unwrap();
+    auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index).unwrap();
+    c10::Event queued(c10::DeviceType::CUDA);
+    queued.record(current);
+    queued.block(side);
+    auto* s = new Side{side};
+    s->on.emplace(side);
+    return s;
+  } catch (const std::exception& e) {
+    fail(err, err_len, e.what());
+    return nullptr;
+  }
+}
+
+// Ends the side copy's queueing: records its event and puts this thread's stream back.
+int pc_side_end(void* copy, char* err, size_t err_len) {
+  auto* s = static_cast<Side*>(copy);
+  try {
+    s->done.record(s->stream);
+    s->on.reset();
+    return 0;
+  } catch (const std::exception& e) {
+    s->on.reset();
+    fail(err, err_len, e.what());
+    return -1;
+  }
+}
+
+// 1 if everything the side copy queued has run, 0 if not yet, -1 with `err` set.
+int pc_side_done(void* copy, char* err, size_t err_len) {
+  try {
+    return static_cast<Side*>(copy)->done.query() ? 1 : 0;
+  } catch (const std::exception& e) {
+    fail(err, err_len, e.what());
+    return -1;
+  }
+}
+
+// Makes the current stream (of the side copy's device) wait for the side copy, on the device.
+int pc_side_order(void* copy, char* err, size_t err_len) {
+  try {
+    auto* s = static_cast<Side*>(copy);
+    s->done.block(c10::cuda::getCurrentCUDAStream(s->stream.device_index()).unwrap());
+    return 0;
+  } catch (const std::exception& e) {
+    fail(err, err_len, e.what());
+    return -1;
+  }
+}
+
+void pc_side_free(void* copy) {
+  try {
+    auto* s = static_cast<Side*>(copy);
+    s->on.reset();
+    delete s;
   } catch (...) {
   }
 }

@@ -26,8 +26,18 @@ pub fn bucket(n: usize, b: usize) -> Option<(usize, usize)> {
         .then(|| (n.next_power_of_two().max(MIN_PROBES), b.next_power_of_two()))
 }
 
+/// Whether work over store rows `rows` (or, for a dense round, every row below `dense_hi`)
+/// meets a row that a prefetch copy still in flight writes (`pending`, sorted): such work
+/// must be ordered after the copy; other work need not wait for it.
+pub fn touches(pending: &[usize], rows: &[usize], dense_hi: Option<usize>) -> bool {
+    if let Some(hi) = dense_hi {
+        return pending.first().is_some_and(|&lo| lo < hi);
+    }
+    rows.iter().any(|r| pending.binary_search(r).is_ok())
+}
+
 #[cfg(feature = "cuda-graphs")]
-pub use replay::{GraphError, Graphs};
+pub use replay::{GraphError, Graphs, SideCopy};
 
 #[cfg(feature = "cuda-graphs")]
 mod replay {
@@ -57,6 +67,11 @@ mod replay {
             err_len: usize,
         ) -> i32;
         fn pc_graph_free(graph: *mut c_void);
+        fn pc_side_begin(device: i64, err: *mut c_char, err_len: usize) -> *mut c_void;
+        fn pc_side_end(copy: *mut c_void, err: *mut c_char, err_len: usize) -> i32;
+        fn pc_side_done(copy: *mut c_void, err: *mut c_char, err_len: usize) -> i32;
+        fn pc_side_order(copy: *mut c_void, err: *mut c_char, err_len: usize) -> i32;
+        fn pc_side_free(copy: *mut c_void);
     }
 
     /// Runs `f` with an error buffer; its message, when `failed` says so.
@@ -108,6 +123,71 @@ mod replay {
             #[source]
             source: tch::TchError,
         },
+        /// A side-stream copy's stream or event call threw: its message.
+        #[error("side-stream copy on cuda:{device}: {message}")]
+        Side { device: usize, message: String },
+    }
+
+    /// A copy queued on a side stream (the store's prefetch), and the event after it. Dropping
+    /// it releases the event: anything that must come after the copy is ordered first
+    /// ([`SideCopy::order_current`]), or has seen it done ([`SideCopy::done`]).
+    pub struct SideCopy {
+        handle: *mut c_void,
+        device: usize,
+    }
+
+    // SAFETY: the handle is the shim's, used only from the thread that owns the store (one at a
+    // time), and c10's streams and events may be used from any thread.
+    unsafe impl Send for SideCopy {}
+
+    impl SideCopy {
+        /// Queues what `queue` asks of tch on a side stream of CUDA device `device`, after what
+        /// this thread's current stream has queued, and records an event after it; the current
+        /// stream is this thread's again on return. `queue`'s own result comes back beside the
+        /// copy, whose event covers whatever it did queue. `Err`: the shim failed, and nothing
+        /// is left in flight (the device was waited for if anything had been queued).
+        pub fn run<T, E>(
+            device: usize,
+            queue: impl FnOnce() -> Result<T, E>,
+        ) -> Result<(Self, Result<T, E>), GraphError> {
+            let side = |message| GraphError::Side { device, message };
+            // SAFETY: the shim returns null or a copy it allocated, freed once on drop.
+            let handle = with_error(|err, len| unsafe { pc_side_begin(device as i64, err, len) }, |h| h.is_null())
+                .map_err(side)?;
+            let copy = Self { handle, device };
+            let queued = queue();
+            // SAFETY: a live handle; `end` runs once, after `begin`, on this thread.
+            if let Err(message) = with_error(|err, len| unsafe { pc_side_end(copy.handle, err, len) }, |rc| *rc != 0) {
+                // No event to order after: wait here, so that nothing is left in flight.
+                tch::Cuda::synchronize(device as i64);
+                return Err(side(message));
+            }
+            Ok((copy, queued))
+        }
+
+        /// Has everything the copy queued run?
+        pub fn done(&self) -> Result<bool, GraphError> {
+            // SAFETY: a live handle.
+            let rc = with_error(|err, len| unsafe { pc_side_done(self.handle, err, len) }, |rc| *rc < 0)
+                .map_err(|message| GraphError::Side { device: self.device, message })?;
+            Ok(rc == 1)
+        }
+
+        /// Makes this thread's current stream wait for the copy, on the device: the host does
+        /// not wait.
+        pub fn order_current(&self) -> Result<(), GraphError> {
+            // SAFETY: a live handle.
+            with_error(|err, len| unsafe { pc_side_order(self.handle, err, len) }, |rc| *rc != 0)
+                .map(|_| ())
+                .map_err(|message| GraphError::Side { device: self.device, message })
+        }
+    }
+
+    impl Drop for SideCopy {
+        fn drop(&mut self) {
+            // SAFETY: the handle was allocated by `pc_side_begin` and is freed only here.
+            unsafe { pc_side_free(self.handle) }
+        }
     }
 
     impl Graphs {
@@ -183,5 +263,17 @@ mod tests {
         assert_eq!(bucket(MAX_PROBES + 1, 1), None);
         assert_eq!(bucket(8, MAX_BATCH + 1), None);
         assert_eq!(bucket(0, 1), None);
+    }
+
+    #[test]
+    fn work_waits_for_a_prefetch_only_where_it_meets_the_rows_being_written() {
+        let pending = [3, 9, 40];
+        assert!(touches(&pending, &[1, 9], None));
+        assert!(!touches(&pending, &[1, 2, 10, 39], None));
+        assert!(!touches(&[], &[1, 2], None));
+        // A dense round reads every row below its highest.
+        assert!(touches(&pending, &[0, 1], Some(4)));
+        assert!(!touches(&pending, &[0, 1, 2], Some(3)));
+        assert!(!touches(&[], &[0], Some(100)));
     }
 }

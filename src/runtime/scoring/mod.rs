@@ -180,6 +180,10 @@ pub enum ScoringError {
     InjectedUpload(ProbeId),
     #[error("{0} is closed")]
     Closed(SessionId),
+    /// The C++ shim over ATen/cuda (the `cuda-graphs` feature) failed.
+    #[cfg(feature = "cuda-graphs")]
+    #[error(transparent)]
+    Shim(graphs::GraphError),
     /// A hidden state that lies on a device reached a backend that reads host memory (the
     /// coordinator keeps states on a device only for the resident store of that device).
     #[error("the hidden state lies on {device}, but {path} reads host memory")]

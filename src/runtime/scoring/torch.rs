@@ -74,11 +74,15 @@ enum Uploads {
     Staged(Staging),
 }
 
-/// Raw probe bytes, one probe per row, in the pack's storage layout. Both buffers are allocated
+/// Raw probe bytes, one probe per row, in the pack's storage layout. The buffers are allocated
 /// once; `rows` bounds how many installs share a transfer (more than that take several).
 struct Staging {
     host: Tensor,
-    device: Tensor,
+    /// The host buffer's twin on the device, for transfers that complete before `upload`
+    /// returns; `None` for the prefetch's staging, whose transfers do not wait (each lands in
+    /// a tensor of its own, on the side stream that queued it).
+    device: Option<Tensor>,
+    target: Device,
     rows: usize,
     probe_bytes: usize,
     /// Host-to-device transfers made so far.
@@ -86,32 +90,43 @@ struct Staging {
 }
 
 impl Staging {
-    fn new(rows: usize, probe_bytes: usize, device: Device) -> Result<Self, tch::TchError> {
+    fn new(rows: usize, probe_bytes: usize, device: Device, waits: bool) -> Result<Self, tch::TchError> {
         let shape = [rows as i64, probe_bytes as i64];
         let mut host = Tensor::f_empty(shape, (Kind::Uint8, Device::Cpu))?;
         if device.is_cuda() {
             // Page-locked, so the transfer is one DMA rather than a copy through a bounce buffer.
             host = host.f_pin_memory(device)?;
         }
-        let device = Tensor::f_empty(shape, (Kind::Uint8, device))?;
-        Ok(Self { host, device, rows, probe_bytes, transfers: 0 })
+        let twin = if waits { Some(Tensor::f_empty(shape, (Kind::Uint8, device))?) } else { None };
+        Ok(Self { host, device: twin, target: device, rows, probe_bytes, transfers: 0 })
     }
 
-    /// Packs `probes` into the first rows of the host buffer and sends them in one transfer.
-    fn upload(&mut self, probes: &[&[u8]]) -> Result<(), tch::TchError> {
+    /// Packs `probes` into the first rows of the host buffer and sends them in one transfer;
+    /// returns where they are on the device, one probe per row. With a device twin the
+    /// transfer has completed on return; without, it is queued on the current stream, and the
+    /// host buffer must not be refilled until that stream has passed it.
+    fn upload(&mut self, probes: &[&[u8]]) -> Result<Tensor, tch::TchError> {
         debug_assert!(probes.len() <= self.rows);
         let base = self.host.data_ptr() as *mut u8;
         for (row, bytes) in probes.iter().enumerate() {
             assert_eq!(bytes.len(), self.probe_bytes, "cache bytes are one probe long");
             // SAFETY: `host` is a contiguous [rows, probe_bytes] u8 tensor that this struct owns,
             // `row < rows`, and `bytes` (a cache entry) cannot overlap it. The previous transfer
-            // has completed: `copy_` without `non_blocking` returns once the data is across.
+            // has completed: `copy_` without `non_blocking` returns once the data is across, and
+            // the prefetch refills its buffer only once its last copy is done (`Ahead`).
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.add(row * self.probe_bytes), bytes.len()) };
         }
         let n = probes.len() as i64;
-        self.device.f_narrow(0, 0, n)?.f_copy_(&self.host.f_narrow(0, 0, n)?)?;
+        let host = self.host.f_narrow(0, 0, n)?;
         self.transfers += 1;
-        Ok(())
+        match &mut self.device {
+            Some(twin) => {
+                let mut dst = twin.f_narrow(0, 0, n)?;
+                dst.f_copy_(&host)?;
+                Ok(dst)
+            }
+            None => host.f_to_device_(self.target, Kind::Uint8, true, false),
+        }
     }
 }
 
@@ -131,6 +146,59 @@ pub struct TorchArena {
     /// device); `None`: every round is eager.
     #[cfg(feature = "cuda-graphs")]
     graphs: Option<super::graphs::Graphs>,
+    /// Prefetch copies on a side stream (the `cuda-graphs` feature's shim, a CUDA device):
+    /// `None`, prefetches copy as installs do, on the current stream, and the host waits.
+    #[cfg(feature = "cuda-graphs")]
+    ahead: Option<Ahead>,
+}
+
+/// The store's prefetch on a side stream: its own pinned host buffer, and the copy in flight.
+/// Work on the current stream that reads or writes the rows being written is ordered after
+/// the copy on the device ([`TorchArena::after_prefetch`]); other work does not wait for it.
+/// The buffer is refilled only once the copy is done: a prefetch that finds the last one
+/// still running is skipped (prefetching is best effort), so the host never waits for one.
+#[cfg(feature = "cuda-graphs")]
+struct Ahead {
+    staging: Staging,
+    device: usize,
+    pending: Option<Pending>,
+}
+
+#[cfg(feature = "cuda-graphs")]
+struct Pending {
+    copy: super::graphs::SideCopy,
+    /// The store rows it writes, sorted.
+    rows: Vec<usize>,
+    /// The current stream already waits for it: later work there comes after it.
+    ordered: bool,
+}
+
+#[cfg(feature = "cuda-graphs")]
+impl Ahead {
+    /// How many probes a prefetch may copy now: none while the last copy is still running.
+    fn room(&mut self) -> usize {
+        if let Some(p) = &self.pending {
+            match p.copy.done() {
+                Ok(true) => self.pending = None,
+                Ok(false) => return 0,
+                Err(error) => {
+                    tracing::warn!(%error, "a prefetch copy cannot be queried: waiting for the device");
+                    tch::Cuda::synchronize(self.device as i64);
+                    self.pending = None;
+                }
+            }
+        }
+        self.staging.rows
+    }
+}
+
+#[cfg(feature = "cuda-graphs")]
+impl Drop for TorchArena {
+    fn drop(&mut self) {
+        // The store's memory goes back to the allocator for the current stream's use: a copy
+        // still writing into it must come first there.
+        self.after_prefetch(&[], Some(usize::MAX));
+    }
 }
 
 /// Host buffers for a round's row indices and hidden states (page-locked on a GPU), sent with
@@ -194,12 +262,23 @@ impl TorchArena {
                 Some(budget) => {
                     let probe_bytes = pack.layout().byte_len();
                     let rows = (budget / probe_bytes as u64).clamp(1, slots.max(1) as u64) as usize;
-                    Uploads::Staged(Staging::new(rows, probe_bytes, device)?)
+                    Uploads::Staged(Staging::new(rows, probe_bytes, device, true)?)
                 }
             };
             let inputs = match &uploads {
                 Uploads::Staged(_) => Some(Inputs::new(slots, pack.hidden_dim(), device)?),
                 Uploads::Direct => None,
+            };
+            // Prefetches on a side stream where the shim is built in and uploads are staged (a
+            // CUDA device), through a pinned buffer of their own (MAX_WARM probes at most).
+            #[cfg(feature = "cuda-graphs")]
+            let ahead = match (device, &uploads) {
+                (Device::Cuda(index), Uploads::Staged(main)) => Some(Ahead {
+                    staging: Staging::new(main.rows.min(MAX_WARM), main.probe_bytes, device, false)?,
+                    device: index,
+                    pending: None,
+                }),
+                _ => None,
             };
             Ok(TorchArena {
                 device,
@@ -211,6 +290,8 @@ impl TorchArena {
                 states_sent: 0,
                 #[cfg(feature = "cuda-graphs")]
                 graphs: None,
+                #[cfg(feature = "cuda-graphs")]
+                ahead,
             })
         })
     }
@@ -224,6 +305,33 @@ impl TorchArena {
             self.graphs = (on && self.device.is_cuda() && self.inputs.is_some()).then(Default::default);
         }
         let _ = on;
+    }
+
+    /// How many probes a prefetch may copy now (`limit` at most): on a side stream, none while
+    /// the last prefetch is still being copied.
+    pub fn prefetch_room(&mut self, limit: usize) -> usize {
+        #[cfg(feature = "cuda-graphs")]
+        if let Some(ahead) = &mut self.ahead {
+            return ahead.room().min(limit);
+        }
+        limit
+    }
+
+    /// Orders the current stream after a prefetch copy still in flight, on the device, if the
+    /// work about to be queued meets its rows ([`super::graphs::touches`]).
+    #[cfg(feature = "cuda-graphs")]
+    fn after_prefetch(&mut self, rows: &[usize], dense_hi: Option<usize>) {
+        let Some(p) = self.ahead.as_mut().and_then(|a| a.pending.as_mut()) else { return };
+        if p.ordered || !super::graphs::touches(&p.rows, rows, dense_hi) {
+            return;
+        }
+        if let Err(error) = p.copy.order_current() {
+            tracing::warn!(%error, "ordering after a prefetch copy failed: waiting for the device");
+            if let Device::Cuda(index) = self.device {
+                tch::Cuda::synchronize(index as i64);
+            }
+        }
+        p.ordered = true;
     }
 
     /// Is a CUDA graph replaying this store's sparse rounds?
@@ -265,6 +373,8 @@ impl TorchArena {
         tch::no_grad(|| {
             let hi = rows.iter().max().map_or(0, |&r| r + 1);
             let dense = rows.len() * 2 >= hi;
+            #[cfg(feature = "cuda-graphs")]
+            self.after_prefetch(rows, dense.then_some(hi));
             // The states in host memory, or (any of them on the device) all of them there.
             let hosts: Option<Vec<&[f32]>> = hidden.iter().map(|h| h.host()).collect();
             let in_place = hidden.iter().filter(|h| h.device().is_some()).count() as u64;
@@ -393,14 +503,44 @@ impl TorchArena {
 
     /// Copies each `(physical slot, probe)` of `installs` into the arena, in order. Staged,
     /// they travel in as few transfers as the staging rows allow (one, up to `rows` probes).
+    /// `ahead` (a prefetch): on the side stream where the store has one, without waiting; at
+    /// most [`TorchArena::prefetch_room`] probes.
     fn upload(
         &mut self,
         pack: &Pack,
         installs: &[(usize, ProbeId)],
         bytes: &HashMap<ProbeId, Arc<ProbeBytes>>,
         traffic: &mut WeightTraffic,
+        ahead: bool,
     ) -> Result<(), ScoringError> {
         let bytes_of = |id| bytes.get(&id).map(|b| &b[..]).ok_or(ScoringError::MissingBytes(id));
+        #[cfg(feature = "cuda-graphs")]
+        {
+            if let Some(side) = self.ahead.as_mut().filter(|_| ahead) {
+                let probes = installs.iter().map(|&(_, id)| bytes_of(id)).collect::<Result<Vec<_>, _>>()?;
+                let arena = &self.arena;
+                let staging = &mut side.staging;
+                let (copy, queued) = super::graphs::SideCopy::run(side.device, || {
+                    tch::no_grad(|| -> Result<(), tch::TchError> {
+                        let staged = staging.upload(&probes)?;
+                        for (row, &(slot, id)) in installs.iter().enumerate() {
+                            install_staged(arena, pack, slot, id, &staged, row)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .map_err(ScoringError::Shim)?;
+                let mut rows: Vec<usize> = installs.iter().map(|&(slot, _)| slot).collect();
+                rows.sort_unstable();
+                side.pending = Some(Pending { copy, rows, ordered: false });
+                queued?;
+                probes.iter().for_each(|p| traffic.copied(p.len()));
+                return Ok(());
+            }
+            let slots: Vec<usize> = installs.iter().map(|&(slot, _)| slot).collect();
+            self.after_prefetch(&slots, None);
+        }
+        let _ = ahead;
         tch::no_grad(|| {
             let staging = match &mut self.uploads {
                 Uploads::Direct => {
@@ -415,9 +555,9 @@ impl TorchArena {
             };
             for chunk in installs.chunks(staging.rows) {
                 let probes = chunk.iter().map(|&(_, id)| bytes_of(id)).collect::<Result<Vec<_>, _>>()?;
-                staging.upload(&probes)?;
+                let staged = staging.upload(&probes)?;
                 for (row, &(slot, id)) in chunk.iter().enumerate() {
-                    install_staged(&self.arena, pack, slot, id, &staging.device, row)?;
+                    install_staged(&self.arena, pack, slot, id, &staged, row)?;
                     traffic.copied(probes[row].len());
                 }
             }
@@ -521,7 +661,12 @@ impl TorchBackend {
     /// Copies the probes of `new` that are not resident into rows of their own, each once.
     /// All or nothing: if the store has no room, or a copy fails, no row changes hands and no
     /// probe becomes resident.
-    fn copy_in(&mut self, new: &[ProbeId], bytes: &HashMap<ProbeId, Arc<ProbeBytes>>) -> Result<(), ScoringError> {
+    fn copy_in(
+        &mut self,
+        new: &[ProbeId],
+        bytes: &HashMap<ProbeId, Arc<ProbeBytes>>,
+        ahead: bool,
+    ) -> Result<(), ScoringError> {
         let rows = {
             let mut book = self.book.lock().expect("store book");
             book.check_room(new.len())?;
@@ -529,7 +674,7 @@ impl TorchBackend {
         };
         let copied = match self.faults.upload_fails(new.iter().copied()) {
             Some(id) => Err(ScoringError::InjectedUpload(id)),
-            None => self.torch.upload(&self.pack, &rows, bytes, &mut self.traffic),
+            None => self.torch.upload(&self.pack, &rows, bytes, &mut self.traffic, ahead),
         };
         let mut book = self.book.lock().expect("store book");
         for &(row, _) in &rows {
@@ -611,7 +756,7 @@ impl ScoringBackend for TorchBackend {
         if !missing.is_empty() {
             return Err(ScoringError::Evicted(missing));
         }
-        self.copy_in(&new, bytes)?;
+        self.copy_in(&new, bytes, false)?;
         let (book, traffic) = (&self.book, &mut self.traffic);
         let table = self.sessions.get_mut(session)?;
         let mut pins: u64 = 0;
@@ -676,18 +821,20 @@ impl ScoringBackend for TorchBackend {
     }
 
     fn warm(&mut self, bytes: &HashMap<ProbeId, Arc<ProbeBytes>>) {
+        // On a side stream, while the last prefetch is still being copied there is no room.
+        let limit = self.torch.prefetch_room(MAX_WARM);
         let new: Vec<ProbeId> = {
             let book = self.book.lock().expect("store book");
             let mut new: Vec<ProbeId> = bytes.keys().copied().filter(|&id| !book.is_resident(id)).collect();
             new.sort_unstable();
-            new.truncate(book.room().min(MAX_WARM));
+            new.truncate(book.room().min(limit));
             new
         };
         if new.is_empty() {
             return;
         }
         let n = new.len() as u64;
-        if self.copy_in(&new, bytes).is_ok() {
+        if self.copy_in(&new, bytes, true).is_ok() {
             self.book.lock().expect("store book").count_prefetched(&new);
         } else {
             tracing::debug!("prefetching {n} probes into the store failed; they are left out");
