@@ -11,7 +11,7 @@
 # Nothing is downloaded: the packs and traces are synthesized there.
 #
 # It runs, in order (each step's output in OUT/<step>.txt, the table in OUT/table.md):
-#   1. the bundle's CUDA tests (the test binaries in tests/, each filtered to `cuda`);
+#   1. the bundle's CUDA tests (the test binaries in tests/, each filtered to `cuda` and `store`);
 #   2. `run` of the demo pack (1,000 concepts, D=2560, bf16) on DEVICE against the reference
 #      engine on the CPU: top-10 lists and logits token by token;
 #   3. seed top-30 and decompose, back to back, with CUDA graphs and eagerly; host-to-device
@@ -20,7 +20,7 @@
 #   5. a BIG-concept bf16 pack with a 2,000-probe store, base [0], threshold 0.3, top-100;
 #   6. exhaustive on both packs;
 #   7. `tune`: exhaustive beside the cascade, latency against recall (OUT/tune/tune.md);
-#   8. the Python package (the bundle's wheel, in a venv over the machine's torch): the tests
+#   8. the Python package (the bundle's wheel, beside the machine's own torch): the tests
 #      that hand tensors over on the device (hf.monitor on a random-weight Llama included),
 #      then what hf.monitor adds to a decode step at B=1 and B=16 (python/bench/monitor_overhead.py).
 #      Skipped where the machine's Python has no pytest or transformers.
@@ -56,7 +56,7 @@ step() { # $1: name, then a command; prints ok/FAILED with the time
 
 # 1. The CUDA tests, where the bundle has them.
 for t in "$here"/tests/*; do
-  [ -x "$t" ] && step "test-$(basename "$t")" "$t" cuda --test-threads 1
+  [ -x "$t" ] && step "test-$(basename "$t")" "$t" cuda store --test-threads 1
 done
 
 # Packs and traces.
@@ -146,14 +146,16 @@ step tune "$BIN" tune --pack "$work/demo" --trace "$work/demo.npy" --base "$work
 # 8. Python on the device.
 wheel=$(ls "$here"/wheel/probe_cascade-*.whl 2>/dev/null | head -1)
 if [ -n "$wheel" ] && python3 -c 'import pytest, transformers' 2>/dev/null; then
-  rm -rf "$work/venv"
-  python3 -m venv --system-site-packages "$work/venv"
-  step python-install "$work/venv/bin/python" -m pip install --quiet --no-deps --no-index --force-reinstall "$wheel"
-  export PROBE_CASCADE_BIN=$BIN
-  step python-tests "$work/venv/bin/python" -m pytest -q -rs -p no:cacheprovider \
+  # Installed beside the machine's packages (its torch), not into them.
+  rm -rf "$work/pylib"
+  step python-install python3 -m pip install --quiet --no-deps --no-index --target "$work/pylib" "$wheel"
+  export PROBE_CASCADE_BIN=$BIN PYTHONPATH="$work/pylib${PYTHONPATH:+:$PYTHONPATH}"
+  step python-tests python3 -m pytest -q -rs -p no:cacheprovider \
     python/tests/test_runtime.py python/tests/test_hf_device.py -k "cuda or store"
-  step monitor "$work/venv/bin/python" python/bench/monitor_overhead.py --pack "$work/demo" --device "$DEVICE" \
-    --json "$OUT/monitor.json"
+  quick=()
+  [ "$DEVICE" = cpu ] && quick=(--batch 1 --tokens 4 --rounds 1) # a D=2560 model on a CPU is slow
+  step monitor python3 python/bench/monitor_overhead.py --pack "$work/demo" --device "$DEVICE" \
+    --json "$OUT/monitor.json" "${quick[@]}"
 else
   echo "python: skipped (no wheel in the bundle, or no pytest/transformers here)" | tee "$OUT/python-tests.txt"
 fi
@@ -194,7 +196,7 @@ def tps(name):
 def states(name):
     d = doc(name)
     st = d and (d["summary"].get("weight_traffic") or {}).get("store")
-    return f"{st['states_in_place']} / {st['states_sent']}" if st else "missing"
+    return f"{st.get('states_in_place')} / {st.get('states_sent')}" if st else "missing"
 def monitor():
     d = doc("monitor")
     if not d:

@@ -523,6 +523,43 @@ async fn cuda_runtime_matches_the_cpu_reference_when_a_gpu_is_present() {
     cascade.shutdown().await;
 }
 
+/// Prefetches (hints of near-threshold children) into a small store, so that warm rows are
+/// evicted and rows being prefetched are soon read or rewritten: on the CPU store here, and on
+/// cuda:0 where a GPU is present, where a `make build-gpu` build copies them on a side stream,
+/// ordered before the rounds that meet their rows. The reports stay the CPU reference's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetches_into_a_small_store_keep_the_reports_of_the_cpu_reference() {
+    use probe_cascade::runtime::scoring::torch::row_bytes;
+    let (_dir, pack, trace) = tiny();
+    let cpu = config(tight());
+    for (name, _) in store_devices() {
+        let mut store = store_config(name, tight());
+        store.runtime.prefetch_hint_margin = 0.5;
+        let base = probe_cascade::policy::base_set(pack.hierarchy(), &store.cascade).unwrap().len();
+        let rows = base + store.cascade.max_loaded + 8;
+        store.device.store_bytes = (rows * row_bytes(pack.hidden_dim(), tch::Kind::Float)) as u64;
+        let mut reference = build_engine(EngineKind::Reference, pack.clone(), &cpu).unwrap();
+        let rt = probe_cascade::runtime::Runtime::start(pack.clone(), &store).await.unwrap();
+        let session = rt.open_session(Default::default()).await.unwrap();
+        for t in 0..trace.rows {
+            let want = reference.observe(t, trace.row(t)).unwrap();
+            let got = session.observe(trace.row(t).to_vec()).await.unwrap();
+            assert_eq!(names(&got), names(&want), "{name}, token {t}");
+            for (a, b) in got.top.iter().zip(&want.top) {
+                assert!((a.logit - b.logit).abs() < 1e-3, "{name}, token {t}: {} {} vs {}", a.name, a.logit, b.logit);
+            }
+            // Let hints land between some tokens, and not between others.
+            if t % 3 == 0 {
+                session.settle().await.unwrap();
+            }
+        }
+        let st = rt.step_stats().await.unwrap().traffic.store.unwrap();
+        assert!(st.prefetched > 0 && st.evictions > 0, "{name}: {st:?}");
+        session.close().await;
+        rt.shutdown().await;
+    }
+}
+
 /// CUDA graphs (a `make build-gpu` build, `device.cuda_graphs`) replay what eager rounds
 /// score: the same tokens on cuda:0 through four sessions at once (so that rounds batch
 /// several hidden states, and buckets are met in varying order), with graphs on and off,
