@@ -1,7 +1,7 @@
 //! A hidden state as callers hand it over: an owned `Vec<f32>`, a view of memory someone
 //! else owns (a torch tensor, a numpy array) in f32, bf16 or f16, or a torch tensor on the
 //! device the runtime scores on. The runtime reads it once, in `engine::prepare_hidden` (or
-//! `engine::prepare_tensor` for a tensor on its device), which checks it, widens it to f32 and
+//! `engine::check_tensor` for a tensor on its device), which checks it, widens it to f32 and
 //! normalizes it into the runtime's own working copy; a view is never copied before that, and
 //! a tensor on the runtime's device never comes to the host.
 
