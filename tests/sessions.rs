@@ -465,3 +465,27 @@ async fn attachments_live_in_the_runtimes_registry_while_their_session_is_open()
     assert!(rt.sessions().is_empty());
     assert!(matches!(plain.observe(row(&f.traces[0], 0, 0)).await, Err(RuntimeError::ShutDown)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_a_session_installs_its_base_set_and_scores_nothing_before_its_first_token() {
+    let f = fixture();
+    let config = config("realtime");
+    let runtime = Runtime::start(f.pack.clone(), &config).await.unwrap();
+    let sessions = [
+        runtime.open_session(SessionOptions::default()).await.unwrap(),
+        runtime.open_session(SessionOptions::default()).await.unwrap(),
+    ];
+    let stats = runtime.step_stats().await.unwrap();
+    let base = sessions[0].active().await.unwrap().len();
+    assert!(base > 0 && stats.held_refs >= 2 * base, "both base sets are installed: {stats:?}");
+    assert_eq!((stats.steps, stats.logits), (0, 0), "no hidden state yet, so nothing is scored: {stats:?}");
+    // The first token scores the base set on its own hidden state, as a session run alone does.
+    let want = alone(&f.pack, &config, &f.traces[0], 0).await;
+    let r = sessions[0].observe(row(&f.traces[0], 0, 0)).await.unwrap();
+    assert_outcomes("the first token after open", &want[..1], &[outcome(&r, sessions[0].active().await.unwrap())]);
+    assert!(runtime.step_stats().await.unwrap().logits >= base as u64);
+    for s in sessions {
+        s.close().await;
+    }
+    runtime.shutdown().await;
+}

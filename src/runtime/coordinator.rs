@@ -129,14 +129,13 @@ impl Coordinator {
     /// Called once, before the actor starts taking requests.
     pub(super) async fn load_base(&mut self) -> Result<(), RuntimeError> {
         let ids: Vec<ConceptId> = self.base.iter().collect();
-        let states = self.zero_states();
-        self.activate(usize::MAX, &ids, &states).await?;
+        self.activate(usize::MAX, &ids, None).await?;
         let poles: Vec<ProbeId> = self.pack.pole_probes().collect();
         if poles.is_empty() {
             return Ok(());
         }
         let bytes = self.fetch(usize::MAX, poles.iter().copied().filter(|&p| self.needs_bytes(p)).collect()).await?;
-        self.install(usize::MAX, &poles, bytes, &states).await.map(|_| ())
+        self.install(usize::MAX, &poles, bytes, None).await.map(|_| ())
     }
 
     /// The bytes of probes `ids`, from the cache.
@@ -152,10 +151,11 @@ impl Coordinator {
         Ok(bytes)
     }
 
-    /// Hidden states of zeros, for installs outside a token (nothing is read from them).
-    fn zero_states(&self) -> States {
-        let zero = Arc::new(State::Host(vec![0.0; self.pack.hidden_dim()]));
-        (0..self.layers.len()).map(|_| zero.clone()).collect()
+    /// No hidden states, one empty per lane: for rounds that only apply slot operations
+    /// (installs outside a token, a drain), which score nothing.
+    fn no_states(&self) -> States {
+        let none = Arc::new(State::Host(Vec::new()));
+        (0..self.layers.len()).map(|_| none.clone()).collect()
     }
 
     /// The probes of `ids`, in order.
@@ -261,20 +261,20 @@ impl Coordinator {
         &mut self,
         token: usize,
         ids: &[ConceptId],
-        states: &States,
+        states: Option<&States>,
     ) -> Result<Vec<Scored>, RuntimeError> {
         let bytes = self.fetch(token, self.absent_probes(ids)).await?;
         self.activate_with(token, ids, bytes, states).await
     }
 
     /// Activates inactive lenses `ids`, whose absent probes' bytes are in `bytes`; returns
-    /// their scores, in order.
+    /// their scores on `states`, in order (none outside a token: `states` is `None`).
     async fn activate_with(
         &mut self,
         token: usize,
         ids: &[ConceptId],
         bytes: Bytes,
-        states: &States,
+        states: Option<&States>,
     ) -> Result<Vec<Scored>, RuntimeError> {
         let probes: Vec<ProbeId> = self.probes_of(ids).collect();
         self.faults.maybe_panic(PanicSite::Coordinator, probes.iter().copied());
@@ -282,17 +282,23 @@ impl Coordinator {
             self.active.insert(c);
         }
         let logits = self.install(token, &probes, bytes, states).await?;
+        if states.is_none() {
+            return Ok(Vec::new());
+        }
         Ok(self.lenses(ids, &logits))
     }
 
     /// Activates inactive probes `probes` in their layers' pools (the absent ones' bytes in
-    /// `bytes`) and returns their logits, in order.
+    /// `bytes`) and returns their logits on `states`, in order. Outside a token (`states` is
+    /// `None`: the session's base set at open, probes that landed between tokens) the slots
+    /// are only filled: the next token scores every active probe anyway, so nothing is scored
+    /// and no logits are returned.
     async fn install(
         &mut self,
         token: usize,
         probes: &[ProbeId],
         mut bytes: Bytes,
-        states: &States,
+        states: Option<&States>,
     ) -> Result<Vec<f32>, RuntimeError> {
         let mut work: Vec<LayerWork> =
             self.layers.iter().map(|l| LayerWork { start: l.pool.active_len(), ..LayerWork::default() }).collect();
@@ -303,7 +309,7 @@ impl Coordinator {
                 .pool
                 .activate(p, &mut w.ops)
                 .map_err(|e| RuntimeError::token_error(token, TokenErrorKind::Pool(e)))?;
-            w.len += 1;
+            w.len += usize::from(states.is_some());
             if let Some(b) = bytes.remove(&p) {
                 w.bytes.insert(p, b);
             }
@@ -311,6 +317,11 @@ impl Coordinator {
         // A failed scoring leaves the slots as planned (the caller rolls the token back); a
         // failed slot operation poisons the session's slots at the scheduler, which then
         // refuses its later requests with the cause.
+        let Some(states) = states else {
+            let none = self.no_states();
+            self.apply_and_score(token, work, &none).await?;
+            return Ok(Vec::new());
+        };
         let by_layer = self.apply_and_score(token, work, states).await?;
         // Each lane's probes took its slots `start..` in the order of `probes`.
         let mut cursor = vec![0usize; self.layers.len()];
@@ -477,7 +488,7 @@ impl Coordinator {
         if ready.is_empty() {
             return Ok((ready, Vec::new()));
         }
-        let scored = self.activate_with(token, &ready, bytes, states).await?;
+        let scored = self.activate_with(token, &ready, bytes, Some(states)).await?;
         Ok((ready, scored))
     }
 
@@ -560,7 +571,7 @@ impl Coordinator {
             let t = Instant::now();
             let scored_before = self.scoring_time;
             let result = if self.mode == Mode::Exact {
-                self.activate(token, &ids, &h)
+                self.activate(token, &ids, Some(&h))
                     .instrument(debug_span!("load_and_score", token, probes = ids.len()))
                     .await
                     .inspect(|_| activated.extend_from_slice(&ids))
@@ -722,8 +733,7 @@ impl Message<Landed> for Coordinator {
             return;
         }
         // Installed now, while the caller generates the next token; scored with it.
-        let states = self.zero_states();
-        if let Err(e) = self.activate_with(usize::MAX, &ids, bytes, &states).await {
+        if let Err(e) = self.activate_with(usize::MAX, &ids, bytes, None).await {
             self.failed_late.push(e.to_string());
         }
     }
@@ -741,10 +751,9 @@ impl Message<Drain> for Coordinator {
             return Ok(());
         }
         // An empty round on every lane: each answers after everything sent before it.
-        let none = Arc::new(State::Host(Vec::new()));
         let mut lanes = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            lanes.push(layer.lane.apply_and_score(Vec::new(), HashMap::new(), 0, 0, none.clone()));
+        for (layer, none) in self.layers.iter().zip(self.no_states()) {
+            lanes.push(layer.lane.apply_and_score(Vec::new(), HashMap::new(), 0, 0, none));
         }
         for answer in futures::future::join_all(lanes).await {
             answer
