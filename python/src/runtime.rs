@@ -384,11 +384,7 @@ impl Runtime {
     /// where it lies, with no host copy, after the caller's current CUDA stream.
     #[getter]
     fn store_device(&self) -> Option<String> {
-        self.inner.rt.store_device().map(|d| match d {
-            tch::Device::Cuda(i) => format!("cuda:{i}"),
-            tch::Device::Cpu => "cpu".to_string(),
-            other => format!("{other:?}").to_lowercase(),
-        })
+        self.inner.rt.store_device().map(probe_cascade::engine::tensors::device_name)
     }
 
     /// D: the width of the hidden states the pack's probes read.

@@ -375,7 +375,7 @@ pub fn check_tensor(
         ready.order_default_stream().map_err(HiddenError::Order)?;
     }
     check_shape(t, expected)?;
-    let torch = |source| HiddenError::Device { device: format!("{device:?}"), source: Arc::new(source) };
+    let torch = |source| HiddenError::Device { device: super::tensors::device_name(device), source: Arc::new(source) };
     tch::no_grad(|| {
         let bad = t.f_isfinite()?.f_logical_not()?.f_nonzero()?;
         if bad.size()[0] > 0 {
@@ -420,7 +420,8 @@ pub fn tensor_to_host(hidden: &DeviceHidden, expected: usize) -> Result<Vec<f32>
     if let Some(ready) = &hidden.ready {
         ready.order_default_stream().map_err(HiddenError::Order)?;
     }
-    let torch = |source| HiddenError::Device { device: format!("{:?}", t.device()), source: Arc::new(source) };
+    let torch =
+        |source| HiddenError::Device { device: super::tensors::device_name(t.device()), source: Arc::new(source) };
     let host = t.f_to_device(tch::Device::Cpu).and_then(|h| h.f_to_kind(tch::Kind::Float)).map_err(torch)?;
     Vec::<f32>::try_from(host).map_err(torch)
 }

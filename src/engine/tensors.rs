@@ -43,6 +43,15 @@ pub fn open_device(config: &DeviceConfig) -> Result<Device, EngineError> {
     }
 }
 
+/// A device as `device.device` spells it: `"cpu"`, `"cuda:0"`.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
 /// One probe's six tensors on the device, in the compute dtype.
 pub struct ProbeTensors {
     pub w1: Tensor,

@@ -28,7 +28,7 @@ use tracing::{debug_span, Instrument};
 use super::cache::{Get, Peek, Prefetch, ProbeBytes, ReadError, WeightCache};
 use super::faults::{Faults, PanicSite};
 use super::pool::{ModelPool, SlotOp};
-use super::scoring::store::ResidentView;
+use super::scoring::torch::Resident;
 use super::scoring::{DeviceState, ScoringError, State};
 use super::steps::Lane;
 use super::{RuntimeError, TokenErrorKind};
@@ -68,12 +68,10 @@ pub struct Coordinator {
     /// One per model layer of the pack (one for a pack that names none).
     pub(super) layers: Vec<LayerPool>,
     pub(super) cache: ActorRef<WeightCache>,
-    /// On the tch backend: what its resident store holds. A probe in it needs no bytes to be
-    /// installed, so none are fetched from the cache.
-    pub(super) resident: Option<Arc<ResidentView>>,
-    /// The resident store's device: a hidden state handed over as a tensor there is checked
-    /// and scored where it lies.
-    pub(super) store_device: Option<tch::Device>,
+    /// On the tch backend: what its resident store holds (a probe in it needs no bytes to be
+    /// installed, so none are fetched from the cache) and its device (a hidden state handed
+    /// over as a tensor there is checked and scored where it lies).
+    pub(super) resident: Option<Resident>,
     pub(super) next_token: usize,
     /// Set when the coordinator panicked mid-token: its pools and the session's slots may be
     /// out of step, so every later request is refused with this (the slots' own poisoned
@@ -245,7 +243,7 @@ impl Coordinator {
 
     /// Whether installing probe `id` needs its bytes: not if the resident store holds it.
     fn needs_bytes(&self, id: ProbeId) -> bool {
-        !self.resident.as_ref().is_some_and(|r| r.contains(id))
+        !self.resident.as_ref().is_some_and(|r| r.view.contains(id))
     }
 
     /// The probes of `ids` whose installs need bytes.
@@ -531,7 +529,9 @@ impl Coordinator {
         let (d, normalization) = (self.pack.hidden_dim(), self.normalization);
         let x = match h.get() {
             HiddenRef::Host(values) => return check_hidden(values, d, normalization).map(State::Host),
-            HiddenRef::Device(t) if Some(t.tensor.device()) == self.store_device => check_tensor(t, d, normalization)?,
+            HiddenRef::Device(t) if Some(t.tensor.device()) == self.resident.as_ref().map(|r| r.device) => {
+                check_tensor(t, d, normalization)?
+            }
             HiddenRef::Device(t) => return check_hidden(&tensor_to_host(t, d)?, d, normalization).map(State::Host),
         };
         Ok(State::Device(DeviceState::new(x, h)))

@@ -37,8 +37,7 @@ use super::coordinator::{ActiveSet, Coordinator, Drain, LayerPool, Observe, Pend
 use super::faults::Faults;
 use super::pool::ModelPool;
 use super::scoring::kernel::KernelBackend;
-use super::scoring::store::ResidentView;
-use super::scoring::torch::{free_memory, row_bytes, TorchBackend};
+use super::scoring::torch::{free_memory, row_bytes, Resident, TorchBackend};
 use super::scoring::{ScoringBackend, ScoringError};
 use super::steps::{self, Lane, StepMsg, StepStats, Steps};
 use super::{RuntimeError, StartError, TokenError, TokenErrorKind};
@@ -71,11 +70,8 @@ struct Shared {
     /// Admission: one permit per open session, `runtime.max_sessions` in all.
     session_permits: Arc<Semaphore>,
     /// On the tch backend: which probes its resident store holds, so that coordinators fetch
-    /// no bytes for those (None on the CPU kernel, which scores in the cache).
-    resident: Option<Arc<ResidentView>>,
-    /// The resident store's device (`None` on the CPU kernel): a caller's tensor that lies
-    /// there is scored where it lies.
-    store_device: Option<tch::Device>,
+    /// no bytes for those, and its device (None on the CPU kernel, which scores in the cache).
+    resident: Option<Resident>,
     /// The config's watch profiles, compiled once: sessions that keep them share it.
     watch: Arc<Watch>,
     next_id: AtomicU64,
@@ -139,7 +135,7 @@ impl Runtime {
             let backend = TorchBackend::new(pack.clone(), rows, device, compute, staging, base, faults.clone())
                 .map_err(|source| StartError::Store { rows, row_bytes, source })?
                 .use_cuda_graphs(config.device.cuda_graphs);
-            resident = Some(backend.view());
+            resident = Some(backend.resident());
             Box::new(backend)
         } else {
             check_cache_holds_the_cap(&pack, config)?;
@@ -160,7 +156,6 @@ impl Runtime {
                 sessions: Mutex::new(HashMap::new()),
                 session_permits: Arc::new(Semaphore::new(config.runtime.max_sessions)),
                 resident,
-                store_device: on_store.then_some(device),
                 watch,
                 next_id: AtomicU64::new(0),
                 stopping: AtomicBool::new(false),
@@ -177,7 +172,7 @@ impl Runtime {
     /// [`Hidden::tensor`](crate::types::Hidden::tensor) on it is read there, never copied to
     /// the host; the Python binding hands such tensors over as they are.
     pub fn store_device(&self) -> Option<tch::Device> {
-        self.shared.store_device
+        self.shared.resident.as_ref().map(|r| r.device)
     }
 
     pub fn config(&self) -> &Config {
@@ -403,7 +398,6 @@ fn new_coordinator(
         base,
         cache: shared.cache.clone(),
         resident: shared.resident.clone(),
-        store_device: shared.store_device,
         next_token: 0,
         broken: None,
         mode: rt.mode,

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{check_faults, Holdings, Request, ScoringBackend, ScoringError, StepScores, Tables};
+use crate::engine::tensors::device_name;
 use crate::kernel::{Kernel, ProbeRef};
 use crate::pack::{Pack, ProbeId};
 use crate::runtime::cache::ProbeBytes;
@@ -94,7 +95,7 @@ impl ScoringBackend for KernelBackend {
                 }
             };
             let Some(h) = r.hidden.host() else {
-                let device = format!("{:?}", r.hidden.device().map(|t| t.device()));
+                let device = r.hidden.device().map(|t| device_name(t.device())).unwrap_or_default();
                 answers.push(Err(ScoringError::NotOnHost { device, path: self.path() }));
                 wants.push(None);
                 continue;

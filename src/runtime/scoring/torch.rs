@@ -74,6 +74,15 @@ enum Uploads {
     Staged(Staging),
 }
 
+/// What a session's coordinator reads of the resident store: which probes it holds (a probe
+/// there needs no bytes fetched to be installed), and the device it scores on (a hidden state
+/// handed over as a tensor there is checked and scored where it lies).
+#[derive(Clone)]
+pub struct Resident {
+    pub view: Arc<ResidentView>,
+    pub device: Device,
+}
+
 /// Raw probe bytes, one probe per row, in the pack's storage layout. The buffers are allocated
 /// once; `rows` bounds how many installs share a transfer (more than that take several).
 struct Staging {
@@ -656,6 +665,11 @@ impl TorchBackend {
     /// Which probes the store holds, for the coordinators to skip fetching their bytes.
     pub fn view(&self) -> Arc<ResidentView> {
         self.book.lock().expect("store book").view()
+    }
+
+    /// What sessions read of the store: [`TorchBackend::view`] and its device.
+    pub fn resident(&self) -> Resident {
+        Resident { view: self.view(), device: self.torch.device }
     }
 
     /// Copies the probes of `new` that are not resident into rows of their own, each once.
